@@ -1,0 +1,634 @@
+//! Plugin configuration: the JSON an operator writes inside Envoy YAML, and
+//! the validated runtime form it is compiled into once per VM.
+//!
+//! Parsing walks a `serde_json::Value` by hand so that every error names the
+//! exact field (`providers[0].keys[1].weight: ...`). Key material is resolved
+//! through a caller-supplied environment lookup, so the compiler stays pure.
+//!
+//! ```
+//! use apikeyrouter::config::compile;
+//! let json = br#"{"providers":[{"id":"openai","kind":"openai",
+//!     "keys":[{"id":"k1","secret_env":"K1"}]}]}"#;
+//! let cfg = compile(json, &|name| (name == "K1").then(|| "sk-test".to_string())).unwrap();
+//! assert_eq!(cfg.keys[cfg.providers[0].keys[0]].id, "k1");
+//! ```
+
+use crate::sha256;
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// Where a configuration error was found and why it was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the offending field, e.g. `providers[0].keys[1].weight`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid apikeyrouter config: {}: {}",
+            self.field, self.reason
+        )
+    }
+}
+
+fn err(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The provider dialect: how the key is sent and how responses are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// OpenAI and OpenAI-compatible services: `Authorization: Bearer`.
+    OpenAi,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+        }
+    }
+}
+
+/// Where a key's material came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource {
+    Env,
+    Inline,
+}
+
+/// A provider key, compiled. `secret` is the material: it must never be
+/// logged, counted in a metric name or returned by the admin API.
+#[derive(Clone, PartialEq)]
+pub struct Key {
+    pub id: String,
+    pub provider: usize,
+    pub weight: u32,
+    pub metadata: Map<String, Value>,
+    pub source: SecretSource,
+    /// `sha256:` plus the first 12 hex digits of SHA-256 of the material.
+    pub fingerprint: String,
+    /// Pre-rendered auth header value, e.g. `Bearer sk-...`.
+    pub auth_value: String,
+    /// Shared-data record name for this key.
+    pub record_name: String,
+}
+
+impl fmt::Debug for Key {
+    // Hand-written so that `{:?}` can never print the material.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .field("provider", &self.provider)
+            .field("weight", &self.weight)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    pub id: String,
+    pub kind: ProviderKind,
+    /// Indexes into [`Config::keys`].
+    pub keys: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cooldown {
+    pub default_ms: u64,
+    pub max_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub enabled: bool,
+    /// Always starts and ends with `/`.
+    pub prefix: String,
+    /// The token callers must present; `None` when admin is disabled.
+    pub token: Option<String>,
+}
+
+/// The compiled configuration, shared by both stages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub providers: Vec<Provider>,
+    pub keys: Vec<Key>,
+    pub cooldown: Cooldown,
+    pub inject_stream_usage: bool,
+    pub admin: Admin,
+}
+
+impl Config {
+    pub fn key_by_id(&self, id: &str) -> Option<(usize, &Key)> {
+        self.keys.iter().enumerate().find(|(_, k)| k.id == id)
+    }
+
+    pub fn provider_by_id(&self, id: &str) -> Option<usize> {
+        self.providers.iter().position(|p| p.id == id)
+    }
+}
+
+pub const MAX_KEYS: usize = 10_000;
+pub const MAX_WEIGHT: u64 = 10_000;
+const DEFAULT_ADMIN_PREFIX: &str = "/apikeyrouter/v1/";
+
+/// Compile plugin configuration bytes into a [`Config`].
+///
+/// `env` resolves environment variables (inside Envoy: those listed in
+/// `vm_config.environment_variables.host_env_keys`).
+pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let root: Value =
+        serde_json::from_slice(bytes).map_err(|e| err("(root)", format!("not valid JSON: {e}")))?;
+    let mut root = Obj::new(root, "")?;
+
+    let mut providers = Vec::new();
+    let mut keys: Vec<Key> = Vec::new();
+    let provider_values = root.req_array("providers")?;
+    if provider_values.is_empty() {
+        return Err(err("providers", "at least one provider is required"));
+    }
+    for (pi, pv) in provider_values.into_iter().enumerate() {
+        let path = format!("providers[{pi}]");
+        let mut p = Obj::new(pv, &path)?;
+        let id = p.req_id("id")?;
+        if providers.iter().any(|q: &Provider| q.id == id) {
+            return Err(err(&p.field("id"), format!("duplicate provider id {id:?}")));
+        }
+        let kind = match p.opt_str("kind")?.as_deref() {
+            None | Some("openai") | Some("openai_compatible") => ProviderKind::OpenAi,
+            Some(other) => {
+                return Err(err(
+                    &p.field("kind"),
+                    format!("unknown provider kind {other:?} (expected \"openai\" or \"openai_compatible\")"),
+                ))
+            }
+        };
+        let key_values = p.req_array("keys")?;
+        if key_values.is_empty() {
+            return Err(err(&p.field("keys"), "a provider needs at least one key"));
+        }
+        let mut indexes = Vec::new();
+        for (ki, kv) in key_values.into_iter().enumerate() {
+            let kpath = format!("{path}.keys[{ki}]");
+            let key = compile_key(kv, &kpath, providers.len(), &id, env)?;
+            if keys.iter().any(|k| k.id == key.id) {
+                return Err(err(
+                    &format!("{kpath}.id"),
+                    format!("duplicate key id {:?}", key.id),
+                ));
+            }
+            if keys.len() >= MAX_KEYS {
+                return Err(err(&kpath, format!("more than {MAX_KEYS} keys in total")));
+            }
+            indexes.push(keys.len());
+            keys.push(key);
+        }
+        p.finish()?;
+        providers.push(Provider {
+            id,
+            kind,
+            keys: indexes,
+        });
+    }
+
+    let cooldown = match root.opt_obj("cooldown")? {
+        None => Cooldown {
+            default_ms: 60_000,
+            max_ms: 3_600_000,
+        },
+        Some(mut c) => {
+            let default_s = c.opt_u64_in("default_seconds", 1, 86_400)?.unwrap_or(60);
+            let max_s = c.opt_u64_in("max_seconds", 1, 7 * 86_400)?.unwrap_or(3600);
+            if default_s > max_s {
+                return Err(err(
+                    &c.field("default_seconds"),
+                    "must not exceed cooldown.max_seconds",
+                ));
+            }
+            c.finish()?;
+            Cooldown {
+                default_ms: default_s * 1000,
+                max_ms: max_s * 1000,
+            }
+        }
+    };
+
+    let inject_stream_usage = root.opt_bool("inject_stream_usage")?.unwrap_or(true);
+
+    let admin = match root.opt_obj("admin")? {
+        None => Admin {
+            enabled: false,
+            prefix: DEFAULT_ADMIN_PREFIX.to_string(),
+            token: None,
+        },
+        Some(mut a) => {
+            let enabled = a.opt_bool("enabled")?.unwrap_or(true);
+            let prefix = a
+                .opt_str("prefix")?
+                .unwrap_or_else(|| DEFAULT_ADMIN_PREFIX.to_string());
+            if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 2 {
+                return Err(err(
+                    &a.field("prefix"),
+                    "must start and end with '/', e.g. \"/apikeyrouter/v1/\"",
+                ));
+            }
+            if prefix.starts_with("/v1/") {
+                return Err(err(
+                    &a.field("prefix"),
+                    "must not overlap the OpenAI API paths under /v1/",
+                ));
+            }
+            let token_env = a.opt_str("token_env")?;
+            let token = match (enabled, token_env) {
+                (false, _) => None,
+                (true, None) => {
+                    return Err(err(&a.field("token_env"), "required when the admin API is enabled"))
+                }
+                (true, Some(name)) => match env(&name) {
+                    Some(v) if v.len() >= 16 => Some(v),
+                    Some(_) => {
+                        return Err(err(
+                            &a.field("token_env"),
+                            format!("environment variable {name} must hold at least 16 characters"),
+                        ))
+                    }
+                    None => {
+                        return Err(err(
+                            &a.field("token_env"),
+                            format!("environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"),
+                        ))
+                    }
+                },
+            };
+            a.finish()?;
+            Admin {
+                enabled,
+                prefix,
+                token,
+            }
+        }
+    };
+
+    root.finish()?;
+    Ok(Config {
+        providers,
+        keys,
+        cooldown,
+        inject_stream_usage,
+        admin,
+    })
+}
+
+fn compile_key(
+    v: Value,
+    path: &str,
+    provider: usize,
+    provider_id: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Key, ConfigError> {
+    let mut k = Obj::new(v, path)?;
+    let id = k.req_id("id")?;
+    let weight = k.opt_u64_in("weight", 1, MAX_WEIGHT)?.unwrap_or(1) as u32;
+    let metadata = k.opt_obj_raw("metadata")?.unwrap_or_default();
+    let secret_env = k.opt_str("secret_env")?;
+    let secret_inline = k.opt_str("secret")?;
+    let (secret, source) = match (secret_env, secret_inline) {
+        (Some(_), Some(_)) => {
+            return Err(err(path, "set exactly one of secret_env and secret, not both"))
+        }
+        (None, None) => return Err(err(path, "one of secret_env or secret is required")),
+        (Some(name), None) => match env(&name) {
+            Some(v) if !v.trim().is_empty() => (v.trim().to_string(), SecretSource::Env),
+            Some(_) => {
+                return Err(err(
+                    &k.field("secret_env"),
+                    format!("environment variable {name} is empty"),
+                ))
+            }
+            None => {
+                return Err(err(
+                    &k.field("secret_env"),
+                    format!("environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"),
+                ))
+            }
+        },
+        (None, Some(s)) => (s, SecretSource::Inline),
+    };
+    let secret_field = match source {
+        SecretSource::Env => k.field("secret_env"),
+        SecretSource::Inline => k.field("secret"),
+    };
+    if secret.is_empty() {
+        return Err(err(&secret_field, "key material is empty"));
+    }
+    if !secret.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        // Never echo the material itself.
+        return Err(err(
+            &secret_field,
+            "key material must be printable ASCII without spaces (it is sent in an HTTP header)",
+        ));
+    }
+    k.finish()?;
+    let fingerprint = fingerprint(&secret);
+    Ok(Key {
+        record_name: format!("akr.v1.key.{provider_id}.{id}"),
+        id,
+        provider,
+        weight,
+        metadata,
+        source,
+        fingerprint,
+        auth_value: format!("Bearer {secret}"),
+    })
+}
+
+/// A short, non-reversible name for key material: safe to log and show.
+pub fn fingerprint(secret: &str) -> String {
+    let digest = sha256::digest(secret.as_bytes());
+    let mut out = String::from("sha256:");
+    for b in &digest[..6] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// An object being consumed field by field; `finish` rejects leftovers.
+struct Obj {
+    path: String,
+    map: Map<String, Value>,
+}
+
+impl Obj {
+    fn new(v: Value, path: &str) -> Result<Obj, ConfigError> {
+        let shown = if path.is_empty() { "(root)" } else { path };
+        match v {
+            Value::Object(map) => Ok(Obj {
+                path: path.to_string(),
+                map,
+            }),
+            other => Err(err(
+                shown,
+                format!("expected an object, found {}", kind_of(&other)),
+            )),
+        }
+    }
+
+    fn field(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.path, name)
+        }
+    }
+
+    fn take(&mut self, name: &str) -> Option<Value> {
+        match self.map.remove(name) {
+            Some(Value::Null) | None => None,
+            Some(v) => Some(v),
+        }
+    }
+
+    fn opt_str(&mut self, name: &str) -> Result<Option<String>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(err(
+                &self.field(name),
+                format!("expected a string, found {}", kind_of(&other)),
+            )),
+        }
+    }
+
+    fn req_id(&mut self, name: &str) -> Result<String, ConfigError> {
+        let s = self
+            .opt_str(name)?
+            .ok_or_else(|| err(&self.field(name), "required"))?;
+        if s.is_empty()
+            || s.len() > 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(err(
+                &self.field(name),
+                format!("{s:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'"),
+            ));
+        }
+        Ok(s)
+    }
+
+    fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(other) => Err(err(
+                &self.field(name),
+                format!("expected true or false, found {}", kind_of(&other)),
+            )),
+        }
+    }
+
+    fn opt_u64_in(&mut self, name: &str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(v) if (min..=max).contains(&v) => Ok(Some(v)),
+                _ => Err(err(
+                    &self.field(name),
+                    format!("expected an integer from {min} to {max}, found {n}"),
+                )),
+            },
+            Some(other) => Err(err(
+                &self.field(name),
+                format!(
+                    "expected an integer from {min} to {max}, found {}",
+                    kind_of(&other)
+                ),
+            )),
+        }
+    }
+
+    fn req_array(&mut self, name: &str) -> Result<Vec<Value>, ConfigError> {
+        match self.take(name) {
+            None => Err(err(&self.field(name), "required")),
+            Some(Value::Array(a)) => Ok(a),
+            Some(other) => Err(err(
+                &self.field(name),
+                format!("expected an array, found {}", kind_of(&other)),
+            )),
+        }
+    }
+
+    fn opt_obj(&mut self, name: &str) -> Result<Option<Obj>, ConfigError> {
+        let path = self.field(name);
+        match self.take(name) {
+            None => Ok(None),
+            Some(v) => Obj::new(v, &path).map(Some),
+        }
+    }
+
+    fn opt_obj_raw(&mut self, name: &str) -> Result<Option<Map<String, Value>>, ConfigError> {
+        Ok(self.opt_obj(name)?.map(|o| o.map))
+    }
+
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.map.keys().next() {
+            None => Ok(()),
+            Some(unknown) => Err(err(&self.field(unknown), "unknown field")),
+        }
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "K1" => Some("sk-one".into()),
+            "K2" => Some("sk-two".into()),
+            "EMPTY" => Some("  ".into()),
+            "ADMIN" => Some("admin-token-0123456789".into()),
+            "SHORT" => Some("short".into()),
+            _ => None,
+        }
+    }
+
+    fn ok(json: &str) -> Config {
+        match compile(json.as_bytes(), &env) {
+            Ok(c) => c,
+            Err(e) => panic!("expected valid config, got {e}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = ok(r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret_env":"K1"}]}]}"#);
+        assert_eq!(c.providers[0].kind, ProviderKind::OpenAi);
+        assert_eq!(c.keys[0].weight, 1);
+        assert_eq!(c.cooldown.default_ms, 60_000);
+        assert_eq!(c.cooldown.max_ms, 3_600_000);
+        assert!(c.inject_stream_usage);
+        assert!(!c.admin.enabled);
+        assert_eq!(c.keys[0].auth_value, "Bearer sk-one");
+        assert_eq!(c.keys[0].record_name, "akr.v1.key.openai.k1");
+    }
+
+    #[test]
+    fn full_config_compiles_every_field() {
+        let c = ok(r#"{
+          "providers":[{"id":"openai","kind":"openai","keys":[
+             {"id":"k1","secret_env":"K1","weight":3,"metadata":{"tier":"pro"}},
+             {"id":"k2","secret":"sk-inline"}]}],
+          "cooldown":{"default_seconds":5,"max_seconds":600},
+          "inject_stream_usage":false,
+          "admin":{"prefix":"/akr/","token_env":"ADMIN"}}"#);
+        assert_eq!(c.keys.len(), 2);
+        assert_eq!(c.keys[0].weight, 3);
+        assert_eq!(
+            c.keys[0].metadata.get("tier"),
+            Some(&Value::String("pro".into()))
+        );
+        assert_eq!(c.keys[1].source, SecretSource::Inline);
+        assert_eq!(c.cooldown.default_ms, 5000);
+        assert!(!c.inject_stream_usage);
+        assert!(c.admin.enabled);
+        assert_eq!(c.admin.prefix, "/akr/");
+        assert_eq!(c.providers[0].keys, vec![0, 1]);
+    }
+
+    #[test]
+    fn debug_output_never_contains_key_material() {
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k1","secret_env":"K1"}]}]}"#);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sk-one"), "{shown}");
+        assert!(shown.contains(&c.keys[0].fingerprint));
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_short() {
+        assert_eq!(fingerprint("sk-one"), fingerprint("sk-one"));
+        assert_ne!(fingerprint("sk-one"), fingerprint("sk-two"));
+        assert_eq!(fingerprint("abc").len(), "sha256:".len() + 12);
+        // SHA-256("abc") begins ba7816bf8f01.
+        assert_eq!(fingerprint("abc"), "sha256:ba7816bf8f01");
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_naming_the_field() {
+        let p = |keys: &str| format!(r#"{{"providers":[{{"id":"p","keys":[{keys}]}}]}}"#);
+        let cases: Vec<(String, &str, &str)> = vec![
+            ("not json".into(), "(root)", "not valid JSON"),
+            ("[]".into(), "(root)", "expected an object"),
+            ("{}".into(), "providers", "required"),
+            (r#"{"providers":[]}"#.into(), "providers", "at least one"),
+            (r#"{"providers":{}}"#.into(), "providers", "expected an array"),
+            (r#"{"providers":[1]}"#.into(), "providers[0]", "expected an object"),
+            (r#"{"providers":[{"keys":[]}]}"#.into(), "providers[0].id", "required"),
+            (r#"{"providers":[{"id":"a b","keys":[]}]}"#.into(), "providers[0].id", "must be"),
+            (r#"{"providers":[{"id":"p","keys":[]}]}"#.into(), "providers[0].keys", "at least one key"),
+            (r#"{"providers":[{"id":"p","kind":"smtp","keys":[{"id":"k","secret":"s"}]}]}"#.into(), "providers[0].kind", "unknown provider kind"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]},{"id":"p","keys":[{"id":"j","secret":"s"}]}]}"#.into(), "providers[1].id", "duplicate provider id"),
+            (p(r#"{"id":"k1","secret":"a"},{"id":"k1","secret":"b"}"#), "providers[0].keys[1].id", "duplicate key id"),
+            (p(r#"{"id":"k1"}"#), "providers[0].keys[0]", "one of secret_env or secret"),
+            (p(r#"{"id":"k1","secret":"a","secret_env":"K1"}"#), "providers[0].keys[0]", "not both"),
+            (p(r#"{"id":"k1","secret_env":"MISSING"}"#), "providers[0].keys[0].secret_env", "MISSING is not set"),
+            (p(r#"{"id":"k1","secret_env":"EMPTY"}"#), "providers[0].keys[0].secret_env", "is empty"),
+            (p(r#"{"id":"k1","secret":"has space"}"#), "providers[0].keys[0].secret", "printable ASCII"),
+            (p(r#"{"id":"k1","secret":""}"#), "providers[0].keys[0].secret", "empty"),
+            (p(r#"{"id":"k1","secret":"a","weight":0}"#), "providers[0].keys[0].weight", "from 1 to 10000"),
+            (p(r#"{"id":"k1","secret":"a","weight":"2"}"#), "providers[0].keys[0].weight", "found a string"),
+            (p(r#"{"id":"k1","secret":"a","weight":1.5}"#), "providers[0].keys[0].weight", "from 1 to"),
+            (p(r#"{"id":"k1","secret":"a","metadata":[]}"#), "providers[0].keys[0].metadata", "expected an object"),
+            (p(r#"{"id":"k1","secret":"a","wieght":2}"#), "providers[0].keys[0].wieght", "unknown field"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"cooldown":{"default_seconds":0}}"#.into(), "cooldown.default_seconds", "from 1 to"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"cooldown":{"default_seconds":100,"max_seconds":10}}"#.into(), "cooldown.default_seconds", "must not exceed"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"cooldown":{"dflt":1}}"#.into(), "cooldown.dflt", "unknown field"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"inject_stream_usage":"yes"}"#.into(), "inject_stream_usage", "true or false"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{}}"#.into(), "admin.token_env", "required"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"NOPE"}}"#.into(), "admin.token_env", "NOPE is not set"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"SHORT"}}"#.into(), "admin.token_env", "at least 16"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"nope"}}"#.into(), "admin.prefix", "must start and end"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"/v1/admin/"}}"#.into(), "admin.prefix", "must not overlap"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"colldown":{}}"#.into(), "colldown", "unknown field"),
+        ];
+        for (json, field, reason) in cases {
+            match compile(json.as_bytes(), &env) {
+                Ok(_) => panic!("config {json} was accepted"),
+                Err(e) => {
+                    assert_eq!(e.field, field, "config {json}: {e}");
+                    assert!(e.reason.contains(reason), "config {json}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refusal_message_never_echoes_key_material() {
+        let json = r#"{"providers":[{"id":"p","keys":[{"id":"k1","secret":"sk-secret value"}]}]}"#;
+        let e = compile(json.as_bytes(), &env)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!e.contains("sk-secret"), "{e}");
+    }
+}

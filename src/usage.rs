@@ -1,0 +1,328 @@
+//! Token usage read from provider responses: a whole JSON body, or an SSE
+//! stream fed chunk by chunk as it passes (chunk boundaries are arbitrary, so
+//! partial lines are kept as bytes, never decoded early).
+
+use serde_json::Value;
+
+/// Tokens reported by the provider for one response.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub input: u64,
+    pub output: u64,
+    pub total: u64,
+}
+
+/// Reads a `usage` object in the OpenAI chat/completions/embeddings shape
+/// (`prompt_tokens`, `completion_tokens`, `total_tokens`) or the Responses API
+/// shape (`input_tokens`, `output_tokens`, `total_tokens`).
+pub fn from_usage_object(u: &Value) -> Option<Usage> {
+    let obj = u.as_object()?;
+    let get = |k: &str| obj.get(k).and_then(Value::as_u64);
+    let input = get("prompt_tokens").or_else(|| get("input_tokens"));
+    let output = get("completion_tokens").or_else(|| get("output_tokens"));
+    let total = get("total_tokens");
+    if input.is_none() && output.is_none() && total.is_none() {
+        return None;
+    }
+    let input = input.unwrap_or(0);
+    let output = output.unwrap_or(0);
+    Some(Usage {
+        input,
+        output,
+        total: total.unwrap_or(input.saturating_add(output)),
+    })
+}
+
+/// Finds usage in one JSON document: top-level `usage`, or `response.usage`
+/// (Responses API streaming events).
+pub fn from_json_value(v: &Value) -> Option<Usage> {
+    v.get("usage").and_then(from_usage_object).or_else(|| {
+        v.get("response")
+            .and_then(|r| r.get("usage"))
+            .and_then(from_usage_object)
+    })
+}
+
+/// Usage from a complete, non-streaming JSON response body.
+pub fn from_json_body(body: &[u8]) -> Option<Usage> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    from_json_value(&v)
+}
+
+/// True when `line` has `"usage"` followed by `:` and an object, i.e. not the
+/// `"usage":null` that every OpenAI stream chunk carries. Cheap pre-filter
+/// before a JSON parse.
+fn mentions_usage_object(line: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"\"usage\"";
+    let mut start = 0;
+    while let Some(pos) = find(&line[start..], NEEDLE) {
+        let mut i = start + pos + NEEDLE.len();
+        while i < line.len() && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i < line.len() && line[i] == b':' {
+            i += 1;
+            while i < line.len() && line[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            if i < line.len() && line[i] == b'{' {
+                return true;
+            }
+        }
+        start = start + pos + 1;
+    }
+    false
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Longest SSE line we are willing to hold while waiting for its end.
+pub const MAX_LINE: usize = 4 << 20;
+
+/// Incremental SSE reader that remembers the last usage it saw.
+#[derive(Debug, Default)]
+pub struct SseUsage {
+    partial: Vec<u8>,
+    /// Set when a line outgrew [`MAX_LINE`]; bytes are skipped to its end.
+    skipping: bool,
+    pub usage: Option<Usage>,
+    pub saw_done: bool,
+}
+
+impl SseUsage {
+    pub fn new() -> SseUsage {
+        SseUsage::default()
+    }
+
+    /// Feeds the next chunk of the stream.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            match chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+                None => {
+                    if !self.skipping {
+                        if self.partial.len() + chunk.len() > MAX_LINE {
+                            self.partial.clear();
+                            self.skipping = true;
+                        } else {
+                            self.partial.extend_from_slice(chunk);
+                        }
+                    }
+                    return;
+                }
+                Some(end) => {
+                    if self.skipping {
+                        self.skipping = false;
+                    } else if self.partial.is_empty() {
+                        self.line(&chunk[..end]);
+                    } else {
+                        let mut line = std::mem::take(&mut self.partial);
+                        line.extend_from_slice(&chunk[..end]);
+                        self.line(&line);
+                    }
+                    chunk = &chunk[end + 1..];
+                }
+            }
+        }
+    }
+
+    /// Flushes a final line that had no terminator (a stream cut short).
+    pub fn finish(&mut self) {
+        if !self.partial.is_empty() && !self.skipping {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&line);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let Some(rest) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let payload = rest.strip_prefix(b" ").unwrap_or(rest);
+        if payload == b"[DONE]" {
+            self.saw_done = true;
+            return;
+        }
+        if !mentions_usage_object(payload) {
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+            if let Some(u) = from_json_value(&v) {
+                self.usage = Some(u);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHAT_JSON: &str = r#"{"id":"c1","object":"chat.completion","model":"gpt-4o",
+      "choices":[{"index":0,"message":{"role":"assistant","content":"hé"}}],
+      "usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#;
+
+    #[test]
+    fn json_body_usage_is_read() {
+        assert_eq!(
+            from_json_body(CHAT_JSON.as_bytes()),
+            Some(Usage {
+                input: 12,
+                output: 7,
+                total: 19
+            })
+        );
+    }
+
+    #[test]
+    fn embeddings_and_responses_api_shapes_are_read() {
+        let emb = br#"{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        assert_eq!(
+            from_json_body(emb),
+            Some(Usage {
+                input: 8,
+                output: 0,
+                total: 8
+            })
+        );
+        let resp = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":3,"total_tokens":8}}"#;
+        assert_eq!(
+            from_json_body(resp),
+            Some(Usage {
+                input: 5,
+                output: 3,
+                total: 8
+            })
+        );
+    }
+
+    #[test]
+    fn missing_or_malformed_usage_is_none() {
+        assert_eq!(from_json_body(b"{}"), None);
+        assert_eq!(from_json_body(b"{\"usage\":null}"), None);
+        assert_eq!(
+            from_json_body(b"{\"usage\":{\"prompt_tokens\":\"x\"}}"),
+            None
+        );
+        assert_eq!(from_json_body(b"not json"), None);
+        assert_eq!(from_json_body(b""), None);
+    }
+
+    fn stream() -> Vec<u8> {
+        let mut s = String::new();
+        s.push_str(": keep-alive comment\n\n");
+        for i in 0..5 {
+            s.push_str(&format!(
+                "data: {{\"id\":\"c\",\"choices\":[{{\"delta\":{{\"content\":\"tök{i} ✓\"}}}}],\"usage\":null}}\n\n"
+            ));
+        }
+        s.push_str("data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":5,\"total_tokens\":16}}\r\n\r\n");
+        s.push_str("data: [DONE]\n\n");
+        s.into_bytes()
+    }
+
+    #[test]
+    fn sse_usage_is_found_whole() {
+        let mut p = SseUsage::new();
+        p.feed(&stream());
+        assert_eq!(
+            p.usage,
+            Some(Usage {
+                input: 11,
+                output: 5,
+                total: 16
+            })
+        );
+        assert!(p.saw_done);
+    }
+
+    #[test]
+    fn sse_usage_survives_a_split_at_every_byte_boundary() {
+        let s = stream();
+        for cut in 0..=s.len() {
+            let mut p = SseUsage::new();
+            p.feed(&s[..cut]);
+            p.feed(&s[cut..]);
+            assert_eq!(
+                p.usage,
+                Some(Usage {
+                    input: 11,
+                    output: 5,
+                    total: 16
+                }),
+                "cut at {cut}"
+            );
+            assert!(p.saw_done, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn sse_usage_survives_one_byte_chunks_and_three_way_splits() {
+        let s = stream();
+        let mut p = SseUsage::new();
+        for b in &s {
+            p.feed(std::slice::from_ref(b));
+        }
+        assert_eq!(p.usage.map(|u| u.total), Some(16));
+        for a in (0..s.len()).step_by(7) {
+            for b in (a..s.len()).step_by(11) {
+                let mut p = SseUsage::new();
+                p.feed(&s[..a]);
+                p.feed(&s[a..b]);
+                p.feed(&s[b..]);
+                assert_eq!(p.usage.map(|u| u.total), Some(16), "cuts at {a},{b}");
+            }
+        }
+    }
+
+    #[test]
+    fn sse_responses_api_completed_event_is_read() {
+        let s = b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":6,\"total_tokens\":10}}}\n\n";
+        let mut p = SseUsage::new();
+        p.feed(s);
+        assert_eq!(
+            p.usage,
+            Some(Usage {
+                input: 4,
+                output: 6,
+                total: 10
+            })
+        );
+    }
+
+    #[test]
+    fn sse_without_usage_or_truncated_reports_none() {
+        let mut p = SseUsage::new();
+        p.feed(b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"usage\":{\"prompt_tok");
+        p.finish();
+        assert_eq!(p.usage, None);
+        assert!(!p.saw_done);
+    }
+
+    #[test]
+    fn sse_final_line_without_newline_is_read_on_finish() {
+        let mut p = SseUsage::new();
+        p.feed(
+            b"data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}",
+        );
+        assert_eq!(p.usage, None);
+        p.finish();
+        assert_eq!(p.usage.map(|u| u.total), Some(3));
+    }
+
+    #[test]
+    fn sse_overlong_line_is_skipped_without_unbounded_memory() {
+        let mut p = SseUsage::new();
+        let big = vec![b'x'; MAX_LINE / 2 + 1];
+        p.feed(b"data: ");
+        p.feed(&big);
+        p.feed(&big);
+        assert!(p.partial.is_empty());
+        p.feed(b"\ndata: {\"usage\":{\"total_tokens\":9}}\n");
+        assert_eq!(p.usage.map(|u| u.total), Some(9));
+    }
+}
