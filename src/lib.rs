@@ -1,0 +1,22 @@
+//! apikeyrouter: a proxy-wasm HTTP filter for Envoy that puts many LLM
+//! provider API keys behind one OpenAI-compatible endpoint.
+//!
+//! Everything except [`host`] is plain Rust with no proxy-wasm dependency and
+//! is unit-tested on the native target; `host` is the one boundary that talks
+//! to Envoy.
+
+pub mod admin;
+pub mod config;
+pub mod flight;
+pub mod keys;
+pub mod pairs;
+pub mod ratelimit;
+pub mod reply;
+pub mod request;
+pub mod sha256;
+pub mod state;
+pub mod store;
+pub mod usage;
+
+#[cfg(target_arch = "wasm32")]
+mod host;
