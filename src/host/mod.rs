@@ -1,0 +1,144 @@
+//! The one host boundary: proxy-wasm root and HTTP contexts that translate
+//! Envoy callbacks into calls on the pure modules and back. Nothing outside
+//! `src/host/` calls the host.
+//!
+//! One module is loaded twice with one `vm_id`: `root_id` containing
+//! `ingress` selects the downstream stage, `attempt` the router upstream
+//! stage (see README, "How it sits in Envoy").
+
+mod abi;
+mod attempt;
+mod ingress;
+
+use crate::config::{self, Config};
+use crate::flight::Flights;
+use crate::keys::{KeyCache, Spread};
+use crate::reply::Reply;
+use crate::state::KeyRecord;
+use crate::store;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{ContextType, LogLevel};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+thread_local! {
+    /// Requests in flight on this VM, shared by both stages.
+    static FLIGHTS: RefCell<Flights> = RefCell::new(Flights::default());
+}
+
+pub(crate) fn with_flights<T>(f: impl FnOnce(&mut Flights) -> T) -> Option<T> {
+    FLIGHTS.with(|cell| cell.try_borrow_mut().ok().map(|mut fl| f(&mut fl)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Ingress,
+    Attempt,
+}
+
+/// Per-VM routing state of one stage.
+#[derive(Default)]
+pub(crate) struct Routing {
+    pub cache: KeyCache,
+    pub spread: Spread,
+}
+
+#[derive(Default)]
+struct Root {
+    stage: Option<Stage>,
+    config: Option<Rc<Config>>,
+    routing: Rc<RefCell<Routing>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let root_id = abi::property(&["plugin_root_id"])
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let stage = if root_id.contains("attempt") {
+            Stage::Attempt
+        } else if root_id.contains("ingress") {
+            Stage::Ingress
+        } else {
+            log::error!(
+                "invalid apikeyrouter config: root_id: {root_id:?} must contain \"ingress\" (downstream HTTP filter) or \"attempt\" (router upstream filter)"
+            );
+            return false;
+        };
+        let bytes = match abi::buffer(abi::PLUGIN_CONFIGURATION, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                log::error!("invalid apikeyrouter config: (root): host refused the plugin configuration (status {})", e.0);
+                return false;
+            }
+        };
+        let cfg = match config::compile(&bytes, &|name| std::env::var(name).ok()) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("{e}");
+                return false;
+            }
+        };
+        // Seed every record so later updates always run with a real cas.
+        let zero = KeyRecord::default().encode();
+        for k in &cfg.keys {
+            if store::seed(&abi::SharedData, &k.record_name, &zero).is_err() {
+                log::warn!("key {}: could not seed its state record", k.id);
+            }
+        }
+        log::info!(
+            "apikeyrouter {} stage configured: {} providers, {} keys",
+            if stage == Stage::Ingress {
+                "ingress"
+            } else {
+                "attempt"
+            },
+            cfg.providers.len(),
+            cfg.keys.len()
+        );
+        self.stage = Some(stage);
+        self.config = Some(Rc::new(cfg));
+        self.routing = Rc::new(RefCell::new(Routing::default()));
+        true
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let cfg = self.config.clone()?;
+        Some(match self.stage {
+            Some(Stage::Attempt) => {
+                Box::new(attempt::Attempt::new(context_id, cfg, self.routing.clone()))
+            }
+            _ => Box::new(ingress::Ingress::new(context_id, cfg, self.routing.clone())),
+        })
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// Sends a local reply; logs instead of trapping if the host refuses.
+pub(crate) fn send(reply: &Reply, context_id: u32) {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    if let Err(e) = abi::send_local_response(reply.status, &headers, &reply.body) {
+        log::warn!(
+            "[{context_id}] local reply {} refused by host (status {})",
+            reply.status,
+            e.0
+        );
+    }
+}
