@@ -14,6 +14,9 @@ Control API (JSON):
   POST /_mock/behavior {"key": "sk-..", "status": 429, "headers": {..},
                         "times": N | null, "body": {..} | null,
                         "ratelimit_remaining": {"requests": N, "tokens": N}}
+  POST /_mock/limit    {"key": "sk-..", "limit": N, "reset": "60s"}: the key
+                       reports x-ratelimit-limit/remaining-requests that shrink
+                       with each request, and answers 429 once none remain
   POST /_mock/stream   {"chunks": N, "gate": bool, "delay_ms": N}
   POST /_mock/release  releases streams held at the gate
   POST /_mock/reset    forgets records, behaviors and totals
@@ -52,6 +55,7 @@ class State:
         self.stream_cfg = {"chunks": 5, "gate": False, "delay_ms": 0}
         self.gate = asyncio.Event()
         self.gate_waiters = 0
+        self.limits = {}  # key -> {"limit": N, "used": N, "reset": "60s"}
 
 
 def bearer(request):
@@ -85,6 +89,12 @@ def make_app(state):
             state.behaviors.setdefault(key, []).append(b)
         else:
             state.behaviors[key] = [b]
+        return web.json_response({"ok": True})
+
+    @routes.post("/_mock/limit")
+    async def set_limit(request):
+        b = await request.json()
+        state.limits[b["key"]] = {"limit": int(b["limit"]), "used": 0, "reset": b.get("reset", "60s")}
         return web.json_response({"ok": True})
 
     @routes.post("/_mock/stream")
@@ -135,6 +145,15 @@ def make_app(state):
         if key not in state.keys:
             return respond(401, error_body("Incorrect API key provided.", "invalid_request_error",
                                            "invalid_api_key"))
+        lim = state.limits.get(key)
+        if lim is not None:
+            if lim["used"] >= lim["limit"]:
+                return respond(429, error_body("Rate limit reached for requests", "requests",
+                                               "rate_limit_exceeded"),
+                               {"x-ratelimit-limit-requests": str(lim["limit"]),
+                                "x-ratelimit-remaining-requests": "0",
+                                "x-ratelimit-reset-requests": lim["reset"], "retry-after": "60"})
+            lim["used"] += 1
         queue = state.behaviors.get(key) or []
         if queue:
             b = queue[0]
@@ -168,6 +187,10 @@ def make_app(state):
         usage = usage_for(body)
         model = body.get("model", "gpt-4o-mini")
         headers = {"x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "9999"}
+        if lim is not None:
+            headers = {"x-ratelimit-limit-requests": str(lim["limit"]),
+                       "x-ratelimit-remaining-requests": str(lim["limit"] - lim["used"]),
+                       "x-ratelimit-reset-requests": lim["reset"]}
         headers.update(extra_headers)
 
         if request.path.endswith("/embeddings"):

@@ -3,10 +3,12 @@
 //! none carries key material: keys are shown by id and fingerprint.
 
 use crate::config::{Config, Key, SecretSource};
-use crate::keys::read_record;
+use crate::decision::{self, Stored};
+use crate::keys::{read_record, set_state, SetState};
+use crate::quota::headroom;
 use crate::reply::{self, Reply};
 use crate::sha256::constant_time_eq;
-use crate::state::{Effective, KeyRecord};
+use crate::state::{Effective, KeyRecord, UNKNOWN};
 use crate::store::Store;
 use serde_json::{json, Value};
 
@@ -17,6 +19,8 @@ pub struct AdminRequest<'a> {
     pub path: &'a str,
     pub authorization: Option<&'a str>,
     pub x_api_key: Option<&'a str>,
+    /// The request body, for PATCH and POST.
+    pub body: &'a [u8],
 }
 
 /// True when `path` belongs to the admin API of `cfg`.
@@ -28,13 +32,8 @@ fn authorized(cfg: &Config, req: &AdminRequest<'_>) -> bool {
     let Some(token) = cfg.admin.token.as_deref() else {
         return false;
     };
-    let bearer = req
-        .authorization
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+    let bearer =
+        req.authorization.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))).map(str::trim);
     let presented = bearer.or(req.x_api_key.map(str::trim));
     presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()))
 }
@@ -43,7 +42,7 @@ fn admin_error(status: u32, code: &str, message: &str) -> Reply {
     let kind = match status {
         401 => "authentication_error",
         404 => "not_found_error",
-        405 => "invalid_request_error",
+        400 | 405 => "invalid_request_error",
         _ => "api_error",
     };
     reply::error(status, kind, code, message)
@@ -60,34 +59,39 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
         r.headers.push(("www-authenticate", "Bearer".to_string()));
         return r;
     }
-    let (path, _query) = req.path.split_once('?').unwrap_or((req.path, ""));
+    let (path, query) = req.path.split_once('?').unwrap_or((req.path, ""));
     let rest = path.strip_prefix(cfg.admin.prefix.as_str()).unwrap_or("");
     let rest = rest.trim_end_matches('/');
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match (req.method, segments.as_slice()) {
         ("GET", ["keys"]) => {
-            let keys: Vec<Value> = cfg
-                .keys
-                .iter()
-                .map(|k| key_json(cfg, k, &read_or_default(store, k), now_ms))
-                .collect();
+            let keys: Vec<Value> =
+                cfg.keys.iter().map(|k| key_json(cfg, k, &read_or_default(store, k), now_ms)).collect();
             reply::json(200, &json!({ "keys": keys }))
         }
         ("GET", ["keys", id]) => match cfg.key_by_id(id) {
             Some((_, k)) => reply::json(200, &key_json(cfg, k, &read_or_default(store, k), now_ms)),
             None => admin_error(404, "key_not_found", &format!("No key with id '{id}'.")),
         },
+        ("PATCH", ["keys", id]) => match cfg.key_by_id(id) {
+            Some((_, k)) => patch_key(cfg, store, k, req.body, now_ms),
+            None => admin_error(404, "key_not_found", &format!("No key with id '{id}'.")),
+        },
+        ("GET", ["decisions"]) => {
+            let limit = query.split('&').find_map(|kv| kv.strip_prefix("limit=")).map(|v| v.parse::<usize>());
+            match limit {
+                Some(Err(_)) => admin_error(400, "invalid_limit", "limit must be a whole number."),
+                Some(Ok(n)) => reply::json(200, &json!({"decisions": decisions(cfg, store, n)})),
+                None => reply::json(200, &json!({"decisions": decisions(cfg, store, 100)})),
+            }
+        }
         ("GET", ["providers"]) => {
             let providers: Vec<Value> = cfg
                 .providers
                 .iter()
                 .map(|p| {
-                    let ids: Vec<&str> = p
-                        .keys
-                        .iter()
-                        .filter_map(|&i| cfg.keys.get(i))
-                        .map(|k| k.id.as_str())
-                        .collect();
+                    let ids: Vec<&str> =
+                        p.keys.iter().filter_map(|&i| cfg.keys.get(i)).map(|k| k.id.as_str()).collect();
                     json!({"id": p.id, "kind": p.kind.as_str(), "keys": ids})
                 })
                 .collect();
@@ -106,13 +110,67 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
             });
             reply::json(if usable { 200 } else { 503 }, &body)
         }
-        (_, ["keys"] | ["keys", _] | ["providers"] | ["state"] | ["health"]) => admin_error(
-            405,
-            "method_not_allowed",
-            &format!("{} is not supported on {}.", req.method, path),
-        ),
+        (_, ["keys"] | ["keys", _] | ["providers"] | ["state"] | ["health"] | ["decisions"]) => {
+            admin_error(405, "method_not_allowed", &format!("{} is not supported on {}.", req.method, path))
+        }
         _ => admin_error(404, "not_found", &format!("Unknown admin path '{path}'.")),
     }
+}
+
+/// `PATCH keys/{id}` with `{"state": "disabled"|"available"|"throttled",
+/// "duration_seconds": N, "reason": "..."}`.
+fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64) -> Reply {
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return admin_error(400, "invalid_body", "The body must be a JSON object."),
+        Err(e) => return admin_error(400, "invalid_json", &format!("The body is not valid JSON: {e}")),
+    };
+    let duration = v.get("duration_seconds").map(|d| d.as_u64().filter(|d| (1..=7 * 86_400).contains(d)));
+    let to = match v.get("state").and_then(Value::as_str) {
+        Some("available") => SetState::Available,
+        Some("disabled") => SetState::Disabled,
+        Some("throttled") => match duration {
+            Some(Some(d)) => SetState::Throttled { until_ms: now_ms + d * 1000 },
+            _ => {
+                return admin_error(
+                    400,
+                    "invalid_duration",
+                    "state \"throttled\" needs duration_seconds, a whole number from 1 to 604800.",
+                )
+            }
+        },
+        _ => return admin_error(400, "invalid_state", "state must be \"available\", \"disabled\" or \"throttled\"."),
+    };
+    match set_state(store, &k.record_name, to) {
+        Ok(r) => {
+            let reason = v.get("reason").and_then(Value::as_str).unwrap_or("");
+            log::info!("admin: key {} set to {} ({reason})", k.id, r.effective(now_ms).as_str());
+            reply::json(200, &key_json(cfg, k, &r, now_ms))
+        }
+        Err(e) => admin_error(503, "state_busy", &format!("The key state could not be written: {e:?}")),
+    }
+}
+
+/// The newest `limit` decisions across every worker's ring.
+fn decisions(cfg: &Config, store: &dyn Store, limit: usize) -> Vec<Value> {
+    let workers = store
+        .get(decision::RING_WORKERS)
+        .0
+        .and_then(|b| b.as_slice().try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    let mut all: Vec<Stored> = Vec::new();
+    for w in 0..workers.min(1024) {
+        for slot in 0..cfg.decisions.ring_size {
+            match store.get(&decision::slot_name(w, slot)).0 {
+                Some(b) => all.extend(Stored::decode(&b)),
+                // Slots fill in order: the first gap ends this ring.
+                None => break,
+            }
+        }
+    }
+    all.sort_by_key(|d| std::cmp::Reverse((d.at_ms, d.seq)));
+    all.into_iter().take(limit).map(|d| d.to_json(cfg)).collect()
 }
 
 fn read_or_default(store: &dyn Store, k: &Key) -> KeyRecord {
@@ -125,12 +183,35 @@ fn key_json(cfg: &Config, k: &Key, r: &KeyRecord, now_ms: u64) -> Value {
         Effective::Throttled { until_ms } => Some(until_ms),
         _ => None,
     };
+    let state_until = match eff {
+        Effective::Exhausted { until_ms } if until_ms > 0 => Some(until_ms),
+        _ => None,
+    };
+    let h = headroom(r, &k.limits, &cfg.routing.thresholds, now_ms);
+    let known = |v: u64| (v != UNKNOWN).then_some(v);
+    let reported = |at: u64| at > now_ms;
     json!({
         "id": k.id,
         "provider": cfg.providers.get(k.provider).map(|p| p.id.as_str()),
         "state": eff.as_str(),
+        "state_reason": match eff { Effective::Disabled | Effective::Exhausted { .. } => Some(r.reason.as_str()), _ => None },
+        "state_until_ms": state_until,
         "cooldown_until_ms": cooldown_until,
         "cooldown_remaining_ms": cooldown_until.map(|t| t.saturating_sub(now_ms)),
+        "capacity_state": h.capacity.as_str(),
+        "headroom": (h.fraction * 1000.0).round() / 1000.0,
+        "headroom_tightest": if h.tightest.is_empty() { None } else { Some(h.tightest) },
+        "reliability": (r.reliability(now_ms, cfg.routing.reliability_window_ms) * 1000.0).round() / 1000.0,
+        "latency_ms": (r.latency_samples > 0).then(|| r.latency_us as f64 / 1000.0),
+        "provider_limits": {
+            "remaining_requests": if reported(r.provider.reset_requests_ms) { known(r.provider.remaining_requests) } else { None },
+            "limit_requests": known(r.provider.limit_requests),
+            "remaining_tokens": if reported(r.provider.reset_tokens_ms) { known(r.provider.remaining_tokens) } else { None },
+            "limit_tokens": known(r.provider.limit_tokens),
+        },
+        "limits": {"rpm": k.limits.rpm, "tpm": k.limits.tpm, "daily_tokens": k.limits.daily_tokens,
+                   "monthly_tokens": k.limits.monthly_tokens},
+        "cost_per_1k": k.cost_per_1k.map(|d| d.to_string()),
         "weight": k.weight,
         "metadata": k.metadata,
         "fingerprint": k.fingerprint,
@@ -159,7 +240,7 @@ fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
             Effective::Available => available += 1,
             Effective::Throttled { .. } => throttled += 1,
             Effective::Disabled => disabled += 1,
-            Effective::Exhausted => exhausted += 1,
+            Effective::Exhausted { .. } => exhausted += 1,
         }
         requests += r.requests;
         input += r.input_tokens;
@@ -178,7 +259,7 @@ fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
 mod tests {
     use super::*;
     use crate::config::compile;
-    use crate::keys::record_attempt;
+    use crate::keys::{record_attempt, Action};
     use crate::state::Outcome;
     use crate::store::FakeStore;
 
@@ -201,12 +282,7 @@ mod tests {
     }
 
     fn get<'a>(path: &'a str, auth: Option<&'a str>) -> AdminRequest<'a> {
-        AdminRequest {
-            method: "GET",
-            path,
-            authorization: auth,
-            x_api_key: None,
-        }
+        AdminRequest { method: "GET", path, authorization: auth, x_api_key: None, body: b"" }
     }
 
     fn body(r: &Reply) -> Value {
@@ -231,6 +307,7 @@ mod tests {
                 path: "/apikeyrouter/v1/keys",
                 authorization: None,
                 x_api_key: Some(TOKEN),
+                body: b"",
             },
             0,
         );
@@ -243,12 +320,12 @@ mod tests {
         let s = FakeStore::new();
         let _ = record_attempt(
             &s,
-            &c.keys[0].record_name,
-            &Outcome {
-                status: 429,
-                ..Outcome::default()
-            },
-            Some(5_000),
+            &c,
+            0,
+            &Outcome { status: 429, ..Outcome::default() },
+            None,
+            Action::CoolUntil(5_000),
+            0,
         );
         let r = handle(&c, &s, &get("/apikeyrouter/v1/keys", Some(BEARER)), 1_000);
         assert_eq!(r.status, 200);
@@ -267,49 +344,94 @@ mod tests {
     fn one_key_unknown_key_and_unknown_path() {
         let c = cfg();
         let s = FakeStore::new();
-        assert_eq!(
-            body(&handle(
-                &c,
-                &s,
-                &get("/apikeyrouter/v1/keys/k2", Some(BEARER)),
-                0
-            ))["id"],
-            "k2"
-        );
-        assert_eq!(
-            handle(&c, &s, &get("/apikeyrouter/v1/keys/nope", Some(BEARER)), 0).status,
-            404
-        );
-        assert_eq!(
-            handle(&c, &s, &get("/apikeyrouter/v1/whatever", Some(BEARER)), 0).status,
-            404
-        );
+        assert_eq!(body(&handle(&c, &s, &get("/apikeyrouter/v1/keys/k2", Some(BEARER)), 0))["id"], "k2");
+        assert_eq!(handle(&c, &s, &get("/apikeyrouter/v1/keys/nope", Some(BEARER)), 0).status, 404);
+        assert_eq!(handle(&c, &s, &get("/apikeyrouter/v1/whatever", Some(BEARER)), 0).status, 404);
         let del = AdminRequest {
             method: "DELETE",
             path: "/apikeyrouter/v1/health",
             authorization: Some(BEARER),
             x_api_key: None,
+            body: b"",
         };
         assert_eq!(handle(&c, &s, &del, 0).status, 405);
+    }
+
+    fn patch<'a>(path: &'a str, body: &'a [u8]) -> AdminRequest<'a> {
+        AdminRequest { method: "PATCH", path, authorization: Some(BEARER), x_api_key: None, body }
+    }
+
+    #[test]
+    fn patch_sets_a_key_state_and_refuses_bad_input() {
+        let c = cfg();
+        let s = FakeStore::new();
+        let r = handle(&c, &s, &patch("/apikeyrouter/v1/keys/k1", br#"{"state":"disabled","reason":"rotating"}"#), 0);
+        assert_eq!((r.status, body(&r)["state"].clone()), (200, Value::from("disabled")));
+        let r =
+            handle(&c, &s, &patch("/apikeyrouter/v1/keys/k1", br#"{"state":"throttled","duration_seconds":30}"#), 0);
+        assert_eq!(body(&r)["state"], "disabled", "disabled stays disabled while throttled");
+        let r = handle(&c, &s, &patch("/apikeyrouter/v1/keys/k1", br#"{"state":"available"}"#), 0);
+        assert_eq!(body(&r)["state"], "available");
+        let r =
+            handle(&c, &s, &patch("/apikeyrouter/v1/keys/k2", br#"{"state":"throttled","duration_seconds":30}"#), 0);
+        assert_eq!(body(&r)["cooldown_remaining_ms"], 30_000);
+        for (bad, code) in [
+            (&b"{"[..], "invalid_json"),
+            (b"[]", "invalid_body"),
+            (br#"{"state":"sleeping"}"#, "invalid_state"),
+            (br#"{"state":"throttled"}"#, "invalid_duration"),
+        ] {
+            let r = handle(&c, &s, &patch("/apikeyrouter/v1/keys/k1", bad), 0);
+            assert_eq!((r.status, body(&r)["error"]["code"].clone()), (400, Value::from(code)));
+        }
+        assert_eq!(handle(&c, &s, &patch("/apikeyrouter/v1/keys/zz", br#"{"state":"available"}"#), 0).status, 404);
+    }
+
+    #[test]
+    fn decisions_are_read_newest_first_across_workers() {
+        use crate::decision::{Decision, Stored};
+        let c = cfg();
+        let s = FakeStore::new();
+        let _ = s.set(decision::RING_WORKERS, &2u64.to_le_bytes(), None);
+        for (w, slot, at) in [(0u64, 0usize, 10u64), (0, 1, 30), (1, 0, 20)] {
+            let d = Stored {
+                at_ms: at,
+                seq: 0,
+                attempt: 1,
+                request_id: format!("r{at}"),
+                decision: Decision {
+                    objective: "fairness".into(),
+                    chosen: Some(0),
+                    score: 1.0,
+                    margin: None,
+                    candidates: 1,
+                    excluded: vec![],
+                },
+            };
+            let _ = s.set(&decision::slot_name(w, slot), &d.encode(), None);
+        }
+        let r = handle(&c, &s, &get("/apikeyrouter/v1/decisions?limit=2", Some(BEARER)), 0);
+        let v = body(&r);
+        let ids: Vec<&str> =
+            v["decisions"].as_array().into_iter().flatten().filter_map(|d| d["request_id"].as_str()).collect();
+        assert_eq!(ids, vec!["r30", "r20"]);
+        assert_eq!(handle(&c, &s, &get("/apikeyrouter/v1/decisions?limit=x", Some(BEARER)), 0).status, 400);
     }
 
     #[test]
     fn health_is_503_when_no_key_is_usable() {
         let c = cfg();
         let s = FakeStore::new();
-        assert_eq!(
-            handle(&c, &s, &get("/apikeyrouter/v1/health", Some(BEARER)), 0).status,
-            200
-        );
-        for k in &c.keys {
+        assert_eq!(handle(&c, &s, &get("/apikeyrouter/v1/health", Some(BEARER)), 0).status, 200);
+        for k in 0..c.keys.len() {
             let _ = record_attempt(
                 &s,
-                &k.record_name,
-                &Outcome {
-                    status: 429,
-                    ..Outcome::default()
-                },
-                Some(9_000),
+                &c,
+                k,
+                &Outcome { status: 429, ..Outcome::default() },
+                None,
+                Action::CoolUntil(9_000),
+                0,
             );
         }
         let r = handle(&c, &s, &get("/apikeyrouter/v1/health", Some(BEARER)), 0);

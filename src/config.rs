@@ -13,9 +13,14 @@
 //! assert_eq!(cfg.keys[cfg.providers[0].keys[0]].id, "k1");
 //! ```
 
+use crate::objective::Objective;
+use crate::quota::{Limits, Thresholds};
 use crate::sha256;
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 use std::fmt;
+use std::str::FromStr;
 
 /// Where a configuration error was found and why it was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,19 +32,12 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid apikeyrouter config: {}: {}",
-            self.field, self.reason
-        )
+        write!(f, "invalid apikeyrouter config: {}: {}", self.field, self.reason)
     }
 }
 
 fn err(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.to_string(),
-        reason: reason.into(),
-    }
+    ConfigError { field: field.to_string(), reason: reason.into() }
 }
 
 /// The provider dialect: how the key is sent and how responses are read.
@@ -79,6 +77,11 @@ pub struct Key {
     pub auth_value: String,
     /// Shared-data record name for this key.
     pub record_name: String,
+    /// Price per 1,000 tokens, from `cost_per_1k` or `metadata.cost_per_1k`.
+    pub cost_per_1k: Option<Decimal>,
+    /// The same as a float, for scoring.
+    pub cost_score_price: Option<f64>,
+    pub limits: Limits,
 }
 
 impl fmt::Debug for Key {
@@ -116,6 +119,50 @@ pub struct Admin {
     pub token: Option<String>,
 }
 
+/// What a provider response does to the key that got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusAction {
+    /// Rest until the provider's retry-after (or the default cooldown).
+    Cooldown,
+    /// Out of service until re-enabled through the admin API.
+    Disable,
+    /// Out of quota until its quota window resets.
+    Exhaust,
+    /// Nothing beyond the counters.
+    Nothing,
+}
+
+impl StatusAction {
+    fn parse(s: &str) -> Option<StatusAction> {
+        match s {
+            "cooldown" => Some(StatusAction::Cooldown),
+            "disable" => Some(StatusAction::Disable),
+            "exhaust" => Some(StatusAction::Exhaust),
+            "none" => Some(StatusAction::Nothing),
+            _ => None,
+        }
+    }
+}
+
+/// How keys are chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub objective: Objective,
+    pub allow_objective_header: bool,
+    pub reliability_window_ms: u64,
+    /// How stale a worker's view of other keys' statistics may get.
+    pub stats_refresh_ms: u64,
+    pub thresholds: Thresholds,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decisions {
+    /// Records kept per worker; 0 keeps none.
+    pub ring_size: usize,
+    /// Send `x-apikeyrouter-decision` on responses.
+    pub header: bool,
+}
+
 /// The compiled configuration, shared by both stages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -124,6 +171,12 @@ pub struct Config {
     pub cooldown: Cooldown,
     pub inject_stream_usage: bool,
     pub admin: Admin,
+    pub routing: Routing,
+    /// Per-status actions, defaults merged with the configured ones.
+    pub status_actions: Vec<(u32, StatusAction)>,
+    /// Actions for an `error.code` (or `error.type`) in a 4xx body.
+    pub error_code_actions: Vec<(String, StatusAction)>,
+    pub decisions: Decisions,
 }
 
 impl Config {
@@ -133,6 +186,20 @@ impl Config {
 
     pub fn provider_by_id(&self, id: &str) -> Option<usize> {
         self.providers.iter().position(|p| p.id == id)
+    }
+
+    pub fn status_action(&self, status: u32) -> StatusAction {
+        self.status_actions.iter().find(|(s, _)| *s == status).map_or(StatusAction::Nothing, |(_, a)| *a)
+    }
+
+    /// Whether a response with this status must be read before acting on it
+    /// (its body may carry an error code with an action of its own).
+    pub fn probes_body(&self, status: u32) -> bool {
+        (400..500).contains(&status) && !self.error_code_actions.is_empty()
+    }
+
+    pub fn error_code_action(&self, code: &str) -> Option<StatusAction> {
+        self.error_code_actions.iter().find(|(c, _)| c == code).map(|(_, a)| *a)
     }
 }
 
@@ -145,8 +212,7 @@ const DEFAULT_ADMIN_PREFIX: &str = "/apikeyrouter/v1/";
 /// `env` resolves environment variables (inside Envoy: those listed in
 /// `vm_config.environment_variables.host_env_keys`).
 pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let root: Value =
-        serde_json::from_slice(bytes).map_err(|e| err("(root)", format!("not valid JSON: {e}")))?;
+    let root: Value = serde_json::from_slice(bytes).map_err(|e| err("(root)", format!("not valid JSON: {e}")))?;
     let mut root = Obj::new(root, "")?;
 
     let mut providers = Vec::new();
@@ -180,10 +246,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             let kpath = format!("{path}.keys[{ki}]");
             let key = compile_key(kv, &kpath, providers.len(), &id, env)?;
             if keys.iter().any(|k| k.id == key.id) {
-                return Err(err(
-                    &format!("{kpath}.id"),
-                    format!("duplicate key id {:?}", key.id),
-                ));
+                return Err(err(&format!("{kpath}.id"), format!("duplicate key id {:?}", key.id)));
             }
             if keys.len() >= MAX_KEYS {
                 return Err(err(&kpath, format!("more than {MAX_KEYS} keys in total")));
@@ -192,59 +255,34 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             keys.push(key);
         }
         p.finish()?;
-        providers.push(Provider {
-            id,
-            kind,
-            keys: indexes,
-        });
+        providers.push(Provider { id, kind, keys: indexes });
     }
 
     let cooldown = match root.opt_obj("cooldown")? {
-        None => Cooldown {
-            default_ms: 60_000,
-            max_ms: 3_600_000,
-        },
+        None => Cooldown { default_ms: 60_000, max_ms: 3_600_000 },
         Some(mut c) => {
             let default_s = c.opt_u64_in("default_seconds", 1, 86_400)?.unwrap_or(60);
             let max_s = c.opt_u64_in("max_seconds", 1, 7 * 86_400)?.unwrap_or(3600);
             if default_s > max_s {
-                return Err(err(
-                    &c.field("default_seconds"),
-                    "must not exceed cooldown.max_seconds",
-                ));
+                return Err(err(&c.field("default_seconds"), "must not exceed cooldown.max_seconds"));
             }
             c.finish()?;
-            Cooldown {
-                default_ms: default_s * 1000,
-                max_ms: max_s * 1000,
-            }
+            Cooldown { default_ms: default_s * 1000, max_ms: max_s * 1000 }
         }
     };
 
     let inject_stream_usage = root.opt_bool("inject_stream_usage")?.unwrap_or(true);
 
     let admin = match root.opt_obj("admin")? {
-        None => Admin {
-            enabled: false,
-            prefix: DEFAULT_ADMIN_PREFIX.to_string(),
-            token: None,
-        },
+        None => Admin { enabled: false, prefix: DEFAULT_ADMIN_PREFIX.to_string(), token: None },
         Some(mut a) => {
             let enabled = a.opt_bool("enabled")?.unwrap_or(true);
-            let prefix = a
-                .opt_str("prefix")?
-                .unwrap_or_else(|| DEFAULT_ADMIN_PREFIX.to_string());
+            let prefix = a.opt_str("prefix")?.unwrap_or_else(|| DEFAULT_ADMIN_PREFIX.to_string());
             if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 2 {
-                return Err(err(
-                    &a.field("prefix"),
-                    "must start and end with '/', e.g. \"/apikeyrouter/v1/\"",
-                ));
+                return Err(err(&a.field("prefix"), "must start and end with '/', e.g. \"/apikeyrouter/v1/\""));
             }
             if prefix.starts_with("/v1/") {
-                return Err(err(
-                    &a.field("prefix"),
-                    "must not overlap the OpenAI API paths under /v1/",
-                ));
+                return Err(err(&a.field("prefix"), "must not overlap the OpenAI API paths under /v1/"));
             }
             let token_env = a.opt_str("token_env")?;
             let token = match (enabled, token_env) {
@@ -269,11 +307,86 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
                 },
             };
             a.finish()?;
-            Admin {
-                enabled,
-                prefix,
-                token,
-            }
+            Admin { enabled, prefix, token }
+        }
+    };
+
+    let routing = match root.opt_obj("routing")? {
+        None => Routing {
+            objective: Objective::default(),
+            allow_objective_header: true,
+            reliability_window_ms: 300_000,
+            stats_refresh_ms: 1000,
+            thresholds: Thresholds::default(),
+        },
+        Some(mut r) => {
+            let objective = match r.take("objective") {
+                None => Objective::default(),
+                Some(v) => Objective::from_value(&v).map_err(|e| err(&r.field("objective"), e.0))?,
+            };
+            let allow_objective_header = r.opt_bool("allow_objective_header")?.unwrap_or(true);
+            let reliability_window_ms = r.opt_u64_in("reliability_window_seconds", 1, 86_400)?.unwrap_or(300) * 1000;
+            let stats_refresh_ms = r.opt_u64_in("stats_refresh_ms", 10, 60_000)?.unwrap_or(1000);
+            let thresholds = match r.opt_obj("capacity")? {
+                None => Thresholds::default(),
+                Some(mut c) => {
+                    let d = Thresholds::default();
+                    let constrained = c.opt_f64_in("constrained_below", 0.0, 1.0)?.unwrap_or(d.constrained);
+                    let critical = c.opt_f64_in("critical_below", 0.0, 1.0)?.unwrap_or(d.critical);
+                    if critical > constrained {
+                        return Err(err(&c.field("critical_below"), "must not exceed constrained_below"));
+                    }
+                    c.finish()?;
+                    Thresholds { constrained, critical }
+                }
+            };
+            r.finish()?;
+            Routing { objective, allow_objective_header, reliability_window_ms, stats_refresh_ms, thresholds }
+        }
+    };
+
+    let mut status_actions: Vec<(u32, StatusAction)> = vec![
+        (429, StatusAction::Cooldown),
+        (401, StatusAction::Disable),
+        (403, StatusAction::Disable),
+        (402, StatusAction::Exhaust),
+    ];
+    if let Some(a) = root.opt_obj("status_actions")? {
+        for (k, v) in a.map.iter() {
+            let field = a.field(k);
+            let status: u32 = k
+                .parse()
+                .ok()
+                .filter(|s| (400..600).contains(s))
+                .ok_or_else(|| err(&field, "expected an HTTP status from 400 to 599 as the key"))?;
+            let action = v
+                .as_str()
+                .and_then(StatusAction::parse)
+                .ok_or_else(|| err(&field, "expected \"cooldown\", \"disable\", \"exhaust\" or \"none\""))?;
+            status_actions.retain(|(s, _)| *s != status);
+            status_actions.push((status, action));
+        }
+    }
+    let mut error_code_actions = vec![("insufficient_quota".to_string(), StatusAction::Exhaust)];
+    if let Some(a) = root.opt_obj("error_code_actions")? {
+        for (k, v) in a.map.iter() {
+            let action = v
+                .as_str()
+                .and_then(StatusAction::parse)
+                .ok_or_else(|| err(&a.field(k), "expected \"cooldown\", \"disable\", \"exhaust\" or \"none\""))?;
+            error_code_actions.retain(|(c, _)| c != k);
+            error_code_actions.push((k.clone(), action));
+        }
+    }
+    error_code_actions.retain(|(_, a)| *a != StatusAction::Nothing);
+
+    let decisions = match root.opt_obj("decisions")? {
+        None => Decisions { ring_size: 1000, header: true },
+        Some(mut d) => {
+            let ring_size = d.opt_u64_in("ring_size", 0, 100_000)?.unwrap_or(1000) as usize;
+            let header = d.opt_bool("header")?.unwrap_or(true);
+            d.finish()?;
+            Decisions { ring_size, header }
         }
     };
 
@@ -284,6 +397,10 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         cooldown,
         inject_stream_usage,
         admin,
+        routing,
+        status_actions,
+        error_code_actions,
+        decisions,
     })
 }
 
@@ -298,25 +415,45 @@ fn compile_key(
     let id = k.req_id("id")?;
     let weight = k.opt_u64_in("weight", 1, MAX_WEIGHT)?.unwrap_or(1) as u32;
     let metadata = k.opt_obj_raw("metadata")?.unwrap_or_default();
+    let cost_per_1k = match k.take("cost_per_1k") {
+        Some(v) => Some(
+            decimal(&v)
+                .ok_or_else(|| err(&k.field("cost_per_1k"), "expected a non-negative decimal, e.g. \"0.0025\""))?,
+        ),
+        None => match metadata.get("cost_per_1k") {
+            Some(v) => Some(decimal(v).ok_or_else(|| {
+                err(&k.field("metadata.cost_per_1k"), "expected a non-negative decimal, e.g. \"0.0025\"")
+            })?),
+            None => None,
+        },
+    };
+    let limits = match k.opt_obj("limits")? {
+        None => Limits::default(),
+        Some(mut l) => {
+            let limits = Limits {
+                rpm: l.opt_u64_in("rpm", 1, u32::MAX as u64)?,
+                tpm: l.opt_u64_in("tpm", 1, u64::MAX >> 1)?,
+                daily_tokens: l.opt_u64_in("daily_tokens", 1, u64::MAX >> 1)?,
+                monthly_tokens: l.opt_u64_in("monthly_tokens", 1, u64::MAX >> 1)?,
+            };
+            l.finish()?;
+            limits
+        }
+    };
     let secret_env = k.opt_str("secret_env")?;
     let secret_inline = k.opt_str("secret")?;
     let (secret, source) = match (secret_env, secret_inline) {
-        (Some(_), Some(_)) => {
-            return Err(err(path, "set exactly one of secret_env and secret, not both"))
-        }
+        (Some(_), Some(_)) => return Err(err(path, "set exactly one of secret_env and secret, not both")),
         (None, None) => return Err(err(path, "one of secret_env or secret is required")),
         (Some(name), None) => match env(&name) {
             Some(v) if !v.trim().is_empty() => (v.trim().to_string(), SecretSource::Env),
-            Some(_) => {
-                return Err(err(
-                    &k.field("secret_env"),
-                    format!("environment variable {name} is empty"),
-                ))
-            }
+            Some(_) => return Err(err(&k.field("secret_env"), format!("environment variable {name} is empty"))),
             None => {
                 return Err(err(
                     &k.field("secret_env"),
-                    format!("environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"),
+                    format!(
+                    "environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"
+                ),
                 ))
             }
         },
@@ -347,7 +484,20 @@ fn compile_key(
         source,
         fingerprint,
         auth_value: format!("Bearer {secret}"),
+        cost_score_price: cost_per_1k.and_then(|d| d.to_f64()),
+        cost_per_1k,
+        limits,
     })
+}
+
+/// A non-negative decimal from a JSON string or number.
+fn decimal(v: &Value) -> Option<Decimal> {
+    let d = match v {
+        Value::String(s) => Decimal::from_str(s.trim()).ok()?,
+        Value::Number(n) => Decimal::from_str(&n.to_string()).ok()?,
+        _ => return None,
+    };
+    (d >= Decimal::ZERO).then_some(d)
 }
 
 /// A short, non-reversible name for key material: safe to log and show.
@@ -370,14 +520,8 @@ impl Obj {
     fn new(v: Value, path: &str) -> Result<Obj, ConfigError> {
         let shown = if path.is_empty() { "(root)" } else { path };
         match v {
-            Value::Object(map) => Ok(Obj {
-                path: path.to_string(),
-                map,
-            }),
-            other => Err(err(
-                shown,
-                format!("expected an object, found {}", kind_of(&other)),
-            )),
+            Value::Object(map) => Ok(Obj { path: path.to_string(), map }),
+            other => Err(err(shown, format!("expected an object, found {}", kind_of(&other)))),
         }
     }
 
@@ -400,27 +544,14 @@ impl Obj {
         match self.take(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(err(
-                &self.field(name),
-                format!("expected a string, found {}", kind_of(&other)),
-            )),
+            Some(other) => Err(err(&self.field(name), format!("expected a string, found {}", kind_of(&other)))),
         }
     }
 
     fn req_id(&mut self, name: &str) -> Result<String, ConfigError> {
-        let s = self
-            .opt_str(name)?
-            .ok_or_else(|| err(&self.field(name), "required"))?;
-        if s.is_empty()
-            || s.len() > 64
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(err(
-                &self.field(name),
-                format!("{s:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'"),
-            ));
+        let s = self.opt_str(name)?.ok_or_else(|| err(&self.field(name), "required"))?;
+        if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(err(&self.field(name), format!("{s:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'")));
         }
         Ok(s)
     }
@@ -429,10 +560,7 @@ impl Obj {
         match self.take(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(other) => Err(err(
-                &self.field(name),
-                format!("expected true or false, found {}", kind_of(&other)),
-            )),
+            Some(other) => Err(err(&self.field(name), format!("expected true or false, found {}", kind_of(&other)))),
         }
     }
 
@@ -441,18 +569,25 @@ impl Obj {
             None => Ok(None),
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(v) if (min..=max).contains(&v) => Ok(Some(v)),
-                _ => Err(err(
-                    &self.field(name),
-                    format!("expected an integer from {min} to {max}, found {n}"),
-                )),
+                _ => Err(err(&self.field(name), format!("expected an integer from {min} to {max}, found {n}"))),
             },
             Some(other) => Err(err(
                 &self.field(name),
-                format!(
-                    "expected an integer from {min} to {max}, found {}",
-                    kind_of(&other)
-                ),
+                format!("expected an integer from {min} to {max}, found {}", kind_of(&other)),
             )),
+        }
+    }
+
+    fn opt_f64_in(&mut self, name: &str, min: f64, max: f64) -> Result<Option<f64>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(v) if v >= min && v <= max => Ok(Some(v)),
+                _ => Err(err(&self.field(name), format!("expected a number from {min} to {max}, found {n}"))),
+            },
+            Some(other) => {
+                Err(err(&self.field(name), format!("expected a number from {min} to {max}, found {}", kind_of(&other))))
+            }
         }
     }
 
@@ -460,10 +595,7 @@ impl Obj {
         match self.take(name) {
             None => Err(err(&self.field(name), "required")),
             Some(Value::Array(a)) => Ok(a),
-            Some(other) => Err(err(
-                &self.field(name),
-                format!("expected an array, found {}", kind_of(&other)),
-            )),
+            Some(other) => Err(err(&self.field(name), format!("expected an array, found {}", kind_of(&other)))),
         }
     }
 
@@ -544,10 +676,7 @@ mod tests {
           "admin":{"prefix":"/akr/","token_env":"ADMIN"}}"#);
         assert_eq!(c.keys.len(), 2);
         assert_eq!(c.keys[0].weight, 3);
-        assert_eq!(
-            c.keys[0].metadata.get("tier"),
-            Some(&Value::String("pro".into()))
-        );
+        assert_eq!(c.keys[0].metadata.get("tier"), Some(&Value::String("pro".into())));
         assert_eq!(c.keys[1].source, SecretSource::Inline);
         assert_eq!(c.cooldown.default_ms, 5000);
         assert!(!c.inject_stream_usage);
@@ -625,10 +754,7 @@ mod tests {
     #[test]
     fn refusal_message_never_echoes_key_material() {
         let json = r#"{"providers":[{"id":"p","keys":[{"id":"k1","secret":"sk-secret value"}]}]}"#;
-        let e = compile(json.as_bytes(), &env)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = compile(json.as_bytes(), &env).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(!e.contains("sk-secret"), "{e}");
     }
 }

@@ -6,10 +6,11 @@
 //! keys this request has already tried. The header map carries over between
 //! attempts, so the key itself stays visible to every attempt.
 
+use crate::objective::Objective;
 use hashbrown::HashMap;
 
 /// What the stages share about one request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Flight {
     pub provider: usize,
     /// Keys already used by earlier attempts of this request.
@@ -17,6 +18,9 @@ pub struct Flight {
     pub attempts: u32,
     pub stream: bool,
     pub started_ms: u64,
+    /// The objective from the request header or route metadata; `None`
+    /// means the configured default.
+    pub objective: Option<Objective>,
 }
 
 /// Entries older than this are dropped when the table grows large (their
@@ -37,8 +41,7 @@ impl Flights {
 
     pub fn insert(&mut self, id: String, flight: Flight, now_ms: u64) {
         if self.map.len() >= SWEEP_AT {
-            self.map
-                .retain(|_, f| now_ms.saturating_sub(f.started_ms) < STALE_MS);
+            self.map.retain(|_, f| now_ms.saturating_sub(f.started_ms) < STALE_MS);
         }
         self.map.insert(id, flight);
     }
@@ -74,22 +77,12 @@ mod tests {
     #[test]
     fn flights_are_found_by_request_id_and_removed_once() {
         let mut f = Flights::default();
-        f.insert(
-            "r1".into(),
-            Flight {
-                provider: 2,
-                ..Flight::default()
-            },
-            0,
-        );
+        f.insert("r1".into(), Flight { provider: 2, ..Flight::default() }, 0);
         assert!(f.contains("r1"));
         if let Some(fl) = f.get_mut("r1") {
             fl.tried.push(3);
         }
-        assert_eq!(
-            f.remove("r1").map(|x| (x.provider, x.tried)),
-            Some((2, vec![3]))
-        );
+        assert_eq!(f.remove("r1").map(|x| (x.provider, x.tried)), Some((2, vec![3])));
         assert_eq!(f.remove("r1"), None);
     }
 
@@ -99,14 +92,7 @@ mod tests {
         for i in 0..SWEEP_AT {
             f.insert(format!("old{i}"), Flight::default(), 0);
         }
-        f.insert(
-            "new".into(),
-            Flight {
-                started_ms: STALE_MS + 1,
-                ..Flight::default()
-            },
-            STALE_MS + 1,
-        );
+        f.insert("new".into(), Flight { started_ms: STALE_MS + 1, ..Flight::default() }, STALE_MS + 1);
         assert_eq!(f.len(), 1);
     }
 

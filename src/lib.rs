@@ -7,9 +7,12 @@
 
 pub mod admin;
 pub mod config;
+pub mod decision;
 pub mod flight;
 pub mod keys;
+pub mod objective;
 pub mod pairs;
+pub mod quota;
 pub mod ratelimit;
 pub mod reply;
 pub mod request;
@@ -17,6 +20,7 @@ pub mod sha256;
 pub mod state;
 pub mod store;
 pub mod usage;
+pub mod window;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -17,10 +17,7 @@ pub fn decode(b: &[u8]) -> Result<Vec<(String, String)>, Malformed> {
         return Ok(Vec::new());
     }
     let n = u32_at(b, 0)?;
-    let table_end = n
-        .checked_mul(8)
-        .and_then(|t| t.checked_add(4))
-        .ok_or(Malformed)?;
+    let table_end = n.checked_mul(8).and_then(|t| t.checked_add(4)).ok_or(Malformed)?;
     if table_end > b.len() {
         return Err(Malformed);
     }
@@ -33,20 +30,14 @@ pub fn decode(b: &[u8]) -> Result<Vec<(String, String)>, Malformed> {
         p = p.checked_add(klen + 1).ok_or(Malformed)?;
         let val = b.get(p..p + vlen).ok_or(Malformed)?;
         p = p.checked_add(vlen + 1).ok_or(Malformed)?;
-        out.push((
-            String::from_utf8_lossy(key).into_owned(),
-            String::from_utf8_lossy(val).into_owned(),
-        ));
+        out.push((String::from_utf8_lossy(key).into_owned(), String::from_utf8_lossy(val).into_owned()));
     }
     Ok(out)
 }
 
 /// Encodes pairs in the same format.
 pub fn encode(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let size = 4 + pairs
-        .iter()
-        .map(|(k, v)| k.len() + v.len() + 10)
-        .sum::<usize>();
+    let size = 4 + pairs.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>();
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
     for (k, v) in pairs {
@@ -70,10 +61,7 @@ mod tests {
     fn pairs_round_trip() {
         let pairs = [("content-type", "application/json"), ("x-a", ""), ("", "v")];
         let got = decode(&encode(&pairs));
-        let want: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let want: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         assert_eq!(got, Ok(want));
         assert_eq!(decode(&[]), Ok(vec![]));
     }
@@ -95,9 +83,6 @@ mod tests {
         let mut b = encode(&[("x", "ab")]);
         let n = b.len();
         b[n - 3] = 0xff;
-        assert_eq!(
-            decode(&b).map(|v| v[0].1.clone()),
-            Ok("\u{fffd}b".to_string())
-        );
+        assert_eq!(decode(&b).map(|v| v[0].1.clone()), Ok("\u{fffd}b".to_string()));
     }
 }

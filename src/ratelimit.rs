@@ -45,11 +45,7 @@ fn decimal_ms(s: &str, unit_ns: u64) -> Result<u64, ParseError> {
     if int.len() > 15 {
         return Err(ParseError::TooLarge);
     }
-    let int_v: u64 = if int.is_empty() {
-        0
-    } else {
-        int.parse().map_err(|_| ParseError::BadNumber)?
-    };
+    let int_v: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| ParseError::BadNumber)? };
     // Nanoseconds from the fraction, using at most 9 digits.
     let mut frac_ns: u128 = 0;
     let mut scale: u128 = unit_ns as u128;
@@ -192,6 +188,8 @@ pub struct Signals<'a> {
     pub reset_tokens: Option<&'a str>,
     pub remaining_requests: Option<&'a str>,
     pub remaining_tokens: Option<&'a str>,
+    pub limit_requests: Option<&'a str>,
+    pub limit_tokens: Option<&'a str>,
 }
 
 impl<'a> Signals<'a> {
@@ -207,6 +205,8 @@ impl<'a> Signals<'a> {
                 "x-ratelimit-reset-tokens" => s.reset_tokens = v,
                 "x-ratelimit-remaining-requests" => s.remaining_requests = v,
                 "x-ratelimit-remaining-tokens" => s.remaining_tokens = v,
+                "x-ratelimit-limit-requests" => s.limit_requests = v,
+                "x-ratelimit-limit-tokens" => s.limit_tokens = v,
                 _ => {}
             }
         }
@@ -224,10 +224,7 @@ pub fn cooldown_ms(s: &Signals<'_>, now_ms: u64, default_ms: u64, max_ms: u64) -
     let explicit = s
         .retry_after_ms
         .and_then(|v| parse_retry_after_ms(v).ok())
-        .or_else(|| {
-            s.retry_after
-                .and_then(|v| parse_retry_after(v, now_ms).ok())
-        });
+        .or_else(|| s.retry_after.and_then(|v| parse_retry_after(v, now_ms).ok()));
     let wait = explicit.or_else(|| {
         let req = s.reset_requests.and_then(|v| parse_duration(v).ok());
         let tok = s.reset_tokens.and_then(|v| parse_duration(v).ok());
@@ -262,20 +259,14 @@ mod tests {
     fn retry_after_accepts_http_dates_relative_to_now() {
         let at = parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT");
         assert_eq!(at, Ok(1_445_412_480_000));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1_445_412_470_000),
-            Ok(10_000)
-        );
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1_445_412_470_000), Ok(10_000));
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1_445_412_490_000),
             Ok(0),
             "a date in the past means no wait"
         );
         assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Ok(0));
-        assert_eq!(
-            parse_http_date("Tue, 29 Feb 2028 12:00:00 GMT"),
-            Ok(1_835_438_400_000)
-        );
+        assert_eq!(parse_http_date("Tue, 29 Feb 2028 12:00:00 GMT"), Ok(1_835_438_400_000));
     }
 
     #[test]
@@ -325,17 +316,9 @@ mod tests {
 
     #[test]
     fn cooldown_prefers_retry_after_ms_then_retry_after() {
-        let s = Signals {
-            retry_after_ms: Some("250"),
-            retry_after: Some("9"),
-            ..sig()
-        };
+        let s = Signals { retry_after_ms: Some("250"), retry_after: Some("9"), ..sig() };
         assert_eq!(cooldown_ms(&s, 0, 60_000, 3_600_000), 250);
-        let s = Signals {
-            retry_after: Some("9"),
-            reset_requests: Some("1m"),
-            ..sig()
-        };
+        let s = Signals { retry_after: Some("9"), reset_requests: Some("1m"), ..sig() };
         assert_eq!(cooldown_ms(&s, 0, 60_000, 3_600_000), 9000);
     }
 
@@ -349,41 +332,20 @@ mod tests {
             ..sig()
         };
         assert_eq!(cooldown_ms(&s, 0, 60_000, 3_600_000), 1000);
-        let s = Signals {
-            remaining_requests: Some("5"),
-            remaining_tokens: Some("0"),
-            ..s
-        };
+        let s = Signals { remaining_requests: Some("5"), remaining_tokens: Some("0"), ..s };
         assert_eq!(cooldown_ms(&s, 0, 60_000, 3_600_000), 360_000);
-        let s = Signals {
-            remaining_requests: None,
-            remaining_tokens: None,
-            ..s
-        };
-        assert_eq!(
-            cooldown_ms(&s, 0, 60_000, 3_600_000),
-            360_000,
-            "unknown dimension: the longer"
-        );
+        let s = Signals { remaining_requests: None, remaining_tokens: None, ..s };
+        assert_eq!(cooldown_ms(&s, 0, 60_000, 3_600_000), 360_000, "unknown dimension: the longer");
     }
 
     #[test]
     fn cooldown_falls_back_to_default_and_is_clamped() {
         assert_eq!(cooldown_ms(&sig(), 0, 60_000, 3_600_000), 60_000);
-        let s = Signals {
-            retry_after: Some("garbage"),
-            ..sig()
-        };
+        let s = Signals { retry_after: Some("garbage"), ..sig() };
         assert_eq!(cooldown_ms(&s, 0, 5000, 3_600_000), 5000);
-        let s = Signals {
-            retry_after: Some("99999"),
-            ..sig()
-        };
+        let s = Signals { retry_after: Some("99999"), ..sig() };
         assert_eq!(cooldown_ms(&s, 0, 5000, 3_600_000), 3_600_000);
-        let s = Signals {
-            retry_after: Some("0"),
-            ..sig()
-        };
+        let s = Signals { retry_after: Some("0"), ..sig() };
         assert_eq!(cooldown_ms(&s, 0, 5000, 3_600_000), 1);
     }
 

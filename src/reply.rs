@@ -44,8 +44,7 @@ pub fn gateway_error(message: &str) -> Reply {
 /// 429 when no key can serve the request, with `retry-after`.
 pub fn no_key(retry_after_secs: u64, message: &str) -> Reply {
     let mut r = error(429, "rate_limit_error", "no_available_key", message);
-    r.headers
-        .push(("retry-after", retry_after_secs.to_string()));
+    r.headers.push(("retry-after", retry_after_secs.to_string()));
     r
 }
 

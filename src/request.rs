@@ -90,10 +90,7 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, BodyError> {
         max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
         body_len: body.len(),
         has_stream_options: peek.stream_options.is_some(),
-        include_usage: peek
-            .stream_options
-            .and_then(|s| s.include_usage)
-            .unwrap_or(false),
+        include_usage: peek.stream_options.and_then(|s| s.include_usage).unwrap_or(false),
     })
 }
 
@@ -122,10 +119,7 @@ pub fn with_include_usage(body: &[u8], info: &RequestInfo) -> Option<Vec<u8>> {
         return Some(out);
     }
     let mut v: Value = serde_json::from_slice(body).ok()?;
-    let so = v
-        .as_object_mut()?
-        .get_mut("stream_options")?
-        .as_object_mut()?;
+    let so = v.as_object_mut()?.get_mut("stream_options")?.as_object_mut()?;
     so.insert("include_usage".into(), Value::Bool(true));
     serde_json::to_vec(&v).ok()
 }
@@ -143,9 +137,7 @@ mod tests {
 
     #[test]
     fn reads_model_stream_and_max_tokens() {
-        let i = info(
-            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":50}"#,
-        );
+        let i = info(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":50}"#);
         assert_eq!(i.model.as_deref(), Some("gpt-4o"));
         assert!(i.stream);
         assert_eq!(i.max_tokens, Some(50));
@@ -159,25 +151,13 @@ mod tests {
     #[test]
     fn malformed_bodies_are_refused_with_a_reason() {
         assert!(matches!(inspect(b""), Err(BodyError::Malformed(_))));
-        assert!(matches!(
-            inspect(b"{\"model\":"),
-            Err(BodyError::Malformed(_))
-        ));
-        assert!(matches!(
-            inspect(b"{\"a\":1} trailing"),
-            Err(BodyError::Malformed(_))
-        ));
+        assert!(matches!(inspect(b"{\"model\":"), Err(BodyError::Malformed(_))));
+        assert!(matches!(inspect(b"{\"a\":1} trailing"), Err(BodyError::Malformed(_))));
         assert!(matches!(inspect(b"hello"), Err(BodyError::Malformed(_))));
         assert_eq!(inspect(b"[1,2]"), Err(BodyError::NotAnObject));
         assert_eq!(inspect(b"\"str\""), Err(BodyError::NotAnObject));
-        assert!(matches!(
-            inspect(b"{\"stream\":\"yes\"}"),
-            Err(BodyError::BadField(_))
-        ));
-        assert!(matches!(
-            inspect(b"{\"max_tokens\":-1}"),
-            Err(BodyError::BadField(_))
-        ));
+        assert!(matches!(inspect(b"{\"stream\":\"yes\"}"), Err(BodyError::BadField(_))));
+        assert!(matches!(inspect(b"{\"max_tokens\":-1}"), Err(BodyError::BadField(_))));
     }
 
     #[test]
@@ -187,7 +167,9 @@ mod tests {
         let out = out.map(String::from_utf8);
         assert_eq!(
             out,
-            Some(Ok(r#"{"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[]}"#.to_string()))
+            Some(
+                Ok(r#"{"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[]}"#.to_string())
+            )
         );
     }
 

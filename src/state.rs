@@ -1,9 +1,13 @@
 //! Per-key state as a fixed-width, versioned record in shared data.
 //!
-//! Layout (little-endian), version 1, [`KeyRecord::LEN`] bytes:
-//! `version:u8 state:u8 reserved:u16 cooldown_until_ms:u64` then the
-//! counters in the order of [`KeyRecord::counters`].
+//! Layout (little-endian), version 2, [`KeyRecord::LEN`] bytes:
+//! `version:u8 state:u8 reason:u8 capacity:u8`, then [`N_WORDS`] `u64`
+//! words in the order of [`KeyRecord::words`]. Records of another version
+//! are refused by [`KeyRecord::decode`]; callers treat them as fresh.
 
+use crate::ratelimit::{parse_duration, Signals};
+use crate::usage::Usage;
+use crate::window::{self, Window};
 use std::fmt;
 
 /// The administrative state of a key. "Throttled" is not stored: it is
@@ -14,6 +18,76 @@ pub enum KeyState {
     Available = 0,
     Disabled = 1,
     Exhausted = 2,
+}
+
+/// Why a key is disabled or exhausted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reason {
+    #[default]
+    None = 0,
+    Unauthorized = 1,
+    Forbidden = 2,
+    PaymentRequired = 3,
+    InsufficientQuota = 4,
+    Admin = 5,
+    Status = 6,
+}
+
+impl Reason {
+    fn from_u8(b: u8) -> Reason {
+        match b {
+            1 => Reason::Unauthorized,
+            2 => Reason::Forbidden,
+            3 => Reason::PaymentRequired,
+            4 => Reason::InsufficientQuota,
+            5 => Reason::Admin,
+            6 => Reason::Status,
+            _ => Reason::None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::None => "",
+            Reason::Unauthorized => "provider answered 401",
+            Reason::Forbidden => "provider answered 403",
+            Reason::PaymentRequired => "provider answered 402",
+            Reason::InsufficientQuota => "provider reported insufficient_quota",
+            Reason::Admin => "set through the admin API",
+            Reason::Status => "provider status action",
+        }
+    }
+}
+
+/// How much room a key has left, from the tighter of its configured quotas
+/// and what the provider reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Capacity {
+    #[default]
+    Abundant = 0,
+    Constrained = 1,
+    Critical = 2,
+    Exhausted = 3,
+}
+
+impl Capacity {
+    fn from_u8(b: u8) -> Capacity {
+        match b {
+            1 => Capacity::Constrained,
+            2 => Capacity::Critical,
+            3 => Capacity::Exhausted,
+            _ => Capacity::Abundant,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capacity::Abundant => "abundant",
+            Capacity::Constrained => "constrained",
+            Capacity::Critical => "critical",
+            Capacity::Exhausted => "exhausted",
+        }
+    }
 }
 
 impl KeyState {
@@ -31,9 +105,14 @@ impl KeyState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effective {
     Available,
-    Throttled { until_ms: u64 },
+    Throttled {
+        until_ms: u64,
+    },
     Disabled,
-    Exhausted,
+    /// `until_ms == 0`: until re-enabled.
+    Exhausted {
+        until_ms: u64,
+    },
 }
 
 impl Effective {
@@ -42,7 +121,7 @@ impl Effective {
             Effective::Available => "available",
             Effective::Throttled { .. } => "throttled",
             Effective::Disabled => "disabled",
-            Effective::Exhausted => "exhausted",
+            Effective::Exhausted { .. } => "exhausted",
         }
     }
 }
@@ -64,11 +143,43 @@ impl fmt::Display for DecodeError {
     }
 }
 
+/// "Not reported" in the provider-limit fields.
+pub const UNKNOWN: u64 = u64::MAX;
+
+/// What the provider last said about a key's rate limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderLimits {
+    pub remaining_requests: u64,
+    pub limit_requests: u64,
+    pub reset_requests_ms: u64,
+    pub remaining_tokens: u64,
+    pub limit_tokens: u64,
+    pub reset_tokens_ms: u64,
+}
+
+impl Default for ProviderLimits {
+    fn default() -> ProviderLimits {
+        ProviderLimits {
+            remaining_requests: UNKNOWN,
+            limit_requests: UNKNOWN,
+            reset_requests_ms: 0,
+            remaining_tokens: UNKNOWN,
+            limit_tokens: UNKNOWN,
+            reset_tokens_ms: 0,
+        }
+    }
+}
+
 /// One key's shared state and counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeyRecord {
     pub state: KeyState,
+    pub reason: Reason,
+    /// Capacity as last computed at a write; a change bumps the generation.
+    pub capacity: Capacity,
     pub cooldown_until_ms: u64,
+    /// For `Exhausted`: when it ends by itself (0: until re-enabled).
+    pub exhausted_until_ms: u64,
     /// Upstream attempts completed with this key.
     pub requests: u64,
     pub successes: u64,
@@ -84,16 +195,37 @@ pub struct KeyRecord {
     pub total_tokens: u64,
     /// Streaming responses served.
     pub streams: u64,
+    /// Reliability: two aligned buckets of successes and failures.
+    pub rel_start_ms: u64,
+    pub rel_ok: u64,
+    pub rel_fail: u64,
+    pub rel_prev_ok: u64,
+    pub rel_prev_fail: u64,
+    /// Time to first byte, exponential moving average, microseconds.
+    pub latency_us: u64,
+    pub latency_samples: u64,
+    pub provider: ProviderLimits,
+    /// Configured quotas: UTC minute, day and month windows.
+    pub minute_start_ms: u64,
+    pub minute_requests: u64,
+    pub minute_tokens: u64,
+    pub day_start_ms: u64,
+    pub day_tokens: u64,
+    pub month_start_ms: u64,
+    pub month_tokens: u64,
 }
 
-const VERSION: u8 = 1;
-const N_COUNTERS: usize = 10;
+const VERSION: u8 = 2;
+pub const N_WORDS: usize = 34;
 
 impl KeyRecord {
-    pub const LEN: usize = 12 + 8 * N_COUNTERS;
+    pub const LEN: usize = 4 + 8 * N_WORDS;
 
-    fn counters(&self) -> [u64; N_COUNTERS] {
+    fn words(&self) -> [u64; N_WORDS] {
+        let p = &self.provider;
         [
+            self.cooldown_until_ms,
+            self.exhausted_until_ms,
             self.requests,
             self.successes,
             self.client_errors,
@@ -104,17 +236,36 @@ impl KeyRecord {
             self.output_tokens,
             self.total_tokens,
             self.streams,
+            self.rel_start_ms,
+            self.rel_ok,
+            self.rel_fail,
+            self.rel_prev_ok,
+            self.rel_prev_fail,
+            self.latency_us,
+            self.latency_samples,
+            p.remaining_requests,
+            p.limit_requests,
+            p.reset_requests_ms,
+            p.remaining_tokens,
+            p.limit_tokens,
+            p.reset_tokens_ms,
+            self.minute_start_ms,
+            self.minute_requests,
+            self.minute_tokens,
+            self.day_start_ms,
+            self.day_tokens,
+            self.month_start_ms,
+            self.month_tokens,
+            0,
+            0,
         ]
     }
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::LEN);
-        out.push(VERSION);
-        out.push(self.state as u8);
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&self.cooldown_until_ms.to_le_bytes());
-        for c in self.counters() {
-            out.extend_from_slice(&c.to_le_bytes());
+        out.extend_from_slice(&[VERSION, self.state as u8, self.reason as u8, self.capacity as u8]);
+        for w in self.words() {
+            out.extend_from_slice(&w.to_le_bytes());
         }
         out
     }
@@ -128,36 +279,61 @@ impl KeyRecord {
             return Err(DecodeError::TooShort);
         }
         let state = KeyState::from_u8(b[1]).ok_or(DecodeError::BadState(b[1]))?;
-        let u = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(w)
-        };
-        let c = |n: usize| u(12 + 8 * n);
+        let mut w = [0u64; N_WORDS];
+        for (i, slot) in w.iter_mut().enumerate() {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[4 + 8 * i..12 + 8 * i]);
+            *slot = u64::from_le_bytes(x);
+        }
         Ok(KeyRecord {
             state,
-            cooldown_until_ms: u(4),
-            requests: c(0),
-            successes: c(1),
-            client_errors: c(2),
-            server_errors: c(3),
-            rate_limited: c(4),
-            cooldowns: c(5),
-            input_tokens: c(6),
-            output_tokens: c(7),
-            total_tokens: c(8),
-            streams: c(9),
+            reason: Reason::from_u8(b[2]),
+            capacity: Capacity::from_u8(b[3]),
+            cooldown_until_ms: w[0],
+            exhausted_until_ms: w[1],
+            requests: w[2],
+            successes: w[3],
+            client_errors: w[4],
+            server_errors: w[5],
+            rate_limited: w[6],
+            cooldowns: w[7],
+            input_tokens: w[8],
+            output_tokens: w[9],
+            total_tokens: w[10],
+            streams: w[11],
+            rel_start_ms: w[12],
+            rel_ok: w[13],
+            rel_fail: w[14],
+            rel_prev_ok: w[15],
+            rel_prev_fail: w[16],
+            latency_us: w[17],
+            latency_samples: w[18],
+            provider: ProviderLimits {
+                remaining_requests: w[19],
+                limit_requests: w[20],
+                reset_requests_ms: w[21],
+                remaining_tokens: w[22],
+                limit_tokens: w[23],
+                reset_tokens_ms: w[24],
+            },
+            minute_start_ms: w[25],
+            minute_requests: w[26],
+            minute_tokens: w[27],
+            day_start_ms: w[28],
+            day_tokens: w[29],
+            month_start_ms: w[30],
+            month_tokens: w[31],
         })
     }
 
     pub fn effective(&self, now_ms: u64) -> Effective {
         match self.state {
             KeyState::Disabled => Effective::Disabled,
-            KeyState::Exhausted => Effective::Exhausted,
-            KeyState::Available if self.cooldown_until_ms > now_ms => Effective::Throttled {
-                until_ms: self.cooldown_until_ms,
-            },
-            KeyState::Available => Effective::Available,
+            KeyState::Exhausted if self.exhausted_until_ms == 0 || now_ms < self.exhausted_until_ms => {
+                Effective::Exhausted { until_ms: self.exhausted_until_ms }
+            }
+            _ if self.cooldown_until_ms > now_ms => Effective::Throttled { until_ms: self.cooldown_until_ms },
+            _ => Effective::Available,
         }
     }
 
@@ -166,9 +342,69 @@ impl KeyRecord {
     pub fn cool_until(&mut self, until_ms: u64) -> bool {
         if until_ms > self.cooldown_until_ms {
             self.cooldown_until_ms = until_ms;
+            self.cooldowns += 1;
             true
         } else {
             false
+        }
+    }
+
+    /// Success rate over the recent window (smoothed: a key with no data
+    /// scores 1).
+    pub fn reliability(&self, now_ms: u64, window_ms: u64) -> f64 {
+        let window_ms = window_ms.max(1);
+        let bucket = now_ms - now_ms % window_ms;
+        let (ok, fail, pok, pfail) = if self.rel_start_ms == bucket {
+            (self.rel_ok, self.rel_fail, self.rel_prev_ok, self.rel_prev_fail)
+        } else if self.rel_start_ms + window_ms == bucket {
+            (0, 0, self.rel_ok, self.rel_fail)
+        } else {
+            (0, 0, 0, 0)
+        };
+        let f = (now_ms - bucket) as f64 / window_ms as f64;
+        let prev_weight = 1.0 - f;
+        let ok = ok as f64 + pok as f64 * prev_weight;
+        let n = ok + fail as f64 + pfail as f64 * prev_weight;
+        (ok + 1.0) / (n + 1.0)
+    }
+
+    fn count_reliability(&mut self, success: bool, now_ms: u64, window_ms: u64) {
+        let window_ms = window_ms.max(1);
+        let bucket = now_ms - now_ms % window_ms;
+        if self.rel_start_ms != bucket {
+            if self.rel_start_ms + window_ms == bucket {
+                self.rel_prev_ok = self.rel_ok;
+                self.rel_prev_fail = self.rel_fail;
+            } else {
+                self.rel_prev_ok = 0;
+                self.rel_prev_fail = 0;
+            }
+            self.rel_ok = 0;
+            self.rel_fail = 0;
+            self.rel_start_ms = bucket;
+        }
+        if success {
+            self.rel_ok += 1;
+        } else {
+            self.rel_fail += 1;
+        }
+    }
+
+    /// Takes the provider's `x-ratelimit-*` headers, if any.
+    pub fn learn_limits(&mut self, s: &Signals<'_>, now_ms: u64) {
+        let num = |v: Option<&str>| v.and_then(|v| v.trim().parse::<u64>().ok());
+        let reset = |v: Option<&str>| v.and_then(|v| parse_duration(v).ok()).map(|d| now_ms.saturating_add(d));
+        let p = &mut self.provider;
+        if let Some(r) = num(s.remaining_requests) {
+            p.remaining_requests = r;
+            p.limit_requests = num(s.limit_requests).unwrap_or(p.limit_requests);
+            // No reset given: trust the figure for a minute.
+            p.reset_requests_ms = reset(s.reset_requests).unwrap_or(now_ms + 60_000);
+        }
+        if let Some(r) = num(s.remaining_tokens) {
+            p.remaining_tokens = r;
+            p.limit_tokens = num(s.limit_tokens).unwrap_or(p.limit_tokens);
+            p.reset_tokens_ms = reset(s.reset_tokens).unwrap_or(now_ms + 60_000);
         }
     }
 }
@@ -178,13 +414,15 @@ impl KeyRecord {
 pub struct Outcome {
     /// HTTP status, or 0 when no response arrived (reset, timeout, abort).
     pub status: u32,
-    pub usage: Option<crate::usage::Usage>,
+    pub usage: Option<Usage>,
     pub stream: bool,
+    /// Time to first byte, when a response arrived.
+    pub latency_us: Option<u64>,
 }
 
 impl KeyRecord {
-    /// Adds one finished attempt to the counters.
-    pub fn record(&mut self, o: &Outcome) {
+    /// Adds one finished attempt to the counters and windows.
+    pub fn record(&mut self, o: &Outcome, now_ms: u64, reliability_window_ms: u64) {
         self.requests += 1;
         match o.status {
             200..=399 => self.successes += 1,
@@ -192,6 +430,14 @@ impl KeyRecord {
             400..=499 => self.client_errors += 1,
             _ => self.server_errors += 1,
         }
+        // 5xx, resets and timeouts count against reliability; a 4xx is the
+        // request's or the quota's doing, not the key's health.
+        match o.status {
+            200..=399 => self.count_reliability(true, now_ms, reliability_window_ms),
+            0 | 500..=u32::MAX => self.count_reliability(false, now_ms, reliability_window_ms),
+            _ => {}
+        }
+        let tokens = o.usage.map_or(0, |u| u.total);
         if let Some(u) = o.usage {
             self.input_tokens = self.input_tokens.saturating_add(u.input);
             self.output_tokens = self.output_tokens.saturating_add(u.output);
@@ -200,19 +446,38 @@ impl KeyRecord {
         if o.stream {
             self.streams += 1;
         }
+        if let Some(l) = o.latency_us {
+            self.latency_us =
+                if self.latency_samples == 0 { l } else { (self.latency_us.saturating_mul(4).saturating_add(l)) / 5 };
+            self.latency_samples += 1;
+        }
+        // Configured quotas count every attempt the provider answered.
+        if o.status != 0 {
+            let minute = Window::Minute.start(now_ms);
+            if self.minute_start_ms != minute {
+                self.minute_start_ms = minute;
+                self.minute_requests = 0;
+                self.minute_tokens = 0;
+            }
+            self.minute_requests += 1;
+            self.minute_tokens = self.minute_tokens.saturating_add(tokens);
+            window::add(Window::Day, &mut self.day_start_ms, &mut self.day_tokens, tokens, now_ms);
+            window::add(Window::Month, &mut self.month_start_ms, &mut self.month_tokens, tokens, now_ms);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::Usage;
 
-    #[test]
-    fn record_round_trips_through_bytes() {
-        let r = KeyRecord {
+    fn full() -> KeyRecord {
+        KeyRecord {
             state: KeyState::Exhausted,
+            reason: Reason::InsufficientQuota,
+            capacity: Capacity::Critical,
             cooldown_until_ms: 1_700_000_000_123,
+            exhausted_until_ms: 9,
             requests: 1,
             successes: 2,
             client_errors: 3,
@@ -223,20 +488,46 @@ mod tests {
             output_tokens: 8,
             total_tokens: u64::MAX,
             streams: 10,
-        };
+            rel_start_ms: 11,
+            rel_ok: 12,
+            rel_fail: 13,
+            rel_prev_ok: 14,
+            rel_prev_fail: 15,
+            latency_us: 16,
+            latency_samples: 17,
+            provider: ProviderLimits {
+                remaining_requests: 18,
+                limit_requests: 19,
+                reset_requests_ms: 20,
+                remaining_tokens: 21,
+                limit_tokens: 22,
+                reset_tokens_ms: 23,
+            },
+            minute_start_ms: 24,
+            minute_requests: 25,
+            minute_tokens: 26,
+            day_start_ms: 27,
+            day_tokens: 28,
+            month_start_ms: 29,
+            month_tokens: 30,
+        }
+    }
+
+    #[test]
+    fn record_round_trips_through_bytes() {
+        let r = full();
         let b = r.encode();
         assert_eq!(b.len(), KeyRecord::LEN);
         assert_eq!(KeyRecord::decode(&b), Ok(r));
+        assert_eq!(KeyRecord::decode(&KeyRecord::default().encode()), Ok(KeyRecord::default()));
     }
 
     #[test]
     fn damaged_records_are_errors_not_panics() {
         assert_eq!(KeyRecord::decode(&[]), Err(DecodeError::TooShort));
-        assert_eq!(KeyRecord::decode(&[1, 0, 0]), Err(DecodeError::TooShort));
-        assert_eq!(
-            KeyRecord::decode(&[9; KeyRecord::LEN]),
-            Err(DecodeError::UnknownVersion(9))
-        );
+        assert_eq!(KeyRecord::decode(&[2, 0, 0]), Err(DecodeError::TooShort));
+        assert_eq!(KeyRecord::decode(&[9; KeyRecord::LEN]), Err(DecodeError::UnknownVersion(9)));
+        assert_eq!(KeyRecord::decode(&[1; KeyRecord::LEN]), Err(DecodeError::UnknownVersion(1)));
         let mut b = KeyRecord::default().encode();
         b[1] = 7;
         assert_eq!(KeyRecord::decode(&b), Err(DecodeError::BadState(7)));
@@ -249,7 +540,7 @@ mod tests {
         assert!(!r.cool_until(3_000));
         assert_eq!(r.cooldown_until_ms, 5_000);
         assert!(r.cool_until(9_000));
-        assert_eq!(r.cooldown_until_ms, 9_000);
+        assert_eq!((r.cooldown_until_ms, r.cooldowns), (9_000, 2));
     }
 
     #[test]
@@ -263,51 +554,69 @@ mod tests {
     }
 
     #[test]
+    fn exhausted_key_recovers_when_its_window_ends_unless_open_ended() {
+        let mut r = KeyRecord { state: KeyState::Exhausted, exhausted_until_ms: 5_000, ..KeyRecord::default() };
+        assert_eq!(r.effective(4_999), Effective::Exhausted { until_ms: 5_000 });
+        assert_eq!(r.effective(5_000), Effective::Available);
+        r.exhausted_until_ms = 0;
+        assert_eq!(r.effective(u64::MAX), Effective::Exhausted { until_ms: 0 });
+    }
+
+    #[test]
     fn outcomes_land_in_their_status_class() {
         let mut r = KeyRecord::default();
-        let u = Some(Usage {
-            input: 3,
-            output: 4,
-            total: 7,
-        });
-        r.record(&Outcome {
-            status: 200,
-            usage: u,
-            stream: true,
-        });
-        r.record(&Outcome {
-            status: 429,
-            usage: None,
-            stream: false,
-        });
-        r.record(&Outcome {
-            status: 404,
-            usage: None,
-            stream: false,
-        });
-        r.record(&Outcome {
-            status: 503,
-            usage: None,
-            stream: false,
-        });
-        r.record(&Outcome {
-            status: 0,
-            usage: None,
-            stream: false,
-        });
-        assert_eq!(
-            (
-                r.requests,
-                r.successes,
-                r.rate_limited,
-                r.client_errors,
-                r.server_errors
-            ),
-            (5, 1, 1, 1, 2)
-        );
-        assert_eq!(
-            (r.input_tokens, r.output_tokens, r.total_tokens, r.streams),
-            (3, 4, 7, 1)
-        );
+        let u = Some(Usage { input: 3, output: 4, total: 7 });
+        r.record(&Outcome { status: 200, usage: u, stream: true, latency_us: Some(1000) }, 0, 60_000);
+        r.record(&Outcome { status: 429, ..Outcome::default() }, 0, 60_000);
+        r.record(&Outcome { status: 404, ..Outcome::default() }, 0, 60_000);
+        r.record(&Outcome { status: 503, ..Outcome::default() }, 0, 60_000);
+        r.record(&Outcome { status: 0, ..Outcome::default() }, 0, 60_000);
+        assert_eq!((r.requests, r.successes, r.rate_limited, r.client_errors, r.server_errors), (5, 1, 1, 1, 2));
+        assert_eq!((r.input_tokens, r.output_tokens, r.total_tokens, r.streams), (3, 4, 7, 1));
+        assert_eq!((r.rel_ok, r.rel_fail), (1, 2));
+        assert_eq!((r.minute_requests, r.minute_tokens, r.day_tokens, r.month_tokens), (4, 7, 7, 7));
+    }
+
+    #[test]
+    fn reliability_is_the_smoothed_success_rate_of_the_recent_window() {
+        let mut r = KeyRecord::default();
+        assert_eq!(r.reliability(0, 60_000), 1.0, "no data: benefit of the doubt");
+        for _ in 0..9 {
+            r.record(&Outcome { status: 200, ..Outcome::default() }, 1_000, 60_000);
+        }
+        r.record(&Outcome { status: 500, ..Outcome::default() }, 1_000, 60_000);
+        assert!((r.reliability(1_000, 60_000) - 10.0 / 11.0).abs() < 1e-9);
+        // Halfway through the next bucket, the old one counts half.
+        let half = r.reliability(90_000, 60_000);
+        assert!((half - 5.5 / 6.0).abs() < 1e-9, "{half}");
+        // Two windows later it is forgotten.
+        assert_eq!(r.reliability(200_000, 60_000), 1.0);
+    }
+
+    #[test]
+    fn latency_is_a_moving_average() {
+        let mut r = KeyRecord::default();
+        r.record(&Outcome { status: 200, latency_us: Some(10_000), ..Outcome::default() }, 0, 1);
+        r.record(&Outcome { status: 200, latency_us: Some(20_000), ..Outcome::default() }, 0, 1);
+        assert_eq!(r.latency_us, 12_000);
+    }
+
+    #[test]
+    fn provider_limits_are_learned_from_headers() {
+        let mut r = KeyRecord::default();
+        let s = Signals {
+            remaining_requests: Some("12"),
+            limit_requests: Some("100"),
+            reset_requests: Some("2s"),
+            remaining_tokens: Some("900"),
+            ..Signals::default()
+        };
+        r.learn_limits(&s, 1_000);
+        assert_eq!(r.provider.remaining_requests, 12);
+        assert_eq!(r.provider.limit_requests, 100);
+        assert_eq!(r.provider.reset_requests_ms, 3_000);
+        assert_eq!(r.provider.remaining_tokens, 900);
+        assert_eq!(r.provider.limit_tokens, UNKNOWN);
+        assert_eq!(r.provider.reset_tokens_ms, 61_000);
     }
 }

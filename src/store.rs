@@ -122,11 +122,7 @@ mod tests {
     use super::*;
 
     fn add_one(cur: Option<&[u8]>) -> Result<(u64, Vec<u8>), ()> {
-        let v = cur
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(0)
-            + 1;
+        let v = cur.and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0) + 1;
         Ok((v, v.to_le_bytes().to_vec()))
     }
 
@@ -134,16 +130,9 @@ mod tests {
     fn fake_store_behaves_like_envoy_shared_data() {
         let s = FakeStore::new();
         assert_eq!(s.get("k"), (None, None));
-        assert_eq!(
-            s.set("k", b"a", Some(999)),
-            Ok(()),
-            "first insert ignores cas"
-        );
+        assert_eq!(s.set("k", b"a", Some(999)), Ok(()), "first insert ignores cas");
         let (_, cas) = s.get("k");
-        assert_eq!(
-            s.set("k", b"b", Some(cas.unwrap_or(0) + 1)),
-            Err(SetError::CasMismatch)
-        );
+        assert_eq!(s.set("k", b"b", Some(cas.unwrap_or(0) + 1)), Err(SetError::CasMismatch));
         assert_eq!(s.set("k", b"c", cas), Ok(()));
         assert_eq!(s.set("k", b"d", None), Ok(()), "no cas is unconditional");
         assert_eq!(s.get("k").0.as_deref(), Some(&b"d"[..]));
@@ -183,18 +172,11 @@ mod tests {
     fn interleaved_updaters_conflict_and_lose_no_increment() {
         let s = FakeStore::new();
         let _ = update(&s, "ctr", add_one);
-        let racy = Racy {
-            inner: &s,
-            interleave: RefCell::new(3),
-        };
+        let racy = Racy { inner: &s, interleave: RefCell::new(3) };
         let (r, stats) = update(&racy, "ctr", add_one);
         assert_eq!(stats.conflicts, 3);
         assert_eq!(r, Ok(5), "1 + 3 interleaved + this one");
-        let v = s
-            .get("ctr")
-            .0
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes);
+        let v = s.get("ctr").0.and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
         assert_eq!(v, Some(5));
     }
 
@@ -202,10 +184,7 @@ mod tests {
     fn endless_contention_gives_up_without_writing() {
         let s = FakeStore::new();
         let _ = update(&s, "ctr", add_one);
-        let racy = Racy {
-            inner: &s,
-            interleave: RefCell::new(u32::MAX),
-        };
+        let racy = Racy { inner: &s, interleave: RefCell::new(u32::MAX) };
         let (r, stats) = update(&racy, "ctr", add_one);
         assert_eq!(r, Err(UpdateError::Contended));
         assert_eq!(stats.conflicts, MAX_CAS_ATTEMPTS);

@@ -26,27 +26,29 @@ pub fn from_usage_object(u: &Value) -> Option<Usage> {
     }
     let input = input.unwrap_or(0);
     let output = output.unwrap_or(0);
-    Some(Usage {
-        input,
-        output,
-        total: total.unwrap_or(input.saturating_add(output)),
-    })
+    Some(Usage { input, output, total: total.unwrap_or(input.saturating_add(output)) })
 }
 
 /// Finds usage in one JSON document: top-level `usage`, or `response.usage`
 /// (Responses API streaming events).
 pub fn from_json_value(v: &Value) -> Option<Usage> {
-    v.get("usage").and_then(from_usage_object).or_else(|| {
-        v.get("response")
-            .and_then(|r| r.get("usage"))
-            .and_then(from_usage_object)
-    })
+    v.get("usage")
+        .and_then(from_usage_object)
+        .or_else(|| v.get("response").and_then(|r| r.get("usage")).and_then(from_usage_object))
 }
 
 /// Usage from a complete, non-streaming JSON response body.
 pub fn from_json_body(body: &[u8]) -> Option<Usage> {
     let v: Value = serde_json::from_slice(body).ok()?;
     from_json_value(&v)
+}
+
+/// The `error.code` (or, failing that, `error.type`) of an error body, e.g.
+/// `insufficient_quota`.
+pub fn error_code(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let e = v.get("error")?;
+    e.get("code").and_then(Value::as_str).or_else(|| e.get("type").and_then(Value::as_str)).map(str::to_string)
 }
 
 /// True when `line` has `"usage"` followed by `:` and an object, i.e. not the
@@ -168,46 +170,32 @@ mod tests {
 
     #[test]
     fn json_body_usage_is_read() {
-        assert_eq!(
-            from_json_body(CHAT_JSON.as_bytes()),
-            Some(Usage {
-                input: 12,
-                output: 7,
-                total: 19
-            })
-        );
+        assert_eq!(from_json_body(CHAT_JSON.as_bytes()), Some(Usage { input: 12, output: 7, total: 19 }));
     }
 
     #[test]
     fn embeddings_and_responses_api_shapes_are_read() {
         let emb = br#"{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
-        assert_eq!(
-            from_json_body(emb),
-            Some(Usage {
-                input: 8,
-                output: 0,
-                total: 8
-            })
-        );
+        assert_eq!(from_json_body(emb), Some(Usage { input: 8, output: 0, total: 8 }));
         let resp = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":3,"total_tokens":8}}"#;
-        assert_eq!(
-            from_json_body(resp),
-            Some(Usage {
-                input: 5,
-                output: 3,
-                total: 8
-            })
-        );
+        assert_eq!(from_json_body(resp), Some(Usage { input: 5, output: 3, total: 8 }));
+    }
+
+    #[test]
+    fn error_codes_are_read_from_openai_error_bodies() {
+        let b = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+        assert_eq!(error_code(b).as_deref(), Some("insufficient_quota"));
+        let b = br#"{"error":{"message":"x","type":"requests","code":null}}"#;
+        assert_eq!(error_code(b).as_deref(), Some("requests"));
+        assert_eq!(error_code(b"{}"), None);
+        assert_eq!(error_code(b"<html>"), None);
     }
 
     #[test]
     fn missing_or_malformed_usage_is_none() {
         assert_eq!(from_json_body(b"{}"), None);
         assert_eq!(from_json_body(b"{\"usage\":null}"), None);
-        assert_eq!(
-            from_json_body(b"{\"usage\":{\"prompt_tokens\":\"x\"}}"),
-            None
-        );
+        assert_eq!(from_json_body(b"{\"usage\":{\"prompt_tokens\":\"x\"}}"), None);
         assert_eq!(from_json_body(b"not json"), None);
         assert_eq!(from_json_body(b""), None);
     }
@@ -229,14 +217,7 @@ mod tests {
     fn sse_usage_is_found_whole() {
         let mut p = SseUsage::new();
         p.feed(&stream());
-        assert_eq!(
-            p.usage,
-            Some(Usage {
-                input: 11,
-                output: 5,
-                total: 16
-            })
-        );
+        assert_eq!(p.usage, Some(Usage { input: 11, output: 5, total: 16 }));
         assert!(p.saw_done);
     }
 
@@ -247,15 +228,7 @@ mod tests {
             let mut p = SseUsage::new();
             p.feed(&s[..cut]);
             p.feed(&s[cut..]);
-            assert_eq!(
-                p.usage,
-                Some(Usage {
-                    input: 11,
-                    output: 5,
-                    total: 16
-                }),
-                "cut at {cut}"
-            );
+            assert_eq!(p.usage, Some(Usage { input: 11, output: 5, total: 16 }), "cut at {cut}");
             assert!(p.saw_done, "cut at {cut}");
         }
     }
@@ -284,14 +257,7 @@ mod tests {
         let s = b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":6,\"total_tokens\":10}}}\n\n";
         let mut p = SseUsage::new();
         p.feed(s);
-        assert_eq!(
-            p.usage,
-            Some(Usage {
-                input: 4,
-                output: 6,
-                total: 10
-            })
-        );
+        assert_eq!(p.usage, Some(Usage { input: 4, output: 6, total: 10 }));
     }
 
     #[test]
@@ -306,9 +272,7 @@ mod tests {
     #[test]
     fn sse_final_line_without_newline_is_read_on_finish() {
         let mut p = SseUsage::new();
-        p.feed(
-            b"data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}",
-        );
+        p.feed(b"data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}");
         assert_eq!(p.usage, None);
         p.finish();
         assert_eq!(p.usage.map(|u| u.total), Some(3));

@@ -31,11 +31,7 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
-    fn proxy_get_header_map_pairs(
-        map_type: u32,
-        return_data: *mut *mut u8,
-        return_size: *mut usize,
-    ) -> u32;
+    fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -51,13 +47,7 @@ extern "C" {
         return_data: *mut *mut u8,
         return_size: *mut usize,
     ) -> u32;
-    fn proxy_set_buffer_bytes(
-        buffer_type: u32,
-        start: usize,
-        size: usize,
-        data: *const u8,
-        data_size: usize,
-    ) -> u32;
+    fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: usize, data: *const u8, data_size: usize) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
         key_size: usize,
@@ -110,8 +100,7 @@ pub fn header(map: u32, name: &str) -> Result<Option<String>, HostError> {
     let mut size: usize = 0;
     // SAFETY: valid pointers to locals; the host writes a buffer it
     // allocated through our allocator.
-    let st =
-        unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) };
+    let st = unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) };
     match st {
         OK => Ok(unsafe { owned(data, size) }.map(|b| String::from_utf8_lossy(&b).into_owned())),
         NOT_FOUND => Ok(None),
@@ -136,9 +125,7 @@ pub fn headers(map: u32) -> Result<Vec<(String, String)>, HostError> {
 
 pub fn set_header(map: u32, name: &str, value: &str) -> Result<(), HostError> {
     // SAFETY: pointers into live borrowed strings.
-    let st = unsafe {
-        proxy_replace_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len())
-    };
+    let st = unsafe { proxy_replace_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
     if st == OK {
         Ok(())
     } else {
@@ -168,6 +155,11 @@ pub fn buffer(kind: u32, start: usize, max: usize) -> Result<Option<Vec<u8>>, Ho
     }
 }
 
+/// A property as a string (e.g. route metadata), if present.
+pub fn property_string(path: &[&str]) -> Option<String> {
+    property(path).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
 pub fn set_buffer(kind: u32, start: usize, size: usize, value: &[u8]) -> Result<(), HostError> {
     // SAFETY: pointer into a live slice.
     let st = unsafe { proxy_set_buffer_bytes(kind, start, size, value.as_ptr(), value.len()) };
@@ -178,11 +170,7 @@ pub fn set_buffer(kind: u32, start: usize, size: usize, value: &[u8]) -> Result<
     }
 }
 
-pub fn send_local_response(
-    status: u32,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<(), HostError> {
+pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HostError> {
     let h = pairs::encode(headers);
     let details = b"apikeyrouter";
     // SAFETY: pointers into live buffers.
@@ -191,11 +179,7 @@ pub fn send_local_response(
             status,
             details.as_ptr(),
             details.len(),
-            if body.is_empty() {
-                null()
-            } else {
-                body.as_ptr()
-            },
+            if body.is_empty() { null() } else { body.as_ptr() },
             body.len(),
             h.as_ptr(),
             h.len(),
@@ -209,16 +193,21 @@ pub fn send_local_response(
     }
 }
 
-/// Unix time in milliseconds (0 if the host cannot tell).
-pub fn now_ms() -> u64 {
+/// Unix time in nanoseconds (0 if the host cannot tell).
+pub fn now_ns() -> u64 {
     let mut t: u64 = 0;
     // SAFETY: pointer to a local.
     let st = unsafe { proxy_get_current_time_nanoseconds(&mut t) };
     if st == OK {
-        t / 1_000_000
+        t
     } else {
         0
     }
+}
+
+/// Unix time in milliseconds (0 if the host cannot tell).
+pub fn now_ms() -> u64 {
+    now_ns() / 1_000_000
 }
 
 pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
@@ -249,29 +238,17 @@ impl Store for SharedData {
         let mut size: usize = 0;
         let mut cas: u32 = 0;
         // SAFETY: as in `header`.
-        let st = unsafe {
-            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
-        };
+        let st = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
         match st {
-            OK => (
-                unsafe { owned(data, size) },
-                if cas == 0 { None } else { Some(cas) },
-            ),
+            OK => (unsafe { owned(data, size) }, if cas == 0 { None } else { Some(cas) }),
             _ => (None, None),
         }
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
         // SAFETY: pointers into live buffers.
-        let st = unsafe {
-            proxy_set_shared_data(
-                key.as_ptr(),
-                key.len(),
-                value.as_ptr(),
-                value.len(),
-                cas.unwrap_or(0),
-            )
-        };
+        let st =
+            unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) };
         match st {
             OK => Ok(()),
             CAS_MISMATCH => Err(SetError::CasMismatch),

@@ -1,26 +1,34 @@
 //! The attempt stage (router upstream filter, once per upstream attempt):
-//! chooses a key, writes the provider's auth header, learns from the
-//! response (cooldown on 429, usage from JSON or SSE) and records the attempt.
+//! chooses a key for the request's objective, writes the provider's auth
+//! header, applies the per-status action (cooldown, disable, exhaust) before
+//! Envoy's retry picks the next key, reads usage from JSON or SSE as it
+//! passes, and records the attempt.
 
 use super::{abi, send, with_flights, Routing};
-use crate::config::Config;
-use crate::keys::{record_attempt, CooledDown};
+use crate::config::{Config, StatusAction};
+use crate::decision::{slot_name, Decision, Stored};
+use crate::keys::{read_record, record_attempt, stale_choice, Action};
+use crate::objective::Objective;
 use crate::ratelimit::{cooldown_ms, Signals};
 use crate::reply;
-use crate::state::Outcome;
+use crate::state::{Outcome, Reason};
 use crate::usage::{self, SseUsage};
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
+use proxy_wasm::types::Action as Next;
 use std::cell::RefCell;
 use std::rc::Rc;
 
 /// Non-streaming bodies larger than this are passed on without reading usage.
 const MAX_JSON_BODY: usize = 16 << 20;
+/// Error bodies larger than this are not inspected for an error code.
+const MAX_PROBE_BODY: usize = 64 << 10;
 
 enum Body {
     Ignore,
     Json,
     Sse(Box<SseUsage>),
+    /// A 4xx whose `error.code` may carry an action: held until read.
+    Probe,
 }
 
 pub(crate) struct Attempt {
@@ -29,7 +37,12 @@ pub(crate) struct Attempt {
     routing: Rc<RefCell<Routing>>,
     key: Option<usize>,
     attempt: u32,
+    started_ns: u64,
+    latency_us: Option<u64>,
     status: u32,
+    /// Rate-limit headers of the response, kept for the final record.
+    signals: Vec<(String, String)>,
+    decision: Option<String>,
     body: Body,
     usage: Option<usage::Usage>,
     recorded: bool,
@@ -43,18 +56,14 @@ impl Attempt {
             routing,
             key: None,
             attempt: 0,
+            started_ns: 0,
+            latency_us: None,
             status: 0,
+            signals: Vec::new(),
+            decision: None,
             body: Body::Ignore,
             usage: None,
             recorded: false,
-        }
-    }
-
-    fn outcome(&self) -> Outcome {
-        Outcome {
-            status: self.status,
-            usage: self.usage,
-            stream: matches!(self.body, Body::Sse(_)),
         }
     }
 
@@ -69,34 +78,97 @@ impl Attempt {
                 self.usage = parser.usage;
             }
         }
-        self.record(None);
+        self.record(Action::Nothing);
     }
 
-    fn record(&mut self, cool_until_ms: Option<u64>) -> Option<CooledDown> {
-        let k = self.key?;
-        let key = self.cfg.keys.get(k)?;
+    fn record(&mut self, action: Action) {
+        let Some(k) = self.key else { return };
         self.recorded = true;
-        let (r, stats) = record_attempt(
-            &abi::SharedData,
-            &key.record_name,
-            &self.outcome(),
-            cool_until_ms,
-        );
+        let now = abi::now_ms();
+        let outcome = Outcome {
+            status: self.status,
+            usage: self.usage,
+            stream: matches!(self.body, Body::Sse(_)),
+            latency_us: self.latency_us,
+        };
+        let signals = Signals::from_headers(&self.signals);
+        let (r, stats) = record_attempt(&abi::SharedData, &self.cfg, k, &outcome, Some(&signals), action, now);
+        let kid = self.cfg.keys.get(k).map_or("?", |k| k.id.as_str());
         if stats.conflicts > 0 {
-            log::debug!(
-                "[{}] key {}: {} cas conflicts",
-                self.id,
-                key.id,
-                stats.conflicts
-            );
+            log::debug!("[{}] key {kid}: {} cas conflicts", self.id, stats.conflicts);
         }
         match r {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!("[{}] key {}: attempt not recorded: {e:?}", self.id, key.id);
-                None
+            Ok(rec) => {
+                if let Ok(mut routing) = self.routing.try_borrow_mut() {
+                    routing.snapshot.observe(k, rec.record);
+                }
+                match action {
+                    Action::CoolUntil(until) => log::info!(
+                        "[{}] key {kid} answered {}: cooling until {until} ({} ms){}",
+                        self.id,
+                        self.status,
+                        until.saturating_sub(now),
+                        if rec.record.cooldown_until_ms > until { ", kept the longer cooldown" } else { "" }
+                    ),
+                    Action::Disable(why) => {
+                        log::warn!("[{}] key {kid} disabled: {}", self.id, why.as_str())
+                    }
+                    Action::Exhaust(why) => log::warn!(
+                        "[{}] key {kid} exhausted until {}: {}",
+                        self.id,
+                        rec.record.exhausted_until_ms,
+                        why.as_str()
+                    ),
+                    Action::Nothing => {}
+                }
             }
+            Err(e) => log::warn!("[{}] key {kid}: attempt not recorded: {e:?}", self.id),
         }
+    }
+
+    /// The action the response status (and, for a probed 4xx, its error
+    /// code) calls for.
+    fn action_for(&self, error_code: Option<&str>) -> Action {
+        let (configured, reason) = match error_code.and_then(|c| self.cfg.error_code_action(c).map(|a| (a, c))) {
+            Some((a, "insufficient_quota")) => (a, Reason::InsufficientQuota),
+            Some((a, _)) => (a, Reason::Status),
+            None => {
+                let reason = match self.status {
+                    401 => Reason::Unauthorized,
+                    403 => Reason::Forbidden,
+                    402 => Reason::PaymentRequired,
+                    _ => Reason::Status,
+                };
+                (self.cfg.status_action(self.status), reason)
+            }
+        };
+        let cool_until = if configured == StatusAction::Cooldown {
+            let now = abi::now_ms();
+            let s = Signals::from_headers(&self.signals);
+            now.saturating_add(cooldown_ms(&s, now, self.cfg.cooldown.default_ms, self.cfg.cooldown.max_ms))
+        } else {
+            0
+        };
+        Action::from_config(configured, reason, cool_until)
+    }
+
+    fn write_decision(&self, routing: &mut Routing, rid: &str, d: &Decision, now: u64) {
+        let Some(worker) = routing.ring_worker else { return };
+        let size = self.cfg.decisions.ring_size as u64;
+        if size == 0 {
+            return;
+        }
+        let seq = routing.ring_next;
+        routing.ring_next += 1;
+        let stored =
+            Stored { at_ms: now, seq, attempt: self.attempt, request_id: rid.to_string(), decision: d.clone() };
+        // Only this VM writes its ring, so no cas is needed.
+        let _ = crate::store::Store::set(
+            &abi::SharedData,
+            &slot_name(worker, (seq % size) as usize),
+            &stored.encode(),
+            None,
+        );
     }
 }
 
@@ -110,22 +182,20 @@ impl Context for Attempt {
 }
 
 impl HttpContext for Attempt {
-    fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
-        let now = abi::now_ms();
-        let rid = abi::header(abi::REQUEST_HEADERS, "x-request-id")
-            .ok()
-            .flatten();
-        // What the ingress stage left for this request: the provider and the
-        // keys earlier attempts used. Absent when the ingress stage is not
-        // installed; then the first provider serves and retries still avoid
-        // cooling keys through shared state.
-        let (provider, tried, attempt) = rid
+    fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Next {
+        self.started_ns = abi::now_ns();
+        let now = self.started_ns / 1_000_000;
+        let rid = abi::header(abi::REQUEST_HEADERS, "x-request-id").ok().flatten();
+        // What the ingress stage left for this request: the provider, the
+        // objective and the keys earlier attempts used. Absent when the
+        // ingress stage is not installed; then the first provider serves.
+        let (provider, tried, attempt, objective) = rid
             .as_deref()
             .and_then(|rid| {
                 with_flights(|fl| {
                     fl.get_mut(rid).map(|f| {
                         f.attempts += 1;
-                        (f.provider, f.tried.clone(), f.attempts)
+                        (f.provider, f.tried.clone(), f.attempts, f.objective.clone())
                     })
                 })
                 .flatten()
@@ -136,38 +206,41 @@ impl HttpContext for Attempt {
                     .flatten()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(1);
-                (0, Vec::new(), n)
+                (0, Vec::new(), n, None)
             });
         self.attempt = attempt;
+        let objective: &Objective = objective.as_ref().unwrap_or(&self.cfg.routing.objective);
 
-        let chosen = match self.routing.try_borrow_mut() {
-            Ok(mut routing) => {
-                let routing = &mut *routing;
-                routing.cache.refresh(&abi::SharedData, &self.cfg);
-                routing
-                    .spread
-                    .choose(&self.cfg, provider, &routing.cache.views, now, &tried)
-            }
-            Err(_) => Err(Default::default()),
+        let Ok(mut routing) = self.routing.try_borrow_mut() else {
+            send(&reply::gateway_error("The gateway is busy."), self.id);
+            return Next::Pause;
         };
+        let routing = &mut *routing;
+        routing.snapshot.refresh(&abi::SharedData, &self.cfg, now);
+        let mut chosen = routing.chooser.choose(&self.cfg, provider, &mut routing.snapshot, now, &tried, objective);
+        // Confirm the choice against the key's own fresh record; another
+        // worker may have used up its quota or cooled it since the snapshot.
+        for _ in 0..3 {
+            let Some(k) = chosen.as_ref().ok().and_then(|d| d.chosen) else { break };
+            let (Some(key), Some(snap)) = (self.cfg.keys.get(k), routing.snapshot.records.get(k)) else { break };
+            let Ok(fresh) = read_record(&abi::SharedData, &key.record_name) else { break };
+            if !stale_choice(&self.cfg, k, snap, &fresh, now) {
+                break;
+            }
+            routing.snapshot.observe(k, fresh);
+            chosen = routing.chooser.choose(&self.cfg, provider, &mut routing.snapshot, now, &tried, objective);
+        }
         match chosen {
-            Ok(k) => {
-                let Some(key) = self.cfg.keys.get(k) else {
-                    return Action::Continue;
+            Ok(d) => {
+                let Some((k, key)) = d.chosen.and_then(|k| self.cfg.keys.get(k).map(|key| (k, key))) else {
+                    return Next::Continue;
                 };
                 // Always overwrite: the header map carries over between
                 // attempts, so this replaces the previous attempt's key.
-                if let Err(e) =
-                    abi::set_header(abi::REQUEST_HEADERS, "authorization", &key.auth_value)
-                {
-                    log::warn!(
-                        "[{}] could not set the auth header (host status {})",
-                        self.id,
-                        e.0
-                    );
-                    let msg = "The gateway could not authenticate the request.";
-                    send(&reply::gateway_error(msg), self.id);
-                    return Action::Pause;
+                if let Err(e) = abi::set_header(abi::REQUEST_HEADERS, "authorization", &key.auth_value) {
+                    log::warn!("[{}] could not set the auth header (host status {})", self.id, e.0);
+                    send(&reply::gateway_error("The gateway could not authenticate the request."), self.id);
+                    return Next::Pause;
                 }
                 self.key = Some(k);
                 if let Some(rid) = rid.as_deref() {
@@ -177,86 +250,78 @@ impl HttpContext for Attempt {
                         }
                     });
                 }
-                Action::Continue
+                if self.cfg.decisions.header {
+                    self.decision = Some(d.summary(&self.cfg));
+                }
+                self.write_decision(routing, rid.as_deref().unwrap_or(""), &d, now);
+                Next::Continue
             }
             Err(why) => {
-                let pid = self
-                    .cfg
-                    .providers
-                    .get(provider)
-                    .map_or("?", |p| p.id.as_str());
+                let pid = self.cfg.providers.get(provider).map_or("?", |p| p.id.as_str());
                 // The previous attempt's key must not go upstream either.
                 let _ = abi::remove_header(abi::REQUEST_HEADERS, "authorization");
                 let mut r = reply::no_key(why.retry_after_secs(now), &why.explain(pid));
-                r.headers
-                    .push(("x-apikeyrouter-attempts", attempt.to_string()));
+                r.headers.push(("x-apikeyrouter-attempts", attempt.to_string()));
+                if let Some(d) = &why.decision {
+                    if self.cfg.decisions.header {
+                        r.headers.push(("x-apikeyrouter-decision", d.summary(&self.cfg)));
+                    }
+                    self.write_decision(routing, rid.as_deref().unwrap_or(""), d, now);
+                }
                 send(&r, self.id);
-                Action::Pause
+                Next::Pause
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Next {
         let Some(k) = self.key else {
-            return Action::Continue;
+            return Next::Continue;
         };
-        let now = abi::now_ms();
+        let now_ns = abi::now_ns();
+        self.latency_us = Some(now_ns.saturating_sub(self.started_ns) / 1000);
         let headers = abi::headers(abi::RESPONSE_HEADERS).unwrap_or_default();
         let mut content_type = String::new();
-        for (name, v) in &headers {
+        for (name, v) in headers {
             match name.as_str() {
                 ":status" => self.status = v.parse().unwrap_or(0),
                 "content-type" => content_type = v.to_ascii_lowercase(),
+                n if n.starts_with("x-ratelimit-") || n.contains("retry-after") => self.signals.push((name, v)),
                 _ => {}
             }
         }
         if let Some(key) = self.cfg.keys.get(k) {
             let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-key-id", &key.id);
-            let _ = abi::set_header(
-                abi::RESPONSE_HEADERS,
-                "x-apikeyrouter-attempts",
-                &self.attempt.to_string(),
-            );
+            let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-attempts", &self.attempt.to_string());
         }
-        if self.status == 429 {
-            // Cool the key now, before Envoy's retry picks the next one.
-            let signals = Signals::from_headers(&headers);
-            let wait = cooldown_ms(
-                &signals,
-                now,
-                self.cfg.cooldown.default_ms,
-                self.cfg.cooldown.max_ms,
-            );
-            if let Some(c) = self.record(Some(now.saturating_add(wait))) {
-                let kid = self.cfg.keys.get(k).map_or("?", |k| k.id.as_str());
-                log::info!(
-                    "[{}] key {kid} rate limited: cooling until {} ({} ms{})",
-                    self.id,
-                    c.until_ms,
-                    c.until_ms.saturating_sub(now),
-                    if c.extended {
-                        ""
-                    } else {
-                        ", kept the longer cooldown"
-                    }
-                );
-            }
-            return Action::Continue;
+        if let Some(d) = &self.decision {
+            let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-decision", d);
+        }
+        if self.cfg.probes_body(self.status) && !end_of_stream && content_type.contains("json") {
+            // Hold the error until its code is read, so that the key's
+            // state changes before Envoy's retry chooses the next key.
+            self.body = Body::Probe;
+            return Next::Pause;
+        }
+        let action = self.action_for(None);
+        if action != Action::Nothing {
+            self.record(action);
+            return Next::Continue;
         }
         if end_of_stream {
-            return Action::Continue;
+            return Next::Continue;
         }
         if content_type.starts_with("text/event-stream") {
             self.body = Body::Sse(Box::default());
         } else if (200..300).contains(&self.status) && content_type.contains("json") {
             self.body = Body::Json;
         }
-        Action::Continue
+        Next::Continue
     }
 
-    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Next {
         match &mut self.body {
-            Body::Ignore => Action::Continue,
+            Body::Ignore => Next::Continue,
             Body::Sse(parser) => {
                 // Read each chunk as it passes; never hold the stream back.
                 if size > 0 {
@@ -268,25 +333,35 @@ impl HttpContext for Attempt {
                     parser.finish();
                     self.usage = parser.usage;
                 }
-                Action::Continue
+                Next::Continue
             }
             Body::Json => {
                 if !end_of_stream {
                     if size > MAX_JSON_BODY {
                         self.body = Body::Ignore;
-                        return Action::Continue;
+                        return Next::Continue;
                     }
-                    return Action::Pause;
+                    return Next::Pause;
                 }
                 if let Ok(Some(body)) = abi::buffer(abi::RESPONSE_BODY, 0, size) {
                     self.usage = usage::from_json_body(&body);
                 }
-                Action::Continue
+                Next::Continue
+            }
+            Body::Probe => {
+                if !end_of_stream && size <= MAX_PROBE_BODY {
+                    return Next::Pause;
+                }
+                let body =
+                    abi::buffer(abi::RESPONSE_BODY, 0, size.min(MAX_PROBE_BODY)).ok().flatten().unwrap_or_default();
+                let code = usage::error_code(&body);
+                self.body = Body::Ignore;
+                let action = self.action_for(code.as_deref());
+                if action != Action::Nothing {
+                    self.record(action);
+                }
+                Next::Continue
             }
         }
-    }
-
-    fn on_log(&mut self) {
-        self.finish();
     }
 }

@@ -1,18 +1,32 @@
 //! The ingress stage (downstream HTTP filter, once per request): admin API,
-//! caller credential stripping, request-body validation, the stream-usage
-//! rewrite, and refusing early when no key can serve.
+//! caller credential stripping, the request's objective, request-body
+//! validation, the stream-usage rewrite, and refusing early when no key can
+//! serve.
 
 use super::{abi, send, with_flights, Routing};
 use crate::admin::{self, AdminRequest};
 use crate::config::Config;
 use crate::flight::Flight;
 use crate::keys::check;
+use crate::objective::Objective;
 use crate::reply;
 use crate::request;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
 use std::rc::Rc;
+
+/// The request header that picks an objective for one request.
+pub const OBJECTIVE_HEADER: &str = "x-apikeyrouter-objective";
+/// Admin request bodies larger than this are refused.
+const MAX_ADMIN_BODY: usize = 64 << 10;
+
+/// An admin request waiting for its body.
+struct PendingAdmin {
+    method: String,
+    authorization: Option<String>,
+    x_api_key: Option<String>,
+}
 
 pub(crate) struct Ingress {
     id: u32,
@@ -21,20 +35,13 @@ pub(crate) struct Ingress {
     request_id: Option<String>,
     path: String,
     read_body: bool,
+    admin: Option<PendingAdmin>,
     done: bool,
 }
 
 impl Ingress {
     pub(crate) fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<Routing>>) -> Ingress {
-        Ingress {
-            id,
-            cfg,
-            routing,
-            request_id: None,
-            path: String::new(),
-            read_body: false,
-            done: false,
-        }
+        Ingress { id, cfg, routing, request_id: None, path: String::new(), read_body: false, admin: None, done: false }
     }
 
     fn reply(&mut self, r: &reply::Reply) -> Action {
@@ -47,40 +54,49 @@ impl Ingress {
     /// request the filter could not prepare.
     fn host_failure(&mut self, what: &str, e: abi::HostError) -> Action {
         log::warn!("[{}] could not {what} (host status {})", self.id, e.0);
-        self.reply(&reply::gateway_error(&format!(
-            "The gateway could not {what}."
-        )))
+        self.reply(&reply::gateway_error(&format!("The gateway could not {what}.")))
     }
 
     /// `Some((retry_after_secs, explanation))` when no key of `provider` is
     /// available now: the request is refused before any upstream attempt.
     fn refuse_when_no_key(&self, provider: usize, now: u64) -> Option<(u64, String)> {
-        let mut routing = self.routing.borrow_mut();
-        routing.cache.refresh(&abi::SharedData, &self.cfg);
-        let why = check(&self.cfg, provider, &routing.cache.views, now).err()?;
-        let pid = self
-            .cfg
-            .providers
-            .get(provider)
-            .map_or("?", |p| p.id.as_str());
+        let mut routing = self.routing.try_borrow_mut().ok()?;
+        routing.snapshot.refresh(&abi::SharedData, &self.cfg, now);
+        let why = check(&self.cfg, provider, &mut routing.snapshot, now).err()?;
+        let pid = self.cfg.providers.get(provider).map_or("?", |p| p.id.as_str());
         Some((why.retry_after_secs(now), why.explain(pid)))
     }
 
-    fn admin(&mut self, method: &str, headers: &[(String, String)], now: u64) -> Action {
-        let find = |n: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, v)| v.as_str())
-        };
+    fn run_admin(&mut self, pending: &PendingAdmin, body: &[u8]) -> Action {
         let req = AdminRequest {
-            method,
+            method: &pending.method,
             path: &self.path,
-            authorization: find("authorization"),
-            x_api_key: find("x-api-key"),
+            authorization: pending.authorization.as_deref(),
+            x_api_key: pending.x_api_key.as_deref(),
+            body,
         };
-        let r = admin::handle(&self.cfg, &abi::SharedData, &req, now);
+        let r = admin::handle(&self.cfg, &abi::SharedData, &req, abi::now_ms());
         self.reply(&r)
+    }
+
+    /// The objective for this request: the header (when allowed), else
+    /// route metadata `filter_metadata.apikeyrouter.objective`, else `None`
+    /// (the configured default).
+    fn objective(&self, header: Option<&str>) -> Result<Option<Objective>, String> {
+        if let Some(h) = header.filter(|_| self.cfg.routing.allow_objective_header) {
+            return Objective::parse_str(h).map(Some).map_err(|e| format!("Invalid {OBJECTIVE_HEADER} header: {e}"));
+        }
+        let meta = abi::property_string(&["xds", "route_metadata", "filter_metadata", "apikeyrouter", "objective"]);
+        match meta {
+            None => Ok(None),
+            Some(m) => match Objective::parse_str(&m) {
+                Ok(o) => Ok(Some(o)),
+                Err(e) => {
+                    log::warn!("[{}] route metadata apikeyrouter.objective ignored: {e}", self.id);
+                    Ok(None)
+                }
+            },
+        }
     }
 }
 
@@ -96,6 +112,7 @@ impl HttpContext for Ingress {
         let mut method = "";
         let mut content_type = "";
         let mut request_id: Option<&str> = None;
+        let mut objective_header: Option<&str> = None;
         let mut strip: Vec<&str> = Vec::new();
         for (k, v) in &headers {
             match k.as_str() {
@@ -104,21 +121,38 @@ impl HttpContext for Ingress {
                 "content-type" => content_type = v.as_str(),
                 "x-request-id" => request_id = Some(v.as_str()),
                 "authorization" | "x-api-key" => strip.push(k),
+                OBJECTIVE_HEADER => {
+                    objective_header = Some(v.as_str());
+                    strip.push(k);
+                }
                 _ if k.starts_with("x-apikeyrouter-") => strip.push(k),
                 _ => {}
             }
         }
         if admin::is_admin_path(&self.cfg, &self.path) {
-            let method = method.to_string();
-            return self.admin(&method, &headers, now);
+            let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+            let pending = PendingAdmin {
+                method: method.to_string(),
+                authorization: find("authorization"),
+                x_api_key: find("x-api-key"),
+            };
+            if end_of_stream {
+                return self.run_admin(&pending, b"");
+            }
+            self.admin = Some(pending);
+            return Action::Pause;
         }
-        // The caller's credential and any routing header it forged never
-        // reach the provider.
+        // The caller's credential and any router header it sent never reach
+        // the provider.
         for name in strip {
             if let Err(e) = abi::remove_header(abi::REQUEST_HEADERS, name) {
                 return self.host_failure("strip a client header", e);
             }
         }
+        let objective = match self.objective(objective_header) {
+            Ok(o) => o,
+            Err(msg) => return self.reply(&reply::error(400, "invalid_request_error", "invalid_objective", &msg)),
+        };
 
         let provider = 0;
         if let Some((retry_after, why)) = self.refuse_when_no_key(provider, now) {
@@ -136,11 +170,7 @@ impl HttpContext for Ingress {
         if fresh && abi::set_header(abi::REQUEST_HEADERS, "x-request-id", &rid).is_err() {
             log::warn!("[{}] could not set x-request-id", self.id);
         }
-        let flight = Flight {
-            provider,
-            started_ms: now,
-            ..Flight::default()
-        };
+        let flight = Flight { provider, started_ms: now, objective, ..Flight::default() };
         with_flights(|fl| fl.insert(rid.clone(), flight, now));
         self.request_id = Some(rid);
 
@@ -148,8 +178,7 @@ impl HttpContext for Ingress {
             return Action::Continue;
         }
         let ct = content_type.to_ascii_lowercase();
-        self.read_body =
-            ct.is_empty() || ct.starts_with("application/json") || ct.contains("+json");
+        self.read_body = ct.is_empty() || ct.starts_with("application/json") || ct.contains("+json");
         if self.read_body {
             Action::Pause
         } else {
@@ -158,7 +187,26 @@ impl HttpContext for Ingress {
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        if self.done || !self.read_body {
+        if self.done {
+            return Action::Continue;
+        }
+        if let Some(pending) = self.admin.take() {
+            if size > MAX_ADMIN_BODY {
+                return self.reply(&reply::error(
+                    413,
+                    "invalid_request_error",
+                    "body_too_large",
+                    "Admin request body too large.",
+                ));
+            }
+            if !end_of_stream {
+                self.admin = Some(pending);
+                return Action::Pause;
+            }
+            let body = abi::buffer(abi::REQUEST_BODY, 0, size).ok().flatten().unwrap_or_default();
+            return self.run_admin(&pending, &body);
+        }
+        if !self.read_body {
             return Action::Continue;
         }
         if !end_of_stream {
@@ -183,14 +231,12 @@ impl HttpContext for Ingress {
             if let Some(new_body) = request::with_include_usage(&body, &info) {
                 // Headers are still paused here, so content-length may change.
                 let ok = abi::set_buffer(abi::REQUEST_BODY, 0, size, &new_body).is_ok()
-                    && abi::set_header(
-                        abi::REQUEST_HEADERS,
-                        "content-length",
-                        &new_body.len().to_string(),
-                    )
-                    .is_ok();
+                    && abi::set_header(abi::REQUEST_HEADERS, "content-length", &new_body.len().to_string()).is_ok();
                 if !ok {
-                    log::warn!("[{}] could not add stream_options.include_usage; usage of this stream may be missed", self.id);
+                    log::warn!(
+                        "[{}] could not add stream_options.include_usage; usage of this stream may be missed",
+                        self.id
+                    );
                 }
             }
         }

@@ -11,8 +11,9 @@ mod attempt;
 mod ingress;
 
 use crate::config::{self, Config};
+use crate::decision;
 use crate::flight::Flights;
-use crate::keys::{KeyCache, Spread};
+use crate::keys::{increment, Chooser, Snapshot};
 use crate::reply::Reply;
 use crate::state::KeyRecord;
 use crate::store;
@@ -44,8 +45,11 @@ enum Stage {
 /// Per-VM routing state of one stage.
 #[derive(Default)]
 pub(crate) struct Routing {
-    pub cache: KeyCache,
-    pub spread: Spread,
+    pub snapshot: Snapshot,
+    pub chooser: Chooser,
+    /// This worker's decision ring: its id and the next slot to write.
+    pub ring_worker: Option<u64>,
+    pub ring_next: u64,
 }
 
 #[derive(Default)]
@@ -78,7 +82,10 @@ impl RootContext for Root {
             Ok(Some(b)) => b,
             Ok(None) => Vec::new(),
             Err(e) => {
-                log::error!("invalid apikeyrouter config: (root): host refused the plugin configuration (status {})", e.0);
+                log::error!(
+                    "invalid apikeyrouter config: (root): host refused the plugin configuration (status {})",
+                    e.0
+                );
                 return false;
             }
         };
@@ -98,26 +105,30 @@ impl RootContext for Root {
         }
         log::info!(
             "apikeyrouter {} stage configured: {} providers, {} keys",
-            if stage == Stage::Ingress {
-                "ingress"
-            } else {
-                "attempt"
-            },
+            if stage == Stage::Ingress { "ingress" } else { "attempt" },
             cfg.providers.len(),
             cfg.keys.len()
         );
+        let mut routing = Routing::default();
+        if stage == Stage::Attempt && cfg.decisions.ring_size > 0 {
+            // Each attempt-stage VM owns one ring, so recording a decision
+            // is a single unconditional write on the request path.
+            routing.ring_worker = increment(&abi::SharedData, decision::RING_WORKERS).0.map(|n| n - 1);
+        }
         self.stage = Some(stage);
         self.config = Some(Rc::new(cfg));
-        self.routing = Rc::new(RefCell::new(Routing::default()));
+        self.routing = Rc::new(RefCell::new(routing));
         true
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let cfg = self.config.clone()?;
+        // Returning None would make the SDK panic; without a config (which
+        // Envoy never allows to happen) every request gets a clear 503.
+        let Some(cfg) = self.config.clone() else {
+            return Some(Box::new(Unconfigured(context_id)));
+        };
         Some(match self.stage {
-            Some(Stage::Attempt) => {
-                Box::new(attempt::Attempt::new(context_id, cfg, self.routing.clone()))
-            }
+            Some(Stage::Attempt) => Box::new(attempt::Attempt::new(context_id, cfg, self.routing.clone())),
             _ => Box::new(ingress::Ingress::new(context_id, cfg, self.routing.clone())),
         })
     }
@@ -127,18 +138,21 @@ impl RootContext for Root {
     }
 }
 
+struct Unconfigured(u32);
+
+impl Context for Unconfigured {}
+
+impl HttpContext for Unconfigured {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> proxy_wasm::types::Action {
+        send(&crate::reply::error(503, "api_error", "not_configured", "apikeyrouter is not configured."), self.0);
+        proxy_wasm::types::Action::Pause
+    }
+}
+
 /// Sends a local reply; logs instead of trapping if the host refuses.
 pub(crate) fn send(reply: &Reply, context_id: u32) {
-    let headers: Vec<(&str, &str)> = reply
-        .headers
-        .iter()
-        .map(|(k, v)| (*k, v.as_str()))
-        .collect();
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     if let Err(e) = abi::send_local_response(reply.status, &headers, &reply.body) {
-        log::warn!(
-            "[{context_id}] local reply {} refused by host (status {})",
-            reply.status,
-            e.0
-        );
+        log::warn!("[{context_id}] local reply {} refused by host (status {})", reply.status, e.0);
     }
 }

@@ -1,0 +1,304 @@
+//! Explainable routing decisions: what was chosen, with what score and
+//! margin, among how many candidates, and why every other key was left out.
+//!
+//! A decision is summarised in the `x-apikeyrouter-decision` response header
+//! and kept in a bounded ring in shared data for the admin API. Ring records
+//! are a compact binary form (cheap on the request path); the admin API turns
+//! them into JSON.
+
+use crate::config::Config;
+use serde_json::{json, Value};
+
+/// Why a key was not chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exclusion {
+    Throttled = 1,
+    Disabled = 2,
+    Exhausted = 3,
+    QuotaExhausted = 4,
+    /// Critical capacity while better keys were available.
+    Critical = 5,
+    MinReliability = 6,
+    MaxCost = 7,
+    /// This request already tried the key.
+    Tried = 8,
+}
+
+impl Exclusion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exclusion::Throttled => "throttled",
+            Exclusion::Disabled => "disabled",
+            Exclusion::Exhausted => "exhausted",
+            Exclusion::QuotaExhausted => "quota_exhausted",
+            Exclusion::Critical => "critical",
+            Exclusion::MinReliability => "below_min_reliability",
+            Exclusion::MaxCost => "above_max_cost",
+            Exclusion::Tried => "already_tried",
+        }
+    }
+
+    fn from_u8(b: u8) -> Option<Exclusion> {
+        Some(match b {
+            1 => Exclusion::Throttled,
+            2 => Exclusion::Disabled,
+            3 => Exclusion::Exhausted,
+            4 => Exclusion::QuotaExhausted,
+            5 => Exclusion::Critical,
+            6 => Exclusion::MinReliability,
+            7 => Exclusion::MaxCost,
+            8 => Exclusion::Tried,
+            _ => return None,
+        })
+    }
+}
+
+/// One routing decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub objective: String,
+    pub chosen: Option<usize>,
+    pub score: f64,
+    /// Score margin over the runner-up; `None` with a single candidate.
+    pub margin: Option<f64>,
+    pub candidates: usize,
+    pub excluded: Vec<(usize, Exclusion)>,
+}
+
+/// Exclusions listed in full in the header and in ring records.
+const MAX_LISTED: usize = 16;
+
+impl Decision {
+    /// The `x-apikeyrouter-decision` header value, e.g.
+    /// `objective=cost; key=k2; score=0.950; margin=0.120; candidates=3; excluded=k1:throttled`.
+    pub fn summary(&self, cfg: &Config) -> String {
+        let key = self.chosen.and_then(|k| cfg.keys.get(k)).map_or("-", |k| k.id.as_str());
+        let mut s = format!(
+            "objective={}; key={}; score={:.3}; margin={}; candidates={}",
+            self.objective,
+            key,
+            self.score,
+            self.margin.map_or("-".to_string(), |m| format!("{m:.3}")),
+            self.candidates
+        );
+        if !self.excluded.is_empty() {
+            s.push_str("; excluded=");
+            let listed: Vec<String> = self
+                .excluded
+                .iter()
+                .take(MAX_LISTED)
+                .map(|(k, why)| format!("{}:{}", cfg.keys.get(*k).map_or("?", |k| k.id.as_str()), why.as_str()))
+                .collect();
+            s.push_str(&listed.join(","));
+            if self.excluded.len() > MAX_LISTED {
+                s.push_str(&format!(",+{} more", self.excluded.len() - MAX_LISTED));
+            }
+        }
+        s
+    }
+}
+
+/// A decision as stored in the ring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub at_ms: u64,
+    pub seq: u64,
+    pub attempt: u32,
+    pub request_id: String,
+    pub decision: Decision,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(255)];
+    out.push(b.len() as u8);
+    out.extend_from_slice(b);
+}
+
+impl Stored {
+    pub fn encode(&self) -> Vec<u8> {
+        let d = &self.decision;
+        let mut out = Vec::with_capacity(64 + d.objective.len() + self.request_id.len());
+        out.push(1u8);
+        out.extend_from_slice(&self.at_ms.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.attempt.to_le_bytes());
+        out.extend_from_slice(&(d.chosen.map_or(u32::MAX, |k| k as u32)).to_le_bytes());
+        out.extend_from_slice(&d.score.to_le_bytes());
+        out.extend_from_slice(&d.margin.unwrap_or(f64::NAN).to_le_bytes());
+        out.extend_from_slice(&(d.candidates as u32).to_le_bytes());
+        out.extend_from_slice(&(d.excluded.len() as u32).to_le_bytes());
+        put_str(&mut out, &self.request_id);
+        put_str(&mut out, &d.objective);
+        let listed = d.excluded.len().min(MAX_LISTED);
+        out.push(listed as u8);
+        for (k, why) in d.excluded.iter().take(listed) {
+            out.extend_from_slice(&(*k as u32).to_le_bytes());
+            out.push(*why as u8);
+        }
+        out
+    }
+
+    /// Decodes a ring record; `None` for anything malformed.
+    pub fn decode(b: &[u8]) -> Option<Stored> {
+        let mut r = Reader { b, at: 0 };
+        if r.u8()? != 1 {
+            return None;
+        }
+        let at_ms = r.u64()?;
+        let seq = r.u64()?;
+        let attempt = r.u32()?;
+        let chosen = r.u32()?;
+        let score = f64::from_bits(r.u64()?);
+        let margin = f64::from_bits(r.u64()?);
+        let candidates = r.u32()? as usize;
+        let n_excluded = r.u32()? as usize;
+        let request_id = r.string()?;
+        let objective = r.string()?;
+        let listed = r.u8()? as usize;
+        let mut excluded = Vec::with_capacity(listed);
+        for _ in 0..listed {
+            let k = r.u32()? as usize;
+            excluded.push((k, Exclusion::from_u8(r.u8()?)?));
+        }
+        // Keep the true count even though only some are listed.
+        let _ = n_excluded;
+        Some(Stored {
+            at_ms,
+            seq,
+            attempt,
+            request_id,
+            decision: Decision {
+                objective,
+                chosen: (chosen != u32::MAX).then_some(chosen as usize),
+                score,
+                margin: (!margin.is_nan()).then_some(margin),
+                candidates,
+                excluded,
+            },
+        })
+    }
+
+    pub fn to_json(&self, cfg: &Config) -> Value {
+        let d = &self.decision;
+        let key = d.chosen.and_then(|k| cfg.keys.get(k));
+        let excluded: Vec<Value> = d
+            .excluded
+            .iter()
+            .map(|(k, why)| json!({"key": cfg.keys.get(*k).map(|k| k.id.as_str()), "reason": why.as_str()}))
+            .collect();
+        json!({
+            "time_ms": self.at_ms,
+            "request_id": self.request_id,
+            "attempt": self.attempt,
+            "objective": d.objective,
+            "key": key.map(|k| k.id.as_str()),
+            "provider": key.and_then(|k| cfg.providers.get(k.provider)).map(|p| p.id.as_str()),
+            "score": d.score,
+            "confidence": d.margin,
+            "candidates": d.candidates,
+            "excluded": excluded,
+        })
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|s| s[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        let s = self.take(8)?;
+        let mut w = [0u8; 8];
+        w.copy_from_slice(s);
+        Some(u64::from_le_bytes(w))
+    }
+    fn string(&mut self) -> Option<String> {
+        let n = self.u8()? as usize;
+        self.take(n).map(|s| String::from_utf8_lossy(s).into_owned())
+    }
+}
+
+/// Shared-data name of the counter that hands out per-worker ring ids.
+pub const RING_WORKERS: &str = "akr.v1.dec.workers";
+
+/// Shared-data name of slot `slot` of worker `worker`'s ring.
+pub fn slot_name(worker: u64, slot: usize) -> String {
+    format!("akr.v1.dec.{worker}.{slot}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::compile;
+
+    fn cfg() -> Config {
+        let keys: Vec<String> = (1..=20).map(|i| format!(r#"{{"id":"k{i}","secret":"s{i}"}}"#)).collect();
+        let json = format!(r#"{{"providers":[{{"id":"p","keys":[{}]}}]}}"#, keys.join(","));
+        match compile(json.as_bytes(), &|_| None) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn decision() -> Decision {
+        Decision {
+            objective: "cost".into(),
+            chosen: Some(1),
+            score: 0.95,
+            margin: Some(0.12),
+            candidates: 3,
+            excluded: vec![(0, Exclusion::Throttled), (3, Exclusion::Disabled)],
+        }
+    }
+
+    #[test]
+    fn summary_names_keys_scores_and_exclusions() {
+        assert_eq!(
+            decision().summary(&cfg()),
+            "objective=cost; key=k2; score=0.950; margin=0.120; candidates=3; excluded=k1:throttled,k4:disabled"
+        );
+    }
+
+    #[test]
+    fn summary_is_bounded_however_many_keys_are_excluded() {
+        let mut d = decision();
+        d.excluded = (0..20).map(|k| (k, Exclusion::Throttled)).collect();
+        let s = d.summary(&cfg());
+        assert!(s.ends_with(",+4 more"), "{s}");
+    }
+
+    #[test]
+    fn stored_decisions_round_trip() {
+        let s = Stored { at_ms: 5, seq: 6, attempt: 2, request_id: "rid".into(), decision: decision() };
+        assert_eq!(Stored::decode(&s.encode()), Some(s.clone()));
+        let mut single = s.clone();
+        single.decision.margin = None;
+        single.decision.chosen = None;
+        assert_eq!(Stored::decode(&single.encode()), Some(single));
+        let v = s.to_json(&cfg());
+        assert_eq!(v["key"], "k2");
+        assert_eq!(v["confidence"], 0.12);
+        assert_eq!(v["excluded"][0]["reason"], "throttled");
+    }
+
+    #[test]
+    fn malformed_ring_records_decode_to_none() {
+        let b = Stored { at_ms: 5, seq: 6, attempt: 2, request_id: "rid".into(), decision: decision() }.encode();
+        for cut in 0..b.len() {
+            assert_eq!(Stored::decode(&b[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(Stored::decode(&[]), None);
+    }
+}

@@ -1,0 +1,134 @@
+//! UTC-aligned time windows (minute, day, month), on Unix milliseconds.
+
+use crate::ratelimit::days_from_civil;
+
+pub const MINUTE_MS: u64 = 60_000;
+pub const DAY_MS: u64 = 86_400_000;
+
+/// A calendar window kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+impl Window {
+    /// Start of the window containing `now_ms`.
+    pub fn start(self, now_ms: u64) -> u64 {
+        match self {
+            Window::Minute => now_ms - now_ms % MINUTE_MS,
+            Window::Hour => now_ms - now_ms % 3_600_000,
+            Window::Day => now_ms - now_ms % DAY_MS,
+            Window::Month => {
+                let (y, m, _) = civil_from_days((now_ms / DAY_MS) as i64);
+                days_from_civil(y, m, 1).max(0) as u64 * DAY_MS
+            }
+        }
+    }
+
+    /// Start of the next window after the one containing `now_ms`.
+    pub fn next_start(self, now_ms: u64) -> u64 {
+        match self {
+            Window::Minute => self.start(now_ms) + MINUTE_MS,
+            Window::Hour => self.start(now_ms) + 3_600_000,
+            Window::Day => self.start(now_ms) + DAY_MS,
+            Window::Month => {
+                let (y, m, _) = civil_from_days((now_ms / DAY_MS) as i64);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                days_from_civil(ny, nm, 1).max(0) as u64 * DAY_MS
+            }
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Window::Minute => "minute",
+            Window::Hour => "hour",
+            Window::Day => "day",
+            Window::Month => "month",
+        }
+    }
+}
+
+/// (year, month, day) for days since 1970-01-01 (Howard Hinnant).
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A counter that restarts at each window boundary: `(window_start, value)`.
+/// Returns the value as of `now_ms` (0 after a roll-over).
+pub fn current(window: Window, start_ms: u64, value: u64, now_ms: u64) -> u64 {
+    if start_ms == window.start(now_ms) {
+        value
+    } else {
+        0
+    }
+}
+
+/// Adds `delta` to a windowed counter, rolling it over first when needed.
+pub fn add(window: Window, start_ms: &mut u64, value: &mut u64, delta: u64, now_ms: u64) {
+    let s = window.start(now_ms);
+    if *start_ms != s {
+        *start_ms = s;
+        *value = 0;
+    }
+    *value = value.saturating_add(delta);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::parse_http_date;
+
+    fn at(s: &str) -> u64 {
+        parse_http_date(s).unwrap_or(0)
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        for days in [-1000i64, 0, 59, 365, 10_957, 19_782, 20_000, 60_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+    }
+
+    #[test]
+    fn windows_align_to_utc_boundaries() {
+        let t = at("Sat, 28 Nov 2026 13:45:30 GMT") + 250;
+        assert_eq!(Window::Minute.start(t), at("Sat, 28 Nov 2026 13:45:00 GMT"));
+        assert_eq!(Window::Hour.start(t), at("Sat, 28 Nov 2026 13:00:00 GMT"));
+        assert_eq!(Window::Day.start(t), at("Sat, 28 Nov 2026 00:00:00 GMT"));
+        assert_eq!(Window::Month.start(t), at("Sun, 01 Nov 2026 00:00:00 GMT"));
+        assert_eq!(Window::Month.next_start(t), at("Tue, 01 Dec 2026 00:00:00 GMT"));
+        let dec = at("Thu, 31 Dec 2026 23:59:59 GMT");
+        assert_eq!(Window::Month.next_start(dec), at("Fri, 01 Jan 2027 00:00:00 GMT"));
+        assert_eq!(Window::Day.next_start(dec), at("Fri, 01 Jan 2027 00:00:00 GMT"));
+        let feb = at("Tue, 29 Feb 2028 12:00:00 GMT");
+        assert_eq!(Window::Month.start(feb), at("Tue, 01 Feb 2028 00:00:00 GMT"));
+        assert_eq!(Window::Month.next_start(feb), at("Wed, 01 Mar 2028 00:00:00 GMT"));
+    }
+
+    #[test]
+    fn windowed_counters_roll_over_at_the_boundary() {
+        let t = at("Sat, 28 Nov 2026 23:59:59 GMT");
+        let (mut start, mut v) = (0, 0);
+        add(Window::Day, &mut start, &mut v, 5, t);
+        add(Window::Day, &mut start, &mut v, 5, t + 500);
+        assert_eq!(current(Window::Day, start, v, t + 999), 10);
+        assert_eq!(current(Window::Day, start, v, t + 1000), 0, "midnight UTC");
+        add(Window::Day, &mut start, &mut v, 3, t + 1000);
+        assert_eq!(v, 3);
+    }
+}
