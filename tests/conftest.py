@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import WASM, Envoy, Mock  # noqa: E402
+from harness import WASM, Envoy, Mock, secrets  # noqa: E402
 
 
 def pytest_sessionstart(session):
@@ -33,3 +33,11 @@ def start_envoy():
     yield start
     for e in started:
         e.stop()
+
+
+@pytest.fixture
+def five_keys():
+    """A mock provider that accepts secrets(5)."""
+    m = Mock(keys=secrets(5))
+    yield m
+    m.stop()

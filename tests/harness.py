@@ -264,3 +264,13 @@ def plugin_with_keys(secrets, **extra):
     }
     cfg.update(extra)
     return cfg
+
+
+def secrets(n, prefix="sk-test"):
+    """N distinct fake provider keys."""
+    return [f"{prefix}-{i + 1}-{'x' * 8}" for i in range(n)]
+
+
+def ids_by_secret(keys):
+    """The key ids plugin_with_keys gives these secrets."""
+    return {s: f"k{i + 1}" for i, s in enumerate(keys)}

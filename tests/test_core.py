@@ -14,19 +14,8 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from harness import (ADMIN_TOKEN, DEMO_CONFIG, Mock, chat, fill, http, open_stream,
-                     plugin_with_keys, render, validate, wait_until, WASM)
-
-
-def secrets(n):
-    return [f"sk-test-{i + 1}-{'x' * 8}" for i in range(n)]
-
-
-@pytest.fixture
-def five_keys():
-    m = Mock(keys=secrets(5))
-    yield m
-    m.stop()
+from harness import (ADMIN_TOKEN, DEMO_CONFIG, chat, fill, http, ids_by_secret, open_stream,
+                     plugin_with_keys, render, secrets, validate, wait_until, WASM)
 
 
 def test_requests_rotate_evenly_across_all_keys(five_keys, start_envoy):
@@ -43,7 +32,7 @@ def test_requests_rotate_evenly_across_all_keys(five_keys, start_envoy):
     # Each worker spreads evenly on its own; two workers together stay within 2.
     assert max(by_key.values()) - min(by_key.values()) <= 2, by_key
     # The key the client was told about is the key the provider saw.
-    id_of = {s: f"k{i + 1}" for i, s in enumerate(secrets(5))}
+    id_of = ids_by_secret(secrets(5))
     assert [id_of[r["key"]] for r in received] == seen_by_client
 
 
@@ -205,7 +194,7 @@ def test_counters_are_exact_after_2000_concurrent_requests(five_keys, start_envo
     statuses = asyncio.run(_load(e.url, 2000, 64))
     assert statuses == {200: 2000}
     reported = five_keys.stats()
-    id_of = {s: f"k{i + 1}" for i, s in enumerate(keys)}
+    id_of = ids_by_secret(keys)
 
     def settled():
         c = e.key_counters()

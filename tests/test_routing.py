@@ -6,11 +6,7 @@ from collections import Counter
 
 import pytest
 
-from harness import Mock, chat, plugin_with_keys, route, wait_until
-
-
-def secrets(n):
-    return [f"sk-route-{i + 1}-{'y' * 8}" for i in range(n)]
+from harness import Mock, chat, ids_by_secret, plugin_with_keys, secrets
 
 
 @pytest.fixture
@@ -21,7 +17,7 @@ def mock3():
 
 
 def key_ids(mock, keys):
-    id_of = {s: f"k{i + 1}" for i, s in enumerate(keys)}
+    id_of = ids_by_secret(keys)
     return [id_of.get(r["key"], r["key"]) for r in mock.received()]
 
 
