@@ -2,6 +2,7 @@
 //! `admin.prefix` (default `/apikeyrouter/v1/`). Every response is JSON and
 //! none carries key material: keys are shown by id and fingerprint.
 
+use crate::budget::{self, show, Budget, Enforcement, Scope};
 use crate::config::{Config, Key, SecretSource};
 use crate::decision::{self, Stored};
 use crate::keys::{read_record, set_state, SetState};
@@ -85,6 +86,18 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
                 None => reply::json(200, &json!({"decisions": decisions(cfg, store, 100)})),
             }
         }
+        ("GET", ["budgets"]) => {
+            let list: Vec<Value> = cfg.budgets.iter().map(|b| budget_json(cfg, store, b, now_ms)).collect();
+            reply::json(200, &json!({ "budgets": list }))
+        }
+        ("GET", ["budgets", id]) => match cfg.budgets.iter().find(|b| b.id == *id) {
+            Some(b) => reply::json(200, &budget_json(cfg, store, b, now_ms)),
+            None => admin_error(404, "budget_not_found", &format!("No budget with id '{id}'.")),
+        },
+        ("PATCH", ["budgets", id]) => match cfg.budgets.iter().find(|b| b.id == *id) {
+            Some(b) => patch_budget(cfg, store, b, req.body, now_ms),
+            None => admin_error(404, "budget_not_found", &format!("No budget with id '{id}'.")),
+        },
         ("GET", ["providers"]) => {
             let providers: Vec<Value> = cfg
                 .providers
@@ -110,9 +123,17 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
             });
             reply::json(if usable { 200 } else { 503 }, &body)
         }
-        (_, ["keys"] | ["keys", _] | ["providers"] | ["state"] | ["health"] | ["decisions"]) => {
-            admin_error(405, "method_not_allowed", &format!("{} is not supported on {}.", req.method, path))
-        }
+        (
+            _,
+            ["keys"]
+            | ["keys", _]
+            | ["providers"]
+            | ["state"]
+            | ["health"]
+            | ["decisions"]
+            | ["budgets"]
+            | ["budgets", _],
+        ) => admin_error(405, "method_not_allowed", &format!("{} is not supported on {}.", req.method, path)),
         _ => admin_error(404, "not_found", &format!("Unknown admin path '{path}'.")),
     }
 }
@@ -148,6 +169,63 @@ fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64)
             reply::json(200, &key_json(cfg, k, &r, now_ms))
         }
         Err(e) => admin_error(503, "state_busy", &format!("The key state could not be written: {e:?}")),
+    }
+}
+
+fn budget_json(cfg: &Config, store: &dyn Store, b: &Budget, now_ms: u64) -> Value {
+    let rec = budget::load(store, b, now_ms);
+    let limit = rec.limit(b);
+    let scope = match &b.scope {
+        Scope::Global => json!("global"),
+        Scope::Provider(p) => json!({"provider": cfg.providers.get(*p).map(|p| p.id.as_str())}),
+        Scope::Key(k) => json!({"key": cfg.keys.get(*k).map(|k| k.id.as_str())}),
+        Scope::Model(m) => json!({"model": m}),
+        Scope::Client(c) => json!({"client": c}),
+        Scope::Team(t) => json!({"team": t}),
+    };
+    json!({
+        "id": b.id,
+        "scope": scope,
+        "window": b.window.map_or("total", |w| w.as_str()),
+        "enforcement": match b.enforcement { Enforcement::Hard => "hard", Enforcement::Soft => "soft" },
+        "limit": show(limit),
+        "configured_limit": show(b.limit),
+        "spent": show(rec.spent),
+        "reserved": show(rec.reserved),
+        "remaining": show((limit - rec.spent - rec.reserved).max(rust_decimal::Decimal::ZERO)),
+        "requests": rec.requests,
+        "refused": rec.refused,
+        "window_start": b.window.map(|_| crate::window::rfc3339(rec.window_start_ms)),
+        "resets_at": b.resets_at(now_ms).map(crate::window::rfc3339),
+    })
+}
+
+/// `PATCH budgets/{id}` with `{"limit": "12.50"}`, or `{"limit": null}` to
+/// go back to the configured limit. Takes effect on every worker at once.
+fn patch_budget(cfg: &Config, store: &dyn Store, b: &Budget, body: &[u8], now_ms: u64) -> Reply {
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return admin_error(400, "invalid_body", "The body must be a JSON object."),
+        Err(e) => return admin_error(400, "invalid_json", &format!("The body is not valid JSON: {e}")),
+    };
+    let limit = match v.get("limit") {
+        Some(Value::Null) => None,
+        Some(Value::String(s)) => match s.trim().parse::<rust_decimal::Decimal>() {
+            Ok(d) if d > rust_decimal::Decimal::ZERO => Some(d),
+            _ => return admin_error(400, "invalid_limit", "limit must be a positive decimal string, e.g. \"25.00\"."),
+        },
+        _ => return admin_error(400, "invalid_limit", "limit must be a positive decimal string, or null to reset it."),
+    };
+    match budget::set_limit(store, b, limit, now_ms) {
+        Some(_) => {
+            log::info!(
+                "admin: budget {} limit set to {}",
+                b.id,
+                limit.map_or("its configured value".to_string(), show)
+            );
+            reply::json(200, &budget_json(cfg, store, b, now_ms))
+        }
+        None => admin_error(503, "state_busy", "The budget could not be written."),
     }
 }
 
@@ -247,7 +325,16 @@ fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
         output += r.output_tokens;
         total += r.total_tokens;
     }
+    let budgets: Vec<Value> = cfg
+        .budgets
+        .iter()
+        .map(|b| {
+            let r = budget::load(store, b, now_ms);
+            json!({"id": b.id, "spent": show(r.spent), "reserved": show(r.reserved), "limit": show(r.limit(b))})
+        })
+        .collect();
     json!({
+        "budgets": budgets,
         "keys": {"total": cfg.keys.len(), "available": available, "throttled": throttled,
                  "disabled": disabled, "exhausted": exhausted},
         "requests": requests,
@@ -416,6 +503,26 @@ mod tests {
             v["decisions"].as_array().into_iter().flatten().filter_map(|d| d["request_id"].as_str()).collect();
         assert_eq!(ids, vec!["r30", "r20"]);
         assert_eq!(handle(&c, &s, &get("/apikeyrouter/v1/decisions?limit=x", Some(BEARER)), 0).status, 400);
+    }
+
+    #[test]
+    fn budgets_are_listed_and_their_limit_adjusted() {
+        let json = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s"}]}],"admin":{"token_env":"ADMIN"},
+            "budgets":[{"id":"daily","limit":"10","window":"day"}]}"#;
+        let c = compile(json.as_bytes(), &|_| Some(TOKEN.to_string())).unwrap_or_else(|e| panic!("{e}"));
+        let s = FakeStore::new();
+        let _ = budget::reserve(&s, &c.budgets, &[0], rust_decimal::Decimal::new(25, 1), 0);
+        let v = body(&handle(&c, &s, &get("/apikeyrouter/v1/budgets", Some(BEARER)), 0));
+        assert_eq!(v["budgets"][0]["reserved"], "2.5");
+        assert_eq!(v["budgets"][0]["remaining"], "7.5");
+        assert_eq!(v["budgets"][0]["resets_at"], "1970-01-02T00:00:00Z");
+        let r = handle(&c, &s, &patch("/apikeyrouter/v1/budgets/daily", br#"{"limit":"3"}"#), 0);
+        assert_eq!(body(&r)["limit"], "3");
+        assert_eq!(body(&r)["configured_limit"], "10");
+        let r = handle(&c, &s, &patch("/apikeyrouter/v1/budgets/daily", br#"{"limit":null}"#), 0);
+        assert_eq!(body(&r)["limit"], "10");
+        assert_eq!(handle(&c, &s, &patch("/apikeyrouter/v1/budgets/daily", br#"{"limit":"-2"}"#), 0).status, 400);
+        assert_eq!(handle(&c, &s, &patch("/apikeyrouter/v1/budgets/nope", br#"{"limit":"2"}"#), 0).status, 404);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! assert_eq!(cfg.keys[cfg.providers[0].keys[0]].id, "k1");
 //! ```
 
+use crate::budget::{Budget, Enforcement, KeyPricing, Price, PriceTable, Scope};
 use crate::objective::Objective;
 use crate::quota::{Limits, Thresholds};
 use crate::sha256;
@@ -82,6 +83,10 @@ pub struct Key {
     /// The same as a float, for scoring.
     pub cost_score_price: Option<f64>,
     pub limits: Limits,
+    /// How this key's cost differs from the price table.
+    pub pricing: KeyPricing,
+    /// Budgets scoped to this key (indexes into [`Config::budgets`]).
+    pub budgets: Vec<usize>,
 }
 
 impl fmt::Debug for Key {
@@ -102,6 +107,9 @@ pub struct Provider {
     pub kind: ProviderKind,
     /// Indexes into [`Config::keys`].
     pub keys: Vec<usize>,
+    /// The distinct key pricings among its keys, for upper-bound estimates
+    /// made before a key is chosen.
+    pub pricings: Vec<KeyPricing>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +163,25 @@ pub struct Routing {
     pub thresholds: Thresholds,
 }
 
+/// What to do with a model missing from the price table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownModel {
+    /// Count it at price zero and warn once.
+    Zero,
+    /// Refuse the request with a 400.
+    Refuse,
+}
+
+/// How a request's cost is estimated before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Prompt tokens are estimated as body bytes divided by this (1 is an
+    /// upper bound: no token is shorter than a byte).
+    pub prompt_bytes_per_token: u64,
+    /// Output tokens when the request sets no `max_tokens`.
+    pub default_max_tokens: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decisions {
     /// Records kept per worker; 0 keeps none.
@@ -177,6 +204,13 @@ pub struct Config {
     /// Actions for an `error.code` (or `error.type`) in a 4xx body.
     pub error_code_actions: Vec<(String, StatusAction)>,
     pub decisions: Decisions,
+    pub prices: PriceTable,
+    pub unknown_model: UnknownModel,
+    pub estimate: Estimate,
+    pub max_cost_per_request: Option<Decimal>,
+    pub budgets: Vec<Budget>,
+    /// End a stream with an SSE error event once a hard budget is crossed.
+    pub stream_cutoff: bool,
 }
 
 impl Config {
@@ -255,7 +289,15 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             keys.push(key);
         }
         p.finish()?;
-        providers.push(Provider { id, kind, keys: indexes });
+        let mut pricings: Vec<KeyPricing> = Vec::new();
+        for &k in &indexes {
+            if let Some(key) = keys.get(k) {
+                if !pricings.contains(&key.pricing) {
+                    pricings.push(key.pricing);
+                }
+            }
+        }
+        providers.push(Provider { id, kind, keys: indexes, pricings });
     }
 
     let cooldown = match root.opt_obj("cooldown")? {
@@ -390,6 +432,104 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         }
     };
 
+    let mut prices = PriceTable::default();
+    if let Some(table) = root.opt_obj("prices")? {
+        for (model, v) in table.map.iter() {
+            let path = table.field(model);
+            let mut p = Obj::new(v.clone(), &path)?;
+            let mut dec_field = |name: &str, required: bool| -> Result<Option<Decimal>, ConfigError> {
+                match p.take(name) {
+                    None if required => Err(err(&p.field(name), "required (price per 1M tokens)")),
+                    None => Ok(None),
+                    Some(v) => decimal(&v)
+                        .map(Some)
+                        .ok_or_else(|| err(&p.field(name), "expected a non-negative decimal string, e.g. \"2.50\"")),
+                }
+            };
+            let input = dec_field("input", true)?.unwrap_or_default();
+            let output = dec_field("output", true)?.unwrap_or_default();
+            let cached_input = dec_field("cached_input", false)?.unwrap_or(input);
+            p.finish()?;
+            if model.is_empty() || model == "*" {
+                return Err(err(&path, "a model name or prefix* is required"));
+            }
+            prices.insert(model, Price { input, output, cached_input });
+        }
+    }
+    let unknown_model = match root.opt_str("unknown_model")?.as_deref() {
+        None | Some("zero") => UnknownModel::Zero,
+        Some("refuse") => UnknownModel::Refuse,
+        Some(other) => return Err(err("unknown_model", format!("expected \"zero\" or \"refuse\", found {other:?}"))),
+    };
+    let estimate = match root.opt_obj("estimate")? {
+        None => Estimate { prompt_bytes_per_token: 1, default_max_tokens: 4096 },
+        Some(mut e) => {
+            let est = Estimate {
+                prompt_bytes_per_token: e.opt_u64_in("prompt_bytes_per_token", 1, 16)?.unwrap_or(1),
+                default_max_tokens: e.opt_u64_in("default_max_tokens", 0, 10_000_000)?.unwrap_or(4096),
+            };
+            e.finish()?;
+            est
+        }
+    };
+    let max_cost_per_request = match root.take("max_cost_per_request") {
+        None => None,
+        Some(v) => Some(
+            decimal(&v)
+                .filter(|d| *d > Decimal::ZERO)
+                .ok_or_else(|| err("max_cost_per_request", "expected a positive decimal string, e.g. \"0.50\""))?,
+        ),
+    };
+    let mut budgets: Vec<Budget> = Vec::new();
+    if let Some(list) = root.opt_array("budgets")? {
+        for (bi, bv) in list.into_iter().enumerate() {
+            let path = format!("budgets[{bi}]");
+            let mut b = Obj::new(bv, &path)?;
+            let id = b.req_id("id")?;
+            if budgets.iter().any(|x| x.id == id) {
+                return Err(err(&b.field("id"), format!("duplicate budget id {id:?}")));
+            }
+            let scope = compile_scope(b.take("scope"), &b.field("scope"), &providers, &keys)?;
+            let window = match b.opt_str("window")?.as_deref() {
+                Some("minute") => Some(crate::window::Window::Minute),
+                Some("hour") => Some(crate::window::Window::Hour),
+                None | Some("day") => Some(crate::window::Window::Day),
+                Some("month") => Some(crate::window::Window::Month),
+                Some("total") => None,
+                Some(other) => {
+                    return Err(err(
+                        &b.field("window"),
+                        format!("expected minute, hour, day, month or total, found {other:?}"),
+                    ))
+                }
+            };
+            let limit = match b.take("limit") {
+                None => return Err(err(&b.field("limit"), "required")),
+                Some(v) => decimal(&v)
+                    .filter(|d| *d > Decimal::ZERO)
+                    .ok_or_else(|| err(&b.field("limit"), "expected a positive decimal string, e.g. \"100.00\""))?,
+            };
+            let enforcement = match b.opt_str("enforcement")?.as_deref() {
+                None | Some("hard") => Enforcement::Hard,
+                Some("soft") => Enforcement::Soft,
+                Some(other) => {
+                    return Err(err(&b.field("enforcement"), format!("expected \"hard\" or \"soft\", found {other:?}")))
+                }
+            };
+            b.finish()?;
+            if let Scope::Key(k) = scope {
+                if let Some(key) = keys.get_mut(k) {
+                    key.budgets.push(budgets.len());
+                }
+            }
+            budgets.push(Budget { record_name: format!("akr.v1.budget.{id}"), id, scope, window, limit, enforcement });
+        }
+    }
+    let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
+    if unknown_model == UnknownModel::Refuse && prices.is_empty() {
+        return Err(err("unknown_model", "\"refuse\" needs a price table in prices"));
+    }
+
     root.finish()?;
     Ok(Config {
         providers,
@@ -401,6 +541,12 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         status_actions,
         error_code_actions,
         decisions,
+        prices,
+        unknown_model,
+        estimate,
+        max_cost_per_request,
+        budgets,
+        stream_cutoff,
     })
 }
 
@@ -426,6 +572,13 @@ fn compile_key(
             })?),
             None => None,
         },
+    };
+    let multiplier = match k.take("price_multiplier") {
+        Some(v) => Some(
+            decimal(&v)
+                .ok_or_else(|| err(&k.field("price_multiplier"), "expected a non-negative decimal, e.g. \"0.8\""))?,
+        ),
+        None => None,
     };
     let limits = match k.opt_obj("limits")? {
         None => Limits::default(),
@@ -485,9 +638,41 @@ fn compile_key(
         fingerprint,
         auth_value: format!("Bearer {secret}"),
         cost_score_price: cost_per_1k.and_then(|d| d.to_f64()),
+        pricing: KeyPricing { cost_per_1k, multiplier },
         cost_per_1k,
         limits,
+        budgets: Vec::new(),
     })
+}
+
+fn compile_scope(v: Option<Value>, path: &str, providers: &[Provider], keys: &[Key]) -> Result<Scope, ConfigError> {
+    let expected = "expected \"global\" or an object with one of provider, key, model, client, team";
+    match v {
+        None => Ok(Scope::Global),
+        Some(Value::String(s)) if s == "global" => Ok(Scope::Global),
+        Some(Value::Object(o)) if o.len() == 1 => {
+            let (kind, val) = o.iter().next().ok_or_else(|| err(path, expected))?;
+            let name = val.as_str().ok_or_else(|| err(&format!("{path}.{kind}"), "expected a string"))?;
+            let field = format!("{path}.{kind}");
+            match kind.as_str() {
+                "provider" => providers
+                    .iter()
+                    .position(|p| p.id == name)
+                    .map(Scope::Provider)
+                    .ok_or_else(|| err(&field, format!("no provider with id {name:?}"))),
+                "key" => keys
+                    .iter()
+                    .position(|k| k.id == name)
+                    .map(Scope::Key)
+                    .ok_or_else(|| err(&field, format!("no key with id {name:?}"))),
+                "model" => Ok(Scope::Model(name.to_string())),
+                "client" => Ok(Scope::Client(name.to_string())),
+                "team" => Ok(Scope::Team(name.to_string())),
+                _ => Err(err(path, expected)),
+            }
+        }
+        Some(_) => Err(err(path, expected)),
+    }
 }
 
 /// A non-negative decimal from a JSON string or number.
@@ -588,6 +773,14 @@ impl Obj {
             Some(other) => {
                 Err(err(&self.field(name), format!("expected a number from {min} to {max}, found {}", kind_of(&other))))
             }
+        }
+    }
+
+    fn opt_array(&mut self, name: &str) -> Result<Option<Vec<Value>>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(other) => Err(err(&self.field(name), format!("expected an array, found {}", kind_of(&other)))),
         }
     }
 
@@ -739,6 +932,14 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"nope"}}"#.into(), "admin.prefix", "must start and end"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"/v1/admin/"}}"#.into(), "admin.prefix", "must not overlap"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"colldown":{}}"#.into(), "colldown", "unknown field"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"x","output":"1"}}}"#.into(), "prices.gpt-4o.input", "decimal"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"1"}}}"#.into(), "prices.gpt-4o.output", "required"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"unknown_model":"refuse"}"#.into(), "unknown_model", "needs a price table"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"0"}]}"#.into(), "budgets[0].limit", "positive decimal"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","window":"week"}]}"#.into(), "budgets[0].window", "minute, hour"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","scope":{"key":"zz"}}]}"#.into(), "budgets[0].scope.key", "no key with id"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","enforcement":"strict"}]}"#.into(), "budgets[0].enforcement", "hard"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"max_cost_per_request":"-1"}"#.into(), "max_cost_per_request", "positive decimal"),
         ];
         for (json, field, reason) in cases {
             match compile(json.as_bytes(), &env) {

@@ -22,6 +22,8 @@ pub enum Exclusion {
     MaxCost = 7,
     /// This request already tried the key.
     Tried = 8,
+    /// A hard budget scoped to the key has no room for this request.
+    BudgetExhausted = 9,
 }
 
 impl Exclusion {
@@ -35,6 +37,7 @@ impl Exclusion {
             Exclusion::MinReliability => "below_min_reliability",
             Exclusion::MaxCost => "above_max_cost",
             Exclusion::Tried => "already_tried",
+            Exclusion::BudgetExhausted => "budget_exhausted",
         }
     }
 
@@ -48,6 +51,7 @@ impl Exclusion {
             6 => Exclusion::MinReliability,
             7 => Exclusion::MaxCost,
             8 => Exclusion::Tried,
+            9 => Exclusion::BudgetExhausted,
             _ => return None,
         })
     }

@@ -6,8 +6,11 @@
 //! keys this request has already tried. The header map carries over between
 //! attempts, so the key itself stays visible to every attempt.
 
+use crate::budget::{Held, Price};
 use crate::objective::Objective;
+use crate::usage::Usage;
 use hashbrown::HashMap;
+use rust_decimal::Decimal;
 
 /// What the stages share about one request.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -21,6 +24,75 @@ pub struct Flight {
     /// The objective from the request header or route metadata; `None`
     /// means the configured default.
     pub objective: Option<Objective>,
+    pub model: Option<String>,
+    /// The model's price, when the table has it.
+    pub price: Option<Price>,
+    pub prompt_tokens_est: u64,
+    pub output_tokens_est: u64,
+    /// Amounts reserved at admission, until settled or released.
+    pub held: Vec<Held>,
+    /// Soft budgets this request went over.
+    pub soft_over: Vec<usize>,
+    /// The reservation was replaced by the actual cost.
+    pub settled: bool,
+    /// Upstream attempts started and not yet finished.
+    pub in_flight: u32,
+    /// The ingress stage has finished with the request.
+    pub ingress_done: bool,
+    /// The served attempt: its key, usage and cost.
+    pub key: Option<usize>,
+    pub usage: Option<Usage>,
+    pub cost: Option<Decimal>,
+    /// The served attempt's decision summary.
+    pub decision: Option<String>,
+}
+
+/// What must happen to a request's reservation when a stage lets go of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Letting {
+    /// Someone else still holds the request.
+    Keep,
+    /// The last holder: give back what is still reserved, then forget it.
+    Release(Vec<Held>),
+}
+
+impl Flight {
+    /// The ingress stage is done (its `on_log`).
+    pub fn ingress_finished(&mut self) -> Letting {
+        self.ingress_done = true;
+        self.last_one()
+    }
+
+    /// An upstream attempt is done (its `on_done`).
+    pub fn attempt_finished(&mut self) -> Letting {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.ingress_done {
+            self.last_one()
+        } else {
+            Letting::Keep
+        }
+    }
+
+    fn last_one(&mut self) -> Letting {
+        if self.in_flight > 0 {
+            return Letting::Keep;
+        }
+        if self.settled {
+            Letting::Release(Vec::new())
+        } else {
+            self.settled = true;
+            Letting::Release(std::mem::take(&mut self.held))
+        }
+    }
+
+    /// Takes the reservation for a true-up, once.
+    pub fn take_for_settlement(&mut self) -> Option<Vec<Held>> {
+        if self.settled {
+            return None;
+        }
+        self.settled = true;
+        Some(std::mem::take(&mut self.held))
+    }
 }
 
 /// Entries older than this are dropped when the table grows large (their
@@ -84,6 +156,31 @@ mod tests {
         }
         assert_eq!(f.remove("r1").map(|x| (x.provider, x.tried)), Some((2, vec![3])));
         assert_eq!(f.remove("r1"), None);
+    }
+
+    fn held() -> Vec<Held> {
+        vec![Held { budget: 0, window_start_ms: 0, amount: Decimal::ONE }]
+    }
+
+    #[test]
+    fn the_reservation_is_settled_once_or_released_by_the_last_holder() {
+        // Normal: the attempt settles, then both let go; nothing to release.
+        let mut f = Flight { held: held(), in_flight: 1, ..Flight::default() };
+        assert_eq!(f.take_for_settlement(), Some(held()));
+        assert_eq!(f.take_for_settlement(), None);
+        assert_eq!(f.attempt_finished(), Letting::Keep);
+        assert_eq!(f.ingress_finished(), Letting::Release(vec![]));
+
+        // The client left first: the attempt still running releases.
+        let mut f = Flight { held: held(), in_flight: 1, ..Flight::default() };
+        assert_eq!(f.ingress_finished(), Letting::Keep);
+        assert_eq!(f.attempt_finished(), Letting::Release(held()));
+
+        // Every attempt failed: the ingress stage releases.
+        let mut f = Flight { held: held(), in_flight: 2, ..Flight::default() };
+        assert_eq!(f.attempt_finished(), Letting::Keep);
+        assert_eq!(f.attempt_finished(), Letting::Keep);
+        assert_eq!(f.ingress_finished(), Letting::Release(held()));
     }
 
     #[test]

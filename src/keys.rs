@@ -276,6 +276,22 @@ impl Chooser {
         tried: &[usize],
         objective: &Objective,
     ) -> Result<Decision, NoKey> {
+        self.choose_excluding(cfg, provider, snap, now_ms, tried, &[], objective)
+    }
+
+    /// As [`Chooser::choose`], never choosing a key in `banned` (keys whose
+    /// budget has no room for this request).
+    #[allow(clippy::too_many_arguments)]
+    pub fn choose_excluding(
+        &mut self,
+        cfg: &Config,
+        provider: usize,
+        snap: &mut Snapshot,
+        now_ms: u64,
+        tried: &[usize],
+        banned: &[usize],
+        objective: &Objective,
+    ) -> Result<Decision, NoKey> {
         if self.current.len() != cfg.keys.len() {
             self.current = vec![0.0; cfg.keys.len()];
         }
@@ -287,6 +303,11 @@ impl Chooser {
         let mut cands = std::mem::take(&mut self.cands);
         cands.clear();
         for &k in &p.keys {
+            if banned.contains(&k) {
+                none.exhausted += 1;
+                excluded.push((k, Exclusion::BudgetExhausted));
+                continue;
+            }
             let e = snap.eval(cfg, k, now_ms);
             if let Some((why, until)) = e.excluded {
                 none.count(why, until);
@@ -843,7 +864,11 @@ mod tests {
         let mut snap = Snapshot::default();
         assert!(snap.refresh(&store, &c, 0));
         assert!(!snap.refresh(&store, &c, 10));
-        let ok = Outcome { status: 200, usage: Some(Usage { input: 1, output: 1, total: 2 }), ..Outcome::default() };
+        let ok = Outcome {
+            status: 200,
+            usage: Some(Usage { input: 1, output: 1, total: 2, ..Usage::default() }),
+            ..Outcome::default()
+        };
         let _ = record_attempt(&store, &c, 0, &ok, None, Action::Nothing, 20);
         assert!(!snap.refresh(&store, &c, 30), "counters alone do not bump the generation");
         assert!(snap.refresh(&store, &c, 1_000), "but stale statistics reload");

@@ -6,6 +6,8 @@
 //! to Envoy.
 
 pub mod admin;
+pub mod admission;
+pub mod budget;
 pub mod config;
 pub mod decision;
 pub mod flight;

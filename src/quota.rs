@@ -122,7 +122,7 @@ mod tests {
     fn used(requests: u64, tokens_each: u64, now: u64) -> KeyRecord {
         let mut r = KeyRecord::default();
         for _ in 0..requests {
-            let u = Usage { input: tokens_each, output: 0, total: tokens_each };
+            let u = Usage { input: tokens_each, output: 0, total: tokens_each, ..Usage::default() };
             r.record(&Outcome { status: 200, usage: Some(u), ..Outcome::default() }, now, 60_000);
         }
         r
@@ -185,7 +185,11 @@ mod tests {
         let day = 86_400_000;
         let mut r = used(1, 500, 2 * day);
         r.record(
-            &Outcome { status: 200, usage: Some(Usage { input: 0, output: 400, total: 400 }), ..Outcome::default() },
+            &Outcome {
+                status: 200,
+                usage: Some(Usage { input: 0, output: 400, total: 400, ..Usage::default() }),
+                ..Outcome::default()
+            },
             9 * day,
             60_000,
         );

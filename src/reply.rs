@@ -48,6 +48,18 @@ pub fn no_key(retry_after_secs: u64, message: &str) -> Reply {
     r
 }
 
+/// 429 when a hard budget would be exceeded. OpenAI itself answers an
+/// exhausted quota with 429 `insufficient_quota`; OpenAI SDKs surface it as a
+/// `RateLimitError` whose message names the budget.
+pub fn budget_exceeded(budget: &str, message: &str, retry_after_secs: Option<u64>) -> Reply {
+    let mut r = error(429, "insufficient_quota", "insufficient_quota", message);
+    r.headers.push(("x-apikeyrouter-budget", budget.to_string()));
+    if let Some(s) = retry_after_secs {
+        r.headers.push(("retry-after", s.to_string()));
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -565,7 +565,7 @@ mod tests {
     #[test]
     fn outcomes_land_in_their_status_class() {
         let mut r = KeyRecord::default();
-        let u = Some(Usage { input: 3, output: 4, total: 7 });
+        let u = Some(Usage { input: 3, output: 4, total: 7, ..Usage::default() });
         r.record(&Outcome { status: 200, usage: u, stream: true, latency_us: Some(1000) }, 0, 60_000);
         r.record(&Outcome { status: 429, ..Outcome::default() }, 0, 60_000);
         r.record(&Outcome { status: 404, ..Outcome::default() }, 0, 60_000);

@@ -7,9 +7,12 @@ use serde_json::Value;
 /// Tokens reported by the provider for one response.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
+    /// All input tokens, cached ones included.
     pub input: u64,
     pub output: u64,
     pub total: u64,
+    /// Input tokens served from the provider's prompt cache.
+    pub cached_input: u64,
 }
 
 /// Reads a `usage` object in the OpenAI chat/completions/embeddings shape
@@ -26,7 +29,16 @@ pub fn from_usage_object(u: &Value) -> Option<Usage> {
     }
     let input = input.unwrap_or(0);
     let output = output.unwrap_or(0);
-    Some(Usage { input, output, total: total.unwrap_or(input.saturating_add(output)) })
+    let cached = |details: &str| obj.get(details).and_then(|d| d.get("cached_tokens")).and_then(Value::as_u64);
+    Some(Usage {
+        input,
+        output,
+        total: total.unwrap_or(input.saturating_add(output)),
+        cached_input: cached("prompt_tokens_details")
+            .or_else(|| cached("input_tokens_details"))
+            .unwrap_or(0)
+            .min(input),
+    })
 }
 
 /// Finds usage in one JSON document: top-level `usage`, or `response.usage`
@@ -94,6 +106,9 @@ pub struct SseUsage {
     skipping: bool,
     pub usage: Option<Usage>,
     pub saw_done: bool,
+    /// `data:` events seen, `[DONE]` excluded: about one output token each
+    /// for chat streams, which is what a mid-stream budget check goes by.
+    pub events: u64,
 }
 
 impl SseUsage {
@@ -149,6 +164,7 @@ impl SseUsage {
             self.saw_done = true;
             return;
         }
+        self.events += 1;
         if !mentions_usage_object(payload) {
             return;
         }
@@ -170,15 +186,27 @@ mod tests {
 
     #[test]
     fn json_body_usage_is_read() {
-        assert_eq!(from_json_body(CHAT_JSON.as_bytes()), Some(Usage { input: 12, output: 7, total: 19 }));
+        assert_eq!(
+            from_json_body(CHAT_JSON.as_bytes()),
+            Some(Usage { input: 12, output: 7, total: 19, cached_input: 0 })
+        );
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_read() {
+        let b = br#"{"usage":{"prompt_tokens":100,"completion_tokens":5,"total_tokens":105,
+                    "prompt_tokens_details":{"cached_tokens":60},"completion_tokens_details":{"reasoning_tokens":2}}}"#;
+        assert_eq!(from_json_body(b), Some(Usage { input: 100, output: 5, total: 105, cached_input: 60 }));
+        let b = br#"{"usage":{"input_tokens":10,"output_tokens":1,"input_tokens_details":{"cached_tokens":99}}}"#;
+        assert_eq!(from_json_body(b).map(|u| u.cached_input), Some(10), "never more than the input");
     }
 
     #[test]
     fn embeddings_and_responses_api_shapes_are_read() {
         let emb = br#"{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
-        assert_eq!(from_json_body(emb), Some(Usage { input: 8, output: 0, total: 8 }));
+        assert_eq!(from_json_body(emb), Some(Usage { input: 8, output: 0, total: 8, cached_input: 0 }));
         let resp = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":3,"total_tokens":8}}"#;
-        assert_eq!(from_json_body(resp), Some(Usage { input: 5, output: 3, total: 8 }));
+        assert_eq!(from_json_body(resp), Some(Usage { input: 5, output: 3, total: 8, cached_input: 0 }));
     }
 
     #[test]
@@ -217,8 +245,9 @@ mod tests {
     fn sse_usage_is_found_whole() {
         let mut p = SseUsage::new();
         p.feed(&stream());
-        assert_eq!(p.usage, Some(Usage { input: 11, output: 5, total: 16 }));
+        assert_eq!(p.usage, Some(Usage { input: 11, output: 5, total: 16, cached_input: 0 }));
         assert!(p.saw_done);
+        assert_eq!(p.events, 6);
     }
 
     #[test]
@@ -228,7 +257,7 @@ mod tests {
             let mut p = SseUsage::new();
             p.feed(&s[..cut]);
             p.feed(&s[cut..]);
-            assert_eq!(p.usage, Some(Usage { input: 11, output: 5, total: 16 }), "cut at {cut}");
+            assert_eq!(p.usage, Some(Usage { input: 11, output: 5, total: 16, cached_input: 0 }), "cut at {cut}");
             assert!(p.saw_done, "cut at {cut}");
         }
     }
@@ -257,7 +286,7 @@ mod tests {
         let s = b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":6,\"total_tokens\":10}}}\n\n";
         let mut p = SseUsage::new();
         p.feed(s);
-        assert_eq!(p.usage, Some(Usage { input: 4, output: 6, total: 10 }));
+        assert_eq!(p.usage, Some(Usage { input: 4, output: 6, total: 10, cached_input: 0 }));
     }
 
     #[test]

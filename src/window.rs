@@ -66,6 +66,14 @@ pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// RFC 3339 UTC time for Unix milliseconds, e.g. `2026-11-29T00:00:00Z`.
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// A counter that restarts at each window boundary: `(window_start, value)`.
 /// Returns the value as of `now_ms` (0 after a roll-over).
 pub fn current(window: Window, start_ms: u64, value: u64, now_ms: u64) -> u64 {
@@ -118,6 +126,12 @@ mod tests {
         let feb = at("Tue, 29 Feb 2028 12:00:00 GMT");
         assert_eq!(Window::Month.start(feb), at("Tue, 01 Feb 2028 00:00:00 GMT"));
         assert_eq!(Window::Month.next_start(feb), at("Wed, 01 Mar 2028 00:00:00 GMT"));
+    }
+
+    #[test]
+    fn rfc3339_renders_utc() {
+        assert_eq!(rfc3339(at("Sat, 28 Nov 2026 13:45:30 GMT")), "2026-11-28T13:45:30Z");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
     }
 
     #[test]

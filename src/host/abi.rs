@@ -73,6 +73,7 @@ extern "C" {
         grpc_status: i32,
     ) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
         path_size: usize,
@@ -152,6 +153,18 @@ pub fn buffer(kind: u32, start: usize, max: usize) -> Result<Option<Vec<u8>>, Ho
         OK => Ok(unsafe { owned(data, size) }),
         NOT_FOUND => Ok(None),
         other => Err(HostError(other)),
+    }
+}
+
+/// Sets a property (in Envoy: filter state `wasm.<name>`, readable by
+/// access logs as `%FILTER_STATE(wasm.<name>:PLAIN)%`).
+pub fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {
+    // SAFETY: pointers into live buffers.
+    let st = unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+    if st == OK {
+        Ok(())
+    } else {
+        Err(HostError(st))
     }
 }
 

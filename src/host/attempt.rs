@@ -5,8 +5,10 @@
 //! passes, and records the attempt.
 
 use super::{abi, send, with_flights, Routing};
+use crate::budget::{self, Held, Price};
 use crate::config::{Config, StatusAction};
 use crate::decision::{slot_name, Decision, Stored};
+use crate::flight::Letting;
 use crate::keys::{read_record, record_attempt, stale_choice, Action};
 use crate::objective::Objective;
 use crate::ratelimit::{cooldown_ms, Signals};
@@ -25,7 +27,11 @@ const MAX_PROBE_BODY: usize = 64 << 10;
 
 enum Body {
     Ignore,
-    Json,
+    /// A JSON response read whole for its usage; `hold` keeps the headers
+    /// back until the cost is known, for `x-apikeyrouter-cost`.
+    Json {
+        hold: bool,
+    },
     Sse(Box<SseUsage>),
     /// A 4xx whose `error.code` may carry an action: held until read.
     Probe,
@@ -46,6 +52,17 @@ pub(crate) struct Attempt {
     body: Body,
     usage: Option<usage::Usage>,
     recorded: bool,
+    request_id: Option<String>,
+    /// The model's price and the request's token estimates, from admission.
+    price: Option<Price>,
+    estimate_tokens: (u64, u64),
+    /// Held against budgets scoped to the chosen key.
+    key_held: Vec<Held>,
+    /// This attempt ended in a success whose cost was settled.
+    settled: bool,
+    /// The stream was ended early because a hard budget was crossed.
+    cut: bool,
+    next_cutoff_check: u64,
 }
 
 impl Attempt {
@@ -64,10 +81,102 @@ impl Attempt {
             body: Body::Ignore,
             usage: None,
             recorded: false,
+            request_id: None,
+            price: None,
+            estimate_tokens: (0, 0),
+            key_held: Vec::new(),
+            settled: false,
+            cut: false,
+            next_cutoff_check: 0,
         }
     }
 
-    /// Records the attempt once, with the usage seen so far.
+    /// With `stream_cutoff`: once a stream's running cost (its prompt plus
+    /// one token per event) passes what was reserved for it, checks whether
+    /// the excess crosses a hard budget; if so returns the final SSE events
+    /// that end the stream for the client.
+    fn cutoff_event(&self, events: u64) -> Option<String> {
+        let key = self.cfg.keys.get(self.key?)?;
+        let running = budget::estimate(self.estimate_tokens.0, events, self.price.as_ref(), &key.pricing);
+        let rid = self.request_id.as_deref()?;
+        let mut held = with_flights(|fl| fl.get_mut(rid).map(|f| f.held.clone())).flatten().unwrap_or_default();
+        held.extend(self.key_held.iter().copied());
+        let reserved = held.iter().map(|h| h.amount).max().unwrap_or_default();
+        let excess = running - reserved;
+        if excess <= rust_decimal::Decimal::ZERO {
+            return None;
+        }
+        let i = budget::crossed(&abi::SharedData, &self.cfg.budgets, &held, excess, abi::now_ms())?;
+        let id = self.cfg.budgets.get(i).map_or("?", |b| b.id.as_str());
+        log::info!("[{}] stream cut off: budget {id} reached", self.id);
+        let err = serde_json::json!({"error": {
+            "message": format!("Budget '{id}' was reached during this stream; the response is incomplete."),
+            "type": "insufficient_quota", "param": null, "code": "budget_exceeded"}});
+        Some(format!("data: {err}\n\ndata: [DONE]\n\n"))
+    }
+
+    /// The actual cost of this attempt's usage with the chosen key.
+    fn actual_cost(&self) -> Option<rust_decimal::Decimal> {
+        let key = self.cfg.keys.get(self.key?)?;
+        let u = self.usage.unwrap_or_default();
+        budget::cost(&u, self.price.as_ref(), &key.pricing)
+    }
+
+    /// Called when the response's usage is known: leaves the outcome for the
+    /// ingress stage (access logs) and returns the cost.
+    fn usage_known(&mut self) -> Option<rust_decimal::Decimal> {
+        let cost = self.actual_cost();
+        if let Some(rid) = self.request_id.as_deref() {
+            let (k, u, d) = (self.key, self.usage, self.decision.clone());
+            with_flights(|fl| {
+                if let Some(f) = fl.get_mut(rid) {
+                    f.key = k;
+                    f.usage = u;
+                    f.cost = cost;
+                    f.decision = d;
+                }
+            });
+        }
+        cost
+    }
+
+    /// Settles or releases reservations when the attempt ends, and lets go
+    /// of the request.
+    fn close_books(&mut self) {
+        let now = abi::now_ms();
+        let budgets = &self.cfg.budgets;
+        // A stream that ended without its usage (the client left, the
+        // provider cut it) is released, not charged: its cost is unknown.
+        let unfinished_stream = matches!(self.body, Body::Sse(_)) && self.usage.is_none();
+        let success = (200..300).contains(&self.status) && !unfinished_stream;
+        let actual = if success { Some(self.actual_cost().unwrap_or_default()) } else { None };
+        let key_held = std::mem::take(&mut self.key_held);
+        match actual {
+            Some(a) => budget::settle(&abi::SharedData, budgets, &key_held, a, now),
+            None => budget::release(&abi::SharedData, budgets, &key_held, now),
+        }
+        let Some(rid) = self.request_id.as_deref() else { return };
+        let (to_settle, letting) = with_flights(|fl| {
+            let Some(f) = fl.get_mut(rid) else { return (None, None) };
+            let to_settle = if actual.is_some() { f.take_for_settlement() } else { None };
+            let letting = f.attempt_finished();
+            if let Letting::Release(_) = letting {
+                fl.remove(rid);
+            }
+            (to_settle, Some(letting))
+        })
+        .unwrap_or((None, None));
+        if let (Some(held), Some(a)) = (to_settle, actual) {
+            budget::settle(&abi::SharedData, budgets, &held, a, now);
+            self.settled = true;
+        }
+        if let Some(Letting::Release(held)) = letting {
+            budget::release(&abi::SharedData, budgets, &held, now);
+        }
+    }
+
+    /// Records the attempt once, with the usage seen so far, and closes
+    /// its budget books.
     fn finish(&mut self) {
         if self.recorded {
             return;
@@ -79,6 +188,7 @@ impl Attempt {
             }
         }
         self.record(Action::Nothing);
+        self.close_books();
     }
 
     fn record(&mut self, action: Action) {
@@ -176,7 +286,11 @@ impl Context for Attempt {
     // Envoy does not call on_log for router upstream filters; on_done marks
     // the end of the attempt, whether it completed, was reset or aborted.
     fn on_done(&mut self) -> bool {
+        let already = self.recorded;
         self.finish();
+        if already {
+            self.close_books();
+        }
         true
     }
 }
@@ -189,26 +303,34 @@ impl HttpContext for Attempt {
         // What the ingress stage left for this request: the provider, the
         // objective and the keys earlier attempts used. Absent when the
         // ingress stage is not installed; then the first provider serves.
-        let (provider, tried, attempt, objective) = rid
-            .as_deref()
-            .and_then(|rid| {
-                with_flights(|fl| {
-                    fl.get_mut(rid).map(|f| {
-                        f.attempts += 1;
-                        (f.provider, f.tried.clone(), f.attempts, f.objective.clone())
-                    })
+        let found = rid.as_deref().and_then(|rid| {
+            with_flights(|fl| {
+                fl.get_mut(rid).map(|f| {
+                    f.attempts += 1;
+                    f.in_flight += 1;
+                    let est = (f.prompt_tokens_est, f.output_tokens_est);
+                    (f.provider, f.tried.clone(), f.attempts, f.objective.clone(), f.price, est)
                 })
-                .flatten()
             })
-            .unwrap_or_else(|| {
+            .flatten()
+        });
+        let (provider, tried, attempt, objective, price, est) = match found {
+            Some(x) => {
+                self.request_id = rid.clone();
+                x
+            }
+            None => {
                 let n = abi::header(abi::REQUEST_HEADERS, "x-envoy-attempt-count")
                     .ok()
                     .flatten()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(1);
-                (0, Vec::new(), n, None)
-            });
+                (0, Vec::new(), n, None, None, (0, 0))
+            }
+        };
         self.attempt = attempt;
+        self.price = price;
+        self.estimate_tokens = est;
         let objective: &Objective = objective.as_ref().unwrap_or(&self.cfg.routing.objective);
 
         let Ok(mut routing) = self.routing.try_borrow_mut() else {
@@ -217,18 +339,46 @@ impl HttpContext for Attempt {
         };
         let routing = &mut *routing;
         routing.snapshot.refresh(&abi::SharedData, &self.cfg, now);
-        let mut chosen = routing.chooser.choose(&self.cfg, provider, &mut routing.snapshot, now, &tried, objective);
-        // Confirm the choice against the key's own fresh record; another
-        // worker may have used up its quota or cooled it since the snapshot.
-        for _ in 0..3 {
+        let mut banned: Vec<usize> = Vec::new();
+        let mut chosen = routing.chooser.choose_excluding(
+            &self.cfg,
+            provider,
+            &mut routing.snapshot,
+            now,
+            &tried,
+            &banned,
+            objective,
+        );
+        // Confirm the choice against the key's own fresh record (another
+        // worker may have used up its quota or cooled it since the snapshot)
+        // and against its own budgets; choose again if it cannot serve.
+        for _ in 0..8 {
             let Some(k) = chosen.as_ref().ok().and_then(|d| d.chosen) else { break };
             let (Some(key), Some(snap)) = (self.cfg.keys.get(k), routing.snapshot.records.get(k)) else { break };
             let Ok(fresh) = read_record(&abi::SharedData, &key.record_name) else { break };
-            if !stale_choice(&self.cfg, k, snap, &fresh, now) {
+            if stale_choice(&self.cfg, k, snap, &fresh, now) {
+                routing.snapshot.observe(k, fresh);
+            } else if key.budgets.is_empty() {
                 break;
+            } else {
+                let estimate = budget::estimate(est.0, est.1, price.as_ref(), &key.pricing);
+                match budget::reserve(&abi::SharedData, &self.cfg.budgets, &key.budgets, estimate, now) {
+                    Ok(a) => {
+                        self.key_held = a.held;
+                        break;
+                    }
+                    Err(_) => banned.push(k),
+                }
             }
-            routing.snapshot.observe(k, fresh);
-            chosen = routing.chooser.choose(&self.cfg, provider, &mut routing.snapshot, now, &tried, objective);
+            chosen = routing.chooser.choose_excluding(
+                &self.cfg,
+                provider,
+                &mut routing.snapshot,
+                now,
+                &tried,
+                &banned,
+                objective,
+            );
         }
         match chosen {
             Ok(d) => {
@@ -314,7 +464,14 @@ impl HttpContext for Attempt {
         if content_type.starts_with("text/event-stream") {
             self.body = Body::Sse(Box::default());
         } else if (200..300).contains(&self.status) && content_type.contains("json") {
-            self.body = Body::Json;
+            // Hold the headers while the body is read, so the cost can be
+            // added to them; the body is buffered whole anyway.
+            let priced =
+                self.price.is_some() || self.cfg.keys.get(k).is_some_and(|key| key.pricing.cost_per_1k.is_some());
+            self.body = Body::Json { hold: priced };
+            if priced {
+                return Next::Pause;
+            }
         }
         Next::Continue
     }
@@ -323,19 +480,37 @@ impl HttpContext for Attempt {
         match &mut self.body {
             Body::Ignore => Next::Continue,
             Body::Sse(parser) => {
-                // Read each chunk as it passes; never hold the stream back.
-                if size > 0 {
+                if self.cut {
+                    // After a budget cut-off the client has its final event;
+                    // the rest of the provider's stream is counted, not sent.
+                    if size > 0 {
+                        if let Ok(Some(chunk)) = abi::buffer(abi::RESPONSE_BODY, 0, size) {
+                            parser.feed(&chunk);
+                        }
+                        let _ = abi::set_buffer(abi::RESPONSE_BODY, 0, size, b"");
+                    }
+                } else if size > 0 {
+                    // Read each chunk as it passes; never hold the stream back.
                     if let Ok(Some(chunk)) = abi::buffer(abi::RESPONSE_BODY, 0, size) {
                         parser.feed(&chunk);
                     }
                 }
+                let events = parser.events;
                 if end_of_stream {
                     parser.finish();
                     self.usage = parser.usage;
+                    self.usage_known();
+                } else if self.cfg.stream_cutoff && !self.cut && events >= self.next_cutoff_check {
+                    self.next_cutoff_check = events + 8;
+                    if let Some(event) = self.cutoff_event(events) {
+                        self.cut = true;
+                        let _ = abi::set_buffer(abi::RESPONSE_BODY, 0, size, event.as_bytes());
+                    }
                 }
                 Next::Continue
             }
-            Body::Json => {
+            Body::Json { hold } => {
+                let hold = *hold;
                 if !end_of_stream {
                     if size > MAX_JSON_BODY {
                         self.body = Body::Ignore;
@@ -345,6 +520,12 @@ impl HttpContext for Attempt {
                 }
                 if let Ok(Some(body)) = abi::buffer(abi::RESPONSE_BODY, 0, size) {
                     self.usage = usage::from_json_body(&body);
+                }
+                let cost = self.usage_known();
+                if hold {
+                    if let Some(c) = cost {
+                        let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-cost", &budget::show(c));
+                    }
                 }
                 Next::Continue
             }

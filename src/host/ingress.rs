@@ -5,8 +5,10 @@
 
 use super::{abi, send, with_flights, Routing};
 use crate::admin::{self, AdminRequest};
+use crate::admission::{self, Caller};
+use crate::budget::{self, show};
 use crate::config::Config;
-use crate::flight::Flight;
+use crate::flight::{Flight, Letting};
 use crate::keys::check;
 use crate::objective::Objective;
 use crate::reply;
@@ -34,14 +36,127 @@ pub(crate) struct Ingress {
     routing: Rc<RefCell<Routing>>,
     request_id: Option<String>,
     path: String,
+    provider: usize,
     read_body: bool,
     admin: Option<PendingAdmin>,
     done: bool,
+    /// Filter state for access logs was written.
+    logged_state: bool,
 }
 
 impl Ingress {
     pub(crate) fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<Routing>>) -> Ingress {
-        Ingress { id, cfg, routing, request_id: None, path: String::new(), read_body: false, admin: None, done: false }
+        Ingress {
+            id,
+            cfg,
+            routing,
+            request_id: None,
+            path: String::new(),
+            provider: 0,
+            read_body: false,
+            admin: None,
+            done: false,
+            logged_state: false,
+        }
+    }
+
+    /// Prices the request, applies the per-request cap and reserves its
+    /// estimate against every budget that applies; refuses when a hard
+    /// budget has no room. Returns the refusal to send, if any.
+    fn admit(&mut self, info: &request::RequestInfo, now: u64) -> Option<reply::Reply> {
+        let caller = Caller::default();
+        let plan = match admission::plan(&self.cfg, self.provider, info, &caller) {
+            Ok(p) => p,
+            Err(r) => return Some(r),
+        };
+        if plan.unpriced {
+            if let Some(m) = info.model.as_deref() {
+                warn_unpriced_once(m);
+            }
+        }
+        let mut admitted = budget::Admitted::default();
+        if !plan.budgets.is_empty() {
+            match budget::reserve(&abi::SharedData, &self.cfg.budgets, &plan.budgets, plan.estimate, now) {
+                Ok(a) => admitted = a,
+                Err(r) => {
+                    let id = self.cfg.budgets.get(r.budget).map_or("?", |b| b.id.as_str());
+                    log::info!("[{}] refused by budget {id}", self.id);
+                    return Some(admission::refusal(&self.cfg, &r, now));
+                }
+            }
+            for &i in &admitted.log_soft {
+                if let Some(b) = self.cfg.budgets.get(i) {
+                    log::warn!(
+                        "budget {} passed its soft limit of {} in this window; requests are flagged",
+                        b.id,
+                        show(b.limit)
+                    );
+                }
+            }
+        }
+        let Some(rid) = self.request_id.clone() else {
+            budget::release(&abi::SharedData, &self.cfg.budgets, &admitted.held, now);
+            return None;
+        };
+        let leftover = with_flights(|fl| match fl.get_mut(&rid) {
+            Some(f) => {
+                f.model = info.model.clone();
+                f.price = plan.price;
+                f.prompt_tokens_est = plan.prompt_tokens;
+                f.output_tokens_est = plan.output_tokens;
+                f.held = std::mem::take(&mut admitted.held);
+                f.soft_over = std::mem::take(&mut admitted.over_soft);
+                f.stream = info.stream;
+                None
+            }
+            None => Some(std::mem::take(&mut admitted.held)),
+        })
+        .flatten();
+        if let Some(held) = leftover {
+            budget::release(&abi::SharedData, &self.cfg.budgets, &held, now);
+        }
+        None
+    }
+
+    /// Leaves the request's outcome in filter state for access logs:
+    /// `%FILTER_STATE(wasm.apikeyrouter.<name>:PLAIN)%`.
+    fn publish_outcome(&mut self) {
+        if self.logged_state {
+            return;
+        }
+        self.logged_state = true;
+        let Some(rid) = self.request_id.as_deref() else { return };
+        let cfg = &self.cfg;
+        let facts = with_flights(|fl| {
+            fl.get_mut(rid).map(|f| {
+                let key = f.key.and_then(|k| cfg.keys.get(k)).map(|k| k.id.clone());
+                let provider = cfg.providers.get(f.provider).map(|p| p.id.clone());
+                (key, provider, f.attempts, f.usage, f.cost, f.decision.clone())
+            })
+        })
+        .flatten();
+        let Some((key, provider, attempts, usage, cost, decision)) = facts else { return };
+        let set = |name: &str, v: &str| {
+            let _ = abi::set_property(name, v.as_bytes());
+        };
+        if let Some(k) = key {
+            set("apikeyrouter.key_id", &k);
+        }
+        if let Some(p) = provider {
+            set("apikeyrouter.provider", &p);
+        }
+        set("apikeyrouter.attempts", &attempts.to_string());
+        if let Some(u) = usage {
+            set("apikeyrouter.input_tokens", &u.input.to_string());
+            set("apikeyrouter.output_tokens", &u.output.to_string());
+            set("apikeyrouter.total_tokens", &u.total.to_string());
+        }
+        if let Some(c) = cost {
+            set("apikeyrouter.cost", &show(c));
+        }
+        if let Some(d) = decision {
+            set("apikeyrouter.decision", &d);
+        }
     }
 
     fn reply(&mut self, r: &reply::Reply) -> Action {
@@ -154,7 +269,7 @@ impl HttpContext for Ingress {
             Err(msg) => return self.reply(&reply::error(400, "invalid_request_error", "invalid_objective", &msg)),
         };
 
-        let provider = 0;
+        let provider = self.provider;
         if let Some((retry_after, why)) = self.refuse_when_no_key(provider, now) {
             return self.reply(&reply::no_key(retry_after, &why));
         }
@@ -220,12 +335,8 @@ impl HttpContext for Ingress {
             Ok(i) => i,
             Err(e) => return self.reply(&reply::bad_request(&e.to_string())),
         };
-        if let Some(rid) = &self.request_id {
-            with_flights(|fl| {
-                if let Some(f) = fl.get_mut(rid) {
-                    f.stream = info.stream;
-                }
-            });
+        if let Some(refusal) = self.admit(&info, abi::now_ms()) {
+            return self.reply(&refusal);
         }
         if self.cfg.inject_stream_usage && request::path_takes_stream_options(&self.path) {
             if let Some(new_body) = request::with_include_usage(&body, &info) {
@@ -243,9 +354,55 @@ impl HttpContext for Ingress {
         Action::Continue
     }
 
-    fn on_log(&mut self) {
-        if let Some(rid) = self.request_id.take() {
-            with_flights(|fl| fl.remove(&rid));
+    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        let Some(rid) = self.request_id.as_deref() else {
+            return Action::Continue;
+        };
+        let soft = with_flights(|fl| fl.get_mut(rid).map(|f| f.soft_over.clone())).flatten().unwrap_or_default();
+        if !soft.is_empty() {
+            let ids: Vec<&str> = soft.iter().filter_map(|&i| self.cfg.budgets.get(i)).map(|b| b.id.as_str()).collect();
+            let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-budget-warning", &ids.join(","));
         }
+        if end_of_stream {
+            self.publish_outcome();
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, _size: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            self.publish_outcome();
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let Some(rid) = self.request_id.take() else { return };
+        let letting = with_flights(|fl| {
+            let l = fl.get_mut(&rid).map(|f| f.ingress_finished());
+            if let Some(Letting::Release(_)) = l {
+                fl.remove(&rid);
+            }
+            l
+        })
+        .flatten();
+        if let Some(Letting::Release(held)) = letting {
+            if !held.is_empty() {
+                budget::release(&abi::SharedData, &self.cfg.budgets, &held, abi::now_ms());
+            }
+        }
+    }
+}
+
+thread_local! {
+    static WARNED_MODELS: std::cell::RefCell<hashbrown::HashSet<String>> = std::cell::RefCell::new(hashbrown::HashSet::new());
+}
+
+/// Logs once per model per VM that a model has no price.
+fn warn_unpriced_once(model: &str) {
+    let first = WARNED_MODELS
+        .with(|w| w.try_borrow_mut().map(|mut w| w.len() < 1000 && w.insert(model.to_string())).unwrap_or(false));
+    if first {
+        log::warn!("model {model:?} has no price in the prices table; its tokens are counted at price zero");
     }
 }

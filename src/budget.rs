@@ -1,0 +1,599 @@
+//! Exact cost accounting: prices, the cost of a request, and budgets that
+//! reserve an upper-bound estimate at admission and true up to the actual
+//! cost when the response completes.
+//!
+//! Amounts are `rust_decimal::Decimal` throughout; nothing is rounded until
+//! it is shown. A budget's state is one record per budget in shared data,
+//! updated through the CAS helper: reserving checks `spent + reserved +
+//! estimate <= limit` and adds the estimate in the same swap, so concurrent
+//! requests cannot overspend a hard budget.
+
+use crate::store::{update, Store, UpdateError};
+use crate::usage::Usage;
+use crate::window::Window;
+use rust_decimal::Decimal;
+use std::fmt;
+
+/// Prices per 1,000,000 tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Price {
+    pub input: Decimal,
+    pub output: Decimal,
+    pub cached_input: Decimal,
+}
+
+/// The model price table: exact names, and prefixes written `name*`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PriceTable {
+    exact: Vec<(String, Price)>,
+    /// Longest prefix first.
+    prefix: Vec<(String, Price)>,
+}
+
+impl PriceTable {
+    pub fn insert(&mut self, model: &str, price: Price) {
+        match model.strip_suffix('*') {
+            Some(p) => {
+                self.prefix.push((p.to_string(), price));
+                self.prefix.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+            }
+            None => self.exact.push((model.to_string(), price)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefix.is_empty()
+    }
+
+    /// The price of `model`: an exact entry, else the longest matching prefix.
+    pub fn lookup(&self, model: &str) -> Option<&Price> {
+        self.exact
+            .iter()
+            .find(|(m, _)| m == model)
+            .or_else(|| self.prefix.iter().find(|(p, _)| model.starts_with(p.as_str())))
+            .map(|(_, p)| p)
+    }
+}
+
+/// How a key's price differs from the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyPricing {
+    /// A flat price per 1,000 tokens of any kind; wins over the table.
+    pub cost_per_1k: Option<Decimal>,
+    /// Multiplies the table price (discounted keys); 1 when absent.
+    pub multiplier: Option<Decimal>,
+}
+
+const MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
+const THOUSAND: Decimal = Decimal::from_parts(1000, 0, 0, false, 0);
+
+/// Exact cost of `usage`. `None` when neither the key nor the table prices it.
+pub fn cost(usage: &Usage, price: Option<&Price>, key: &KeyPricing) -> Option<Decimal> {
+    if let Some(flat) = key.cost_per_1k {
+        return Some(Decimal::from(usage.total) * flat / THOUSAND);
+    }
+    let p = price?;
+    let cached = usage.cached_input.min(usage.input);
+    let fresh = usage.input - cached;
+    let c = (Decimal::from(fresh) * p.input
+        + Decimal::from(cached) * p.cached_input
+        + Decimal::from(usage.output) * p.output)
+        / MILLION;
+    Some(c * key.multiplier.unwrap_or(Decimal::ONE))
+}
+
+/// Upper-bound cost of a request before it runs: every prompt token at the
+/// uncached input price, every allowed output token at the output price.
+pub fn estimate(prompt_tokens: u64, output_tokens: u64, price: Option<&Price>, key: &KeyPricing) -> Decimal {
+    let u = Usage {
+        input: prompt_tokens,
+        output: output_tokens,
+        total: prompt_tokens.saturating_add(output_tokens),
+        cached_input: 0,
+    };
+    cost(&u, price, key).unwrap_or_default()
+}
+
+/// The largest estimate over the pricings a request might be served with.
+pub fn worst_estimate(
+    prompt_tokens: u64,
+    output_tokens: u64,
+    price: Option<&Price>,
+    pricings: &[KeyPricing],
+) -> Decimal {
+    pricings
+        .iter()
+        .map(|k| estimate(prompt_tokens, output_tokens, price, k))
+        .max()
+        .unwrap_or_else(|| estimate(prompt_tokens, output_tokens, price, &KeyPricing::default()))
+}
+
+/// What a budget covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Global,
+    Provider(usize),
+    Key(usize),
+    Model(String),
+    Client(String),
+    Team(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Refuses a request that could take spend past the limit.
+    Hard,
+    /// Lets it through, flagged.
+    Soft,
+}
+
+/// A compiled budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    pub id: String,
+    pub scope: Scope,
+    /// `None`: the total, never reset.
+    pub window: Option<Window>,
+    pub limit: Decimal,
+    pub enforcement: Enforcement,
+    pub record_name: String,
+}
+
+impl Budget {
+    pub fn window_start(&self, now_ms: u64) -> u64 {
+        self.window.map_or(0, |w| w.start(now_ms))
+    }
+
+    /// When the current window ends (`None` for a total).
+    pub fn resets_at(&self, now_ms: u64) -> Option<u64> {
+        self.window.map(|w| w.next_start(now_ms))
+    }
+}
+
+/// A budget's state in shared data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BudgetRecord {
+    pub window_start_ms: u64,
+    pub spent: Decimal,
+    pub reserved: Decimal,
+    pub requests: u64,
+    pub refused: u64,
+    /// The window in which the soft-limit warning was last logged.
+    pub soft_logged_window: u64,
+    /// A limit set through the admin API, overriding the configured one.
+    pub limit_override: Option<Decimal>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadRecord;
+
+impl fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("budget record unreadable")
+    }
+}
+
+const VERSION: u8 = 1;
+
+impl BudgetRecord {
+    pub const LEN: usize = 2 + 8 + 16 + 16 + 8 + 8 + 8 + 16;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.push(VERSION);
+        out.push(u8::from(self.limit_override.is_some()));
+        out.extend_from_slice(&self.window_start_ms.to_le_bytes());
+        out.extend_from_slice(&self.spent.serialize());
+        out.extend_from_slice(&self.reserved.serialize());
+        out.extend_from_slice(&self.requests.to_le_bytes());
+        out.extend_from_slice(&self.refused.to_le_bytes());
+        out.extend_from_slice(&self.soft_logged_window.to_le_bytes());
+        out.extend_from_slice(&self.limit_override.unwrap_or_default().serialize());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<BudgetRecord, BadRecord> {
+        if b.len() < Self::LEN || b[0] != VERSION {
+            return Err(BadRecord);
+        }
+        let u = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let d = |at: usize| {
+            let mut w = [0u8; 16];
+            w.copy_from_slice(&b[at..at + 16]);
+            // Decimal::deserialize masks the flags it does not know.
+            Decimal::deserialize(w)
+        };
+        Ok(BudgetRecord {
+            window_start_ms: u(2),
+            spent: d(10),
+            reserved: d(26),
+            requests: u(42),
+            refused: u(50),
+            soft_logged_window: u(58),
+            limit_override: (b[1] == 1).then(|| d(66)),
+        })
+    }
+
+    /// The record as of the window containing `now_ms` (rolled over when a
+    /// new window began).
+    pub fn current(mut self, budget: &Budget, now_ms: u64) -> BudgetRecord {
+        let start = budget.window_start(now_ms);
+        if self.window_start_ms != start {
+            self.window_start_ms = start;
+            self.spent = Decimal::ZERO;
+            self.reserved = Decimal::ZERO;
+            self.requests = 0;
+            self.refused = 0;
+        }
+        self
+    }
+
+    pub fn limit(&self, budget: &Budget) -> Decimal {
+        self.limit_override.unwrap_or(budget.limit)
+    }
+}
+
+fn read(b: Option<&[u8]>) -> Result<BudgetRecord, BadRecord> {
+    b.map_or(Ok(BudgetRecord::default()), BudgetRecord::decode)
+}
+
+/// Reads a budget's record as of `now_ms`.
+pub fn load(store: &dyn Store, budget: &Budget, now_ms: u64) -> BudgetRecord {
+    read(store.get(&budget.record_name).0.as_deref()).unwrap_or_default().current(budget, now_ms)
+}
+
+/// An amount held against one budget for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub budget: usize,
+    pub window_start_ms: u64,
+    pub amount: Decimal,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub budget: usize,
+    pub spent: Decimal,
+    pub reserved: Decimal,
+    pub limit: Decimal,
+    pub estimate: Decimal,
+    pub resets_at_ms: Option<u64>,
+}
+
+/// The result of admitting a request against its budgets.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Admitted {
+    pub held: Vec<Held>,
+    /// Soft budgets this request takes over their limit.
+    pub over_soft: Vec<usize>,
+    /// Soft budgets whose warning should be logged now (once per window).
+    pub log_soft: Vec<usize>,
+}
+
+#[derive(Debug)]
+enum Reject {
+    Over(Refusal),
+    Bad,
+}
+
+/// Reserves `estimate` against every budget in `applicable`, refusing when a
+/// hard budget's `spent + reserved + estimate` would pass its limit. On a
+/// refusal nothing stays reserved.
+pub fn reserve(
+    store: &dyn Store,
+    budgets: &[Budget],
+    applicable: &[usize],
+    estimate: Decimal,
+    now_ms: u64,
+) -> Result<Admitted, Refusal> {
+    let mut admitted = Admitted::default();
+    for &i in applicable {
+        let Some(b) = budgets.get(i) else { continue };
+        let (r, _) = update(store, &b.record_name, |cur| {
+            let mut rec = read(cur).map_err(|_| Reject::Bad)?.current(b, now_ms);
+            let limit = rec.limit(b);
+            let over = rec.spent + rec.reserved + estimate > limit;
+            if over && b.enforcement == Enforcement::Hard {
+                return Err(Reject::Over(Refusal {
+                    budget: i,
+                    spent: rec.spent,
+                    reserved: rec.reserved,
+                    limit,
+                    estimate,
+                    resets_at_ms: b.resets_at(now_ms),
+                }));
+            }
+            let log_now = over && rec.soft_logged_window != rec.window_start_ms.wrapping_add(1);
+            if log_now {
+                // Stored +1 so that window 0 (totals) is distinct from "never".
+                rec.soft_logged_window = rec.window_start_ms.wrapping_add(1);
+            }
+            rec.reserved += estimate;
+            Ok(((rec.window_start_ms, over, log_now), rec.encode()))
+        });
+        match r {
+            Ok((window_start_ms, over, log_now)) => {
+                admitted.held.push(Held { budget: i, window_start_ms, amount: estimate });
+                if over {
+                    admitted.over_soft.push(i);
+                }
+                if log_now {
+                    admitted.log_soft.push(i);
+                }
+            }
+            Err(UpdateError::Rejected(Reject::Over(refusal))) => {
+                count_refusal(store, b, now_ms);
+                release(store, budgets, &admitted.held, now_ms);
+                return Err(refusal);
+            }
+            Err(e) => {
+                // The store failed: admit without this budget rather than
+                // refuse traffic, and say so.
+                log::warn!("budget {}: reservation not recorded ({e:?})", b.id);
+            }
+        }
+    }
+    Ok(admitted)
+}
+
+fn count_refusal(store: &dyn Store, b: &Budget, now_ms: u64) {
+    let _ = update(store, &b.record_name, |cur| {
+        let mut rec = read(cur)?.current(b, now_ms);
+        rec.refused += 1;
+        Ok::<_, BadRecord>(((), rec.encode()))
+    });
+}
+
+/// Replaces each reservation with the actual cost.
+pub fn settle(store: &dyn Store, budgets: &[Budget], held: &[Held], actual: Decimal, now_ms: u64) {
+    for h in held {
+        adjust(store, budgets, h, Some(actual), now_ms);
+    }
+}
+
+/// Gives the reservations back (upstream failed, client went away).
+pub fn release(store: &dyn Store, budgets: &[Budget], held: &[Held], now_ms: u64) {
+    for h in held {
+        adjust(store, budgets, h, None, now_ms);
+    }
+}
+
+fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decimal>, now_ms: u64) {
+    let Some(b) = budgets.get(h.budget) else { return };
+    let (r, _) = update(store, &b.record_name, |cur| {
+        let mut rec = read(cur)?.current(b, now_ms);
+        // A reservation from a window that has since rolled over was
+        // cleared with it; the spend lands in the window it happened in.
+        if rec.window_start_ms == h.window_start_ms {
+            rec.reserved = (rec.reserved - h.amount).max(Decimal::ZERO);
+        }
+        if let Some(a) = actual {
+            rec.spent += a;
+            rec.requests += 1;
+        }
+        Ok::<_, BadRecord>(((), rec.encode()))
+    });
+    if let Err(e) = r {
+        log::warn!("budget {}: true-up not recorded ({e:?})", b.id);
+    }
+}
+
+/// During a stream whose running cost has passed its reservation by
+/// `excess`: the first hard budget among `held` that the excess takes past
+/// its limit, if any.
+pub fn crossed(store: &dyn Store, budgets: &[Budget], held: &[Held], excess: Decimal, now_ms: u64) -> Option<usize> {
+    held.iter().map(|h| h.budget).find(|&i| {
+        budgets.get(i).is_some_and(|b| {
+            b.enforcement == Enforcement::Hard && {
+                let r = load(store, b, now_ms);
+                r.spent + r.reserved + excess > r.limit(b)
+            }
+        })
+    })
+}
+
+/// Sets (or, with `None`, clears) a budget's limit override.
+pub fn set_limit(store: &dyn Store, budget: &Budget, limit: Option<Decimal>, now_ms: u64) -> Option<BudgetRecord> {
+    let (r, _) = update(store, &budget.record_name, |cur| {
+        let mut rec = read(cur)?.current(budget, now_ms);
+        rec.limit_override = limit;
+        Ok::<_, BadRecord>((rec, rec.encode()))
+    });
+    r.ok()
+}
+
+/// Rounds an amount for display, keeping up to 10 decimal places.
+pub fn show(d: Decimal) -> String {
+    d.round_dp(10).normalize().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FakeStore;
+    use std::str::FromStr;
+
+    fn dec(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap_or_default()
+    }
+
+    fn price() -> Price {
+        Price { input: dec("2.50"), output: dec("10.00"), cached_input: dec("1.25") }
+    }
+
+    fn usage(input: u64, output: u64, cached: u64) -> Usage {
+        Usage { input, output, total: input + output, cached_input: cached }
+    }
+
+    #[test]
+    fn cost_is_usage_times_price_exactly() {
+        let c = cost(&usage(1000, 500, 0), Some(&price()), &KeyPricing::default());
+        assert_eq!(c, Some(dec("0.0075")));
+        let c = cost(&usage(1000, 500, 400), Some(&price()), &KeyPricing::default());
+        assert_eq!(c, Some(dec("0.007")), "400 cached at half price");
+        // 0.1 + 0.2 style sums stay exact.
+        let one = cost(&usage(1, 0, 0), Some(&price()), &KeyPricing::default()).unwrap_or_default();
+        let mut sum = Decimal::ZERO;
+        for _ in 0..1_000_000 {
+            sum += one;
+        }
+        assert_eq!(sum, dec("2.5"));
+    }
+
+    #[test]
+    fn key_overrides_win_over_the_table() {
+        let flat = KeyPricing { cost_per_1k: Some(dec("0.002")), multiplier: None };
+        assert_eq!(cost(&usage(1000, 500, 0), Some(&price()), &flat), Some(dec("0.003")));
+        assert_eq!(cost(&usage(1000, 500, 0), None, &flat), Some(dec("0.003")));
+        let discounted = KeyPricing { cost_per_1k: None, multiplier: Some(dec("0.8")) };
+        assert_eq!(cost(&usage(1000, 500, 0), Some(&price()), &discounted), Some(dec("0.006")));
+        assert_eq!(cost(&usage(1, 1, 0), None, &KeyPricing::default()), None);
+    }
+
+    #[test]
+    fn estimates_are_upper_bounds_over_the_keys_that_may_serve() {
+        let p = price();
+        let flat = KeyPricing { cost_per_1k: Some(dec("0.1")), multiplier: None };
+        let half = KeyPricing { cost_per_1k: None, multiplier: Some(dec("0.5")) };
+        assert_eq!(estimate(1000, 1000, Some(&p), &KeyPricing::default()), dec("0.0125"));
+        assert_eq!(worst_estimate(1000, 1000, Some(&p), &[half, flat]), dec("0.2"));
+        assert_eq!(worst_estimate(1000, 1000, None, &[]), Decimal::ZERO);
+        let actual = cost(&usage(900, 300, 100), Some(&p), &half).unwrap_or_default();
+        assert!(actual <= estimate(900, 1000, Some(&p), &half));
+    }
+
+    #[test]
+    fn price_table_matches_exact_names_then_the_longest_prefix() {
+        let mut t = PriceTable::default();
+        t.insert("gpt-4o*", price());
+        t.insert("gpt-4o-mini*", Price { input: dec("0.15"), ..Price::default() });
+        t.insert("gpt-4o-mini-tts", Price { input: dec("9"), ..Price::default() });
+        assert_eq!(t.lookup("gpt-4o-2024-08-06").map(|p| p.input), Some(dec("2.50")));
+        assert_eq!(t.lookup("gpt-4o-mini-2024-07-18").map(|p| p.input), Some(dec("0.15")));
+        assert_eq!(t.lookup("gpt-4o-mini-tts").map(|p| p.input), Some(dec("9")));
+        assert_eq!(t.lookup("o1"), None);
+    }
+
+    fn budget(limit: &str, enforcement: Enforcement, window: Option<Window>) -> Budget {
+        Budget {
+            id: "b".into(),
+            scope: Scope::Global,
+            window,
+            limit: dec(limit),
+            enforcement,
+            record_name: "akr.v1.budget.b".into(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_damage() {
+        let r = BudgetRecord {
+            window_start_ms: 5,
+            spent: dec("1.0000000001"),
+            reserved: dec("0.5"),
+            requests: 7,
+            refused: 8,
+            soft_logged_window: 9,
+            limit_override: Some(dec("42.5")),
+        };
+        assert_eq!(BudgetRecord::decode(&r.encode()), Ok(r));
+        assert_eq!(BudgetRecord::decode(&BudgetRecord::default().encode()), Ok(BudgetRecord::default()));
+        for cut in 0..BudgetRecord::LEN {
+            assert_eq!(BudgetRecord::decode(&r.encode()[..cut]), Err(BadRecord));
+        }
+    }
+
+    #[test]
+    fn hard_budget_refuses_when_spent_plus_reserved_plus_estimate_would_pass_the_limit() {
+        let s = FakeStore::new();
+        let bs = vec![budget("1.00", Enforcement::Hard, Some(Window::Day))];
+        let a = reserve(&s, &bs, &[0], dec("0.40"), 0);
+        let b = reserve(&s, &bs, &[0], dec("0.40"), 0);
+        assert!(a.is_ok() && b.is_ok());
+        let refused = reserve(&s, &bs, &[0], dec("0.40"), 0);
+        let Err(r) = refused else { panic!("admitted past the limit") };
+        assert_eq!((r.reserved, r.limit, r.resets_at_ms), (dec("0.80"), dec("1.00"), Some(86_400_000)));
+        assert_eq!(load(&s, &bs[0], 0).refused, 1);
+        // Exactly up to the limit is allowed.
+        assert!(reserve(&s, &bs, &[0], dec("0.20"), 0).is_ok());
+    }
+
+    #[test]
+    fn true_up_replaces_the_reservation_with_the_actual_cost() {
+        let s = FakeStore::new();
+        let bs = vec![budget("1.00", Enforcement::Hard, None)];
+        let a = reserve(&s, &bs, &[0], dec("0.40"), 0).unwrap_or_default();
+        settle(&s, &bs, &a.held, dec("0.1234"), 10);
+        let rec = load(&s, &bs[0], 10);
+        assert_eq!((rec.spent, rec.reserved, rec.requests), (dec("0.1234"), Decimal::ZERO, 1));
+        let b = reserve(&s, &bs, &[0], dec("0.5"), 10).unwrap_or_default();
+        release(&s, &bs, &b.held, 20);
+        let rec = load(&s, &bs[0], 20);
+        assert_eq!((rec.spent, rec.reserved, rec.requests), (dec("0.1234"), Decimal::ZERO, 1));
+    }
+
+    #[test]
+    fn a_refusal_releases_what_other_budgets_already_held() {
+        let s = FakeStore::new();
+        let mut tight = budget("0.10", Enforcement::Hard, None);
+        tight.record_name = "akr.v1.budget.tight".into();
+        let bs = vec![budget("1.00", Enforcement::Hard, None), tight];
+        assert!(reserve(&s, &bs, &[0, 1], dec("0.50"), 0).is_err());
+        assert_eq!(load(&s, &bs[0], 0).reserved, Decimal::ZERO);
+    }
+
+    #[test]
+    fn soft_budget_admits_flags_and_logs_once_per_window() {
+        let s = FakeStore::new();
+        let bs = vec![budget("0.10", Enforcement::Soft, Some(Window::Minute))];
+        let a = reserve(&s, &bs, &[0], dec("0.20"), 0).unwrap_or_default();
+        assert_eq!((a.over_soft.clone(), a.log_soft.clone()), (vec![0], vec![0]));
+        let b = reserve(&s, &bs, &[0], dec("0.20"), 1).unwrap_or_default();
+        assert_eq!((b.over_soft, b.log_soft), (vec![0], vec![]), "logged once per window");
+        let c = reserve(&s, &bs, &[0], dec("0.20"), 60_000).unwrap_or_default();
+        assert_eq!(c.log_soft, vec![0], "a new window logs again");
+    }
+
+    #[test]
+    fn windows_roll_over_at_utc_boundaries_and_late_true_ups_land_in_the_new_window() {
+        let s = FakeStore::new();
+        let bs = vec![budget("1.00", Enforcement::Hard, Some(Window::Hour))];
+        let a = reserve(&s, &bs, &[0], dec("0.90"), 3_599_000).unwrap_or_default();
+        assert!(reserve(&s, &bs, &[0], dec("0.20"), 3_599_500).is_err());
+        // The hour turns while the request is in flight.
+        assert!(reserve(&s, &bs, &[0], dec("0.20"), 3_600_000).is_ok());
+        settle(&s, &bs, &a.held, dec("0.30"), 3_600_100);
+        let rec = load(&s, &bs[0], 3_600_100);
+        assert_eq!((rec.spent, rec.reserved), (dec("0.30"), dec("0.20")));
+    }
+
+    #[test]
+    fn a_stream_running_past_its_reservation_crosses_a_hard_budget() {
+        let s = FakeStore::new();
+        let bs = vec![budget("1.00", Enforcement::Hard, None)];
+        let a = reserve(&s, &bs, &[0], dec("0.90"), 0).unwrap_or_default();
+        assert_eq!(crossed(&s, &bs, &a.held, dec("0.05"), 0), None);
+        assert_eq!(crossed(&s, &bs, &a.held, dec("0.11"), 0), Some(0));
+    }
+
+    #[test]
+    fn admin_limit_override_is_enforced() {
+        let s = FakeStore::new();
+        let bs = vec![budget("1.00", Enforcement::Hard, None)];
+        assert!(set_limit(&s, &bs[0], Some(dec("0.05")), 0).is_some());
+        assert!(reserve(&s, &bs, &[0], dec("0.10"), 0).is_err());
+        assert!(set_limit(&s, &bs[0], None, 0).is_some());
+        assert!(reserve(&s, &bs, &[0], dec("0.10"), 0).is_ok());
+    }
+
+    #[test]
+    fn amounts_are_shown_without_trailing_noise() {
+        assert_eq!(show(dec("0.007500")), "0.0075");
+        assert_eq!(show(dec("3")), "3");
+    }
+}

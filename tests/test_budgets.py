@@ -1,0 +1,191 @@
+"""Budgets through real Envoy: reservations hold a hard limit under
+concurrency, spend is recorded exactly, soft budgets flag, reservations are
+released after failures and aborts, and streams can be cut off."""
+
+import asyncio
+import json
+import re
+from collections import Counter
+from decimal import Decimal
+
+import aiohttp
+import pytest
+
+from harness import Mock, chat, http, plugin_with_keys, secrets, wait_until
+
+PRICE_IN = Decimal("1000")   # per 1M tokens: 0.001 a token
+PRICE_OUT = Decimal("2000")  # 0.002 a token
+
+
+@pytest.fixture
+def mock3():
+    m = Mock(keys=secrets(3))
+    yield m
+    m.stop()
+
+
+def priced(keys, **extra):
+    return plugin_with_keys(keys, prices={"gpt-4o-mini*": {"input": str(PRICE_IN), "output": str(PRICE_OUT)}},
+                            **extra)
+
+
+def expected_spend(mock):
+    total = Decimal(0)
+    for s in mock.stats().values():
+        total += (Decimal(s["prompt_tokens"]) * PRICE_IN + Decimal(s["completion_tokens"]) * PRICE_OUT) / 10**6
+    return total
+
+
+def budget(e, bid):
+    status, _, body = e.admin_api("GET", f"budgets/{bid}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+async def _clients(url, n, concurrency, body_of):
+    sem = asyncio.Semaphore(concurrency)
+    results = []
+
+    async def one(session, i):
+        async with sem:
+            async with session.post(url + "/v1/chat/completions", json=body_of(i)) as r:
+                results.append((r.status, await r.read(), dict(r.headers)))
+
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+        await asyncio.gather(*(one(s, i) for i in range(n)))
+    return results
+
+
+def test_hard_budget_never_overspends_under_64_concurrent_clients_and_spend_is_exact(mock3, start_envoy):
+    keys = secrets(3)
+    plugin = priced(keys, budgets=[{"id": "hard", "scope": "global", "window": "total", "limit": "2.00"}])
+    e = start_envoy(mock3, plugin=plugin)
+
+    def body(i):
+        return {"model": "gpt-4o-mini", "max_tokens": 10,
+                "messages": [{"role": "user", "content": f"budget request {i:04d}"}]}
+
+    results = asyncio.run(_clients(e.url, 400, 64, body))
+    statuses = Counter(s for s, _, _ in results)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses[200] > 20 and statuses[429] > 0, statuses
+    for status, raw, headers in results:
+        if status == 429:
+            err = json.loads(raw)["error"]
+            assert err["code"] == "insufficient_quota" and "Budget 'hard'" in err["message"]
+            assert headers.get("x-apikeyrouter-budget") == "hard"
+    wait_until(lambda: budget(e, "hard")["reserved"] == "0", what="reservations settled")
+    b = budget(e, "hard")
+    actual = expected_spend(mock3)
+    assert Decimal(b["spent"]) == actual, "recorded spend is usage x price, exactly"
+    assert actual <= Decimal("2.00"), "never over the hard limit"
+    assert b["requests"] == statuses[200]
+    assert b["refused"] == statuses[429]
+    # The provider saw exactly the admitted requests.
+    assert sum(s["requests"] for s in mock3.stats().values()) == statuses[200]
+
+
+def test_cost_header_reports_the_exact_cost_of_a_non_streaming_request(mock3, start_envoy):
+    keys = secrets(3)
+    e = start_envoy(mock3, plugin=priced(keys))
+    status, headers, body = chat(e.url, extra={"model": "gpt-4o-mini"})
+    assert status == 200
+    u = json.loads(body)["usage"]
+    want = (Decimal(u["prompt_tokens"]) * PRICE_IN + Decimal(u["completion_tokens"]) * PRICE_OUT) / 10**6
+    assert Decimal(headers["x-apikeyrouter-cost"]) == want
+    wait_until(lambda: '"cost":"' in e.logs(), what="access log line")
+    line = [l for l in e.logs().splitlines() if l.startswith("{") and '"cost"' in l][-1]
+    logged = json.loads(line)
+    assert Decimal(logged["cost"]) == want and logged["key_id"] in ("k1", "k2", "k3")
+    assert logged["input_tokens"] == str(u["prompt_tokens"])
+
+
+def test_soft_budget_lets_traffic_through_flagged_and_logs_once(mock3, start_envoy):
+    keys = secrets(3)
+    plugin = priced(keys, budgets=[{"id": "soft1", "window": "day", "limit": "0.0001", "enforcement": "soft"}])
+    e = start_envoy(mock3, plugin=plugin)
+    for _ in range(6):
+        status, headers, _ = chat(e.url, extra={"model": "gpt-4o-mini", "max_tokens": 5})
+        assert status == 200
+        assert headers["x-apikeyrouter-budget-warning"] == "soft1"
+    assert e.logs().count("budget soft1 passed its soft limit") == 1
+    wait_until(lambda: budget(e, "soft1")["reserved"] == "0", what="settled")
+    assert Decimal(budget(e, "soft1")["spent"]) == expected_spend(mock3)
+
+
+def test_reservations_are_released_after_upstream_errors(mock3, start_envoy):
+    keys = secrets(3)
+    e = start_envoy(mock3, plugin=priced(keys, budgets=[{"id": "b", "window": "day", "limit": "100"}]))
+    for k in keys:
+        mock3.behavior(k, status=500)
+    for _ in range(10):
+        assert chat(e.url, extra={"model": "gpt-4o-mini"})[0] == 500
+    wait_until(lambda: budget(e, "b")["reserved"] == "0", what="reservations released")
+    b = budget(e, "b")
+    assert (b["spent"], b["requests"]) == ("0", 0)
+
+
+async def _aborts(url, n, concurrency):
+    sem = asyncio.Semaphore(concurrency)
+    got_first = 0
+
+    async def one(session):
+        nonlocal got_first
+        body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "abort me"}]}
+        async with sem:
+            resp = await session.post(url + "/v1/chat/completions", json=body)
+            line = await resp.content.readline()
+            if line.startswith(b"data: "):
+                got_first += 1
+            resp.close()  # the client goes away mid-stream
+
+    conn = aiohttp.TCPConnector(limit=concurrency, force_close=True)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+        await asyncio.gather(*(one(s) for _ in range(n)))
+    return got_first
+
+
+def test_no_reservation_leaks_after_1000_aborted_streams(mock3, start_envoy):
+    keys = secrets(3)
+    e = start_envoy(mock3, plugin=priced(keys, budgets=[{"id": "b", "window": "day", "limit": "1000000"}]))
+    mock3.control("/_mock/stream", {"chunks": 5, "gate": True})
+    try:
+        got_first = asyncio.run(_aborts(e.url, 1000, 50))
+    finally:
+        mock3.control("/_mock/release", {})
+    assert got_first == 1000
+    wait_until(lambda: budget(e, "b")["reserved"] == "0", timeout=30, what="every reservation released")
+    assert budget(e, "b")["spent"] == "0"
+
+
+def test_unknown_model_and_cost_cap_are_refused_with_400(mock3, start_envoy):
+    keys = secrets(3)
+    plugin = priced(keys, unknown_model="refuse", max_cost_per_request="0.50")
+    e = start_envoy(mock3, plugin=plugin)
+    status, _, body = chat(e.url, extra={"model": "o9-unpriced"})
+    assert status == 400 and json.loads(body)["error"]["code"] == "model_not_priced"
+    status, _, body = chat(e.url, extra={"model": "gpt-4o-mini", "max_tokens": 100000})
+    err = json.loads(body)["error"]
+    assert status == 400 and err["code"] == "cost_cap_exceeded" and "max_cost_per_request" in err["message"]
+    assert chat(e.url, extra={"model": "gpt-4o-mini", "max_tokens": 10})[0] == 200
+    assert len(mock3.received()) == 1
+
+
+def test_stream_is_cut_off_cleanly_when_a_hard_budget_is_crossed(mock3, start_envoy):
+    keys = secrets(3)
+    plugin = priced(keys, stream_cutoff=True, estimate={"default_max_tokens": 2},
+                    budgets=[{"id": "tiny", "window": "total", "limit": "0.012"}])
+    plugin["prices"] = {"gpt-4o-mini*": {"input": "0", "output": "1000"}}
+    e = start_envoy(mock3, plugin=plugin)
+    mock3.control("/_mock/stream", {"chunks": 50, "delay_ms": 5})
+    status, _, body = http("POST", e.url + "/v1/chat/completions",
+                           {"model": "gpt-4o-mini", "stream": True,
+                            "messages": [{"role": "user", "content": "a long answer please"}]})
+    text = body.decode()
+    assert status == 200
+    events = [l for l in text.split("\n\n") if l.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["code"] == "budget_exceeded"
+    assert "tok49" not in text, "the rest of the stream was not sent"
+    assert len(re.findall(r"tok\d+", text)) < 20
