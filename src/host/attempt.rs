@@ -339,47 +339,37 @@ impl HttpContext for Attempt {
         };
         let routing = &mut *routing;
         routing.snapshot.refresh(&abi::SharedData, &self.cfg, now);
+        let cfg = &self.cfg;
+        let choose = |routing: &mut Routing, banned: &[usize]| {
+            routing.chooser.choose_excluding(cfg, provider, &mut routing.snapshot, now, &tried, banned, objective)
+        };
         let mut banned: Vec<usize> = Vec::new();
-        let mut chosen = routing.chooser.choose_excluding(
-            &self.cfg,
-            provider,
-            &mut routing.snapshot,
-            now,
-            &tried,
-            &banned,
-            objective,
-        );
+        let mut chosen = choose(routing, &banned);
+        let mut key_held = Vec::new();
         // Confirm the choice against the key's own fresh record (another
         // worker may have used up its quota or cooled it since the snapshot)
         // and against its own budgets; choose again if it cannot serve.
         for _ in 0..8 {
             let Some(k) = chosen.as_ref().ok().and_then(|d| d.chosen) else { break };
-            let (Some(key), Some(snap)) = (self.cfg.keys.get(k), routing.snapshot.records.get(k)) else { break };
+            let (Some(key), Some(snap)) = (cfg.keys.get(k), routing.snapshot.records.get(k)) else { break };
             let Ok(fresh) = read_record(&abi::SharedData, &key.record_name) else { break };
-            if stale_choice(&self.cfg, k, snap, &fresh, now) {
+            if stale_choice(cfg, k, snap, &fresh, now) {
                 routing.snapshot.observe(k, fresh);
             } else if key.budgets.is_empty() {
                 break;
             } else {
                 let estimate = budget::estimate(est.0, est.1, price.as_ref(), &key.pricing);
-                match budget::reserve(&abi::SharedData, &self.cfg.budgets, &key.budgets, estimate, now) {
+                match budget::reserve(&abi::SharedData, &cfg.budgets, &key.budgets, estimate, now) {
                     Ok(a) => {
-                        self.key_held = a.held;
+                        key_held = a.held;
                         break;
                     }
                     Err(_) => banned.push(k),
                 }
             }
-            chosen = routing.chooser.choose_excluding(
-                &self.cfg,
-                provider,
-                &mut routing.snapshot,
-                now,
-                &tried,
-                &banned,
-                objective,
-            );
+            chosen = choose(routing, &banned);
         }
+        self.key_held = key_held;
         match chosen {
             Ok(d) => {
                 let Some((k, key)) = d.chosen.and_then(|k| self.cfg.keys.get(k).map(|key| (k, key))) else {
