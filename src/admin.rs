@@ -5,12 +5,14 @@
 use crate::budget::{self, show, Budget, Enforcement, Scope};
 use crate::config::{Config, Key, SecretSource};
 use crate::decision::{self, Stored};
-use crate::keys::{read_record, set_state, SetState};
+use crate::keys::{bump_gen, read_record, set_state, SetState};
 use crate::quota::headroom;
+use crate::registry::{self, RegistryError};
 use crate::reply::{self, Reply};
 use crate::sha256::constant_time_eq;
 use crate::state::{Effective, KeyRecord, UNKNOWN};
 use crate::store::Store;
+use crate::transition::{self, Transition};
 use serde_json::{json, Value};
 
 /// The parts of an HTTP request the admin API looks at.
@@ -74,6 +76,19 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
             Some((_, k)) => reply::json(200, &key_json(cfg, k, &read_or_default(store, k), now_ms)),
             None => admin_error(404, "key_not_found", &format!("No key with id '{id}'.")),
         },
+        ("POST", ["keys"]) => post_key(cfg, store, req.body, now_ms),
+        ("DELETE", ["keys", id]) => match registry::delete(store, cfg, id) {
+            Ok(_) => {
+                bump_gen(store);
+                note(store, cfg, now_ms, "registry", id, "registered", "deleted", "DELETE keys");
+                reply::json(200, &json!({"id": id, "deleted": true}))
+            }
+            Err(e) => registry_error(e, id),
+        },
+        ("GET", ["transitions"]) => match limit_param(query, 100) {
+            Ok(n) => reply::json(200, &json!({"transitions": transition::recent(store, cfg.max_transitions, n)})),
+            Err(r) => r,
+        },
         ("PATCH", ["keys", id]) => match cfg.key_by_id(id) {
             Some((_, k)) => patch_key(cfg, store, k, req.body, now_ms),
             None => admin_error(404, "key_not_found", &format!("No key with id '{id}'.")),
@@ -117,7 +132,7 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
             let body = json!({
                 "status": if usable { "healthy" } else { "unhealthy" },
                 "version": env!("CARGO_PKG_VERSION"),
-                "keys_registered": cfg.keys.len(),
+                "keys_registered": s["keys"]["total"],
                 "providers_registered": cfg.providers.len(),
                 "keys": s["keys"],
             });
@@ -135,6 +150,69 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
             | ["budgets", _],
         ) => admin_error(405, "method_not_allowed", &format!("{} is not supported on {}.", req.method, path)),
         _ => admin_error(404, "not_found", &format!("Unknown admin path '{path}'.")),
+    }
+}
+
+/// `?limit=N`, or `default` when absent.
+fn limit_param(query: &str, default: usize) -> Result<usize, Reply> {
+    match query.split('&').find_map(|kv| kv.strip_prefix("limit=")) {
+        None => Ok(default),
+        Some(v) => v.parse::<usize>().map_err(|_| admin_error(400, "invalid_limit", "limit must be a whole number.")),
+    }
+}
+
+/// Records a state transition made through the admin API.
+#[allow(clippy::too_many_arguments)]
+fn note(store: &dyn Store, cfg: &Config, now_ms: u64, kind: &str, id: &str, from: &str, to: &str, reason: &str) {
+    let t = Transition {
+        time_ms: now_ms,
+        kind: kind.into(),
+        id: id.into(),
+        from: from.into(),
+        to: to.into(),
+        reason: reason.into(),
+        seq: 0,
+    };
+    transition::record(store, cfg.max_transitions, t);
+}
+
+fn registry_error(e: RegistryError, id: &str) -> Reply {
+    match e {
+        RegistryError::Invalid(field, reason) => admin_error(400, "invalid_key", &format!("{field}: {reason}")),
+        RegistryError::Conflict(id) => admin_error(409, "key_exists", &format!("A key with id '{id}' already exists.")),
+        RegistryError::NotFound => admin_error(404, "key_not_found", &format!("No runtime key with id '{id}'.")),
+        RegistryError::ConfigKey => admin_error(
+            409,
+            "config_key",
+            &format!(
+                "Key '{id}' comes from the configuration and can only be disabled (PATCH with state \"disabled\")."
+            ),
+        ),
+        RegistryError::Full => admin_error(507, "registry_full", "No more runtime keys can be registered."),
+        RegistryError::Busy => admin_error(503, "state_busy", "The key registry could not be written."),
+    }
+}
+
+/// `POST keys`: registers a key at runtime; its material is kept only in
+/// shared data and never returned.
+fn post_key(cfg: &Config, store: &dyn Store, body: &[u8], now_ms: u64) -> Reply {
+    let new = match registry::parse_new_key(body, cfg) {
+        Ok(k) => k,
+        Err(e) => return registry_error(e, ""),
+    };
+    let id = new.id.clone();
+    let reg = match registry::register(store, cfg, new) {
+        Ok(r) => r,
+        Err(e) => return registry_error(e, &id),
+    };
+    bump_gen(store);
+    note(store, cfg, now_ms, "registry", &id, "absent", "registered", "POST keys");
+    match registry::merged(cfg, &reg) {
+        Ok(merged) => match merged.key_by_id(&id) {
+            Some((_, k)) => reply::json(201, &key_json(&merged, k, &read_or_default(store, k), now_ms)),
+            None => reply::json(201, &json!({"id": id})),
+        },
+        Err(_) => reply::json(201, &json!({"id": id})),
     }
 }
 
@@ -162,10 +240,13 @@ fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64)
         },
         _ => return admin_error(400, "invalid_state", "state must be \"available\", \"disabled\" or \"throttled\"."),
     };
+    let before = read_or_default(store, k).effective(now_ms).as_str();
     match set_state(store, &k.record_name, to) {
         Ok(r) => {
             let reason = v.get("reason").and_then(Value::as_str).unwrap_or("");
-            log::info!("admin: key {} set to {} ({reason})", k.id, r.effective(now_ms).as_str());
+            let after = r.effective(now_ms).as_str();
+            log::info!("admin: key {} set to {after} ({reason})", k.id);
+            note(store, cfg, now_ms, "key", &k.id, before, after, &format!("admin: {reason}"));
             reply::json(200, &key_json(cfg, k, &r, now_ms))
         }
         Err(e) => admin_error(503, "state_busy", &format!("The key state could not be written: {e:?}")),
@@ -218,11 +299,9 @@ fn patch_budget(cfg: &Config, store: &dyn Store, b: &Budget, body: &[u8], now_ms
     };
     match budget::set_limit(store, b, limit, now_ms) {
         Some(_) => {
-            log::info!(
-                "admin: budget {} limit set to {}",
-                b.id,
-                limit.map_or("its configured value".to_string(), show)
-            );
+            let to = limit.map_or("its configured value".to_string(), show);
+            log::info!("admin: budget {} limit set to {to}", b.id);
+            note(store, cfg, now_ms, "budget", &b.id, "limit", &format!("limit {to}"), "admin");
             reply::json(200, &budget_json(cfg, store, b, now_ms))
         }
         None => admin_error(503, "state_busy", "The budget could not be written."),
@@ -293,7 +372,11 @@ fn key_json(cfg: &Config, k: &Key, r: &KeyRecord, now_ms: u64) -> Value {
         "weight": k.weight,
         "metadata": k.metadata,
         "fingerprint": k.fingerprint,
-        "source": match k.source { SecretSource::Env => "config:env", SecretSource::Inline => "config:inline" },
+        "source": match k.source {
+            SecretSource::Env => "config:env",
+            SecretSource::Inline => "config:inline",
+            SecretSource::Runtime => "runtime",
+        },
         "counters": {
             "requests": r.requests,
             "successes": r.successes,
@@ -312,7 +395,7 @@ fn key_json(cfg: &Config, k: &Key, r: &KeyRecord, now_ms: u64) -> Value {
 fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
     let (mut available, mut throttled, mut disabled, mut exhausted) = (0u64, 0u64, 0u64, 0u64);
     let (mut requests, mut input, mut output, mut total) = (0u64, 0u64, 0u64, 0u64);
-    for k in &cfg.keys {
+    for k in cfg.keys.iter().filter(|k| !k.deleted) {
         let r = read_or_default(store, k);
         match r.effective(now_ms) {
             Effective::Available => available += 1,
@@ -335,7 +418,7 @@ fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
         .collect();
     json!({
         "budgets": budgets,
-        "keys": {"total": cfg.keys.len(), "available": available, "throttled": throttled,
+        "keys": {"total": available + throttled + disabled + exhausted, "available": available, "throttled": throttled,
                  "disabled": disabled, "exhausted": exhausted},
         "requests": requests,
         "tokens": {"input": input, "output": output, "total": total},
@@ -523,6 +606,38 @@ mod tests {
         assert_eq!(body(&r)["limit"], "10");
         assert_eq!(handle(&c, &s, &patch("/apikeyrouter/v1/budgets/daily", br#"{"limit":"-2"}"#), 0).status, 400);
         assert_eq!(handle(&c, &s, &patch("/apikeyrouter/v1/budgets/nope", br#"{"limit":"2"}"#), 0).status, 404);
+    }
+
+    #[test]
+    fn runtime_keys_are_registered_listed_and_deleted_without_showing_material() {
+        let c = cfg();
+        let s = FakeStore::new();
+        let post = AdminRequest {
+            method: "POST",
+            path: "/apikeyrouter/v1/keys",
+            authorization: Some(BEARER),
+            x_api_key: None,
+            body: br#"{"id":"r1","provider":"openai","key_material":"sk-runtime-secret"}"#,
+        };
+        let r = handle(&c, &s, &post, 0);
+        assert_eq!((r.status, body(&r)["source"].clone()), (201, Value::from("runtime")));
+        assert!(!String::from_utf8_lossy(&r.body).contains("sk-runtime-secret"));
+        assert_eq!(handle(&c, &s, &post, 0).status, 409, "id taken");
+        let merged = registry::merged(&c, &registry::load(&s)).unwrap_or_else(|e| panic!("{e}"));
+        let list = handle(&merged, &s, &get("/apikeyrouter/v1/keys", Some(BEARER)), 0);
+        assert_eq!(body(&list)["keys"].as_array().map(Vec::len), Some(3));
+        let del =
+            |path| AdminRequest { method: "DELETE", path, authorization: Some(BEARER), x_api_key: None, body: b"" };
+        assert_eq!(
+            handle(&merged, &s, &del("/apikeyrouter/v1/keys/k1"), 0).status,
+            409,
+            "config keys are disabled, not deleted"
+        );
+        assert_eq!(handle(&merged, &s, &del("/apikeyrouter/v1/keys/r1"), 0).status, 200);
+        assert_eq!(handle(&merged, &s, &del("/apikeyrouter/v1/keys/r1"), 0).status, 404);
+        let t = body(&handle(&c, &s, &get("/apikeyrouter/v1/transitions", Some(BEARER)), 0));
+        assert_eq!(t["transitions"][0]["to"], "deleted");
+        assert_eq!(t["transitions"][1]["to"], "registered");
     }
 
     #[test]

@@ -349,11 +349,16 @@ fn count_refusal(store: &dyn Store, b: &Budget, now_ms: u64) {
     });
 }
 
-/// Replaces each reservation with the actual cost.
-pub fn settle(store: &dyn Store, budgets: &[Budget], held: &[Held], actual: Decimal, now_ms: u64) {
-    for h in held {
-        adjust(store, budgets, h, Some(actual), now_ms);
-    }
+/// Replaces each reservation with the actual cost; returns each budget's
+/// spend after the change.
+pub fn settle(
+    store: &dyn Store,
+    budgets: &[Budget],
+    held: &[Held],
+    actual: Decimal,
+    now_ms: u64,
+) -> Vec<(usize, Decimal)> {
+    held.iter().filter_map(|h| adjust(store, budgets, h, Some(actual), now_ms).map(|spent| (h.budget, spent))).collect()
 }
 
 /// Gives the reservations back (upstream failed, client went away).
@@ -363,8 +368,8 @@ pub fn release(store: &dyn Store, budgets: &[Budget], held: &[Held], now_ms: u64
     }
 }
 
-fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decimal>, now_ms: u64) {
-    let Some(b) = budgets.get(h.budget) else { return };
+fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decimal>, now_ms: u64) -> Option<Decimal> {
+    let b = budgets.get(h.budget)?;
     let (r, _) = update(store, &b.record_name, |cur| {
         let mut rec = read(cur)?.current(b, now_ms);
         // A reservation from a window that has since rolled over was
@@ -376,10 +381,14 @@ fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decima
             rec.spent += a;
             rec.requests += 1;
         }
-        Ok::<_, BadRecord>(((), rec.encode()))
+        Ok::<_, BadRecord>((rec.spent, rec.encode()))
     });
-    if let Err(e) = r {
-        log::warn!("budget {}: true-up not recorded ({e:?})", b.id);
+    match r {
+        Ok(spent) => Some(spent),
+        Err(e) => {
+            log::warn!("budget {}: true-up not recorded ({e:?})", b.id);
+            None
+        }
     }
 }
 

@@ -61,6 +61,8 @@ impl ProviderKind {
 pub enum SecretSource {
     Env,
     Inline,
+    /// Registered through the admin API; held only in shared data.
+    Runtime,
 }
 
 /// A provider key, compiled. `secret` is the material: it must never be
@@ -87,6 +89,8 @@ pub struct Key {
     pub pricing: KeyPricing,
     /// Budgets scoped to this key (indexes into [`Config::budgets`]).
     pub budgets: Vec<usize>,
+    /// A runtime key that was deleted: kept so indexes never shift.
+    pub deleted: bool,
 }
 
 impl fmt::Debug for Key {
@@ -198,6 +202,8 @@ pub struct Config {
     pub cooldown: Cooldown,
     pub inject_stream_usage: bool,
     pub admin: Admin,
+    /// Most state transitions kept for the admin API.
+    pub max_transitions: usize,
     pub routing: Routing,
     /// Per-status actions, defaults merged with the configured ones.
     pub status_actions: Vec<(u32, StatusAction)>,
@@ -215,7 +221,7 @@ pub struct Config {
 
 impl Config {
     pub fn key_by_id(&self, id: &str) -> Option<(usize, &Key)> {
-        self.keys.iter().enumerate().find(|(_, k)| k.id == id)
+        self.keys.iter().enumerate().find(|(_, k)| k.id == id && !k.deleted)
     }
 
     pub fn provider_by_id(&self, id: &str) -> Option<usize> {
@@ -526,6 +532,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         }
     }
     let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
+    let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
     if unknown_model == UnknownModel::Refuse && prices.is_empty() {
         return Err(err("unknown_model", "\"refuse\" needs a price table in prices"));
     }
@@ -537,6 +544,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         cooldown,
         inject_stream_usage,
         admin,
+        max_transitions,
         routing,
         status_actions,
         error_code_actions,
@@ -614,7 +622,7 @@ fn compile_key(
     };
     let secret_field = match source {
         SecretSource::Env => k.field("secret_env"),
-        SecretSource::Inline => k.field("secret"),
+        SecretSource::Inline | SecretSource::Runtime => k.field("secret"),
     };
     if secret.is_empty() {
         return Err(err(&secret_field, "key material is empty"));
@@ -642,6 +650,7 @@ fn compile_key(
         cost_per_1k,
         limits,
         budgets: Vec::new(),
+        deleted: false,
     })
 }
 

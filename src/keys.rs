@@ -496,6 +496,8 @@ pub fn exhausted_until(cfg: &Config, k: usize, now_ms: u64) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recorded {
     pub record: KeyRecord,
+    /// The key's state and capacity before this attempt was recorded.
+    pub before: (Effective, Capacity),
     /// The key's eligibility or capacity class changed: other workers were
     /// told through the generation counter.
     pub changed: bool,
@@ -545,7 +547,7 @@ pub fn record_attempt(
         }
         rec.capacity = headroom(&rec, &key.limits, &cfg.routing.thresholds, now_ms).capacity;
         changed |= before != (rec.effective(now_ms), rec.capacity);
-        Ok((Recorded { record: rec, changed }, rec.encode()))
+        Ok((Recorded { record: rec, before, changed }, rec.encode()))
     });
     if let Ok(Recorded { changed: true, .. }) = r {
         stats.conflicts += bump_gen(store).conflicts;

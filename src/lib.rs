@@ -16,11 +16,13 @@ pub mod objective;
 pub mod pairs;
 pub mod quota;
 pub mod ratelimit;
+pub mod registry;
 pub mod reply;
 pub mod request;
 pub mod sha256;
 pub mod state;
 pub mod store;
+pub mod transition;
 pub mod usage;
 pub mod window;
 

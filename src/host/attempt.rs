@@ -4,7 +4,7 @@
 //! Envoy's retry picks the next key, reads usage from JSON or SSE as it
 //! passes, and records the attempt.
 
-use super::{abi, send, with_flights, Routing};
+use super::{abi, metrics, send, with_flights, Routing};
 use crate::budget::{self, Held, Price};
 use crate::config::{Config, StatusAction};
 use crate::decision::{slot_name, Decision, Stored};
@@ -151,9 +151,14 @@ impl Attempt {
         let success = (200..300).contains(&self.status) && !unfinished_stream;
         let actual = if success { Some(self.actual_cost().unwrap_or_default()) } else { None };
         let key_held = std::mem::take(&mut self.key_held);
+        let mut spent = Vec::new();
         match actual {
-            Some(a) => budget::settle(&abi::SharedData, budgets, &key_held, a, now),
+            Some(a) => spent = budget::settle(&abi::SharedData, budgets, &key_held, a, now),
             None => budget::release(&abi::SharedData, budgets, &key_held, now),
+        }
+        if let (Some(a), Some(key)) = (actual, self.key.and_then(|k| self.cfg.keys.get(k))) {
+            let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
+            metrics::add(&metrics::key_metric(pid, &key.id, "spend_micros"), metrics::micros(a));
         }
         let Some(rid) = self.request_id.as_deref() else { return };
         let (to_settle, letting) = with_flights(|fl| {
@@ -167,8 +172,13 @@ impl Attempt {
         })
         .unwrap_or((None, None));
         if let (Some(held), Some(a)) = (to_settle, actual) {
-            budget::settle(&abi::SharedData, budgets, &held, a, now);
+            spent.extend(budget::settle(&abi::SharedData, budgets, &held, a, now));
             self.settled = true;
+        }
+        for (i, total) in spent {
+            if let Some(b) = budgets.get(i) {
+                metrics::gauge(&metrics::budget_metric(&b.id, "spent_micros"), metrics::micros(total));
+            }
         }
         if let Some(Letting::Release(held)) = letting {
             budget::release(&abi::SharedData, budgets, &held, now);
@@ -207,10 +217,40 @@ impl Attempt {
         if stats.conflicts > 0 {
             log::debug!("[{}] key {kid}: {} cas conflicts", self.id, stats.conflicts);
         }
+        let pid =
+            self.cfg.providers.get(self.cfg.keys.get(k).map_or(0, |key| key.provider)).map_or("", |p| p.id.as_str());
+        metrics::add("apikeyrouter.cas_conflicts", stats.conflicts as u64);
+        metrics::add(&metrics::key_metric(pid, kid, &format!("requests.{}", metrics::status_class(self.status))), 1);
+        if self.status == 429 {
+            metrics::add(&metrics::key_metric(pid, kid, "rate_limited"), 1);
+        }
+        if let Some(u) = self.usage {
+            metrics::add(&metrics::key_metric(pid, kid, "input_tokens"), u.input);
+            metrics::add(&metrics::key_metric(pid, kid, "output_tokens"), u.output);
+        }
         match r {
             Ok(rec) => {
                 if let Ok(mut routing) = self.routing.try_borrow_mut() {
                     routing.snapshot.observe(k, rec.record);
+                }
+                if rec.changed {
+                    let (was, cap) = rec.before;
+                    let to_cap = crate::keys::evaluate(&self.cfg, k, &rec.record, now).capacity;
+                    let t = crate::transition::Transition {
+                        time_ms: now,
+                        kind: "key".into(),
+                        id: kid.to_string(),
+                        from: format!("{}/{}", was.as_str(), cap.as_str()),
+                        to: format!("{}/{}", rec.record.effective(now).as_str(), to_cap.as_str()),
+                        reason: format!("provider answered {}", self.status),
+                        seq: 0,
+                    };
+                    crate::transition::record(&abi::SharedData, self.cfg.max_transitions, t);
+                    if matches!(action, Action::CoolUntil(_)) {
+                        metrics::add(&metrics::key_metric(pid, kid, "cooldowns"), 1);
+                    }
+                    let e = crate::keys::evaluate(&self.cfg, k, &rec.record, now);
+                    metrics::key_gauges(pid, kid, &e, rec.record.effective(now));
                 }
                 match action {
                     Action::CoolUntil(until) => log::info!(
@@ -331,14 +371,13 @@ impl HttpContext for Attempt {
         self.attempt = attempt;
         self.price = price;
         self.estimate_tokens = est;
-        let objective: &Objective = objective.as_ref().unwrap_or(&self.cfg.routing.objective);
-
         let Ok(mut routing) = self.routing.try_borrow_mut() else {
             send(&reply::gateway_error("The gateway is busy."), self.id);
             return Next::Pause;
         };
         let routing = &mut *routing;
-        routing.snapshot.refresh(&abi::SharedData, &self.cfg, now);
+        self.cfg = routing.refresh(now);
+        let objective: &Objective = objective.as_ref().unwrap_or(&self.cfg.routing.objective);
         let cfg = &self.cfg;
         let choose = |routing: &mut Routing, banned: &[usize]| {
             routing.chooser.choose_excluding(cfg, provider, &mut routing.snapshot, now, &tried, banned, objective)
@@ -370,6 +409,7 @@ impl HttpContext for Attempt {
             chosen = choose(routing, &banned);
         }
         self.key_held = key_held;
+        metrics::histogram("apikeyrouter.selection_us", abi::now_ns().saturating_sub(self.started_ns) / 1000);
         match chosen {
             Ok(d) => {
                 let Some((k, key)) = d.chosen.and_then(|k| self.cfg.keys.get(k).map(|key| (k, key))) else {
@@ -397,6 +437,7 @@ impl HttpContext for Attempt {
                 Next::Continue
             }
             Err(why) => {
+                metrics::add("apikeyrouter.no_key", 1);
                 let pid = self.cfg.providers.get(provider).map_or("?", |p| p.id.as_str());
                 // The previous attempt's key must not go upstream either.
                 let _ = abi::remove_header(abi::REQUEST_HEADERS, "authorization");

@@ -3,7 +3,7 @@
 //! validation, the stream-usage rewrite, and refusing early when no key can
 //! serve.
 
-use super::{abi, send, with_flights, Routing};
+use super::{abi, metrics, send, with_flights, Routing};
 use crate::admin::{self, AdminRequest};
 use crate::admission::{self, Caller};
 use crate::budget::{self, show};
@@ -81,7 +81,13 @@ impl Ingress {
                 Err(r) => {
                     let id = self.cfg.budgets.get(r.budget).map_or("?", |b| b.id.as_str());
                     log::info!("[{}] refused by budget {id}", self.id);
+                    metrics::add(&metrics::budget_metric(id, "refused"), 1);
                     return Some(admission::refusal(&self.cfg, &r, now));
+                }
+            }
+            for &i in &admitted.over_soft {
+                if let Some(b) = self.cfg.budgets.get(i) {
+                    metrics::add(&metrics::budget_metric(&b.id, "soft_over"), 1);
                 }
             }
             for &i in &admitted.log_soft {
@@ -174,15 +180,19 @@ impl Ingress {
 
     /// `Some((retry_after_secs, explanation))` when no key of `provider` is
     /// available now: the request is refused before any upstream attempt.
-    fn refuse_when_no_key(&self, provider: usize, now: u64) -> Option<(u64, String)> {
+    fn refuse_when_no_key(&mut self, provider: usize, now: u64) -> Option<(u64, String)> {
         let mut routing = self.routing.try_borrow_mut().ok()?;
-        routing.snapshot.refresh(&abi::SharedData, &self.cfg, now);
+        self.cfg = routing.refresh(now);
         let why = check(&self.cfg, provider, &mut routing.snapshot, now).err()?;
         let pid = self.cfg.providers.get(provider).map_or("?", |p| p.id.as_str());
         Some((why.retry_after_secs(now), why.explain(pid)))
     }
 
     fn run_admin(&mut self, pending: &PendingAdmin, body: &[u8]) -> Action {
+        // Answer from the latest key table (keys registered at runtime).
+        if let Ok(mut routing) = self.routing.try_borrow_mut() {
+            self.cfg = routing.refresh(abi::now_ms());
+        }
         let req = AdminRequest {
             method: &pending.method,
             path: &self.path,
@@ -271,6 +281,7 @@ impl HttpContext for Ingress {
 
         let provider = self.provider;
         if let Some((retry_after, why)) = self.refuse_when_no_key(provider, now) {
+            metrics::add("apikeyrouter.no_key", 1);
             return self.reply(&reply::no_key(retry_after, &why));
         }
 

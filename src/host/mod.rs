@@ -9,12 +9,15 @@
 mod abi;
 mod attempt;
 mod ingress;
+mod metrics;
 
 use crate::config::{self, Config};
 use crate::decision;
 use crate::flight::Flights;
 use crate::keys::{increment, Chooser, Snapshot};
+use crate::registry;
 use crate::reply::Reply;
+use crate::state::Effective;
 use crate::state::KeyRecord;
 use crate::store;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -43,20 +46,71 @@ enum Stage {
 }
 
 /// Per-VM routing state of one stage.
-#[derive(Default)]
 pub(crate) struct Routing {
+    /// The configuration as compiled from the plugin JSON.
+    pub base: Rc<Config>,
+    /// `base` plus the keys registered at runtime: what requests use.
+    pub config: Rc<Config>,
+    /// The registry change counter `config` was built from.
+    pub registry_changes: u64,
     pub snapshot: Snapshot,
     pub chooser: Chooser,
     /// This worker's decision ring: its id and the next slot to write.
     pub ring_worker: Option<u64>,
     pub ring_next: u64,
+    /// The attempt stage keeps the key gauges current.
+    pub gauges: bool,
+}
+
+impl Routing {
+    fn new(base: Rc<Config>) -> Routing {
+        Routing {
+            config: base.clone(),
+            base,
+            registry_changes: 0,
+            snapshot: Snapshot::default(),
+            chooser: Chooser::default(),
+            ring_worker: None,
+            ring_next: 0,
+            gauges: false,
+        }
+    }
+
+    /// Brings the snapshot up to date; when it reloaded, also picks up keys
+    /// registered or deleted at runtime and refreshes the key gauges.
+    /// Returns the configuration requests should use now.
+    pub fn refresh(&mut self, now: u64) -> Rc<Config> {
+        if self.snapshot.refresh(&abi::SharedData, &self.config, now) {
+            let changes = registry::changes(&abi::SharedData);
+            if changes != self.registry_changes {
+                self.registry_changes = changes;
+                match registry::merged(&self.base, &registry::load(&abi::SharedData)) {
+                    Ok(c) => {
+                        log::info!("runtime keys changed: {} keys now", c.keys.iter().filter(|k| !k.deleted).count());
+                        self.config = Rc::new(c);
+                        self.snapshot.refresh(&abi::SharedData, &self.config, now);
+                    }
+                    Err(e) => log::warn!("runtime keys not applied: {e}"),
+                }
+            }
+            if self.gauges {
+                let cfg = self.config.clone();
+                for (k, key) in cfg.keys.iter().enumerate().filter(|(_, k)| !k.deleted) {
+                    let e = self.snapshot.eval(&cfg, k, now);
+                    let eff = self.snapshot.records.get(k).map_or(Effective::Available, |r| r.effective(now));
+                    let pid = cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
+                    metrics::key_gauges(pid, &key.id, &e, eff);
+                }
+            }
+        }
+        self.config.clone()
+    }
 }
 
 #[derive(Default)]
 struct Root {
     stage: Option<Stage>,
-    config: Option<Rc<Config>>,
-    routing: Rc<RefCell<Routing>>,
+    routing: Option<Rc<RefCell<Routing>>>,
 }
 
 impl Context for Root {}
@@ -109,27 +163,32 @@ impl RootContext for Root {
             cfg.providers.len(),
             cfg.keys.len()
         );
-        let mut routing = Routing::default();
-        if stage == Stage::Attempt && cfg.decisions.ring_size > 0 {
+        metrics::define_static(&cfg);
+        let mut routing = Routing::new(Rc::new(cfg));
+        if stage == Stage::Attempt && routing.base.decisions.ring_size > 0 {
             // Each attempt-stage VM owns one ring, so recording a decision
             // is a single unconditional write on the request path.
             routing.ring_worker = increment(&abi::SharedData, decision::RING_WORKERS).0.map(|n| n - 1);
         }
+        routing.gauges = stage == Stage::Attempt;
+        // Keys registered at runtime before this VM started (a reload).
+        routing.refresh(abi::now_ms());
         self.stage = Some(stage);
-        self.config = Some(Rc::new(cfg));
-        self.routing = Rc::new(RefCell::new(routing));
+        self.routing = Some(Rc::new(RefCell::new(routing)));
         true
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None would make the SDK panic; without a config (which
         // Envoy never allows to happen) every request gets a clear 503.
-        let Some(cfg) = self.config.clone() else {
+        let Some((routing, cfg)) =
+            self.routing.as_ref().and_then(|r| r.try_borrow().ok().map(|b| (r.clone(), b.config.clone())))
+        else {
             return Some(Box::new(Unconfigured(context_id)));
         };
         Some(match self.stage {
-            Some(Stage::Attempt) => Box::new(attempt::Attempt::new(context_id, cfg, self.routing.clone())),
-            _ => Box::new(ingress::Ingress::new(context_id, cfg, self.routing.clone())),
+            Some(Stage::Attempt) => Box::new(attempt::Attempt::new(context_id, cfg, routing)),
+            _ => Box::new(ingress::Ingress::new(context_id, cfg, routing)),
         })
     }
 

@@ -1,0 +1,297 @@
+//! Keys registered at runtime through the admin API (`POST keys`).
+//!
+//! They live only in shared data: one JSON record lists them, with a version
+//! that every worker compares against its own when the state generation
+//! moves. A worker that sees a new version rebuilds its key table as the
+//! configured keys followed by the runtime ones, in registration order.
+//! Deleted entries keep their place (marked deleted) so that key indexes
+//! never shift under a request in flight.
+
+use crate::config::{fingerprint, Config, ConfigError, Key, SecretSource};
+use crate::store::{update, Store, UpdateError};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Shared-data name of the registry record.
+pub const REGISTRY_KEY: &str = "akr.v1.runtime_keys";
+/// Shared-data counter bumped after every registry change; workers compare
+/// it (8 bytes) instead of parsing the registry.
+pub const CHANGES: &str = "akr.v1.runtime_keys.changes";
+/// Most runtime keys (deleted ones included) a registry holds.
+pub const MAX_RUNTIME_KEYS: usize = 1000;
+
+/// One runtime key. `secret` is key material: never logged or returned.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeKey {
+    pub id: String,
+    pub provider: String,
+    pub secret: String,
+    pub weight: u32,
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+impl std::fmt::Debug for RuntimeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeKey").field("id", &self.id).field("deleted", &self.deleted).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Registry {
+    pub version: u64,
+    pub keys: Vec<RuntimeKey>,
+}
+
+impl Registry {
+    pub fn decode(b: &[u8]) -> Option<Registry> {
+        serde_json::from_slice(b).ok()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The registry change counter.
+pub fn changes(store: &dyn Store) -> u64 {
+    store.get(CHANGES).0.and_then(|b| b.as_slice().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
+}
+
+/// Reads the registry (empty when absent or unreadable).
+pub fn load(store: &dyn Store) -> Registry {
+    store.get(REGISTRY_KEY).0.and_then(|b| Registry::decode(&b)).unwrap_or_default()
+}
+
+/// Why a registration or deletion was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    /// 400: the field and the reason.
+    Invalid(String, String),
+    /// 409: the id is taken.
+    Conflict(String),
+    /// 404.
+    NotFound,
+    /// 409: configured keys can only be disabled.
+    ConfigKey,
+    /// 507: the registry is full.
+    Full,
+    /// 503: shared data refused the write.
+    Busy,
+}
+
+/// Parses a `POST keys` body: `{"id", "provider" (or "provider_id"),
+/// "key_material" (or "secret"), "weight", "metadata"}`.
+pub fn parse_new_key(body: &[u8], base: &Config) -> Result<RuntimeKey, RegistryError> {
+    let invalid = |f: &str, r: &str| RegistryError::Invalid(f.to_string(), r.to_string());
+    let v: Value = serde_json::from_slice(body).map_err(|e| invalid("(body)", &format!("not valid JSON: {e}")))?;
+    let Value::Object(mut o) = v else { return Err(invalid("(body)", "expected a JSON object")) };
+    let mut take_str = |names: &[&str]| names.iter().find_map(|n| o.remove(*n)).map(|v| v.as_str().map(str::to_string));
+    let id = match take_str(&["id"]) {
+        Some(Some(id)) => id,
+        _ => return Err(invalid("id", "required, a string")),
+    };
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(invalid("id", "must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'"));
+    }
+    let provider = match take_str(&["provider", "provider_id"]) {
+        Some(Some(p)) => p,
+        None if base.providers.len() == 1 => base.providers[0].id.clone(),
+        _ => return Err(invalid("provider", "required, the id of a configured provider")),
+    };
+    if base.provider_by_id(&provider).is_none() {
+        return Err(invalid("provider", &format!("no provider with id {provider:?}")));
+    }
+    let secret = match take_str(&["key_material", "secret"]) {
+        Some(Some(s)) if !s.is_empty() && s.bytes().all(|b| (0x21..0x7f).contains(&b)) => s,
+        _ => return Err(invalid("key_material", "required: printable ASCII without spaces")),
+    };
+    let weight = match o.remove("weight") {
+        None => 1,
+        Some(w) => match w.as_u64() {
+            Some(w) if (1..=crate::config::MAX_WEIGHT).contains(&w) => w as u32,
+            _ => return Err(invalid("weight", "expected an integer from 1 to 10000")),
+        },
+    };
+    let metadata = match o.remove("metadata") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(invalid("metadata", "expected an object")),
+    };
+    if let Some(unknown) = o.keys().next() {
+        return Err(invalid(unknown, "unknown field"));
+    }
+    Ok(RuntimeKey { id, provider, secret, weight, metadata, deleted: false })
+}
+
+/// Adds a key to the registry, refusing a taken id.
+pub fn register(store: &dyn Store, base: &Config, key: RuntimeKey) -> Result<Registry, RegistryError> {
+    if base.key_by_id(&key.id).is_some() {
+        return Err(RegistryError::Conflict(key.id));
+    }
+    let (r, _) = update(store, REGISTRY_KEY, |cur| {
+        let mut reg = cur.and_then(Registry::decode).unwrap_or_default();
+        if reg.keys.iter().any(|k| k.id == key.id && !k.deleted) {
+            return Err(RegistryError::Conflict(key.id.clone()));
+        }
+        if reg.keys.len() >= MAX_RUNTIME_KEYS {
+            return Err(RegistryError::Full);
+        }
+        reg.version += 1;
+        reg.keys.push(key.clone());
+        Ok((reg.clone(), reg.encode()))
+    });
+    settle(store, r)
+}
+
+/// Deletes a runtime key (its slot stays, marked deleted).
+pub fn delete(store: &dyn Store, base: &Config, id: &str) -> Result<Registry, RegistryError> {
+    if base.key_by_id(id).is_some_and(|(_, k)| k.source != SecretSource::Runtime) {
+        return Err(RegistryError::ConfigKey);
+    }
+    let (r, _) = update(store, REGISTRY_KEY, |cur| {
+        let mut reg = cur.and_then(Registry::decode).unwrap_or_default();
+        let Some(k) = reg.keys.iter_mut().find(|k| k.id == id && !k.deleted) else {
+            return Err(RegistryError::NotFound);
+        };
+        k.deleted = true;
+        k.secret.clear();
+        reg.version += 1;
+        Ok((reg.clone(), reg.encode()))
+    });
+    settle(store, r)
+}
+
+fn settle(store: &dyn Store, r: Result<Registry, UpdateError<RegistryError>>) -> Result<Registry, RegistryError> {
+    match r {
+        Ok(reg) => {
+            crate::keys::increment(store, CHANGES);
+            Ok(reg)
+        }
+        Err(UpdateError::Rejected(e)) => Err(e),
+        Err(_) => Err(RegistryError::Busy),
+    }
+}
+
+/// The configured keys followed by the registry's, as one config. `base`
+/// must be the configuration as compiled, without runtime keys.
+pub fn merged(base: &Config, reg: &Registry) -> Result<Config, ConfigError> {
+    let mut cfg = base.clone();
+    cfg.keys.retain(|k| k.source != SecretSource::Runtime);
+    for p in cfg.providers.iter_mut() {
+        let n = cfg.keys.len();
+        p.keys.retain(|&k| k < n);
+    }
+    for rk in &reg.keys {
+        let Some(p) = cfg.provider_by_id(&rk.provider) else { continue };
+        let index = cfg.keys.len();
+        let provider_id = cfg.providers[p].id.clone();
+        cfg.keys.push(Key {
+            id: rk.id.clone(),
+            provider: p,
+            weight: rk.weight,
+            metadata: rk.metadata.clone(),
+            source: SecretSource::Runtime,
+            fingerprint: if rk.deleted { String::new() } else { fingerprint(&rk.secret) },
+            auth_value: format!("Bearer {}", rk.secret),
+            record_name: format!("akr.v1.key.{provider_id}.{}", rk.id),
+            cost_per_1k: None,
+            cost_score_price: None,
+            limits: Default::default(),
+            pricing: Default::default(),
+            budgets: Vec::new(),
+            deleted: rk.deleted,
+        });
+        if !rk.deleted {
+            cfg.providers[p].keys.push(index);
+            let pricing = cfg.keys[index].pricing;
+            if !cfg.providers[p].pricings.contains(&pricing) {
+                cfg.providers[p].pricings.push(pricing);
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::compile;
+    use crate::store::FakeStore;
+
+    fn base() -> Config {
+        let json = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"sk-one"}]}]}"#;
+        compile(json.as_bytes(), &|_| None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn runtime_keys_join_the_key_table_after_the_configured_ones() {
+        let s = FakeStore::new();
+        let b = base();
+        let k = parse_new_key(br#"{"id":"r1","key_material":"sk-runtime","metadata":{"tier":"x"}}"#, &b);
+        let reg = register(&s, &b, k.unwrap_or_else(|e| panic!("{e:?}"))).unwrap_or_default();
+        assert_eq!(reg.version, 1);
+        let cfg = merged(&b, &load(&s)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.keys.len(), 2);
+        assert_eq!(cfg.keys[1].source, SecretSource::Runtime);
+        assert_eq!(cfg.keys[1].auth_value, "Bearer sk-runtime");
+        assert_eq!(cfg.providers[0].keys, vec![0, 1]);
+    }
+
+    #[test]
+    fn deleting_keeps_the_slot_but_takes_the_key_out_of_rotation() {
+        let s = FakeStore::new();
+        let b = base();
+        for id in ["r1", "r2"] {
+            let k = parse_new_key(format!(r#"{{"id":"{id}","secret":"sk-{id}"}}"#).as_bytes(), &b);
+            assert!(register(&s, &b, k.unwrap_or_else(|e| panic!("{e:?}"))).is_ok());
+        }
+        assert!(delete(&s, &b, "r1").is_ok());
+        let reg = load(&s);
+        assert!(reg.keys[0].deleted && reg.keys[0].secret.is_empty(), "the material is gone");
+        let cfg = merged(&b, &reg).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.keys[2].id, "r2", "indexes do not shift");
+        assert_eq!(cfg.providers[0].keys, vec![0, 2]);
+        assert_eq!(delete(&s, &b, "r1"), Err(RegistryError::NotFound));
+        assert_eq!(delete(&s, &b, "k1"), Err(RegistryError::ConfigKey));
+    }
+
+    #[test]
+    fn bad_registrations_are_refused_naming_the_field() {
+        let b = base();
+        for (body, field) in [
+            (&b"{"[..], "(body)"),
+            (b"[]", "(body)"),
+            (br#"{"secret":"sk"}"#, "id"),
+            (br#"{"id":"a b","secret":"sk"}"#, "id"),
+            (br#"{"id":"r","provider":"nope","secret":"sk"}"#, "provider"),
+            (br#"{"id":"r"}"#, "key_material"),
+            (br#"{"id":"r","secret":"has space"}"#, "key_material"),
+            (br#"{"id":"r","secret":"sk","weight":0}"#, "weight"),
+            (br#"{"id":"r","secret":"sk","colour":"red"}"#, "colour"),
+        ] {
+            match parse_new_key(body, &b) {
+                Err(RegistryError::Invalid(f, _)) => assert_eq!(f, field, "{}", String::from_utf8_lossy(body)),
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+            }
+        }
+        let s = FakeStore::new();
+        let dup = parse_new_key(br#"{"id":"k1","secret":"sk"}"#, &b).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(register(&s, &b, dup), Err(RegistryError::Conflict("k1".into())));
+    }
+
+    #[test]
+    fn debug_output_never_contains_runtime_material() {
+        let k = RuntimeKey {
+            id: "r".into(),
+            provider: "p".into(),
+            secret: "sk-hidden".into(),
+            weight: 1,
+            metadata: Map::new(),
+            deleted: false,
+        };
+        assert!(!format!("{k:?}").contains("sk-hidden"));
+    }
+}

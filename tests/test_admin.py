@@ -1,0 +1,189 @@
+"""The management API, health and Prometheus metrics, served by the filter
+inside real Envoy."""
+
+import json
+import time
+from collections import Counter
+
+import pytest
+
+from harness import ADMIN_TOKEN, Mock, chat, http, ids_by_secret, plugin_with_keys, secrets, wait_until
+
+RUNTIME_SECRET = "sk-runtime-added-key-0001"
+
+
+@pytest.fixture
+def mock_rt():
+    m = Mock(keys=secrets(3) + [RUNTIME_SECRET])
+    yield m
+    m.stop()
+
+
+def admin_plugin(keys):
+    return plugin_with_keys(keys, budgets=[{"id": "daily", "window": "day", "limit": "10"}],
+                            prices={"gpt-4o-mini*": {"input": "1", "output": "2"}}, max_transitions=50)
+
+
+class Recorder:
+    """Calls the admin API and keeps every response for the leak scan."""
+
+    def __init__(self, envoy):
+        self.e = envoy
+        self.bodies = []
+
+    def __call__(self, method, path, body=None, token=ADMIN_TOKEN, raw=None, header="authorization"):
+        headers = {}
+        if token is not None:
+            headers = {"authorization": f"Bearer {token}"} if header == "authorization" else {"x-api-key": token}
+        status, h, b = http(method, self.e.url + "/apikeyrouter/v1/" + path,
+                            raw if raw is not None else body, headers)
+        self.bodies.append(json.dumps(h) + b.decode("utf-8", "replace"))
+        assert h.get("content-type") == "application/json", (path, h)
+        return status, json.loads(b)
+
+
+def test_every_endpoint_answers_json_and_refuses_bad_input(mock_rt, start_envoy):
+    keys = secrets(3)
+    e = start_envoy(mock_rt, plugin=admin_plugin(keys))
+    api = Recorder(e)
+    for _ in range(4):
+        assert chat(e.url, extra={"model": "gpt-4o-mini"})[0] == 200
+
+    # Authentication: no token, a wrong one, and both accepted header forms.
+    assert api("GET", "keys", token=None)[0] == 401
+    assert api("GET", "keys", token="not-the-token-at-all")[0] == 401
+    assert api("GET", "keys", header="x-api-key")[0] == 200
+    assert api("GET", "nope")[0] == 404
+    assert api("PUT", "keys")[0] == 405
+
+    status, body = api("GET", "keys")
+    assert status == 200 and [k["id"] for k in body["keys"]] == ["k1", "k2", "k3"]
+    k = body["keys"][0]
+    for field in ["provider", "state", "capacity_state", "cooldown_until_ms", "counters", "metadata",
+                  "fingerprint", "source", "weight", "reliability"]:
+        assert field in k, field
+    assert sum(k["counters"]["requests"] for k in body["keys"]) == 4
+    assert api("GET", "keys/k2")[1]["id"] == "k2"
+    assert api("GET", "keys/zz")[0] == 404
+
+    # PATCH: bad input, unknown key, then real changes.
+    assert api("PATCH", "keys/k1", raw=b"{not json")[1]["error"]["code"] == "invalid_json"
+    assert api("PATCH", "keys/k1", {"state": "asleep"})[1]["error"]["code"] == "invalid_state"
+    assert api("PATCH", "keys/k1", {"state": "throttled"})[1]["error"]["code"] == "invalid_duration"
+    assert api("PATCH", "keys/zz", {"state": "disabled"})[0] == 404
+    status, body = api("PATCH", "keys/k1", {"state": "throttled", "duration_seconds": 30, "reason": "test"})
+    assert status == 200 and body["state"] == "throttled" and body["cooldown_remaining_ms"] > 25000
+    assert api("PATCH", "keys/k1", {"state": "available"})[1]["state"] == "available"
+
+    # Runtime keys.
+    assert api("POST", "keys", raw=b"[1]")[0] == 400
+    assert api("POST", "keys", {"id": "k1", "key_material": "sk-x"})[0] == 409
+    assert api("POST", "keys", {"id": "bad id", "key_material": "sk-x"})[0] == 400
+    status, body = api("POST", "keys", {"id": "rt1", "provider": "openai", "key_material": RUNTIME_SECRET,
+                                        "metadata": {"owner": "ops"}})
+    assert status == 201 and body["source"] == "runtime" and body["fingerprint"].startswith("sha256:")
+    assert [k["id"] for k in api("GET", "keys")[1]["keys"]] == ["k1", "k2", "k3", "rt1"]
+    assert api("DELETE", "keys/k2")[0] == 409, "a config key can only be disabled"
+    assert api("DELETE", "keys/zz")[0] == 404
+
+    # Providers, budgets, decisions, state, health, transitions.
+    assert api("GET", "providers")[1]["providers"][0]["id"] == "openai"
+    status, body = api("GET", "budgets")
+    assert status == 200 and body["budgets"][0]["id"] == "daily"
+    assert api("PATCH", "budgets/daily", {"limit": "oops"})[0] == 400
+    assert api("PATCH", "budgets/nope", {"limit": "1"})[0] == 404
+    assert api("PATCH", "budgets/daily", {"limit": "25"})[1]["limit"] == "25"
+    assert api("GET", "budgets/daily")[1]["configured_limit"] == "10"
+    status, body = api("GET", "decisions?limit=3")
+    assert status == 200 and len(body["decisions"]) == 3
+    assert api("GET", "decisions?limit=x")[0] == 400
+    status, body = api("GET", "state")
+    assert status == 200 and body["keys"]["total"] == 4 and body["requests"] >= 4
+    assert body["budgets"][0]["id"] == "daily"
+    status, body = api("GET", "health")
+    assert status == 200 and body["status"] == "healthy" and body["version"] and body["providers_registered"] == 1
+    status, body = api("GET", "transitions?limit=10")
+    kinds = [(t["kind"], t["id"], t["to"]) for t in body["transitions"]]
+    assert ("key", "k1", "throttled") in kinds and ("registry", "rt1", "registered") in kinds
+    assert ("budget", "daily", "limit 25") in kinds
+
+    assert api("DELETE", "keys/rt1")[0] == 200
+    for k in ["k1", "k2", "k3"]:
+        api("PATCH", f"keys/{k}", {"state": "disabled"})
+    status, body = api("GET", "health")
+    assert status == 503 and body["status"] == "unhealthy"
+
+    # No key material in any admin response, headers included.
+    everything = "\n".join(api.bodies)
+    for secret in keys + [RUNTIME_SECRET]:
+        assert secret not in everything
+
+
+def test_a_change_made_on_one_worker_is_seen_by_requests_on_every_worker(mock_rt, start_envoy):
+    keys = secrets(3)
+    e = start_envoy(mock_rt, plugin=admin_plugin(keys))
+    api = Recorder(e)
+    assert api("PATCH", "keys/k1", {"state": "disabled", "reason": "rotation"})[0] == 200
+    # Each request on a new connection: Envoy spreads them over both workers.
+    for _ in range(40):
+        assert chat(e.url)[0] == 200
+    ids = ids_by_secret(keys)
+    used = Counter(ids.get(r["key"], r["key"]) for r in mock_rt.received())
+    assert used["k1"] == 0 and used["k2"] > 0 and used["k3"] > 0
+    # A key registered at runtime goes into rotation on every worker.
+    assert api("POST", "keys", {"id": "rt1", "key_material": RUNTIME_SECRET})[0] == 201
+    for _ in range(40):
+        assert chat(e.url)[0] == 200
+    assert sum(1 for r in mock_rt.received()[-40:] if r["key"] == RUNTIME_SECRET) >= 8
+    assert api("DELETE", "keys/rt1")[0] == 200
+    before = len(mock_rt.received())
+    for _ in range(20):
+        assert chat(e.url)[0] == 200
+    assert not any(r["key"] == RUNTIME_SECRET for r in mock_rt.received()[before:])
+
+
+DOCUMENTED = [
+    'apikeyrouter_key_requests{provider="openai",key="k1",status_class="2xx"}',
+    'apikeyrouter_key_requests{provider="openai",key="k2",status_class="4xx"}',
+    'apikeyrouter_key_rate_limited{provider="openai",key="k2"}',
+    'apikeyrouter_key_cooldowns{provider="openai",key="k2"}',
+    'apikeyrouter_key_input_tokens{provider="openai",key="k1"}',
+    'apikeyrouter_key_output_tokens{provider="openai",key="k1"}',
+    'apikeyrouter_key_spend_micros{provider="openai",key="k1"}',
+    'apikeyrouter_key_state{provider="openai",key="k2"}',
+    'apikeyrouter_key_capacity{provider="openai",key="k1"}',
+    'apikeyrouter_budget_spent_micros{budget="daily"}',
+    'apikeyrouter_budget_soft_over{budget="soft"}',
+    'apikeyrouter_selection_us_count',
+]
+
+
+def test_prometheus_shows_the_documented_metrics_with_labels(mock_rt, start_envoy):
+    keys = secrets(3)
+    plugin = admin_plugin(keys)
+    plugin["budgets"].append({"id": "soft", "window": "day", "limit": "0.000001", "enforcement": "soft"})
+    e = start_envoy(mock_rt, plugin=plugin)
+    mock_rt.behavior(keys[1], status=429, headers={"retry-after": "60"})
+    for _ in range(9):
+        assert chat(e.url, extra={"model": "gpt-4o-mini"})[0] == 200
+
+    def scraped():
+        _, _, body = http("GET", e.admin_url + "/stats/prometheus")
+        text = body.decode()
+        return all(m in text for m in DOCUMENTED) and text
+
+    wait_until(scraped, timeout=15, what="metrics flushed")
+    text = scraped()
+    line = next(l for l in text.splitlines() if l.startswith('apikeyrouter_key_state{provider="openai",key="k2"}'))
+    assert line.endswith(" 1"), "k2 is throttled"
+    for secret in keys:
+        assert secret not in text
+    # Every metric the shipped Grafana dashboard queries exists.
+    import re
+    from harness import ROOT
+    dashboard = (ROOT / "envoy" / "grafana-dashboard.json").read_text()
+    for name in set(re.findall(r"apikeyrouter_[a-z_]+", dashboard)):
+        if name.startswith("apikeyrouter_ingress") or name.startswith("apikeyrouter_attempt"):
+            continue
+        base = re.sub(r"_bucket$", "", name)
+        assert base in text, name
