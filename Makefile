@@ -3,6 +3,7 @@
 #   make run     the filter in real Envoy against the built-in mock provider
 #   make test    unit tests, then the real-Envoy tests
 #   make lint    rustfmt and clippy (native and wasm), warnings are errors
+#   make bench   throughput and latency against plain Envoy (not part of test)
 
 SHELL := /bin/bash
 VENV := .venv
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/apikeyrouter.wasm
 CARGO ?= cargo
 
-.PHONY: all setup build test unit e2e run lint fmt clean
+.PHONY: all setup build test unit e2e run lint fmt clean bench
 
 all: build
 
@@ -38,6 +39,9 @@ test: build unit e2e
 
 run: build
 	$(PY) scripts/run.py
+
+bench: build
+	$(PY) bench/run.py
 
 lint:
 	rustup component add rustfmt clippy
