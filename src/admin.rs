@@ -576,6 +576,7 @@ mod tests {
                     margin: None,
                     candidates: 1,
                     excluded: vec![],
+                    excluded_total: 0,
                 },
             };
             let _ = s.set(&decision::slot_name(w, slot), &d.encode(), None);

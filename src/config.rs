@@ -122,7 +122,7 @@ pub struct Cooldown {
     pub max_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Admin {
     pub enabled: bool,
     /// Always starts and ends with `/`.
@@ -192,6 +192,17 @@ pub struct Decisions {
     pub ring_size: usize,
     /// Send `x-apikeyrouter-decision` on responses.
     pub header: bool,
+}
+
+impl fmt::Debug for Admin {
+    // Hand-written so that `{:?}` can never print the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admin")
+            .field("enabled", &self.enabled)
+            .field("prefix", &self.prefix)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// The compiled configuration, shared by both stages.

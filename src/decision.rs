@@ -66,13 +66,33 @@ pub struct Decision {
     /// Score margin over the runner-up; `None` with a single candidate.
     pub margin: Option<f64>,
     pub candidates: usize,
+    /// The first excluded keys and why (at most [`MAX_LISTED`]).
     pub excluded: Vec<(usize, Exclusion)>,
+    /// How many keys were excluded in all.
+    pub excluded_total: usize,
 }
 
 /// Exclusions listed in full in the header and in ring records.
-const MAX_LISTED: usize = 16;
+pub const MAX_LISTED: usize = crate::keys::MAX_LISTED;
 
 impl Decision {
+    /// A decision that found no key.
+    pub fn none(
+        objective: &crate::objective::Objective,
+        excluded: Vec<(usize, Exclusion)>,
+        excluded_total: usize,
+    ) -> Decision {
+        Decision {
+            objective: objective.label.clone(),
+            chosen: None,
+            score: 0.0,
+            margin: None,
+            candidates: 0,
+            excluded,
+            excluded_total,
+        }
+    }
+
     /// The `x-apikeyrouter-decision` header value, e.g.
     /// `objective=cost; key=k2; score=0.950; margin=0.120; candidates=3; excluded=k1:throttled`.
     pub fn summary(&self, cfg: &Config) -> String {
@@ -94,8 +114,9 @@ impl Decision {
                 .map(|(k, why)| format!("{}:{}", cfg.keys.get(*k).map_or("?", |k| k.id.as_str()), why.as_str()))
                 .collect();
             s.push_str(&listed.join(","));
-            if self.excluded.len() > MAX_LISTED {
-                s.push_str(&format!(",+{} more", self.excluded.len() - MAX_LISTED));
+            let listed = self.excluded.len().min(MAX_LISTED);
+            if self.excluded_total > listed {
+                s.push_str(&format!(",+{} more", self.excluded_total - listed));
             }
         }
         s
@@ -130,7 +151,7 @@ impl Stored {
         out.extend_from_slice(&d.score.to_le_bytes());
         out.extend_from_slice(&d.margin.unwrap_or(f64::NAN).to_le_bytes());
         out.extend_from_slice(&(d.candidates as u32).to_le_bytes());
-        out.extend_from_slice(&(d.excluded.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(d.excluded_total.max(d.excluded.len()) as u32).to_le_bytes());
         put_str(&mut out, &self.request_id);
         put_str(&mut out, &d.objective);
         let listed = d.excluded.len().min(MAX_LISTED);
@@ -164,8 +185,7 @@ impl Stored {
             let k = r.u32()? as usize;
             excluded.push((k, Exclusion::from_u8(r.u8()?)?));
         }
-        // Keep the true count even though only some are listed.
-        let _ = n_excluded;
+
         Some(Stored {
             at_ms,
             seq,
@@ -178,6 +198,7 @@ impl Stored {
                 margin: (!margin.is_nan()).then_some(margin),
                 candidates,
                 excluded,
+                excluded_total: n_excluded,
             },
         })
     }
@@ -201,6 +222,7 @@ impl Stored {
             "confidence": d.margin,
             "candidates": d.candidates,
             "excluded": excluded,
+            "excluded_total": d.excluded_total,
         })
     }
 }
@@ -264,6 +286,7 @@ mod tests {
             margin: Some(0.12),
             candidates: 3,
             excluded: vec![(0, Exclusion::Throttled), (3, Exclusion::Disabled)],
+            excluded_total: 2,
         }
     }
 
@@ -278,7 +301,8 @@ mod tests {
     #[test]
     fn summary_is_bounded_however_many_keys_are_excluded() {
         let mut d = decision();
-        d.excluded = (0..20).map(|k| (k, Exclusion::Throttled)).collect();
+        d.excluded = (0..16).map(|k| (k, Exclusion::Throttled)).collect();
+        d.excluded_total = 20;
         let s = d.summary(&cfg());
         assert!(s.ends_with(",+4 more"), "{s}");
     }

@@ -54,6 +54,30 @@ pub struct Snapshot {
     loaded_ms: u64,
     pub records: Vec<KeyRecord>,
     evals: Vec<Eval>,
+    /// Per provider: which keys can serve, which are Critical, which are
+    /// left out and why. Rebuilt only when some key's standing changes or an
+    /// evaluation expires, so choosing does not scan every key.
+    views: Vec<View>,
+    views_until_ms: u64,
+    views_dirty: bool,
+}
+
+/// Exclusions listed in full in a decision; the rest are only counted.
+pub const MAX_LISTED: usize = 16;
+
+/// A provider's keys sorted by standing, at an instant.
+#[derive(Debug, Clone, Default)]
+struct View {
+    /// Not excluded and not Critical, in configuration order.
+    eligible: Vec<usize>,
+    critical: Vec<usize>,
+    /// The first [`MAX_LISTED`] exclusions, and how many there are.
+    excluded: Vec<(usize, Exclusion)>,
+    excluded_total: usize,
+    /// Counts and earliest recovery, for a refusal.
+    none: NoKey,
+    /// Every serving key has the same weight (round-robin suffices).
+    equal_weights: bool,
 }
 
 /// What a key's record means for choosing, at an instant.
@@ -129,6 +153,7 @@ impl Snapshot {
             })
             .collect();
         self.evals = vec![Eval::default(); self.records.len()];
+        self.views_dirty = true;
         self.gen = Some(gen);
         self.loaded_ms = now_ms;
         true
@@ -137,17 +162,60 @@ impl Snapshot {
     /// A snapshot of the given records (tests, and the admin API).
     pub fn of(records: Vec<KeyRecord>) -> Snapshot {
         let evals = vec![Eval::default(); records.len()];
-        Snapshot { gen: None, loaded_ms: 0, records, evals }
+        Snapshot { records, evals, views_dirty: true, ..Snapshot::default() }
     }
 
     /// Takes a record this VM just wrote, without waiting for a reload.
-    pub fn observe(&mut self, key: usize, rec: KeyRecord) {
-        if let Some(slot) = self.records.get_mut(key) {
-            *slot = rec;
+    pub fn observe(&mut self, cfg: &Config, key: usize, rec: KeyRecord, now_ms: u64) {
+        let (Some(slot), Some(e)) = (self.records.get_mut(key), self.evals.get_mut(key)) else { return };
+        *slot = rec;
+        let new = evaluate(cfg, key, &rec, now_ms);
+        let standing = |e: &Eval| (e.excluded.map(|x| x.0), e.capacity == Capacity::Critical);
+        if standing(e) != standing(&new) {
+            self.views_dirty = true;
         }
-        if let Some(e) = self.evals.get_mut(key) {
-            e.valid_until_ms = 0;
+        *e = new;
+        self.views_until_ms = self.views_until_ms.min(new.valid_until_ms);
+    }
+
+    /// Rebuilds the provider views when they may be out of date.
+    fn ensure_views(&mut self, cfg: &Config, now_ms: u64) {
+        if !self.views_dirty && now_ms < self.views_until_ms && self.views.len() == cfg.providers.len() {
+            return;
         }
+        let mut until = u64::MAX;
+        let mut views = Vec::with_capacity(cfg.providers.len());
+        for p in &cfg.providers {
+            let mut v = View { equal_weights: true, ..View::default() };
+            let mut weight = None;
+            for &k in &p.keys {
+                let e = self.eval(cfg, k, now_ms);
+                until = until.min(e.valid_until_ms);
+                match e.excluded {
+                    Some((why, recovers)) => {
+                        v.none.count(why, recovers);
+                        v.excluded_total += 1;
+                        if v.excluded.len() < MAX_LISTED {
+                            v.excluded.push((k, why));
+                        }
+                    }
+                    None => {
+                        let w = cfg.keys.get(k).map_or(1, |key| key.weight);
+                        v.equal_weights &= weight.is_none_or(|x| x == w);
+                        weight = Some(w);
+                        if e.capacity == Capacity::Critical {
+                            v.critical.push(k);
+                        } else {
+                            v.eligible.push(k);
+                        }
+                    }
+                }
+            }
+            views.push(v);
+        }
+        self.views = views;
+        self.views_until_ms = until;
+        self.views_dirty = false;
     }
 
     /// Key `k`'s evaluation at `now_ms`, recomputed only when it expired.
@@ -200,7 +268,7 @@ impl NoKey {
         s
     }
 
-    fn count(&mut self, why: Exclusion, until: u64) {
+    pub(crate) fn count(&mut self, why: Exclusion, until: u64) {
         match why {
             Exclusion::Throttled => self.throttled += 1,
             Exclusion::Disabled => self.disabled += 1,
@@ -228,23 +296,17 @@ pub fn stale_choice(cfg: &Config, k: usize, snap: &KeyRecord, fresh: &KeyRecord,
 /// `Ok` when some key of `provider` can serve at `now_ms`, otherwise why not.
 /// Used to refuse a request before any upstream attempt.
 pub fn check(cfg: &Config, provider: usize, snap: &mut Snapshot, now_ms: u64) -> Result<(), NoKey> {
-    let Some(p) = cfg.providers.get(provider) else {
-        return Err(NoKey::default());
-    };
-    let mut none = NoKey::default();
-    for &k in &p.keys {
-        match snap.eval(cfg, k, now_ms).excluded {
-            None => return Ok(()),
-            Some((why, until)) => none.count(why, until),
-        }
+    snap.ensure_views(cfg, now_ms);
+    match snap.views.get(provider) {
+        Some(v) if v.eligible.is_empty() && v.critical.is_empty() => Err(v.none.clone()),
+        Some(_) => Ok(()),
+        None => Err(NoKey::default()),
     }
-    Err(none)
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
     key: usize,
-    critical: bool,
     price: Option<f64>,
     reliability: f64,
     latency_us: Option<u64>,
@@ -256,6 +318,8 @@ struct Candidate {
 #[derive(Debug, Default)]
 pub struct Chooser {
     current: Vec<f64>,
+    /// Round-robin position per provider.
+    cursor: Vec<usize>,
     // Buffers reused across requests, so choosing does not allocate.
     cands: Vec<Candidate>,
     scores: Vec<f64>,
@@ -295,74 +359,117 @@ impl Chooser {
         if self.current.len() != cfg.keys.len() {
             self.current = vec![0.0; cfg.keys.len()];
         }
-        let Some(p) = cfg.providers.get(provider) else {
+        if self.cursor.len() != cfg.providers.len() {
+            self.cursor = vec![0; cfg.providers.len()];
+        }
+        snap.ensure_views(cfg, now_ms);
+        let Some(view) = snap.views.get(provider) else {
             return Err(NoKey::default());
         };
-        let mut excluded: Vec<(usize, Exclusion)> = Vec::new();
-        let mut none = NoKey::default();
+        let mut excluded = view.excluded.clone();
+        let mut excluded_total = view.excluded_total;
+        let mut note = |k: usize, why: Exclusion| {
+            excluded_total += 1;
+            if excluded.len() < MAX_LISTED {
+                excluded.push((k, why));
+            }
+        };
+        let mut none = view.none.clone();
+        for &k in banned {
+            if view.eligible.contains(&k) || view.critical.contains(&k) {
+                none.exhausted += 1;
+                note(k, Exclusion::BudgetExhausted);
+            }
+        }
+        let usable = |k: &usize| !banned.contains(k);
+        let untried = |k: &usize| !banned.contains(k) && !tried.contains(k);
+        // A retry prefers keys this request has not tried; a Critical key is
+        // used only when nothing better is left.
+        let (pool, critical_left_out, reuse): (&[usize], bool, bool) = if view.eligible.iter().any(untried) {
+            (&view.eligible, true, false)
+        } else if view.critical.iter().any(untried) {
+            (&view.critical, false, false)
+        } else if view.eligible.iter().any(usable) {
+            (&view.eligible, true, true)
+        } else {
+            (&view.critical, false, true)
+        };
+        let keep = |k: &usize| if reuse { usable(k) } else { untried(k) };
+        if critical_left_out {
+            for &k in &view.critical {
+                note(k, Exclusion::Critical);
+            }
+        }
+        if !reuse {
+            for &k in tried {
+                if pool.contains(&k) {
+                    note(k, Exclusion::Tried);
+                }
+            }
+        }
+        let pure_fairness = objective.weight(Goal::Fairness) >= 1.0
+            && objective.min_reliability.is_none()
+            && objective.max_cost_per_1k.is_none();
+
+        if pure_fairness && view.equal_weights {
+            // Round-robin: the even spread, without scanning every key.
+            let n = pool.len();
+            let start = self.cursor[provider] % n.max(1);
+            let mut chosen = None;
+            for i in 0..n {
+                let k = pool[(start + i) % n];
+                if keep(&k) {
+                    chosen = Some(k);
+                    self.cursor[provider] = start + i + 1;
+                    break;
+                }
+            }
+            // tried and banned are a request's few keys: count them out.
+            let out = |list: &[usize]| list.iter().filter(|k| pool.contains(k)).count();
+            let candidates = pool.len() - if reuse { out(banned) } else { out(banned) + out(tried) }.min(pool.len());
+            return match chosen {
+                Some(k) => Ok(Decision {
+                    objective: objective.label.clone(),
+                    chosen: Some(k),
+                    score: 1.0,
+                    margin: (candidates > 1).then_some(0.0),
+                    candidates,
+                    excluded,
+                    excluded_total,
+                }),
+                None => {
+                    none.decision = Some(Box::new(Decision::none(objective, excluded, excluded_total)));
+                    Err(none)
+                }
+            };
+        }
+
         let mut cands = std::mem::take(&mut self.cands);
         cands.clear();
-        for &k in &p.keys {
-            if banned.contains(&k) {
-                none.exhausted += 1;
-                excluded.push((k, Exclusion::BudgetExhausted));
-                continue;
-            }
-            let e = snap.eval(cfg, k, now_ms);
-            if let Some((why, until)) = e.excluded {
-                none.count(why, until);
-                excluded.push((k, why));
-                continue;
-            }
+        for &k in pool.iter().filter(|k| keep(k)) {
+            let Some(e) = snap.evals.get(k).copied() else { continue };
             let price = cfg.keys.get(k).and_then(|key| key.cost_score_price);
             if objective.min_reliability.is_some_and(|min| e.reliability < min) {
                 none.constrained_out += 1;
-                excluded.push((k, Exclusion::MinReliability));
+                note(k, Exclusion::MinReliability);
                 continue;
             }
             if objective.max_cost_per_1k.is_some_and(|max| price.is_none_or(|p| p > max)) {
                 none.constrained_out += 1;
-                excluded.push((k, Exclusion::MaxCost));
+                note(k, Exclusion::MaxCost);
                 continue;
             }
             cands.push(Candidate {
                 key: k,
-                critical: e.capacity == Capacity::Critical,
                 price,
                 reliability: e.reliability,
                 latency_us: e.latency_us,
                 headroom: e.headroom,
             });
         }
-        // A retry prefers keys this request has not tried; a Critical key is
-        // used only when nothing better is left.
-        if !tried.is_empty() && cands.iter().any(|c| !tried.contains(&c.key)) {
-            cands.retain(|c| {
-                let keep = !tried.contains(&c.key);
-                if !keep {
-                    excluded.push((c.key, Exclusion::Tried));
-                }
-                keep
-            });
-        }
-        if cands.iter().any(|c| c.critical) && cands.iter().any(|c| !c.critical) {
-            cands.retain(|c| {
-                if c.critical {
-                    excluded.push((c.key, Exclusion::Critical));
-                }
-                !c.critical
-            });
-        }
         if cands.is_empty() {
             self.cands = cands;
-            none.decision = Some(Box::new(Decision {
-                objective: objective.label.clone(),
-                chosen: None,
-                score: 0.0,
-                margin: None,
-                candidates: 0,
-                excluded,
-            }));
+            none.decision = Some(Box::new(Decision::none(objective, excluded, excluded_total)));
             return Err(none);
         }
 
@@ -393,6 +500,7 @@ impl Chooser {
             margin: runner_up.map(|r| (scores[best] - r).max(0.0)),
             candidates: cands.len(),
             excluded,
+            excluded_total,
         };
         self.cands = cands;
         self.scores = scores;

@@ -35,6 +35,11 @@ struct StreamOptionsPeek {
     include_usage: Option<bool>,
 }
 
+/// `Some(inner)` when the field is present at all, even as `null`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
 #[derive(Deserialize)]
 struct Peek {
     #[serde(default)]
@@ -45,8 +50,8 @@ struct Peek {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
-    #[serde(default)]
-    stream_options: Option<StreamOptionsPeek>,
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<Option<StreamOptionsPeek>>,
 }
 
 /// What the router learned from a request body.
@@ -90,7 +95,7 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, BodyError> {
         max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
         body_len: body.len(),
         has_stream_options: peek.stream_options.is_some(),
-        include_usage: peek.stream_options.and_then(|s| s.include_usage).unwrap_or(false),
+        include_usage: peek.stream_options.flatten().and_then(|s| s.include_usage).unwrap_or(false),
     })
 }
 
@@ -119,8 +124,14 @@ pub fn with_include_usage(body: &[u8], info: &RequestInfo) -> Option<Vec<u8>> {
         return Some(out);
     }
     let mut v: Value = serde_json::from_slice(body).ok()?;
-    let so = v.as_object_mut()?.get_mut("stream_options")?.as_object_mut()?;
-    so.insert("include_usage".into(), Value::Bool(true));
+    let slot = v.as_object_mut()?.entry("stream_options").or_insert(Value::Null);
+    match slot.as_object_mut() {
+        Some(so) => {
+            so.insert("include_usage".into(), Value::Bool(true));
+        }
+        // `null` (or any non-object): replace it.
+        None => *slot = serde_json::json!({"include_usage": true}),
+    }
     serde_json::to_vec(&v).ok()
 }
 

@@ -342,7 +342,7 @@ impl KeyRecord {
     pub fn cool_until(&mut self, until_ms: u64) -> bool {
         if until_ms > self.cooldown_until_ms {
             self.cooldown_until_ms = until_ms;
-            self.cooldowns += 1;
+            self.cooldowns = self.cooldowns.saturating_add(1);
             true
         } else {
             false
@@ -384,9 +384,9 @@ impl KeyRecord {
             self.rel_start_ms = bucket;
         }
         if success {
-            self.rel_ok += 1;
+            self.rel_ok = self.rel_ok.saturating_add(1);
         } else {
-            self.rel_fail += 1;
+            self.rel_fail = self.rel_fail.saturating_add(1);
         }
     }
 
@@ -423,12 +423,13 @@ pub struct Outcome {
 impl KeyRecord {
     /// Adds one finished attempt to the counters and windows.
     pub fn record(&mut self, o: &Outcome, now_ms: u64, reliability_window_ms: u64) {
-        self.requests += 1;
+        // Counters saturate: a record from shared data may hold anything.
+        self.requests = self.requests.saturating_add(1);
         match o.status {
-            200..=399 => self.successes += 1,
-            429 => self.rate_limited += 1,
-            400..=499 => self.client_errors += 1,
-            _ => self.server_errors += 1,
+            200..=399 => self.successes = self.successes.saturating_add(1),
+            429 => self.rate_limited = self.rate_limited.saturating_add(1),
+            400..=499 => self.client_errors = self.client_errors.saturating_add(1),
+            _ => self.server_errors = self.server_errors.saturating_add(1),
         }
         // 5xx, resets and timeouts count against reliability; a 4xx is the
         // request's or the quota's doing, not the key's health.
@@ -444,12 +445,12 @@ impl KeyRecord {
             self.total_tokens = self.total_tokens.saturating_add(u.total);
         }
         if o.stream {
-            self.streams += 1;
+            self.streams = self.streams.saturating_add(1);
         }
         if let Some(l) = o.latency_us {
             self.latency_us =
                 if self.latency_samples == 0 { l } else { (self.latency_us.saturating_mul(4).saturating_add(l)) / 5 };
-            self.latency_samples += 1;
+            self.latency_samples = self.latency_samples.saturating_add(1);
         }
         // Configured quotas count every attempt the provider answered.
         if o.status != 0 {
@@ -459,7 +460,7 @@ impl KeyRecord {
                 self.minute_requests = 0;
                 self.minute_tokens = 0;
             }
-            self.minute_requests += 1;
+            self.minute_requests = self.minute_requests.saturating_add(1);
             self.minute_tokens = self.minute_tokens.saturating_add(tokens);
             window::add(Window::Day, &mut self.day_start_ms, &mut self.day_tokens, tokens, now_ms);
             window::add(Window::Month, &mut self.month_start_ms, &mut self.month_tokens, tokens, now_ms);

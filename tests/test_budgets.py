@@ -94,11 +94,12 @@ def test_cost_header_reports_the_exact_cost_of_a_non_streaming_request(mock3, st
     u = json.loads(body)["usage"]
     want = (Decimal(u["prompt_tokens"]) * PRICE_IN + Decimal(u["completion_tokens"]) * PRICE_OUT) / 10**6
     assert Decimal(headers["x-apikeyrouter-cost"]) == want
-    wait_until(lambda: '"cost":"' in e.logs(), what="access log line")
-    line = [l for l in e.logs().splitlines() if l.startswith("{") and '"cost"' in l][-1]
-    logged = json.loads(line)
+    wait_until(lambda: '\\"cost\\"' in e.logs(), what="access log line")
+    line = [l for l in e.logs().splitlines() if l.startswith("{") and "cost" in l][-1]
+    logged = json.loads(json.loads(line)["apikeyrouter"])
     assert Decimal(logged["cost"]) == want and logged["key_id"] in ("k1", "k2", "k3")
-    assert logged["input_tokens"] == str(u["prompt_tokens"])
+    assert logged["input_tokens"] == u["prompt_tokens"]
+    assert logged["decision"].startswith("objective=fairness; key=")
 
 
 def test_soft_budget_lets_traffic_through_flagged_and_logs_once(mock3, start_envoy):

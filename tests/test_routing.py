@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from harness import Mock, chat, ids_by_secret, plugin_with_keys, secrets
+from harness import Mock, chat, ids_by_secret, plugin_with_keys, secrets, wait_until
 
 
 @pytest.fixture
@@ -142,9 +142,14 @@ def test_decision_header_is_present_and_the_ring_holds_the_records(mock3, start_
         assert d.startswith("objective=fairness; key=k")
         assert "candidates=2" in d and "excluded=k3:disabled" in d
         request_ids.append(h["x-request-id"])
-    status, _, body = e.admin_api("GET", "decisions?limit=10")
-    assert status == 200
-    ring = json.loads(body)["decisions"]
+    def ring_of(n):
+        status, _, body = e.admin_api("GET", f"decisions?limit={n}")
+        assert status == 200
+        return json.loads(body)["decisions"]
+
+    # Each worker writes its queued records on its next tick (500 ms).
+    wait_until(lambda: ring_of(60) and ring_of(60)[0]["request_id"] == request_ids[-1], what="ring flushed")
+    ring = ring_of(10)
     assert len(ring) == 10
     assert [d["request_id"] for d in ring] == request_ids[::-1][:10], "newest first"
     newest = ring[0]

@@ -73,6 +73,7 @@ extern "C" {
         grpc_status: i32,
     ) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
@@ -215,6 +216,17 @@ pub fn now_ns() -> u64 {
         t
     } else {
         0
+    }
+}
+
+/// Asks for `on_tick` every `ms` milliseconds on this root context.
+pub fn set_tick_period(ms: u32) -> Result<(), HostError> {
+    // SAFETY: plain integer.
+    let st = unsafe { proxy_set_tick_period_milliseconds(ms) };
+    if st == OK {
+        Ok(())
+    } else {
+        Err(HostError(st))
     }
 }
 

@@ -7,7 +7,7 @@
 use super::{abi, metrics, send, with_flights, Routing};
 use crate::budget::{self, Held, Price};
 use crate::config::{Config, StatusAction};
-use crate::decision::{slot_name, Decision, Stored};
+use crate::decision::{Decision, Stored};
 use crate::flight::Letting;
 use crate::keys::{read_record, record_attempt, stale_choice, Action};
 use crate::objective::Objective;
@@ -231,7 +231,7 @@ impl Attempt {
         match r {
             Ok(rec) => {
                 if let Ok(mut routing) = self.routing.try_borrow_mut() {
-                    routing.snapshot.observe(k, rec.record);
+                    routing.snapshot.observe(&self.cfg, k, rec.record, now);
                 }
                 if rec.changed {
                     let (was, cap) = rec.before;
@@ -303,22 +303,14 @@ impl Attempt {
     }
 
     fn write_decision(&self, routing: &mut Routing, rid: &str, d: &Decision, now: u64) {
-        let Some(worker) = routing.ring_worker else { return };
-        let size = self.cfg.decisions.ring_size as u64;
-        if size == 0 {
-            return;
-        }
-        let seq = routing.ring_next;
-        routing.ring_next += 1;
-        let stored =
-            Stored { at_ms: now, seq, attempt: self.attempt, request_id: rid.to_string(), decision: d.clone() };
-        // Only this VM writes its ring, so no cas is needed.
-        let _ = crate::store::Store::set(
-            &abi::SharedData,
-            &slot_name(worker, (seq % size) as usize),
-            &stored.encode(),
-            None,
-        );
+        let stored = Stored {
+            at_ms: now,
+            seq: routing.ring_next,
+            attempt: self.attempt,
+            request_id: rid.to_string(),
+            decision: d.clone(),
+        };
+        routing.queue_decision(stored.encode());
     }
 }
 
@@ -390,10 +382,16 @@ impl HttpContext for Attempt {
         // and against its own budgets; choose again if it cannot serve.
         for _ in 0..8 {
             let Some(k) = chosen.as_ref().ok().and_then(|d| d.chosen) else { break };
-            let (Some(key), Some(snap)) = (cfg.keys.get(k), routing.snapshot.records.get(k)) else { break };
-            let Ok(fresh) = read_record(&abi::SharedData, &key.record_name) else { break };
-            if stale_choice(cfg, k, snap, &fresh, now) {
-                routing.snapshot.observe(k, fresh);
+            let Some(key) = cfg.keys.get(k) else { break };
+            // Other workers' cooldowns and state changes arrive through the
+            // generation; only counts that are not announced (quota use,
+            // shrinking provider headroom) need the key's fresh record.
+            let counts_matter = key.limits != Default::default()
+                || routing.snapshot.eval(cfg, k, now).capacity != crate::state::Capacity::Abundant;
+            let fresh = if counts_matter { read_record(&abi::SharedData, &key.record_name).ok() } else { None };
+            let snap = routing.snapshot.records.get(k).copied().unwrap_or_default();
+            if let Some(fresh) = fresh.filter(|f| stale_choice(cfg, k, &snap, f, now)) {
+                routing.snapshot.observe(cfg, k, fresh, now);
             } else if key.budgets.is_empty() {
                 break;
             } else {

@@ -124,8 +124,8 @@ impl Ingress {
         None
     }
 
-    /// Leaves the request's outcome in filter state for access logs:
-    /// `%FILTER_STATE(wasm.apikeyrouter.<name>:PLAIN)%`.
+    /// Leaves the request's outcome in filter state for access logs, as one
+    /// JSON object: `%FILTER_STATE(wasm.apikeyrouter:PLAIN)%`.
     fn publish_outcome(&mut self) {
         if self.logged_state {
             return;
@@ -133,35 +133,33 @@ impl Ingress {
         self.logged_state = true;
         let Some(rid) = self.request_id.as_deref() else { return };
         let cfg = &self.cfg;
-        let facts = with_flights(|fl| {
+        let outcome = with_flights(|fl| {
             fl.get_mut(rid).map(|f| {
-                let key = f.key.and_then(|k| cfg.keys.get(k)).map(|k| k.id.clone());
-                let provider = cfg.providers.get(f.provider).map(|p| p.id.clone());
-                (key, provider, f.attempts, f.usage, f.cost, f.decision.clone())
+                let mut o = serde_json::Map::new();
+                if let Some(k) = f.key.and_then(|k| cfg.keys.get(k)) {
+                    o.insert("key_id".into(), k.id.clone().into());
+                }
+                if let Some(p) = cfg.providers.get(f.provider) {
+                    o.insert("provider".into(), p.id.clone().into());
+                }
+                o.insert("attempts".into(), f.attempts.into());
+                if let Some(u) = f.usage {
+                    o.insert("input_tokens".into(), u.input.into());
+                    o.insert("output_tokens".into(), u.output.into());
+                    o.insert("total_tokens".into(), u.total.into());
+                }
+                if let Some(c) = f.cost {
+                    o.insert("cost".into(), show(c).into());
+                }
+                if let Some(d) = &f.decision {
+                    o.insert("decision".into(), d.clone().into());
+                }
+                serde_json::Value::Object(o).to_string()
             })
         })
         .flatten();
-        let Some((key, provider, attempts, usage, cost, decision)) = facts else { return };
-        let set = |name: &str, v: &str| {
-            let _ = abi::set_property(name, v.as_bytes());
-        };
-        if let Some(k) = key {
-            set("apikeyrouter.key_id", &k);
-        }
-        if let Some(p) = provider {
-            set("apikeyrouter.provider", &p);
-        }
-        set("apikeyrouter.attempts", &attempts.to_string());
-        if let Some(u) = usage {
-            set("apikeyrouter.input_tokens", &u.input.to_string());
-            set("apikeyrouter.output_tokens", &u.output.to_string());
-            set("apikeyrouter.total_tokens", &u.total.to_string());
-        }
-        if let Some(c) = cost {
-            set("apikeyrouter.cost", &show(c));
-        }
-        if let Some(d) = decision {
-            set("apikeyrouter.decision", &d);
+        if let Some(json) = outcome {
+            let _ = abi::set_property("apikeyrouter", json.as_bytes());
         }
     }
 

@@ -3,8 +3,10 @@
 //! Names embed the provider, key, status class and budget ids between dots;
 //! the shipped Envoy configs carry `stats_tags` that turn them into
 //! Prometheus labels. Every VM defines the same names, which Envoy
-//! aggregates into one stat. Ids are cached per VM, so a metric update is a
-//! single hostcall.
+//! aggregates into one stat. Counter increments are summed in VM memory and
+//! written on the root context's tick (every 500 ms), so the request path
+//! makes no metric hostcalls; gauges are written only when they change; the
+//! selection-time histogram records one request in eight.
 
 use crate::keys::Eval;
 use crate::state::{Capacity, Effective};
@@ -26,6 +28,20 @@ thread_local! {
     static IDS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
     /// Gauge values this VM last wrote, so unchanged ones are not rewritten.
     static LAST: RefCell<HashMap<u32, u64>> = RefCell::new(HashMap::new());
+    /// Counter increments not yet written.
+    static PENDING: RefCell<HashMap<u32, u64>> = RefCell::new(HashMap::new());
+    static SAMPLE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Writes the counter increments summed since the last flush.
+pub fn flush() {
+    PENDING.with(|p| {
+        let Ok(mut p) = p.try_borrow_mut() else { return };
+        for (id, delta) in p.drain() {
+            // SAFETY: plain integers.
+            unsafe { proxy_increment_metric(id, delta.min(i64::MAX as u64) as i64) };
+        }
+    });
 }
 
 fn id(kind: u32, name: &str) -> Option<u32> {
@@ -63,8 +79,11 @@ pub fn add(name: &str, delta: u64) {
         return;
     }
     if let Some(id) = id(COUNTER, name) {
-        // SAFETY: plain integers.
-        unsafe { proxy_increment_metric(id, delta.min(i64::MAX as u64) as i64) };
+        PENDING.with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut() {
+                *p.entry(id).or_insert(0) += delta;
+            }
+        });
     }
 }
 
@@ -77,7 +96,16 @@ pub fn gauge(name: &str, value: u64) {
     }
 }
 
+/// Records one value in eight.
 pub fn histogram(name: &str, value: u64) {
+    let n = SAMPLE.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        n
+    });
+    if n % 8 != 0 {
+        return;
+    }
     if let Some(id) = id(HISTOGRAM, name) {
         // SAFETY: plain integers.
         unsafe { proxy_record_metric(id, value) };

@@ -60,6 +60,9 @@ pub(crate) struct Routing {
     pub ring_next: u64,
     /// The attempt stage keeps the key gauges current.
     pub gauges: bool,
+    /// Decision records not yet written to this worker's ring, newest last
+    /// (at most `ring_size`; written on the tick).
+    pub pending_decisions: std::collections::VecDeque<(u64, Vec<u8>)>,
 }
 
 impl Routing {
@@ -73,6 +76,38 @@ impl Routing {
             ring_worker: None,
             ring_next: 0,
             gauges: false,
+            pending_decisions: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Queues a decision record for this worker's ring.
+    pub fn queue_decision(&mut self, record: Vec<u8>) {
+        let size = self.config.decisions.ring_size;
+        if self.ring_worker.is_none() || size == 0 {
+            return;
+        }
+        let seq = self.ring_next;
+        self.ring_next += 1;
+        if self.pending_decisions.len() >= size {
+            self.pending_decisions.pop_front();
+        }
+        self.pending_decisions.push_back((seq, record));
+    }
+
+    /// Writes the queued decision records to this worker's ring in shared
+    /// data: one unconditional write each, since only this VM writes it.
+    pub fn flush_decisions(&mut self) {
+        let (Some(worker), size) = (self.ring_worker, self.config.decisions.ring_size as u64) else { return };
+        if size == 0 {
+            return;
+        }
+        for (seq, rec) in self.pending_decisions.drain(..) {
+            let _ = crate::store::Store::set(
+                &abi::SharedData,
+                &decision::slot_name(worker, (seq % size) as usize),
+                &rec,
+                None,
+            );
         }
     }
 
@@ -115,7 +150,19 @@ struct Root {
 
 impl Context for Root {}
 
+/// How often each root context writes its queued metrics and decisions.
+const TICK_MS: u32 = 500;
+
 impl RootContext for Root {
+    fn on_tick(&mut self) {
+        metrics::flush();
+        if let Some(r) = &self.routing {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                r.flush_decisions();
+            }
+        }
+    }
+
     fn on_configure(&mut self, _size: usize) -> bool {
         let root_id = abi::property(&["plugin_root_id"])
             .ok()
@@ -175,6 +222,9 @@ impl RootContext for Root {
         routing.refresh(abi::now_ms());
         self.stage = Some(stage);
         self.routing = Some(Rc::new(RefCell::new(routing)));
+        if abi::set_tick_period(TICK_MS).is_err() {
+            log::warn!("no tick: metrics and decision records will not be written");
+        }
         true
     }
 
