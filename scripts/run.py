@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import ADMIN_TOKEN, Envoy, Mock, free_port  # noqa: E402
+from harness import ADMIN_TOKEN, DEMO_CLIENT_KEY, Envoy, Mock, free_port  # noqa: E402
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
     print(f"""
 apikeyrouter is running.
 
-  gateway (OpenAI-compatible)  {url}/v1/
+  gateway (OpenAI-compatible)  {url}/v1/   (client key: {DEMO_CLIENT_KEY})
   management API               {url}/apikeyrouter/v1/   (token: {ADMIN_TOKEN})
   Envoy admin                  {envoy.admin_url}/   (stats: {envoy.admin_url}/stats?filter=wasm)
   mock provider                {mock.url}   (keys demo-1, demo-2; demo-3 always answers 429)
@@ -37,10 +37,12 @@ apikeyrouter is running.
 
 Call it with curl:
 
-  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
+  curl -s {url}/v1/chat/completions -H 'authorization: Bearer {DEMO_CLIENT_KEY}' \\
+    -H 'content-type: application/json' \\
     -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"Hello"}}]}}' -i
 
-  curl -sN {url}/v1/chat/completions -H 'content-type: application/json' \\
+  curl -sN {url}/v1/chat/completions -H 'authorization: Bearer {DEMO_CLIENT_KEY}' \\
+    -H 'content-type: application/json' \\
     -d '{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"Hello"}}]}}'
 
   curl -s {url}/apikeyrouter/v1/keys -H 'authorization: Bearer {ADMIN_TOKEN}'
@@ -48,7 +50,7 @@ Call it with curl:
 Or with the official OpenAI Python SDK (pip install openai):
 
   from openai import OpenAI
-  client = OpenAI(base_url="{url}/v1", api_key="unused-the-gateway-holds-the-keys")
+  client = OpenAI(base_url="{url}/v1", api_key="{DEMO_CLIENT_KEY}")
   r = client.chat.completions.create(model="gpt-4o-mini",
                                      messages=[{{"role": "user", "content": "Hello"}}])
   print(r.choices[0].message.content)

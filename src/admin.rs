@@ -569,6 +569,7 @@ mod tests {
                 seq: 0,
                 attempt: 1,
                 request_id: format!("r{at}"),
+                client: String::new(),
                 decision: Decision {
                     objective: "fairness".into(),
                     chosen: Some(0),

@@ -14,6 +14,8 @@ use rust_decimal::Decimal;
 pub struct Caller<'a> {
     pub client: Option<&'a str>,
     pub team: Option<&'a str>,
+    /// The client's own per-request cost cap, on top of the gateway's.
+    pub max_cost_per_request: Option<Decimal>,
 }
 
 /// What admission needs to reserve and later true up.
@@ -67,7 +69,11 @@ pub fn plan(cfg: &Config, provider: usize, info: &RequestInfo, caller: &Caller<'
     let prompt_tokens = (info.body_len as u64).div_ceil(cfg.estimate.prompt_bytes_per_token.max(1));
     let output_tokens = info.max_tokens.unwrap_or(cfg.estimate.default_max_tokens);
     let estimate = worst_estimate(prompt_tokens, output_tokens, price.as_ref(), pricings);
-    if let Some(cap) = cfg.max_cost_per_request {
+    let cap = match (cfg.max_cost_per_request, caller.max_cost_per_request) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if let Some(cap) = cap {
         if estimate > cap {
             return Err(reply::error(
                 400,
@@ -174,13 +180,21 @@ mod tests {
     }
 
     #[test]
+    fn a_clients_own_cap_applies_too() {
+        let c = cfg("");
+        let caller = Caller { max_cost_per_request: Some(Decimal::new(1, 3)), ..Caller::default() };
+        let r = plan(&c, 0, &info(r#"{"model":"gpt-4o","max_tokens":1000}"#), &caller);
+        assert_eq!(r.err().map(|r| r.status), Some(400));
+    }
+
+    #[test]
     fn budgets_apply_by_scope() {
         let c = cfg(r#","budgets":[{"id":"all","limit":"1"},{"id":"prov","limit":"1","scope":{"provider":"p"}},
                {"id":"mini","limit":"1","scope":{"model":"gpt-4o-mini*"}},{"id":"key","limit":"1","scope":{"key":"k1"}},
                {"id":"team","limit":"1","scope":{"team":"blue"}}]"#);
         let p = plan(&c, 0, &info(r#"{"model":"gpt-4o-mini-2024"}"#), &Caller::default()).unwrap_or_default();
         assert_eq!(p.budgets, vec![0, 1, 2]);
-        let blue = Caller { client: Some("app"), team: Some("blue") };
+        let blue = Caller { client: Some("app"), team: Some("blue"), max_cost_per_request: None };
         let p = plan(&c, 0, &info(r#"{"model":"gpt-4o"}"#), &blue).unwrap_or_default();
         assert_eq!(p.budgets, vec![0, 1, 4]);
         assert_eq!(c.keys[0].budgets, vec![3], "key budgets wait for the key");

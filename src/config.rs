@@ -14,6 +14,7 @@
 //! ```
 
 use crate::budget::{Budget, Enforcement, KeyPricing, Price, PriceTable, Scope};
+use crate::identity::{Client, Policy};
 use crate::objective::Objective;
 use crate::quota::{Limits, Thresholds};
 use crate::sha256;
@@ -228,6 +229,8 @@ pub struct Config {
     pub budgets: Vec<Budget>,
     /// End a stream with an SSE error event once a hard budget is crossed.
     pub stream_cutoff: bool,
+    /// Callers with virtual keys; empty means an open gateway.
+    pub clients: Vec<Client>,
 }
 
 impl Config {
@@ -544,6 +547,66 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     }
     let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
     let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
+    let mut teams: Vec<(String, Policy)> = Vec::new();
+    if let Some(list) = root.opt_array("teams")? {
+        for (i, v) in list.into_iter().enumerate() {
+            let mut t = Obj::new(v, &format!("teams[{i}]"))?;
+            let id = t.req_id("id")?;
+            if teams.iter().any(|(x, _)| *x == id) {
+                return Err(err(&t.field("id"), format!("duplicate team id {id:?}")));
+            }
+            let policy = compile_policy(&mut t, &providers)?;
+            t.finish()?;
+            teams.push((id, policy));
+        }
+    }
+    let mut clients: Vec<Client> = Vec::new();
+    if let Some(list) = root.opt_array("clients")? {
+        for (i, v) in list.into_iter().enumerate() {
+            let mut c = Obj::new(v, &format!("clients[{i}]"))?;
+            let id = c.req_id("id")?;
+            if clients.iter().any(|x| x.id == id) {
+                return Err(err(&c.field("id"), format!("duplicate client id {id:?}")));
+            }
+            let team = c.opt_str("team")?;
+            let team_policy = match &team {
+                None => Policy::default(),
+                Some(t) => teams
+                    .iter()
+                    .find(|(x, _)| x == t)
+                    .map(|(_, p)| p.clone())
+                    .ok_or_else(|| err(&c.field("team"), format!("no team with id {t:?} in teams")))?,
+            };
+            let hex = c.opt_str("key_sha256")?.ok_or_else(|| {
+                err(&c.field("key_sha256"), "required: the SHA-256 of the client's key, 64 hex digits")
+            })?;
+            let key_sha256 = parse_sha256(&hex).ok_or_else(|| {
+                err(&c.field("key_sha256"), "expected 64 hex digits (the SHA-256 of the key, never the key)")
+            })?;
+            if clients.iter().any(|x| x.key_sha256 == key_sha256) {
+                return Err(err(&c.field("key_sha256"), "another client has the same key"));
+            }
+            let expires_ms = match c.opt_str("expires_at")? {
+                None => None,
+                Some(t) => Some(crate::window::parse_rfc3339(&t).ok_or_else(|| {
+                    err(
+                        &c.field("expires_at"),
+                        format!("{t:?} is not an RFC 3339 time such as \"2027-01-01T00:00:00Z\""),
+                    )
+                })?),
+            };
+            let own = compile_policy(&mut c, &providers)?;
+            c.finish()?;
+            clients.push(Client {
+                record_name: format!("akr.v1.client.{id}"),
+                id,
+                team,
+                key_sha256,
+                expires_ms,
+                policy: team_policy.overridden_by(&own),
+            });
+        }
+    }
     if unknown_model == UnknownModel::Refuse && prices.is_empty() {
         return Err(err("unknown_model", "\"refuse\" needs a price table in prices"));
     }
@@ -566,6 +629,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         max_cost_per_request,
         budgets,
         stream_cutoff,
+        clients,
     })
 }
 
@@ -662,6 +726,73 @@ fn compile_key(
         limits,
         budgets: Vec::new(),
         deleted: false,
+    })
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The policy fields shared by teams and clients.
+fn compile_policy(o: &mut Obj, providers: &[Provider]) -> Result<Policy, ConfigError> {
+    let strings = |o: &mut Obj, name: &str| -> Result<Option<Vec<String>>, ConfigError> {
+        match o.opt_array(name)? {
+            None => Ok(None),
+            Some(items) => items
+                .into_iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| err(&o.field(name), "expected an array of strings"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+        }
+    };
+    let allowed_providers = strings(o, "allowed_providers")?;
+    if let Some(list) = &allowed_providers {
+        if let Some(bad) = list.iter().find(|p| !providers.iter().any(|q| &q.id == *p)) {
+            return Err(err(&o.field("allowed_providers"), format!("no provider with id {bad:?}")));
+        }
+    }
+    let allowed_models = strings(o, "allowed_models")?;
+    let mut model_aliases = Vec::new();
+    if let Some(a) = o.opt_obj("model_aliases")? {
+        for (from, to) in a.map.iter() {
+            let to = to.as_str().ok_or_else(|| err(&a.field(from), "expected the model name to send instead"))?;
+            model_aliases.push((from.clone(), to.to_string()));
+        }
+    }
+    let max_tokens = o.opt_u64_in("max_tokens", 1, 100_000_000)?;
+    let max_cost_per_request = match o.take("max_cost_per_request") {
+        None => None,
+        Some(v) => Some(decimal(&v).filter(|d| *d > Decimal::ZERO).ok_or_else(|| {
+            err(&o.field("max_cost_per_request"), "expected a positive decimal string, e.g. \"0.10\"")
+        })?),
+    };
+    let objective = match o.take("objective") {
+        None => None,
+        Some(v) => Some(Objective::from_value(&v).map_err(|e| err(&o.field("objective"), e.0))?),
+    };
+    let force_objective = o.opt_bool("force_objective")?.unwrap_or(false);
+    let rpm = o.opt_u64_in("rpm", 1, u32::MAX as u64)?;
+    let tpm = o.opt_u64_in("tpm", 1, u64::MAX >> 1)?;
+    Ok(Policy {
+        allowed_providers,
+        allowed_models,
+        model_aliases,
+        max_tokens,
+        max_cost_per_request,
+        objective,
+        force_objective,
+        rpm,
+        tpm,
     })
 }
 
@@ -960,6 +1091,12 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","scope":{"key":"zz"}}]}"#.into(), "budgets[0].scope.key", "no key with id"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","enforcement":"strict"}]}"#.into(), "budgets[0].enforcement", "hard"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"max_cost_per_request":"-1"}"#.into(), "max_cost_per_request", "positive decimal"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a"}]}"#.into(), "clients[0].key_sha256", "required"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","key_sha256":"sk-plain"}]}"#.into(), "clients[0].key_sha256", "64 hex"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","team":"red","key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].team", "no team"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","expires_at":"tomorrow","key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].expires_at", "RFC 3339"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"teams":[{"id":"t","allowed_providers":["azure"]}]}"#.into(), "teams[0].allowed_providers", "no provider"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"teams":[{"id":"t","rpm":0}]}"#.into(), "teams[0].rpm", "from 1"),
         ];
         for (json, field, reason) in cases {
             match compile(json.as_bytes(), &env) {

@@ -130,6 +130,8 @@ pub struct Stored {
     pub seq: u64,
     pub attempt: u32,
     pub request_id: String,
+    /// The caller's client id, when clients are configured.
+    pub client: String,
     pub decision: Decision,
 }
 
@@ -153,6 +155,7 @@ impl Stored {
         out.extend_from_slice(&(d.candidates as u32).to_le_bytes());
         out.extend_from_slice(&(d.excluded_total.max(d.excluded.len()) as u32).to_le_bytes());
         put_str(&mut out, &self.request_id);
+        put_str(&mut out, &self.client);
         put_str(&mut out, &d.objective);
         let listed = d.excluded.len().min(MAX_LISTED);
         out.push(listed as u8);
@@ -178,6 +181,7 @@ impl Stored {
         let candidates = r.u32()? as usize;
         let n_excluded = r.u32()? as usize;
         let request_id = r.string()?;
+        let client = r.string()?;
         let objective = r.string()?;
         let listed = r.u8()? as usize;
         let mut excluded = Vec::with_capacity(listed);
@@ -191,6 +195,7 @@ impl Stored {
             seq,
             attempt,
             request_id,
+            client,
             decision: Decision {
                 objective,
                 chosen: (chosen != u32::MAX).then_some(chosen as usize),
@@ -214,6 +219,7 @@ impl Stored {
         json!({
             "time_ms": self.at_ms,
             "request_id": self.request_id,
+            "client": (!self.client.is_empty()).then_some(self.client.as_str()),
             "attempt": self.attempt,
             "objective": d.objective,
             "key": key.map(|k| k.id.as_str()),
@@ -309,7 +315,14 @@ mod tests {
 
     #[test]
     fn stored_decisions_round_trip() {
-        let s = Stored { at_ms: 5, seq: 6, attempt: 2, request_id: "rid".into(), decision: decision() };
+        let s = Stored {
+            at_ms: 5,
+            seq: 6,
+            attempt: 2,
+            request_id: "rid".into(),
+            client: "app".into(),
+            decision: decision(),
+        };
         assert_eq!(Stored::decode(&s.encode()), Some(s.clone()));
         let mut single = s.clone();
         single.decision.margin = None;
@@ -323,7 +336,15 @@ mod tests {
 
     #[test]
     fn malformed_ring_records_decode_to_none() {
-        let b = Stored { at_ms: 5, seq: 6, attempt: 2, request_id: "rid".into(), decision: decision() }.encode();
+        let b = Stored {
+            at_ms: 5,
+            seq: 6,
+            attempt: 2,
+            request_id: "rid".into(),
+            client: "app".into(),
+            decision: decision(),
+        }
+        .encode();
         for cut in 0..b.len() {
             assert_eq!(Stored::decode(&b[..cut]), None, "cut at {cut}");
         }

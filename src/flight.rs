@@ -45,6 +45,8 @@ pub struct Flight {
     pub cost: Option<Decimal>,
     /// The served attempt's decision summary.
     pub decision: Option<String>,
+    /// The authenticated client, by index into `Config::clients`.
+    pub client: Option<usize>,
 }
 
 /// What must happen to a request's reservation when a stage lets go of it.

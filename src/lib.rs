@@ -11,6 +11,7 @@ pub mod budget;
 pub mod config;
 pub mod decision;
 pub mod flight;
+pub mod identity;
 pub mod keys;
 pub mod objective;
 pub mod pairs;

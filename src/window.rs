@@ -74,6 +74,60 @@ pub fn rfc3339(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
 }
 
+/// Parses an RFC 3339 time (`2027-01-01T00:00:00Z`, fractions and `±HH:MM`
+/// offsets allowed) to Unix milliseconds.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.trim().as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = std::str::from_utf8(b.get(r)?).ok()?;
+        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
+    };
+    let (y, mo, d, h, mi, sec) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(|c| c.is_ascii_digit()) {
+            i += 1;
+        }
+        let frac = std::str::from_utf8(&b[start..i]).ok()?;
+        if frac.is_empty() {
+            return None;
+        }
+        millis = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
+    }
+    let offset_min = match b.get(i..)? {
+        [b'Z'] | [b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let hh = num(i + 1..i + 3)?;
+            let mm = num(i + 4..i + 6)?;
+            let _ = (h1, h2, m1, m2);
+            let v = hh * 60 + mm;
+            if *sign == b'+' {
+                v
+            } else {
+                -v
+            }
+        }
+        _ => return None,
+    };
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
+    (secs >= 0).then(|| secs as u64 * 1000 + millis as u64)
+}
+
 /// A counter that restarts at each window boundary: `(window_start, value)`.
 /// Returns the value as of `now_ms` (0 after a roll-over).
 pub fn current(window: Window, start_ms: u64, value: u64, now_ms: u64) -> u64 {
@@ -126,6 +180,22 @@ mod tests {
         let feb = at("Tue, 29 Feb 2028 12:00:00 GMT");
         assert_eq!(Window::Month.start(feb), at("Tue, 01 Feb 2028 00:00:00 GMT"));
         assert_eq!(Window::Month.next_start(feb), at("Wed, 01 Mar 2028 00:00:00 GMT"));
+    }
+
+    #[test]
+    fn rfc3339_parses_utc_offsets_and_fractions() {
+        assert_eq!(parse_rfc3339("2026-11-28T13:45:30Z"), Some(at("Sat, 28 Nov 2026 13:45:30 GMT")));
+        assert_eq!(parse_rfc3339("2026-11-28T14:45:30.5+01:00"), Some(at("Sat, 28 Nov 2026 13:45:30 GMT") + 500));
+        for bad in [
+            "",
+            "2026-11-28",
+            "2026-13-01T00:00:00Z",
+            "2026-11-28T13:45:30",
+            "2026-11-28T13:45:30.Z",
+            "x026-11-28T13:45:30Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -26,6 +26,8 @@ MOCK = ROOT / "mock" / "mock_provider.py"
 
 DEMO_KEYS = {"DEMO_KEY_1": "sk-demo-1", "DEMO_KEY_2": "sk-demo-2", "DEMO_KEY_3": "sk-demo-3"}
 ADMIN_TOKEN = "demo-admin-token-change-me"
+# The demo config's one client: its virtual key (the config holds only its SHA-256).
+DEMO_CLIENT_KEY = "sk-gateway-demo-key-0001"
 
 
 def envoy_bin():

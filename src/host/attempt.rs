@@ -9,6 +9,7 @@ use crate::budget::{self, Held, Price};
 use crate::config::{Config, StatusAction};
 use crate::decision::{Decision, Stored};
 use crate::flight::Letting;
+use crate::identity;
 use crate::keys::{read_record, record_attempt, stale_choice, Action};
 use crate::objective::Objective;
 use crate::ratelimit::{cooldown_ms, Signals};
@@ -62,6 +63,8 @@ pub(crate) struct Attempt {
     settled: bool,
     /// The stream was ended early because a hard budget was crossed.
     cut: bool,
+    /// The request's client, from the ingress stage.
+    client: Option<usize>,
     next_cutoff_check: u64,
 }
 
@@ -88,6 +91,7 @@ impl Attempt {
             settled: false,
             cut: false,
             next_cutoff_check: 0,
+            client: None,
         }
     }
 
@@ -159,6 +163,15 @@ impl Attempt {
         if let (Some(a), Some(key)) = (actual, self.key.and_then(|k| self.cfg.keys.get(k))) {
             let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
             metrics::add(&metrics::key_metric(pid, &key.id, "spend_micros"), metrics::micros(a));
+        }
+        if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
+            let tokens = if actual.is_some() { self.usage.map_or(0, |u| u.total) } else { 0 };
+            identity::record_tokens(&abi::SharedData, c, tokens, now);
+            metrics::add(&format!("apikeyrouter.client.{}.requests", c.id), 1);
+            metrics::add(&format!("apikeyrouter.client.{}.tokens", c.id), tokens);
+            if let Some(a) = actual {
+                metrics::add(&format!("apikeyrouter.client.{}.spend_micros", c.id), metrics::micros(a));
+            }
         }
         let Some(rid) = self.request_id.as_deref() else { return };
         let (to_settle, letting) = with_flights(|fl| {
@@ -308,6 +321,7 @@ impl Attempt {
             seq: routing.ring_next,
             attempt: self.attempt,
             request_id: rid.to_string(),
+            client: self.client.and_then(|c| self.cfg.clients.get(c)).map(|c| c.id.clone()).unwrap_or_default(),
             decision: d.clone(),
         };
         routing.queue_decision(stored.encode());
@@ -341,6 +355,7 @@ impl HttpContext for Attempt {
                     f.attempts += 1;
                     f.in_flight += 1;
                     let est = (f.prompt_tokens_est, f.output_tokens_est);
+                    self.client = f.client;
                     (f.provider, f.tried.clone(), f.attempts, f.objective.clone(), f.price, est)
                 })
             })

@@ -9,6 +9,7 @@ use crate::admission::{self, Caller};
 use crate::budget::{self, show};
 use crate::config::Config;
 use crate::flight::{Flight, Letting};
+use crate::identity;
 use crate::keys::check;
 use crate::objective::Objective;
 use crate::reply;
@@ -42,6 +43,8 @@ pub(crate) struct Ingress {
     done: bool,
     /// Filter state for access logs was written.
     logged_state: bool,
+    /// The authenticated client (when clients are configured).
+    client: Option<usize>,
 }
 
 impl Ingress {
@@ -57,6 +60,7 @@ impl Ingress {
             admin: None,
             done: false,
             logged_state: false,
+            client: None,
         }
     }
 
@@ -64,7 +68,12 @@ impl Ingress {
     /// estimate against every budget that applies; refuses when a hard
     /// budget has no room. Returns the refusal to send, if any.
     fn admit(&mut self, info: &request::RequestInfo, now: u64) -> Option<reply::Reply> {
-        let caller = Caller::default();
+        let client = self.client.and_then(|c| self.cfg.clients.get(c));
+        let caller = Caller {
+            client: client.map(|c| c.id.as_str()),
+            team: client.and_then(|c| c.team.as_deref()),
+            max_cost_per_request: client.and_then(|c| c.policy.max_cost_per_request),
+        };
         let plan = match admission::plan(&self.cfg, self.provider, info, &caller) {
             Ok(p) => p,
             Err(r) => return Some(r),
@@ -124,6 +133,14 @@ impl Ingress {
         None
     }
 
+    /// Counts the request against its client's rpm/tpm; the refusal if over.
+    fn admit_client(&self, now: u64) -> Option<reply::Reply> {
+        let c = self.client.and_then(|c| self.cfg.clients.get(c))?;
+        let r = identity::admit_rate(&abi::SharedData, c, now).err()?;
+        metrics::add(&format!("apikeyrouter.client.{}.rate_limited", c.id), 1);
+        Some(r)
+    }
+
     /// Leaves the request's outcome in filter state for access logs, as one
     /// JSON object: `%FILTER_STATE(wasm.apikeyrouter:PLAIN)%`.
     fn publish_outcome(&mut self) {
@@ -143,6 +160,12 @@ impl Ingress {
                     o.insert("provider".into(), p.id.clone().into());
                 }
                 o.insert("attempts".into(), f.attempts.into());
+                if let Some(c) = f.client.and_then(|c| cfg.clients.get(c)) {
+                    o.insert("client".into(), c.id.clone().into());
+                    if let Some(t) = &c.team {
+                        o.insert("team".into(), t.clone().into());
+                    }
+                }
                 if let Some(u) = f.usage {
                     o.insert("input_tokens".into(), u.input.into());
                     o.insert("output_tokens".into(), u.output.into());
@@ -206,12 +229,16 @@ impl Ingress {
     /// route metadata `filter_metadata.apikeyrouter.objective`, else `None`
     /// (the configured default).
     fn objective(&self, header: Option<&str>) -> Result<Option<Objective>, String> {
+        let policy = self.client.and_then(|c| self.cfg.clients.get(c)).map(|c| &c.policy);
+        if let Some(p) = policy.filter(|p| p.force_objective) {
+            return Ok(p.objective.clone());
+        }
         if let Some(h) = header.filter(|_| self.cfg.routing.allow_objective_header) {
             return Objective::parse_str(h).map(Some).map_err(|e| format!("Invalid {OBJECTIVE_HEADER} header: {e}"));
         }
         let meta = abi::property_string(&["xds", "route_metadata", "filter_metadata", "apikeyrouter", "objective"]);
         match meta {
-            None => Ok(None),
+            None => Ok(policy.and_then(|p| p.objective.clone())),
             Some(m) => match Objective::parse_str(&m) {
                 Ok(o) => Ok(Some(o)),
                 Err(e) => {
@@ -265,6 +292,19 @@ impl HttpContext for Ingress {
             self.admin = Some(pending);
             return Action::Pause;
         }
+        if !self.cfg.clients.is_empty() {
+            let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+            match identity::authenticate(&self.cfg.clients, find("authorization"), find("x-api-key"), now) {
+                Ok(c) => self.client = c,
+                Err(r) => return self.reply(&r),
+            }
+            if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
+                let pid = self.cfg.providers.get(self.provider).map_or("", |p| p.id.as_str());
+                if let Err(r) = identity::check_provider(c, pid) {
+                    return self.reply(&r);
+                }
+            }
+        }
         // The caller's credential and any router header it sent never reach
         // the provider.
         for name in strip {
@@ -294,11 +334,14 @@ impl HttpContext for Ingress {
         if fresh && abi::set_header(abi::REQUEST_HEADERS, "x-request-id", &rid).is_err() {
             log::warn!("[{}] could not set x-request-id", self.id);
         }
-        let flight = Flight { provider, started_ms: now, objective, ..Flight::default() };
+        let flight = Flight { provider, started_ms: now, objective, client: self.client, ..Flight::default() };
         with_flights(|fl| fl.insert(rid.clone(), flight, now));
         self.request_id = Some(rid);
 
         if end_of_stream {
+            if let Some(r) = self.admit_client(now) {
+                return self.reply(&r);
+            }
             return Action::Continue;
         }
         let ct = content_type.to_ascii_lowercase();
@@ -340,24 +383,40 @@ impl HttpContext for Ingress {
             Ok(b) => b.unwrap_or_default(),
             Err(e) => return self.host_failure("read the request body", e),
         };
-        let info = match request::inspect(&body) {
+        let mut info = match request::inspect(&body) {
             Ok(i) => i,
             Err(e) => return self.reply(&reply::bad_request(&e.to_string())),
         };
-        if let Some(refusal) = self.admit(&info, abi::now_ms()) {
+        let now = abi::now_ms();
+        let mut rewritten: Option<Vec<u8>> = None;
+        if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
+            match identity::check_request(c, &info) {
+                Ok(Some(model)) => {
+                    rewritten = identity::rewrite_model(&body, &model);
+                    info.model = Some(model);
+                }
+                Ok(None) => {}
+                Err(r) => return self.reply(&r),
+            }
+            if let Some(r) = self.admit_client(now) {
+                return self.reply(&r);
+            }
+        }
+        if let Some(refusal) = self.admit(&info, now) {
             return self.reply(&refusal);
         }
         if self.cfg.inject_stream_usage && request::path_takes_stream_options(&self.path) {
-            if let Some(new_body) = request::with_include_usage(&body, &info) {
-                // Headers are still paused here, so content-length may change.
-                let ok = abi::set_buffer(abi::REQUEST_BODY, 0, size, &new_body).is_ok()
-                    && abi::set_header(abi::REQUEST_HEADERS, "content-length", &new_body.len().to_string()).is_ok();
-                if !ok {
-                    log::warn!(
-                        "[{}] could not add stream_options.include_usage; usage of this stream may be missed",
-                        self.id
-                    );
-                }
+            let current = rewritten.as_deref().unwrap_or(&body);
+            if let Some(with_usage) = request::with_include_usage(current, &info) {
+                rewritten = Some(with_usage);
+            }
+        }
+        if let Some(new_body) = rewritten {
+            // Headers are still paused here, so content-length may change.
+            let ok = abi::set_buffer(abi::REQUEST_BODY, 0, size, &new_body).is_ok()
+                && abi::set_header(abi::REQUEST_HEADERS, "content-length", &new_body.len().to_string()).is_ok();
+            if !ok {
+                log::warn!("[{}] could not rewrite the request body", self.id);
             }
         }
         Action::Continue

@@ -1,0 +1,356 @@
+//! Caller identity (virtual keys) and per-client and per-team policies.
+//!
+//! Callers present `Authorization: Bearer <virtual key>` or `x-api-key`. The
+//! config holds each client's id, team, the SHA-256 of its key (never the key)
+//! and an optional expiry. Policies come from the client's team and are
+//! overridden field by field by the client's own.
+
+use crate::objective::Objective;
+use crate::reply::{self, Reply};
+use crate::request::RequestInfo;
+use crate::sha256::{constant_time_eq, digest};
+use crate::store::{update, Store};
+use crate::window::Window;
+use rust_decimal::Decimal;
+
+/// What a client (or its team) may do.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    /// Provider ids; `None` allows all.
+    pub allowed_providers: Option<Vec<String>>,
+    /// Exact names, `prefix*`, or `*`; `None` allows all.
+    pub allowed_models: Option<Vec<String>>,
+    /// Requested model -> the model sent to the provider.
+    pub model_aliases: Vec<(String, String)>,
+    pub max_tokens: Option<u64>,
+    pub max_cost_per_request: Option<Decimal>,
+    /// The client's default objective.
+    pub objective: Option<Objective>,
+    /// When true the objective header is ignored for this client.
+    pub force_objective: bool,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+}
+
+impl Policy {
+    /// `self` with every field `over` sets taken from `over`.
+    pub fn overridden_by(&self, over: &Policy) -> Policy {
+        Policy {
+            allowed_providers: over.allowed_providers.clone().or_else(|| self.allowed_providers.clone()),
+            allowed_models: over.allowed_models.clone().or_else(|| self.allowed_models.clone()),
+            model_aliases: if over.model_aliases.is_empty() {
+                self.model_aliases.clone()
+            } else {
+                over.model_aliases.clone()
+            },
+            max_tokens: over.max_tokens.or(self.max_tokens),
+            max_cost_per_request: over.max_cost_per_request.or(self.max_cost_per_request),
+            objective: over.objective.clone().or_else(|| self.objective.clone()),
+            force_objective: over.force_objective || self.force_objective,
+            rpm: over.rpm.or(self.rpm),
+            tpm: over.tpm.or(self.tpm),
+        }
+    }
+}
+
+/// A configured client.
+#[derive(Clone, PartialEq)]
+pub struct Client {
+    pub id: String,
+    pub team: Option<String>,
+    pub key_sha256: [u8; 32],
+    pub expires_ms: Option<u64>,
+    /// The team's policy overridden by the client's.
+    pub policy: Policy,
+    pub record_name: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("id", &self.id).field("team", &self.team).finish_non_exhaustive()
+    }
+}
+
+fn unauthorized(message: &str) -> Reply {
+    let mut r = reply::error(401, "invalid_request_error", "invalid_api_key", message);
+    r.headers.push(("www-authenticate", "Bearer".to_string()));
+    r
+}
+
+/// The client presenting `authorization` or `x_api_key`, by index; `Ok(None)`
+/// when no clients are configured (an open gateway). Every configured hash is
+/// compared, in constant time, whatever matches.
+pub fn authenticate(
+    clients: &[Client],
+    authorization: Option<&str>,
+    x_api_key: Option<&str>,
+    now_ms: u64,
+) -> Result<Option<usize>, Reply> {
+    if clients.is_empty() {
+        return Ok(None);
+    }
+    let bearer = authorization
+        .map(str::trim)
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim));
+    let Some(presented) = bearer.or(x_api_key.map(str::trim)).filter(|k| !k.is_empty()) else {
+        return Err(unauthorized(
+            "You didn't provide an API key. Send your gateway key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+        ));
+    };
+    let hash = digest(presented.as_bytes());
+    let mut found = None;
+    for (i, c) in clients.iter().enumerate() {
+        if constant_time_eq(&c.key_sha256, &hash) && found.is_none() {
+            found = Some(i);
+        }
+    }
+    let Some(i) = found else {
+        return Err(unauthorized("Incorrect API key provided."));
+    };
+    if clients[i].expires_ms.is_some_and(|t| now_ms >= t) {
+        return Err(unauthorized("This API key has expired."));
+    }
+    Ok(Some(i))
+}
+
+fn model_allowed(patterns: &[String], model: &str) -> bool {
+    patterns.iter().any(|p| p == "*" || p == model || p.strip_suffix('*').is_some_and(|pre| model.starts_with(pre)))
+}
+
+fn forbidden(code: &str, message: &str) -> Reply {
+    reply::error(403, "permission_error", code, message)
+}
+
+/// Whether `client` may use `provider`.
+pub fn check_provider(client: &Client, provider: &str) -> Result<(), Reply> {
+    match &client.policy.allowed_providers {
+        Some(list) if !list.iter().any(|p| p == provider) => Err(forbidden(
+            "provider_not_allowed",
+            &format!("Client '{}' may not use provider '{provider}'.", client.id),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Applies the client's model policy to a request body: the model sent to
+/// the provider (after aliases), or a refusal.
+pub fn check_request(client: &Client, info: &RequestInfo) -> Result<Option<String>, Reply> {
+    let p = &client.policy;
+    let mut rewritten = None;
+    if let Some(model) = info.model.as_deref() {
+        let target = p.model_aliases.iter().find(|(from, _)| from == model).map(|(_, to)| to.as_str());
+        let effective = target.unwrap_or(model);
+        if let Some(allowed) = &p.allowed_models {
+            if !model_allowed(allowed, effective) {
+                return Err(forbidden(
+                    "model_not_allowed",
+                    &format!("Client '{}' may not use model '{effective}'.", client.id),
+                ));
+            }
+        }
+        rewritten = target.map(str::to_string);
+    }
+    if let (Some(cap), Some(asked)) = (p.max_tokens, info.max_tokens) {
+        if asked > cap {
+            return Err(reply::error(
+                400,
+                "invalid_request_error",
+                "max_tokens_too_large",
+                &format!("max_tokens {asked} is above the limit of {cap} for client '{}'.", client.id),
+            ));
+        }
+    }
+    Ok(rewritten)
+}
+
+/// Rewrites the `model` of a JSON body.
+pub fn rewrite_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.as_object_mut()?.insert("model".into(), serde_json::Value::String(model.to_string()));
+    serde_json::to_vec(&v).ok()
+}
+
+/// A client's use in the current UTC minute: `start:u64 requests:u64 tokens:u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub minute_start_ms: u64,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+impl Usage {
+    fn decode(b: &[u8]) -> Usage {
+        let u = |i: usize| {
+            b.get(i * 8..i * 8 + 8).map_or(0, |w| {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(w);
+                u64::from_le_bytes(x)
+            })
+        };
+        Usage { minute_start_ms: u(0), requests: u(1), tokens: u(2) }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        [self.minute_start_ms, self.requests, self.tokens].iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    fn current(mut self, now_ms: u64) -> Usage {
+        let start = Window::Minute.start(now_ms);
+        if self.minute_start_ms != start {
+            self = Usage { minute_start_ms: start, requests: 0, tokens: 0 };
+        }
+        self
+    }
+}
+
+/// Admits one request against the client's rpm and tpm, counting it in the
+/// same compare-and-swap, so the limit holds exactly under concurrency.
+pub fn admit_rate(store: &dyn Store, client: &Client, now_ms: u64) -> Result<(), Reply> {
+    let p = &client.policy;
+    if p.rpm.is_none() && p.tpm.is_none() {
+        return Ok(());
+    }
+    let (r, _) = update(store, &client.record_name, |cur| {
+        let mut u = cur.map(Usage::decode).unwrap_or_default().current(now_ms);
+        if p.rpm.is_some_and(|rpm| u.requests >= rpm) {
+            return Err("requests per minute");
+        }
+        if p.tpm.is_some_and(|tpm| u.tokens >= tpm) {
+            return Err("tokens per minute");
+        }
+        u.requests += 1;
+        Ok(((), u.encode()))
+    });
+    match r {
+        Ok(()) => Ok(()),
+        Err(crate::store::UpdateError::Rejected(what)) => {
+            let wait = Window::Minute.next_start(now_ms).saturating_sub(now_ms).div_ceil(1000).max(1);
+            let mut reply = reply::error(
+                429,
+                "rate_limit_error",
+                "client_rate_limited",
+                &format!("Client '{}' is over its {what} limit; retry in {wait} s.", client.id),
+            );
+            reply.headers.push(("retry-after", wait.to_string()));
+            Err(reply)
+        }
+        // The store failed: do not refuse traffic for it.
+        Err(_) => Ok(()),
+    }
+}
+
+/// Adds a finished request's tokens to the client's minute (for tpm).
+pub fn record_tokens(store: &dyn Store, client: &Client, tokens: u64, now_ms: u64) {
+    if client.policy.tpm.is_none() || tokens == 0 {
+        return;
+    }
+    let _ = update(store, &client.record_name, |cur| {
+        let mut u = cur.map(Usage::decode).unwrap_or_default().current(now_ms);
+        u.tokens = u.tokens.saturating_add(tokens);
+        Ok::<_, ()>(((), u.encode()))
+    });
+}
+
+/// Reads a client's use in the current minute.
+pub fn usage(store: &dyn Store, client: &Client, now_ms: u64) -> Usage {
+    store.get(&client.record_name).0.map(|b| Usage::decode(&b)).unwrap_or_default().current(now_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::inspect;
+    use crate::sha256::digest;
+    use crate::store::FakeStore;
+
+    fn client(key: &str, policy: Policy) -> Client {
+        Client {
+            id: "app".into(),
+            team: Some("blue".into()),
+            key_sha256: digest(key.as_bytes()),
+            expires_ms: Some(10_000),
+            policy,
+            record_name: "akr.v1.client.app".into(),
+        }
+    }
+
+    fn code(r: &Reply) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        v["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn callers_are_known_by_the_hash_of_their_key() {
+        let cs =
+            vec![client("vk-one", Policy::default()), Client { id: "b".into(), ..client("vk-two", Policy::default()) }];
+        assert_eq!(authenticate(&cs, Some("Bearer vk-two"), None, 0).ok(), Some(Some(1)));
+        assert_eq!(authenticate(&cs, None, Some("vk-one"), 0).ok(), Some(Some(0)));
+        for (auth, api_key) in
+            [(None, None), (Some("Bearer nope"), None), (Some("Basic vk-one"), None), (Some("Bearer "), None)]
+        {
+            let r = authenticate(&cs, auth, api_key, 0).err().unwrap_or_else(|| panic!("{auth:?} admitted"));
+            assert_eq!((r.status, code(&r)), (401, "invalid_api_key".to_string()));
+        }
+        let expired = authenticate(&cs, Some("Bearer vk-one"), None, 10_000).err();
+        assert!(expired.is_some_and(|r| String::from_utf8_lossy(&r.body).contains("expired")));
+        assert_eq!(authenticate(&[], None, None, 0).ok(), Some(None), "no clients: open");
+    }
+
+    #[test]
+    fn model_policy_allows_prefixes_rewrites_aliases_and_caps_max_tokens() {
+        let p = Policy {
+            allowed_models: Some(vec!["gpt-4o*".into()]),
+            model_aliases: vec![("gpt-4".into(), "gpt-4o".into())],
+            max_tokens: Some(100),
+            ..Policy::default()
+        };
+        let c = client("k", p);
+        let info = |b: &str| inspect(b.as_bytes()).unwrap_or_default();
+        assert_eq!(check_request(&c, &info(r#"{"model":"gpt-4o-mini"}"#)).ok(), Some(None));
+        assert_eq!(check_request(&c, &info(r#"{"model":"gpt-4"}"#)).ok(), Some(Some("gpt-4o".to_string())));
+        let r = check_request(&c, &info(r#"{"model":"o1"}"#)).err().unwrap_or_else(|| panic!("admitted"));
+        assert_eq!((r.status, code(&r)), (403, "model_not_allowed".to_string()));
+        let r = check_request(&c, &info(r#"{"model":"gpt-4o","max_tokens":101}"#))
+            .err()
+            .unwrap_or_else(|| panic!("admitted"));
+        assert_eq!((r.status, code(&r)), (400, "max_tokens_too_large".to_string()));
+        let out = rewrite_model(br#"{"model":"gpt-4","messages":[]}"#, "gpt-4o").unwrap_or_default();
+        assert_eq!(inspect(&out).ok().and_then(|i| i.model), Some("gpt-4o".to_string()));
+    }
+
+    #[test]
+    fn providers_can_be_restricted() {
+        let c = client("k", Policy { allowed_providers: Some(vec!["azure".into()]), ..Policy::default() });
+        assert_eq!(check_provider(&c, "openai").err().map(|r| r.status), Some(403));
+        assert!(check_provider(&c, "azure").is_ok());
+    }
+
+    #[test]
+    fn client_policy_overrides_its_team_field_by_field() {
+        let team = Policy { rpm: Some(10), max_tokens: Some(500), ..Policy::default() };
+        let own = Policy { rpm: Some(2), ..Policy::default() };
+        let p = team.overridden_by(&own);
+        assert_eq!((p.rpm, p.max_tokens), (Some(2), Some(500)));
+    }
+
+    #[test]
+    fn rpm_is_exact_and_resets_each_utc_minute() {
+        let s = FakeStore::new();
+        let c = client("k", Policy { rpm: Some(3), ..Policy::default() });
+        let admitted = (0..5).filter(|_| admit_rate(&s, &c, 1_000).is_ok()).count();
+        assert_eq!(admitted, 3);
+        let r = admit_rate(&s, &c, 1_000).err().unwrap_or_else(|| panic!("admitted"));
+        assert!(r.headers.contains(&("retry-after", "59".to_string())));
+        assert!(admit_rate(&s, &c, 60_000).is_ok(), "a new minute");
+    }
+
+    #[test]
+    fn tpm_refuses_once_the_minutes_tokens_are_spent() {
+        let s = FakeStore::new();
+        let c = client("k", Policy { tpm: Some(100), ..Policy::default() });
+        assert!(admit_rate(&s, &c, 0).is_ok());
+        record_tokens(&s, &c, 100, 0);
+        assert_eq!(admit_rate(&s, &c, 0).err().map(|r| r.status), Some(429));
+        assert_eq!(usage(&s, &c, 0).tokens, 100);
+    }
+}
