@@ -4,6 +4,7 @@
 #   make test    unit tests, then the real-Envoy tests
 #   make lint    rustfmt and clippy (native and wasm), warnings are errors
 #   make bench   throughput and latency against plain Envoy (not part of test)
+#   make oci     the .wasm as an OCI artifact for Istio's WasmPlugin (dist/oci)
 
 SHELL := /bin/bash
 VENV := .venv
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/apikeyrouter.wasm
 CARGO ?= cargo
 
-.PHONY: all setup build test unit e2e run lint fmt clean bench
+.PHONY: all setup build test unit e2e run lint fmt clean bench oci
 
 all: build
 
@@ -40,6 +41,9 @@ test: build unit e2e
 run: build
 	$(PY) scripts/run.py
 
+oci: build
+	$(PY) scripts/oci.py
+
 bench: build
 	$(PY) bench/run.py
 
@@ -54,4 +58,4 @@ fmt:
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) dist

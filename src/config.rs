@@ -258,6 +258,8 @@ impl Config {
 }
 
 pub const MAX_KEYS: usize = 10_000;
+/// Decrypts `fernet:` key material (the original design's variable).
+pub const ENCRYPTION_KEY_ENV: &str = "APIKEYROUTER_ENCRYPTION_KEY";
 pub const MAX_WEIGHT: u64 = 10_000;
 const DEFAULT_ADMIN_PREFIX: &str = "/apikeyrouter/v1/";
 
@@ -699,6 +701,27 @@ fn compile_key(
         SecretSource::Env => k.field("secret_env"),
         SecretSource::Inline | SecretSource::Runtime => k.field("secret"),
     };
+    let secret = match secret.strip_prefix("fernet:") {
+        None => secret,
+        Some(token) => {
+            let Some(key) = env(ENCRYPTION_KEY_ENV) else {
+                return Err(err(
+                    &secret_field,
+                    format!("key {id} is a fernet token but {ENCRYPTION_KEY_ENV} is not set (list it in vm_config.environment_variables.host_env_keys)"),
+                ));
+            };
+            match crate::fernet::decrypt(&key, token) {
+                Ok(plain) => String::from_utf8(plain)
+                    .map_err(|_| err(&secret_field, format!("key {id}: its fernet token does not hold text")))?,
+                Err(e) => {
+                    return Err(err(
+                        &secret_field,
+                        format!("key {id}: cannot decrypt its fernet token with {ENCRYPTION_KEY_ENV}: {e}"),
+                    ))
+                }
+            }
+        }
+    };
     if secret.is_empty() {
         return Err(err(&secret_field, "key material is empty"));
     }
@@ -1107,6 +1130,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fernet_encrypted_material_is_decrypted_with_the_encryption_key() {
+        // The Fernet specification's test vector: "hello".
+        let token =
+            "gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==";
+        let json = format!(r#"{{"providers":[{{"id":"p","keys":[{{"id":"k1","secret":"fernet:{token}"}}]}}]}}"#);
+        let good =
+            |n: &str| (n == ENCRYPTION_KEY_ENV).then(|| "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=".to_string());
+        let c = compile(json.as_bytes(), &good).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.keys[0].auth_value, "Bearer hello");
+        let wrong =
+            |n: &str| (n == ENCRYPTION_KEY_ENV).then(|| "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_string());
+        let e = compile(json.as_bytes(), &wrong).err().unwrap_or_else(|| panic!("accepted"));
+        assert_eq!(e.field, "providers[0].keys[0].secret");
+        assert!(e.reason.contains("key k1: cannot decrypt"), "{e}");
+        let e = compile(json.as_bytes(), &|_| None).err().unwrap_or_else(|| panic!("accepted"));
+        assert!(e.reason.contains("APIKEYROUTER_ENCRYPTION_KEY is not set"), "{e}");
     }
 
     #[test]

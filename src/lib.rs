@@ -10,6 +10,7 @@ pub mod admission;
 pub mod budget;
 pub mod config;
 pub mod decision;
+pub mod fernet;
 pub mod flight;
 pub mod identity;
 pub mod keys;

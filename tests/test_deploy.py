@@ -1,0 +1,104 @@
+"""The shipped deployment files: every Envoy config validates, every one uses
+FAIL_RELOAD, the Istio manifests hang together, and Fernet-encrypted key
+material works in real Envoy (and a wrong encryption key is refused)."""
+
+import json
+import os
+import tempfile
+
+import pytest
+import yaml
+from cryptography.fernet import Fernet
+
+from harness import ROOT, WASM, Mock, chat, fill, plugin_with_keys, render, validate, DEMO_CONFIG, Envoy
+
+CONFIGS = sorted((ROOT / "envoy").glob("*.yaml"))
+ENV = {"OPENAI_KEY_1": "sk-a", "OPENAI_KEY_2": "sk-b", "OPENAI_KEY_3": "sk-c",
+       "DEMO_KEY_1": "sk-a", "DEMO_KEY_2": "sk-b", "DEMO_KEY_3": "sk-c",
+       "APIKEYROUTER_ADMIN_TOKEN": "an-admin-token-of-some-length"}
+
+
+def concrete(path):
+    """The config with its placeholders filled and the module path pointed at the build."""
+    text = path.read_text().replace("/etc/envoy/apikeyrouter.wasm", str(WASM))
+    if "${" in text:
+        text = fill(text, {"GATEWAY_PORT": 10000, "ADMIN_PORT": 9901, "MOCK_PORT": 18080, "WASM_PATH": WASM})
+    return text
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_envoy_config_validates(path):
+    d = tempfile.mkdtemp()
+    out_path = os.path.join(d, path.name)
+    with open(out_path, "w") as f:
+        f.write(concrete(path))
+    code, out = validate(out_path, ENV)
+    assert code == 0, out[-3000:]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_wasm_filter_in_shipped_configs_fails_by_reloading(path):
+    doc = yaml.safe_load(concrete(path))
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("name") == "envoy.filters.http.wasm":
+                found.append(node["typed_config"]["config"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(doc)
+    assert found, "no apikeyrouter filter"
+    for cfg in found:
+        assert cfg["failure_policy"] == "FAIL_RELOAD", cfg["name"]
+        assert cfg["vm_config"]["vm_id"] == "apikeyrouter"
+    assert "FAIL_OPEN" not in path.read_text().replace("never FAIL_OPEN", "")
+
+
+def test_istio_manifests_place_both_stages_with_fail_reload():
+    wp = yaml.safe_load((ROOT / "deploy" / "istio" / "wasmplugin-ingress.yaml").read_text())
+    assert wp["kind"] == "WasmPlugin" and wp["spec"]["pluginName"] == "apikeyrouter_ingress"
+    assert wp["spec"]["failStrategy"] == "FAIL_RELOAD"
+    assert all(e["valueFrom"] == "HOST" for e in wp["spec"]["vmConfig"]["env"])
+    ef = yaml.safe_load((ROOT / "deploy" / "istio" / "envoyfilter-attempt.yaml").read_text())
+    router = ef["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]
+    filters = [f["name"] for f in router["upstream_http_filters"]]
+    assert filters == ["envoy.filters.http.wasm", "envoy.filters.http.upstream_codec"]
+    attempt = router["upstream_http_filters"][0]["typed_config"]["config"]
+    assert attempt["root_id"] == "apikeyrouter_attempt" and attempt["failure_policy"] == "FAIL_RELOAD"
+    # The attempt stage's plugin configuration is the WasmPlugin's.
+    assert json.loads(attempt["configuration"]["value"]) == wp["spec"]["pluginConfig"]
+
+
+def test_fernet_encrypted_key_material_reaches_the_provider_decrypted(start_envoy):
+    key = Fernet.generate_key()
+    secret = "sk-decrypted-from-fernet-001"
+    token = Fernet(key).encrypt(secret.encode()).decode()
+    mock = Mock(keys=[secret])
+    try:
+        plugin = plugin_with_keys([f"fernet:{token}"])
+        env_keys = ["APIKEYROUTER_ADMIN_TOKEN", "APIKEYROUTER_ENCRYPTION_KEY"]
+        e = start_envoy(mock, plugin=plugin, host_env_keys=env_keys,
+                        env={"APIKEYROUTER_ENCRYPTION_KEY": key.decode()})
+        assert chat(e.url)[0] == 200
+        assert mock.received()[-1]["headers"]["authorization"] == f"Bearer {secret}"
+        assert token not in e.logs() and secret not in e.logs()
+    finally:
+        mock.stop()
+
+
+def test_a_wrong_encryption_key_is_refused_naming_the_key(tmp_path):
+    token = Fernet(Fernet.generate_key()).encrypt(b"sk-whatever").decode()
+    plugin = plugin_with_keys([f"fernet:{token}"])
+    cfg = render(DEMO_CONFIG.read_text(), 1, 2, 3, plugin=plugin,
+                 host_env_keys=["APIKEYROUTER_ADMIN_TOKEN", "APIKEYROUTER_ENCRYPTION_KEY"])
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(cfg))
+    code, out = validate(path, {"APIKEYROUTER_ADMIN_TOKEN": "an-admin-token-of-some-length",
+                                "APIKEYROUTER_ENCRYPTION_KEY": Fernet.generate_key().decode()})
+    assert code != 0
+    assert "providers[0].keys[0].secret: key k1: cannot decrypt its fernet token" in out
