@@ -45,14 +45,89 @@ fn err(field: &str, reason: impl Into<String>) -> ConfigError {
 /// The provider dialect: how the key is sent and how responses are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
-    /// OpenAI and OpenAI-compatible services: `Authorization: Bearer`.
+    /// OpenAI: `Authorization: Bearer`.
     OpenAi,
+    /// OpenAI-compatible services (Groq, Mistral, DeepSeek, Together,
+    /// OpenRouter, vLLM, ...): `Authorization: Bearer`.
+    OpenAiCompatible,
+    /// Azure OpenAI: `api-key`; deployment paths and `api-version` untouched.
+    Azure,
+    /// Anthropic: `x-api-key` plus a default `anthropic-version`.
+    Anthropic,
+    /// Gemini's native API: `x-goog-api-key`.
+    Gemini,
+    /// Gemini's OpenAI-compatible endpoint: `Authorization: Bearer`.
+    GeminiOpenAi,
+}
+
+/// The request and response format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiShape {
+    OpenAi,
+    Anthropic,
+    Gemini,
 }
 
 impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::OpenAi => "openai",
+            ProviderKind::OpenAiCompatible => "openai_compatible",
+            ProviderKind::Azure => "azure",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::GeminiOpenAi => "gemini_openai",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ProviderKind> {
+        [
+            ProviderKind::OpenAi,
+            ProviderKind::OpenAiCompatible,
+            ProviderKind::Azure,
+            ProviderKind::Anthropic,
+            ProviderKind::Gemini,
+            ProviderKind::GeminiOpenAi,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// The header that carries the key, and its value for `secret`.
+    pub fn auth(self, secret: &str) -> (&'static str, String) {
+        match self {
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::GeminiOpenAi => {
+                ("authorization", format!("Bearer {secret}"))
+            }
+            ProviderKind::Azure => ("api-key", secret.to_string()),
+            ProviderKind::Anthropic => ("x-api-key", secret.to_string()),
+            ProviderKind::Gemini => ("x-goog-api-key", secret.to_string()),
+        }
+    }
+
+    pub fn shape(self) -> ApiShape {
+        match self {
+            ProviderKind::Anthropic => ApiShape::Anthropic,
+            ProviderKind::Gemini => ApiShape::Gemini,
+            _ => ApiShape::OpenAi,
+        }
+    }
+}
+
+impl ApiShape {
+    /// The API shape a request path belongs to.
+    pub fn of_path(path: &str) -> ApiShape {
+        let path = path.split('?').next().unwrap_or(path);
+        if path.ends_with("/v1/messages") || path.contains("/v1/messages/") {
+            ApiShape::Anthropic
+        } else if path.contains(":generateContent")
+            || path.contains(":streamGenerateContent")
+            || path.contains(":embedContent")
+            || path.contains(":countTokens")
+        {
+            ApiShape::Gemini
+        } else {
+            ApiShape::OpenAi
         }
     }
 }
@@ -77,8 +152,12 @@ pub struct Key {
     pub source: SecretSource,
     /// `sha256:` plus the first 12 hex digits of SHA-256 of the material.
     pub fingerprint: String,
-    /// Pre-rendered auth header value, e.g. `Bearer sk-...`.
+    /// The header that carries the key (`authorization`, `api-key`,
+    /// `x-api-key`, `x-goog-api-key`) and its pre-rendered value.
+    pub auth_header: &'static str,
     pub auth_value: String,
+    /// Headers of the key's own, e.g. `OpenAI-Organization`.
+    pub extra_headers: Vec<(String, String)>,
     /// Shared-data record name for this key.
     pub record_name: String,
     /// Price per 1,000 tokens, from `cost_per_1k` or `metadata.cost_per_1k`.
@@ -110,6 +189,10 @@ impl fmt::Debug for Key {
 pub struct Provider {
     pub id: String,
     pub kind: ProviderKind,
+    /// Sent as `anthropic-version` when the request has none (Anthropic).
+    pub anthropic_version: String,
+    /// `api-version` for deployment paths made from OpenAI paths (Azure).
+    pub api_version: String,
     /// Indexes into [`Config::keys`].
     pub keys: Vec<usize>,
     /// The distinct key pricings among its keys, for upper-bound estimates
@@ -231,6 +314,9 @@ pub struct Config {
     pub stream_cutoff: bool,
     /// Callers with virtual keys; empty means an open gateway.
     pub clients: Vec<Client>,
+    /// Model name -> the providers that serve it, in order of preference,
+    /// each with its own name for the model.
+    pub models: Vec<(String, Vec<(usize, String)>)>,
 }
 
 impl Config {
@@ -285,14 +371,16 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             return Err(err(&p.field("id"), format!("duplicate provider id {id:?}")));
         }
         let kind = match p.opt_str("kind")?.as_deref() {
-            None | Some("openai") | Some("openai_compatible") => ProviderKind::OpenAi,
-            Some(other) => {
-                return Err(err(
+            None => ProviderKind::OpenAi,
+            Some(k) => ProviderKind::parse(k).ok_or_else(|| {
+                err(
                     &p.field("kind"),
-                    format!("unknown provider kind {other:?} (expected \"openai\" or \"openai_compatible\")"),
-                ))
-            }
+                    format!("unknown provider kind {k:?} (expected openai, openai_compatible, azure, anthropic, gemini or gemini_openai)"),
+                )
+            })?,
         };
+        let anthropic_version = p.opt_str("anthropic_version")?.unwrap_or_else(|| "2023-06-01".to_string());
+        let api_version = p.opt_str("api_version")?.unwrap_or_else(|| "2024-10-21".to_string());
         let key_values = p.req_array("keys")?;
         if key_values.is_empty() {
             return Err(err(&p.field("keys"), "a provider needs at least one key"));
@@ -300,7 +388,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         let mut indexes = Vec::new();
         for (ki, kv) in key_values.into_iter().enumerate() {
             let kpath = format!("{path}.keys[{ki}]");
-            let key = compile_key(kv, &kpath, providers.len(), &id, env)?;
+            let key = compile_key(kv, &kpath, providers.len(), &id, kind, env)?;
             if keys.iter().any(|k| k.id == key.id) {
                 return Err(err(&format!("{kpath}.id"), format!("duplicate key id {:?}", key.id)));
             }
@@ -319,7 +407,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
                 }
             }
         }
-        providers.push(Provider { id, kind, keys: indexes, pricings });
+        providers.push(Provider { id, kind, anthropic_version, api_version, keys: indexes, pricings });
     }
 
     let cooldown = match root.opt_obj("cooldown")? {
@@ -548,6 +636,31 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         }
     }
     let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
+    let mut models = Vec::new();
+    if let Some(m) = root.opt_obj("models")? {
+        for (name, v) in m.map.iter() {
+            let field = m.field(name);
+            let Value::Array(entries) = v else {
+                return Err(err(&field, "expected an array of {\"provider\": id, \"model\": name}"));
+            };
+            let mut served = Vec::new();
+            for (i, e) in entries.iter().enumerate() {
+                let mut o = Obj::new(e.clone(), &format!("{field}[{i}]"))?;
+                let pid = o.opt_str("provider")?.ok_or_else(|| err(&o.field("provider"), "required"))?;
+                let p = providers
+                    .iter()
+                    .position(|x| x.id == pid)
+                    .ok_or_else(|| err(&o.field("provider"), format!("no provider with id {pid:?}")))?;
+                let model = o.opt_str("model")?.unwrap_or_else(|| name.clone());
+                o.finish()?;
+                served.push((p, model));
+            }
+            if served.is_empty() {
+                return Err(err(&field, "at least one provider is required"));
+            }
+            models.push((name.clone(), served));
+        }
+    }
     let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
     let mut teams: Vec<(String, Policy)> = Vec::new();
     if let Some(list) = root.opt_array("teams")? {
@@ -632,6 +745,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         budgets,
         stream_cutoff,
         clients,
+        models,
     })
 }
 
@@ -640,6 +754,7 @@ fn compile_key(
     path: &str,
     provider: usize,
     provider_id: &str,
+    kind: ProviderKind,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Key, ConfigError> {
     let mut k = Obj::new(v, path)?;
@@ -665,6 +780,22 @@ fn compile_key(
         ),
         None => None,
     };
+    let mut extra_headers = Vec::new();
+    if let Some(h) = k.opt_obj("headers")? {
+        for (name, v) in h.map.iter() {
+            let field = h.field(name);
+            let value = v.as_str().ok_or_else(|| err(&field, "expected a string"))?;
+            let lname = name.to_ascii_lowercase();
+            let valid_name = !lname.is_empty() && lname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !valid_name || lname.starts_with(':') || lname == "host" || lname == kind.auth("").0 {
+                return Err(err(&field, "not a header a key may set"));
+            }
+            if value.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                return Err(err(&field, "header values must not contain control characters"));
+            }
+            extra_headers.push((lname, value.to_string()));
+        }
+    }
     let limits = match k.opt_obj("limits")? {
         None => Limits::default(),
         Some(mut l) => {
@@ -742,7 +873,9 @@ fn compile_key(
         metadata,
         source,
         fingerprint,
-        auth_value: format!("Bearer {secret}"),
+        auth_header: kind.auth("").0,
+        auth_value: kind.auth(&secret).1,
+        extra_headers,
         cost_score_price: cost_per_1k.and_then(|d| d.to_f64()),
         pricing: KeyPricing { cost_per_1k, multiplier },
         cost_per_1k,
@@ -1053,6 +1186,35 @@ mod tests {
     }
 
     #[test]
+    fn each_provider_kind_sends_the_key_its_own_way() {
+        let c = ok(r#"{"providers":[
+            {"id":"o","kind":"openai","keys":[{"id":"a","secret":"s1","headers":{"OpenAI-Organization":"org-1"}}]},
+            {"id":"z","kind":"azure","keys":[{"id":"b","secret":"s2"}]},
+            {"id":"n","kind":"anthropic","keys":[{"id":"c","secret":"s3"}]},
+            {"id":"g","kind":"gemini","keys":[{"id":"d","secret":"s4"}]},
+            {"id":"h","kind":"gemini_openai","keys":[{"id":"e","secret":"s5"}]}]}"#);
+        let auth: Vec<(&str, &str)> = c.keys.iter().map(|k| (k.auth_header, k.auth_value.as_str())).collect();
+        assert_eq!(
+            auth,
+            vec![
+                ("authorization", "Bearer s1"),
+                ("api-key", "s2"),
+                ("x-api-key", "s3"),
+                ("x-goog-api-key", "s4"),
+                ("authorization", "Bearer s5")
+            ]
+        );
+        assert_eq!(c.keys[0].extra_headers, vec![("openai-organization".to_string(), "org-1".to_string())]);
+        assert_eq!(c.providers[2].anthropic_version, "2023-06-01");
+        assert_eq!(ApiShape::of_path("/v1/messages"), ApiShape::Anthropic);
+        assert_eq!(
+            ApiShape::of_path("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"),
+            ApiShape::Gemini
+        );
+        assert_eq!(ApiShape::of_path("/openai/deployments/d/chat/completions?api-version=1"), ApiShape::OpenAi);
+    }
+
+    #[test]
     fn debug_output_never_contains_key_material() {
         let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k1","secret_env":"K1"}]}]}"#);
         let shown = format!("{c:?}");
@@ -1083,6 +1245,7 @@ mod tests {
             (r#"{"providers":[{"id":"a b","keys":[]}]}"#.into(), "providers[0].id", "must be"),
             (r#"{"providers":[{"id":"p","keys":[]}]}"#.into(), "providers[0].keys", "at least one key"),
             (r#"{"providers":[{"id":"p","kind":"smtp","keys":[{"id":"k","secret":"s"}]}]}"#.into(), "providers[0].kind", "unknown provider kind"),
+            (p(r#"{"id":"k1","secret":"a","headers":{"authorization":"x"}}"#), "providers[0].keys[0].headers.authorization", "not a header"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]},{"id":"p","keys":[{"id":"j","secret":"s"}]}]}"#.into(), "providers[1].id", "duplicate provider id"),
             (p(r#"{"id":"k1","secret":"a"},{"id":"k1","secret":"b"}"#), "providers[0].keys[1].id", "duplicate key id"),
             (p(r#"{"id":"k1"}"#), "providers[0].keys[0]", "one of secret_env or secret"),

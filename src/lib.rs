@@ -16,6 +16,7 @@ pub mod identity;
 pub mod keys;
 pub mod objective;
 pub mod pairs;
+pub mod providers;
 pub mod quota;
 pub mod ratelimit;
 pub mod registry;

@@ -190,6 +190,9 @@ pub struct Signals<'a> {
     pub remaining_tokens: Option<&'a str>,
     pub limit_requests: Option<&'a str>,
     pub limit_tokens: Option<&'a str>,
+    /// Anthropic's resets: RFC 3339 instants rather than durations.
+    pub reset_requests_at: Option<&'a str>,
+    pub reset_tokens_at: Option<&'a str>,
 }
 
 impl<'a> Signals<'a> {
@@ -207,6 +210,23 @@ impl<'a> Signals<'a> {
                 "x-ratelimit-remaining-tokens" => s.remaining_tokens = v,
                 "x-ratelimit-limit-requests" => s.limit_requests = v,
                 "x-ratelimit-limit-tokens" => s.limit_tokens = v,
+                "anthropic-ratelimit-requests-remaining" => s.remaining_requests = v,
+                "anthropic-ratelimit-requests-limit" => s.limit_requests = v,
+                "anthropic-ratelimit-requests-reset" => s.reset_requests_at = v,
+                "anthropic-ratelimit-tokens-remaining" => s.remaining_tokens = v,
+                "anthropic-ratelimit-tokens-limit" => s.limit_tokens = v,
+                "anthropic-ratelimit-tokens-reset" => s.reset_tokens_at = v,
+                // The per-direction token limits stand in when the combined
+                // one is absent.
+                "anthropic-ratelimit-input-tokens-remaining" | "anthropic-ratelimit-output-tokens-remaining" => {
+                    s.remaining_tokens = s.remaining_tokens.or(v)
+                }
+                "anthropic-ratelimit-input-tokens-limit" | "anthropic-ratelimit-output-tokens-limit" => {
+                    s.limit_tokens = s.limit_tokens.or(v)
+                }
+                "anthropic-ratelimit-input-tokens-reset" | "anthropic-ratelimit-output-tokens-reset" => {
+                    s.reset_tokens_at = s.reset_tokens_at.or(v)
+                }
                 _ => {}
             }
         }
@@ -226,8 +246,9 @@ pub fn cooldown_ms(s: &Signals<'_>, now_ms: u64, default_ms: u64, max_ms: u64) -
         .and_then(|v| parse_retry_after_ms(v).ok())
         .or_else(|| s.retry_after.and_then(|v| parse_retry_after(v, now_ms).ok()));
     let wait = explicit.or_else(|| {
-        let req = s.reset_requests.and_then(|v| parse_duration(v).ok());
-        let tok = s.reset_tokens.and_then(|v| parse_duration(v).ok());
+        let at = |v: Option<&str>| v.and_then(crate::window::parse_rfc3339).map(|t| t.saturating_sub(now_ms));
+        let req = s.reset_requests.and_then(|v| parse_duration(v).ok()).or_else(|| at(s.reset_requests_at));
+        let tok = s.reset_tokens.and_then(|v| parse_duration(v).ok()).or_else(|| at(s.reset_tokens_at));
         let zero = |r: Option<&str>| r.is_some_and(|v| v.trim() == "0");
         let req_out = zero(s.remaining_requests);
         let tok_out = zero(s.remaining_tokens);
@@ -347,6 +368,22 @@ mod tests {
         assert_eq!(cooldown_ms(&s, 0, 5000, 3_600_000), 3_600_000);
         let s = Signals { retry_after: Some("0"), ..sig() };
         assert_eq!(cooldown_ms(&s, 0, 5000, 3_600_000), 1);
+    }
+
+    #[test]
+    fn anthropic_rate_limit_headers_are_read_with_rfc3339_resets() {
+        let h: Vec<(String, String)> = [
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-reset", "1970-01-01T00:00:30Z"),
+            ("anthropic-ratelimit-input-tokens-remaining", "900"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let s = Signals::from_headers(&h);
+        assert_eq!((s.remaining_requests, s.limit_requests, s.remaining_tokens), (Some("0"), Some("50"), Some("900")));
+        assert_eq!(cooldown_ms(&s, 10_000, 60_000, 3_600_000), 20_000, "until the reset instant");
     }
 
     #[test]

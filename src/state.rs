@@ -394,17 +394,20 @@ impl KeyRecord {
     pub fn learn_limits(&mut self, s: &Signals<'_>, now_ms: u64) {
         let num = |v: Option<&str>| v.and_then(|v| v.trim().parse::<u64>().ok());
         let reset = |v: Option<&str>| v.and_then(|v| parse_duration(v).ok()).map(|d| now_ms.saturating_add(d));
+        let reset_at = |v: Option<&str>| v.and_then(crate::window::parse_rfc3339);
         let p = &mut self.provider;
         if let Some(r) = num(s.remaining_requests) {
             p.remaining_requests = r;
             p.limit_requests = num(s.limit_requests).unwrap_or(p.limit_requests);
             // No reset given: trust the figure for a minute.
-            p.reset_requests_ms = reset(s.reset_requests).unwrap_or(now_ms + 60_000);
+            p.reset_requests_ms =
+                reset(s.reset_requests).or_else(|| reset_at(s.reset_requests_at)).unwrap_or(now_ms + 60_000);
         }
         if let Some(r) = num(s.remaining_tokens) {
             p.remaining_tokens = r;
             p.limit_tokens = num(s.limit_tokens).unwrap_or(p.limit_tokens);
-            p.reset_tokens_ms = reset(s.reset_tokens).unwrap_or(now_ms + 60_000);
+            p.reset_tokens_ms =
+                reset(s.reset_tokens).or_else(|| reset_at(s.reset_tokens_at)).unwrap_or(now_ms + 60_000);
         }
     }
 }
@@ -435,6 +438,8 @@ impl KeyRecord {
         // request's or the quota's doing, not the key's health.
         match o.status {
             200..=399 => self.count_reliability(true, now_ms, reliability_window_ms),
+            // Anthropic's 529 "overloaded" is the provider's state, not the key's.
+            529 => {}
             0 | 500..=u32::MAX => self.count_reliability(false, now_ms, reliability_window_ms),
             _ => {}
         }

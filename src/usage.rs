@@ -21,13 +21,26 @@ pub struct Usage {
 pub fn from_usage_object(u: &Value) -> Option<Usage> {
     let obj = u.as_object()?;
     let get = |k: &str| obj.get(k).and_then(Value::as_u64);
+    // Gemini's usageMetadata.
+    if let Some(prompt) = get("promptTokenCount") {
+        let output = get("candidatesTokenCount").unwrap_or(0).saturating_add(get("thoughtsTokenCount").unwrap_or(0));
+        return Some(Usage {
+            input: prompt,
+            output,
+            total: get("totalTokenCount").unwrap_or(prompt.saturating_add(output)),
+            cached_input: get("cachedContentTokenCount").unwrap_or(0).min(prompt),
+        });
+    }
     let input = get("prompt_tokens").or_else(|| get("input_tokens"));
     let output = get("completion_tokens").or_else(|| get("output_tokens"));
     let total = get("total_tokens");
     if input.is_none() && output.is_none() && total.is_none() {
         return None;
     }
-    let input = input.unwrap_or(0);
+    // Anthropic counts prompt-cache writes and reads outside input_tokens.
+    let cache_write = get("cache_creation_input_tokens").unwrap_or(0);
+    let cache_read = get("cache_read_input_tokens").unwrap_or(0);
+    let input = input.unwrap_or(0).saturating_add(cache_write).saturating_add(cache_read);
     let output = output.unwrap_or(0);
     let cached = |details: &str| obj.get(details).and_then(|d| d.get("cached_tokens")).and_then(Value::as_u64);
     Some(Usage {
@@ -36,7 +49,7 @@ pub fn from_usage_object(u: &Value) -> Option<Usage> {
         total: total.unwrap_or(input.saturating_add(output)),
         cached_input: cached("prompt_tokens_details")
             .or_else(|| cached("input_tokens_details"))
-            .unwrap_or(0)
+            .unwrap_or(cache_read)
             .min(input),
     })
 }
@@ -46,7 +59,10 @@ pub fn from_usage_object(u: &Value) -> Option<Usage> {
 pub fn from_json_value(v: &Value) -> Option<Usage> {
     v.get("usage")
         .and_then(from_usage_object)
+        .or_else(|| v.get("usageMetadata").and_then(from_usage_object))
         .or_else(|| v.get("response").and_then(|r| r.get("usage")).and_then(from_usage_object))
+        // Anthropic's streaming message_start event.
+        .or_else(|| v.get("message").and_then(|m| m.get("usage")).and_then(from_usage_object))
 }
 
 /// Usage from a complete, non-streaming JSON response body.
@@ -67,10 +83,14 @@ pub fn error_code(body: &[u8]) -> Option<String> {
 /// `"usage":null` that every OpenAI stream chunk carries. Cheap pre-filter
 /// before a JSON parse.
 fn mentions_usage_object(line: &[u8]) -> bool {
-    const NEEDLE: &[u8] = b"\"usage\"";
+    mentions_object(line, b"\"usage\"") || mentions_object(line, b"\"usageMetadata\"")
+}
+
+fn mentions_object(line: &[u8], key: &[u8]) -> bool {
+    let needle = key;
     let mut start = 0;
-    while let Some(pos) = find(&line[start..], NEEDLE) {
-        let mut i = start + pos + NEEDLE.len();
+    while let Some(pos) = find(&line[start..], needle) {
+        let mut i = start + pos + needle.len();
         while i < line.len() && line[i].is_ascii_whitespace() {
             i += 1;
         }
@@ -170,7 +190,16 @@ impl SseUsage {
         }
         if let Ok(v) = serde_json::from_slice::<Value>(payload) {
             if let Some(u) = from_json_value(&v) {
-                self.usage = Some(u);
+                self.usage = Some(match (v.get("type").and_then(Value::as_str), self.usage) {
+                    // Anthropic: message_delta carries the cumulative output
+                    // only; the input came with message_start.
+                    (Some("message_delta"), Some(prev)) => {
+                        let input = prev.input.max(u.input);
+                        let cached_input = prev.cached_input.max(u.cached_input);
+                        Usage { input, output: u.output, total: input.saturating_add(u.output), cached_input }
+                    }
+                    _ => u,
+                });
             }
         }
     }
@@ -279,6 +308,39 @@ mod tests {
                 assert_eq!(p.usage.map(|u| u.total), Some(16), "cuts at {a},{b}");
             }
         }
+    }
+
+    #[test]
+    fn anthropic_usage_is_read_from_json_and_from_its_stream_events() {
+        let b = br#"{"type":"message","usage":{"input_tokens":10,"cache_creation_input_tokens":5,"cache_read_input_tokens":20,"output_tokens":7}}"#;
+        assert_eq!(from_json_body(b), Some(Usage { input: 35, output: 7, total: 42, cached_input: 20 }));
+        let stream = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n",
+            "event: message_stop\n",
+            "data: {\"type\":\"message_stop\"}\n\n"
+        )
+        .as_bytes();
+        for cut in 0..=stream.len() {
+            let mut p = SseUsage::new();
+            p.feed(&stream[..cut]);
+            p.feed(&stream[cut..]);
+            assert_eq!(p.usage, Some(Usage { input: 25, output: 15, total: 40, cached_input: 0 }), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn gemini_usage_metadata_is_read_from_json_and_stream_chunks() {
+        let b = br#"{"candidates":[],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":4,"totalTokenCount":12,"cachedContentTokenCount":2}}"#;
+        assert_eq!(from_json_body(b), Some(Usage { input: 8, output: 4, total: 12, cached_input: 2 }));
+        let mut p = SseUsage::new();
+        p.feed(b"data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":1,\"totalTokenCount\":9}}\r\n\r\n");
+        p.feed(b"data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":6,\"totalTokenCount\":14}}\r\n\r\n");
+        assert_eq!(p.usage.map(|u| (u.input, u.output, u.total)), Some((8, 6, 14)));
     }
 
     #[test]

@@ -15,6 +15,7 @@ from harness import ROOT, WASM, Mock, chat, fill, plugin_with_keys, render, vali
 CONFIGS = sorted((ROOT / "envoy").glob("*.yaml"))
 ENV = {"OPENAI_KEY_1": "sk-a", "OPENAI_KEY_2": "sk-b", "OPENAI_KEY_3": "sk-c",
        "DEMO_KEY_1": "sk-a", "DEMO_KEY_2": "sk-b", "DEMO_KEY_3": "sk-c",
+       "AZURE_OPENAI_KEY": "az", "ANTHROPIC_KEY": "sk-ant", "GEMINI_KEY": "gm",
        "APIKEYROUTER_ADMIN_TOKEN": "an-admin-token-of-some-length"}
 
 

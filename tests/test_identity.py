@@ -23,7 +23,7 @@ def sha(k):
 
 def identity_plugin(keys, rpm=None):
     plugin = plugin_with_keys(keys, prices={"gpt-4o*": {"input": "2.50", "output": "10"}})
-    plugin["providers"].append({"id": "azure", "keys": [{"id": "az1", "secret": "sk-azure-unused"}]})
+    plugin["providers"].append({"id": "claude", "kind": "anthropic", "keys": [{"id": "c1", "secret": "sk-claude-unused"}]})
     plugin["teams"] = [{"id": "blue", "allowed_models": ["gpt-4o*", "text-embedding-3-*"],
                         "model_aliases": {"gpt-4": "gpt-4o"}, "max_tokens": 1000}]
     app = {"id": "app", "team": "blue", "key_sha256": sha(APP_KEY), "max_cost_per_request": "0.05"}
@@ -32,7 +32,8 @@ def identity_plugin(keys, rpm=None):
     plugin["clients"] = [
         app,
         {"id": "old", "team": "blue", "key_sha256": sha(OLD_KEY), "expires_at": "2020-01-01T00:00:00Z"},
-        {"id": "narrow", "key_sha256": sha(NARROW_KEY), "allowed_providers": ["azure"]},
+        # May only use Anthropic: nothing it may use serves the OpenAI paths.
+        {"id": "narrow", "key_sha256": sha(NARROW_KEY), "allowed_providers": ["claude"]},
     ]
     return plugin
 

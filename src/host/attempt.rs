@@ -430,10 +430,20 @@ impl HttpContext for Attempt {
                 };
                 // Always overwrite: the header map carries over between
                 // attempts, so this replaces the previous attempt's key.
-                if let Err(e) = abi::set_header(abi::REQUEST_HEADERS, "authorization", &key.auth_value) {
+                if let Err(e) = abi::set_header(abi::REQUEST_HEADERS, key.auth_header, &key.auth_value) {
                     log::warn!("[{}] could not set the auth header (host status {})", self.id, e.0);
                     send(&reply::gateway_error("The gateway could not authenticate the request."), self.id);
                     return Next::Pause;
+                }
+                for (name, value) in &key.extra_headers {
+                    let _ = abi::set_header(abi::REQUEST_HEADERS, name, value);
+                }
+                if let Some(p) = self.cfg.providers.get(key.provider) {
+                    if p.kind == crate::config::ProviderKind::Anthropic
+                        && abi::header(abi::REQUEST_HEADERS, "anthropic-version").ok().flatten().is_none()
+                    {
+                        let _ = abi::set_header(abi::REQUEST_HEADERS, "anthropic-version", &p.anthropic_version);
+                    }
                 }
                 self.key = Some(k);
                 if let Some(rid) = rid.as_deref() {
@@ -480,7 +490,12 @@ impl HttpContext for Attempt {
             match name.as_str() {
                 ":status" => self.status = v.parse().unwrap_or(0),
                 "content-type" => content_type = v.to_ascii_lowercase(),
-                n if n.starts_with("x-ratelimit-") || n.contains("retry-after") => self.signals.push((name, v)),
+                n if n.starts_with("x-ratelimit-")
+                    || n.starts_with("anthropic-ratelimit-")
+                    || n.contains("retry-after") =>
+                {
+                    self.signals.push((name, v))
+                }
                 _ => {}
             }
         }

@@ -12,12 +12,17 @@ use crate::flight::{Flight, Letting};
 use crate::identity;
 use crate::keys::check;
 use crate::objective::Objective;
+use crate::providers;
 use crate::reply;
 use crate::request;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
 use std::rc::Rc;
+
+/// The header the ingress stage sets to the chosen provider's id; routes
+/// match it to send the request to that provider's cluster.
+pub const PROVIDER_HEADER: &str = "x-apikeyrouter-provider";
 
 /// The request header that picks an objective for one request.
 pub const OBJECTIVE_HEADER: &str = "x-apikeyrouter-objective";
@@ -131,6 +136,68 @@ impl Ingress {
             budget::release(&abi::SharedData, &self.cfg.budgets, &held, now);
         }
         None
+    }
+
+    /// Chooses the provider for this request: the `models` table's providers
+    /// for `model` (or those speaking the path's API), in order, skipping any
+    /// the client may not use and any whose keys are all unavailable. Applies
+    /// the choice: the routing header the route matches, and the provider's
+    /// path. Returns the model name to send, when it changes.
+    fn select_provider(&mut self, model: Option<&str>, now: u64) -> Result<Option<String>, reply::Reply> {
+        let mut cands = providers::candidates(&self.cfg, &self.path, model);
+        if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
+            let before = cands.first().map(|x| x.provider);
+            cands.retain(|x| {
+                self.cfg.providers.get(x.provider).is_some_and(|p| identity::check_provider(c, &p.id).is_ok())
+            });
+            if cands.is_empty() {
+                let pid = before.and_then(|p| self.cfg.providers.get(p)).map_or("", |p| p.id.as_str());
+                return Err(identity::check_provider(c, pid)
+                    .err()
+                    .unwrap_or_else(|| reply::gateway_error("no provider")));
+            }
+        }
+        let mut first_refusal = None;
+        let mut chosen = None;
+        for c in &cands {
+            match self.refuse_when_no_key(c.provider, now) {
+                None => {
+                    chosen = Some(c.clone());
+                    break;
+                }
+                Some(why) => {
+                    first_refusal.get_or_insert(why);
+                }
+            }
+        }
+        let Some(chosen) = chosen else {
+            metrics::add("apikeyrouter.no_key", 1);
+            let (retry_after, why) =
+                first_refusal.unwrap_or((60, "No provider is configured for this request.".into()));
+            return Err(reply::no_key(retry_after, &why));
+        };
+        self.provider = chosen.provider;
+        if let Some(rid) = self.request_id.as_deref() {
+            with_flights(|fl| {
+                if let Some(f) = fl.get_mut(rid) {
+                    f.provider = chosen.provider;
+                }
+            });
+        }
+        if self.cfg.providers.len() > 1 {
+            // Headers are still paused: the route is matched again on it.
+            let pid = self.cfg.providers.get(chosen.provider).map_or("", |p| p.id.as_str());
+            if abi::set_header(abi::REQUEST_HEADERS, PROVIDER_HEADER, pid).is_err() {
+                log::warn!("[{}] could not set {PROVIDER_HEADER}", self.id);
+            }
+        }
+        let sent_model = chosen.model.as_deref().or(model);
+        if let Some(path) = providers::path_for(&self.cfg, chosen.provider, &self.path, sent_model) {
+            if abi::set_header(abi::REQUEST_HEADERS, ":path", &path).is_err() {
+                log::warn!("[{}] could not rewrite the path for the provider", self.id);
+            }
+        }
+        Ok(chosen.model)
     }
 
     /// Counts the request against its client's rpm/tpm; the refusal if over.
@@ -270,7 +337,7 @@ impl HttpContext for Ingress {
                 ":method" => method = v.as_str(),
                 "content-type" => content_type = v.as_str(),
                 "x-request-id" => request_id = Some(v.as_str()),
-                "authorization" | "x-api-key" => strip.push(k),
+                "authorization" | "x-api-key" | "api-key" | "x-goog-api-key" => strip.push(k),
                 OBJECTIVE_HEADER => {
                     objective_header = Some(v.as_str());
                     strip.push(k);
@@ -298,12 +365,6 @@ impl HttpContext for Ingress {
                 Ok(c) => self.client = c,
                 Err(r) => return self.reply(&r),
             }
-            if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
-                let pid = self.cfg.providers.get(self.provider).map_or("", |p| p.id.as_str());
-                if let Err(r) = identity::check_provider(c, pid) {
-                    return self.reply(&r);
-                }
-            }
         }
         // The caller's credential and any router header it sent never reach
         // the provider.
@@ -317,10 +378,26 @@ impl HttpContext for Ingress {
             Err(msg) => return self.reply(&reply::error(400, "invalid_request_error", "invalid_objective", &msg)),
         };
 
+        match providers::candidates(&self.cfg, &self.path, None).first() {
+            Some(c) => self.provider = c.provider,
+            None => {
+                return self.reply(&reply::error(
+                    404,
+                    "invalid_request_error",
+                    "provider_not_configured",
+                    &format!("No provider configured on this gateway serves {}.", self.path),
+                ))
+            }
+        }
         let provider = self.provider;
-        if let Some((retry_after, why)) = self.refuse_when_no_key(provider, now) {
-            metrics::add("apikeyrouter.no_key", 1);
-            return self.reply(&reply::no_key(retry_after, &why));
+        let ct = content_type.to_ascii_lowercase();
+        self.read_body =
+            !end_of_stream && (ct.is_empty() || ct.starts_with("application/json") || ct.contains("+json"));
+        if !self.read_body {
+            // No JSON body to read a model from: choose the provider now.
+            if let Err(r) = self.select_provider(None, now) {
+                return self.reply(&r);
+            }
         }
 
         let salt = self.id as u64;
@@ -334,23 +411,19 @@ impl HttpContext for Ingress {
         if fresh && abi::set_header(abi::REQUEST_HEADERS, "x-request-id", &rid).is_err() {
             log::warn!("[{}] could not set x-request-id", self.id);
         }
-        let flight = Flight { provider, started_ms: now, objective, client: self.client, ..Flight::default() };
+        let flight =
+            Flight { provider: self.provider, started_ms: now, objective, client: self.client, ..Flight::default() };
+        let _ = provider;
         with_flights(|fl| fl.insert(rid.clone(), flight, now));
         self.request_id = Some(rid);
 
-        if end_of_stream {
+        if !self.read_body {
             if let Some(r) = self.admit_client(now) {
                 return self.reply(&r);
             }
             return Action::Continue;
         }
-        let ct = content_type.to_ascii_lowercase();
-        self.read_body = ct.is_empty() || ct.starts_with("application/json") || ct.contains("+json");
-        if self.read_body {
-            Action::Pause
-        } else {
-            Action::Continue
-        }
+        Action::Pause
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
@@ -401,6 +474,15 @@ impl HttpContext for Ingress {
             if let Some(r) = self.admit_client(now) {
                 return self.reply(&r);
             }
+        }
+        let requested = info.model.clone();
+        match self.select_provider(requested.as_deref(), now) {
+            Ok(Some(model)) => {
+                rewritten = identity::rewrite_model(rewritten.as_deref().unwrap_or(&body), &model);
+                info.model = Some(model);
+            }
+            Ok(None) => {}
+            Err(r) => return self.reply(&r),
         }
         if let Some(refusal) = self.admit(&info, now) {
             return self.reply(&refusal);

@@ -103,7 +103,7 @@ pub fn histogram(name: &str, value: u64) {
         c.set(n);
         n
     });
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         return;
     }
     if let Some(id) = id(HISTOGRAM, name) {
