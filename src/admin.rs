@@ -388,6 +388,7 @@ fn key_json(cfg: &Config, k: &Key, r: &KeyRecord, now_ms: u64) -> Value {
             "input_tokens": r.input_tokens,
             "output_tokens": r.output_tokens,
             "total_tokens": r.total_tokens,
+            "reasoning_tokens": r.reasoning_tokens,
         },
     })
 }

@@ -90,6 +90,7 @@ pub fn estimate(prompt_tokens: u64, output_tokens: u64, price: Option<&Price>, k
         output: output_tokens,
         total: prompt_tokens.saturating_add(output_tokens),
         cached_input: 0,
+        reasoning: 0,
     };
     cost(&u, price, key).unwrap_or_default()
 }
@@ -436,7 +437,7 @@ mod tests {
     }
 
     fn usage(input: u64, output: u64, cached: u64) -> Usage {
-        Usage { input, output, total: input + output, cached_input: cached }
+        Usage { input, output, total: input + output, cached_input: cached, reasoning: 0 }
     }
 
     #[test]

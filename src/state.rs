@@ -213,6 +213,8 @@ pub struct KeyRecord {
     pub day_tokens: u64,
     pub month_start_ms: u64,
     pub month_tokens: u64,
+    /// Output tokens spent on reasoning (part of `output_tokens`).
+    pub reasoning_tokens: u64,
 }
 
 const VERSION: u8 = 2;
@@ -256,7 +258,7 @@ impl KeyRecord {
             self.day_tokens,
             self.month_start_ms,
             self.month_tokens,
-            0,
+            self.reasoning_tokens,
             0,
         ]
     }
@@ -323,6 +325,7 @@ impl KeyRecord {
             day_tokens: w[29],
             month_start_ms: w[30],
             month_tokens: w[31],
+            reasoning_tokens: w[32],
         })
     }
 
@@ -448,6 +451,7 @@ impl KeyRecord {
             self.input_tokens = self.input_tokens.saturating_add(u.input);
             self.output_tokens = self.output_tokens.saturating_add(u.output);
             self.total_tokens = self.total_tokens.saturating_add(u.total);
+            self.reasoning_tokens = self.reasoning_tokens.saturating_add(u.reasoning);
         }
         if o.stream {
             self.streams = self.streams.saturating_add(1);
@@ -516,6 +520,7 @@ mod tests {
             day_tokens: 28,
             month_start_ms: 29,
             month_tokens: 30,
+            reasoning_tokens: 31,
         }
     }
 

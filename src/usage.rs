@@ -13,6 +13,8 @@ pub struct Usage {
     pub total: u64,
     /// Input tokens served from the provider's prompt cache.
     pub cached_input: u64,
+    /// Output tokens spent on reasoning (already counted in `output`).
+    pub reasoning: u64,
 }
 
 /// Reads a `usage` object in the OpenAI chat/completions/embeddings shape
@@ -29,6 +31,7 @@ pub fn from_usage_object(u: &Value) -> Option<Usage> {
             output,
             total: get("totalTokenCount").unwrap_or(prompt.saturating_add(output)),
             cached_input: get("cachedContentTokenCount").unwrap_or(0).min(prompt),
+            reasoning: get("thoughtsTokenCount").unwrap_or(0),
         });
     }
     let input = get("prompt_tokens").or_else(|| get("input_tokens"));
@@ -51,6 +54,11 @@ pub fn from_usage_object(u: &Value) -> Option<Usage> {
             .or_else(|| cached("input_tokens_details"))
             .unwrap_or(cache_read)
             .min(input),
+        reasoning: ["completion_tokens_details", "output_tokens_details"]
+            .iter()
+            .find_map(|d| obj.get(*d).and_then(|d| d.get("reasoning_tokens")).and_then(Value::as_u64))
+            .unwrap_or(0)
+            .min(output),
     })
 }
 
@@ -196,7 +204,13 @@ impl SseUsage {
                     (Some("message_delta"), Some(prev)) => {
                         let input = prev.input.max(u.input);
                         let cached_input = prev.cached_input.max(u.cached_input);
-                        Usage { input, output: u.output, total: input.saturating_add(u.output), cached_input }
+                        Usage {
+                            input,
+                            output: u.output,
+                            total: input.saturating_add(u.output),
+                            cached_input,
+                            reasoning: u.reasoning,
+                        }
                     }
                     _ => u,
                 });
@@ -217,15 +231,24 @@ mod tests {
     fn json_body_usage_is_read() {
         assert_eq!(
             from_json_body(CHAT_JSON.as_bytes()),
-            Some(Usage { input: 12, output: 7, total: 19, cached_input: 0 })
+            Some(Usage { input: 12, output: 7, total: 19, cached_input: 0, reasoning: 0 })
         );
+    }
+
+    #[test]
+    fn reasoning_tokens_are_read() {
+        let b = br#"{"usage":{"prompt_tokens":10,"completion_tokens":50,"total_tokens":60,"completion_tokens_details":{"reasoning_tokens":32}}}"#;
+        assert_eq!(from_json_body(b).map(|u| (u.output, u.reasoning)), Some((50, 32)));
     }
 
     #[test]
     fn cached_prompt_tokens_are_read() {
         let b = br#"{"usage":{"prompt_tokens":100,"completion_tokens":5,"total_tokens":105,
                     "prompt_tokens_details":{"cached_tokens":60},"completion_tokens_details":{"reasoning_tokens":2}}}"#;
-        assert_eq!(from_json_body(b), Some(Usage { input: 100, output: 5, total: 105, cached_input: 60 }));
+        assert_eq!(
+            from_json_body(b),
+            Some(Usage { input: 100, output: 5, total: 105, cached_input: 60, reasoning: 2 })
+        );
         let b = br#"{"usage":{"input_tokens":10,"output_tokens":1,"input_tokens_details":{"cached_tokens":99}}}"#;
         assert_eq!(from_json_body(b).map(|u| u.cached_input), Some(10), "never more than the input");
     }
@@ -233,9 +256,9 @@ mod tests {
     #[test]
     fn embeddings_and_responses_api_shapes_are_read() {
         let emb = br#"{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
-        assert_eq!(from_json_body(emb), Some(Usage { input: 8, output: 0, total: 8, cached_input: 0 }));
+        assert_eq!(from_json_body(emb), Some(Usage { input: 8, output: 0, total: 8, cached_input: 0, reasoning: 0 }));
         let resp = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":3,"total_tokens":8}}"#;
-        assert_eq!(from_json_body(resp), Some(Usage { input: 5, output: 3, total: 8, cached_input: 0 }));
+        assert_eq!(from_json_body(resp), Some(Usage { input: 5, output: 3, total: 8, cached_input: 0, reasoning: 0 }));
     }
 
     #[test]
@@ -274,7 +297,7 @@ mod tests {
     fn sse_usage_is_found_whole() {
         let mut p = SseUsage::new();
         p.feed(&stream());
-        assert_eq!(p.usage, Some(Usage { input: 11, output: 5, total: 16, cached_input: 0 }));
+        assert_eq!(p.usage, Some(Usage { input: 11, output: 5, total: 16, cached_input: 0, reasoning: 0 }));
         assert!(p.saw_done);
         assert_eq!(p.events, 6);
     }
@@ -286,7 +309,11 @@ mod tests {
             let mut p = SseUsage::new();
             p.feed(&s[..cut]);
             p.feed(&s[cut..]);
-            assert_eq!(p.usage, Some(Usage { input: 11, output: 5, total: 16, cached_input: 0 }), "cut at {cut}");
+            assert_eq!(
+                p.usage,
+                Some(Usage { input: 11, output: 5, total: 16, cached_input: 0, reasoning: 0 }),
+                "cut at {cut}"
+            );
             assert!(p.saw_done, "cut at {cut}");
         }
     }
@@ -313,7 +340,7 @@ mod tests {
     #[test]
     fn anthropic_usage_is_read_from_json_and_from_its_stream_events() {
         let b = br#"{"type":"message","usage":{"input_tokens":10,"cache_creation_input_tokens":5,"cache_read_input_tokens":20,"output_tokens":7}}"#;
-        assert_eq!(from_json_body(b), Some(Usage { input: 35, output: 7, total: 42, cached_input: 20 }));
+        assert_eq!(from_json_body(b), Some(Usage { input: 35, output: 7, total: 42, cached_input: 20, reasoning: 0 }));
         let stream = concat!(
             "event: message_start\n",
             "data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
@@ -329,14 +356,18 @@ mod tests {
             let mut p = SseUsage::new();
             p.feed(&stream[..cut]);
             p.feed(&stream[cut..]);
-            assert_eq!(p.usage, Some(Usage { input: 25, output: 15, total: 40, cached_input: 0 }), "cut at {cut}");
+            assert_eq!(
+                p.usage,
+                Some(Usage { input: 25, output: 15, total: 40, cached_input: 0, reasoning: 0 }),
+                "cut at {cut}"
+            );
         }
     }
 
     #[test]
     fn gemini_usage_metadata_is_read_from_json_and_stream_chunks() {
         let b = br#"{"candidates":[],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":4,"totalTokenCount":12,"cachedContentTokenCount":2}}"#;
-        assert_eq!(from_json_body(b), Some(Usage { input: 8, output: 4, total: 12, cached_input: 2 }));
+        assert_eq!(from_json_body(b), Some(Usage { input: 8, output: 4, total: 12, cached_input: 2, reasoning: 0 }));
         let mut p = SseUsage::new();
         p.feed(b"data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":1,\"totalTokenCount\":9}}\r\n\r\n");
         p.feed(b"data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":6,\"totalTokenCount\":14}}\r\n\r\n");
@@ -348,7 +379,7 @@ mod tests {
         let s = b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":6,\"total_tokens\":10}}}\n\n";
         let mut p = SseUsage::new();
         p.feed(s);
-        assert_eq!(p.usage, Some(Usage { input: 4, output: 6, total: 10, cached_input: 0 }));
+        assert_eq!(p.usage, Some(Usage { input: 4, output: 6, total: 10, cached_input: 0, reasoning: 0 }));
     }
 
     #[test]

@@ -161,3 +161,24 @@ def test_anthropic_rate_limit_headers_cool_the_key_until_their_reset(gateway):
     for k in ("claude-1", "claude-2"):
         c = e.key_counters()[k]
         assert c["state"] == "throttled" and 30_000 <= c["cooldown_remaining_ms"] <= 41_000
+
+
+def test_a_cost_objective_sends_the_model_to_its_cheapest_provider(start_envoy, monkeypatch):
+    monkeypatch.setattr(harness, "DEMO_CONFIG", ROOT / "envoy" / "providers-mock.yaml")
+    cfg = harness.render(harness.DEMO_CONFIG.read_text(), 1, 2, 3)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    plugin = json.loads(hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"])
+    for p in plugin["providers"]:
+        for k in p["keys"]:
+            k["cost_per_1k"] = {"openai": "0.01", "azure": "0.002"}.get(p["id"], "0.05")
+    mock = Dialects()
+    try:
+        e = start_envoy(mock, plugin=plugin)
+        body = {"model": "gpt-4o", "messages": []}
+        s, h, _ = http("POST", e.url + "/v1/chat/completions", body)
+        assert s == 200 and h["x-apikeyrouter-key-id"].startswith("openai-"), "config order without an objective"
+        s, h, _ = http("POST", e.url + "/v1/chat/completions", body, {"x-apikeyrouter-objective": "cost"})
+        assert s == 200 and h["x-apikeyrouter-key-id"] == "azure-1"
+        assert mock.received()[-1]["path"].startswith("/openai/deployments/gpt4o-prod/")
+    finally:
+        mock.stop()

@@ -50,6 +50,9 @@ pub(crate) struct Ingress {
     logged_state: bool,
     /// The authenticated client (when clients are configured).
     client: Option<usize>,
+    /// The request's objective puts cost first: providers are tried
+    /// cheapest first.
+    cost_first: bool,
 }
 
 impl Ingress {
@@ -66,6 +69,7 @@ impl Ingress {
             done: false,
             logged_state: false,
             client: None,
+            cost_first: false,
         }
     }
 
@@ -156,6 +160,20 @@ impl Ingress {
                     .err()
                     .unwrap_or_else(|| reply::gateway_error("no provider")));
             }
+        }
+        if self.cost_first {
+            // Cheapest first: a provider ranks by its cheapest priced key.
+            let cheapest = |p: usize| {
+                self.cfg.providers.get(p).and_then(|p| {
+                    p.keys.iter().filter_map(|&k| self.cfg.keys.get(k)?.cost_score_price).min_by(f64::total_cmp)
+                })
+            };
+            cands.sort_by(|a, b| match (cheapest(a.provider), cheapest(b.provider)) {
+                (Some(x), Some(y)) => x.total_cmp(&y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            });
         }
         let mut first_refusal = None;
         let mut chosen = None;
@@ -377,6 +395,8 @@ impl HttpContext for Ingress {
             Ok(o) => o,
             Err(msg) => return self.reply(&reply::error(400, "invalid_request_error", "invalid_objective", &msg)),
         };
+        self.cost_first =
+            objective.as_ref().unwrap_or(&self.cfg.routing.objective).primary == crate::objective::Goal::Cost;
 
         match providers::candidates(&self.cfg, &self.path, None).first() {
             Some(c) => self.provider = c.provider,
