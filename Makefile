@@ -5,6 +5,7 @@
 #   make lint    rustfmt and clippy (native and wasm), warnings are errors
 #   make bench   throughput and latency against plain Envoy (not part of test)
 #   make oci     the .wasm as an OCI artifact for Istio's WasmPlugin (dist/oci)
+#   make fuzz    every fuzz target for FUZZ_SECONDS (default 60) each
 
 SHELL := /bin/bash
 VENV := .venv
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/apikeyrouter.wasm
 CARGO ?= cargo
 
-.PHONY: all setup build test unit e2e run lint fmt clean bench oci
+.PHONY: all setup build test unit e2e run lint fmt clean bench oci fuzz
 
 all: build
 
@@ -40,6 +41,13 @@ test: build unit e2e
 
 run: build
 	$(PY) scripts/run.py
+
+FUZZ_SECONDS ?= 60
+
+# cargo-fuzz targets (libFuzzer, native; stable Rust is enough), one at a time,
+# FUZZ_SECONDS each; FUZZ_SECONDS=0 only replays the seeds and saved corpus.
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh
 
 oci: build
 	$(PY) scripts/oci.py

@@ -359,7 +359,7 @@ impl KeyRecord {
         let bucket = now_ms - now_ms % window_ms;
         let (ok, fail, pok, pfail) = if self.rel_start_ms == bucket {
             (self.rel_ok, self.rel_fail, self.rel_prev_ok, self.rel_prev_fail)
-        } else if self.rel_start_ms + window_ms == bucket {
+        } else if self.rel_start_ms.checked_add(window_ms) == Some(bucket) {
             (0, 0, self.rel_ok, self.rel_fail)
         } else {
             (0, 0, 0, 0)
@@ -375,7 +375,7 @@ impl KeyRecord {
         let window_ms = window_ms.max(1);
         let bucket = now_ms - now_ms % window_ms;
         if self.rel_start_ms != bucket {
-            if self.rel_start_ms + window_ms == bucket {
+            if self.rel_start_ms.checked_add(window_ms) == Some(bucket) {
                 self.rel_prev_ok = self.rel_ok;
                 self.rel_prev_fail = self.rel_fail;
             } else {
@@ -602,6 +602,19 @@ mod tests {
         assert!((half - 5.5 / 6.0).abs() < 1e-9, "{half}");
         // Two windows later it is forgotten.
         assert_eq!(r.reliability(200_000, 60_000), 1.0);
+    }
+
+    #[test]
+    fn a_record_full_of_maximal_values_neither_overflows_nor_panics() {
+        let mut b = KeyRecord::default().encode();
+        for x in b.iter_mut().skip(4) {
+            *x = 0xff;
+        }
+        let mut r = KeyRecord::decode(&b).unwrap_or_default();
+        let _ = r.reliability(1_700_000_000_000, 300_000);
+        r.record(&Outcome { status: 200, ..Outcome::default() }, 1_700_000_000_000, 300_000);
+        r.record(&Outcome { status: 500, latency_us: Some(u64::MAX), ..Outcome::default() }, 1_700_000_000_000, 300_000);
+        assert!(r.cool_until(u64::MAX) || r.cooldown_until_ms == u64::MAX);
     }
 
     #[test]
