@@ -13,20 +13,48 @@ key so tests can compare it with the gateway's counters.
 Control API (JSON):
   POST /_mock/behavior {"key": "sk-..", "status": 429, "headers": {..},
                         "times": N | null, "body": {..} | null,
-                        "ratelimit_remaining": {"requests": N, "tokens": N}}
+                        "ratelimit_remaining": {"requests": N, "tokens": N},
+                        "fault": NAME | null, "append": bool}
+                       "key": "*" applies to every key that has no behavior
+                       of its own. A fault (status 200) misbehaves:
+                         reset_mid_body  send part of the body (or of the
+                                         stream), then reset the connection
+                         timeout         hold the request for "delay_s"
+                                         (default 30) before answering
+                         malformed_json  a 200 JSON body that does not parse
+                         truncated_sse   a 200 event stream of "chunks"
+                                         (default 3) events, then cut
+                                         mid-event, without usage or [DONE]
+                         no_usage        a normal answer without usage
+                         huge_body       an answer of about "size_bytes"
+                                         (default 8 MiB; JSON, or events for
+                                         a stream), usage at the end
+                         trickle         the answer in "chunk_bytes" pieces
+                                         (default 16) every "interval_ms"
+                                         (default 10)
+  POST /_mock/chaos    {"rate_limit_fraction": F, "headers": {..}, "seed": N}:
+                       a random fraction F of requests to keys without a
+                       behavior answer 429 with these headers (e.g.
+                       {"retry-after": "1"}); F = 0 turns it off
   POST /_mock/limit    {"key": "sk-..", "limit": N, "reset": "60s"}: the key
                        reports x-ratelimit-limit/remaining-requests that shrink
                        with each request, and answers 429 once none remain
   POST /_mock/stream   {"chunks": N, "gate": bool, "delay_ms": N}
   POST /_mock/release  releases streams held at the gate
   POST /_mock/reset    forgets records, behaviors and totals
-  GET  /_mock/received?limit=N   recorded requests, newest last
+  GET  /_mock/received?limit=N   recorded requests, newest last, each
+                       with the status it was answered ("dropped" when the
+                       caller left before the answer) and the fault, if any
   GET  /_mock/stats    per-key totals: requests, statuses, usage reported
+                       (a response cut before its usage reports none)
 """
 
 import argparse
 import asyncio
 import json
+import random
+import socket
+import struct
 import sys
 import time
 from collections import defaultdict, deque
@@ -56,6 +84,8 @@ class State:
         self.gate = asyncio.Event()
         self.gate_waiters = 0
         self.limits = {}  # key -> {"limit": N, "used": N, "reset": "60s"}
+        self.chaos = {"rate_limit_fraction": 0.0, "headers": {}}
+        self.rng = random.Random(0)
 
 
 def bearer(request):
@@ -103,6 +133,14 @@ def make_app(state):
         state.gate = asyncio.Event()
         return web.json_response({"ok": True})
 
+    @routes.post("/_mock/chaos")
+    async def set_chaos(request):
+        b = await request.json()
+        state.chaos = {"rate_limit_fraction": float(b.get("rate_limit_fraction", 0.0)),
+                       "headers": dict(b.get("headers") or {})}
+        state.rng = random.Random(b.get("seed", 0))
+        return web.json_response({"ok": True})
+
     @routes.post("/_mock/release")
     async def release(request):
         state.gate.set()
@@ -140,6 +178,7 @@ def make_app(state):
 
         def respond(status, payload, headers=None):
             st["statuses"][str(status)] += 1
+            rec["status"] = status
             return web.json_response(payload, status=status, headers=headers or {})
 
         if key not in state.keys:
@@ -154,7 +193,13 @@ def make_app(state):
                                 "x-ratelimit-remaining-requests": "0",
                                 "x-ratelimit-reset-requests": lim["reset"], "retry-after": "60"})
             lim["used"] += 1
-        queue = state.behaviors.get(key) or []
+        queue = state.behaviors.get(key) or state.behaviors.get("*") or []
+        fault = None
+        if not queue and state.chaos["rate_limit_fraction"] > 0 \
+                and state.rng.random() < state.chaos["rate_limit_fraction"]:
+            rec["chaos"] = True
+            return respond(429, error_body("Rate limit reached for requests", "requests",
+                                           "rate_limit_exceeded"), state.chaos["headers"])
         if queue:
             b = queue[0]
             if b.get("times") is not None:
@@ -162,6 +207,7 @@ def make_app(state):
                 if b["times"] <= 0:
                     queue.pop(0)
             status = int(b.get("status", 200))
+            fault = b.get("fault")
             if status != 200:
                 body = b.get("body") or error_body(
                     "Rate limit reached for requests" if status == 429 else "The server had an error",
@@ -171,6 +217,16 @@ def make_app(state):
             extra_headers = b.get("headers") or {}
         else:
             extra_headers = {}
+            b = {}
+        if fault:
+            rec["fault"] = fault
+        if fault == "timeout":
+            await asyncio.sleep(float(b.get("delay_s", 30)))
+            if request.transport is None or request.transport.is_closing():
+                # The caller gave up: nothing is sent, no usage is reported.
+                st["statuses"]["dropped"] += 1
+                rec["status"] = "dropped"
+                return web.Response(status=504)
 
         if request.method == "GET":
             if request.path.rstrip("/") == "/v1/models":
@@ -204,7 +260,10 @@ def make_app(state):
                 headers)
 
         is_chat = request.path.endswith("/chat/completions")
+        if fault in FAULTS_WITH_BODY:
+            return await misbehave(request, fault, b, body, model, usage, headers, is_chat, st, rec)
         if body.get("stream"):
+            rec["status"] = 200
             return await stream(request, body, model, usage, headers, is_chat, st)
 
         st["prompt_tokens"] += usage["prompt_tokens"]
@@ -220,6 +279,154 @@ def make_app(state):
                        "model": model, "choices": [{"index": 0, "text": "Hello", "finish_reason": "stop"}],
                        "usage": usage}
         return respond(200, payload, headers)
+
+    def completion(model, usage, is_chat, content="Hello from the mock provider."):
+        if is_chat:
+            payload = {"id": "chatcmpl-mock", "object": "chat.completion", "created": int(time.time()),
+                       "model": model, "choices": [{"index": 0, "finish_reason": "stop",
+                       "message": {"role": "assistant", "content": content}}]}
+        else:
+            payload = {"id": "cmpl-mock", "object": "text_completion", "created": int(time.time()),
+                       "model": model, "choices": [{"index": 0, "text": content, "finish_reason": "stop"}]}
+        if usage is not None:
+            payload["usage"] = usage  # last, so a body cut short loses it
+        return payload
+
+    def sse_events(model, usage, is_chat, n):
+        obj = "chat.completion.chunk" if is_chat else "text_completion"
+        out = []
+        for i in range(n):
+            choice = ({"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None} if is_chat
+                      else {"index": 0, "text": f"tok{i} ", "finish_reason": None})
+            out.append(f"data: {json.dumps({'id': 'chatcmpl-mock', 'object': obj, 'created': 0, 'model': model, 'choices': [choice]})}\n\n".encode())
+        if usage is not None:
+            final = {"id": "chatcmpl-mock", "object": obj, "created": 0, "model": model,
+                     "choices": [], "usage": usage}
+            out.append(f"data: {json.dumps(final)}\n\n".encode())
+        return out
+
+    def count_usage(st, usage):
+        st["prompt_tokens"] += usage["prompt_tokens"]
+        st["completion_tokens"] += usage["completion_tokens"]
+        st["total_tokens"] += usage["total_tokens"]
+
+    async def send_last(resp, data, usage, st, rec):
+        """Writes the last bytes of an answer and ends it. Usage is counted
+        before the write, so a client that has read the whole answer always
+        finds it in /_mock/stats; it is taken back if the write fails."""
+        if usage is not None:
+            count_usage(st, usage)
+        try:
+            await resp.write(data)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            rec["status"] = "dropped"
+            if usage is not None:
+                count_usage(st, {k: -v for k, v in usage.items()})
+
+    def reset_connection(request):
+        """Resets the connection (RST, not FIN): the answer is cut short."""
+        transport = request.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        transport.abort()
+
+    async def misbehave(request, fault, b, body, model, usage, headers, is_chat, st, rec):
+        """A 200 that goes wrong in one of the FAULTS_WITH_BODY ways. Usage
+        is counted in `st` only when the client was sent all of it."""
+        streaming = bool(body.get("stream"))
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        st["statuses"]["200"] += 1
+        rec["status"] = 200
+        if fault == "no_usage":
+            if streaming:
+                data = b"".join(sse_events(model, None, is_chat, 3)) + b"data: [DONE]\n\n"
+                return web.Response(status=200, body=data, headers={**headers, "content-type": "text/event-stream"})
+            return web.json_response(completion(model, None, is_chat), headers=headers)
+        if fault == "malformed_json":
+            if streaming:
+                data = b'data: {"id": "chatcmpl-mock", "choices": [{"delta": {"content": tru\n\n' \
+                       b"data: not json at all\n\ndata: [DONE]\n\n"
+                return web.Response(status=200, body=data, headers={**headers, "content-type": "text/event-stream"})
+            data = b'{"id": "chatcmpl-mock", "object": "chat.completion", "choices": [{"index": 0, ' \
+                   b'"message": {"role": "assistant", "content": "cut"}}, "usage": {"prompt_tokens": 5,, ]]]'
+            return web.Response(status=200, body=data, headers={**headers, "content-type": "application/json"})
+        if fault == "truncated_sse":
+            # An event stream that stops in the middle of an event, before
+            # its usage chunk and [DONE], and ends cleanly.
+            resp = web.StreamResponse(status=200, headers={**headers, "content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for ev in sse_events(model, None, is_chat, int(b.get("chunks", 3))):
+                await resp.write(ev)
+            await resp.write(b'data: {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "choi')
+            await resp.write_eof()
+            return resp
+        if fault == "reset_mid_body":
+            if streaming:
+                events = sse_events(model, usage if wants_usage else None, is_chat, 4)
+                data = b"".join(events) + b"data: [DONE]\n\n"
+                cut = len(b"".join(events[:2])) + 10  # two events and part of the third
+                resp = web.StreamResponse(status=200, headers={**headers, "content-type": "text/event-stream"})
+            else:
+                data = json.dumps(completion(model, usage, is_chat)).encode()
+                cut = len(data) // 2
+                resp = web.StreamResponse(status=200, headers={**headers, "content-type": "application/json"})
+                resp.content_length = len(data)
+            await resp.prepare(request)
+            await resp.write(data[:cut])
+            await asyncio.sleep(0.05)  # let the part reach the peer before the reset
+            reset_connection(request)
+            return resp
+        if fault == "huge_body":
+            size = int(b.get("size_bytes", 8 << 20))
+            if streaming:
+                chunk = "x" * 8192
+                n = max(1, size // (len(chunk) + 120))
+                obj = "chat.completion.chunk" if is_chat else "text_completion"
+                resp = web.StreamResponse(status=200, headers={**headers, "content-type": "text/event-stream"})
+                await resp.prepare(request)
+                try:
+                    for _ in range(n):
+                        ev = {"id": "chatcmpl-mock", "object": obj, "created": 0, "model": model,
+                              "choices": [{"index": 0, "delta": {"content": chunk}, "finish_reason": None}]}
+                        await resp.write(f"data: {json.dumps(ev)}\n\n".encode())
+                except (ConnectionError, RuntimeError):
+                    rec["status"] = "dropped"
+                    return resp
+                tail = b"".join(sse_events(model, usage if wants_usage else None, is_chat, 0)) + b"data: [DONE]\n\n"
+                await send_last(resp, tail, usage if wants_usage else None, st, rec)
+                return resp
+            data = json.dumps(completion(model, usage, is_chat, content="x" * size)).encode()
+            count_usage(st, usage)
+            return web.Response(status=200, body=data, headers={**headers, "content-type": "application/json"})
+        if fault == "trickle":
+            step = max(1, int(b.get("chunk_bytes", 16)))
+            pause = float(b.get("interval_ms", 10)) / 1000
+            if streaming:
+                data = b"".join(sse_events(model, usage if wants_usage else None, is_chat, 5)) + b"data: [DONE]\n\n"
+                resp = web.StreamResponse(status=200, headers={**headers, "content-type": "text/event-stream"})
+            else:
+                data = json.dumps(completion(model, usage, is_chat)).encode()
+                resp = web.StreamResponse(status=200, headers={**headers, "content-type": "application/json"})
+                resp.content_length = len(data)
+            await resp.prepare(request)
+            pieces = [data[i:i + step] for i in range(0, len(data), step)]
+            try:
+                for piece in pieces[:-1]:
+                    await resp.write(piece)
+                    await asyncio.sleep(pause)
+            except (ConnectionError, RuntimeError):
+                rec["status"] = "dropped"
+                return resp
+            await send_last(resp, pieces[-1], usage if (wants_usage or not streaming) else None, st, rec)
+            return resp
+        raise AssertionError(fault)
 
     async def stream(request, body, model, usage, headers, is_chat, st):
         st["statuses"]["200"] += 1
@@ -258,6 +465,8 @@ def make_app(state):
         await resp.write_eof()
         return resp
 
+    FAULTS_WITH_BODY = {"reset_mid_body", "malformed_json", "truncated_sse", "no_usage", "huge_body",
+                        "trickle"}
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.add_routes(routes)
     app.router.add_route("*", "/v1/{tail:.*}", provider)

@@ -613,7 +613,11 @@ mod tests {
         let mut r = KeyRecord::decode(&b).unwrap_or_default();
         let _ = r.reliability(1_700_000_000_000, 300_000);
         r.record(&Outcome { status: 200, ..Outcome::default() }, 1_700_000_000_000, 300_000);
-        r.record(&Outcome { status: 500, latency_us: Some(u64::MAX), ..Outcome::default() }, 1_700_000_000_000, 300_000);
+        r.record(
+            &Outcome { status: 500, latency_us: Some(u64::MAX), ..Outcome::default() },
+            1_700_000_000_000,
+            300_000,
+        );
         assert!(r.cool_until(u64::MAX) || r.cooldown_until_ms == u64::MAX);
     }
 

@@ -79,6 +79,43 @@ pub fn from_json_body(body: &[u8]) -> Option<Usage> {
     from_json_value(&v)
 }
 
+/// Usage from the tail of a JSON body too large to hold whole: the object
+/// after the last `"usage"` key (OpenAI puts it at the end).
+pub fn from_json_tail(tail: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let at = tail.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+    let rest = &tail[at..];
+    let open = rest.iter().position(|&b| !b.is_ascii_whitespace() && b != b':')?;
+    if rest[open] != b'{' {
+        return None;
+    }
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for (i, &b) in rest[open..].iter().enumerate() {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    let v: Value = serde_json::from_slice(&rest[open..open + i + 1]).ok()?;
+                    return from_usage_object(&v);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The `error.code` (or, failing that, `error.type`) of an error body, e.g.
 /// `insufficient_quota`.
 pub fn error_code(body: &[u8]) -> Option<String> {
@@ -233,6 +270,15 @@ mod tests {
             from_json_body(CHAT_JSON.as_bytes()),
             Some(Usage { input: 12, output: 7, total: 19, cached_input: 0, reasoning: 0 })
         );
+    }
+
+    #[test]
+    fn usage_is_found_in_the_tail_of_a_large_body() {
+        let mut body = br#"{"data":[{"embedding":[0.1,0.2]}],"x":"a \"usage\": {} trap","#.to_vec();
+        body.extend_from_slice(br#""usage":{"prompt_tokens":8,"total_tokens":8,"details":{"a":"}"}}}"#);
+        assert_eq!(from_json_tail(&body).map(|u| (u.input, u.total)), Some((8, 8)));
+        assert_eq!(from_json_tail(b"no usage here"), None);
+        assert_eq!(from_json_tail(br#""usage": {"prompt_tokens": 3"#), None, "cut short");
     }
 
     #[test]

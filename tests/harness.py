@@ -276,3 +276,36 @@ def secrets(n, prefix="sk-test"):
 def ids_by_secret(keys):
     """The key ids plugin_with_keys gives these secrets."""
     return {s: f"k{i + 1}" for i, s in enumerate(keys)}
+
+
+# --- Helpers for the hardening tests (tests/test_hardening.py) ---
+
+def wasm_failure_stats(envoy):
+    """Envoy's own record of the filter's VMs failing: every
+    `wasm.apikeyrouter_*.vm_reload*` stat (a trap makes FAIL_RELOAD reload the
+    VM) and the number of V8 VMs created so far."""
+    stats = envoy.stats("wasm")
+    out = {k: v for k, v in stats.items() if k.startswith("wasm.apikeyrouter_") and ".vm_reload" in k}
+    out["created"] = stats.get("wasm.envoy.wasm.runtime.v8.created")
+    return out
+
+
+def budget_of(envoy, budget_id):
+    """GET budgets/{id} through the admin API, as a dict."""
+    status, _, body = envoy.admin_api("GET", f"budgets/{budget_id}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def raw_request(port, data, timeout=30):
+    """Sends raw bytes (one HTTP/1.1 request with Connection: close) to
+    127.0.0.1:port and returns everything the server sent back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    return b"".join(chunks)

@@ -21,8 +21,12 @@ use proxy_wasm::types::Action as Next;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-/// Non-streaming bodies larger than this are passed on without reading usage.
-const MAX_JSON_BODY: usize = 16 << 20;
+/// Non-streaming bodies larger than this are not held whole (Envoy's buffer
+/// limit in the shipped configs is 16 MiB or more): they pass on as they
+/// come, and usage is read from their tail.
+const MAX_JSON_BODY: usize = 12 << 20;
+/// How much of a large body's end is kept to find its usage.
+const TAIL: usize = 64 << 10;
 /// Error bodies larger than this are not inspected for an error code.
 const MAX_PROBE_BODY: usize = 64 << 10;
 
@@ -33,6 +37,8 @@ enum Body {
     Json {
         hold: bool,
     },
+    /// A JSON body too large to hold: the last bytes seen, for its usage.
+    JsonTail(Vec<u8>),
     Sse(Box<SseUsage>),
     /// A 4xx whose `error.code` may carry an action: held until read.
     Probe,
@@ -65,6 +71,8 @@ pub(crate) struct Attempt {
     cut: bool,
     /// The request's client, from the ingress stage.
     client: Option<usize>,
+    /// The response arrived whole (its end of stream was seen).
+    complete: bool,
     next_cutoff_check: u64,
 }
 
@@ -92,6 +100,7 @@ impl Attempt {
             cut: false,
             next_cutoff_check: 0,
             client: None,
+            complete: false,
         }
     }
 
@@ -152,7 +161,7 @@ impl Attempt {
         // A stream that ended without its usage (the client left, the
         // provider cut it) is released, not charged: its cost is unknown.
         let unfinished_stream = matches!(self.body, Body::Sse(_)) && self.usage.is_none();
-        let success = (200..300).contains(&self.status) && !unfinished_stream;
+        let success = (200..300).contains(&self.status) && self.complete && !unfinished_stream;
         let actual = if success { Some(self.actual_cost().unwrap_or_default()) } else { None };
         let key_held = std::mem::take(&mut self.key_held);
         let mut spent = Vec::new();
@@ -218,8 +227,12 @@ impl Attempt {
         let Some(k) = self.key else { return };
         self.recorded = true;
         let now = abi::now_ms();
+        // A response cut off before its end (a reset, a timeout) is a
+        // failure whatever its status line said; an action taken on the
+        // status alone (a 429) stands.
+        let status = if self.complete || action != Action::Nothing { self.status } else { 0 };
         let outcome = Outcome {
-            status: self.status,
+            status,
             usage: self.usage,
             stream: matches!(self.body, Body::Sse(_)),
             latency_us: self.latency_us,
@@ -233,7 +246,7 @@ impl Attempt {
         let pid =
             self.cfg.providers.get(self.cfg.keys.get(k).map_or(0, |key| key.provider)).map_or("", |p| p.id.as_str());
         metrics::add("apikeyrouter.cas_conflicts", stats.conflicts as u64);
-        metrics::add(&metrics::key_metric(pid, kid, &format!("requests.{}", metrics::status_class(self.status))), 1);
+        metrics::add(&metrics::key_metric(pid, kid, &format!("requests.{}", metrics::status_class(status))), 1);
         if self.status == 429 {
             metrics::add(&metrics::key_metric(pid, kid, "rate_limited"), 1);
         }
@@ -506,6 +519,7 @@ impl HttpContext for Attempt {
         if let Some(d) = &self.decision {
             let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-decision", d);
         }
+        self.complete = end_of_stream;
         if self.cfg.probes_body(self.status) && !end_of_stream && content_type.contains("json") {
             // Hold the error until its code is read, so that the key's
             // state changes before Envoy's retry chooses the next key.
@@ -536,8 +550,26 @@ impl HttpContext for Attempt {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Next {
+        if end_of_stream {
+            self.complete = true;
+        }
         match &mut self.body {
             Body::Ignore => Next::Continue,
+            Body::JsonTail(tail) => {
+                if size > 0 {
+                    if let Ok(Some(chunk)) = abi::buffer(abi::RESPONSE_BODY, 0, size) {
+                        tail.extend_from_slice(&chunk);
+                        if tail.len() > TAIL {
+                            tail.drain(..tail.len() - TAIL);
+                        }
+                    }
+                }
+                if end_of_stream {
+                    self.usage = usage::from_json_tail(tail);
+                    self.usage_known();
+                }
+                Next::Continue
+            }
             Body::Sse(parser) => {
                 if self.cut {
                     // After a budget cut-off the client has its final event;
@@ -572,7 +604,11 @@ impl HttpContext for Attempt {
                 let hold = *hold;
                 if !end_of_stream {
                     if size > MAX_JSON_BODY {
-                        self.body = Body::Ignore;
+                        // Too large to hold: let it flow, keep its tail.
+                        let start = size.saturating_sub(TAIL);
+                        let tail =
+                            abi::buffer(abi::RESPONSE_BODY, start, size - start).ok().flatten().unwrap_or_default();
+                        self.body = Body::JsonTail(tail);
                         return Next::Continue;
                     }
                     return Next::Pause;
