@@ -227,10 +227,11 @@ impl Attempt {
         let Some(k) = self.key else { return };
         self.recorded = true;
         let now = abi::now_ms();
-        // A response cut off before its end (a reset, a timeout) is a
-        // failure whatever its status line said; an action taken on the
-        // status alone (a 429) stands.
-        let status = if self.complete || action != Action::Nothing { self.status } else { 0 };
+        // A success cut off before its end (a reset, a timeout) is a
+        // failure. An error status stands on its own: Envoy may reset the
+        // attempt to retry as soon as it sees it, before its body ends.
+        let cut_short = !self.complete && (200..300).contains(&self.status) && action == Action::Nothing;
+        let status = if cut_short { 0 } else { self.status };
         let outcome = Outcome {
             status,
             usage: self.usage,
