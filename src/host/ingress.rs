@@ -148,6 +148,10 @@ impl Ingress {
     /// the choice: the routing header the route matches, and the provider's
     /// path. Returns the model name to send, when it changes.
     fn select_provider(&mut self, model: Option<&str>, now: u64) -> Result<Option<String>, reply::Reply> {
+        // One refresh (one shared-data read) for every candidate below.
+        if let Ok(mut routing) = self.routing.try_borrow_mut() {
+            self.cfg = routing.refresh(now);
+        }
         let mut cands = providers::candidates(&self.cfg, &self.path, model);
         if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
             let before = cands.first().map(|x| x.provider);
@@ -286,9 +290,9 @@ impl Ingress {
 
     /// `Some((retry_after_secs, explanation))` when no key of `provider` is
     /// available now: the request is refused before any upstream attempt.
-    fn refuse_when_no_key(&mut self, provider: usize, now: u64) -> Option<(u64, String)> {
+    /// The snapshot must have been refreshed for this request.
+    fn refuse_when_no_key(&self, provider: usize, now: u64) -> Option<(u64, String)> {
         let mut routing = self.routing.try_borrow_mut().ok()?;
-        self.cfg = routing.refresh(now);
         let why = check(&self.cfg, provider, &mut routing.snapshot, now).err()?;
         let pid = self.cfg.providers.get(provider).map_or("?", |p| p.id.as_str());
         Some((why.retry_after_secs(now), why.explain(pid)))
@@ -409,7 +413,6 @@ impl HttpContext for Ingress {
                 ))
             }
         }
-        let provider = self.provider;
         let ct = content_type.to_ascii_lowercase();
         self.read_body =
             !end_of_stream && (ct.is_empty() || ct.starts_with("application/json") || ct.contains("+json"));
@@ -433,7 +436,6 @@ impl HttpContext for Ingress {
         }
         let flight =
             Flight { provider: self.provider, started_ms: now, objective, client: self.client, ..Flight::default() };
-        let _ = provider;
         with_flights(|fl| fl.insert(rid.clone(), flight, now));
         self.request_id = Some(rid);
 
