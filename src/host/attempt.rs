@@ -23,8 +23,11 @@ use std::rc::Rc;
 
 /// Non-streaming bodies larger than this are not held whole (Envoy's buffer
 /// limit in the shipped configs is 16 MiB or more): they pass on as they
-/// come, and usage is read from their tail.
+/// come, and usage is read from their tail. The size is known up front from
+/// `content-length`; a body without one is let go once it passes
+/// [`MAX_UNSIZED_JSON`], leaving room for Envoy's large reads below its limit.
 const MAX_JSON_BODY: usize = 12 << 20;
+const MAX_UNSIZED_JSON: usize = 4 << 20;
 /// How much of a large body's end is kept to find its usage.
 const TAIL: usize = 64 << 10;
 /// Error bodies larger than this are not inspected for an error code.
@@ -36,6 +39,8 @@ enum Body {
     /// back until the cost is known, for `x-apikeyrouter-cost`.
     Json {
         hold: bool,
+        /// Stop holding past this many bytes.
+        cap: usize,
     },
     /// A JSON body too large to hold: the last bytes seen, for its usage.
     JsonTail(Vec<u8>),
@@ -500,10 +505,12 @@ impl HttpContext for Attempt {
         self.latency_us = Some(now_ns.saturating_sub(self.started_ns) / 1000);
         let headers = abi::headers(abi::RESPONSE_HEADERS).unwrap_or_default();
         let mut content_type = String::new();
+        let mut content_length: Option<usize> = None;
         for (name, v) in headers {
             match name.as_str() {
                 ":status" => self.status = v.parse().unwrap_or(0),
                 "content-type" => content_type = v.to_ascii_lowercase(),
+                "content-length" => content_length = v.trim().parse().ok(),
                 n if n.starts_with("x-ratelimit-")
                     || n.starts_with("anthropic-ratelimit-")
                     || n.contains("retry-after") =>
@@ -538,11 +545,17 @@ impl HttpContext for Attempt {
         if content_type.starts_with("text/event-stream") {
             self.body = Body::Sse(Box::default());
         } else if (200..300).contains(&self.status) && content_type.contains("json") {
+            if content_length.is_some_and(|n| n > MAX_JSON_BODY) {
+                // Too large to hold: let it flow and keep its tail.
+                self.body = Body::JsonTail(Vec::new());
+                return Next::Continue;
+            }
             // Hold the headers while the body is read, so the cost can be
             // added to them; the body is buffered whole anyway.
             let priced =
                 self.price.is_some() || self.cfg.keys.get(k).is_some_and(|key| key.pricing.cost_per_1k.is_some());
-            self.body = Body::Json { hold: priced };
+            let cap = if content_length.is_some() { MAX_JSON_BODY } else { MAX_UNSIZED_JSON };
+            self.body = Body::Json { hold: priced, cap };
             if priced {
                 return Next::Pause;
             }
@@ -601,10 +614,10 @@ impl HttpContext for Attempt {
                 }
                 Next::Continue
             }
-            Body::Json { hold } => {
+            Body::Json { hold, cap } => {
                 let hold = *hold;
                 if !end_of_stream {
-                    if size > MAX_JSON_BODY {
+                    if size > *cap {
                         // Too large to hold: let it flow, keep its tail.
                         let start = size.saturating_sub(TAIL);
                         let tail =
