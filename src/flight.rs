@@ -49,6 +49,46 @@ pub struct Flight {
     pub client: Option<usize>,
 }
 
+/// A JSON object written field by field.
+#[derive(Default)]
+struct JsonObject(String);
+
+impl JsonObject {
+    fn name(&mut self, name: &str) {
+        self.0.push(if self.0.is_empty() { '{' } else { ',' });
+        self.0.push('"');
+        self.0.push_str(name);
+        self.0.push_str("\":");
+    }
+
+    fn text(&mut self, name: &str, value: &str) {
+        self.name(name);
+        self.0.push('"');
+        for c in value.chars() {
+            match c {
+                '"' => self.0.push_str("\\\""),
+                '\\' => self.0.push_str("\\\\"),
+                c if (c as u32) < 0x20 => self.0.push_str(&format!("\\u{:04x}", c as u32)),
+                c => self.0.push(c),
+            }
+        }
+        self.0.push('"');
+    }
+
+    fn number(&mut self, name: &str, value: u64) {
+        self.name(name);
+        self.0.push_str(&value.to_string());
+    }
+
+    fn finish(mut self) -> String {
+        if self.0.is_empty() {
+            self.0.push('{');
+        }
+        self.0.push('}');
+        self.0
+    }
+}
+
 /// What must happen to a request's reservation when a stage lets go of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Letting {
@@ -59,6 +99,39 @@ pub enum Letting {
 }
 
 impl Flight {
+    /// The request's outcome as one JSON object for access logs
+    /// (`%FILTER_STATE(wasm.apikeyrouter:PLAIN)%`): key, provider, attempts,
+    /// client and team, tokens, cost and the decision summary. Written by
+    /// hand: it is built for every request.
+    pub fn outcome_json(&self, cfg: &crate::config::Config) -> String {
+        let mut o = JsonObject::default();
+        if let Some(k) = self.key.and_then(|k| cfg.keys.get(k)) {
+            o.text("key_id", &k.id);
+        }
+        if let Some(p) = cfg.providers.get(self.provider) {
+            o.text("provider", &p.id);
+        }
+        o.number("attempts", u64::from(self.attempts));
+        if let Some(c) = self.client.and_then(|c| cfg.clients.get(c)) {
+            o.text("client", &c.id);
+            if let Some(t) = &c.team {
+                o.text("team", t);
+            }
+        }
+        if let Some(u) = self.usage {
+            o.number("input_tokens", u.input);
+            o.number("output_tokens", u.output);
+            o.number("total_tokens", u.total);
+        }
+        if let Some(c) = self.cost {
+            o.text("cost", &crate::budget::show(c));
+        }
+        if let Some(d) = &self.decision {
+            o.text("decision", d);
+        }
+        o.finish()
+    }
+
     /// The ingress stage is done (its `on_log`).
     pub fn ingress_finished(&mut self) -> Letting {
         self.ingress_done = true;
@@ -147,6 +220,34 @@ impl Flights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcome_json_is_valid_json_with_every_field_escaped() {
+        let json = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s"}]}]}"#;
+        let cfg = match crate::config::compile(json.as_bytes(), &|_| None) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let f = Flight {
+            key: Some(0),
+            attempts: 2,
+            usage: Some(Usage { input: 3, output: 4, total: 7, ..Usage::default() }),
+            cost: Some(Decimal::new(15, 4)),
+            decision: Some("objective=cost; key=k1 \"\\\n\u{1}é".into()),
+            ..Flight::default()
+        };
+        let parsed: serde_json::Value = match serde_json::from_str(&f.outcome_json(&cfg)) {
+            Ok(v) => v,
+            Err(e) => panic!("{e}: {}", f.outcome_json(&cfg)),
+        };
+        assert_eq!(
+            parsed,
+            serde_json::json!({"key_id": "k1", "provider": "openai", "attempts": 2, "input_tokens": 3,
+                "output_tokens": 4, "total_tokens": 7, "cost": "0.0015",
+                "decision": "objective=cost; key=k1 \"\\\n\u{1}é"})
+        );
+        assert_eq!(Flight::default().outcome_json(&cfg), r#"{"provider":"openai","attempts":0}"#);
+    }
 
     #[test]
     fn flights_are_found_by_request_id_and_removed_once() {

@@ -239,37 +239,7 @@ impl Ingress {
         self.logged_state = true;
         let Some(rid) = self.request_id.as_deref() else { return };
         let cfg = &self.cfg;
-        let outcome = with_flights(|fl| {
-            fl.get_mut(rid).map(|f| {
-                let mut o = serde_json::Map::new();
-                if let Some(k) = f.key.and_then(|k| cfg.keys.get(k)) {
-                    o.insert("key_id".into(), k.id.clone().into());
-                }
-                if let Some(p) = cfg.providers.get(f.provider) {
-                    o.insert("provider".into(), p.id.clone().into());
-                }
-                o.insert("attempts".into(), f.attempts.into());
-                if let Some(c) = f.client.and_then(|c| cfg.clients.get(c)) {
-                    o.insert("client".into(), c.id.clone().into());
-                    if let Some(t) = &c.team {
-                        o.insert("team".into(), t.clone().into());
-                    }
-                }
-                if let Some(u) = f.usage {
-                    o.insert("input_tokens".into(), u.input.into());
-                    o.insert("output_tokens".into(), u.output.into());
-                    o.insert("total_tokens".into(), u.total.into());
-                }
-                if let Some(c) = f.cost {
-                    o.insert("cost".into(), show(c).into());
-                }
-                if let Some(d) = &f.decision {
-                    o.insert("decision".into(), d.clone().into());
-                }
-                serde_json::Value::Object(o).to_string()
-            })
-        })
-        .flatten();
+        let outcome = with_flights(|fl| fl.get_mut(rid).map(|f| f.outcome_json(cfg))).flatten();
         if let Some(json) = outcome {
             let _ = abi::set_property("apikeyrouter", json.as_bytes());
         }
