@@ -7,6 +7,16 @@ One run measures, with the real Envoy (`--concurrency 2`, `--disable-hot-restart
                route, retry policy, cluster; the router keeps only upstream_codec)
   noop         a no-op wasm module (bench/noop) in both positions, same
                vm/plugin settings shape: the V8 floor
+  floor        the same module as the design floor (`{"floor": stage}`): only
+               the host calls and pauses this job requires (hold and read the
+               request body, strip and write credentials, read the response
+               headers, hold and read a JSON response, one shared-data read
+               and one CAS per attempt), with no work between them
+  floor        the same module as the design floor (`{"floor": ...}`): only
+               the host calls and pauses this job requires (hold and read the
+               request body, strip and write credentials, read the response
+               headers, hold and read a JSON response, one shared-data read
+               and one CAS per attempt), with no work between them
   akr-10       apikeyrouter with 10 inline keys
   akr-100      ... 100 keys
   akr-1000     ... 1,000 keys
@@ -51,7 +61,7 @@ cases are skipped (and reported as missing).
 Run it with `make bench` (or `.venv/bin/python bench/run.py` after `make build`).
 It installs wrk, nginx-light and nghttp2-client from apt when they are missing
 and builds bench/noop and bench/sse-server with cargo. The default run takes
-about 3.5 minutes. Environment overrides:
+about 4 minutes. Environment overrides:
 
   BENCH_DURATION=5      seconds measured per (case, load, round), integer
   BENCH_WARMUP=1        seconds of warm-up load before each measurement, integer
@@ -303,17 +313,27 @@ def edit_passthrough(cfg):
     assert [f["name"] for f in rc["upstream_http_filters"]] == ["envoy.filters.http.upstream_codec"]
 
 
-def edit_noop(cfg):
+def use_bench_module(cfg, vm_id, configuration):
+    """Loads bench/noop in both wasm positions under `vm_id`, each stage with
+    `configuration(stage)` as its plugin configuration."""
     for wc in wasm_configs(hcm_of(cfg)):
         stage = "ingress" if "ingress" in wc["root_id"] else "attempt"
-        wc["name"] = wc["root_id"] = f"noop_{stage}"
-        wc["vm_config"]["vm_id"] = "noop"
+        wc["name"] = wc["root_id"] = f"{vm_id}_{stage}"
+        wc["vm_config"]["vm_id"] = vm_id
         wc["vm_config"]["code"] = {"local": {"filename": str(NOOP_WASM)}}
-        wc["configuration"]["value"] = "{}"
+        wc["configuration"]["value"] = configuration(stage)
+
+
+def edit_noop(cfg):
+    use_bench_module(cfg, "noop", lambda stage: "{}")
+
+
+def edit_floor(cfg):
+    use_bench_module(cfg, "floor", lambda stage: json.dumps({"floor": stage}))
 
 
 def make_cases(key_counts):
-    cases = [("passthrough", None, edit_passthrough), ("noop", None, edit_noop)]
+    cases = [("passthrough", None, edit_passthrough), ("noop", None, edit_noop), ("floor", None, edit_floor)]
     for n in key_counts:
         plugin = harness.plugin_with_keys([f"sk-bench-{i:05d}" for i in range(n)])
         cases.append((f"akr-{n}", plugin, None))
@@ -645,7 +665,26 @@ def targets(by_case, wasm_size, key_counts):
     return out
 
 
-def print_report(table, modes, tgts, wasm_size, noop_size, ceil, settings):
+def floors(by_case, key_counts):
+    """For each load: how far the no-op module, the design floor and the
+    smallest apikeyrouter case get, as ratios to passthrough (req/s and
+    Envoy CPU), and apikeyrouter's share of the floor's throughput."""
+    small = f"akr-{min(key_counts)}" if key_counts else None
+    out = []
+    for mode in ("json", "sse"):
+        get = lambda c, k: by_case.get(c, {}).get(mode, {}).get(k)  # noqa: E731
+        row = {"load": mode}
+        for c in ("noop", "floor", small):
+            if c:
+                row[c] = {"ratio": get(c, "ratio"), "cpu_ratio": get(c, "cpu_ratio")}
+        a, f = get(small, "req_s"), get("floor", "req_s")
+        row["akr_of_floor"] = round(a / f, 3) if a and f else None
+        if any(v.get("ratio") for k, v in row.items() if isinstance(v, dict)):
+            out.append(row)
+    return out
+
+
+def print_report(table, modes, tgts, wasm_size, noop_size, ceil, settings, fl=()):
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
@@ -707,6 +746,14 @@ def print_report(table, modes, tgts, wasm_size, noop_size, ceil, settings):
                 f" per-key counters: {t.get('requests')} requests, {t.get('streams')} streams,"
                 f" {t.get('total_tokens')} tokens; Envoy: {d.get('total')} downstream requests,"
                 f" {d.get('2xx')} 2xx, {d.get('retries')} retries")
+    if fl:
+        log()
+        log("floors: req/s over passthrough's (Envoy CPU per request over passthrough's)")
+        for row in fl:
+            cells = [f"{c} {v['ratio']}x ({v['cpu_ratio']}x CPU)" for c, v in row.items()
+                     if isinstance(v, dict) and v.get("ratio") is not None]
+            log(f"  {row['load']:<5} " + ", ".join(cells)
+                + (f"; apikeyrouter reaches {row['akr_of_floor']}x the floor" if row["akr_of_floor"] else ""))
     log()
     log("targets (reported, not asserted):")
     for t in tgts:
@@ -743,7 +790,7 @@ def main():
     modes = [m.strip() for m in os.environ.get("BENCH_LOADS", "json,sse").split(",") if m.strip()]
     if not modes or any(m not in ("json", "sse") for m in modes):
         sys.exit("bench: BENCH_LOADS takes json, sse or both")
-    per_case = 3 + len(modes) * (settings["warmup"] + settings["duration"] + 0.3) + settings["ttfb_count"] * 0.004
+    per_case = 1.5 + len(modes) * (settings["warmup"] + settings["duration"] + 0.3) + settings["ttfb_count"] * 0.004
     planned = settings["rounds"] * len(cases) * per_case + settings["ceiling"] + 5
     log(f"bench plan: {len(cases)} cases x {len(modes)} loads x {settings['rounds']} rounds,"
         f" about {planned:.0f} s")
@@ -787,8 +834,10 @@ def main():
             nginx.stop()
 
     table, by_case = summarize(runs, cases, modes)
-    tgts = targets(by_case, wasm_size, [n for n in key_counts if f"akr-{n}" in by_case])
-    print_report(table, modes, tgts, wasm_size, noop_size, ceil, settings)
+    measured_keys = [n for n in key_counts if f"akr-{n}" in by_case]
+    tgts = targets(by_case, wasm_size, measured_keys)
+    fl = floors(by_case, measured_keys)
+    print_report(table, modes, tgts, wasm_size, noop_size, ceil, settings, fl)
     if skipped:
         log(f"skipped for BENCH_BUDGET: {', '.join(skipped)}")
 
@@ -813,6 +862,7 @@ def main():
         "upstream_ceiling_req_s": ceil,
         "table": table,
         "targets": tgts,
+        "floors": fl,
         "skipped": skipped,
         "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
     }
