@@ -129,13 +129,21 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
         ("GET", ["health"]) => {
             let s = state_json(cfg, store, now_ms);
             let usable = s["keys"]["available"].as_u64().unwrap_or(0) > 0;
-            let body = json!({
-                "status": if usable { "healthy" } else { "unhealthy" },
+            let fleet = cfg.fleet.as_ref().map(|_| {
+                crate::fleet::Status::decode(store.get(crate::fleet::STATUS_KEY).0.as_deref()).unwrap_or_default()
+            });
+            let degraded = fleet.as_ref().is_some_and(|f| f.degraded);
+            let mut body = json!({
+                "status": if !usable { "unhealthy" } else if degraded { "degraded" } else { "healthy" },
                 "version": env!("CARGO_PKG_VERSION"),
                 "keys_registered": s["keys"]["total"],
                 "providers_registered": cfg.providers.len(),
                 "keys": s["keys"],
             });
+            if let Some(f) = fleet {
+                body["fleet"] = f.to_json();
+            }
+            // Degraded still serves (on local state): 200.
             reply::json(if usable { 200 } else { 503 }, &body)
         }
         (
@@ -241,7 +249,7 @@ fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64)
         _ => return admin_error(400, "invalid_state", "state must be \"available\", \"disabled\" or \"throttled\"."),
     };
     let before = read_or_default(store, k).effective(now_ms).as_str();
-    match set_state(store, &k.record_name, to) {
+    match set_state(store, &k.record_name, to, now_ms) {
         Ok(r) => {
             let reason = v.get("reason").and_then(Value::as_str).unwrap_or("");
             let after = r.effective(now_ms).as_str();
@@ -264,21 +272,32 @@ fn budget_json(cfg: &Config, store: &dyn Store, b: &Budget, now_ms: u64) -> Valu
         Scope::Client(c) => json!({"client": c}),
         Scope::Team(t) => json!({"team": t}),
     };
-    json!({
+    // In fleet mode `spent` is the fleet's: this instance's plus what the
+    // others spent as of the last sync.
+    let spent = rec.spent.saturating_add(rec.others());
+    let mut out = json!({
         "id": b.id,
         "scope": scope,
         "window": b.window.map_or("total", |w| w.as_str()),
         "enforcement": match b.enforcement { Enforcement::Hard => "hard", Enforcement::Soft => "soft" },
         "limit": show(limit),
         "configured_limit": show(b.limit),
-        "spent": show(rec.spent),
+        "spent": show(spent),
         "reserved": show(rec.reserved),
-        "remaining": show((limit - rec.spent - rec.reserved).max(rust_decimal::Decimal::ZERO)),
+        "remaining": show(limit.saturating_sub(spent).saturating_sub(rec.reserved).max(rust_decimal::Decimal::ZERO)),
         "requests": rec.requests,
         "refused": rec.refused,
         "window_start": b.window.map(|_| crate::window::rfc3339(rec.window_start_ms)),
         "resets_at": b.resets_at(now_ms).map(crate::window::rfc3339),
-    })
+    });
+    if cfg.fleet.is_some() {
+        out["fleet"] = json!({
+            "instance_spent": show(rec.spent),
+            "others_spent": show(rec.others()),
+            "local_share": rec.local_share.map(show),
+        });
+    }
+    out
 }
 
 /// `PATCH budgets/{id}` with `{"limit": "12.50"}`, or `{"limit": null}` to

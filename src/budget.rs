@@ -163,6 +163,13 @@ pub struct BudgetRecord {
     pub soft_logged_window: u64,
     /// A limit set through the admin API, overriding the configured one.
     pub limit_override: Option<Decimal>,
+    /// Fleet mode: what the other instances spent in the window starting at
+    /// `fleet_window_ms`, as of the last sync with etcd.
+    pub fleet_spent: Decimal,
+    pub fleet_window_ms: u64,
+    /// Fleet mode, while etcd cannot be reached: the fraction of the limit
+    /// this instance may spend by itself.
+    pub local_share: Option<Decimal>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,10 +181,12 @@ impl fmt::Display for BadRecord {
     }
 }
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Version 1 records (no fleet fields) are still read.
+const V1_LEN: usize = 2 + 8 + 16 + 16 + 8 + 8 + 8 + 16;
 
 impl BudgetRecord {
-    pub const LEN: usize = 2 + 8 + 16 + 16 + 8 + 8 + 8 + 16;
+    pub const LEN: usize = V1_LEN + 16 + 8 + 1 + 16;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::LEN);
@@ -190,13 +199,19 @@ impl BudgetRecord {
         out.extend_from_slice(&self.refused.to_le_bytes());
         out.extend_from_slice(&self.soft_logged_window.to_le_bytes());
         out.extend_from_slice(&self.limit_override.unwrap_or_default().serialize());
+        out.extend_from_slice(&self.fleet_spent.serialize());
+        out.extend_from_slice(&self.fleet_window_ms.to_le_bytes());
+        out.push(u8::from(self.local_share.is_some()));
+        out.extend_from_slice(&self.local_share.unwrap_or_default().serialize());
         out
     }
 
     pub fn decode(b: &[u8]) -> Result<BudgetRecord, BadRecord> {
-        if b.len() < Self::LEN || b[0] != VERSION {
-            return Err(BadRecord);
-        }
+        let fleet = match b.first() {
+            Some(&VERSION) if b.len() >= Self::LEN => true,
+            Some(1) if b.len() >= V1_LEN => false,
+            _ => return Err(BadRecord),
+        };
         let u = |at: usize| {
             let mut w = [0u8; 8];
             w.copy_from_slice(&b[at..at + 8]);
@@ -216,6 +231,9 @@ impl BudgetRecord {
             refused: u(50),
             soft_logged_window: u(58),
             limit_override: (b[1] == 1).then(|| d(66)),
+            fleet_spent: if fleet { d(82) } else { Decimal::ZERO },
+            fleet_window_ms: if fleet { u(98) } else { 0 },
+            local_share: (fleet && b[106] == 1).then(|| d(107)),
         })
     }
 
@@ -235,6 +253,27 @@ impl BudgetRecord {
 
     pub fn limit(&self, budget: &Budget) -> Decimal {
         self.limit_override.unwrap_or(budget.limit)
+    }
+
+    /// What the other instances of the fleet spent in this window (zero
+    /// without fleet mode or before the first sync of the window).
+    pub fn others(&self) -> Decimal {
+        if self.fleet_window_ms == self.window_start_ms {
+            self.fleet_spent
+        } else {
+            Decimal::ZERO
+        }
+    }
+
+    /// Whether `more` on top of this window's spend and reservations passes
+    /// the limit: the fleet's spend against the whole limit, and, while etcd
+    /// cannot be reached, this instance's own against its share.
+    pub fn would_pass(&self, budget: &Budget, more: Decimal) -> bool {
+        let limit = self.limit(budget);
+        // Overflow (only from damaged state) counts as passing the limit.
+        let Some(own) = self.spent.checked_add(self.reserved).and_then(|x| x.checked_add(more)) else { return true };
+        own.checked_add(self.others()).is_none_or(|fleet| fleet > limit)
+            || self.local_share.is_some_and(|share| limit.checked_mul(share).is_none_or(|cap| own > cap))
     }
 }
 
@@ -298,11 +337,11 @@ pub fn reserve(
         let (r, _) = update(store, &b.record_name, |cur| {
             let mut rec = read(cur).map_err(|_| Reject::Bad)?.current(b, now_ms);
             let limit = rec.limit(b);
-            let over = rec.spent + rec.reserved + estimate > limit;
+            let over = rec.would_pass(b, estimate);
             if over && b.enforcement == Enforcement::Hard {
                 return Err(Reject::Over(Refusal {
                     budget: i,
-                    spent: rec.spent,
+                    spent: rec.spent.saturating_add(rec.others()),
                     reserved: rec.reserved,
                     limit,
                     estimate,
@@ -398,13 +437,36 @@ fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decima
 /// its limit, if any.
 pub fn crossed(store: &dyn Store, budgets: &[Budget], held: &[Held], excess: Decimal, now_ms: u64) -> Option<usize> {
     held.iter().map(|h| h.budget).find(|&i| {
-        budgets.get(i).is_some_and(|b| {
-            b.enforcement == Enforcement::Hard && {
-                let r = load(store, b, now_ms);
-                r.spent + r.reserved + excess > r.limit(b)
-            }
-        })
+        budgets
+            .get(i)
+            .is_some_and(|b| b.enforcement == Enforcement::Hard && { load(store, b, now_ms).would_pass(b, excess) })
     })
+}
+
+/// Fleet mode: records what the other instances spent in `window_ms`.
+pub fn set_fleet_spent(store: &dyn Store, budget: &Budget, window_ms: u64, others: Decimal, now_ms: u64) {
+    let (r, _) = update(store, &budget.record_name, |cur| {
+        let mut rec = read(cur)?.current(budget, now_ms);
+        rec.fleet_spent = others;
+        rec.fleet_window_ms = window_ms;
+        Ok::<_, BadRecord>(((), rec.encode()))
+    });
+    if let Err(e) = r {
+        log::warn!("budget {}: fleet spend not recorded ({e:?})", budget.id);
+    }
+}
+
+/// Fleet mode: limits (or, with `None`, stops limiting) this instance's own
+/// spend to `share` of each budget while etcd cannot be reached.
+pub fn set_local_share(store: &dyn Store, budget: &Budget, share: Option<Decimal>, now_ms: u64) {
+    let (r, _) = update(store, &budget.record_name, |cur| {
+        let mut rec = read(cur)?.current(budget, now_ms);
+        rec.local_share = share;
+        Ok::<_, BadRecord>(((), rec.encode()))
+    });
+    if let Err(e) = r {
+        log::warn!("budget {}: local share not recorded ({e:?})", budget.id);
+    }
 }
 
 /// Sets (or, with `None`, clears) a budget's limit override.
@@ -510,12 +572,41 @@ mod tests {
             refused: 8,
             soft_logged_window: 9,
             limit_override: Some(dec("42.5")),
+            fleet_spent: dec("3.25"),
+            fleet_window_ms: 5,
+            local_share: Some(dec("0.5")),
         };
         assert_eq!(BudgetRecord::decode(&r.encode()), Ok(r));
+        // A version 1 record (before fleet mode) reads with no fleet state.
+        let mut v1 = r.encode();
+        v1[0] = 1;
+        v1.truncate(V1_LEN);
+        let plain = BudgetRecord { fleet_spent: Decimal::ZERO, fleet_window_ms: 0, local_share: None, ..r };
+        assert_eq!(BudgetRecord::decode(&v1), Ok(plain));
         assert_eq!(BudgetRecord::decode(&BudgetRecord::default().encode()), Ok(BudgetRecord::default()));
         for cut in 0..BudgetRecord::LEN {
             assert_eq!(BudgetRecord::decode(&r.encode()[..cut]), Err(BadRecord));
         }
+    }
+
+    #[test]
+    fn fleet_spend_of_the_current_window_counts_against_the_limit() {
+        let b = budget("1.00", Enforcement::Hard, Some(Window::Day));
+        let mut r = BudgetRecord { window_start_ms: 0, spent: dec("0.30"), ..BudgetRecord::default() };
+        assert!(!r.would_pass(&b, dec("0.60")));
+        r.fleet_spent = dec("0.20");
+        assert!(r.would_pass(&b, dec("0.60")), "0.30 + 0.20 by others + 0.60 > 1.00");
+        // Others' spend from another window does not count.
+        r.fleet_window_ms = 86_400_000;
+        assert!(!r.would_pass(&b, dec("0.60")));
+    }
+
+    #[test]
+    fn without_etcd_an_instance_keeps_to_its_share_of_the_limit() {
+        let b = budget("1.00", Enforcement::Hard, Some(Window::Day));
+        let r = BudgetRecord { spent: dec("0.30"), local_share: Some(dec("0.5")), ..BudgetRecord::default() };
+        assert!(!r.would_pass(&b, dec("0.20")));
+        assert!(r.would_pass(&b, dec("0.21")), "0.51 of its own is over half of 1.00");
     }
 
     #[test]

@@ -270,6 +270,27 @@ pub struct Estimate {
     pub default_max_tokens: u64,
 }
 
+/// Fleet mode: budgets, token quotas and key states shared with the other
+/// Envoy instances through etcd's JSON gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// The Envoy cluster that reaches etcd's client port.
+    pub cluster: String,
+    /// `:authority` of the calls to etcd.
+    pub authority: String,
+    /// Key prefix in etcd, without a trailing `/`.
+    pub prefix: String,
+    /// This instance's id; `None`: Envoy's `node.id`.
+    pub instance: Option<String>,
+    pub sync_interval_ms: u64,
+    pub timeout_ms: u64,
+    /// The fraction of each budget an instance may spend on its own while
+    /// etcd cannot be reached.
+    pub local_share: Decimal,
+    /// etcd unreachable for this long makes the instance degraded.
+    pub degraded_after_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decisions {
     /// Records kept per worker; 0 keeps none.
@@ -317,6 +338,7 @@ pub struct Config {
     /// Model name -> the providers that serve it, in order of preference,
     /// each with its own name for the model.
     pub models: Vec<(String, Vec<(usize, String)>)>,
+    pub fleet: Option<Fleet>,
 }
 
 impl Config {
@@ -636,6 +658,10 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         }
     }
     let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
+    let fleet = match root.opt_obj("fleet")? {
+        None => None,
+        Some(f) => Some(compile_fleet(f)?),
+    };
     let mut models = Vec::new();
     if let Some(m) = root.opt_obj("models")? {
         for (name, v) in m.map.iter() {
@@ -746,7 +772,44 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         stream_cutoff,
         clients,
         models,
+        fleet,
     })
+}
+
+fn compile_fleet(mut f: Obj) -> Result<Fleet, ConfigError> {
+    let cluster = f
+        .opt_str("etcd_cluster")?
+        .ok_or_else(|| err(&f.field("etcd_cluster"), "required (the Envoy cluster of etcd's client port)"))?;
+    if cluster.is_empty() {
+        return Err(err(&f.field("etcd_cluster"), "must not be empty"));
+    }
+    let authority = f.opt_str("authority")?.unwrap_or_else(|| cluster.clone());
+    let prefix = f.opt_str("prefix")?.unwrap_or_else(|| "/apikeyrouter".into());
+    let prefix = prefix.trim_end_matches('/').to_string();
+    if prefix.is_empty()
+        || !prefix.starts_with('/')
+        || prefix.len() > 128
+        || prefix.bytes().any(|b| b.is_ascii_control() || b == b' ')
+    {
+        return Err(err(&f.field("prefix"), "must start with '/', be at most 128 characters and hold no spaces"));
+    }
+    // Checked like an id: it is part of etcd keys.
+    let instance = match f.opt_str("instance")? {
+        None => None,
+        Some(s) => Some(check_id(&f.field("instance"), s)?),
+    };
+    let sync_interval_ms = f.opt_u64_in("sync_interval_ms", 50, 60_000)?.unwrap_or(500);
+    let timeout_ms = f.opt_u64_in("timeout_ms", 10, 60_000)?.unwrap_or(1000);
+    let local_share = match f.take("local_share") {
+        None => Decimal::new(5, 1),
+        Some(v) => decimal(&v)
+            .filter(|d| *d > Decimal::ZERO && *d <= Decimal::ONE)
+            .ok_or_else(|| err(&f.field("local_share"), "expected a fraction above 0 and at most 1, e.g. 0.5"))?,
+    };
+    let degraded_after_ms =
+        f.opt_u64_in("degraded_after_ms", 0, 3_600_000)?.unwrap_or(3 * sync_interval_ms.max(timeout_ms));
+    f.finish()?;
+    Ok(Fleet { cluster, authority, prefix, instance, sync_interval_ms, timeout_ms, local_share, degraded_after_ms })
 }
 
 fn compile_key(
@@ -1002,6 +1065,14 @@ pub fn fingerprint(secret: &str) -> String {
     out
 }
 
+/// An id: 1-64 characters of A-Z, a-z, 0-9, '-' or '_'.
+pub fn check_id(field: &str, s: String) -> Result<String, ConfigError> {
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(err(field, format!("{s:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'")));
+    }
+    Ok(s)
+}
+
 /// An object being consumed field by field; `finish` rejects leftovers.
 struct Obj {
     path: String,
@@ -1042,10 +1113,7 @@ impl Obj {
 
     fn req_id(&mut self, name: &str) -> Result<String, ConfigError> {
         let s = self.opt_str(name)?.ok_or_else(|| err(&self.field(name), "required"))?;
-        if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err(err(&self.field(name), format!("{s:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'")));
-        }
-        Ok(s)
+        check_id(&self.field(name), s)
     }
 
     fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, ConfigError> {
@@ -1232,10 +1300,33 @@ mod tests {
     }
 
     #[test]
+    fn fleet_section_gets_documented_defaults() {
+        let c = ok(r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret_env":"K1"}]}],
+            "fleet":{"etcd_cluster":"etcd","prefix":"/gw/"}}"#);
+        let f = match c.fleet {
+            Some(f) => f,
+            None => panic!("fleet missing"),
+        };
+        assert_eq!((f.cluster.as_str(), f.authority.as_str(), f.prefix.as_str()), ("etcd", "etcd", "/gw"));
+        assert_eq!((f.instance, f.sync_interval_ms, f.timeout_ms, f.degraded_after_ms), (None, 500, 1000, 3000));
+        assert_eq!(f.local_share, Decimal::new(5, 1));
+        assert_eq!(ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}]}"#).fleet, None);
+    }
+
+    #[test]
     fn invalid_configs_are_refused_naming_the_field() {
         let p = |keys: &str| format!(r#"{{"providers":[{{"id":"p","keys":[{keys}]}}]}}"#);
+        let fleet =
+            |f: &str| format!(r#"{{"providers":[{{"id":"p","keys":[{{"id":"k","secret":"s"}}]}}],"fleet":{f}}}"#);
         let cases: Vec<(String, &str, &str)> = vec![
             ("not json".into(), "(root)", "not valid JSON"),
+            (fleet(r#"{}"#), "fleet.etcd_cluster", "required"),
+            (fleet(r#"{"etcd_cluster":"etcd","local_share":0}"#), "fleet.local_share", "above 0"),
+            (fleet(r#"{"etcd_cluster":"etcd","local_share":1.5}"#), "fleet.local_share", "at most 1"),
+            (fleet(r#"{"etcd_cluster":"etcd","prefix":"no-slash"}"#), "fleet.prefix", "start with '/'"),
+            (fleet(r#"{"etcd_cluster":"etcd","instance":"a/b"}"#), "fleet.instance", "must be"),
+            (fleet(r#"{"etcd_cluster":"etcd","sync_interval_ms":10}"#), "fleet.sync_interval_ms", "from 50"),
+            (fleet(r#"{"etcd_cluster":"etcd","leader":true}"#), "fleet.leader", "unknown field"),
             ("[]".into(), "(root)", "expected an object"),
             ("{}".into(), "providers", "required"),
             (r#"{"providers":[]}"#.into(), "providers", "at least one"),

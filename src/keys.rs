@@ -18,7 +18,7 @@ use crate::window::Window;
 /// Shared-data name of the state generation counter.
 pub const GEN_KEY: &str = "akr.v1.gen";
 
-fn read_u64(store: &dyn Store, key: &str) -> u64 {
+pub fn read_u64(store: &dyn Store, key: &str) -> u64 {
     store.get(key).0.and_then(|b| b.as_slice().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
 }
 
@@ -640,7 +640,10 @@ pub fn record_attempt(
             Action::Nothing => {}
             Action::CoolUntil(until) => changed |= rec.cool_until(until),
             Action::Disable(reason) => {
-                changed |= rec.state != KeyState::Disabled;
+                if rec.state != KeyState::Disabled {
+                    rec.state_at_ms = now_ms.max(rec.state_at_ms.saturating_add(1));
+                    changed = true;
+                }
                 rec.state = KeyState::Disabled;
                 rec.reason = reason;
             }
@@ -649,6 +652,7 @@ pub fn record_attempt(
                     rec.state = KeyState::Exhausted;
                     rec.reason = reason;
                     rec.exhausted_until_ms = exhausted_until(cfg, k, now_ms);
+                    rec.state_at_ms = now_ms.max(rec.state_at_ms.saturating_add(1));
                     changed = true;
                 }
             }
@@ -663,6 +667,45 @@ pub fn record_attempt(
     (r, stats)
 }
 
+/// Fleet mode: merges the fleet's state of a key and the tokens the other
+/// instances spent with it (`(window start, tokens)` for the UTC day and
+/// month) into its record. Returns the record before and after; tells every
+/// worker when the key's state changed.
+pub fn apply_fleet(
+    store: &dyn Store,
+    name: &str,
+    shared: Option<&crate::fleet::SharedState>,
+    day: Option<(u64, u64)>,
+    month: Option<(u64, u64)>,
+    now_ms: u64,
+) -> Result<(KeyRecord, KeyRecord), UpdateError<DecodeError>> {
+    let (r, _) = update(store, name, |cur| {
+        let before = match cur {
+            None => KeyRecord::default(),
+            Some(b) => KeyRecord::decode(b)?,
+        };
+        let mut rec = before;
+        if let Some(s) = shared {
+            crate::fleet::merge_state(&mut rec, s);
+        }
+        if let Some((start, tokens)) = day {
+            (rec.fleet_day_start_ms, rec.fleet_day_tokens) = (start, tokens);
+        }
+        if let Some((start, tokens)) = month {
+            (rec.fleet_month_start_ms, rec.fleet_month_tokens) = (start, tokens);
+        }
+        Ok(((before, rec), rec.encode()))
+    });
+    if let Ok((before, after)) = &r {
+        // Token counts need no announcement: a key with quotas is checked
+        // against its fresh record when chosen.
+        if before.effective(now_ms) != after.effective(now_ms) {
+            bump_gen(store);
+        }
+    }
+    r
+}
+
 /// A state change requested through the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetState {
@@ -671,17 +714,27 @@ pub enum SetState {
     Throttled { until_ms: u64 },
 }
 
-/// Applies an administrative state change and tells every worker.
-pub fn set_state(store: &dyn Store, name: &str, to: SetState) -> Result<KeyRecord, UpdateError<DecodeError>> {
+/// Applies an administrative state change and tells every worker. The
+/// change is stamped `now_ms`, so that in fleet mode it wins over older
+/// states of other instances.
+pub fn set_state(
+    store: &dyn Store,
+    name: &str,
+    to: SetState,
+    now_ms: u64,
+) -> Result<KeyRecord, UpdateError<DecodeError>> {
     let (r, _) = update(store, name, |cur| {
         let mut rec = match cur {
             None => KeyRecord::default(),
             Some(b) => KeyRecord::decode(b)?,
         };
+        // Later than any change this record has seen, even with skewed clocks.
+        rec.state_at_ms = now_ms.max(rec.state_at_ms.saturating_add(1));
         match to {
             SetState::Available => {
+                // `Admin` marks the reset that clears cooldowns fleet-wide.
                 rec.state = KeyState::Available;
-                rec.reason = Reason::None;
+                rec.reason = Reason::Admin;
                 rec.cooldown_until_ms = 0;
                 rec.exhausted_until_ms = 0;
             }
@@ -1015,7 +1068,7 @@ mod tests {
         let (r, _) = record_attempt(&store, &c, 1, &o, None, Action::Exhaust(Reason::PaymentRequired), 3 * day);
         assert_eq!(r.map(|r| r.record.effective(3 * day)), Ok(Effective::Exhausted { until_ms: 31 * day }));
         assert_eq!(exhausted_until(&c, 0, 3 * day), 4 * day);
-        let back = set_state(&store, &c.keys[0].record_name, SetState::Available);
+        let back = set_state(&store, &c.keys[0].record_name, SetState::Available, 5);
         assert_eq!(back.map(|r| r.effective(0)), Ok(Effective::Available));
     }
 

@@ -11,6 +11,7 @@ pub mod budget;
 pub mod config;
 pub mod decision;
 pub mod fernet;
+pub mod fleet;
 pub mod flight;
 pub mod identity;
 pub mod keys;

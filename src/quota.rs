@@ -82,11 +82,17 @@ pub fn headroom(r: &KeyRecord, limits: &Limits, t: &Thresholds, now_ms: u64) -> 
         consider(fraction(minute_tok, tpm), "tpm", Window::Minute.next_start(now_ms));
     }
     if let Some(d) = limits.daily_tokens {
-        let used = window::current(Window::Day, r.day_start_ms, r.day_tokens, now_ms);
+        let used = window::current(Window::Day, r.day_start_ms, r.day_tokens, now_ms).saturating_add(window::current(
+            Window::Day,
+            r.fleet_day_start_ms,
+            r.fleet_day_tokens,
+            now_ms,
+        ));
         consider(fraction(used, d), "daily_tokens", Window::Day.next_start(now_ms));
     }
     if let Some(m) = limits.monthly_tokens {
-        let used = window::current(Window::Month, r.month_start_ms, r.month_tokens, now_ms);
+        let used = window::current(Window::Month, r.month_start_ms, r.month_tokens, now_ms)
+            .saturating_add(window::current(Window::Month, r.fleet_month_start_ms, r.fleet_month_tokens, now_ms));
         consider(fraction(used, m), "monthly_tokens", Window::Month.next_start(now_ms));
     }
     let p = &r.provider;

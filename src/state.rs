@@ -1,9 +1,10 @@
 //! Per-key state as a fixed-width, versioned record in shared data.
 //!
-//! Layout (little-endian), version 2, [`KeyRecord::LEN`] bytes:
+//! Layout (little-endian), version 3, [`KeyRecord::LEN`] bytes:
 //! `version:u8 state:u8 reason:u8 capacity:u8`, then [`N_WORDS`] `u64`
-//! words in the order of [`KeyRecord::words`]. Records of another version
-//! are refused by [`KeyRecord::decode`]; callers treat them as fresh.
+//! words in the order of [`KeyRecord::words`]. Version 2 records (the first
+//! 34 words) are read with the later words at zero; records of another
+//! version are refused by [`KeyRecord::decode`]; callers treat them as fresh.
 
 use crate::ratelimit::{parse_duration, Signals};
 use crate::usage::Usage;
@@ -34,7 +35,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    fn from_u8(b: u8) -> Reason {
+    pub fn from_u8(b: u8) -> Reason {
         match b {
             1 => Reason::Unauthorized,
             2 => Reason::Forbidden,
@@ -215,10 +216,21 @@ pub struct KeyRecord {
     pub month_tokens: u64,
     /// Output tokens spent on reasoning (part of `output_tokens`).
     pub reasoning_tokens: u64,
+    /// When `state` last changed (a disable, an exhaustion, an admin
+    /// change); fleet mode lets the newest change win across instances.
+    pub state_at_ms: u64,
+    /// Fleet mode: tokens the other instances spent with this key in the
+    /// UTC day and month starting at these times, as of the last sync.
+    pub fleet_day_start_ms: u64,
+    pub fleet_day_tokens: u64,
+    pub fleet_month_start_ms: u64,
+    pub fleet_month_tokens: u64,
 }
 
-const VERSION: u8 = 2;
-pub const N_WORDS: usize = 34;
+const VERSION: u8 = 3;
+/// Version 2 records: the words before `fleet_day_start_ms`.
+const V2_WORDS: usize = 34;
+pub const N_WORDS: usize = 38;
 
 impl KeyRecord {
     pub const LEN: usize = 4 + 8 * N_WORDS;
@@ -259,7 +271,11 @@ impl KeyRecord {
             self.month_start_ms,
             self.month_tokens,
             self.reasoning_tokens,
-            0,
+            self.state_at_ms,
+            self.fleet_day_start_ms,
+            self.fleet_day_tokens,
+            self.fleet_month_start_ms,
+            self.fleet_month_tokens,
         ]
     }
 
@@ -274,15 +290,17 @@ impl KeyRecord {
 
     pub fn decode(b: &[u8]) -> Result<KeyRecord, DecodeError> {
         let version = *b.first().ok_or(DecodeError::TooShort)?;
-        if version != VERSION {
-            return Err(DecodeError::UnknownVersion(version));
-        }
-        if b.len() < Self::LEN {
+        let n_words = match version {
+            VERSION => N_WORDS,
+            2 => V2_WORDS,
+            _ => return Err(DecodeError::UnknownVersion(version)),
+        };
+        if b.len() < 4 + 8 * n_words {
             return Err(DecodeError::TooShort);
         }
         let state = KeyState::from_u8(b[1]).ok_or(DecodeError::BadState(b[1]))?;
         let mut w = [0u64; N_WORDS];
-        for (i, slot) in w.iter_mut().enumerate() {
+        for (i, slot) in w.iter_mut().enumerate().take(n_words) {
             let mut x = [0u8; 8];
             x.copy_from_slice(&b[4 + 8 * i..12 + 8 * i]);
             *slot = u64::from_le_bytes(x);
@@ -326,6 +344,11 @@ impl KeyRecord {
             month_start_ms: w[30],
             month_tokens: w[31],
             reasoning_tokens: w[32],
+            state_at_ms: w[33],
+            fleet_day_start_ms: w[34],
+            fleet_day_tokens: w[35],
+            fleet_month_start_ms: w[36],
+            fleet_month_tokens: w[37],
         })
     }
 
@@ -521,7 +544,29 @@ mod tests {
             month_start_ms: 29,
             month_tokens: 30,
             reasoning_tokens: 31,
+            state_at_ms: 32,
+            fleet_day_start_ms: 33,
+            fleet_day_tokens: 34,
+            fleet_month_start_ms: 35,
+            fleet_month_tokens: 36,
         }
+    }
+
+    #[test]
+    fn version_2_records_read_with_fleet_words_at_zero() {
+        let r = full();
+        let mut b = r.encode();
+        b[0] = 2;
+        b.truncate(4 + 8 * V2_WORDS);
+        // Word 33 was spare (zero) in version 2; it now holds state_at_ms.
+        let old = KeyRecord {
+            fleet_day_start_ms: 0,
+            fleet_day_tokens: 0,
+            fleet_month_start_ms: 0,
+            fleet_month_tokens: 0,
+            ..r
+        };
+        assert_eq!(KeyRecord::decode(&b), Ok(old));
     }
 
     #[test]
@@ -536,6 +581,7 @@ mod tests {
     #[test]
     fn damaged_records_are_errors_not_panics() {
         assert_eq!(KeyRecord::decode(&[]), Err(DecodeError::TooShort));
+        assert_eq!(KeyRecord::decode(&[3, 0, 0]), Err(DecodeError::TooShort));
         assert_eq!(KeyRecord::decode(&[2, 0, 0]), Err(DecodeError::TooShort));
         assert_eq!(KeyRecord::decode(&[9; KeyRecord::LEN]), Err(DecodeError::UnknownVersion(9)));
         assert_eq!(KeyRecord::decode(&[1; KeyRecord::LEN]), Err(DecodeError::UnknownVersion(1)));
