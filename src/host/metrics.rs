@@ -67,6 +67,12 @@ pub fn define_static(cfg: &crate::config::Config) {
     let _ = id(COUNTER, "apikeyrouter.no_key");
     let _ = id(COUNTER, "apikeyrouter.cas_conflicts");
     let _ = id(HISTOGRAM, "apikeyrouter.selection_us");
+    if cfg.fleet.is_some() {
+        for c in ["syncs", "sync_failures", "pushes", "push_conflicts", "states_applied", "instance_conflicts"] {
+            let _ = id(COUNTER, &format!("apikeyrouter.fleet.{c}"));
+        }
+        let _ = id(GAUGE, "apikeyrouter.fleet.degraded");
+    }
     for b in &cfg.budgets {
         let _ = id(COUNTER, &budget_metric(&b.id, "refused"));
         let _ = id(COUNTER, &budget_metric(&b.id, "soft_over"));

@@ -8,6 +8,7 @@
 
 mod abi;
 mod attempt;
+mod fleet;
 mod ingress;
 mod metrics;
 
@@ -146,9 +147,20 @@ impl Routing {
 struct Root {
     stage: Option<Stage>,
     routing: Option<Rc<RefCell<Routing>>>,
+    /// Fleet mode (attempt stage): the sync with etcd.
+    fleet: Option<fleet::FleetSync>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, n_headers: usize, body_size: usize, _n_trailers: usize) {
+        let Some(cfg) = self.routing.as_ref().and_then(|r| r.try_borrow().ok().map(|r| r.config.clone())) else {
+            return;
+        };
+        if let Some(f) = self.fleet.as_mut() {
+            f.on_response(&cfg, token, n_headers, body_size);
+        }
+    }
+}
 
 /// How often each root context writes its queued metrics and decisions.
 const TICK_MS: u32 = 500;
@@ -159,6 +171,11 @@ impl RootContext for Root {
         if let Some(r) = &self.routing {
             if let Ok(mut r) = r.try_borrow_mut() {
                 r.flush_decisions();
+            }
+        }
+        if let (Some(f), Some(r)) = (self.fleet.as_mut(), self.routing.as_ref()) {
+            if let Ok(cfg) = r.try_borrow().map(|r| r.config.clone()) {
+                f.tick(&cfg, abi::now_ms());
             }
         }
     }
@@ -211,6 +228,25 @@ impl RootContext for Root {
             cfg.keys.len()
         );
         metrics::define_static(&cfg);
+        let mut tick_ms = TICK_MS;
+        if let Some(f) = cfg.fleet.as_ref() {
+            let Some(instance) = fleet::instance_id(f) else {
+                log::error!(
+                    "invalid apikeyrouter config: fleet.instance: required when Envoy's node.id is empty (set node.id, --service-node, or fleet.instance)"
+                );
+                return false;
+            };
+            if stage == Stage::Attempt {
+                let me = {
+                    use std::hash::{BuildHasher, Hasher};
+                    std::collections::hash_map::RandomState::new().build_hasher().finish()
+                };
+                let sync = fleet::FleetSync::new(&cfg, f.clone(), instance.clone(), me);
+                tick_ms = tick_ms.min(u32::try_from(sync.tick_ms()).unwrap_or(TICK_MS));
+                self.fleet = Some(sync);
+                log::info!("fleet mode: instance {instance}, etcd through cluster {}", f.cluster);
+            }
+        }
         let mut routing = Routing::new(Rc::new(cfg));
         if stage == Stage::Attempt && routing.base.decisions.ring_size > 0 {
             // Each attempt-stage VM owns one ring, so recording a decision
@@ -222,7 +258,7 @@ impl RootContext for Root {
         routing.refresh(abi::now_ms());
         self.stage = Some(stage);
         self.routing = Some(Rc::new(RefCell::new(routing)));
-        if abi::set_tick_period(TICK_MS).is_err() {
+        if abi::set_tick_period(tick_ms).is_err() {
             log::warn!("no tick: metrics and decision records will not be written");
         }
         true

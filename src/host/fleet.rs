@@ -1,0 +1,418 @@
+//! Fleet mode in the host: the lease that picks one syncing root context per
+//! process, the calls to etcd's JSON gateway, and applying their answers to
+//! shared data. The protocol and every decision are in [`crate::fleet`].
+
+use super::{abi, metrics};
+use crate::budget;
+use crate::config::{Config, Fleet};
+use crate::fleet::{self, Bases, Counter, Guard, Op, SharedState, Snapshot, Status};
+use crate::keys;
+use crate::store::Store;
+use crate::transition::{self, Transition};
+use crate::window::{self, Window};
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use std::time::Duration;
+
+const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+const HTTP_CALL_RESPONSE_BODY: u32 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Range,
+    Txn,
+}
+
+/// The shared-data key of this process's life nonce: written once per
+/// process, so that a restart shows in etcd.
+const LIFE_KEY: &str = "akr.v1.fleet.life";
+
+/// The fleet sync of one root context (attempt stage).
+pub(crate) struct FleetSync {
+    fleet: Fleet,
+    instance: String,
+    /// This root context's lease owner id.
+    me: u64,
+    /// This process's life nonce.
+    life: u64,
+    pending: Option<(u32, Call, u64)>,
+    /// Transactions left to send in this sync, in order.
+    queued: Vec<String>,
+    /// An instance-id clash was logged.
+    clash_logged: bool,
+    next_ms: u64,
+    /// The key-state generation at the last sync: a change (a cooldown, a
+    /// disable) is pushed at the next tick rather than the next interval.
+    last_gen: u64,
+    /// The budgets' local spend at the last sync: new spend, too, is pushed
+    /// at the next tick.
+    last_spend: Vec<Decimal>,
+}
+
+/// The instance id: the configured one, else Envoy's node id (property `xds.node.id`) (made safe
+/// for etcd keys: other characters become `_`, with a short hash to keep
+/// ids distinct). `None` when neither is set.
+pub(crate) fn instance_id(fleet: &Fleet) -> Option<String> {
+    if let Some(i) = &fleet.instance {
+        return Some(i.clone());
+    }
+    let node = abi::property_string(&["xds", "node", "id"]).filter(|n| !n.is_empty())?;
+    if crate::config::check_id("", node.clone()).is_ok() {
+        return Some(node);
+    }
+    let safe: String = node
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(48)
+        .collect();
+    let hash = crate::sha256::digest(node.as_bytes());
+    let tag: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    Some(format!("{safe}-{tag}"))
+}
+
+impl FleetSync {
+    /// `me` is a random id of this root context. The process's life nonce is
+    /// created by the first root context to start (any random value will do).
+    /// Until the first sync succeeds, each budget keeps to this instance's
+    /// share, as while etcd is unreachable: the others' spend is not yet known.
+    pub(crate) fn new(cfg: &Config, fleet: Fleet, instance: String, me: u64) -> FleetSync {
+        let store = &abi::SharedData;
+        let _ = crate::store::seed(store, LIFE_KEY, &me.to_le_bytes());
+        let life =
+            store.get(LIFE_KEY).0.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map_or(me, u64::from_le_bytes);
+        let now = abi::now_ms();
+        let status = fleet::Status::decode(store.get(fleet::STATUS_KEY).0.as_deref());
+        if status.is_none_or(|s| s.last_ok_ms == 0) {
+            for b in &cfg.budgets {
+                budget::set_local_share(store, b, Some(fleet.local_share), now);
+            }
+        }
+        FleetSync {
+            fleet,
+            instance,
+            me,
+            life,
+            pending: None,
+            queued: Vec::new(),
+            clash_logged: false,
+            next_ms: 0,
+            last_gen: 0,
+            last_spend: Vec::new(),
+        }
+    }
+
+    /// The tick period fleet mode needs: a quarter of the sync interval, so
+    /// that a key-state change or new spend leaves within a quarter interval.
+    pub(crate) fn tick_ms(&self) -> u64 {
+        (self.fleet.sync_interval_ms / 4).clamp(25, 500)
+    }
+
+    fn store(&self) -> &'static abi::SharedData {
+        &abi::SharedData
+    }
+
+    fn status(&self, now_ms: u64) -> Status {
+        fleet::Status::decode(self.store().get(fleet::STATUS_KEY).0.as_deref()).unwrap_or_else(|| Status {
+            instance: self.instance.clone(),
+            started_ms: now_ms,
+            ..Status::default()
+        })
+    }
+
+    fn save_status(&self, s: &Status) {
+        if self.store().set(fleet::STATUS_KEY, &s.encode(), None).is_err() {
+            log::warn!("fleet: could not record the sync status");
+        }
+    }
+
+    /// Holds (or renews) the process-wide sync lease; false when another
+    /// root context holds it. It outlasts a call to etcd and its timeout,
+    /// and is renewed on every tick, a call pending or not.
+    fn lease(&self, now_ms: u64) -> bool {
+        let ttl = (3 * self.fleet.sync_interval_ms).max(self.fleet.timeout_ms + self.fleet.sync_interval_ms + 1000);
+        let (cur, cas) = self.store().get(fleet::LEASE_KEY);
+        match fleet::claim_lease(cur.as_deref(), self.me, now_ms, ttl) {
+            Some(v) => self.store().set(fleet::LEASE_KEY, &v, cas).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Whether this root context holds the lease now (without renewing it).
+    fn holds_lease(&self, now_ms: u64) -> bool {
+        let cur = self.store().get(fleet::LEASE_KEY).0;
+        fleet::claim_lease(cur.as_deref(), self.me, now_ms, 0).is_some()
+            && cur.is_some_and(|b| b.get(..8) == Some(&self.me.to_le_bytes()[..]))
+    }
+
+    /// Called on every tick of the owning root context.
+    pub(crate) fn tick(&mut self, cfg: &Config, now_ms: u64) {
+        if !self.lease(now_ms) {
+            self.pending = None;
+            self.queued.clear();
+            return;
+        }
+        if let Some((_, _, started)) = self.pending {
+            // Envoy answers every call, at worst with a timeout; this only
+            // guards against a lost callback.
+            if now_ms.saturating_sub(started) < 2 * self.fleet.timeout_ms + 1000 {
+                return;
+            }
+            self.pending = None;
+            self.queued.clear();
+        }
+        let gen = keys::read_u64(self.store(), keys::GEN_KEY);
+        let spend: Vec<Decimal> = cfg.budgets.iter().map(|b| budget::load(self.store(), b, now_ms).spent).collect();
+        if now_ms < self.next_ms && gen == self.last_gen && spend == self.last_spend {
+            return;
+        }
+        self.last_gen = gen;
+        self.last_spend = spend;
+        self.next_ms = now_ms + self.fleet.sync_interval_ms;
+        let body = fleet::range_body(&self.fleet.prefix);
+        if let Err(why) = self.call(Call::Range, "/v3/kv/range", body.as_bytes(), now_ms) {
+            self.failed(cfg, now_ms, &why);
+        }
+    }
+
+    fn call(&mut self, call: Call, path: &str, body: &[u8], now_ms: u64) -> Result<(), String> {
+        let headers = vec![
+            (":method", "POST"),
+            (":path", path),
+            (":authority", self.fleet.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let timeout = Duration::from_millis(self.fleet.timeout_ms);
+        match proxy_wasm::hostcalls::dispatch_http_call(&self.fleet.cluster, headers, Some(body), vec![], timeout) {
+            Ok(token) => {
+                self.pending = Some((token, call, now_ms));
+                Ok(())
+            }
+            Err(s) => Err(format!("could not call cluster {:?} ({s:?})", self.fleet.cluster)),
+        }
+    }
+
+    /// Sends the next queued transaction, if any.
+    fn send_queued(&mut self, cfg: &Config, now_ms: u64) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let body = self.queued.remove(0);
+        if let Err(why) = self.call(Call::Txn, "/v3/kv/txn", body.as_bytes(), now_ms) {
+            self.queued.clear();
+            self.failed(cfg, now_ms, &why);
+        }
+    }
+
+    /// An answer from etcd (or Envoy's failure to get one).
+    pub(crate) fn on_response(&mut self, cfg: &Config, token: u32, n_headers: usize, body_size: usize) {
+        let Some((t, call, _)) = self.pending else { return };
+        if t != token {
+            return;
+        }
+        self.pending = None;
+        let now = abi::now_ms();
+        if !self.holds_lease(now) {
+            // Another root context took over meanwhile: its view wins.
+            self.queued.clear();
+            return;
+        }
+        let status = if n_headers == 0 {
+            None
+        } else {
+            abi::headers(HTTP_CALL_RESPONSE_HEADERS)
+                .ok()
+                .and_then(|h| h.into_iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u32>().ok()))
+        };
+        let body = abi::buffer(HTTP_CALL_RESPONSE_BODY, 0, body_size).ok().flatten().unwrap_or_default();
+        let outcome = match status {
+            None => Err("etcd did not answer (timeout or connection failure)".to_string()),
+            Some(200) => Ok(body),
+            Some(s) => Err(format!(
+                "etcd answered {s}: {}",
+                String::from_utf8_lossy(&body).chars().take(120).collect::<String>()
+            )),
+        };
+        match (call, outcome) {
+            (_, Err(why)) => {
+                self.queued.clear();
+                self.failed(cfg, now, &why)
+            }
+            (Call::Range, Ok(body)) => match fleet::parse_range(&body) {
+                Ok(kvs) => self.merge_and_push(cfg, Snapshot::new(kvs), now),
+                Err(e) => self.failed(cfg, now, &e.0),
+            },
+            (Call::Txn, Ok(body)) => match fleet::parse_txn(&body) {
+                Ok(true) => {
+                    metrics::add("apikeyrouter.fleet.pushes", 1);
+                    self.send_queued(cfg, now);
+                }
+                // Another instance wrote a key state or removed a marker
+                // first: the next sync retries on fresh values.
+                Ok(false) => {
+                    metrics::add("apikeyrouter.fleet.push_conflicts", 1);
+                    self.send_queued(cfg, now);
+                }
+                Err(e) => {
+                    self.queued.clear();
+                    self.failed(cfg, now, &e.0)
+                }
+            },
+        }
+    }
+
+    fn failed(&mut self, cfg: &Config, now_ms: u64, why: &str) {
+        metrics::add("apikeyrouter.fleet.sync_failures", 1);
+        let mut s = self.status(now_ms);
+        let first = s.failures == 0;
+        if s.failed(now_ms, why, self.fleet.degraded_after_ms) {
+            log::warn!(
+                "fleet: degraded, no sync with etcd for {} ms ({why}); serving on local state, each budget limited to {} of its limit for this instance",
+                now_ms.saturating_sub(s.last_ok_ms.max(s.started_ms)),
+                self.fleet.local_share
+            );
+            for b in &cfg.budgets {
+                budget::set_local_share(self.store(), b, Some(self.fleet.local_share), now_ms);
+            }
+            metrics::gauge("apikeyrouter.fleet.degraded", 1);
+        } else if first {
+            log::info!("fleet: sync with etcd failed: {why}");
+        }
+        self.save_status(&s);
+    }
+
+    /// The local counters of this window: each budget's spend, and the
+    /// daily and monthly tokens of keys with such quotas.
+    fn counters(&self, cfg: &Config, now_ms: u64) -> Vec<Counter> {
+        let mut out = Vec::new();
+        for b in &cfg.budgets {
+            let r = budget::load(self.store(), b, now_ms);
+            let until = b.resets_at(now_ms).unwrap_or(u64::MAX);
+            out.push(Counter { name: format!("b/{}", b.id), window: r.window_start_ms, until, local: r.spent });
+        }
+        for key in cfg.keys.iter().filter(|k| !k.deleted) {
+            let quotas = [
+                (key.limits.daily_tokens.is_some(), Window::Day, "day"),
+                (key.limits.monthly_tokens.is_some(), Window::Month, "month"),
+            ];
+            if !quotas.iter().any(|q| q.0) {
+                continue;
+            }
+            let r = keys::read_record(self.store(), &key.record_name).unwrap_or_default();
+            for (_, w, label) in quotas.into_iter().filter(|q| q.0) {
+                let (start, tokens) =
+                    if w == Window::Day { (r.day_start_ms, r.day_tokens) } else { (r.month_start_ms, r.month_tokens) };
+                out.push(Counter {
+                    name: format!("q/{}/{label}", key.id),
+                    window: w.start(now_ms),
+                    until: w.next_start(now_ms),
+                    local: Decimal::from(window::current(w, start, tokens, now_ms)),
+                });
+            }
+        }
+        out
+    }
+
+    fn merge_and_push(&mut self, cfg: &Config, etcd: Snapshot, now_ms: u64) {
+        let prefix = self.fleet.prefix.clone();
+        let counters = self.counters(cfg, now_ms);
+        let mut bases = Bases::decode(self.store().get(fleet::BASES_KEY).0.as_deref());
+        let (syncs, writes, deletes) =
+            fleet::plan_counters(&prefix, &self.instance, self.life, &counters, &etcd, &mut bases, now_ms);
+        if self.store().set(fleet::BASES_KEY, &bases.encode(), None).is_err() {
+            log::warn!("fleet: could not record the counter bases");
+            return;
+        }
+        if syncs.iter().any(|s| s.id_clash) {
+            metrics::add("apikeyrouter.fleet.instance_conflicts", 1);
+            if !self.clash_logged {
+                self.clash_logged = true;
+                log::error!(
+                    "fleet: another Envoy process writes as instance {:?}: give every process its own node id or fleet.instance; this instance's spend is not pushed meanwhile",
+                    self.instance
+                );
+            }
+        }
+        let mut states = Vec::new();
+        // Tokens the others spent, by counter name (`q/<key>/day|month`).
+        let mut tokens: hashbrown::HashMap<&str, (u64, u64)> = hashbrown::HashMap::new();
+        for s in &syncs {
+            if let Some(id) = s.name.strip_prefix("b/") {
+                if let Some(b) = cfg.budgets.iter().find(|b| b.id == id) {
+                    budget::set_fleet_spent(self.store(), b, s.window, s.others, now_ms);
+                }
+            } else {
+                tokens.insert(s.name.as_str(), (s.window, s.others.trunc().to_u64().unwrap_or(u64::MAX)));
+            }
+        }
+        let mut applied = 0u64;
+        for key in cfg.keys.iter().filter(|k| !k.deleted) {
+            let skey = fleet::state_key(&prefix, &key.id);
+            let kv = etcd.get(&skey);
+            let shared = kv.and_then(|kv| SharedState::parse(&kv.value));
+            let day = tokens.get(format!("q/{}/day", key.id).as_str()).copied();
+            let month = tokens.get(format!("q/{}/month", key.id).as_str()).copied();
+            let after = if shared.is_some() || day.is_some() || month.is_some() {
+                match keys::apply_fleet(self.store(), &key.record_name, shared.as_ref(), day, month, now_ms) {
+                    Ok((before, after)) => {
+                        let (was, now) = (before.effective(now_ms), after.effective(now_ms));
+                        if was != now {
+                            applied += 1;
+                            let by = shared.as_ref().map_or("?", |s| s.by.as_str());
+                            log::info!("fleet: key {} is {} as instance {by} reported", key.id, now.as_str());
+                            transition::record(
+                                self.store(),
+                                cfg.max_transitions,
+                                Transition {
+                                    time_ms: now_ms,
+                                    kind: "key".into(),
+                                    id: key.id.clone(),
+                                    from: was.as_str().into(),
+                                    to: now.as_str().into(),
+                                    reason: format!("fleet: reported by instance {by}"),
+                                    seq: 0,
+                                },
+                            );
+                        }
+                        after
+                    }
+                    Err(e) => {
+                        log::warn!("fleet: key {}: state not merged ({e:?})", key.id);
+                        continue;
+                    }
+                }
+            } else {
+                keys::read_record(self.store(), &key.record_name).unwrap_or_default()
+            };
+            if let Some(s) = fleet::state_to_push(&after, shared.as_ref(), &self.instance, now_ms) {
+                states.push(Op::Put { key: skey, value: s.to_json(), guard: Some(Guard::of(kv)) });
+            }
+        }
+        metrics::add("apikeyrouter.fleet.syncs", 1);
+        metrics::add("apikeyrouter.fleet.states_applied", applied);
+        let mut s = self.status(now_ms);
+        s.instance = self.instance.clone();
+        s.peers = fleet::peers(&prefix, &self.instance, &etcd);
+        let first = s.last_ok_ms == 0;
+        let recovered = s.succeeded(now_ms);
+        if recovered {
+            log::info!("fleet: etcd reachable again; local spend is pushed and budgets are fleet-wide again");
+        }
+        if recovered || first {
+            for b in &cfg.budgets {
+                budget::set_local_share(self.store(), b, None, now_ms);
+            }
+        }
+        metrics::gauge("apikeyrouter.fleet.degraded", 0);
+        self.save_status(&s);
+        // This instance's markers (plain puts, never refused), then key
+        // states and removals (guarded: a race refuses them until the next
+        // sync), at most MAX_OPS writes per transaction.
+        self.queued.clear();
+        for batch in [writes, states, deletes] {
+            for chunk in batch.chunks(fleet::MAX_OPS) {
+                self.queued.push(fleet::txn_body(chunk));
+            }
+        }
+        self.send_queued(cfg, now_ms);
+    }
+}
