@@ -24,7 +24,18 @@ $(VENV)/.installed: tests/requirements.txt
 	$(VENV)/bin/pip install --quiet -r tests/requirements.txt
 	touch $@
 
-setup: $(VENV)/.installed
+# etcd for the fleet tests: Debian's etcd-server when no etcd is on PATH
+# (apt-get update first, as on a fresh machine; sudo when not root).
+.PHONY: etcd
+etcd:
+	@command -v etcd >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "etcd is missing: install etcd-server (needs root or sudo)" >&2; exit 1; fi; \
+	  $$SUDO apt-get update && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; }
+
+setup: $(VENV)/.installed etcd
 	rustup target add wasm32-wasip1
 
 build: setup

@@ -36,6 +36,14 @@ def start_envoy():
 
 
 @pytest.fixture
+def mock3():
+    """A mock provider that accepts secrets(3)."""
+    m = Mock(keys=secrets(3))
+    yield m
+    m.stop()
+
+
+@pytest.fixture
 def five_keys():
     """A mock provider that accepts secrets(5)."""
     m = Mock(keys=secrets(5))

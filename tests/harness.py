@@ -309,3 +309,177 @@ def raw_request(port, data, timeout=30):
                 break
             chunks.append(b)
     return b"".join(chunks)
+
+
+# --- etcd (the fleet tests' shared store) -----------------------------------
+
+import base64  # noqa: E402
+
+
+def etcd_bin():
+    return os.environ.get("ETCD_BIN") or "etcd"
+
+
+def _b64(s):
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def _unb64(s):
+    return base64.b64decode(s or "").decode()
+
+
+def prefix_range_end(prefix):
+    """etcd's range_end for every key starting with prefix: the prefix with its
+    last byte incremented (trailing 0xff bytes dropped; b"\\0" = to the end)."""
+    p = bytearray(prefix.encode() if isinstance(prefix, str) else prefix)
+    while p and p[-1] == 0xFF:
+        p.pop()
+    if not p:
+        return b"\0"
+    p[-1] += 1
+    return bytes(p)
+
+
+class Etcd:
+    """A single-member etcd on two loopback ports picked at run time; its v3
+    JSON gateway is at self.url (POST /v3/kv/range, /v3/kv/put, /v3/kv/txn ...).
+
+    Etcd(data_dir=None): data_dir defaults to a fresh temp dir (removed by
+    cleanup() and on leaving a `with` block). start() / stop() / kill() /
+    restart(); restart keeps the ports and the data dir, so data persists.
+    """
+
+    def __init__(self, data_dir=None):
+        self.port = free_port()
+        self.peer_port = free_port()
+        while self.peer_port == self.port:
+            self.peer_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dir = tempfile.mkdtemp(prefix="akr-etcd-")
+        self._own_data = data_dir is None
+        self.data_dir = str(data_dir) if data_dir else os.path.join(self.dir, "data")
+        self.log_path = os.path.join(self.dir, "etcd.log")
+        self.proc = None
+        self.log = None
+
+    def command(self):
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [etcd_bin(), "--name", "default", "--data-dir", self.data_dir,
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"default={peer}",
+                "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+                # One member, so a short election timeout only makes (re)starts quick.
+                "--heartbeat-interval", "10", "--election-timeout", "100"]
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout=20.0):
+        if self.running():
+            return self
+        if self.log is None or self.log.closed:
+            self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline, last = time.time() + timeout, None
+        while True:
+            if self.proc.poll() is not None:
+                why = f"it exited with {self.proc.returncode}"
+            elif time.time() > deadline:
+                why = f"no answer from POST /v3/kv/range in {timeout:g}s" + (f": {last!r}" if last else "")
+            else:
+                try:
+                    status, _, body = http("POST", self.url + "/v3/kv/range", {"key": _b64("\0")},
+                                           timeout=1)
+                    if status == 200:
+                        return self
+                    last = (status, body[:200])
+                except OSError as e:
+                    last = e
+                time.sleep(0.05)
+                continue
+            self.kill()
+            raise RuntimeError(f"etcd did not start on {self.url} ({why}); {' '.join(self.command())}\n"
+                               f"log {self.log_path}:\n" + self.logs()[-4000:])
+
+    def logs(self):
+        if self.log is not None and not self.log.closed:
+            self.log.flush()
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def kill(self):
+        """SIGKILL, as a crash would; the data dir stays."""
+        if self.running():
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+
+    def stop(self):
+        if self.running():
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self, timeout=20.0):
+        """Stops it if it runs, then starts it on the same ports and data dir."""
+        self.stop()
+        return self.start(timeout=timeout)
+
+    def cleanup(self):
+        """Stops it and removes its temp dir (and the data dir if it made it)."""
+        import shutil
+        self.stop()
+        if self.log is not None:
+            self.log.close()
+        if self._own_data:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+    # The JSON gateway: keys and values are base64, int64s are JSON strings.
+
+    def call(self, path, body):
+        """POSTs body (a dict) to /v3/<path>; returns the decoded JSON, raising on a non-200."""
+        status, _, data = http("POST", f"{self.url}/v3/{path.lstrip('/')}", body, timeout=10)
+        if status != 200:
+            raise RuntimeError(f"etcd {path}: {status} {data[:500]!r}")
+        return json.loads(data)
+
+    def put(self, key, value):
+        return self.call("kv/put", {"key": _b64(key), "value": _b64(value)})
+
+    def kv(self, key):
+        """The key's entry, decoded ({key, value, create_revision, mod_revision,
+        version} with int revisions), or None."""
+        kvs = self.call("kv/range", {"key": _b64(key)}).get("kvs") or []
+        if not kvs:
+            return None
+        kv = kvs[0]
+        return {"key": _unb64(kv.get("key")), "value": _unb64(kv.get("value")),
+                "create_revision": int(kv.get("create_revision", 0)),
+                "mod_revision": int(kv.get("mod_revision", 0)),
+                "version": int(kv.get("version", 0))}
+
+    def get(self, key):
+        kv = self.kv(key)
+        return None if kv is None else kv["value"]
+
+    def range_prefix(self, prefix):
+        body = {"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}
+        kvs = self.call("kv/range", body).get("kvs") or []
+        return {_unb64(kv.get("key")): _unb64(kv.get("value")) for kv in kvs}
+
+    def delete(self, key):
+        return self.call("kv/deleterange", {"key": _b64(key)})

@@ -9,19 +9,11 @@ from collections import Counter
 from decimal import Decimal
 
 import aiohttp
-import pytest
 
-from harness import Mock, chat, http, plugin_with_keys, secrets, wait_until
+from harness import chat, http, plugin_with_keys, secrets, wait_until
 
 PRICE_IN = Decimal("1000")   # per 1M tokens: 0.001 a token
 PRICE_OUT = Decimal("2000")  # 0.002 a token
-
-
-@pytest.fixture
-def mock3():
-    m = Mock(keys=secrets(3))
-    yield m
-    m.stop()
 
 
 def priced(keys, **extra):
