@@ -1,0 +1,76 @@
+//! Fleet mode's parsers of what etcd returns: range and txn answers, shared
+//! key states, windowed counters (through the sync plan), the bases and the
+//! sync status kept in shared data, and the sync lease.
+//!
+//! The input is one etcd answer. Properties checked, beyond "never panics":
+//! - a txn answer counts as a success only when it says `"succeeded": true`;
+//! - a range answer's pairs, replayed as a snapshot, plan a sync whose
+//!   counts are never negative or above the cap times the markers read, that
+//!   writes at most one marker per counter, all this instance's own, removes
+//!   only other instances' markers, and that plans the same again on the same
+//!   snapshot with the bases it left;
+//! - shared states, bases and statuses that parse write back to themselves;
+//! - the lease never lets two owners hold it at once.
+#![no_main]
+
+use apikeyrouter::fleet::{
+    claim_lease, parse_range, parse_txn, plan_counters, Bases, Counter, Marker, Op, SharedState, Snapshot, Status,
+    MAX_COUNT,
+};
+use libfuzzer_sys::fuzz_target;
+use rust_decimal::Decimal;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(true) = parse_txn(data) {
+        let v: serde_json::Value = serde_json::from_slice(data).unwrap_or_default();
+        assert_eq!(v.get("succeeded").and_then(|s| s.as_bool()), Some(true));
+    }
+    if let Ok(kvs) = parse_range(data) {
+        let counters: Vec<Counter> = kvs
+            .iter()
+            .filter_map(|kv| kv.key.strip_prefix("/p/m/")?.split_once('/').map(|x| x.1.to_string()))
+            .map(|name| Counter { name, window: 60_000, until: 120_000, local: Decimal::new(12_345, 3) })
+            .collect();
+        for kv in &kvs {
+            if let Some(s) = SharedState::parse(&kv.value) {
+                assert_eq!(SharedState::parse(s.to_json().as_bytes()), Some(s));
+            }
+            if let Some(m) = Marker::parse(&kv.value) {
+                assert!(m.value >= Decimal::ZERO && m.value <= Decimal::from(MAX_COUNT));
+                assert_eq!(Marker::parse(m.to_json().as_bytes()), Some(m));
+            }
+        }
+        let n = kvs.len();
+        let snap = Snapshot::new(kvs);
+        let mut bases = Bases::default();
+        let (syncs, writes, deletes) = plan_counters("/p", "me", 7, &counters, &snap, &mut bases, 100_000);
+        let again = plan_counters("/p", "me", 7, &counters, &snap, &mut bases.clone(), 100_000);
+        assert_eq!((syncs.clone(), writes.clone(), deletes.clone()), again);
+        let cap = Decimal::from(MAX_COUNT) * Decimal::from(n as u64 + 2);
+        for s in &syncs {
+            assert!(s.others >= Decimal::ZERO && s.others <= cap, "{s:?}");
+        }
+        assert!(writes.len() <= counters.len());
+        for w in &writes {
+            assert!(matches!(w, Op::Put { key, guard: None, .. } if key.starts_with("/p/m/me/")), "{w:?}");
+        }
+        for d in &deletes {
+            assert!(matches!(d, Op::Delete { key, .. } if !key.starts_with("/p/m/me/")), "{d:?}");
+        }
+    }
+    if let Some(s) = SharedState::parse(data) {
+        assert_eq!(SharedState::parse(s.to_json().as_bytes()), Some(s));
+    }
+    let b = Bases::decode(Some(data));
+    assert_eq!(Bases::decode(Some(&b.encode())), b);
+    if let Some(s) = Status::decode(Some(data)) {
+        assert_eq!(Status::decode(Some(&s.encode())), Some(s));
+    }
+    let now = 1_000_000;
+    if claim_lease(Some(data), 1, now, 1_000).is_none() {
+        // Held by someone else, still valid.
+        assert!(data.len() == 16);
+    } else if let Some(held) = claim_lease(Some(data), 1, now, 1_000) {
+        assert!(claim_lease(Some(&held), 2, now + 999, 1_000).is_none());
+    }
+});
