@@ -152,7 +152,7 @@ def test_fleet_wide_hard_budget_holds_within_the_documented_bound_across_three_i
     assert actual < limit * Decimal("1.5"), "far below what three separate budgets (3x the limit) would allow"
 
 
-def test_a_429_on_one_instance_cools_the_key_on_the_others_within_an_interval(mock3, etcd, start_envoy):
+def test_a_429_or_401_on_one_instance_reaches_the_others_within_an_interval(mock3, etcd, start_envoy):
     keys = secrets(3)
     a, b = start_fleet(start_envoy, mock3, etcd, fleet_plugin(keys), 2)
     mock3.behavior(keys[0], status=429, times=1, headers={"retry-after": "120"})
@@ -186,6 +186,20 @@ def test_a_429_on_one_instance_cools_the_key_on_the_others_within_an_interval(mo
     status, _, body = b.admin_api("PATCH", "keys/k1", json.dumps({"state": "available"}).encode())
     assert status == 200, body
     wait_until(lambda: a.key_counters()["k1"]["state"] == "available", timeout=5, what="the reset to reach A")
+
+    # A 401 on A disables the key on B as well.
+    mock3.behavior(keys[1], status=401, times=None)
+    for _ in range(6):
+        status, _, _ = chat(a.url, extra={"max_tokens": 7})
+        assert status == 200
+        if a.key_counters()["k2"]["state"] == "disabled":
+            break
+    disabled_at = time.monotonic()
+    wait_until(lambda: b.key_counters()["k2"]["state"] == "disabled", timeout=5, interval=0.01,
+               what="the disable to reach instance B")
+    print(f"disable reached B in {(time.monotonic() - disabled_at) * 1000:.0f} ms")
+    assert time.monotonic() - disabled_at <= INTERVAL_MS / 1000 + 0.25
+    assert b.key_counters()["k2"]["state_reason"] == "provider answered 401"
 
 
 def test_a_daily_token_quota_holds_across_the_fleet(etcd, start_envoy):
