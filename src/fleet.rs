@@ -50,30 +50,42 @@ use std::str::FromStr;
 pub const LEASE_KEY: &str = "akr.v1.fleet.lease";
 /// The shared-data key of the sync status (JSON, [`Status`]).
 pub const STATUS_KEY: &str = "akr.v1.fleet.status";
-/// The shared-data key of the counter bases (JSON, [`Bases`]).
+/// The shared-data key of the counter bases (JSON, [`Bases`]), followed by
+/// `.<instance>`.
 pub const BASES_KEY: &str = "akr.v1.fleet.bases";
 
 // ---------------------------------------------------------------- the lease
 
-/// Whether the root context `me` may sync now; if so, the lease value to
-/// write (with the cas of `current`): held until `now_ms + ttl_ms`.
-pub fn claim_lease(current: Option<&[u8]>, me: u64, now_ms: u64, ttl_ms: u64) -> Option<Vec<u8>> {
-    let (owner, until) = match current {
-        Some(b) if b.len() == 16 => {
-            let mut o = [0u8; 8];
-            let mut u = [0u8; 8];
-            o.copy_from_slice(&b[..8]);
-            u.copy_from_slice(&b[8..]);
-            (u64::from_le_bytes(o), u64::from_le_bytes(u))
+/// A root context that may hold the sync lease: a random id, and its epoch
+/// (a per-process counter bumped by every root context that starts). The
+/// newest root context takes the lease over, so that after a config reload
+/// the new configuration syncs while the old root contexts drain; once every
+/// root context has started, the newest keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    pub id: u64,
+    pub epoch: u64,
+}
+
+/// The lease as stored: holder id, held until, holder epoch.
+pub fn lease_of(current: Option<&[u8]>) -> Option<(u64, u64, u64)> {
+    let b = current?;
+    let word = |i: usize| b.get(8 * i..8 * i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()).map(u64::from_le_bytes);
+    Some((word(0)?, word(1)?, word(2)?))
+}
+
+/// Whether `me` may sync now; if so, the lease value to write (with the
+/// cas of `current`): held until `now_ms + ttl_ms`.
+pub fn claim_lease(current: Option<&[u8]>, me: Holder, now_ms: u64, ttl_ms: u64) -> Option<Vec<u8>> {
+    if let Some((owner, until, epoch)) = lease_of(current) {
+        if owner != me.id && until > now_ms && me.epoch <= epoch {
+            return None;
         }
-        _ => (0, 0),
-    };
-    if owner != me && until > now_ms {
-        return None;
     }
-    let mut out = Vec::with_capacity(16);
-    out.extend_from_slice(&me.to_le_bytes());
+    let mut out = Vec::with_capacity(24);
+    out.extend_from_slice(&me.id.to_le_bytes());
     out.extend_from_slice(&now_ms.saturating_add(ttl_ms).to_le_bytes());
+    out.extend_from_slice(&me.epoch.to_le_bytes());
     Some(out)
 }
 
@@ -881,11 +893,16 @@ mod tests {
     }
 
     #[test]
-    fn the_lease_lets_one_context_sync_until_it_lapses() {
-        let a = claim_lease(None, 1, 1000, 1500).unwrap_or_default();
-        assert!(claim_lease(Some(&a), 2, 2000, 1500).is_none(), "held by 1");
-        assert!(claim_lease(Some(&a), 1, 2000, 1500).is_some(), "1 renews");
-        assert!(claim_lease(Some(&a), 2, 2600, 1500).is_some(), "lapsed: 2 takes over");
+    fn the_lease_lets_one_context_sync_until_it_lapses_or_a_newer_config_starts() {
+        let (one, two) = (Holder { id: 1, epoch: 5 }, Holder { id: 2, epoch: 4 });
+        let a = claim_lease(None, one, 1000, 1500).unwrap_or_default();
+        assert!(claim_lease(Some(&a), two, 2000, 1500).is_none(), "held by 1");
+        assert!(claim_lease(Some(&a), one, 2000, 1500).is_some(), "1 renews");
+        assert!(claim_lease(Some(&a), two, 2600, 1500).is_some(), "lapsed: 2 takes over");
+        let newer = Holder { id: 3, epoch: 6 };
+        let b = claim_lease(Some(&a), newer, 1100, 1500).unwrap_or_default();
+        assert_eq!(lease_of(Some(&b)), Some((3, 2600, 6)), "a newer config takes over at once");
+        assert!(claim_lease(Some(&b), one, 1200, 1500).is_none(), "and keeps it");
     }
 
     fn rec(state: KeyState, at: u64, cool: u64) -> KeyRecord {

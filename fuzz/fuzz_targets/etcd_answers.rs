@@ -13,8 +13,8 @@
 //! - the lease never lets two owners hold it at once.
 #![no_main]
 
-use apikeyrouter::fleet::{
-    claim_lease, parse_range, parse_txn, plan_counters, Bases, Counter, Marker, Op, SharedState, Snapshot, Status,
+use apikeyrouter::fleet::{Holder,
+    claim_lease, lease_of, parse_range, parse_txn, plan_counters, Bases, Counter, Marker, Op, SharedState, Snapshot, Status,
     MAX_COUNT,
 };
 use libfuzzer_sys::fuzz_target;
@@ -67,10 +67,13 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(Status::decode(Some(&s.encode())), Some(s));
     }
     let now = 1_000_000;
-    if claim_lease(Some(data), 1, now, 1_000).is_none() {
-        // Held by someone else, still valid.
-        assert!(data.len() == 16);
-    } else if let Some(held) = claim_lease(Some(data), 1, now, 1_000) {
-        assert!(claim_lease(Some(&held), 2, now + 999, 1_000).is_none());
+    let me = Holder { id: 1, epoch: 5 };
+    match claim_lease(Some(data), me, now, 1_000) {
+        // Held by another holder of an epoch at least as new, still valid.
+        None => assert!(lease_of(Some(data)).is_some_and(|(o, u, e)| o != 1 && u > now && e >= 5)),
+        Some(held) => {
+            assert_eq!(lease_of(Some(&held)), Some((1, now + 1_000, 5)));
+            assert!(claim_lease(Some(&held), Holder { id: 2, epoch: 5 }, now + 999, 1_000).is_none());
+        }
     }
 });

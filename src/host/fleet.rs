@@ -26,13 +26,16 @@ enum Call {
 /// The shared-data key of this process's life nonce: written once per
 /// process, so that a restart shows in etcd.
 const LIFE_KEY: &str = "akr.v1.fleet.life";
+/// The shared-data counter of root contexts started in this process: the
+/// lease epoch.
+const EPOCH_KEY: &str = "akr.v1.fleet.epoch";
 
 /// The fleet sync of one root context (attempt stage).
 pub(crate) struct FleetSync {
     fleet: Fleet,
     instance: String,
-    /// This root context's lease owner id.
-    me: u64,
+    /// This root context as a lease holder.
+    me: fleet::Holder,
     /// This process's life nonce.
     life: u64,
     pending: Option<(u32, Call, u64)>,
@@ -78,6 +81,7 @@ impl FleetSync {
     pub(crate) fn new(cfg: &Config, fleet: Fleet, instance: String, me: u64) -> FleetSync {
         let store = &abi::SharedData;
         let _ = crate::store::seed(store, LIFE_KEY, &me.to_le_bytes());
+        let epoch = keys::increment(store, EPOCH_KEY).0.unwrap_or(0);
         let life =
             store.get(LIFE_KEY).0.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map_or(me, u64::from_le_bytes);
         let now = abi::now_ms();
@@ -90,7 +94,7 @@ impl FleetSync {
         FleetSync {
             fleet,
             instance,
-            me,
+            me: fleet::Holder { id: me, epoch },
             life,
             pending: None,
             queued: Vec::new(),
@@ -140,8 +144,7 @@ impl FleetSync {
     /// Whether this root context holds the lease now (without renewing it).
     fn holds_lease(&self, now_ms: u64) -> bool {
         let cur = self.store().get(fleet::LEASE_KEY).0;
-        fleet::claim_lease(cur.as_deref(), self.me, now_ms, 0).is_some()
-            && cur.is_some_and(|b| b.get(..8) == Some(&self.me.to_le_bytes()[..]))
+        fleet::lease_of(cur.as_deref()).is_some_and(|(owner, until, _)| owner == self.me.id && until > now_ms)
     }
 
     /// Called on every tick of the owning root context.
@@ -315,10 +318,11 @@ impl FleetSync {
     fn merge_and_push(&mut self, cfg: &Config, etcd: Snapshot, now_ms: u64) {
         let prefix = self.fleet.prefix.clone();
         let counters = self.counters(cfg, now_ms);
-        let mut bases = Bases::decode(self.store().get(fleet::BASES_KEY).0.as_deref());
+        let bases_key = format!("{}.{}", fleet::BASES_KEY, self.instance);
+        let mut bases = Bases::decode(self.store().get(&bases_key).0.as_deref());
         let (syncs, writes, deletes) =
             fleet::plan_counters(&prefix, &self.instance, self.life, &counters, &etcd, &mut bases, now_ms);
-        if self.store().set(fleet::BASES_KEY, &bases.encode(), None).is_err() {
+        if self.store().set(&bases_key, &bases.encode(), None).is_err() {
             log::warn!("fleet: could not record the counter bases");
             return;
         }
@@ -397,8 +401,10 @@ impl FleetSync {
         if recovered {
             log::info!("fleet: etcd reachable again; local spend is pushed and budgets are fleet-wide again");
         }
-        if recovered || first {
-            for b in &cfg.budgets {
+        // Also lifts a share a late-starting root context set just after
+        // the first sync lifted it.
+        for b in &cfg.budgets {
+            if recovered || first || budget::load(self.store(), b, now_ms).local_share.is_some() {
                 budget::set_local_share(self.store(), b, None, now_ms);
             }
         }
