@@ -5,6 +5,7 @@ Used by the real-Envoy tests and by `make run`. Every server listens on
 """
 
 import copy
+from decimal import Decimal
 import http.client as httpclient
 import json
 import os
@@ -288,6 +289,21 @@ def wasm_failure_stats(envoy):
     out = {k: v for k, v in stats.items() if k.startswith("wasm.apikeyrouter_") and ".vm_reload" in k}
     out["created"] = stats.get("wasm.envoy.wasm.runtime.v8.created")
     return out
+
+
+# Prices of the budget tests, per 1M tokens: 0.001 an input token, 0.002 an
+# output token.
+PRICE_IN = Decimal("1000")
+PRICE_OUT = Decimal("2000")
+PRICES = {"gpt-4o-mini*": {"input": str(PRICE_IN), "output": str(PRICE_OUT)}}
+
+
+def expected_spend(mock):
+    """What the usage the mock reported costs at PRICE_IN/PRICE_OUT."""
+    total = Decimal(0)
+    for s in mock.stats().values():
+        total += (Decimal(s["prompt_tokens"]) * PRICE_IN + Decimal(s["completion_tokens"]) * PRICE_OUT) / 10**6
+    return total
 
 
 def budget_of(envoy, budget_id):

@@ -10,28 +10,13 @@ from decimal import Decimal
 
 import aiohttp
 
-from harness import chat, http, plugin_with_keys, secrets, wait_until
+from harness import PRICE_IN, PRICE_OUT, PRICES, chat, expected_spend, http, plugin_with_keys, secrets, wait_until
+from harness import budget_of as budget
 
-PRICE_IN = Decimal("1000")   # per 1M tokens: 0.001 a token
-PRICE_OUT = Decimal("2000")  # 0.002 a token
 
 
 def priced(keys, **extra):
-    return plugin_with_keys(keys, prices={"gpt-4o-mini*": {"input": str(PRICE_IN), "output": str(PRICE_OUT)}},
-                            **extra)
-
-
-def expected_spend(mock):
-    total = Decimal(0)
-    for s in mock.stats().values():
-        total += (Decimal(s["prompt_tokens"]) * PRICE_IN + Decimal(s["completion_tokens"]) * PRICE_OUT) / 10**6
-    return total
-
-
-def budget(e, bid):
-    status, _, body = e.admin_api("GET", f"budgets/{bid}")
-    assert status == 200, body
-    return json.loads(body)
+    return plugin_with_keys(keys, prices=PRICES, **extra)
 
 
 async def _clients(url, n, concurrency, body_of):

@@ -12,10 +12,9 @@ from decimal import Decimal
 import aiohttp
 import pytest
 
-from harness import Etcd, Mock, chat, plugin_with_keys, secrets, wait_until
+from harness import PRICES, Etcd, Mock, chat, expected_spend, plugin_with_keys, secrets, wait_until
+from harness import budget_of as budget
 
-PRICE_IN = Decimal("1000")   # per 1M tokens: 0.001 a token
-PRICE_OUT = Decimal("2000")  # 0.002 a token
 INTERVAL_MS = 200
 PREFIX = "/akr-test"
 
@@ -30,8 +29,7 @@ def fleet_plugin(keys, **extra):
     fleet = {"etcd_cluster": "etcd", "prefix": PREFIX, "sync_interval_ms": INTERVAL_MS, "timeout_ms": 300,
              "degraded_after_ms": 1000, "local_share": "0.5"}
     fleet.update(extra.pop("fleet", {}))
-    return plugin_with_keys(keys, prices={"gpt-4o-mini*": {"input": str(PRICE_IN), "output": str(PRICE_OUT)}},
-                            fleet=fleet, **extra)
+    return plugin_with_keys(keys, prices=PRICES, fleet=fleet, **extra)
 
 
 def with_etcd(etcd, node_id):
@@ -58,19 +56,6 @@ def health(e):
     status, _, body = e.admin_api("GET", "health")
     assert status == 200, body
     return json.loads(body)
-
-
-def budget(e, bid):
-    status, _, body = e.admin_api("GET", f"budgets/{bid}")
-    assert status == 200, body
-    return json.loads(body)
-
-
-def expected_spend(mock):
-    total = Decimal(0)
-    for s in mock.stats().values():
-        total += (Decimal(s["prompt_tokens"]) * PRICE_IN + Decimal(s["completion_tokens"]) * PRICE_OUT) / 10**6
-    return total
 
 
 def etcd_total(etcd, name):

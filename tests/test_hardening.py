@@ -30,12 +30,10 @@ import aiohttp
 import pytest
 import yaml
 
-from harness import (ADMIN_TOKEN, DEMO_CONFIG, ROOT, Mock, budget_of, chat, http, ids_by_secret,
-                     plugin_with_keys, raw_request, render, route, secrets, validate,
+from harness import (ADMIN_TOKEN, DEMO_CONFIG, PRICES, ROOT, Mock, budget_of, chat, expected_spend, http,
+                     ids_by_secret, plugin_with_keys, raw_request, render, route, secrets, validate,
                      wait_until, wasm_failure_stats)
 
-PRICE_IN = Decimal("1000")   # per 1M tokens: 0.001 a token
-PRICE_OUT = Decimal("2000")  # 0.002 a token
 # Lines Envoy or the filter write when a wasm VM traps or fails at run time.
 TRAP_MARKERS = ("failed: Uncaught", "panicked", "RuntimeError", "wasm trap", "Wasm VM failed",
                 "Plugin configured to fail", "attempt not recorded")
@@ -45,15 +43,8 @@ TRAP_MARKERS = ("failed: Uncaught", "panicked", "RuntimeError", "wasm trap", "Wa
 
 def priced(keys, **extra):
     """Inline keys, a price for gpt-4o-mini and a roomy hard budget `b`."""
-    return plugin_with_keys(keys, prices={"gpt-4o-mini*": {"input": str(PRICE_IN), "output": str(PRICE_OUT)}},
+    return plugin_with_keys(keys, prices=PRICES,
                             budgets=[{"id": "b", "window": "day", "limit": "100"}], **extra)
-
-
-def expected_spend(mock):
-    total = Decimal(0)
-    for s in mock.stats().values():
-        total += (Decimal(s["prompt_tokens"]) * PRICE_IN + Decimal(s["completion_tokens"]) * PRICE_OUT) / 10**6
-    return total
 
 
 def assert_no_trap(e, baseline):
