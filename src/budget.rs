@@ -445,6 +445,11 @@ pub fn crossed(store: &dyn Store, budgets: &[Budget], held: &[Held], excess: Dec
 
 /// Fleet mode: records what the other instances spent in `window_ms`.
 pub fn set_fleet_spent(store: &dyn Store, budget: &Budget, window_ms: u64, others: Decimal, now_ms: u64) {
+    let known = load(store, budget, now_ms);
+    if (known.fleet_window_ms, known.fleet_spent) == (window_ms, others) {
+        // Nothing new: no write, no CAS against requests.
+        return;
+    }
     let (r, _) = update(store, &budget.record_name, |cur| {
         let mut rec = read(cur)?.current(budget, now_ms);
         rec.fleet_spent = others;

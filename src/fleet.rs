@@ -242,14 +242,6 @@ impl Snapshot {
     pub fn get(&self, key: &str) -> Option<&Kv> {
         self.by_key.get(key)
     }
-
-    pub fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
-    }
 }
 
 // ---------------------------------------------------------------- counters

@@ -679,11 +679,7 @@ pub fn apply_fleet(
     month: Option<(u64, u64)>,
     now_ms: u64,
 ) -> Result<(KeyRecord, KeyRecord), UpdateError<DecodeError>> {
-    let (r, _) = update(store, name, |cur| {
-        let before = match cur {
-            None => KeyRecord::default(),
-            Some(b) => KeyRecord::decode(b)?,
-        };
+    let merge = |before: KeyRecord| {
         let mut rec = before;
         if let Some(s) = shared {
             crate::fleet::merge_state(&mut rec, s);
@@ -694,6 +690,19 @@ pub fn apply_fleet(
         if let Some((start, tokens)) = month {
             (rec.fleet_month_start_ms, rec.fleet_month_tokens) = (start, tokens);
         }
+        rec
+    };
+    // Most syncs change nothing: no write (and no CAS against requests).
+    let now = read_record(store, name).map_err(UpdateError::Rejected)?;
+    if merge(now) == now {
+        return Ok((now, now));
+    }
+    let (r, _) = update(store, name, |cur| {
+        let before = match cur {
+            None => KeyRecord::default(),
+            Some(b) => KeyRecord::decode(b)?,
+        };
+        let rec = merge(before);
         Ok(((before, rec), rec.encode()))
     });
     if let Ok((before, after)) = &r {
@@ -799,6 +808,27 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_fleet_sync_that_brings_nothing_new_does_not_write_the_record() {
+        let store = FakeStore::new();
+        let shared = crate::fleet::SharedState {
+            cooldown_until_ms: 9_000,
+            state: KeyState::Available,
+            reason: Reason::Status,
+            exhausted_until_ms: 0,
+            at_ms: 0,
+            by: "b".into(),
+        };
+        let first = apply_fleet(&store, "rec", Some(&shared), Some((5, 7)), None, 1_000);
+        assert_eq!(first.map(|(_, after)| (after.cooldown_until_ms, after.fleet_day_tokens)), Ok((9_000, 7)));
+        let cas = store.get("rec").1;
+        let gen = read_u64(&store, GEN_KEY);
+        let again = apply_fleet(&store, "rec", Some(&shared), Some((5, 7)), None, 1_000);
+        assert_eq!(again.map(|(before, after)| before == after), Ok(true));
+        assert_eq!(store.get("rec").1, cas, "not written again");
+        assert_eq!(read_u64(&store, GEN_KEY), gen);
     }
 
     #[test]

@@ -396,15 +396,13 @@ impl FleetSync {
         let mut s = self.status(now_ms);
         s.instance = self.instance.clone();
         s.peers = fleet::peers(&prefix, &self.instance, &etcd);
-        let first = s.last_ok_ms == 0;
-        let recovered = s.succeeded(now_ms);
-        if recovered {
+        if s.succeeded(now_ms) {
             log::info!("fleet: etcd reachable again; local spend is pushed and budgets are fleet-wide again");
         }
-        // Also lifts a share a late-starting root context set just after
-        // the first sync lifted it.
+        // Lifts the share of a degraded spell or of the start-up (also one a
+        // late-starting root context set just after the first sync).
         for b in &cfg.budgets {
-            if recovered || first || budget::load(self.store(), b, now_ms).local_share.is_some() {
+            if budget::load(self.store(), b, now_ms).local_share.is_some() {
                 budget::set_local_share(self.store(), b, None, now_ms);
             }
         }
