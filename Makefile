@@ -68,6 +68,7 @@ bench: build
 
 lint:
 	rustup component add rustfmt clippy
+	rustup target add wasm32-wasip1
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --release --target wasm32-wasip1 -- -D warnings
