@@ -130,7 +130,7 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
             let s = state_json(cfg, store, now_ms);
             let usable = s["keys"]["available"].as_u64().unwrap_or(0) > 0;
             let fleet = cfg.fleet.as_ref().map(|_| {
-                crate::fleet::Status::decode(store.get(crate::fleet::STATUS_KEY).0.as_deref()).unwrap_or_default()
+                crate::fleet::Status::decode(store.value(crate::fleet::STATUS_KEY).as_deref()).unwrap_or_default()
             });
             let degraded = fleet.as_ref().is_some_and(|f| f.degraded);
             let mut body = json!({
@@ -330,15 +330,14 @@ fn patch_budget(cfg: &Config, store: &dyn Store, b: &Budget, body: &[u8], now_ms
 /// The newest `limit` decisions across every worker's ring.
 fn decisions(cfg: &Config, store: &dyn Store, limit: usize) -> Vec<Value> {
     let workers = store
-        .get(decision::RING_WORKERS)
-        .0
+        .value(decision::RING_WORKERS)
         .and_then(|b| b.as_slice().try_into().ok())
         .map(u64::from_le_bytes)
         .unwrap_or(0);
     let mut all: Vec<Stored> = Vec::new();
     for w in 0..workers.min(1024) {
         for slot in 0..cfg.decisions.ring_size {
-            match store.get(&decision::slot_name(w, slot)).0 {
+            match store.value(&decision::slot_name(w, slot)) {
                 Some(b) => all.extend(Stored::decode(&b)),
                 // Slots fill in order: the first gap ends this ring.
                 None => break,

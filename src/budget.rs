@@ -283,7 +283,7 @@ fn read(b: Option<&[u8]>) -> Result<BudgetRecord, BadRecord> {
 
 /// Reads a budget's record as of `now_ms`.
 pub fn load(store: &dyn Store, budget: &Budget, now_ms: u64) -> BudgetRecord {
-    read(store.get(&budget.record_name).0.as_deref()).unwrap_or_default().current(budget, now_ms)
+    read(store.value(&budget.record_name).as_deref()).unwrap_or_default().current(budget, now_ms)
 }
 
 /// An amount held against one budget for one request.
@@ -305,10 +305,43 @@ pub struct Refusal {
     pub resets_at_ms: Option<u64>,
 }
 
+/// Amounts held for one request (or one attempt) against its budgets. It
+/// has one owner at a time and ends exactly once, by
+/// [`Reservation::settle`] or [`Reservation::release`].
+#[must_use = "a reservation must be settled or released"]
+#[derive(Debug, PartialEq, Eq, Default)]
+pub struct Reservation(Vec<Held>);
+
+impl Reservation {
+    pub fn held(&self) -> &[Held] {
+        &self.0
+    }
+
+    #[cfg(test)]
+    pub(crate) fn of(held: Vec<Held>) -> Reservation {
+        Reservation(held)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Replaces each amount with the actual cost; returns each budget's
+    /// spend after the change.
+    pub fn settle(self, store: &dyn Store, budgets: &[Budget], actual: Decimal, now_ms: u64) -> Vec<(usize, Decimal)> {
+        settle(store, budgets, &self.0, actual, now_ms)
+    }
+
+    /// Gives the amounts back (nothing was served).
+    pub fn release(self, store: &dyn Store, budgets: &[Budget], now_ms: u64) {
+        release(store, budgets, &self.0, now_ms)
+    }
+}
+
 /// The result of admitting a request against its budgets.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, PartialEq, Eq, Default)]
 pub struct Admitted {
-    pub held: Vec<Held>,
+    pub held: Reservation,
     /// Soft budgets this request takes over their limit.
     pub over_soft: Vec<usize>,
     /// Soft budgets whose warning should be logged now (once per window).
@@ -358,7 +391,7 @@ pub fn reserve(
         });
         match r {
             Ok((window_start_ms, over, log_now)) => {
-                admitted.held.push(Held { budget: i, window_start_ms, amount: estimate });
+                admitted.held.0.push(Held { budget: i, window_start_ms, amount: estimate });
                 if over {
                     admitted.over_soft.push(i);
                 }
@@ -368,7 +401,7 @@ pub fn reserve(
             }
             Err(UpdateError::Rejected(Reject::Over(refusal))) => {
                 count_refusal(store, b, now_ms);
-                release(store, budgets, &admitted.held, now_ms);
+                admitted.held.release(store, budgets, now_ms);
                 return Err(refusal);
             }
             Err(e) => {
@@ -634,11 +667,11 @@ mod tests {
         let s = FakeStore::new();
         let bs = vec![budget("1.00", Enforcement::Hard, None)];
         let a = reserve(&s, &bs, &[0], dec("0.40"), 0).unwrap_or_default();
-        settle(&s, &bs, &a.held, dec("0.1234"), 10);
+        settle(&s, &bs, a.held.held(), dec("0.1234"), 10);
         let rec = load(&s, &bs[0], 10);
         assert_eq!((rec.spent, rec.reserved, rec.requests), (dec("0.1234"), Decimal::ZERO, 1));
         let b = reserve(&s, &bs, &[0], dec("0.5"), 10).unwrap_or_default();
-        release(&s, &bs, &b.held, 20);
+        release(&s, &bs, b.held.held(), 20);
         let rec = load(&s, &bs[0], 20);
         assert_eq!((rec.spent, rec.reserved, rec.requests), (dec("0.1234"), Decimal::ZERO, 1));
     }
@@ -673,7 +706,7 @@ mod tests {
         assert!(reserve(&s, &bs, &[0], dec("0.20"), 3_599_500).is_err());
         // The hour turns while the request is in flight.
         assert!(reserve(&s, &bs, &[0], dec("0.20"), 3_600_000).is_ok());
-        settle(&s, &bs, &a.held, dec("0.30"), 3_600_100);
+        settle(&s, &bs, a.held.held(), dec("0.30"), 3_600_100);
         let rec = load(&s, &bs[0], 3_600_100);
         assert_eq!((rec.spent, rec.reserved), (dec("0.30"), dec("0.20")));
     }
@@ -683,8 +716,8 @@ mod tests {
         let s = FakeStore::new();
         let bs = vec![budget("1.00", Enforcement::Hard, None)];
         let a = reserve(&s, &bs, &[0], dec("0.90"), 0).unwrap_or_default();
-        assert_eq!(crossed(&s, &bs, &a.held, dec("0.05"), 0), None);
-        assert_eq!(crossed(&s, &bs, &a.held, dec("0.11"), 0), Some(0));
+        assert_eq!(crossed(&s, &bs, a.held.held(), dec("0.05"), 0), None);
+        assert_eq!(crossed(&s, &bs, a.held.held(), dec("0.11"), 0), Some(0));
     }
 
     #[test]

@@ -253,7 +253,7 @@ pub fn record_tokens(store: &dyn Store, client: &Client, tokens: u64, now_ms: u6
 
 /// Reads a client's use in the current minute.
 pub fn usage(store: &dyn Store, client: &Client, now_ms: u64) -> Usage {
-    store.get(&client.record_name).0.map(|b| Usage::decode(&b)).unwrap_or_default().current(now_ms)
+    store.value(&client.record_name).map(|b| Usage::decode(&b)).unwrap_or_default().current(now_ms)
 }
 
 #[cfg(test)]

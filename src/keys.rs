@@ -19,7 +19,7 @@ use crate::window::Window;
 pub const GEN_KEY: &str = "akr.v1.gen";
 
 pub fn read_u64(store: &dyn Store, key: &str) -> u64 {
-    store.get(key).0.and_then(|b| b.as_slice().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
+    store.value(key).and_then(|b| b.as_slice().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
 }
 
 /// Adds one to a shared `u64` counter; returns the new value.
@@ -38,7 +38,7 @@ pub fn bump_gen(store: &dyn Store) -> UpdateStats {
 
 /// Reads a key record; absent records read as fresh.
 pub fn read_record(store: &dyn Store, name: &str) -> Result<KeyRecord, DecodeError> {
-    match store.get(name).0 {
+    match store.value(name) {
         None => Ok(KeyRecord::default()),
         Some(b) => KeyRecord::decode(&b),
     }
@@ -823,11 +823,11 @@ mod tests {
         };
         let first = apply_fleet(&store, "rec", Some(&shared), Some((5, 7)), None, 1_000);
         assert_eq!(first.map(|(_, after)| (after.cooldown_until_ms, after.fleet_day_tokens)), Ok((9_000, 7)));
-        let cas = store.get("rec").1;
+        let cas = store.get("rec").map(|e| e.1);
         let gen = read_u64(&store, GEN_KEY);
         let again = apply_fleet(&store, "rec", Some(&shared), Some((5, 7)), None, 1_000);
         assert_eq!(again.map(|(before, after)| before == after), Ok(true));
-        assert_eq!(store.get("rec").1, cas, "not written again");
+        assert_eq!(store.get("rec").map(|e| e.1), cas, "not written again");
         assert_eq!(read_u64(&store, GEN_KEY), gen);
     }
 

@@ -1,9 +1,10 @@
 //! apikeyrouter: a proxy-wasm HTTP filter for Envoy that puts many LLM
 //! provider API keys behind one OpenAI-compatible endpoint.
 //!
-//! Everything except [`host`] is plain Rust with no proxy-wasm dependency and
-//! is unit-tested on the native target; `host` is the one boundary that talks
-//! to Envoy.
+//! Everything except `host` is plain Rust with no proxy-wasm dependency and
+//! is unit-tested on the native target: [`stages`] holds one request's whole
+//! path behind a small `Host` trait; `host` is the one boundary that talks
+//! to Envoy and only maps its callbacks to the stages.
 
 pub mod admin;
 pub mod admission;
@@ -12,9 +13,9 @@ pub mod config;
 pub mod decision;
 pub mod fernet;
 pub mod fleet;
-pub mod flight;
 pub mod identity;
 pub mod keys;
+pub mod metrics;
 pub mod objective;
 pub mod pairs;
 pub mod providers;
@@ -24,6 +25,7 @@ pub mod registry;
 pub mod reply;
 pub mod request;
 pub mod sha256;
+pub mod stages;
 pub mod state;
 pub mod store;
 pub mod transition;

@@ -57,12 +57,12 @@ impl Registry {
 
 /// The registry change counter.
 pub fn changes(store: &dyn Store) -> u64 {
-    store.get(CHANGES).0.and_then(|b| b.as_slice().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
+    store.value(CHANGES).and_then(|b| b.as_slice().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
 }
 
 /// Reads the registry (empty when absent or unreadable).
 pub fn load(store: &dyn Store) -> Registry {
-    store.get(REGISTRY_KEY).0.and_then(|b| Registry::decode(&b)).unwrap_or_default()
+    store.value(REGISTRY_KEY).and_then(|b| Registry::decode(&b)).unwrap_or_default()
 }
 
 /// Why a registration or deletion was refused.

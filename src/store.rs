@@ -16,10 +16,22 @@ pub enum SetError {
     Host,
 }
 
+/// The host refused a read (any status other than Ok or NotFound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadError;
+
 pub trait Store {
-    /// The value and its cas, or `(None, None)` when absent.
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// The value and its cas, `Ok((None, None))` when absent, or an error
+    /// when the host could not say (never taken for "absent").
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), ReadError>;
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
+
+    /// The value, for reads where absent and unreadable mean the same
+    /// (showing state, best-effort bookkeeping). Money and key-state
+    /// changes go through [`update`], which tells them apart.
+    fn value(&self, key: &str) -> Option<Vec<u8>> {
+        self.get(key).ok().and_then(|(v, _)| v)
+    }
 }
 
 /// How many times an update re-decides on a fresh value before giving up.
@@ -51,7 +63,9 @@ pub fn update<T, E>(
 ) -> (Result<T, UpdateError<E>>, UpdateStats) {
     let mut stats = UpdateStats::default();
     for _ in 0..MAX_CAS_ATTEMPTS {
-        let (current, cas) = store.get(key);
+        let Ok((current, cas)) = store.get(key) else {
+            return (Err(UpdateError::Host), stats);
+        };
         let (out, new) = match f(current.as_deref()) {
             Ok(v) => v,
             Err(e) => return (Err(UpdateError::Rejected(e)), stats),
@@ -77,8 +91,9 @@ pub fn update<T, E>(
 /// Writes `value` only when `key` is absent (seeding at configure time).
 pub fn seed(store: &dyn Store, key: &str, value: &[u8]) -> Result<(), SetError> {
     match store.get(key) {
-        (Some(_), _) => Ok(()),
-        (None, _) => store.set(key, value, None),
+        Ok((Some(_), _)) => Ok(()),
+        Ok((None, _)) => store.set(key, value, None),
+        Err(ReadError) => Err(SetError::Host),
     }
 }
 
@@ -96,11 +111,11 @@ impl FakeStore {
 }
 
 impl Store for FakeStore {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        match self.inner.borrow().get(key) {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), ReadError> {
+        Ok(match self.inner.borrow().get(key) {
             Some((v, cas)) => (Some(v.clone()), Some(*cas)),
             None => (None, None),
-        }
+        })
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
@@ -129,13 +144,13 @@ mod tests {
     #[test]
     fn fake_store_behaves_like_envoy_shared_data() {
         let s = FakeStore::new();
-        assert_eq!(s.get("k"), (None, None));
+        assert_eq!(s.get("k"), Ok((None, None)));
         assert_eq!(s.set("k", b"a", Some(999)), Ok(()), "first insert ignores cas");
-        let (_, cas) = s.get("k");
+        let (_, cas) = s.get("k").unwrap_or_default();
         assert_eq!(s.set("k", b"b", Some(cas.unwrap_or(0) + 1)), Err(SetError::CasMismatch));
         assert_eq!(s.set("k", b"c", cas), Ok(()));
         assert_eq!(s.set("k", b"d", None), Ok(()), "no cas is unconditional");
-        assert_eq!(s.get("k").0.as_deref(), Some(&b"d"[..]));
+        assert_eq!(s.value("k").as_deref(), Some(&b"d"[..]));
     }
 
     #[test]
@@ -154,7 +169,7 @@ mod tests {
     }
 
     impl Store for Racy<'_> {
-        fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), ReadError> {
             self.inner.get(key)
         }
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
@@ -176,7 +191,7 @@ mod tests {
         let (r, stats) = update(&racy, "ctr", add_one);
         assert_eq!(stats.conflicts, 3);
         assert_eq!(r, Ok(5), "1 + 3 interleaved + this one");
-        let v = s.get("ctr").0.and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let v = s.value("ctr").and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
         assert_eq!(v, Some(5));
     }
 
@@ -195,7 +210,7 @@ mod tests {
         let s = FakeStore::new();
         let (r, _) = update(&s, "k", |_| Err::<((), Vec<u8>), _>("no"));
         assert_eq!(r, Err(UpdateError::Rejected("no")));
-        assert_eq!(s.get("k"), (None, None));
+        assert_eq!(s.get("k"), Ok((None, None)));
     }
 
     #[test]
@@ -204,6 +219,6 @@ mod tests {
         assert_eq!(seed(&s, "k", b"zero"), Ok(()));
         let _ = s.set("k", b"live", None);
         assert_eq!(seed(&s, "k", b"zero"), Ok(()));
-        assert_eq!(s.get("k").0.as_deref(), Some(&b"live"[..]));
+        assert_eq!(s.value("k").as_deref(), Some(&b"live"[..]));
     }
 }

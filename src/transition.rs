@@ -47,12 +47,12 @@ pub fn recent(store: &dyn Store, max: usize, limit: usize) -> Vec<Transition> {
     if max == 0 {
         return Vec::new();
     }
-    let head = store.get(HEAD).0.and_then(|b| b.as_slice().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
+    let head = store.value(HEAD).and_then(|b| b.as_slice().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
     let mut out = Vec::new();
     let mut n = head;
     while n > 0 && out.len() < limit && head - n < max as u64 {
         if let Some(t) =
-            store.get(&slot((n - 1) % max as u64)).0.and_then(|b| serde_json::from_slice::<Transition>(&b).ok())
+            store.value(&slot((n - 1) % max as u64)).and_then(|b| serde_json::from_slice::<Transition>(&b).ok())
         {
             if t.seq == n {
                 out.push(t);

@@ -1,26 +1,27 @@
-//! Raw proxy-wasm hostcalls that report every status as a `Result`.
+//! Raw proxy-wasm hostcalls that report every status as a `Result`: the
+//! only place that calls the host.
 //!
 //! The SDK's own wrappers `panic!` on any unexpected status (and on header
 //! values that are not UTF-8); a panic traps the VM for every request on the
 //! worker. These imports bind the same host functions and never panic.
 
 use crate::pairs;
-use crate::store::{SetError, Store};
+use crate::store::{ReadError, SetError, Store};
 use std::ptr::{null, null_mut};
 
 pub const REQUEST_HEADERS: u32 = 0;
 pub const RESPONSE_HEADERS: u32 = 2;
+pub const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 pub const REQUEST_BODY: u32 = 0;
 pub const RESPONSE_BODY: u32 = 1;
+pub const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 pub const PLUGIN_CONFIGURATION: u32 = 7;
 
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
 const CAS_MISMATCH: u32 = 8;
 
-/// A host status other than Ok.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostError(pub u32);
+pub use crate::stages::host::HostError;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -81,6 +82,50 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+}
+
+fn status(st: u32) -> Result<(), HostError> {
+    if st == OK {
+        Ok(())
+    } else {
+        Err(HostError(st))
+    }
+}
+
+/// Calls `cluster`; the answer comes to the root context's
+/// `on_http_call_response` with the returned token.
+///
+/// This one goes through the SDK: its dispatcher must register the token to
+/// route the answer (`register_callout` is private to the SDK, and an
+/// unregistered token makes the SDK panic when the answer arrives). The
+/// SDK panics only on a status other than Ok, BadArgument and
+/// InternalFailure, which Envoy's `httpCall` does not return for the
+/// well-formed buffers the SDK builds.
+pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u64) -> Result<u32, HostError> {
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers.to_vec(), Some(body), vec![], timeout)
+        .map_err(|s| HostError(s as u32))
+}
+
+/// Defines a metric of `kind` (0 counter, 1 gauge, 2 histogram); its id.
+pub fn define_metric(kind: u32, name: &str) -> Result<u32, HostError> {
+    let mut out: u32 = 0;
+    // SAFETY: pointers into a live string and a local.
+    let st = unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut out) };
+    status(st).map(|()| out)
+}
+
+pub fn increment_metric(id: u32, delta: i64) -> Result<(), HostError> {
+    // SAFETY: plain integers.
+    status(unsafe { proxy_increment_metric(id, delta) })
+}
+
+pub fn record_metric(id: u32, value: u64) -> Result<(), HostError> {
+    // SAFETY: plain integers.
+    status(unsafe { proxy_record_metric(id, value) })
 }
 
 /// Takes ownership of a host-allocated buffer (allocated through the SDK's
@@ -169,11 +214,6 @@ pub fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {
     }
 }
 
-/// A property as a string (e.g. route metadata), if present.
-pub fn property_string(path: &[&str]) -> Option<String> {
-    property(path).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned())
-}
-
 pub fn set_buffer(kind: u32, start: usize, size: usize, value: &[u8]) -> Result<(), HostError> {
     // SAFETY: pointer into a live slice.
     let st = unsafe { proxy_set_buffer_bytes(kind, start, size, value.as_ptr(), value.len()) };
@@ -230,11 +270,6 @@ pub fn set_tick_period(ms: u32) -> Result<(), HostError> {
     }
 }
 
-/// Unix time in milliseconds (0 if the host cannot tell).
-pub fn now_ms() -> u64 {
-    now_ns() / 1_000_000
-}
-
 pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
     let mut p = Vec::new();
     for (i, part) in path.iter().enumerate() {
@@ -258,15 +293,16 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
 pub struct SharedData;
 
 impl Store for SharedData {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), ReadError> {
         let mut data: *mut u8 = null_mut();
         let mut size: usize = 0;
         let mut cas: u32 = 0;
         // SAFETY: as in `header`.
         let st = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
         match st {
-            OK => (unsafe { owned(data, size) }, if cas == 0 { None } else { Some(cas) }),
-            _ => (None, None),
+            OK => Ok((unsafe { owned(data, size) }, if cas == 0 { None } else { Some(cas) })),
+            NOT_FOUND => Ok((None, None)),
+            _ => Err(ReadError),
         }
     }
 

@@ -1,22 +1,24 @@
 //! The ingress stage (downstream HTTP filter, once per request): admin API,
-//! caller credential stripping, the request's objective, request-body
-//! validation, the stream-usage rewrite, and refusing early when no key can
-//! serve.
+//! caller authentication and credential stripping, the request's objective,
+//! request-body validation and policy, the provider choice, budget
+//! admission, the stream-usage rewrite, and refusing early when no key can
+//! serve. What it decides is handed to the attempts once, as an
+//! [`Admission`], when it lets the request go.
 
-use super::{abi, metrics, send, with_flights, Routing};
+use super::flight::{Admission, Flight, Flights, Holder};
+use super::host::{Buffer, Host, HostError, Map, Next};
+use super::routing::Routing;
 use crate::admin::{self, AdminRequest};
 use crate::admission::{self, Caller};
-use crate::budget::{self, show};
+use crate::budget::{self, show, Reservation};
 use crate::config::Config;
-use crate::flight::{Flight, Letting};
 use crate::identity;
 use crate::keys::check;
+use crate::metrics;
 use crate::objective::Objective;
 use crate::providers;
 use crate::reply;
 use crate::request;
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -36,54 +38,83 @@ struct PendingAdmin {
     x_api_key: Option<String>,
 }
 
-pub(crate) struct Ingress {
+pub struct Ingress {
     id: u32,
     cfg: Rc<Config>,
     routing: Rc<RefCell<Routing>>,
+    flights: Rc<RefCell<Flights>>,
     request_id: Option<String>,
     path: String,
-    provider: usize,
+    /// What this stage decides, handed over once by [`Ingress::admit_flight`].
+    admission: Admission,
     read_body: bool,
     admin: Option<PendingAdmin>,
     done: bool,
     /// Filter state for access logs was written.
     logged_state: bool,
-    /// The authenticated client (when clients are configured).
-    client: Option<usize>,
     /// The request's objective puts cost first: providers are tried
     /// cheapest first.
     cost_first: bool,
 }
 
 impl Ingress {
-    pub(crate) fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<Routing>>) -> Ingress {
+    pub fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<Routing>>, flights: Rc<RefCell<Flights>>) -> Ingress {
         Ingress {
             id,
             cfg,
             routing,
+            flights,
             request_id: None,
             path: String::new(),
-            provider: 0,
+            admission: Admission::default(),
             read_body: false,
             admin: None,
             done: false,
             logged_state: false,
-            client: None,
             cost_first: false,
+        }
+    }
+
+    fn client(&self) -> Option<&identity::Client> {
+        self.admission.client.and_then(|c| self.cfg.clients.get(c))
+    }
+
+    /// Hands what this stage decided, with the request's reservation, to
+    /// the attempts: once, as it lets the request go. Without a flight (no
+    /// request id) the reservation is released at once.
+    fn admit_flight(&mut self, h: &dyn Host, reservation: Reservation, now: u64) {
+        let admission = std::mem::take(&mut self.admission);
+        let client = admission.client;
+        let leftover = match self.request_id.as_deref() {
+            Some(rid) => match self
+                .flights
+                .try_borrow_mut()
+                .ok()
+                .and_then(|mut fl| fl.get_mut(rid).map(|f| f.admit(admission, reservation)))
+            {
+                Some(Ok(())) => None,
+                Some(Err(r)) => Some(r),
+                None => None,
+            },
+            None => Some(reservation),
+        };
+        self.admission.client = client;
+        if let Some(r) = leftover {
+            r.release(h.store(), &self.cfg.budgets, now);
         }
     }
 
     /// Prices the request, applies the per-request cap and reserves its
     /// estimate against every budget that applies; refuses when a hard
     /// budget has no room. Returns the refusal to send, if any.
-    fn admit(&mut self, info: &request::RequestInfo, now: u64) -> Option<reply::Reply> {
-        let client = self.client.and_then(|c| self.cfg.clients.get(c));
+    fn admit(&mut self, h: &dyn Host, info: &request::RequestInfo, now: u64) -> Option<reply::Reply> {
+        let client = self.client();
         let caller = Caller {
             client: client.map(|c| c.id.as_str()),
             team: client.and_then(|c| c.team.as_deref()),
             max_cost_per_request: client.and_then(|c| c.policy.max_cost_per_request),
         };
-        let plan = match admission::plan(&self.cfg, self.provider, info, &caller) {
+        let plan = match admission::plan(&self.cfg, self.admission.provider, info, &caller) {
             Ok(p) => p,
             Err(r) => return Some(r),
         };
@@ -94,18 +125,18 @@ impl Ingress {
         }
         let mut admitted = budget::Admitted::default();
         if !plan.budgets.is_empty() {
-            match budget::reserve(&abi::SharedData, &self.cfg.budgets, &plan.budgets, plan.estimate, now) {
+            match budget::reserve(h.store(), &self.cfg.budgets, &plan.budgets, plan.estimate, now) {
                 Ok(a) => admitted = a,
                 Err(r) => {
                     let id = self.cfg.budgets.get(r.budget).map_or("?", |b| b.id.as_str());
                     log::info!("[{}] refused by budget {id}", self.id);
-                    metrics::add(&metrics::budget_metric(id, "refused"), 1);
+                    h.count(&metrics::budget_metric(id, "refused"), 1);
                     return Some(admission::refusal(&self.cfg, &r, now));
                 }
             }
             for &i in &admitted.over_soft {
                 if let Some(b) = self.cfg.budgets.get(i) {
-                    metrics::add(&metrics::budget_metric(&b.id, "soft_over"), 1);
+                    h.count(&metrics::budget_metric(&b.id, "soft_over"), 1);
                 }
             }
             for &i in &admitted.log_soft {
@@ -118,27 +149,11 @@ impl Ingress {
                 }
             }
         }
-        let Some(rid) = self.request_id.clone() else {
-            budget::release(&abi::SharedData, &self.cfg.budgets, &admitted.held, now);
-            return None;
-        };
-        let leftover = with_flights(|fl| match fl.get_mut(&rid) {
-            Some(f) => {
-                f.model = info.model.clone();
-                f.price = plan.price;
-                f.prompt_tokens_est = plan.prompt_tokens;
-                f.output_tokens_est = plan.output_tokens;
-                f.held = std::mem::take(&mut admitted.held);
-                f.soft_over = std::mem::take(&mut admitted.over_soft);
-                f.stream = info.stream;
-                None
-            }
-            None => Some(std::mem::take(&mut admitted.held)),
-        })
-        .flatten();
-        if let Some(held) = leftover {
-            budget::release(&abi::SharedData, &self.cfg.budgets, &held, now);
-        }
+        self.admission.price = plan.price;
+        self.admission.prompt_tokens_est = plan.prompt_tokens;
+        self.admission.output_tokens_est = plan.output_tokens;
+        self.admission.soft_over = admitted.over_soft;
+        self.admit_flight(h, admitted.held, now);
         None
     }
 
@@ -147,13 +162,13 @@ impl Ingress {
     /// the client may not use and any whose keys are all unavailable. Applies
     /// the choice: the routing header the route matches, and the provider's
     /// path. Returns the model name to send, when it changes.
-    fn select_provider(&mut self, model: Option<&str>, now: u64) -> Result<Option<String>, reply::Reply> {
+    fn select_provider(&mut self, h: &dyn Host, model: Option<&str>, now: u64) -> Result<Option<String>, reply::Reply> {
         // One refresh (one shared-data read) for every candidate below.
         if let Ok(mut routing) = self.routing.try_borrow_mut() {
-            self.cfg = routing.refresh(now);
+            self.cfg = routing.refresh(h, now);
         }
         let mut cands = providers::candidates(&self.cfg, &self.path, model);
-        if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
+        if let Some(c) = self.client() {
             let before = cands.first().map(|x| x.provider);
             cands.retain(|x| {
                 self.cfg.providers.get(x.provider).is_some_and(|p| identity::check_provider(c, &p.id).is_ok())
@@ -193,29 +208,22 @@ impl Ingress {
             }
         }
         let Some(chosen) = chosen else {
-            metrics::add("apikeyrouter.no_key", 1);
+            h.count("apikeyrouter.no_key", 1);
             let (retry_after, why) =
                 first_refusal.unwrap_or((60, "No provider is configured for this request.".into()));
             return Err(reply::no_key(retry_after, &why));
         };
-        self.provider = chosen.provider;
-        if let Some(rid) = self.request_id.as_deref() {
-            with_flights(|fl| {
-                if let Some(f) = fl.get_mut(rid) {
-                    f.provider = chosen.provider;
-                }
-            });
-        }
+        self.admission.provider = chosen.provider;
         if self.cfg.providers.len() > 1 {
             // Headers are still paused: the route is matched again on it.
             let pid = self.cfg.providers.get(chosen.provider).map_or("", |p| p.id.as_str());
-            if abi::set_header(abi::REQUEST_HEADERS, PROVIDER_HEADER, pid).is_err() {
+            if h.set_header(Map::RequestHeaders, PROVIDER_HEADER, pid).is_err() {
                 log::warn!("[{}] could not set {PROVIDER_HEADER}", self.id);
             }
         }
         let sent_model = chosen.model.as_deref().or(model);
         if let Some(path) = providers::path_for(&self.cfg, chosen.provider, &self.path, sent_model) {
-            if abi::set_header(abi::REQUEST_HEADERS, ":path", &path).is_err() {
+            if h.set_header(Map::RequestHeaders, ":path", &path).is_err() {
                 log::warn!("[{}] could not rewrite the path for the provider", self.id);
             }
         }
@@ -223,39 +231,38 @@ impl Ingress {
     }
 
     /// Counts the request against its client's rpm/tpm; the refusal if over.
-    fn admit_client(&self, now: u64) -> Option<reply::Reply> {
-        let c = self.client.and_then(|c| self.cfg.clients.get(c))?;
-        let r = identity::admit_rate(&abi::SharedData, c, now).err()?;
-        metrics::add(&format!("apikeyrouter.client.{}.rate_limited", c.id), 1);
+    fn admit_client(&self, h: &dyn Host, now: u64) -> Option<reply::Reply> {
+        let c = self.client()?;
+        let r = identity::admit_rate(h.store(), c, now).err()?;
+        h.count(&format!("apikeyrouter.client.{}.rate_limited", c.id), 1);
         Some(r)
     }
 
     /// Leaves the request's outcome in filter state for access logs, as one
     /// JSON object: `%FILTER_STATE(wasm.apikeyrouter:PLAIN)%`.
-    fn publish_outcome(&mut self) {
+    fn publish_outcome(&mut self, h: &dyn Host) {
         if self.logged_state {
             return;
         }
         self.logged_state = true;
         let Some(rid) = self.request_id.as_deref() else { return };
-        let cfg = &self.cfg;
-        let outcome = with_flights(|fl| fl.get_mut(rid).map(|f| f.outcome_json(cfg))).flatten();
+        let outcome = self.flights.try_borrow().ok().and_then(|fl| fl.get(rid).map(|f| f.outcome_json(&self.cfg)));
         if let Some(json) = outcome {
-            let _ = abi::set_property("apikeyrouter", json.as_bytes());
+            let _ = h.set_property("apikeyrouter", json.as_bytes());
         }
     }
 
-    fn reply(&mut self, r: &reply::Reply) -> Action {
+    fn reply(&mut self, h: &dyn Host, r: &reply::Reply) -> Next {
         self.done = true;
-        send(r, self.id);
-        Action::Pause
+        h.reply(r, self.id);
+        Next::Pause
     }
 
     /// Logs a refused hostcall and answers 500 rather than forwarding a
     /// request the filter could not prepare.
-    fn host_failure(&mut self, what: &str, e: abi::HostError) -> Action {
+    fn host_failure(&mut self, h: &dyn Host, what: &str, e: HostError) -> Next {
         log::warn!("[{}] could not {what} (host status {})", self.id, e.0);
-        self.reply(&reply::gateway_error(&format!("The gateway could not {what}.")))
+        self.reply(h, &reply::gateway_error(&format!("The gateway could not {what}.")))
     }
 
     /// `Some((retry_after_secs, explanation))` when no key of `provider` is
@@ -268,10 +275,11 @@ impl Ingress {
         Some((why.retry_after_secs(now), why.explain(pid)))
     }
 
-    fn run_admin(&mut self, pending: &PendingAdmin, body: &[u8]) -> Action {
+    fn run_admin(&mut self, h: &dyn Host, pending: &PendingAdmin, body: &[u8]) -> Next {
         // Answer from the latest key table (keys registered at runtime).
+        let now = h.now_ms();
         if let Ok(mut routing) = self.routing.try_borrow_mut() {
-            self.cfg = routing.refresh(abi::now_ms());
+            self.cfg = routing.refresh(h, now);
         }
         let req = AdminRequest {
             method: &pending.method,
@@ -280,22 +288,22 @@ impl Ingress {
             x_api_key: pending.x_api_key.as_deref(),
             body,
         };
-        let r = admin::handle(&self.cfg, &abi::SharedData, &req, abi::now_ms());
-        self.reply(&r)
+        let r = admin::handle(&self.cfg, h.store(), &req, now);
+        self.reply(h, &r)
     }
 
     /// The objective for this request: the header (when allowed), else
     /// route metadata `filter_metadata.apikeyrouter.objective`, else `None`
     /// (the configured default).
-    fn objective(&self, header: Option<&str>) -> Result<Option<Objective>, String> {
-        let policy = self.client.and_then(|c| self.cfg.clients.get(c)).map(|c| &c.policy);
+    fn objective(&self, h: &dyn Host, header: Option<&str>) -> Result<Option<Objective>, String> {
+        let policy = self.client().map(|c| &c.policy);
         if let Some(p) = policy.filter(|p| p.force_objective) {
             return Ok(p.objective.clone());
         }
         if let Some(h) = header.filter(|_| self.cfg.routing.allow_objective_header) {
             return Objective::parse_str(h).map(Some).map_err(|e| format!("Invalid {OBJECTIVE_HEADER} header: {e}"));
         }
-        let meta = abi::property_string(&["xds", "route_metadata", "filter_metadata", "apikeyrouter", "objective"]);
+        let meta = h.property_string(&["xds", "route_metadata", "filter_metadata", "apikeyrouter", "objective"]);
         match meta {
             None => Ok(policy.and_then(|p| p.objective.clone())),
             Some(m) => match Objective::parse_str(&m) {
@@ -309,14 +317,12 @@ impl Ingress {
     }
 }
 
-impl Context for Ingress {}
-
-impl HttpContext for Ingress {
-    fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        let now = abi::now_ms();
-        let headers = match abi::headers(abi::REQUEST_HEADERS) {
-            Ok(h) => h,
-            Err(e) => return self.host_failure("read the request headers", e),
+impl Ingress {
+    pub fn on_request_headers(&mut self, h: &dyn Host, end_of_stream: bool) -> Next {
+        let now = h.now_ms();
+        let headers = match h.headers(Map::RequestHeaders) {
+            Ok(hs) => hs,
+            Err(e) => return self.host_failure(h, "read the request headers", e),
         };
         let mut method = "";
         let mut content_type = "";
@@ -346,41 +352,45 @@ impl HttpContext for Ingress {
                 x_api_key: find("x-api-key"),
             };
             if end_of_stream {
-                return self.run_admin(&pending, b"");
+                return self.run_admin(h, &pending, b"");
             }
             self.admin = Some(pending);
-            return Action::Pause;
+            return Next::Pause;
         }
         if !self.cfg.clients.is_empty() {
             let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
             match identity::authenticate(&self.cfg.clients, find("authorization"), find("x-api-key"), now) {
-                Ok(c) => self.client = c,
-                Err(r) => return self.reply(&r),
+                Ok(c) => self.admission.client = c,
+                Err(r) => return self.reply(h, &r),
             }
         }
         // The caller's credential and any router header it sent never reach
         // the provider.
         for name in strip {
-            if let Err(e) = abi::remove_header(abi::REQUEST_HEADERS, name) {
-                return self.host_failure("strip a client header", e);
+            if let Err(e) = h.remove_header(Map::RequestHeaders, name) {
+                return self.host_failure(h, "strip a client header", e);
             }
         }
-        let objective = match self.objective(objective_header) {
+        let objective = match self.objective(h, objective_header) {
             Ok(o) => o,
-            Err(msg) => return self.reply(&reply::error(400, "invalid_request_error", "invalid_objective", &msg)),
+            Err(msg) => return self.reply(h, &reply::error(400, "invalid_request_error", "invalid_objective", &msg)),
         };
         self.cost_first =
             objective.as_ref().unwrap_or(&self.cfg.routing.objective).primary == crate::objective::Goal::Cost;
+        self.admission.objective = objective;
 
         match providers::candidates(&self.cfg, &self.path, None).first() {
-            Some(c) => self.provider = c.provider,
+            Some(c) => self.admission.provider = c.provider,
             None => {
-                return self.reply(&reply::error(
-                    404,
-                    "invalid_request_error",
-                    "provider_not_configured",
-                    &format!("No provider configured on this gateway serves {}.", self.path),
-                ))
+                return self.reply(
+                    h,
+                    &reply::error(
+                        404,
+                        "invalid_request_error",
+                        "provider_not_configured",
+                        &format!("No provider configured on this gateway serves {}.", self.path),
+                    ),
+                )
             }
         }
         let ct = content_type.to_ascii_lowercase();
@@ -388,96 +398,126 @@ impl HttpContext for Ingress {
             !end_of_stream && (ct.is_empty() || ct.starts_with("application/json") || ct.contains("+json"));
         if !self.read_body {
             // No JSON body to read a model from: choose the provider now.
-            if let Err(r) = self.select_provider(None, now) {
-                return self.reply(&r);
+            if let Err(r) = self.select_provider(h, None, now) {
+                return self.reply(h, &r);
             }
         }
 
         let salt = self.id as u64;
-        let rid = with_flights(|fl| match request_id {
+        let rid = self.flights.try_borrow_mut().ok().map(|mut fl| match request_id {
             Some(r) if !r.is_empty() && !fl.contains(r) => (r.to_string(), false),
             _ => (fl.fresh_id(now, salt), true),
         });
         let Some((rid, fresh)) = rid else {
-            return Action::Continue;
+            return Next::Continue;
         };
-        if fresh && abi::set_header(abi::REQUEST_HEADERS, "x-request-id", &rid).is_err() {
+        if fresh && h.set_header(Map::RequestHeaders, "x-request-id", &rid).is_err() {
             log::warn!("[{}] could not set x-request-id", self.id);
         }
-        let flight =
-            Flight { provider: self.provider, started_ms: now, objective, client: self.client, ..Flight::default() };
-        with_flights(|fl| fl.insert(rid.clone(), flight, now));
+        if let Ok(mut fl) = self.flights.try_borrow_mut() {
+            fl.insert(rid.clone(), Flight::new(now), now);
+        }
         self.request_id = Some(rid);
 
         if !self.read_body {
-            if let Some(r) = self.admit_client(now) {
-                return self.reply(&r);
+            if let Some(r) = self.admit_client(h, now) {
+                return self.reply(h, &r);
             }
-            return Action::Continue;
+            self.admit_flight(h, Reservation::default(), now);
+            return Next::Continue;
         }
-        Action::Pause
+        Next::Pause
     }
 
-    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+    pub fn on_request_body(&mut self, h: &dyn Host, size: usize, end_of_stream: bool) -> Next {
         if self.done {
-            return Action::Continue;
+            return Next::Continue;
         }
         if let Some(pending) = self.admin.take() {
             if size > MAX_ADMIN_BODY {
-                return self.reply(&reply::error(
-                    413,
-                    "invalid_request_error",
-                    "body_too_large",
-                    "Admin request body too large.",
-                ));
+                return self.reply(
+                    h,
+                    &reply::error(413, "invalid_request_error", "body_too_large", "Admin request body too large."),
+                );
             }
             if !end_of_stream {
                 self.admin = Some(pending);
-                return Action::Pause;
+                return Next::Pause;
             }
-            let body = abi::buffer(abi::REQUEST_BODY, 0, size).ok().flatten().unwrap_or_default();
-            return self.run_admin(&pending, &body);
+            let body = h.buffer(Buffer::RequestBody, 0, size).ok().flatten().unwrap_or_default();
+            return self.run_admin(h, &pending, &body);
         }
         if !self.read_body {
-            return Action::Continue;
+            return Next::Continue;
         }
         if !end_of_stream {
-            return Action::Pause;
+            return Next::Pause;
         }
-        let body = match abi::buffer(abi::REQUEST_BODY, 0, size) {
+        self.body_complete(h, size)
+    }
+
+    /// Trailers end the request body: Envoy does not mark the last data
+    /// frame end-of-stream when trailers follow, so the body is checked
+    /// here exactly as at its end.
+    pub fn on_request_trailers(&mut self, h: &dyn Host) -> Next {
+        if self.done {
+            return Next::Continue;
+        }
+        if let Some(pending) = self.admin.take() {
+            let body = h.buffer(Buffer::RequestBody, 0, MAX_ADMIN_BODY + 1).ok().flatten().unwrap_or_default();
+            if body.len() > MAX_ADMIN_BODY {
+                return self.reply(
+                    h,
+                    &reply::error(413, "invalid_request_error", "body_too_large", "Admin request body too large."),
+                );
+            }
+            return self.run_admin(h, &pending, &body);
+        }
+        if !self.read_body {
+            return Next::Continue;
+        }
+        self.body_complete(h, usize::MAX)
+    }
+
+    /// The whole JSON body is buffered (`size` bytes, or all of it with
+    /// `usize::MAX`): policy, provider choice, budget admission, rewrites.
+    fn body_complete(&mut self, h: &dyn Host, size: usize) -> Next {
+        self.read_body = false;
+        let body = match h.buffer(Buffer::RequestBody, 0, size) {
             Ok(b) => b.unwrap_or_default(),
-            Err(e) => return self.host_failure("read the request body", e),
+            Err(e) => return self.host_failure(h, "read the request body", e),
         };
+        let size = body.len();
         let mut info = match request::inspect(&body) {
             Ok(i) => i,
-            Err(e) => return self.reply(&reply::bad_request(&e.to_string())),
+            Err(e) => return self.reply(h, &reply::bad_request(&e.to_string())),
         };
-        let now = abi::now_ms();
+        let now = h.now_ms();
         let mut rewritten: Option<Vec<u8>> = None;
-        if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
+        if let Some(c) = self.client() {
             match identity::check_request(c, &info) {
                 Ok(Some(model)) => {
                     rewritten = identity::rewrite_model(&body, &model);
                     info.model = Some(model);
                 }
                 Ok(None) => {}
-                Err(r) => return self.reply(&r),
+                Err(r) => return self.reply(h, &r),
             }
-            if let Some(r) = self.admit_client(now) {
-                return self.reply(&r);
+            if let Some(r) = self.admit_client(h, now) {
+                return self.reply(h, &r);
             }
         }
         let requested = info.model.clone();
-        match self.select_provider(requested.as_deref(), now) {
+        match self.select_provider(h, requested.as_deref(), now) {
             Ok(Some(model)) => {
                 rewritten = identity::rewrite_model(rewritten.as_deref().unwrap_or(&body), &model);
                 info.model = Some(model);
             }
             Ok(None) => {}
-            Err(r) => return self.reply(&r),
+            Err(r) => return self.reply(h, &r),
         }
-        if let Some(refusal) = self.admit(&info, now) {
-            return self.reply(&refusal);
+        if let Some(refusal) = self.admit(h, &info, now) {
+            return self.reply(h, &refusal);
         }
         if self.cfg.inject_stream_usage && request::path_takes_stream_options(&self.path) {
             let current = rewritten.as_deref().unwrap_or(&body);
@@ -487,51 +527,49 @@ impl HttpContext for Ingress {
         }
         if let Some(new_body) = rewritten {
             // Headers are still paused here, so content-length may change.
-            let ok = abi::set_buffer(abi::REQUEST_BODY, 0, size, &new_body).is_ok()
-                && abi::set_header(abi::REQUEST_HEADERS, "content-length", &new_body.len().to_string()).is_ok();
+            let ok = h.set_buffer(Buffer::RequestBody, 0, size, &new_body).is_ok()
+                && h.set_header(Map::RequestHeaders, "content-length", &new_body.len().to_string()).is_ok();
             if !ok {
                 log::warn!("[{}] could not rewrite the request body", self.id);
             }
         }
-        Action::Continue
+        Next::Continue
     }
 
-    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+    pub fn on_response_headers(&mut self, h: &dyn Host, end_of_stream: bool) -> Next {
         let Some(rid) = self.request_id.as_deref() else {
-            return Action::Continue;
+            return Next::Continue;
         };
-        let soft = with_flights(|fl| fl.get_mut(rid).map(|f| f.soft_over.clone())).flatten().unwrap_or_default();
+        let soft = self
+            .flights
+            .try_borrow()
+            .ok()
+            .and_then(|fl| fl.get(rid).map(|f| f.admission.soft_over.clone()))
+            .unwrap_or_default();
         if !soft.is_empty() {
             let ids: Vec<&str> = soft.iter().filter_map(|&i| self.cfg.budgets.get(i)).map(|b| b.id.as_str()).collect();
-            let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-budget-warning", &ids.join(","));
+            let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-budget-warning", &ids.join(","));
         }
         if end_of_stream {
-            self.publish_outcome();
+            self.publish_outcome(h);
         }
-        Action::Continue
+        Next::Continue
     }
 
-    fn on_http_response_body(&mut self, _size: usize, end_of_stream: bool) -> Action {
+    pub fn on_response_body(&mut self, h: &dyn Host, end_of_stream: bool) -> Next {
         if end_of_stream {
-            self.publish_outcome();
+            self.publish_outcome(h);
         }
-        Action::Continue
+        Next::Continue
     }
 
-    fn on_log(&mut self) {
+    /// The request is over (Envoy's `on_log`): lets go of the flight and,
+    /// as its last holder, releases what is still reserved.
+    pub fn on_log(&mut self, h: &dyn Host) {
         let Some(rid) = self.request_id.take() else { return };
-        let letting = with_flights(|fl| {
-            let l = fl.get_mut(&rid).map(|f| f.ingress_finished());
-            if let Some(Letting::Release(_)) = l {
-                fl.remove(&rid);
-            }
-            l
-        })
-        .flatten();
-        if let Some(Letting::Release(held)) = letting {
-            if !held.is_empty() {
-                budget::release(&abi::SharedData, &self.cfg.budgets, &held, abi::now_ms());
-            }
+        let leftover = self.flights.try_borrow_mut().ok().and_then(|mut fl| fl.let_go(&rid, Holder::Ingress));
+        if let Some(r) = leftover {
+            r.release(h.store(), &self.cfg.budgets, h.now_ms());
         }
     }
 }

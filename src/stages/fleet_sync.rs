@@ -1,21 +1,16 @@
-//! Fleet mode in the host: the lease that picks one syncing root context per
+//! Fleet mode's sync: the lease that picks one syncing root context per
 //! process, the calls to etcd's JSON gateway, and applying their answers to
-//! shared data. The protocol and every decision are in [`crate::fleet`].
+//! shared data. The protocol and the merge rules are in [`crate::fleet`].
 
-use super::{abi, metrics};
+use super::host::{Buffer, Host, Map};
 use crate::budget;
 use crate::config::{Config, Fleet};
 use crate::fleet::{self, Bases, Counter, Guard, Op, SharedState, Snapshot, Status};
 use crate::keys;
-use crate::store::Store;
 use crate::transition::{self, Transition};
 use crate::window::{self, Window};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
-use std::time::Duration;
-
-const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
-const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
@@ -31,7 +26,7 @@ const LIFE_KEY: &str = "akr.v1.fleet.life";
 const EPOCH_KEY: &str = "akr.v1.fleet.epoch";
 
 /// The fleet sync of one root context (attempt stage).
-pub(crate) struct FleetSync {
+pub struct FleetSync {
     fleet: Fleet,
     instance: String,
     /// This root context as a lease holder.
@@ -55,11 +50,11 @@ pub(crate) struct FleetSync {
 /// The instance id: the configured one, else Envoy's node id (property `xds.node.id`) (made safe
 /// for etcd keys: other characters become `_`, with a short hash to keep
 /// ids distinct). `None` when neither is set.
-pub(crate) fn instance_id(fleet: &Fleet) -> Option<String> {
+pub fn instance_id(h: &dyn Host, fleet: &Fleet) -> Option<String> {
     if let Some(i) = &fleet.instance {
         return Some(i.clone());
     }
-    let node = abi::property_string(&["xds", "node", "id"]).filter(|n| !n.is_empty())?;
+    let node = h.property_string(&["xds", "node", "id"]).filter(|n| !n.is_empty())?;
     if crate::config::check_id("", node.clone()).is_ok() {
         return Some(node);
     }
@@ -78,14 +73,14 @@ impl FleetSync {
     /// created by the first root context to start (any random value will do).
     /// Until the first sync succeeds, each budget keeps to this instance's
     /// share, as while etcd is unreachable: the others' spend is not yet known.
-    pub(crate) fn new(cfg: &Config, fleet: Fleet, instance: String, me: u64) -> FleetSync {
-        let store = &abi::SharedData;
+    pub fn new(h: &dyn Host, cfg: &Config, fleet: Fleet, instance: String, me: u64) -> FleetSync {
+        let store = h.store();
         let _ = crate::store::seed(store, LIFE_KEY, &me.to_le_bytes());
         let epoch = keys::increment(store, EPOCH_KEY).0.unwrap_or(0);
         let life =
-            store.get(LIFE_KEY).0.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map_or(me, u64::from_le_bytes);
-        let now = abi::now_ms();
-        let status = fleet::Status::decode(store.get(fleet::STATUS_KEY).0.as_deref());
+            store.value(LIFE_KEY).and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map_or(me, u64::from_le_bytes);
+        let now = h.now_ms();
+        let status = fleet::Status::decode(store.value(fleet::STATUS_KEY).as_deref());
         if status.is_none_or(|s| s.last_ok_ms == 0) {
             for b in &cfg.budgets {
                 budget::set_local_share(store, b, Some(fleet.local_share), now);
@@ -107,24 +102,20 @@ impl FleetSync {
 
     /// The tick period fleet mode needs: a quarter of the sync interval, so
     /// that a key-state change or new spend leaves within a quarter interval.
-    pub(crate) fn tick_ms(&self) -> u64 {
+    pub fn tick_ms(&self) -> u64 {
         (self.fleet.sync_interval_ms / 4).clamp(25, 500)
     }
 
-    fn store(&self) -> &'static abi::SharedData {
-        &abi::SharedData
-    }
-
-    fn status(&self, now_ms: u64) -> Status {
-        fleet::Status::decode(self.store().get(fleet::STATUS_KEY).0.as_deref()).unwrap_or_else(|| Status {
+    fn status(&self, h: &dyn Host, now_ms: u64) -> Status {
+        fleet::Status::decode(h.store().value(fleet::STATUS_KEY).as_deref()).unwrap_or_else(|| Status {
             instance: self.instance.clone(),
             started_ms: now_ms,
             ..Status::default()
         })
     }
 
-    fn save_status(&self, s: &Status) {
-        if self.store().set(fleet::STATUS_KEY, &s.encode(), None).is_err() {
+    fn save_status(&self, h: &dyn Host, s: &Status) {
+        if h.store().set(fleet::STATUS_KEY, &s.encode(), None).is_err() {
             log::warn!("fleet: could not record the sync status");
         }
     }
@@ -132,24 +123,24 @@ impl FleetSync {
     /// Holds (or renews) the process-wide sync lease; false when another
     /// root context holds it. It outlasts a call to etcd and its timeout,
     /// and is renewed on every tick, a call pending or not.
-    fn lease(&self, now_ms: u64) -> bool {
+    fn lease(&self, h: &dyn Host, now_ms: u64) -> bool {
         let ttl = (3 * self.fleet.sync_interval_ms).max(self.fleet.timeout_ms + self.fleet.sync_interval_ms + 1000);
-        let (cur, cas) = self.store().get(fleet::LEASE_KEY);
+        let Ok((cur, cas)) = h.store().get(fleet::LEASE_KEY) else { return false };
         match fleet::claim_lease(cur.as_deref(), self.me, now_ms, ttl) {
-            Some(v) => self.store().set(fleet::LEASE_KEY, &v, cas).is_ok(),
+            Some(v) => h.store().set(fleet::LEASE_KEY, &v, cas).is_ok(),
             None => false,
         }
     }
 
     /// Whether this root context holds the lease now (without renewing it).
-    fn holds_lease(&self, now_ms: u64) -> bool {
-        let cur = self.store().get(fleet::LEASE_KEY).0;
+    fn holds_lease(&self, h: &dyn Host, now_ms: u64) -> bool {
+        let cur = h.store().value(fleet::LEASE_KEY);
         fleet::lease_of(cur.as_deref()).is_some_and(|(owner, until, _)| owner == self.me.id && until > now_ms)
     }
 
     /// Called on every tick of the owning root context.
-    pub(crate) fn tick(&mut self, cfg: &Config, now_ms: u64) {
-        if !self.lease(now_ms) {
+    pub fn tick(&mut self, h: &dyn Host, cfg: &Config, now_ms: u64) {
+        if !self.lease(h, now_ms) {
             self.pending = None;
             self.queued.clear();
             return;
@@ -163,8 +154,8 @@ impl FleetSync {
             self.pending = None;
             self.queued.clear();
         }
-        let gen = keys::read_u64(self.store(), keys::GEN_KEY);
-        let spend: Vec<Decimal> = cfg.budgets.iter().map(|b| budget::load(self.store(), b, now_ms).spent).collect();
+        let gen = keys::read_u64(h.store(), keys::GEN_KEY);
+        let spend: Vec<Decimal> = cfg.budgets.iter().map(|b| budget::load(h.store(), b, now_ms).spent).collect();
         if now_ms < self.next_ms && gen == self.last_gen && spend == self.last_spend {
             return;
         }
@@ -172,49 +163,48 @@ impl FleetSync {
         self.last_spend = spend;
         self.next_ms = now_ms + self.fleet.sync_interval_ms;
         let body = fleet::range_body(&self.fleet.prefix);
-        if let Err(why) = self.call(Call::Range, "/v3/kv/range", body.as_bytes(), now_ms) {
-            self.failed(cfg, now_ms, &why);
+        if let Err(why) = self.call(h, Call::Range, "/v3/kv/range", body.as_bytes(), now_ms) {
+            self.failed(h, cfg, now_ms, &why);
         }
     }
 
-    fn call(&mut self, call: Call, path: &str, body: &[u8], now_ms: u64) -> Result<(), String> {
-        let headers = vec![
+    fn call(&mut self, h: &dyn Host, call: Call, path: &str, body: &[u8], now_ms: u64) -> Result<(), String> {
+        let headers = [
             (":method", "POST"),
             (":path", path),
             (":authority", self.fleet.authority.as_str()),
             ("content-type", "application/json"),
         ];
-        let timeout = Duration::from_millis(self.fleet.timeout_ms);
-        match proxy_wasm::hostcalls::dispatch_http_call(&self.fleet.cluster, headers, Some(body), vec![], timeout) {
+        match h.dispatch_http_call(&self.fleet.cluster, &headers, body, self.fleet.timeout_ms) {
             Ok(token) => {
                 self.pending = Some((token, call, now_ms));
                 Ok(())
             }
-            Err(s) => Err(format!("could not call cluster {:?} ({s:?})", self.fleet.cluster)),
+            Err(s) => Err(format!("could not call cluster {:?} (host status {})", self.fleet.cluster, s.0)),
         }
     }
 
     /// Sends the next queued transaction, if any.
-    fn send_queued(&mut self, cfg: &Config, now_ms: u64) {
+    fn send_queued(&mut self, h: &dyn Host, cfg: &Config, now_ms: u64) {
         if self.queued.is_empty() {
             return;
         }
         let body = self.queued.remove(0);
-        if let Err(why) = self.call(Call::Txn, "/v3/kv/txn", body.as_bytes(), now_ms) {
+        if let Err(why) = self.call(h, Call::Txn, "/v3/kv/txn", body.as_bytes(), now_ms) {
             self.queued.clear();
-            self.failed(cfg, now_ms, &why);
+            self.failed(h, cfg, now_ms, &why);
         }
     }
 
     /// An answer from etcd (or Envoy's failure to get one).
-    pub(crate) fn on_response(&mut self, cfg: &Config, token: u32, n_headers: usize, body_size: usize) {
+    pub fn on_response(&mut self, h: &dyn Host, cfg: &Config, token: u32, n_headers: usize, body_size: usize) {
         let Some((t, call, _)) = self.pending else { return };
         if t != token {
             return;
         }
         self.pending = None;
-        let now = abi::now_ms();
-        if !self.holds_lease(now) {
+        let now = h.now_ms();
+        if !self.holds_lease(h, now) {
             // Another root context took over meanwhile: its view wins.
             self.queued.clear();
             return;
@@ -222,11 +212,11 @@ impl FleetSync {
         let status = if n_headers == 0 {
             None
         } else {
-            abi::headers(HTTP_CALL_RESPONSE_HEADERS)
+            h.headers(Map::CallResponseHeaders)
                 .ok()
                 .and_then(|h| h.into_iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u32>().ok()))
         };
-        let body = abi::buffer(HTTP_CALL_RESPONSE_BODY, 0, body_size).ok().flatten().unwrap_or_default();
+        let body = h.buffer(Buffer::CallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
         let outcome = match status {
             None => Err("etcd did not answer (timeout or connection failure)".to_string()),
             Some(200) => Ok(body),
@@ -238,34 +228,34 @@ impl FleetSync {
         match (call, outcome) {
             (_, Err(why)) => {
                 self.queued.clear();
-                self.failed(cfg, now, &why)
+                self.failed(h, cfg, now, &why)
             }
             (Call::Range, Ok(body)) => match fleet::parse_range(&body) {
-                Ok(kvs) => self.merge_and_push(cfg, Snapshot::new(kvs), now),
-                Err(e) => self.failed(cfg, now, &e.0),
+                Ok(kvs) => self.merge_and_push(h, cfg, Snapshot::new(kvs), now),
+                Err(e) => self.failed(h, cfg, now, &e.0),
             },
             (Call::Txn, Ok(body)) => match fleet::parse_txn(&body) {
                 Ok(true) => {
-                    metrics::add("apikeyrouter.fleet.pushes", 1);
-                    self.send_queued(cfg, now);
+                    h.count("apikeyrouter.fleet.pushes", 1);
+                    self.send_queued(h, cfg, now);
                 }
                 // Another instance wrote a key state or removed a marker
                 // first: the next sync retries on fresh values.
                 Ok(false) => {
-                    metrics::add("apikeyrouter.fleet.push_conflicts", 1);
-                    self.send_queued(cfg, now);
+                    h.count("apikeyrouter.fleet.push_conflicts", 1);
+                    self.send_queued(h, cfg, now);
                 }
                 Err(e) => {
                     self.queued.clear();
-                    self.failed(cfg, now, &e.0)
+                    self.failed(h, cfg, now, &e.0)
                 }
             },
         }
     }
 
-    fn failed(&mut self, cfg: &Config, now_ms: u64, why: &str) {
-        metrics::add("apikeyrouter.fleet.sync_failures", 1);
-        let mut s = self.status(now_ms);
+    fn failed(&mut self, h: &dyn Host, cfg: &Config, now_ms: u64, why: &str) {
+        h.count("apikeyrouter.fleet.sync_failures", 1);
+        let mut s = self.status(h, now_ms);
         let first = s.failures == 0;
         if s.failed(now_ms, why, self.fleet.degraded_after_ms) {
             log::warn!(
@@ -274,21 +264,21 @@ impl FleetSync {
                 self.fleet.local_share
             );
             for b in &cfg.budgets {
-                budget::set_local_share(self.store(), b, Some(self.fleet.local_share), now_ms);
+                budget::set_local_share(h.store(), b, Some(self.fleet.local_share), now_ms);
             }
-            metrics::gauge("apikeyrouter.fleet.degraded", 1);
+            h.gauge("apikeyrouter.fleet.degraded", 1);
         } else if first {
             log::info!("fleet: sync with etcd failed: {why}");
         }
-        self.save_status(&s);
+        self.save_status(h, &s);
     }
 
     /// The local counters of this window: each budget's spend, and the
     /// daily and monthly tokens of keys with such quotas.
-    fn counters(&self, cfg: &Config, now_ms: u64) -> Vec<Counter> {
+    fn counters(&self, h: &dyn Host, cfg: &Config, now_ms: u64) -> Vec<Counter> {
         let mut out = Vec::new();
         for b in &cfg.budgets {
-            let r = budget::load(self.store(), b, now_ms);
+            let r = budget::load(h.store(), b, now_ms);
             let until = b.resets_at(now_ms).unwrap_or(u64::MAX);
             out.push(Counter { name: format!("b/{}", b.id), window: r.window_start_ms, until, local: r.spent });
         }
@@ -300,7 +290,7 @@ impl FleetSync {
             if !quotas.iter().any(|q| q.0) {
                 continue;
             }
-            let r = keys::read_record(self.store(), &key.record_name).unwrap_or_default();
+            let r = keys::read_record(h.store(), &key.record_name).unwrap_or_default();
             for (_, w, label) in quotas.into_iter().filter(|q| q.0) {
                 let (start, tokens) =
                     if w == Window::Day { (r.day_start_ms, r.day_tokens) } else { (r.month_start_ms, r.month_tokens) };
@@ -315,19 +305,20 @@ impl FleetSync {
         out
     }
 
-    fn merge_and_push(&mut self, cfg: &Config, etcd: Snapshot, now_ms: u64) {
+    fn merge_and_push(&mut self, h: &dyn Host, cfg: &Config, etcd: Snapshot, now_ms: u64) {
+        let store = h.store();
         let prefix = self.fleet.prefix.clone();
-        let counters = self.counters(cfg, now_ms);
+        let counters = self.counters(h, cfg, now_ms);
         let bases_key = format!("{}.{}", fleet::BASES_KEY, self.instance);
-        let mut bases = Bases::decode(self.store().get(&bases_key).0.as_deref());
+        let mut bases = Bases::decode(store.value(&bases_key).as_deref());
         let (syncs, writes, deletes) =
             fleet::plan_counters(&prefix, &self.instance, self.life, &counters, &etcd, &mut bases, now_ms);
-        if self.store().set(&bases_key, &bases.encode(), None).is_err() {
+        if store.set(&bases_key, &bases.encode(), None).is_err() {
             log::warn!("fleet: could not record the counter bases");
             return;
         }
         if syncs.iter().any(|s| s.id_clash) {
-            metrics::add("apikeyrouter.fleet.instance_conflicts", 1);
+            h.count("apikeyrouter.fleet.instance_conflicts", 1);
             if !self.clash_logged {
                 self.clash_logged = true;
                 log::error!(
@@ -342,7 +333,7 @@ impl FleetSync {
         for s in &syncs {
             if let Some(id) = s.name.strip_prefix("b/") {
                 if let Some(b) = cfg.budgets.iter().find(|b| b.id == id) {
-                    budget::set_fleet_spent(self.store(), b, s.window, s.others, now_ms);
+                    budget::set_fleet_spent(store, b, s.window, s.others, now_ms);
                 }
             } else {
                 tokens.insert(s.name.as_str(), (s.window, s.others.trunc().to_u64().unwrap_or(u64::MAX)));
@@ -356,7 +347,7 @@ impl FleetSync {
             let day = tokens.get(format!("q/{}/day", key.id).as_str()).copied();
             let month = tokens.get(format!("q/{}/month", key.id).as_str()).copied();
             let after = if shared.is_some() || day.is_some() || month.is_some() {
-                match keys::apply_fleet(self.store(), &key.record_name, shared.as_ref(), day, month, now_ms) {
+                match keys::apply_fleet(store, &key.record_name, shared.as_ref(), day, month, now_ms) {
                     Ok((before, after)) => {
                         let (was, now) = (before.effective(now_ms), after.effective(now_ms));
                         if was != now {
@@ -364,7 +355,7 @@ impl FleetSync {
                             let by = shared.as_ref().map_or("?", |s| s.by.as_str());
                             log::info!("fleet: key {} is {} as instance {by} reported", key.id, now.as_str());
                             transition::record(
-                                self.store(),
+                                store,
                                 cfg.max_transitions,
                                 Transition {
                                     time_ms: now_ms,
@@ -385,15 +376,15 @@ impl FleetSync {
                     }
                 }
             } else {
-                keys::read_record(self.store(), &key.record_name).unwrap_or_default()
+                keys::read_record(store, &key.record_name).unwrap_or_default()
             };
             if let Some(s) = fleet::state_to_push(&after, shared.as_ref(), &self.instance, now_ms) {
                 states.push(Op::Put { key: skey, value: s.to_json(), guard: Some(Guard::of(kv)) });
             }
         }
-        metrics::add("apikeyrouter.fleet.syncs", 1);
-        metrics::add("apikeyrouter.fleet.states_applied", applied);
-        let mut s = self.status(now_ms);
+        h.count("apikeyrouter.fleet.syncs", 1);
+        h.count("apikeyrouter.fleet.states_applied", applied);
+        let mut s = self.status(h, now_ms);
         s.instance = self.instance.clone();
         s.peers = fleet::peers(&prefix, &self.instance, &etcd);
         if s.succeeded(now_ms) {
@@ -402,12 +393,12 @@ impl FleetSync {
         // Lifts the share of a degraded spell or of the start-up (also one a
         // late-starting root context set just after the first sync).
         for b in &cfg.budgets {
-            if budget::load(self.store(), b, now_ms).local_share.is_some() {
-                budget::set_local_share(self.store(), b, None, now_ms);
+            if budget::load(store, b, now_ms).local_share.is_some() {
+                budget::set_local_share(store, b, None, now_ms);
             }
         }
-        metrics::gauge("apikeyrouter.fleet.degraded", 0);
-        self.save_status(&s);
+        h.gauge("apikeyrouter.fleet.degraded", 0);
+        self.save_status(h, &s);
         // This instance's markers (plain puts, never refused), then key
         // states and removals (guarded: a race refuses them until the next
         // sync), at most MAX_OPS writes per transaction.
@@ -417,6 +408,6 @@ impl FleetSync {
                 self.queued.push(fleet::txn_body(chunk));
             }
         }
-        self.send_queued(cfg, now_ms);
+        self.send_queued(h, cfg, now_ms);
     }
 }

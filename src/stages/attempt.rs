@@ -4,20 +4,20 @@
 //! Envoy's retry picks the next key, reads usage from JSON or SSE as it
 //! passes, and records the attempt.
 
-use super::{abi, metrics, send, with_flights, Routing};
-use crate::budget::{self, Held, Price};
+use super::flight::{Flights, Holder, Served};
+use super::host::{Buffer, Host, Map, Next};
+use super::routing::Routing;
+use crate::budget::{self, Price, Reservation};
 use crate::config::{Config, StatusAction};
 use crate::decision::{Decision, Stored};
-use crate::flight::Letting;
 use crate::identity;
 use crate::keys::{read_record, record_attempt, stale_choice, Action};
+use crate::metrics;
 use crate::objective::Objective;
 use crate::ratelimit::{cooldown_ms, Signals};
 use crate::reply;
 use crate::state::{Outcome, Reason};
 use crate::usage::{self, SseUsage};
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action as Next;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -49,10 +49,11 @@ enum Body {
     Probe,
 }
 
-pub(crate) struct Attempt {
+pub struct Attempt {
     id: u32,
     cfg: Rc<Config>,
     routing: Rc<RefCell<Routing>>,
+    flights: Rc<RefCell<Flights>>,
     key: Option<usize>,
     attempt: u32,
     started_ns: u64,
@@ -68,8 +69,8 @@ pub(crate) struct Attempt {
     /// The model's price and the request's token estimates, from admission.
     price: Option<Price>,
     estimate_tokens: (u64, u64),
-    /// Held against budgets scoped to the chosen key.
-    key_held: Vec<Held>,
+    /// Held against budgets scoped to the chosen key; this attempt owns it.
+    key_held: Option<Reservation>,
     /// This attempt ended in a success whose cost was settled.
     settled: bool,
     /// The stream was ended early because a hard budget was crossed.
@@ -82,11 +83,12 @@ pub(crate) struct Attempt {
 }
 
 impl Attempt {
-    pub(crate) fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<Routing>>) -> Attempt {
+    pub fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<Routing>>, flights: Rc<RefCell<Flights>>) -> Attempt {
         Attempt {
             id,
             cfg,
             routing,
+            flights,
             key: None,
             attempt: 0,
             started_ns: 0,
@@ -100,7 +102,7 @@ impl Attempt {
             request_id: None,
             price: None,
             estimate_tokens: (0, 0),
-            key_held: Vec::new(),
+            key_held: None,
             settled: false,
             cut: false,
             next_cutoff_check: 0,
@@ -113,18 +115,23 @@ impl Attempt {
     /// one token per event) passes what was reserved for it, checks whether
     /// the excess crosses a hard budget; if so returns the final SSE events
     /// that end the stream for the client.
-    fn cutoff_event(&self, events: u64) -> Option<String> {
+    fn cutoff_event(&self, h: &dyn Host, events: u64) -> Option<String> {
         let key = self.cfg.keys.get(self.key?)?;
         let running = budget::estimate(self.estimate_tokens.0, events, self.price.as_ref(), &key.pricing);
         let rid = self.request_id.as_deref()?;
-        let mut held = with_flights(|fl| fl.get_mut(rid).map(|f| f.held.clone())).flatten().unwrap_or_default();
-        held.extend(self.key_held.iter().copied());
+        let mut held = self
+            .flights
+            .try_borrow()
+            .ok()
+            .and_then(|fl| fl.get(rid).and_then(|f| f.reservation()).map(|r| r.held().to_vec()))
+            .unwrap_or_default();
+        held.extend(self.key_held.iter().flat_map(|r| r.held().iter().copied()));
         let reserved = held.iter().map(|h| h.amount).max().unwrap_or_default();
         let excess = running - reserved;
         if excess <= rust_decimal::Decimal::ZERO {
             return None;
         }
-        let i = budget::crossed(&abi::SharedData, &self.cfg.budgets, &held, excess, abi::now_ms())?;
+        let i = budget::crossed(h.store(), &self.cfg.budgets, &held, excess, h.now_ms())?;
         let id = self.cfg.budgets.get(i).map_or("?", |b| b.id.as_str());
         log::info!("[{}] stream cut off: budget {id} reached", self.id);
         let err = serde_json::json!({"error": {
@@ -145,76 +152,72 @@ impl Attempt {
     fn usage_known(&mut self) -> Option<rust_decimal::Decimal> {
         let cost = self.actual_cost();
         if let Some(rid) = self.request_id.as_deref() {
-            let (k, u, d) = (self.key, self.usage, self.decision.clone());
-            with_flights(|fl| {
-                if let Some(f) = fl.get_mut(rid) {
-                    f.key = k;
-                    f.usage = u;
-                    f.cost = cost;
-                    f.decision = d;
-                }
-            });
+            let served = Served { key: self.key, usage: self.usage, cost, decision: self.decision.clone() };
+            if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
+                f.served = served;
+            }
         }
         cost
     }
 
     /// Settles or releases reservations when the attempt ends, and lets go
     /// of the request.
-    fn close_books(&mut self) {
-        let now = abi::now_ms();
+    fn close_books(&mut self, h: &dyn Host) {
+        let now = h.now_ms();
+        let store = h.store();
         let budgets = &self.cfg.budgets;
         // A stream that ended without its usage (the client left, the
         // provider cut it) is released, not charged: its cost is unknown.
         let unfinished_stream = matches!(self.body, Body::Sse(_)) && self.usage.is_none();
         let success = (200..300).contains(&self.status) && self.complete && !unfinished_stream;
         let actual = if success { Some(self.actual_cost().unwrap_or_default()) } else { None };
-        let key_held = std::mem::take(&mut self.key_held);
         let mut spent = Vec::new();
-        match actual {
-            Some(a) => spent = budget::settle(&abi::SharedData, budgets, &key_held, a, now),
-            None => budget::release(&abi::SharedData, budgets, &key_held, now),
+        if let Some(key_held) = self.key_held.take() {
+            match actual {
+                Some(a) => spent = key_held.settle(store, budgets, a, now),
+                None => key_held.release(store, budgets, now),
+            }
         }
         if let (Some(a), Some(key)) = (actual, self.key.and_then(|k| self.cfg.keys.get(k))) {
             let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
-            metrics::add(&metrics::key_metric(pid, &key.id, "spend_micros"), metrics::micros(a));
+            h.count(&metrics::key_metric(pid, &key.id, "spend_micros"), metrics::micros(a));
         }
         if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
             let tokens = if actual.is_some() { self.usage.map_or(0, |u| u.total) } else { 0 };
-            identity::record_tokens(&abi::SharedData, c, tokens, now);
-            metrics::add(&format!("apikeyrouter.client.{}.requests", c.id), 1);
-            metrics::add(&format!("apikeyrouter.client.{}.tokens", c.id), tokens);
+            identity::record_tokens(store, c, tokens, now);
+            h.count(&format!("apikeyrouter.client.{}.requests", c.id), 1);
+            h.count(&format!("apikeyrouter.client.{}.tokens", c.id), tokens);
             if let Some(a) = actual {
-                metrics::add(&format!("apikeyrouter.client.{}.spend_micros", c.id), metrics::micros(a));
+                h.count(&format!("apikeyrouter.client.{}.spend_micros", c.id), metrics::micros(a));
             }
         }
-        let Some(rid) = self.request_id.as_deref() else { return };
-        let (to_settle, letting) = with_flights(|fl| {
-            let Some(f) = fl.get_mut(rid) else { return (None, None) };
-            let to_settle = if actual.is_some() { f.take_for_settlement() } else { None };
-            let letting = f.attempt_finished();
-            if let Letting::Release(_) = letting {
-                fl.remove(rid);
+        let Some(rid) = self.request_id.take() else { return };
+        let (to_settle, leftover) = match self.flights.try_borrow_mut() {
+            Ok(mut fl) => {
+                let to_settle =
+                    if actual.is_some() { fl.get_mut(&rid).and_then(|f| f.take_for_settlement()) } else { None };
+                (to_settle, fl.let_go(&rid, Holder::Attempt))
             }
-            (to_settle, Some(letting))
-        })
-        .unwrap_or((None, None));
-        if let (Some(held), Some(a)) = (to_settle, actual) {
-            spent.extend(budget::settle(&abi::SharedData, budgets, &held, a, now));
+            Err(_) => (None, None),
+        };
+        if let Some(held) = to_settle {
+            // `to_settle` is only taken when `actual` is known.
+            spent.extend(held.settle(store, budgets, actual.unwrap_or_default(), now));
             self.settled = true;
         }
         for (i, total) in spent {
             if let Some(b) = budgets.get(i) {
-                metrics::gauge(&metrics::budget_metric(&b.id, "spent_micros"), metrics::micros(total));
+                h.gauge(&metrics::budget_metric(&b.id, "spent_micros"), metrics::micros(total));
             }
         }
-        if let Some(Letting::Release(held)) = letting {
-            budget::release(&abi::SharedData, budgets, &held, now);
+        if let Some(r) = leftover {
+            r.release(store, budgets, now);
         }
     }
 
     /// Records the attempt once, with the usage seen so far, and closes
     /// its budget books.
-    fn finish(&mut self) {
+    fn finish(&mut self, h: &dyn Host) {
         if self.recorded {
             return;
         }
@@ -224,14 +227,14 @@ impl Attempt {
                 self.usage = parser.usage;
             }
         }
-        self.record(Action::Nothing);
-        self.close_books();
+        self.record(h, Action::Nothing);
+        self.close_books(h);
     }
 
-    fn record(&mut self, action: Action) {
+    fn record(&mut self, h: &dyn Host, action: Action) {
         let Some(k) = self.key else { return };
         self.recorded = true;
-        let now = abi::now_ms();
+        let now = h.now_ms();
         // A success cut off before its end (a reset, a timeout) is a
         // failure. An error status stands on its own: Envoy may reset the
         // attempt to retry as soon as it sees it, before its body ends.
@@ -244,21 +247,21 @@ impl Attempt {
             latency_us: self.latency_us,
         };
         let signals = Signals::from_headers(&self.signals);
-        let (r, stats) = record_attempt(&abi::SharedData, &self.cfg, k, &outcome, Some(&signals), action, now);
+        let (r, stats) = record_attempt(h.store(), &self.cfg, k, &outcome, Some(&signals), action, now);
         let kid = self.cfg.keys.get(k).map_or("?", |k| k.id.as_str());
         if stats.conflicts > 0 {
             log::debug!("[{}] key {kid}: {} cas conflicts", self.id, stats.conflicts);
         }
         let pid =
             self.cfg.providers.get(self.cfg.keys.get(k).map_or(0, |key| key.provider)).map_or("", |p| p.id.as_str());
-        metrics::add("apikeyrouter.cas_conflicts", stats.conflicts as u64);
-        metrics::add(&metrics::key_metric(pid, kid, &format!("requests.{}", metrics::status_class(status))), 1);
+        h.count("apikeyrouter.cas_conflicts", stats.conflicts as u64);
+        h.count(&metrics::key_metric(pid, kid, &format!("requests.{}", metrics::status_class(status))), 1);
         if self.status == 429 {
-            metrics::add(&metrics::key_metric(pid, kid, "rate_limited"), 1);
+            h.count(&metrics::key_metric(pid, kid, "rate_limited"), 1);
         }
         if let Some(u) = self.usage {
-            metrics::add(&metrics::key_metric(pid, kid, "input_tokens"), u.input);
-            metrics::add(&metrics::key_metric(pid, kid, "output_tokens"), u.output);
+            h.count(&metrics::key_metric(pid, kid, "input_tokens"), u.input);
+            h.count(&metrics::key_metric(pid, kid, "output_tokens"), u.output);
         }
         match r {
             Ok(rec) => {
@@ -277,12 +280,12 @@ impl Attempt {
                         reason: format!("provider answered {}", self.status),
                         seq: 0,
                     };
-                    crate::transition::record(&abi::SharedData, self.cfg.max_transitions, t);
+                    crate::transition::record(h.store(), self.cfg.max_transitions, t);
                     if matches!(action, Action::CoolUntil(_)) {
-                        metrics::add(&metrics::key_metric(pid, kid, "cooldowns"), 1);
+                        h.count(&metrics::key_metric(pid, kid, "cooldowns"), 1);
                     }
                     let e = crate::keys::evaluate(&self.cfg, k, &rec.record, now);
-                    metrics::key_gauges(pid, kid, &e, rec.record.effective(now));
+                    metrics::key_gauges(h, pid, kid, &e, rec.record.effective(now));
                 }
                 match action {
                     Action::CoolUntil(until) => log::info!(
@@ -310,7 +313,7 @@ impl Attempt {
 
     /// The action the response status (and, for a probed 4xx, its error
     /// code) calls for.
-    fn action_for(&self, error_code: Option<&str>) -> Action {
+    fn action_for(&self, now: u64, error_code: Option<&str>) -> Action {
         let (configured, reason) = match error_code.and_then(|c| self.cfg.error_code_action(c).map(|a| (a, c))) {
             Some((a, "insufficient_quota")) => (a, Reason::InsufficientQuota),
             Some((a, _)) => (a, Reason::Status),
@@ -325,7 +328,6 @@ impl Attempt {
             }
         };
         let cool_until = if configured == StatusAction::Cooldown {
-            let now = abi::now_ms();
             let s = Signals::from_headers(&self.signals);
             now.saturating_add(cooldown_ms(&s, now, self.cfg.cooldown.default_ms, self.cfg.cooldown.max_ms))
         } else {
@@ -347,38 +349,34 @@ impl Attempt {
     }
 }
 
-impl Context for Attempt {
-    // Envoy does not call on_log for router upstream filters; on_done marks
-    // the end of the attempt, whether it completed, was reset or aborted.
-    fn on_done(&mut self) -> bool {
+impl Attempt {
+    /// The attempt is over (Envoy's `on_done`: Envoy does not call `on_log`
+    /// for router upstream filters), whether it completed, was reset or
+    /// aborted.
+    pub fn on_done(&mut self, h: &dyn Host) {
         let already = self.recorded;
-        self.finish();
+        self.finish(h);
         if already {
-            self.close_books();
+            self.close_books(h);
         }
-        true
     }
-}
 
-impl HttpContext for Attempt {
-    fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Next {
-        self.started_ns = abi::now_ns();
+    pub fn on_request_headers(&mut self, h: &dyn Host) -> Next {
+        self.started_ns = h.now_ns();
         let now = self.started_ns / 1_000_000;
-        let rid = abi::header(abi::REQUEST_HEADERS, "x-request-id").ok().flatten();
+        let rid = h.header(Map::RequestHeaders, "x-request-id").ok().flatten();
         // What the ingress stage left for this request: the provider, the
         // objective and the keys earlier attempts used. Absent when the
         // ingress stage is not installed; then the first provider serves.
         let found = rid.as_deref().and_then(|rid| {
-            with_flights(|fl| {
-                fl.get_mut(rid).map(|f| {
-                    f.attempts += 1;
-                    f.in_flight += 1;
-                    let est = (f.prompt_tokens_est, f.output_tokens_est);
-                    self.client = f.client;
-                    (f.provider, f.tried.clone(), f.attempts, f.objective.clone(), f.price, est)
-                })
-            })
-            .flatten()
+            let mut fl = self.flights.try_borrow_mut().ok()?;
+            let f = fl.get_mut(rid)?;
+            f.attempts.count += 1;
+            f.attempts.in_flight += 1;
+            let a = &f.admission;
+            let est = (a.prompt_tokens_est, a.output_tokens_est);
+            self.client = a.client;
+            Some((a.provider, f.attempts.tried.clone(), f.attempts.count, a.objective.clone(), a.price, est))
         });
         let (provider, tried, attempt, objective, price, est) = match found {
             Some(x) => {
@@ -386,7 +384,8 @@ impl HttpContext for Attempt {
                 x
             }
             None => {
-                let n = abi::header(abi::REQUEST_HEADERS, "x-envoy-attempt-count")
+                let n = h
+                    .header(Map::RequestHeaders, "x-envoy-attempt-count")
                     .ok()
                     .flatten()
                     .and_then(|v| v.parse().ok())
@@ -397,12 +396,13 @@ impl HttpContext for Attempt {
         self.attempt = attempt;
         self.price = price;
         self.estimate_tokens = est;
-        let Ok(mut routing) = self.routing.try_borrow_mut() else {
-            send(&reply::gateway_error("The gateway is busy."), self.id);
+        let routing_cell = self.routing.clone();
+        let Ok(mut routing) = routing_cell.try_borrow_mut() else {
+            h.reply(&reply::gateway_error("The gateway is busy."), self.id);
             return Next::Pause;
         };
         let routing = &mut *routing;
-        self.cfg = routing.refresh(now);
+        self.cfg = routing.refresh(h, now);
         let objective: &Objective = objective.as_ref().unwrap_or(&self.cfg.routing.objective);
         let cfg = &self.cfg;
         let choose = |routing: &mut Routing, banned: &[usize]| {
@@ -410,7 +410,7 @@ impl HttpContext for Attempt {
         };
         let mut banned: Vec<usize> = Vec::new();
         let mut chosen = choose(routing, &banned);
-        let mut key_held = Vec::new();
+        let mut key_held = None;
         // Confirm the choice against the key's own fresh record (another
         // worker may have used up its quota or cooled it since the snapshot)
         // and against its own budgets; choose again if it cannot serve.
@@ -422,7 +422,7 @@ impl HttpContext for Attempt {
             // shrinking provider headroom) need the key's fresh record.
             let counts_matter = key.limits != Default::default()
                 || routing.snapshot.eval(cfg, k, now).capacity != crate::state::Capacity::Abundant;
-            let fresh = if counts_matter { read_record(&abi::SharedData, &key.record_name).ok() } else { None };
+            let fresh = if counts_matter { read_record(h.store(), &key.record_name).ok() } else { None };
             let snap = routing.snapshot.records.get(k).copied().unwrap_or_default();
             if let Some(fresh) = fresh.filter(|f| stale_choice(cfg, k, &snap, f, now)) {
                 routing.snapshot.observe(cfg, k, fresh, now);
@@ -430,9 +430,9 @@ impl HttpContext for Attempt {
                 break;
             } else {
                 let estimate = budget::estimate(est.0, est.1, price.as_ref(), &key.pricing);
-                match budget::reserve(&abi::SharedData, &cfg.budgets, &key.budgets, estimate, now) {
+                match budget::reserve(h.store(), &cfg.budgets, &key.budgets, estimate, now) {
                     Ok(a) => {
-                        key_held = a.held;
+                        key_held = Some(a.held);
                         break;
                     }
                     Err(_) => banned.push(k),
@@ -441,7 +441,7 @@ impl HttpContext for Attempt {
             chosen = choose(routing, &banned);
         }
         self.key_held = key_held;
-        metrics::histogram("apikeyrouter.selection_us", abi::now_ns().saturating_sub(self.started_ns) / 1000);
+        h.histogram("apikeyrouter.selection_us", h.now_ns().saturating_sub(self.started_ns) / 1000);
         match chosen {
             Ok(d) => {
                 let Some((k, key)) = d.chosen.and_then(|k| self.cfg.keys.get(k).map(|key| (k, key))) else {
@@ -449,28 +449,26 @@ impl HttpContext for Attempt {
                 };
                 // Always overwrite: the header map carries over between
                 // attempts, so this replaces the previous attempt's key.
-                if let Err(e) = abi::set_header(abi::REQUEST_HEADERS, key.auth_header, &key.auth_value) {
+                if let Err(e) = h.set_header(Map::RequestHeaders, key.auth_header, &key.auth_value) {
                     log::warn!("[{}] could not set the auth header (host status {})", self.id, e.0);
-                    send(&reply::gateway_error("The gateway could not authenticate the request."), self.id);
+                    h.reply(&reply::gateway_error("The gateway could not authenticate the request."), self.id);
                     return Next::Pause;
                 }
                 for (name, value) in &key.extra_headers {
-                    let _ = abi::set_header(abi::REQUEST_HEADERS, name, value);
+                    let _ = h.set_header(Map::RequestHeaders, name, value);
                 }
                 if let Some(p) = self.cfg.providers.get(key.provider) {
                     if p.kind == crate::config::ProviderKind::Anthropic
-                        && abi::header(abi::REQUEST_HEADERS, "anthropic-version").ok().flatten().is_none()
+                        && h.header(Map::RequestHeaders, "anthropic-version").ok().flatten().is_none()
                     {
-                        let _ = abi::set_header(abi::REQUEST_HEADERS, "anthropic-version", &p.anthropic_version);
+                        let _ = h.set_header(Map::RequestHeaders, "anthropic-version", &p.anthropic_version);
                     }
                 }
                 self.key = Some(k);
                 if let Some(rid) = rid.as_deref() {
-                    with_flights(|fl| {
-                        if let Some(f) = fl.get_mut(rid) {
-                            f.tried.push(k);
-                        }
-                    });
+                    if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
+                        f.attempts.tried.push(k);
+                    }
                 }
                 if self.cfg.decisions.header {
                     self.decision = Some(d.summary(&self.cfg));
@@ -479,10 +477,10 @@ impl HttpContext for Attempt {
                 Next::Continue
             }
             Err(why) => {
-                metrics::add("apikeyrouter.no_key", 1);
+                h.count("apikeyrouter.no_key", 1);
                 let pid = self.cfg.providers.get(provider).map_or("?", |p| p.id.as_str());
                 // The previous attempt's key must not go upstream either.
-                let _ = abi::remove_header(abi::REQUEST_HEADERS, "authorization");
+                let _ = h.remove_header(Map::RequestHeaders, "authorization");
                 let mut r = reply::no_key(why.retry_after_secs(now), &why.explain(pid));
                 r.headers.push(("x-apikeyrouter-attempts", attempt.to_string()));
                 if let Some(d) = &why.decision {
@@ -491,19 +489,20 @@ impl HttpContext for Attempt {
                     }
                     self.write_decision(routing, rid.as_deref().unwrap_or(""), d, now);
                 }
-                send(&r, self.id);
+                h.reply(&r, self.id);
                 Next::Pause
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Next {
+    pub fn on_response_headers(&mut self, h: &dyn Host, end_of_stream: bool) -> Next {
         let Some(k) = self.key else {
             return Next::Continue;
         };
-        let now_ns = abi::now_ns();
+        let now_ns = h.now_ns();
+        let now = now_ns / 1_000_000;
         self.latency_us = Some(now_ns.saturating_sub(self.started_ns) / 1000);
-        let headers = abi::headers(abi::RESPONSE_HEADERS).unwrap_or_default();
+        let headers = h.headers(Map::ResponseHeaders).unwrap_or_default();
         let mut content_type = String::new();
         let mut content_length: Option<usize> = None;
         for (name, v) in headers {
@@ -521,11 +520,11 @@ impl HttpContext for Attempt {
             }
         }
         if let Some(key) = self.cfg.keys.get(k) {
-            let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-key-id", &key.id);
-            let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-attempts", &self.attempt.to_string());
+            let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-key-id", &key.id);
+            let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-attempts", &self.attempt.to_string());
         }
         if let Some(d) = &self.decision {
-            let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-decision", d);
+            let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-decision", d);
         }
         self.complete = end_of_stream;
         if self.cfg.probes_body(self.status) && !end_of_stream && content_type.contains("json") {
@@ -534,9 +533,9 @@ impl HttpContext for Attempt {
             self.body = Body::Probe;
             return Next::Pause;
         }
-        let action = self.action_for(None);
+        let action = self.action_for(now, None);
         if action != Action::Nothing {
-            self.record(action);
+            self.record(h, action);
             return Next::Continue;
         }
         if end_of_stream {
@@ -563,7 +562,7 @@ impl HttpContext for Attempt {
         Next::Continue
     }
 
-    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Next {
+    pub fn on_response_body(&mut self, h: &dyn Host, size: usize, end_of_stream: bool) -> Next {
         if end_of_stream {
             self.complete = true;
         }
@@ -571,7 +570,7 @@ impl HttpContext for Attempt {
             Body::Ignore => Next::Continue,
             Body::JsonTail(tail) => {
                 if size > 0 {
-                    if let Ok(Some(chunk)) = abi::buffer(abi::RESPONSE_BODY, 0, size) {
+                    if let Ok(Some(chunk)) = h.buffer(Buffer::ResponseBody, 0, size) {
                         tail.extend_from_slice(&chunk);
                         if tail.len() > TAIL {
                             tail.drain(..tail.len() - TAIL);
@@ -589,14 +588,14 @@ impl HttpContext for Attempt {
                     // After a budget cut-off the client has its final event;
                     // the rest of the provider's stream is counted, not sent.
                     if size > 0 {
-                        if let Ok(Some(chunk)) = abi::buffer(abi::RESPONSE_BODY, 0, size) {
+                        if let Ok(Some(chunk)) = h.buffer(Buffer::ResponseBody, 0, size) {
                             parser.feed(&chunk);
                         }
-                        let _ = abi::set_buffer(abi::RESPONSE_BODY, 0, size, b"");
+                        let _ = h.set_buffer(Buffer::ResponseBody, 0, size, b"");
                     }
                 } else if size > 0 {
                     // Read each chunk as it passes; never hold the stream back.
-                    if let Ok(Some(chunk)) = abi::buffer(abi::RESPONSE_BODY, 0, size) {
+                    if let Ok(Some(chunk)) = h.buffer(Buffer::ResponseBody, 0, size) {
                         parser.feed(&chunk);
                     }
                 }
@@ -607,9 +606,9 @@ impl HttpContext for Attempt {
                     self.usage_known();
                 } else if self.cfg.stream_cutoff && !self.cut && events >= self.next_cutoff_check {
                     self.next_cutoff_check = events + 8;
-                    if let Some(event) = self.cutoff_event(events) {
+                    if let Some(event) = self.cutoff_event(h, events) {
                         self.cut = true;
-                        let _ = abi::set_buffer(abi::RESPONSE_BODY, 0, size, event.as_bytes());
+                        let _ = h.set_buffer(Buffer::ResponseBody, 0, size, event.as_bytes());
                     }
                 }
                 Next::Continue
@@ -621,19 +620,19 @@ impl HttpContext for Attempt {
                         // Too large to hold: let it flow, keep its tail.
                         let start = size.saturating_sub(TAIL);
                         let tail =
-                            abi::buffer(abi::RESPONSE_BODY, start, size - start).ok().flatten().unwrap_or_default();
+                            h.buffer(Buffer::ResponseBody, start, size - start).ok().flatten().unwrap_or_default();
                         self.body = Body::JsonTail(tail);
                         return Next::Continue;
                     }
                     return Next::Pause;
                 }
-                if let Ok(Some(body)) = abi::buffer(abi::RESPONSE_BODY, 0, size) {
+                if let Ok(Some(body)) = h.buffer(Buffer::ResponseBody, 0, size) {
                     self.usage = usage::from_json_body(&body);
                 }
                 let cost = self.usage_known();
                 if hold {
                     if let Some(c) = cost {
-                        let _ = abi::set_header(abi::RESPONSE_HEADERS, "x-apikeyrouter-cost", &budget::show(c));
+                        let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-cost", &budget::show(c));
                     }
                 }
                 Next::Continue
@@ -643,12 +642,12 @@ impl HttpContext for Attempt {
                     return Next::Pause;
                 }
                 let body =
-                    abi::buffer(abi::RESPONSE_BODY, 0, size.min(MAX_PROBE_BODY)).ok().flatten().unwrap_or_default();
+                    h.buffer(Buffer::ResponseBody, 0, size.min(MAX_PROBE_BODY)).ok().flatten().unwrap_or_default();
                 let code = usage::error_code(&body);
                 self.body = Body::Ignore;
-                let action = self.action_for(code.as_deref());
+                let action = self.action_for(h.now_ms(), code.as_deref());
                 if action != Action::Nothing {
-                    self.record(action);
+                    self.record(h, action);
                 }
                 Next::Continue
             }

@@ -1,0 +1,91 @@
+//! Metric names and values: the stats the filter writes, by name.
+//!
+//! Names embed the provider, key, status class and budget ids between dots;
+//! the shipped Envoy configs carry `stats_tags` that turn them into
+//! Prometheus labels. Every VM defines the same names, which Envoy
+//! aggregates into one stat.
+
+use crate::keys::Eval;
+use crate::stages::host::Host;
+use crate::state::{Capacity, Effective};
+
+/// Counters and gauges that must show (at zero) before anything happens:
+/// the global ones, the fleet's and each budget's.
+pub fn static_names(cfg: &crate::config::Config) -> Vec<(Kind, String)> {
+    let mut out = vec![
+        (Kind::Counter, "apikeyrouter.no_key".to_string()),
+        (Kind::Counter, "apikeyrouter.cas_conflicts".to_string()),
+        (Kind::Histogram, "apikeyrouter.selection_us".to_string()),
+    ];
+    if cfg.fleet.is_some() {
+        for c in ["syncs", "sync_failures", "pushes", "push_conflicts", "states_applied", "instance_conflicts"] {
+            out.push((Kind::Counter, format!("apikeyrouter.fleet.{c}")));
+        }
+        out.push((Kind::Gauge, "apikeyrouter.fleet.degraded".to_string()));
+    }
+    for b in &cfg.budgets {
+        out.push((Kind::Counter, budget_metric(&b.id, "refused")));
+        out.push((Kind::Counter, budget_metric(&b.id, "soft_over")));
+        out.push((Kind::Gauge, budget_metric(&b.id, "spent_micros")));
+    }
+    out
+}
+
+/// The kind of a stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// `apikeyrouter.key.<provider>.<key>.<what>`
+pub fn key_metric(provider: &str, key: &str, what: &str) -> String {
+    format!("apikeyrouter.key.{provider}.{key}.{what}")
+}
+
+/// The status class label of an attempt: `2xx`..`5xx`, or `none` when no
+/// response arrived.
+pub fn status_class(status: u32) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}
+
+/// Gauge value of a key state: 0 available, 1 throttled, 2 exhausted,
+/// 3 disabled.
+pub fn state_code(e: Effective) -> u64 {
+    match e {
+        Effective::Available => 0,
+        Effective::Throttled { .. } => 1,
+        Effective::Exhausted { .. } => 2,
+        Effective::Disabled => 3,
+    }
+}
+
+/// Writes a key's state and capacity gauges from its evaluation.
+pub fn key_gauges(h: &dyn Host, provider: &str, key: &str, e: &Eval, effective: Effective) {
+    h.gauge(&key_metric(provider, key, "state"), state_code(effective));
+    let cap = match e.capacity {
+        Capacity::Abundant => 0,
+        Capacity::Constrained => 1,
+        Capacity::Critical => 2,
+        Capacity::Exhausted => 3,
+    };
+    h.gauge(&key_metric(provider, key, "capacity"), cap);
+}
+
+/// `apikeyrouter.budget.<id>.<what>`
+pub fn budget_metric(id: &str, what: &str) -> String {
+    format!("apikeyrouter.budget.{id}.{what}")
+}
+
+/// An amount in millionths, for integer stats.
+pub fn micros(d: rust_decimal::Decimal) -> u64 {
+    use rust_decimal::prelude::ToPrimitive;
+    (d * rust_decimal::Decimal::from(1_000_000)).round().to_u64().unwrap_or(0)
+}

@@ -1,0 +1,382 @@
+//! Whole requests through both stages against the fake host: what a caller
+//! and the provider see, what the budgets and key records hold afterwards,
+//! and how many host calls a request costs. The real-Envoy tests in
+//! `tests/` are the end-to-end layer above these.
+
+use super::fake::{Exchange, FakeHost, World};
+use super::host::{Map, Next};
+use super::Root;
+use crate::budget::{self, BudgetRecord};
+use crate::state::Effective;
+use crate::store::Store;
+use rust_decimal::Decimal;
+use std::rc::Rc;
+
+const NOW: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+fn sha_hex(s: &str) -> String {
+    crate::sha256::hex_digest(s.as_bytes())
+}
+
+/// Two OpenAI keys, gpt-4o priced at 2.50/10 per million tokens, a hard
+/// daily budget of `limit`, and client `alice` allowed only gpt-4o* with
+/// `max_tokens` up to 64.
+fn config(limit: &str) -> String {
+    format!(
+        r#"{{"providers":[{{"id":"openai","keys":[{{"id":"k1","secret":"sk-one"}},{{"id":"k2","secret":"sk-two"}}]}}],
+            "prices":{{"gpt-4o*":{{"input":"2.50","output":"10"}}}},
+            "budgets":[{{"id":"daily","limit":"{limit}"}}],
+            "clients":[{{"id":"alice","key_sha256":"{}","allowed_models":["gpt-4o-mini"],"max_tokens":64}}]}}"#,
+        sha_hex("vk-alice")
+    )
+}
+
+struct Gateway {
+    world: Rc<World>,
+    ingress: Root,
+    attempt: Root,
+}
+
+impl Gateway {
+    fn new(config: &str) -> Gateway {
+        let world = World::new(NOW);
+        let ingress = world.root("apikeyrouter_ingress", config).unwrap_or_else(|e| panic!("{e}"));
+        let attempt = world.root("apikeyrouter_attempt", config).unwrap_or_else(|e| panic!("{e}"));
+        Gateway { world, ingress, attempt }
+    }
+
+    fn chat(&self, body: &str) -> Exchange {
+        Exchange::new(
+            &self.world,
+            &self.ingress,
+            &[
+                (":method", "POST"),
+                (":path", "/v1/chat/completions"),
+                ("content-type", "application/json"),
+                ("authorization", "Bearer vk-alice"),
+                ("x-request-id", "req-1"),
+            ],
+            body.as_bytes(),
+        )
+    }
+
+    fn budget(&self) -> BudgetRecord {
+        let cfg = self.attempt.routing.borrow().config.clone();
+        budget::load(&self.world.store, &cfg.budgets[0], self.world.now_ms.get())
+    }
+
+    fn key_state(&self, k: usize) -> Effective {
+        let cfg = self.attempt.routing.borrow().config.clone();
+        crate::keys::read_record(&self.world.store, &cfg.keys[k].record_name)
+            .map(|r| r.effective(self.world.now_ms.get()))
+            .unwrap_or(Effective::Available)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.world.flights.borrow().len()
+    }
+}
+
+const BODY: &str = r#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+const ANSWER: &str =
+    r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30}}"#;
+
+/// (10 * 2.50 + 20 * 10) / 1e6
+fn answer_cost() -> Decimal {
+    Decimal::new(225, 6)
+}
+
+/// Sends `BODY`, one attempt answering 200 with `ANSWER`.
+fn served(gw: &Gateway) -> Exchange {
+    let mut x = gw.chat(BODY);
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(x.replied(), None);
+    assert_eq!(x.attempt(&gw.attempt), Next::Continue);
+    x.upstream_headers(200, &[("content-type", "application/json"), ("content-length", "95")], false);
+    x.upstream_body(&[ANSWER.as_bytes()], true);
+    x.attempt_done();
+    x.finish();
+    x
+}
+
+#[test]
+fn a_served_request_is_reserved_then_charged_its_exact_cost() {
+    let gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    assert!(gw.budget().reserved > Decimal::ZERO, "reserved at admission");
+    assert_eq!(x.attempt(&gw.attempt), Next::Continue);
+    let up = &x.attempts[0].1;
+    assert_eq!(up.get(Map::RequestHeaders, "authorization").as_deref(), Some("Bearer sk-one"));
+    x.upstream_headers(200, &[("content-type", "application/json")], false);
+    x.upstream_body(&[ANSWER.as_bytes()], true);
+    let up = &x.attempts[0].1;
+    assert_eq!(up.get(Map::ResponseHeaders, "x-apikeyrouter-cost").as_deref(), Some("0.000225"));
+    x.attempt_done();
+    x.finish();
+    let b = gw.budget();
+    assert_eq!((b.spent, b.reserved, b.requests), (answer_cost(), Decimal::ZERO, 1));
+    assert_eq!(gw.in_flight(), 0);
+    let outcome = x.downstream.filter_state.borrow().get("apikeyrouter").cloned().unwrap_or_default();
+    let outcome: serde_json::Value = serde_json::from_slice(&outcome).unwrap_or_default();
+    assert_eq!(outcome["key_id"], "k1");
+    assert_eq!(outcome["client"], "alice");
+    assert_eq!(outcome["total_tokens"], 30);
+    assert_eq!(outcome["cost"], "0.000225");
+}
+
+#[test]
+fn the_callers_credential_never_reaches_the_provider() {
+    let gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    x.downstream.request_headers.borrow_mut().push(("x-api-key".into(), "vk-alice".into()));
+    x.downstream.request_headers.borrow_mut().push(("x-apikeyrouter-provider".into(), "evil".into()));
+    x.send_request(usize::MAX, false);
+    x.attempt(&gw.attempt);
+    let sent = x.attempts[0].1.request_headers.borrow().clone();
+    assert!(!sent.iter().any(|(_, v)| v.contains("vk-alice")), "{sent:?}");
+    assert!(!sent.iter().any(|(k, _)| k == "x-apikeyrouter-provider"), "{sent:?}");
+    assert_eq!(sent.iter().filter(|(k, _)| k == "authorization").count(), 1);
+}
+
+#[test]
+fn a_429_cools_the_key_and_the_retry_writes_the_other_keys_secret() {
+    let gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    x.send_request(usize::MAX, false);
+    x.attempt(&gw.attempt);
+    x.upstream_headers(429, &[("retry-after", "20"), ("content-type", "text/plain")], false);
+    x.upstream_body(&[b"slow down"], true);
+    x.attempt_done();
+    assert!(matches!(gw.key_state(0), Effective::Throttled { .. }), "{:?}", gw.key_state(0));
+    assert_eq!(x.attempt(&gw.attempt), Next::Continue);
+    let up = &x.attempts[1].1;
+    assert_eq!(up.get(Map::RequestHeaders, "authorization").as_deref(), Some("Bearer sk-two"));
+    x.upstream_headers(200, &[("content-type", "application/json")], false);
+    x.upstream_body(&[ANSWER.as_bytes()], true);
+    let up = &x.attempts[1].1;
+    assert_eq!(up.get(Map::ResponseHeaders, "x-apikeyrouter-attempts").as_deref(), Some("2"));
+    x.attempt_done();
+    x.finish();
+    let b = gw.budget();
+    assert_eq!((b.spent, b.reserved), (answer_cost(), Decimal::ZERO), "charged once, for the served attempt");
+}
+
+#[test]
+fn a_401_disables_the_key_until_an_admin_enables_it() {
+    let gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    x.send_request(usize::MAX, false);
+    x.attempt(&gw.attempt);
+    x.upstream_headers(401, &[("content-type", "text/plain")], false);
+    x.upstream_body(&[b"no"], true);
+    x.attempt_done();
+    x.finish();
+    assert_eq!(gw.key_state(0), Effective::Disabled);
+    gw.world.advance(3_600_000);
+    assert_eq!(gw.key_state(0), Effective::Disabled);
+    let b = gw.budget();
+    assert_eq!((b.spent, b.reserved), (Decimal::ZERO, Decimal::ZERO), "nothing served, nothing charged");
+}
+
+#[test]
+fn when_every_key_is_cooling_the_attempt_answers_429_without_a_key() {
+    let gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    x.send_request(usize::MAX, false);
+    for _ in 0..2 {
+        x.attempt(&gw.attempt);
+        x.upstream_headers(429, &[("retry-after", "30")], true);
+        x.attempt_done();
+    }
+    assert_eq!(x.attempt(&gw.attempt), Next::Pause);
+    let up = &x.attempts[2].1;
+    let sent = up.sent.borrow().clone().unwrap_or_else(|| panic!("no local reply"));
+    assert_eq!(sent.status, 429);
+    assert_eq!(up.get(Map::RequestHeaders, "authorization"), None, "the previous key does not go upstream");
+    x.attempt_done();
+    x.finish();
+    assert_eq!(gw.budget().reserved, Decimal::ZERO);
+    assert_eq!(gw.in_flight(), 0);
+}
+
+#[test]
+fn a_stream_in_arbitrary_chunks_is_charged_from_its_usage_event() {
+    let gw = Gateway::new(&config("1.00"));
+    let stream = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":20,\"total_tokens\":30}}\n\n",
+        "data: [DONE]\n\n"
+    )
+    .as_bytes();
+    for step in [1, 3, 7, 64, stream.len()] {
+        let before = gw.budget().spent;
+        let mut x = gw.chat(r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#);
+        x.send_request(usize::MAX, false);
+        x.attempt(&gw.attempt);
+        x.upstream_headers(200, &[("content-type", "text/event-stream")], false);
+        let chunks: Vec<&[u8]> = stream.chunks(step).collect();
+        let passed = x.upstream_body(&chunks, true);
+        assert_eq!(passed, stream, "every byte passes on, in order (chunks of {step})");
+        x.attempt_done();
+        x.finish();
+        assert_eq!(gw.budget().spent - before, answer_cost(), "chunks of {step}");
+    }
+    assert_eq!(gw.budget().reserved, Decimal::ZERO);
+}
+
+#[test]
+fn a_body_ending_in_trailers_gets_the_same_policy_checks() {
+    let gw = Gateway::new(&config("1.00"));
+    // gpt-4o is not in alice's allowed models.
+    let mut x = gw.chat(r#"{"model":"gpt-4o","max_tokens":50,"messages":[]}"#);
+    assert_eq!(x.send_request(8, true), Next::Pause);
+    let r = x.replied().unwrap_or_else(|| panic!("forwarded a forbidden model"));
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    // max_tokens over the policy's 64.
+    let mut x = gw.chat(r#"{"model":"gpt-4o-mini","max_tokens":5000,"messages":[]}"#);
+    x.send_request(8, true);
+    assert_eq!(x.replied().map(|r| r.status), Some(400));
+    // And an allowed request ending in trailers is admitted and reserved.
+    let mut x = gw.chat(BODY);
+    assert_eq!(x.send_request(8, true), Next::Continue);
+    assert_eq!(x.replied(), None);
+    assert!(gw.budget().reserved > Decimal::ZERO);
+    x.finish();
+    assert_eq!(gw.budget().reserved, Decimal::ZERO);
+}
+
+#[test]
+fn a_hard_budget_without_room_refuses_before_any_attempt() {
+    let gw = Gateway::new(&config("0.0001"));
+    let mut x = gw.chat(BODY);
+    assert_eq!(x.send_request(usize::MAX, false), Next::Pause);
+    let r = x.replied().unwrap_or_else(|| panic!("admitted over budget"));
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "insufficient_quota");
+    assert!(r.json()["error"]["message"].as_str().unwrap_or("").contains("'daily'"), "{}", r.json());
+    x.finish();
+    let b = gw.budget();
+    assert_eq!((b.spent, b.reserved, b.refused), (Decimal::ZERO, Decimal::ZERO, 1));
+    assert_eq!(gw.world.counter("apikeyrouter.budget.daily.refused"), 1);
+}
+
+#[test]
+fn an_unknown_virtual_key_is_refused_and_nothing_is_reserved() {
+    let gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    x.downstream.set_header_value("authorization", "Bearer vk-mallory");
+    x.send_request(usize::MAX, false);
+    assert_eq!(x.replied().map(|r| r.status), Some(401));
+    x.finish();
+    assert_eq!(gw.budget().reserved, Decimal::ZERO);
+    assert_eq!(gw.in_flight(), 0);
+}
+
+/// One step of a request as Envoy drives it; the flag says an attempt runs.
+type Step = dyn Fn(&mut Exchange, &Gateway, &mut bool);
+
+/// Where Envoy may stop a request: after each callback, it resets the
+/// stream and calls `on_done` for a running attempt and `on_log` for the
+/// request.
+#[test]
+fn a_reset_after_any_callback_leaves_nothing_reserved_and_charges_only_a_whole_answer() {
+    for stop in 0..8 {
+        let gw = Gateway::new(&config("1.00"));
+        let mut x = gw.chat(BODY);
+        let mut attempt_running = false;
+        let steps: [&Step; 7] = [
+            &|x, _, _| {
+                x.request_headers(false);
+            },
+            &|x, _, _| {
+                x.request_body();
+            },
+            &|x, gw, running| {
+                x.attempt(&gw.attempt);
+                *running = true;
+            },
+            &|x, _, _| {
+                x.upstream_headers(200, &[("content-type", "application/json")], false);
+            },
+            &|x, _, _| {
+                x.upstream_body(&[&ANSWER.as_bytes()[..40]], false);
+            },
+            &|x, _, _| {
+                x.upstream_body(&[ANSWER.as_bytes()], true);
+            },
+            &|x, _, running| {
+                x.attempt_done();
+                *running = false;
+            },
+        ];
+        for step in steps.iter().take(stop) {
+            step(&mut x, &gw, &mut attempt_running);
+        }
+        if attempt_running {
+            x.attempt_done();
+        }
+        x.ingress.on_log(&x.downstream);
+        let b = gw.budget();
+        assert_eq!(b.reserved, Decimal::ZERO, "reset after step {stop}: reservation left");
+        let whole = stop >= 6;
+        assert_eq!(b.spent, if whole { answer_cost() } else { Decimal::ZERO }, "reset after step {stop}");
+        assert_eq!(gw.in_flight(), 0, "reset after step {stop}: flight left");
+    }
+}
+
+#[test]
+fn a_host_that_cannot_read_the_body_gets_a_500_not_a_forwarded_request() {
+    let gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    x.request_headers(false);
+    x.downstream.failing.borrow_mut().insert("buffer");
+    assert_eq!(x.request_body(), Next::Pause);
+    assert_eq!(x.replied().map(|r| r.status), Some(500));
+    x.finish();
+    assert_eq!(gw.budget().reserved, Decimal::ZERO);
+}
+
+#[test]
+fn a_request_costs_a_known_number_of_host_calls() {
+    let gw = Gateway::new(&config("1.00"));
+    // Warm: the first request loads the snapshot.
+    served(&gw);
+    let x = served(&gw);
+    // Counted by kind so that a change shows what it added or removed.
+    let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+    let mut log = x.downstream.log.borrow().clone();
+    for (_, up) in &x.attempts {
+        log.extend(up.log.borrow().iter());
+    }
+    for c in log {
+        *kinds.entry(c).or_default() += 1;
+    }
+    assert_eq!(kinds.values().sum::<usize>(), x.host_calls());
+    assert_eq!(x.host_calls(), 28, "host calls per JSON request by kind: {kinds:?}");
+}
+
+#[test]
+fn the_tick_writes_this_workers_decisions_to_its_ring() {
+    let mut gw = Gateway::new(&config("1.00"));
+    served(&gw);
+    let worker = gw.attempt.routing.borrow().ring_worker;
+    assert_eq!(worker, Some(0));
+    let slot = crate::decision::slot_name(0, 0);
+    assert_eq!(gw.world.store.value(&slot), None, "queued, not written on the request path");
+    gw.attempt.tick(&FakeHost::new(&gw.world));
+    let rec = gw.world.store.value(&slot).and_then(|b| crate::decision::Stored::decode(&b));
+    assert_eq!(rec.map(|r| (r.request_id, r.client)), Some(("req-1".to_string(), "alice".to_string())));
+}
+
+#[test]
+fn a_bad_config_refuses_to_configure_with_one_line_naming_the_field() {
+    let world = World::new(NOW);
+    let e = world.root("apikeyrouter_ingress", r#"{"providers":[{"id":"p","keys":[]}],"budgets":[{"id":"b"}]}"#);
+    let e = e.err().unwrap_or_default();
+    assert!(e.starts_with("invalid apikeyrouter config: "), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+    let e = world.root("something_else", &config("1")).err().unwrap_or_default();
+    assert!(e.contains("root_id"), "{e}");
+}

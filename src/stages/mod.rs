@@ -1,0 +1,178 @@
+//! One request's whole path, as plain Rust behind the [`host::Host`] trait.
+//!
+//! One module is loaded twice with one `vm_id`: `root_id` containing
+//! `ingress` selects the downstream stage ([`ingress`]), `attempt` the
+//! router upstream stage ([`attempt`], once per upstream attempt). The two
+//! hand a request over through [`flight`]; each keeps its per-VM state in
+//! [`routing`]. [`Root`] is what a root context does: compile the
+//! configuration, seed state, and on every tick write decisions and run the
+//! fleet sync ([`fleet_sync`]). `src/host/` only maps Envoy's callbacks to
+//! these calls.
+
+pub mod attempt;
+pub mod fleet_sync;
+pub mod flight;
+pub mod host;
+pub mod ingress;
+pub mod routing;
+
+#[cfg(test)]
+pub mod fake;
+#[cfg(test)]
+mod lifecycle_tests;
+
+use crate::config;
+use crate::decision;
+use crate::keys::increment;
+use crate::state::KeyRecord;
+use crate::store;
+use flight::Flights;
+use host::{Buffer, Host};
+use routing::Routing;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// Which placement a root context serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Ingress,
+    Attempt,
+}
+
+impl Stage {
+    /// The stage a plugin `root_id` names.
+    pub fn of_root_id(root_id: &str) -> Option<Stage> {
+        if root_id.contains("attempt") {
+            Some(Stage::Attempt)
+        } else if root_id.contains("ingress") {
+            Some(Stage::Ingress)
+        } else {
+            None
+        }
+    }
+}
+
+/// How often each root context writes its queued metrics and decisions.
+pub const TICK_MS: u32 = 500;
+
+/// A configured root context: its stage, its routing state, and (attempt
+/// stage in fleet mode) the sync with etcd.
+pub struct Root {
+    pub stage: Stage,
+    pub routing: Rc<RefCell<Routing>>,
+    pub fleet: Option<fleet_sync::FleetSync>,
+    /// The requests in flight on this VM, shared with the other stage.
+    pub flights: Rc<RefCell<Flights>>,
+}
+
+impl Root {
+    /// `on_configure`: compiles the plugin configuration, seeds the key
+    /// records, defines the static metrics, and starts fleet mode and the
+    /// decision ring. `Err` is the one log line that says why Envoy must not
+    /// start. `me` is a random id of this root context (the fleet lease).
+    pub fn configure(
+        h: &dyn Host,
+        root_id: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        flights: Rc<RefCell<Flights>>,
+        me: u64,
+    ) -> Result<Root, String> {
+        let Some(stage) = Stage::of_root_id(root_id) else {
+            return Err(format!(
+                "invalid apikeyrouter config: root_id: {root_id:?} must contain \"ingress\" (downstream HTTP filter) or \"attempt\" (router upstream filter)"
+            ));
+        };
+        let bytes = match h.buffer(Buffer::PluginConfiguration, 0, usize::MAX) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(e) => {
+                return Err(format!(
+                    "invalid apikeyrouter config: (root): host refused the plugin configuration (status {})",
+                    e.0
+                ))
+            }
+        };
+        let cfg = config::compile(&bytes, env).map_err(|e| e.to_string())?;
+        // Seed every record so later updates always run with a real cas.
+        let zero = KeyRecord::default().encode();
+        for k in &cfg.keys {
+            if store::seed(h.store(), &k.record_name, &zero).is_err() {
+                log::warn!("key {}: could not seed its state record", k.id);
+            }
+        }
+        log::info!(
+            "apikeyrouter {} stage configured: {} providers, {} keys",
+            if stage == Stage::Ingress { "ingress" } else { "attempt" },
+            cfg.providers.len(),
+            cfg.keys.len()
+        );
+        for (kind, name) in crate::metrics::static_names(&cfg) {
+            h.define_metric(kind, &name);
+        }
+        let mut tick_ms = TICK_MS;
+        let mut fleet = None;
+        if let Some(f) = cfg.fleet.as_ref() {
+            let Some(instance) = fleet_sync::instance_id(h, f) else {
+                return Err("invalid apikeyrouter config: fleet.instance: required when Envoy's node.id is empty (set node.id, --service-node, or fleet.instance)".into());
+            };
+            if stage == Stage::Attempt {
+                let sync = fleet_sync::FleetSync::new(h, &cfg, f.clone(), instance.clone(), me);
+                tick_ms = tick_ms.min(u32::try_from(sync.tick_ms()).unwrap_or(TICK_MS));
+                fleet = Some(sync);
+                log::info!("fleet mode: instance {instance}, etcd through cluster {}", f.cluster);
+            }
+        }
+        let mut routing = Routing::new(Rc::new(cfg));
+        if stage == Stage::Attempt && routing.base.decisions.ring_size > 0 {
+            // Each attempt-stage VM owns one ring, so recording a decision
+            // is a single unconditional write on the request path.
+            routing.ring_worker = increment(h.store(), decision::RING_WORKERS).0.map(|n| n - 1);
+        }
+        routing.gauges = stage == Stage::Attempt;
+        // Keys registered at runtime before this VM started (a reload).
+        routing.refresh(h, h.now_ms());
+        if h.set_tick_period(tick_ms).is_err() {
+            log::warn!("no tick: metrics and decision records will not be written");
+        }
+        Ok(Root { stage, routing: Rc::new(RefCell::new(routing)), fleet, flights })
+    }
+
+    /// A new HTTP context of this root's stage (`None` only while the
+    /// routing state is borrowed, which a single-threaded VM never sees).
+    pub fn request(&self, context_id: u32) -> Option<Request> {
+        let cfg = self.routing.try_borrow().ok()?.config.clone();
+        let (routing, flights) = (self.routing.clone(), self.flights.clone());
+        Some(match self.stage {
+            Stage::Attempt => Request::Attempt(attempt::Attempt::new(context_id, cfg, routing, flights)),
+            Stage::Ingress => Request::Ingress(ingress::Ingress::new(context_id, cfg, routing, flights)),
+        })
+    }
+
+    /// Every tick: writes the queued decision records and runs the fleet
+    /// sync when it is due.
+    pub fn tick(&mut self, h: &dyn Host) {
+        let cfg = match self.routing.try_borrow_mut() {
+            Ok(mut r) => {
+                r.flush_decisions(h);
+                r.config.clone()
+            }
+            Err(_) => return,
+        };
+        if let Some(f) = self.fleet.as_mut() {
+            f.tick(h, &cfg, h.now_ms());
+        }
+    }
+
+    /// The answer to a `dispatch_http_call` (fleet mode's calls to etcd).
+    pub fn on_call_response(&mut self, h: &dyn Host, token: u32, n_headers: usize, body_size: usize) {
+        let Ok(cfg) = self.routing.try_borrow().map(|r| r.config.clone()) else { return };
+        if let Some(f) = self.fleet.as_mut() {
+            f.on_response(h, &cfg, token, n_headers, body_size);
+        }
+    }
+}
+
+/// One HTTP context: a request in the ingress stage or one attempt.
+pub enum Request {
+    Ingress(ingress::Ingress),
+    Attempt(attempt::Attempt),
+}

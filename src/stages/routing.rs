@@ -1,0 +1,104 @@
+//! What one VM keeps for a stage between requests: the compiled
+//! configuration plus the keys registered at runtime, the key-state
+//! snapshot and chooser, and this worker's queue of decision records.
+
+use super::host::Host;
+use crate::config::Config;
+use crate::keys::{Chooser, Snapshot};
+use crate::registry;
+use crate::state::Effective;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+/// Per-VM routing state of one stage.
+pub struct Routing {
+    /// The configuration as compiled from the plugin JSON.
+    pub base: Rc<Config>,
+    /// `base` plus the keys registered at runtime: what requests use.
+    pub config: Rc<Config>,
+    /// The registry change counter `config` was built from.
+    pub registry_changes: u64,
+    pub snapshot: Snapshot,
+    pub chooser: Chooser,
+    /// This worker's decision ring: its id and the next slot to write.
+    pub ring_worker: Option<u64>,
+    pub ring_next: u64,
+    /// The attempt stage keeps the key gauges current.
+    pub gauges: bool,
+    /// Decision records not yet written to this worker's ring, newest last
+    /// (at most `ring_size`; written on the tick).
+    pub pending_decisions: VecDeque<(u64, Vec<u8>)>,
+}
+
+impl Routing {
+    pub fn new(base: Rc<Config>) -> Routing {
+        Routing {
+            config: base.clone(),
+            base,
+            registry_changes: 0,
+            snapshot: Snapshot::default(),
+            chooser: Chooser::default(),
+            ring_worker: None,
+            ring_next: 0,
+            gauges: false,
+            pending_decisions: VecDeque::new(),
+        }
+    }
+
+    /// Queues a decision record for this worker's ring.
+    pub fn queue_decision(&mut self, record: Vec<u8>) {
+        let size = self.config.decisions.ring_size;
+        if self.ring_worker.is_none() || size == 0 {
+            return;
+        }
+        let seq = self.ring_next;
+        self.ring_next += 1;
+        if self.pending_decisions.len() >= size {
+            self.pending_decisions.pop_front();
+        }
+        self.pending_decisions.push_back((seq, record));
+    }
+
+    /// Writes the queued decision records to this worker's ring in shared
+    /// data: one unconditional write each, since only this VM writes it.
+    pub fn flush_decisions(&mut self, h: &dyn Host) {
+        let (Some(worker), size) = (self.ring_worker, self.config.decisions.ring_size as u64) else { return };
+        if size == 0 {
+            return;
+        }
+        for (seq, rec) in self.pending_decisions.drain(..) {
+            let _ = h.store().set(&crate::decision::slot_name(worker, (seq % size) as usize), &rec, None);
+        }
+    }
+
+    /// Brings the snapshot up to date; when it reloaded, also picks up keys
+    /// registered or deleted at runtime and refreshes the key gauges.
+    /// Returns the configuration requests should use now.
+    pub fn refresh(&mut self, h: &dyn Host, now: u64) -> Rc<Config> {
+        let store = h.store();
+        if self.snapshot.refresh(store, &self.config, now) {
+            let changes = registry::changes(store);
+            if changes != self.registry_changes {
+                self.registry_changes = changes;
+                match registry::merged(&self.base, &registry::load(store)) {
+                    Ok(c) => {
+                        log::info!("runtime keys changed: {} keys now", c.keys.iter().filter(|k| !k.deleted).count());
+                        self.config = Rc::new(c);
+                        self.snapshot.refresh(store, &self.config, now);
+                    }
+                    Err(e) => log::warn!("runtime keys not applied: {e}"),
+                }
+            }
+            if self.gauges {
+                let cfg = self.config.clone();
+                for (k, key) in cfg.keys.iter().enumerate().filter(|(_, k)| !k.deleted) {
+                    let e = self.snapshot.eval(&cfg, k, now);
+                    let eff = self.snapshot.records.get(k).map_or(Effective::Available, |r| r.effective(now));
+                    let pid = cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
+                    crate::metrics::key_gauges(h, pid, &key.id, &e, eff);
+                }
+            }
+        }
+        self.config.clone()
+    }
+}
