@@ -22,25 +22,11 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 use std::fmt;
-use std::str::FromStr;
+use walk::{decimal, err, Obj};
 
-/// Where a configuration error was found and why it was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// Dotted path of the offending field, e.g. `providers[0].keys[1].weight`.
-    pub field: String,
-    pub reason: String,
-}
+mod walk;
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid apikeyrouter config: {}: {}", self.field, self.reason)
-    }
-}
-
-fn err(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.to_string(), reason: reason.into() }
-}
+pub use walk::{check_id, ConfigError};
 
 /// The provider dialect: how the key is sent and how responses are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -526,7 +512,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         (402, StatusAction::Exhaust),
     ];
     if let Some(a) = root.opt_obj("status_actions")? {
-        for (k, v) in a.map.iter() {
+        for (k, v) in a.entries() {
             let field = a.field(k);
             let status: u32 = k
                 .parse()
@@ -543,7 +529,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     }
     let mut error_code_actions = vec![("insufficient_quota".to_string(), StatusAction::Exhaust)];
     if let Some(a) = root.opt_obj("error_code_actions")? {
-        for (k, v) in a.map.iter() {
+        for (k, v) in a.entries() {
             let action = v
                 .as_str()
                 .and_then(StatusAction::parse)
@@ -566,7 +552,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
 
     let mut prices = PriceTable::default();
     if let Some(table) = root.opt_obj("prices")? {
-        for (model, v) in table.map.iter() {
+        for (model, v) in table.entries() {
             let path = table.field(model);
             let mut p = Obj::new(v.clone(), &path)?;
             let mut dec_field = |name: &str, required: bool| -> Result<Option<Decimal>, ConfigError> {
@@ -664,7 +650,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     };
     let mut models = Vec::new();
     if let Some(m) = root.opt_obj("models")? {
-        for (name, v) in m.map.iter() {
+        for (name, v) in m.entries() {
             let field = m.field(name);
             let Value::Array(entries) = v else {
                 return Err(err(&field, "expected an array of {\"provider\": id, \"model\": name}"));
@@ -845,7 +831,7 @@ fn compile_key(
     };
     let mut extra_headers = Vec::new();
     if let Some(h) = k.opt_obj("headers")? {
-        for (name, v) in h.map.iter() {
+        for (name, v) in h.entries() {
             let field = h.field(name);
             let value = v.as_str().ok_or_else(|| err(&field, "expected a string"))?;
             let lname = name.to_ascii_lowercase();
@@ -983,7 +969,7 @@ fn compile_policy(o: &mut Obj, providers: &[Provider]) -> Result<Policy, ConfigE
     let allowed_models = strings(o, "allowed_models")?;
     let mut model_aliases = Vec::new();
     if let Some(a) = o.opt_obj("model_aliases")? {
-        for (from, to) in a.map.iter() {
+        for (from, to) in a.entries() {
             let to = to.as_str().ok_or_else(|| err(&a.field(from), "expected the model name to send instead"))?;
             model_aliases.push((from.clone(), to.to_string()));
         }
@@ -1045,16 +1031,6 @@ fn compile_scope(v: Option<Value>, path: &str, providers: &[Provider], keys: &[K
     }
 }
 
-/// A non-negative decimal from a JSON string or number.
-fn decimal(v: &Value) -> Option<Decimal> {
-    let d = match v {
-        Value::String(s) => Decimal::from_str(s.trim()).ok()?,
-        Value::Number(n) => Decimal::from_str(&n.to_string()).ok()?,
-        _ => return None,
-    };
-    (d >= Decimal::ZERO).then_some(d)
-}
-
 /// A short, non-reversible name for key material: safe to log and show.
 pub fn fingerprint(secret: &str) -> String {
     let digest = sha256::digest(secret.as_bytes());
@@ -1063,139 +1039,6 @@ pub fn fingerprint(secret: &str) -> String {
         out.push_str(&format!("{b:02x}"));
     }
     out
-}
-
-/// An id: 1-64 characters of A-Z, a-z, 0-9, '-' or '_'.
-pub fn check_id(field: &str, s: String) -> Result<String, ConfigError> {
-    if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(err(field, format!("{s:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'")));
-    }
-    Ok(s)
-}
-
-/// An object being consumed field by field; `finish` rejects leftovers.
-struct Obj {
-    path: String,
-    map: Map<String, Value>,
-}
-
-impl Obj {
-    fn new(v: Value, path: &str) -> Result<Obj, ConfigError> {
-        let shown = if path.is_empty() { "(root)" } else { path };
-        match v {
-            Value::Object(map) => Ok(Obj { path: path.to_string(), map }),
-            other => Err(err(shown, format!("expected an object, found {}", kind_of(&other)))),
-        }
-    }
-
-    fn field(&self, name: &str) -> String {
-        if self.path.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{}", self.path, name)
-        }
-    }
-
-    fn take(&mut self, name: &str) -> Option<Value> {
-        match self.map.remove(name) {
-            Some(Value::Null) | None => None,
-            Some(v) => Some(v),
-        }
-    }
-
-    fn opt_str(&mut self, name: &str) -> Result<Option<String>, ConfigError> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(err(&self.field(name), format!("expected a string, found {}", kind_of(&other)))),
-        }
-    }
-
-    fn req_id(&mut self, name: &str) -> Result<String, ConfigError> {
-        let s = self.opt_str(name)?.ok_or_else(|| err(&self.field(name), "required"))?;
-        check_id(&self.field(name), s)
-    }
-
-    fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, ConfigError> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(other) => Err(err(&self.field(name), format!("expected true or false, found {}", kind_of(&other)))),
-        }
-    }
-
-    fn opt_u64_in(&mut self, name: &str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(v) if (min..=max).contains(&v) => Ok(Some(v)),
-                _ => Err(err(&self.field(name), format!("expected an integer from {min} to {max}, found {n}"))),
-            },
-            Some(other) => Err(err(
-                &self.field(name),
-                format!("expected an integer from {min} to {max}, found {}", kind_of(&other)),
-            )),
-        }
-    }
-
-    fn opt_f64_in(&mut self, name: &str, min: f64, max: f64) -> Result<Option<f64>, ConfigError> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_f64() {
-                Some(v) if v >= min && v <= max => Ok(Some(v)),
-                _ => Err(err(&self.field(name), format!("expected a number from {min} to {max}, found {n}"))),
-            },
-            Some(other) => {
-                Err(err(&self.field(name), format!("expected a number from {min} to {max}, found {}", kind_of(&other))))
-            }
-        }
-    }
-
-    fn opt_array(&mut self, name: &str) -> Result<Option<Vec<Value>>, ConfigError> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(Value::Array(a)) => Ok(Some(a)),
-            Some(other) => Err(err(&self.field(name), format!("expected an array, found {}", kind_of(&other)))),
-        }
-    }
-
-    fn req_array(&mut self, name: &str) -> Result<Vec<Value>, ConfigError> {
-        match self.take(name) {
-            None => Err(err(&self.field(name), "required")),
-            Some(Value::Array(a)) => Ok(a),
-            Some(other) => Err(err(&self.field(name), format!("expected an array, found {}", kind_of(&other)))),
-        }
-    }
-
-    fn opt_obj(&mut self, name: &str) -> Result<Option<Obj>, ConfigError> {
-        let path = self.field(name);
-        match self.take(name) {
-            None => Ok(None),
-            Some(v) => Obj::new(v, &path).map(Some),
-        }
-    }
-
-    fn opt_obj_raw(&mut self, name: &str) -> Result<Option<Map<String, Value>>, ConfigError> {
-        Ok(self.opt_obj(name)?.map(|o| o.map))
-    }
-
-    fn finish(self) -> Result<(), ConfigError> {
-        match self.map.keys().next() {
-            None => Ok(()),
-            Some(unknown) => Err(err(&self.field(unknown), "unknown field")),
-        }
-    }
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]
