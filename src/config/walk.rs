@@ -133,6 +133,17 @@ impl Obj {
         }
     }
 
+    /// A decimal above zero; `example` shows the expected form.
+    pub(super) fn opt_positive_decimal(&mut self, name: &str, example: &str) -> Result<Option<Decimal>, ConfigError> {
+        self.take(name)
+            .map(|v| {
+                decimal(&v).filter(|d| *d > Decimal::ZERO).ok_or_else(|| {
+                    err(&self.field(name), format!("expected a positive decimal string, e.g. \"{example}\""))
+                })
+            })
+            .transpose()
+    }
+
     pub(super) fn opt_array(&mut self, name: &str) -> Result<Option<Vec<Value>>, ConfigError> {
         match self.take(name) {
             None => Ok(None),
