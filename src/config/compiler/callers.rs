@@ -1,0 +1,164 @@
+//! The caller sections: `teams` and `clients` (virtual keys, stored only as
+//! SHA-256), and the policy fields both carry. A client's policy is its
+//! team's, overridden field by field by its own.
+
+use super::objective;
+use crate::config::model::Provider;
+use crate::config::walk::{err, ConfigError, Obj};
+use crate::identity::{Client, Policy};
+
+/// `teams`: id -> policy, for clients to refer to.
+pub(super) fn teams(root: &mut Obj, providers: &[Provider]) -> Result<Vec<(String, Policy)>, ConfigError> {
+    let mut teams: Vec<(String, Policy)> = Vec::new();
+    if let Some(list) = root.opt_array("teams")? {
+        for (i, v) in list.into_iter().enumerate() {
+            let mut t = Obj::new(v, &format!("teams[{i}]"))?;
+            let id = t.req_id("id")?;
+            if teams.iter().any(|(x, _)| *x == id) {
+                return Err(err(&t.field("id"), format!("duplicate team id {id:?}")));
+            }
+            let policy = policy(&mut t, providers)?;
+            t.finish()?;
+            teams.push((id, policy));
+        }
+    }
+    Ok(teams)
+}
+
+/// `clients`: empty means an open gateway.
+pub(super) fn clients(
+    root: &mut Obj,
+    providers: &[Provider],
+    teams: &[(String, Policy)],
+) -> Result<Vec<Client>, ConfigError> {
+    let mut clients: Vec<Client> = Vec::new();
+    if let Some(list) = root.opt_array("clients")? {
+        for (i, v) in list.into_iter().enumerate() {
+            let client = client(Obj::new(v, &format!("clients[{i}]"))?, &clients, providers, teams)?;
+            clients.push(client);
+        }
+    }
+    Ok(clients)
+}
+
+/// `clients[i]`.
+fn client(
+    mut c: Obj,
+    clients: &[Client],
+    providers: &[Provider],
+    teams: &[(String, Policy)],
+) -> Result<Client, ConfigError> {
+    let id = c.req_id("id")?;
+    if clients.iter().any(|x| x.id == id) {
+        return Err(err(&c.field("id"), format!("duplicate client id {id:?}")));
+    }
+    let team = c.opt_str("team")?;
+    let team_policy = match &team {
+        None => Policy::default(),
+        Some(t) => teams
+            .iter()
+            .find(|(x, _)| x == t)
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| err(&c.field("team"), format!("no team with id {t:?} in teams")))?,
+    };
+    let key_sha256 = key_sha256(&mut c, clients)?;
+    let expires_ms = expires_at(&mut c)?;
+    let own = policy(&mut c, providers)?;
+    c.finish()?;
+    Ok(Client {
+        record_name: format!("akr.v1.client.{id}"),
+        id,
+        team,
+        key_sha256,
+        expires_ms,
+        policy: team_policy.overridden_by(&own),
+    })
+}
+
+/// `clients[i].key_sha256`: required and unique among clients.
+fn key_sha256(c: &mut Obj, clients: &[Client]) -> Result<[u8; 32], ConfigError> {
+    let hex = c
+        .opt_str("key_sha256")?
+        .ok_or_else(|| err(&c.field("key_sha256"), "required: the SHA-256 of the client's key, 64 hex digits"))?;
+    let key_sha256 = parse_sha256(&hex)
+        .ok_or_else(|| err(&c.field("key_sha256"), "expected 64 hex digits (the SHA-256 of the key, never the key)"))?;
+    if clients.iter().any(|x| x.key_sha256 == key_sha256) {
+        return Err(err(&c.field("key_sha256"), "another client has the same key"));
+    }
+    Ok(key_sha256)
+}
+
+/// `clients[i].expires_at`: an RFC 3339 time, in ms since the epoch.
+fn expires_at(c: &mut Obj) -> Result<Option<u64>, ConfigError> {
+    match c.opt_str("expires_at")? {
+        None => Ok(None),
+        Some(t) => crate::window::parse_rfc3339(&t).map(Some).ok_or_else(|| {
+            err(&c.field("expires_at"), format!("{t:?} is not an RFC 3339 time such as \"2027-01-01T00:00:00Z\""))
+        }),
+    }
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The policy fields shared by teams and clients.
+fn policy(o: &mut Obj, providers: &[Provider]) -> Result<Policy, ConfigError> {
+    let allowed_providers = strings(o, "allowed_providers")?;
+    if let Some(list) = &allowed_providers {
+        if let Some(bad) = list.iter().find(|p| !providers.iter().any(|q| &q.id == *p)) {
+            return Err(err(&o.field("allowed_providers"), format!("no provider with id {bad:?}")));
+        }
+    }
+    let allowed_models = strings(o, "allowed_models")?;
+    let model_aliases = model_aliases(o)?;
+    let max_tokens = o.opt_u64_in("max_tokens", 1, 100_000_000)?;
+    let max_cost_per_request = o.opt_positive_decimal("max_cost_per_request", "0.10")?;
+    let objective = objective(o)?;
+    let force_objective = o.opt_bool("force_objective")?.unwrap_or(false);
+    let rpm = o.opt_u64_in("rpm", 1, u32::MAX as u64)?;
+    let tpm = o.opt_u64_in("tpm", 1, u64::MAX >> 1)?;
+    Ok(Policy {
+        allowed_providers,
+        allowed_models,
+        model_aliases,
+        max_tokens,
+        max_cost_per_request,
+        objective,
+        force_objective,
+        rpm,
+        tpm,
+    })
+}
+
+/// An optional array of strings.
+fn strings(o: &mut Obj, name: &str) -> Result<Option<Vec<String>>, ConfigError> {
+    match o.opt_array(name)? {
+        None => Ok(None),
+        Some(items) => items
+            .into_iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| err(&o.field(name), "expected an array of strings")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+    }
+}
+
+/// `model_aliases`: requested model -> the model sent instead.
+fn model_aliases(o: &mut Obj) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut model_aliases = Vec::new();
+    if let Some(a) = o.opt_obj("model_aliases")? {
+        for (from, to) in a.entries() {
+            let to = to.as_str().ok_or_else(|| err(&a.field(from), "expected the model name to send instead"))?;
+            model_aliases.push((from.clone(), to.to_string()));
+        }
+    }
+    Ok(model_aliases)
+}

@@ -1,0 +1,456 @@
+//! The compiler: plugin JSON -> [`Config`], by one function per top-level
+//! section, each named after its section and reading it from the root object.
+//!
+//! [`compile`] calls them in a fixed order, and the first refusal wins, so
+//! that order is part of the behaviour: which error a document with two
+//! mistakes gets. The small sections are here; the larger ones have files of
+//! their own: `providers` (providers and their keys), `spend` (prices and
+//! budgets), `callers` (teams and clients).
+
+use super::model::{Admin, Config, Cooldown, Decisions, Fleet, Provider, Routing, StatusAction, UnknownModel};
+use super::walk::{check_id, decimal, err, ConfigError, Obj};
+use crate::objective::Objective;
+use crate::quota::Thresholds;
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+mod callers;
+mod providers;
+mod spend;
+
+pub use providers::ENCRYPTION_KEY_ENV;
+
+/// Resolves an environment variable (inside Envoy: one listed in
+/// `vm_config.environment_variables.host_env_keys`).
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// [`Config::models`]: model name -> (provider index, its name there).
+type Models = Vec<(String, Vec<(usize, String)>)>;
+
+const DEFAULT_ADMIN_PREFIX: &str = "/apikeyrouter/v1/";
+
+/// Compile plugin configuration bytes into a [`Config`].
+///
+/// `env` resolves environment variables (inside Envoy: those listed in
+/// `vm_config.environment_variables.host_env_keys`).
+pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let root: Value = serde_json::from_slice(bytes).map_err(|e| err("(root)", format!("not valid JSON: {e}")))?;
+    let mut root = Obj::new(root, "")?;
+    let (providers, mut keys) = providers::providers(&mut root, env)?;
+    let cooldown = cooldown(&mut root)?;
+    let inject_stream_usage = root.opt_bool("inject_stream_usage")?.unwrap_or(true);
+    let admin = admin(&mut root, env)?;
+    let routing = routing(&mut root)?;
+    let status_actions = status_actions(&mut root)?;
+    let error_code_actions = error_code_actions(&mut root)?;
+    let decisions = decisions(&mut root)?;
+    let prices = spend::prices(&mut root)?;
+    let unknown_model = spend::unknown_model(&mut root)?;
+    let estimate = spend::estimate(&mut root)?;
+    let max_cost_per_request = spend::max_cost_per_request(&mut root)?;
+    let budgets = spend::budgets(&mut root, &providers, &mut keys)?;
+    let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
+    let fleet = fleet(&mut root)?;
+    let models = models(&mut root, &providers)?;
+    let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
+    let teams = callers::teams(&mut root, &providers)?;
+    let clients = callers::clients(&mut root, &providers, &teams)?;
+    if unknown_model == UnknownModel::Refuse && prices.is_empty() {
+        return Err(err("unknown_model", "\"refuse\" needs a price table in prices"));
+    }
+    root.finish()?;
+    Ok(Config {
+        providers,
+        keys,
+        cooldown,
+        inject_stream_usage,
+        admin,
+        max_transitions,
+        routing,
+        status_actions,
+        error_code_actions,
+        decisions,
+        prices,
+        unknown_model,
+        estimate,
+        max_cost_per_request,
+        budgets,
+        stream_cutoff,
+        clients,
+        models,
+        fleet,
+    })
+}
+
+/// `cooldown`: how long a key rests after a 429 without `retry-after`, and
+/// the longest rest any `retry-after` may ask for.
+fn cooldown(root: &mut Obj) -> Result<Cooldown, ConfigError> {
+    let Some(mut c) = root.opt_obj("cooldown")? else {
+        return Ok(Cooldown { default_ms: 60_000, max_ms: 3_600_000 });
+    };
+    let default_s = c.opt_u64_in("default_seconds", 1, 86_400)?.unwrap_or(60);
+    let max_s = c.opt_u64_in("max_seconds", 1, 7 * 86_400)?.unwrap_or(3600);
+    if default_s > max_s {
+        return Err(err(&c.field("default_seconds"), "must not exceed cooldown.max_seconds"));
+    }
+    c.finish()?;
+    Ok(Cooldown { default_ms: default_s * 1000, max_ms: max_s * 1000 })
+}
+
+/// `admin`: disabled when absent; enabled, it needs a token from `token_env`.
+fn admin(root: &mut Obj, env: Env<'_>) -> Result<Admin, ConfigError> {
+    let Some(mut a) = root.opt_obj("admin")? else {
+        return Ok(Admin { enabled: false, prefix: DEFAULT_ADMIN_PREFIX.to_string(), token: None });
+    };
+    let enabled = a.opt_bool("enabled")?.unwrap_or(true);
+    let prefix = a.opt_str("prefix")?.unwrap_or_else(|| DEFAULT_ADMIN_PREFIX.to_string());
+    if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 2 {
+        return Err(err(&a.field("prefix"), "must start and end with '/', e.g. \"/apikeyrouter/v1/\""));
+    }
+    if prefix.starts_with("/v1/") {
+        return Err(err(&a.field("prefix"), "must not overlap the OpenAI API paths under /v1/"));
+    }
+    let token = admin_token(&mut a, enabled, env)?;
+    a.finish()?;
+    Ok(Admin { enabled, prefix, token })
+}
+
+/// `admin.token_env`: at least 16 characters; `None` when admin is disabled.
+fn admin_token(a: &mut Obj, enabled: bool, env: Env<'_>) -> Result<Option<String>, ConfigError> {
+    let token_env = a.opt_str("token_env")?;
+    match (enabled, token_env) {
+        (false, _) => Ok(None),
+        (true, None) => Err(err(&a.field("token_env"), "required when the admin API is enabled")),
+        (true, Some(name)) => match env(&name) {
+            Some(v) if v.len() >= 16 => Ok(Some(v)),
+            Some(_) => {
+                Err(err(&a.field("token_env"), format!("environment variable {name} must hold at least 16 characters")))
+            }
+            None => Err(err(
+                &a.field("token_env"),
+                format!(
+                    "environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"
+                ),
+            )),
+        },
+    }
+}
+
+/// `routing`: the objective and how key statistics are kept.
+fn routing(root: &mut Obj) -> Result<Routing, ConfigError> {
+    let Some(mut r) = root.opt_obj("routing")? else {
+        return Ok(Routing {
+            objective: Objective::default(),
+            allow_objective_header: true,
+            reliability_window_ms: 300_000,
+            stats_refresh_ms: 1000,
+            thresholds: Thresholds::default(),
+        });
+    };
+    let objective = objective(&mut r)?.unwrap_or_default();
+    let allow_objective_header = r.opt_bool("allow_objective_header")?.unwrap_or(true);
+    let reliability_window_ms = r.opt_u64_in("reliability_window_seconds", 1, 86_400)?.unwrap_or(300) * 1000;
+    let stats_refresh_ms = r.opt_u64_in("stats_refresh_ms", 10, 60_000)?.unwrap_or(1000);
+    let thresholds = capacity(&mut r)?;
+    r.finish()?;
+    Ok(Routing { objective, allow_objective_header, reliability_window_ms, stats_refresh_ms, thresholds })
+}
+
+/// `objective`, in `routing` and in a team's or client's policy.
+fn objective(o: &mut Obj) -> Result<Option<Objective>, ConfigError> {
+    o.take("objective").map(|v| Objective::from_value(&v).map_err(|e| err(&o.field("objective"), e.0))).transpose()
+}
+
+/// `routing.capacity`: where remaining quota counts as constrained or critical.
+fn capacity(r: &mut Obj) -> Result<Thresholds, ConfigError> {
+    let Some(mut c) = r.opt_obj("capacity")? else {
+        return Ok(Thresholds::default());
+    };
+    let d = Thresholds::default();
+    let constrained = c.opt_f64_in("constrained_below", 0.0, 1.0)?.unwrap_or(d.constrained);
+    let critical = c.opt_f64_in("critical_below", 0.0, 1.0)?.unwrap_or(d.critical);
+    if critical > constrained {
+        return Err(err(&c.field("critical_below"), "must not exceed constrained_below"));
+    }
+    c.finish()?;
+    Ok(Thresholds { constrained, critical })
+}
+
+/// `status_actions`: HTTP status -> action, merged over the defaults.
+fn status_actions(root: &mut Obj) -> Result<Vec<(u32, StatusAction)>, ConfigError> {
+    let mut status_actions: Vec<(u32, StatusAction)> = vec![
+        (429, StatusAction::Cooldown),
+        (401, StatusAction::Disable),
+        (403, StatusAction::Disable),
+        (402, StatusAction::Exhaust),
+    ];
+    if let Some(a) = root.opt_obj("status_actions")? {
+        for (k, v) in a.entries() {
+            let field = a.field(k);
+            let status: u32 = k
+                .parse()
+                .ok()
+                .filter(|s| (400..600).contains(s))
+                .ok_or_else(|| err(&field, "expected an HTTP status from 400 to 599 as the key"))?;
+            let action = action(v, &field)?;
+            status_actions.retain(|(s, _)| *s != status);
+            status_actions.push((status, action));
+        }
+    }
+    Ok(status_actions)
+}
+
+/// `error_code_actions`: `error.code` -> action, merged over the defaults;
+/// `none` removes a code.
+fn error_code_actions(root: &mut Obj) -> Result<Vec<(String, StatusAction)>, ConfigError> {
+    let mut error_code_actions = vec![("insufficient_quota".to_string(), StatusAction::Exhaust)];
+    if let Some(a) = root.opt_obj("error_code_actions")? {
+        for (k, v) in a.entries() {
+            let action = action(v, &a.field(k))?;
+            error_code_actions.retain(|(c, _)| c != k);
+            error_code_actions.push((k.clone(), action));
+        }
+    }
+    error_code_actions.retain(|(_, a)| *a != StatusAction::Nothing);
+    Ok(error_code_actions)
+}
+
+fn action(v: &Value, field: &str) -> Result<StatusAction, ConfigError> {
+    v.as_str()
+        .and_then(StatusAction::parse)
+        .ok_or_else(|| err(field, "expected \"cooldown\", \"disable\", \"exhaust\" or \"none\""))
+}
+
+/// `decisions`: the per-worker record ring and the decision header.
+fn decisions(root: &mut Obj) -> Result<Decisions, ConfigError> {
+    let Some(mut d) = root.opt_obj("decisions")? else {
+        return Ok(Decisions { ring_size: 1000, header: true });
+    };
+    let ring_size = d.opt_u64_in("ring_size", 0, 100_000)?.unwrap_or(1000) as usize;
+    let header = d.opt_bool("header")?.unwrap_or(true);
+    d.finish()?;
+    Ok(Decisions { ring_size, header })
+}
+
+/// `models`: model name -> the providers that serve it, in order, each with
+/// its own name for the model.
+fn models(root: &mut Obj, providers: &[Provider]) -> Result<Models, ConfigError> {
+    let mut models = Vec::new();
+    if let Some(m) = root.opt_obj("models")? {
+        for (name, v) in m.entries() {
+            let field = m.field(name);
+            let Value::Array(entries) = v else {
+                return Err(err(&field, "expected an array of {\"provider\": id, \"model\": name}"));
+            };
+            let mut served = Vec::new();
+            for (i, e) in entries.iter().enumerate() {
+                served.push(served_by(e, &format!("{field}[{i}]"), name, providers)?);
+            }
+            if served.is_empty() {
+                return Err(err(&field, "at least one provider is required"));
+            }
+            models.push((name.clone(), served));
+        }
+    }
+    Ok(models)
+}
+
+/// `models.<name>[i]`: a provider index and the model name it is sent.
+fn served_by(e: &Value, path: &str, name: &str, providers: &[Provider]) -> Result<(usize, String), ConfigError> {
+    let mut o = Obj::new(e.clone(), path)?;
+    let pid = o.opt_str("provider")?.ok_or_else(|| err(&o.field("provider"), "required"))?;
+    let p = providers
+        .iter()
+        .position(|x| x.id == pid)
+        .ok_or_else(|| err(&o.field("provider"), format!("no provider with id {pid:?}")))?;
+    let model = o.opt_str("model")?.unwrap_or_else(|| name.to_string());
+    o.finish()?;
+    Ok((p, model))
+}
+
+/// `fleet`: absent means this instance keeps its state to itself.
+fn fleet(root: &mut Obj) -> Result<Option<Fleet>, ConfigError> {
+    let Some(mut f) = root.opt_obj("fleet")? else {
+        return Ok(None);
+    };
+    let cluster = f
+        .opt_str("etcd_cluster")?
+        .ok_or_else(|| err(&f.field("etcd_cluster"), "required (the Envoy cluster of etcd's client port)"))?;
+    if cluster.is_empty() {
+        return Err(err(&f.field("etcd_cluster"), "must not be empty"));
+    }
+    let authority = f.opt_str("authority")?.unwrap_or_else(|| cluster.clone());
+    let prefix = fleet_prefix(&mut f)?;
+    // Checked like an id: it is part of etcd keys.
+    let instance = match f.opt_str("instance")? {
+        None => None,
+        Some(s) => Some(check_id(&f.field("instance"), s)?),
+    };
+    let sync_interval_ms = f.opt_u64_in("sync_interval_ms", 50, 60_000)?.unwrap_or(500);
+    let timeout_ms = f.opt_u64_in("timeout_ms", 10, 60_000)?.unwrap_or(1000);
+    let local_share = fleet_local_share(&mut f)?;
+    let degraded_after_ms =
+        f.opt_u64_in("degraded_after_ms", 0, 3_600_000)?.unwrap_or(3 * sync_interval_ms.max(timeout_ms));
+    f.finish()?;
+    Ok(Some(Fleet {
+        cluster,
+        authority,
+        prefix,
+        instance,
+        sync_interval_ms,
+        timeout_ms,
+        local_share,
+        degraded_after_ms,
+    }))
+}
+
+/// `fleet.local_share`: the budget fraction spent alone while etcd is away.
+fn fleet_local_share(f: &mut Obj) -> Result<Decimal, ConfigError> {
+    match f.take("local_share") {
+        None => Ok(Decimal::new(5, 1)),
+        Some(v) => decimal(&v)
+            .filter(|d| *d > Decimal::ZERO && *d <= Decimal::ONE)
+            .ok_or_else(|| err(&f.field("local_share"), "expected a fraction above 0 and at most 1, e.g. 0.5")),
+    }
+}
+
+/// `fleet.prefix`: the etcd key prefix, without a trailing `/`.
+fn fleet_prefix(f: &mut Obj) -> Result<String, ConfigError> {
+    let prefix = f.opt_str("prefix")?.unwrap_or_else(|| "/apikeyrouter".into());
+    let prefix = prefix.trim_end_matches('/').to_string();
+    if prefix.is_empty()
+        || !prefix.starts_with('/')
+        || prefix.len() > 128
+        || prefix.bytes().any(|b| b.is_ascii_control() || b == b' ')
+    {
+        return Err(err(&f.field("prefix"), "must start with '/', be at most 128 characters and hold no spaces"));
+    }
+    Ok(prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::fixture::{env, ok};
+    use crate::config::{ProviderKind, SecretSource};
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = ok(r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret_env":"K1"}]}]}"#);
+        assert_eq!(c.providers[0].kind, ProviderKind::OpenAi);
+        assert_eq!(c.keys[0].weight, 1);
+        assert_eq!(c.cooldown.default_ms, 60_000);
+        assert_eq!(c.cooldown.max_ms, 3_600_000);
+        assert!(c.inject_stream_usage);
+        assert!(!c.admin.enabled);
+        assert_eq!(c.keys[0].auth_value, "Bearer sk-one");
+        assert_eq!(c.keys[0].record_name, "akr.v1.key.openai.k1");
+    }
+
+    #[test]
+    fn full_config_compiles_every_field() {
+        let c = ok(r#"{
+          "providers":[{"id":"openai","kind":"openai","keys":[
+             {"id":"k1","secret_env":"K1","weight":3,"metadata":{"tier":"pro"}},
+             {"id":"k2","secret":"sk-inline"}]}],
+          "cooldown":{"default_seconds":5,"max_seconds":600},
+          "inject_stream_usage":false,
+          "admin":{"prefix":"/akr/","token_env":"ADMIN"}}"#);
+        assert_eq!(c.keys.len(), 2);
+        assert_eq!(c.keys[0].weight, 3);
+        assert_eq!(c.keys[0].metadata.get("tier"), Some(&Value::String("pro".into())));
+        assert_eq!(c.keys[1].source, SecretSource::Inline);
+        assert_eq!(c.cooldown.default_ms, 5000);
+        assert!(!c.inject_stream_usage);
+        assert!(c.admin.enabled);
+        assert_eq!(c.admin.prefix, "/akr/");
+        assert_eq!(c.providers[0].keys, vec![0, 1]);
+    }
+
+    #[test]
+    fn fleet_section_gets_documented_defaults() {
+        let c = ok(r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret_env":"K1"}]}],
+            "fleet":{"etcd_cluster":"etcd","prefix":"/gw/"}}"#);
+        let f = match c.fleet {
+            Some(f) => f,
+            None => panic!("fleet missing"),
+        };
+        assert_eq!((f.cluster.as_str(), f.authority.as_str(), f.prefix.as_str()), ("etcd", "etcd", "/gw"));
+        assert_eq!((f.instance, f.sync_interval_ms, f.timeout_ms, f.degraded_after_ms), (None, 500, 1000, 3000));
+        assert_eq!(f.local_share, Decimal::new(5, 1));
+        assert_eq!(ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}]}"#).fleet, None);
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_naming_the_field() {
+        let p = |keys: &str| format!(r#"{{"providers":[{{"id":"p","keys":[{keys}]}}]}}"#);
+        let fleet =
+            |f: &str| format!(r#"{{"providers":[{{"id":"p","keys":[{{"id":"k","secret":"s"}}]}}],"fleet":{f}}}"#);
+        let cases: Vec<(String, &str, &str)> = vec![
+            ("not json".into(), "(root)", "not valid JSON"),
+            (fleet(r#"{}"#), "fleet.etcd_cluster", "required"),
+            (fleet(r#"{"etcd_cluster":"etcd","local_share":0}"#), "fleet.local_share", "above 0"),
+            (fleet(r#"{"etcd_cluster":"etcd","local_share":1.5}"#), "fleet.local_share", "at most 1"),
+            (fleet(r#"{"etcd_cluster":"etcd","prefix":"no-slash"}"#), "fleet.prefix", "start with '/'"),
+            (fleet(r#"{"etcd_cluster":"etcd","instance":"a/b"}"#), "fleet.instance", "must be"),
+            (fleet(r#"{"etcd_cluster":"etcd","sync_interval_ms":10}"#), "fleet.sync_interval_ms", "from 50"),
+            (fleet(r#"{"etcd_cluster":"etcd","leader":true}"#), "fleet.leader", "unknown field"),
+            ("[]".into(), "(root)", "expected an object"),
+            ("{}".into(), "providers", "required"),
+            (r#"{"providers":[]}"#.into(), "providers", "at least one"),
+            (r#"{"providers":{}}"#.into(), "providers", "expected an array"),
+            (r#"{"providers":[1]}"#.into(), "providers[0]", "expected an object"),
+            (r#"{"providers":[{"keys":[]}]}"#.into(), "providers[0].id", "required"),
+            (r#"{"providers":[{"id":"a b","keys":[]}]}"#.into(), "providers[0].id", "must be"),
+            (r#"{"providers":[{"id":"p","keys":[]}]}"#.into(), "providers[0].keys", "at least one key"),
+            (r#"{"providers":[{"id":"p","kind":"smtp","keys":[{"id":"k","secret":"s"}]}]}"#.into(), "providers[0].kind", "unknown provider kind"),
+            (p(r#"{"id":"k1","secret":"a","headers":{"authorization":"x"}}"#), "providers[0].keys[0].headers.authorization", "not a header"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]},{"id":"p","keys":[{"id":"j","secret":"s"}]}]}"#.into(), "providers[1].id", "duplicate provider id"),
+            (p(r#"{"id":"k1","secret":"a"},{"id":"k1","secret":"b"}"#), "providers[0].keys[1].id", "duplicate key id"),
+            (p(r#"{"id":"k1"}"#), "providers[0].keys[0]", "one of secret_env or secret"),
+            (p(r#"{"id":"k1","secret":"a","secret_env":"K1"}"#), "providers[0].keys[0]", "not both"),
+            (p(r#"{"id":"k1","secret_env":"MISSING"}"#), "providers[0].keys[0].secret_env", "MISSING is not set"),
+            (p(r#"{"id":"k1","secret_env":"EMPTY"}"#), "providers[0].keys[0].secret_env", "is empty"),
+            (p(r#"{"id":"k1","secret":"has space"}"#), "providers[0].keys[0].secret", "printable ASCII"),
+            (p(r#"{"id":"k1","secret":""}"#), "providers[0].keys[0].secret", "empty"),
+            (p(r#"{"id":"k1","secret":"a","weight":0}"#), "providers[0].keys[0].weight", "from 1 to 10000"),
+            (p(r#"{"id":"k1","secret":"a","weight":"2"}"#), "providers[0].keys[0].weight", "found a string"),
+            (p(r#"{"id":"k1","secret":"a","weight":1.5}"#), "providers[0].keys[0].weight", "from 1 to"),
+            (p(r#"{"id":"k1","secret":"a","metadata":[]}"#), "providers[0].keys[0].metadata", "expected an object"),
+            (p(r#"{"id":"k1","secret":"a","wieght":2}"#), "providers[0].keys[0].wieght", "unknown field"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"cooldown":{"default_seconds":0}}"#.into(), "cooldown.default_seconds", "from 1 to"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"cooldown":{"default_seconds":100,"max_seconds":10}}"#.into(), "cooldown.default_seconds", "must not exceed"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"cooldown":{"dflt":1}}"#.into(), "cooldown.dflt", "unknown field"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"inject_stream_usage":"yes"}"#.into(), "inject_stream_usage", "true or false"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{}}"#.into(), "admin.token_env", "required"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"NOPE"}}"#.into(), "admin.token_env", "NOPE is not set"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"SHORT"}}"#.into(), "admin.token_env", "at least 16"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"nope"}}"#.into(), "admin.prefix", "must start and end"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"/v1/admin/"}}"#.into(), "admin.prefix", "must not overlap"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"colldown":{}}"#.into(), "colldown", "unknown field"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"x","output":"1"}}}"#.into(), "prices.gpt-4o.input", "decimal"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"1"}}}"#.into(), "prices.gpt-4o.output", "required"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"unknown_model":"refuse"}"#.into(), "unknown_model", "needs a price table"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"0"}]}"#.into(), "budgets[0].limit", "positive decimal"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","window":"week"}]}"#.into(), "budgets[0].window", "minute, hour"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","scope":{"key":"zz"}}]}"#.into(), "budgets[0].scope.key", "no key with id"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","enforcement":"strict"}]}"#.into(), "budgets[0].enforcement", "hard"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"max_cost_per_request":"-1"}"#.into(), "max_cost_per_request", "positive decimal"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a"}]}"#.into(), "clients[0].key_sha256", "required"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","key_sha256":"sk-plain"}]}"#.into(), "clients[0].key_sha256", "64 hex"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","team":"red","key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].team", "no team"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","expires_at":"tomorrow","key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].expires_at", "RFC 3339"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"teams":[{"id":"t","allowed_providers":["azure"]}]}"#.into(), "teams[0].allowed_providers", "no provider"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"teams":[{"id":"t","rpm":0}]}"#.into(), "teams[0].rpm", "from 1"),
+        ];
+        for (json, field, reason) in cases {
+            match compile(json.as_bytes(), &env) {
+                Ok(_) => panic!("config {json} was accepted"),
+                Err(e) => {
+                    assert_eq!(e.field, field, "config {json}: {e}");
+                    assert!(e.reason.contains(reason), "config {json}: {e}");
+                }
+            }
+        }
+    }
+}

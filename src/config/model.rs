@@ -1,0 +1,377 @@
+//! The compiled configuration: the validated runtime types that requests
+//! read ([`Config`], [`Provider`], [`Key`], [`StatusAction`], ...), built once
+//! per VM by the compiler and never checked again.
+//!
+//! Key material lives only in [`Key::auth_value`]; the hand-written `Debug`
+//! of [`Key`] and [`Admin`] never prints it, and [`fingerprint`] is the name
+//! that logs and the admin API use instead.
+
+use crate::budget::{Budget, KeyPricing, PriceTable};
+use crate::identity::Client;
+use crate::objective::Objective;
+use crate::quota::{Limits, Thresholds};
+use crate::sha256;
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// The most keys a configuration may hold, over all providers.
+pub const MAX_KEYS: usize = 10_000;
+/// The largest key weight.
+pub const MAX_WEIGHT: u64 = 10_000;
+
+/// The provider dialect: how the key is sent and how responses are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// OpenAI: `Authorization: Bearer`.
+    OpenAi,
+    /// OpenAI-compatible services (Groq, Mistral, DeepSeek, Together,
+    /// OpenRouter, vLLM, ...): `Authorization: Bearer`.
+    OpenAiCompatible,
+    /// Azure OpenAI: `api-key`; deployment paths and `api-version` untouched.
+    Azure,
+    /// Anthropic: `x-api-key` plus a default `anthropic-version`.
+    Anthropic,
+    /// Gemini's native API: `x-goog-api-key`.
+    Gemini,
+    /// Gemini's OpenAI-compatible endpoint: `Authorization: Bearer`.
+    GeminiOpenAi,
+}
+
+/// The request and response format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiShape {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::OpenAiCompatible => "openai_compatible",
+            ProviderKind::Azure => "azure",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::GeminiOpenAi => "gemini_openai",
+        }
+    }
+
+    pub(super) fn parse(s: &str) -> Option<ProviderKind> {
+        [
+            ProviderKind::OpenAi,
+            ProviderKind::OpenAiCompatible,
+            ProviderKind::Azure,
+            ProviderKind::Anthropic,
+            ProviderKind::Gemini,
+            ProviderKind::GeminiOpenAi,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// The header that carries the key, and its value for `secret`.
+    pub fn auth(self, secret: &str) -> (&'static str, String) {
+        match self {
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::GeminiOpenAi => {
+                ("authorization", format!("Bearer {secret}"))
+            }
+            ProviderKind::Azure => ("api-key", secret.to_string()),
+            ProviderKind::Anthropic => ("x-api-key", secret.to_string()),
+            ProviderKind::Gemini => ("x-goog-api-key", secret.to_string()),
+        }
+    }
+
+    pub fn shape(self) -> ApiShape {
+        match self {
+            ProviderKind::Anthropic => ApiShape::Anthropic,
+            ProviderKind::Gemini => ApiShape::Gemini,
+            _ => ApiShape::OpenAi,
+        }
+    }
+}
+
+impl ApiShape {
+    /// The API shape a request path belongs to.
+    pub fn of_path(path: &str) -> ApiShape {
+        let path = path.split('?').next().unwrap_or(path);
+        if path.ends_with("/v1/messages") || path.contains("/v1/messages/") {
+            ApiShape::Anthropic
+        } else if path.contains(":generateContent")
+            || path.contains(":streamGenerateContent")
+            || path.contains(":embedContent")
+            || path.contains(":countTokens")
+        {
+            ApiShape::Gemini
+        } else {
+            ApiShape::OpenAi
+        }
+    }
+}
+
+/// Where a key's material came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource {
+    Env,
+    Inline,
+    /// Registered through the admin API; held only in shared data.
+    Runtime,
+}
+
+/// A provider key, compiled. `secret` is the material: it must never be
+/// logged, counted in a metric name or returned by the admin API.
+#[derive(Clone, PartialEq)]
+pub struct Key {
+    pub id: String,
+    pub provider: usize,
+    pub weight: u32,
+    pub metadata: Map<String, Value>,
+    pub source: SecretSource,
+    /// `sha256:` plus the first 12 hex digits of SHA-256 of the material.
+    pub fingerprint: String,
+    /// The header that carries the key (`authorization`, `api-key`,
+    /// `x-api-key`, `x-goog-api-key`) and its pre-rendered value.
+    pub auth_header: &'static str,
+    pub auth_value: String,
+    /// Headers of the key's own, e.g. `OpenAI-Organization`.
+    pub extra_headers: Vec<(String, String)>,
+    /// Shared-data record name for this key.
+    pub record_name: String,
+    /// Price per 1,000 tokens, from `cost_per_1k` or `metadata.cost_per_1k`.
+    pub cost_per_1k: Option<Decimal>,
+    /// The same as a float, for scoring.
+    pub cost_score_price: Option<f64>,
+    pub limits: Limits,
+    /// How this key's cost differs from the price table.
+    pub pricing: KeyPricing,
+    /// Budgets scoped to this key (indexes into [`Config::budgets`]).
+    pub budgets: Vec<usize>,
+    /// A runtime key that was deleted: kept so indexes never shift.
+    pub deleted: bool,
+}
+
+impl fmt::Debug for Key {
+    // Hand-written so that `{:?}` can never print the material.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .field("provider", &self.provider)
+            .field("weight", &self.weight)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    pub id: String,
+    pub kind: ProviderKind,
+    /// Sent as `anthropic-version` when the request has none (Anthropic).
+    pub anthropic_version: String,
+    /// `api-version` for deployment paths made from OpenAI paths (Azure).
+    pub api_version: String,
+    /// Indexes into [`Config::keys`].
+    pub keys: Vec<usize>,
+    /// The distinct key pricings among its keys, for upper-bound estimates
+    /// made before a key is chosen.
+    pub pricings: Vec<KeyPricing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cooldown {
+    pub default_ms: u64,
+    pub max_ms: u64,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub enabled: bool,
+    /// Always starts and ends with `/`.
+    pub prefix: String,
+    /// The token callers must present; `None` when admin is disabled.
+    pub token: Option<String>,
+}
+
+/// What a provider response does to the key that got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusAction {
+    /// Rest until the provider's retry-after (or the default cooldown).
+    Cooldown,
+    /// Out of service until re-enabled through the admin API.
+    Disable,
+    /// Out of quota until its quota window resets.
+    Exhaust,
+    /// Nothing beyond the counters.
+    Nothing,
+}
+
+impl StatusAction {
+    pub(super) fn parse(s: &str) -> Option<StatusAction> {
+        match s {
+            "cooldown" => Some(StatusAction::Cooldown),
+            "disable" => Some(StatusAction::Disable),
+            "exhaust" => Some(StatusAction::Exhaust),
+            "none" => Some(StatusAction::Nothing),
+            _ => None,
+        }
+    }
+}
+
+/// How keys are chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub objective: Objective,
+    pub allow_objective_header: bool,
+    pub reliability_window_ms: u64,
+    /// How stale a worker's view of other keys' statistics may get.
+    pub stats_refresh_ms: u64,
+    pub thresholds: Thresholds,
+}
+
+/// What to do with a model missing from the price table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownModel {
+    /// Count it at price zero and warn once.
+    Zero,
+    /// Refuse the request with a 400.
+    Refuse,
+}
+
+/// How a request's cost is estimated before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Prompt tokens are estimated as body bytes divided by this (1 is an
+    /// upper bound: no token is shorter than a byte).
+    pub prompt_bytes_per_token: u64,
+    /// Output tokens when the request sets no `max_tokens`.
+    pub default_max_tokens: u64,
+}
+
+/// Fleet mode: budgets, token quotas and key states shared with the other
+/// Envoy instances through etcd's JSON gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// The Envoy cluster that reaches etcd's client port.
+    pub cluster: String,
+    /// `:authority` of the calls to etcd.
+    pub authority: String,
+    /// Key prefix in etcd, without a trailing `/`.
+    pub prefix: String,
+    /// This instance's id; `None`: Envoy's `node.id`.
+    pub instance: Option<String>,
+    pub sync_interval_ms: u64,
+    pub timeout_ms: u64,
+    /// The fraction of each budget an instance may spend on its own while
+    /// etcd cannot be reached.
+    pub local_share: Decimal,
+    /// etcd unreachable for this long makes the instance degraded.
+    pub degraded_after_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decisions {
+    /// Records kept per worker; 0 keeps none.
+    pub ring_size: usize,
+    /// Send `x-apikeyrouter-decision` on responses.
+    pub header: bool,
+}
+
+impl fmt::Debug for Admin {
+    // Hand-written so that `{:?}` can never print the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admin")
+            .field("enabled", &self.enabled)
+            .field("prefix", &self.prefix)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The compiled configuration, shared by both stages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub providers: Vec<Provider>,
+    pub keys: Vec<Key>,
+    pub cooldown: Cooldown,
+    pub inject_stream_usage: bool,
+    pub admin: Admin,
+    /// Most state transitions kept for the admin API.
+    pub max_transitions: usize,
+    pub routing: Routing,
+    /// Per-status actions, defaults merged with the configured ones.
+    pub status_actions: Vec<(u32, StatusAction)>,
+    /// Actions for an `error.code` (or `error.type`) in a 4xx body.
+    pub error_code_actions: Vec<(String, StatusAction)>,
+    pub decisions: Decisions,
+    pub prices: PriceTable,
+    pub unknown_model: UnknownModel,
+    pub estimate: Estimate,
+    pub max_cost_per_request: Option<Decimal>,
+    pub budgets: Vec<Budget>,
+    /// End a stream with an SSE error event once a hard budget is crossed.
+    pub stream_cutoff: bool,
+    /// Callers with virtual keys; empty means an open gateway.
+    pub clients: Vec<Client>,
+    /// Model name -> the providers that serve it, in order of preference,
+    /// each with its own name for the model.
+    pub models: Vec<(String, Vec<(usize, String)>)>,
+    pub fleet: Option<Fleet>,
+}
+
+impl Config {
+    pub fn key_by_id(&self, id: &str) -> Option<(usize, &Key)> {
+        self.keys.iter().enumerate().find(|(_, k)| k.id == id && !k.deleted)
+    }
+
+    pub fn provider_by_id(&self, id: &str) -> Option<usize> {
+        self.providers.iter().position(|p| p.id == id)
+    }
+
+    pub fn status_action(&self, status: u32) -> StatusAction {
+        self.status_actions.iter().find(|(s, _)| *s == status).map_or(StatusAction::Nothing, |(_, a)| *a)
+    }
+
+    /// Whether a response with this status must be read before acting on it
+    /// (its body may carry an error code with an action of its own).
+    pub fn probes_body(&self, status: u32) -> bool {
+        (400..500).contains(&status) && !self.error_code_actions.is_empty()
+    }
+
+    pub fn error_code_action(&self, code: &str) -> Option<StatusAction> {
+        self.error_code_actions.iter().find(|(c, _)| c == code).map(|(_, a)| *a)
+    }
+}
+
+/// A short, non-reversible name for key material: safe to log and show.
+pub fn fingerprint(secret: &str) -> String {
+    let digest = sha256::digest(secret.as_bytes());
+    let mut out = String::from("sha256:");
+    for b in &digest[..6] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::fixture::ok;
+
+    #[test]
+    fn debug_output_never_contains_key_material() {
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k1","secret_env":"K1"}]}]}"#);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sk-one"), "{shown}");
+        assert!(shown.contains(&c.keys[0].fingerprint));
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_short() {
+        assert_eq!(fingerprint("sk-one"), fingerprint("sk-one"));
+        assert_ne!(fingerprint("sk-one"), fingerprint("sk-two"));
+        assert_eq!(fingerprint("abc").len(), "sha256:".len() + 12);
+        // SHA-256("abc") begins ba7816bf8f01.
+        assert_eq!(fingerprint("abc"), "sha256:ba7816bf8f01");
+    }
+}
