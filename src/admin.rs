@@ -69,7 +69,7 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
     match (req.method, segments.as_slice()) {
         ("GET", ["keys"]) => {
             let keys: Vec<Value> =
-                cfg.keys.iter().map(|k| key_json(cfg, k, &read_or_default(store, k), now_ms)).collect();
+                cfg.keys.live().map(|(_, k)| key_json(cfg, k, &read_or_default(store, k), now_ms)).collect();
             reply::json(200, &json!({ "keys": keys }))
         }
         ("GET", ["keys", id]) => match cfg.key_by_id(id) {
@@ -414,7 +414,7 @@ fn key_json(cfg: &Config, k: &Key, r: &KeyRecord, now_ms: u64) -> Value {
 fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
     let (mut available, mut throttled, mut disabled, mut exhausted) = (0u64, 0u64, 0u64, 0u64);
     let (mut requests, mut input, mut output, mut total) = (0u64, 0u64, 0u64, 0u64);
-    for k in cfg.keys.iter().filter(|k| !k.deleted) {
+    for (_, k) in cfg.keys.live() {
         let r = read_or_default(store, k);
         match r.effective(now_ms) {
             Effective::Available => available += 1,
@@ -656,6 +656,12 @@ mod tests {
         );
         assert_eq!(handle(&merged, &s, &del("/apikeyrouter/v1/keys/r1"), 0).status, 200);
         assert_eq!(handle(&merged, &s, &del("/apikeyrouter/v1/keys/r1"), 0).status, 404);
+        // Listing and looking up agree: a deleted key is in neither.
+        let after = registry::merged(&c, &registry::load(&s)).unwrap_or_else(|e| panic!("{e}"));
+        let list = body(&handle(&after, &s, &get("/apikeyrouter/v1/keys", Some(BEARER)), 0));
+        let ids: Vec<&str> = list["keys"].as_array().into_iter().flatten().filter_map(|k| k["id"].as_str()).collect();
+        assert!(!ids.contains(&"r1") && ids.len() == 2, "{ids:?}");
+        assert_eq!(handle(&after, &s, &get("/apikeyrouter/v1/keys/r1", Some(BEARER)), 0).status, 404);
         let t = body(&handle(&c, &s, &get("/apikeyrouter/v1/transitions", Some(BEARER)), 0));
         assert_eq!(t["transitions"][0]["to"], "deleted");
         assert_eq!(t["transitions"][1]["to"], "registered");
@@ -666,7 +672,7 @@ mod tests {
         let c = cfg();
         let s = FakeStore::new();
         assert_eq!(handle(&c, &s, &get("/apikeyrouter/v1/health", Some(BEARER)), 0).status, 200);
-        for k in 0..c.keys.len() {
+        for k in 0..c.keys.slots() {
             let _ = record_attempt(
                 &s,
                 &c,

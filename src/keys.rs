@@ -138,16 +138,15 @@ impl Snapshot {
     pub fn refresh(&mut self, store: &dyn Store, cfg: &Config, now_ms: u64) -> bool {
         let gen = read_u64(store, GEN_KEY);
         let fresh = now_ms.saturating_sub(self.loaded_ms) < cfg.routing.stats_refresh_ms;
-        if self.gen == Some(gen) && fresh && self.records.len() == cfg.keys.len() {
+        if self.gen == Some(gen) && fresh && self.records.len() == cfg.keys.slots() {
             return false;
         }
-        self.records = cfg
-            .keys
-            .iter()
-            .map(|k| match read_record(store, &k.record_name) {
-                Ok(r) => r,
-                Err(e) => {
-                    log::warn!("key {}: state record unreadable ({e}); treating as fresh", k.id);
+        self.records = (0..cfg.keys.slots())
+            .map(|k| match cfg.keys.get(k).map(|key| (key, read_record(store, &key.record_name))) {
+                None => KeyRecord::default(),
+                Some((_, Ok(r))) => r,
+                Some((key, Err(e))) => {
+                    log::warn!("key {}: state record unreadable ({e}); treating as fresh", key.id);
                     KeyRecord::default()
                 }
             })
@@ -356,8 +355,8 @@ impl Chooser {
         banned: &[usize],
         objective: &Objective,
     ) -> Result<Decision, NoKey> {
-        if self.current.len() != cfg.keys.len() {
-            self.current = vec![0.0; cfg.keys.len()];
+        if self.current.len() != cfg.keys.slots() {
+            self.current = vec![0.0; cfg.keys.slots()];
         }
         if self.cursor.len() != cfg.providers.len() {
             self.cursor = vec![0; cfg.providers.len()];
@@ -801,7 +800,7 @@ mod tests {
 
     fn counts(cfg: &Config, recs: &[KeyRecord], o: &Objective, n: usize) -> Vec<usize> {
         let mut c = Chooser::default();
-        let mut out = vec![0; cfg.keys.len()];
+        let mut out = vec![0; cfg.keys.slots()];
         for _ in 0..n {
             if let Some(k) = pick(&mut c, cfg, recs, 0, o) {
                 out[k] += 1;

@@ -179,22 +179,25 @@ fn settle(store: &dyn Store, r: Result<Registry, UpdateError<RegistryError>>) ->
 /// must be the configuration as compiled, without runtime keys.
 pub fn merged(base: &Config, reg: &Registry) -> Result<Config, ConfigError> {
     let mut cfg = base.clone();
-    cfg.keys.retain(|k| k.source != SecretSource::Runtime);
+    let configured = cfg.keys.live().take_while(|(_, k)| k.source != SecretSource::Runtime).count();
+    cfg.keys.truncate(configured);
     for p in cfg.providers.iter_mut() {
-        let n = cfg.keys.len();
-        p.keys.retain(|&k| k < n);
+        p.keys.retain(|&k| k < configured);
     }
     for rk in &reg.keys {
         let Some(p) = cfg.provider_by_id(&rk.provider) else { continue };
-        let index = cfg.keys.len();
+        if rk.deleted {
+            cfg.keys.push(None);
+            continue;
+        }
         let provider_id = cfg.providers[p].id.clone();
-        cfg.keys.push(Key {
+        let key = Key {
             id: rk.id.clone(),
             provider: p,
             weight: rk.weight,
             metadata: rk.metadata.clone(),
             source: SecretSource::Runtime,
-            fingerprint: if rk.deleted { String::new() } else { fingerprint(&rk.secret) },
+            fingerprint: fingerprint(&rk.secret),
             auth_header: cfg.providers[p].kind.auth("").0,
             auth_value: cfg.providers[p].kind.auth(&rk.secret).1,
             extra_headers: Vec::new(),
@@ -204,14 +207,12 @@ pub fn merged(base: &Config, reg: &Registry) -> Result<Config, ConfigError> {
             limits: Default::default(),
             pricing: Default::default(),
             budgets: Vec::new(),
-            deleted: rk.deleted,
-        });
-        if !rk.deleted {
-            cfg.providers[p].keys.push(index);
-            let pricing = cfg.keys[index].pricing;
-            if !cfg.providers[p].pricings.contains(&pricing) {
-                cfg.providers[p].pricings.push(pricing);
-            }
+        };
+        let pricing = key.pricing;
+        let index = cfg.keys.push(Some(key));
+        cfg.providers[p].keys.push(index);
+        if !cfg.providers[p].pricings.contains(&pricing) {
+            cfg.providers[p].pricings.push(pricing);
         }
     }
     Ok(cfg)
@@ -236,7 +237,7 @@ mod tests {
         let reg = register(&s, &b, k.unwrap_or_else(|e| panic!("{e:?}"))).unwrap_or_default();
         assert_eq!(reg.version, 1);
         let cfg = merged(&b, &load(&s)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(cfg.keys.len(), 2);
+        assert_eq!(cfg.keys.slots(), 2);
         assert_eq!(cfg.keys[1].source, SecretSource::Runtime);
         assert_eq!(cfg.keys[1].auth_value, "Bearer sk-runtime");
         assert_eq!(cfg.providers[0].keys, vec![0, 1]);
@@ -255,6 +256,8 @@ mod tests {
         assert!(reg.keys[0].deleted && reg.keys[0].secret.is_empty(), "the material is gone");
         let cfg = merged(&b, &reg).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.keys[2].id, "r2", "indexes do not shift");
+        assert!(cfg.keys.get(1).is_none(), "the deleted key is nowhere to be read");
+        assert_eq!(cfg.keys.live().map(|(_, k)| k.id.as_str()).collect::<Vec<_>>(), ["k1", "r2"]);
         assert_eq!(cfg.providers[0].keys, vec![0, 2]);
         assert_eq!(delete(&s, &b, "r1"), Err(RegistryError::NotFound));
         assert_eq!(delete(&s, &b, "k1"), Err(RegistryError::ConfigKey));

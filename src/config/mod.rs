@@ -10,7 +10,7 @@
 //! let json = br#"{"providers":[{"id":"openai","kind":"openai",
 //!     "keys":[{"id":"k1","secret_env":"K1"}]}]}"#;
 //! let cfg = compile(json, &|name| (name == "K1").then(|| "sk-test".to_string())).unwrap();
-//! assert_eq!(cfg.keys[cfg.providers[0].keys[0]].id, "k1");
+//! assert_eq!(cfg.keys.get(cfg.providers[0].keys[0]).map(|k| k.id.as_str()), Some("k1"));
 //! ```
 //!
 //! The files: `model` holds the compiled runtime types, `walk` the JSON
@@ -25,7 +25,7 @@ mod walk;
 
 pub use compiler::{compile, ENCRYPTION_KEY_ENV};
 pub use model::{
-    fingerprint, Admin, ApiShape, Config, Cooldown, Decisions, Estimate, Fleet, Key, Provider, ProviderKind, Routing,
-    SecretSource, StatusAction, UnknownModel, MAX_KEYS, MAX_WEIGHT,
+    fingerprint, Admin, ApiShape, Config, Cooldown, Decisions, Estimate, Fleet, Key, KeyTable, Provider, ProviderKind,
+    Routing, SecretSource, StatusAction, UnknownModel, MAX_KEYS, MAX_WEIGHT,
 };
 pub use walk::{check_id, ConfigError};

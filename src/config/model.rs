@@ -147,8 +147,60 @@ pub struct Key {
     pub pricing: KeyPricing,
     /// Budgets scoped to this key (indexes into [`Config::budgets`]).
     pub budgets: Vec<usize>,
-    /// A runtime key that was deleted: kept so indexes never shift.
-    pub deleted: bool,
+}
+
+/// Every key requests can use, by index: the configured keys, then those
+/// registered at runtime. A deleted runtime key leaves an empty slot, so
+/// indexes never shift under a request in flight and no reader can reach a
+/// deleted key.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KeyTable(Vec<Option<Key>>);
+
+impl KeyTable {
+    /// The key at index `k`, unless there is none or it was deleted.
+    pub fn get(&self, k: usize) -> Option<&Key> {
+        self.0.get(k).and_then(Option::as_ref)
+    }
+
+    /// Slots, deleted ones included: the bound of every key index.
+    pub fn slots(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The keys that exist, with their indexes.
+    pub fn live(&self) -> impl Iterator<Item = (usize, &Key)> {
+        self.0.iter().enumerate().filter_map(|(i, k)| k.as_ref().map(|k| (i, k)))
+    }
+
+    /// How many keys exist.
+    pub fn count(&self) -> usize {
+        self.0.iter().filter(|k| k.is_some()).count()
+    }
+
+    /// Appends a key (or the empty slot of a deleted one); its index.
+    pub fn push(&mut self, key: Option<Key>) -> usize {
+        self.0.push(key);
+        self.0.len() - 1
+    }
+
+    /// Drops every slot from `n` on.
+    pub fn truncate(&mut self, n: usize) {
+        self.0.truncate(n);
+    }
+}
+
+impl From<Vec<Key>> for KeyTable {
+    fn from(keys: Vec<Key>) -> KeyTable {
+        KeyTable(keys.into_iter().map(Some).collect())
+    }
+}
+
+#[cfg(test)]
+impl std::ops::Index<usize> for KeyTable {
+    type Output = Key;
+    fn index(&self, k: usize) -> &Key {
+        self.get(k).unwrap_or_else(|| panic!("no key {k}"))
+    }
 }
 
 impl fmt::Debug for Key {
@@ -292,7 +344,7 @@ impl fmt::Debug for Admin {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub providers: Vec<Provider>,
-    pub keys: Vec<Key>,
+    pub keys: KeyTable,
     pub cooldown: Cooldown,
     pub inject_stream_usage: bool,
     pub admin: Admin,
@@ -321,7 +373,7 @@ pub struct Config {
 
 impl Config {
     pub fn key_by_id(&self, id: &str) -> Option<(usize, &Key)> {
-        self.keys.iter().enumerate().find(|(_, k)| k.id == id && !k.deleted)
+        self.keys.live().find(|(_, k)| k.id == id)
     }
 
     pub fn provider_by_id(&self, id: &str) -> Option<usize> {

@@ -282,7 +282,7 @@ impl FleetSync {
             let until = b.resets_at(now_ms).unwrap_or(u64::MAX);
             out.push(Counter { name: format!("b/{}", b.id), window: r.window_start_ms, until, local: r.spent });
         }
-        for key in cfg.keys.iter().filter(|k| !k.deleted) {
+        for (_, key) in cfg.keys.live() {
             let quotas = [
                 (key.limits.daily_tokens.is_some(), Window::Day, "day"),
                 (key.limits.monthly_tokens.is_some(), Window::Month, "month"),
@@ -340,7 +340,7 @@ impl FleetSync {
             }
         }
         let mut applied = 0u64;
-        for key in cfg.keys.iter().filter(|k| !k.deleted) {
+        for (_, key) in cfg.keys.live() {
             let skey = fleet::state_key(&prefix, &key.id);
             let kv = etcd.get(&skey);
             let shared = kv.and_then(|kv| SharedState::parse(&kv.value));

@@ -94,7 +94,7 @@ impl Root {
         let cfg = config::compile(&bytes, env).map_err(|e| e.to_string())?;
         // Seed every record so later updates always run with a real cas.
         let zero = KeyRecord::default().encode();
-        for k in &cfg.keys {
+        for (_, k) in cfg.keys.live() {
             if store::seed(h.store(), &k.record_name, &zero).is_err() {
                 log::warn!("key {}: could not seed its state record", k.id);
             }
@@ -103,7 +103,7 @@ impl Root {
             "apikeyrouter {} stage configured: {} providers, {} keys",
             if stage == Stage::Ingress { "ingress" } else { "attempt" },
             cfg.providers.len(),
-            cfg.keys.len()
+            cfg.keys.count()
         );
         for (kind, name) in crate::metrics::static_names(&cfg) {
             h.define_metric(kind, &name);

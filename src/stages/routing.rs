@@ -82,7 +82,7 @@ impl Routing {
                 self.registry_changes = changes;
                 match registry::merged(&self.base, &registry::load(store)) {
                     Ok(c) => {
-                        log::info!("runtime keys changed: {} keys now", c.keys.iter().filter(|k| !k.deleted).count());
+                        log::info!("runtime keys changed: {} keys now", c.keys.count());
                         self.config = Rc::new(c);
                         self.snapshot.refresh(store, &self.config, now);
                     }
@@ -91,7 +91,7 @@ impl Routing {
             }
             if self.gauges {
                 let cfg = self.config.clone();
-                for (k, key) in cfg.keys.iter().enumerate().filter(|(_, k)| !k.deleted) {
+                for (k, key) in cfg.keys.live() {
                     let e = self.snapshot.eval(&cfg, k, now);
                     let eff = self.snapshot.records.get(k).map_or(Effective::Available, |r| r.effective(now));
                     let pid = cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());

@@ -61,7 +61,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     root.finish()?;
     Ok(Config {
         providers,
-        keys,
+        keys: keys.into(),
         cooldown,
         inject_stream_usage,
         admin,
@@ -356,7 +356,7 @@ mod tests {
           "cooldown":{"default_seconds":5,"max_seconds":600},
           "inject_stream_usage":false,
           "admin":{"prefix":"/akr/","token_env":"ADMIN"}}"#);
-        assert_eq!(c.keys.len(), 2);
+        assert_eq!(c.keys.slots(), 2);
         assert_eq!(c.keys[0].weight, 3);
         assert_eq!(c.keys[0].metadata.get("tier"), Some(&Value::String("pro".into())));
         assert_eq!(c.keys[1].source, SecretSource::Inline);

@@ -137,7 +137,6 @@ fn key(v: Value, path: &str, owner: &Owner<'_>, env: Env<'_>) -> Result<Key, Con
         cost_per_1k,
         limits,
         budgets: Vec::new(),
-        deleted: false,
     })
 }
 
@@ -277,7 +276,7 @@ mod tests {
             {"id":"n","kind":"anthropic","keys":[{"id":"c","secret":"s3"}]},
             {"id":"g","kind":"gemini","keys":[{"id":"d","secret":"s4"}]},
             {"id":"h","kind":"gemini_openai","keys":[{"id":"e","secret":"s5"}]}]}"#);
-        let auth: Vec<(&str, &str)> = c.keys.iter().map(|k| (k.auth_header, k.auth_value.as_str())).collect();
+        let auth: Vec<(&str, &str)> = c.keys.live().map(|(_, k)| (k.auth_header, k.auth_value.as_str())).collect();
         assert_eq!(
             auth,
             vec![
