@@ -87,7 +87,7 @@ fn rotate_inline_secrets(v: &mut Value) {
 /// `Debug` output with each key's fingerprint replaced by a placeholder.
 fn shown(c: &Config) -> String {
     let mut s = format!("{c:?}");
-    for k in &c.keys {
+    for (_, k) in c.keys.live() {
         s = s.replace(&k.fingerprint, "sha256:<fingerprint>");
     }
     s
@@ -95,8 +95,9 @@ fn shown(c: &Config) -> String {
 
 fn invariants(c: &Config) {
     assert!(!c.providers.is_empty());
-    assert!(!c.keys.is_empty());
-    assert!(c.keys.len() <= apikeyrouter::config::MAX_KEYS);
+    assert!(c.keys.count() > 0);
+    assert_eq!(c.keys.count(), c.keys.slots(), "a compiled config has no empty slot");
+    assert!(c.keys.slots() <= apikeyrouter::config::MAX_KEYS);
     let valid_id =
         |s: &str| (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     let mut seen = std::collections::HashSet::new();
@@ -106,14 +107,14 @@ fn invariants(c: &Config) {
         assert!(seen.insert(p.id.clone()), "duplicate provider id {:?}", p.id);
         assert!(!p.keys.is_empty());
         for &ki in &p.keys {
-            let k = &c.keys[ki];
+            let Some(k) = c.keys.get(ki) else { panic!("provider {} links to no key {ki}", p.id) };
             assert_eq!(k.provider, pi, "key {} links to the wrong provider", k.id);
             linked += 1;
         }
     }
-    assert_eq!(linked, c.keys.len(), "every key belongs to exactly one provider");
+    assert_eq!(linked, c.keys.count(), "every key belongs to exactly one provider");
     let mut seen = std::collections::HashSet::new();
-    for k in &c.keys {
+    for (_, k) in c.keys.live() {
         assert!(valid_id(&k.id), "key id {:?}", k.id);
         assert!(seen.insert(k.id.clone()), "duplicate key id {:?}", k.id);
         assert!((1..=apikeyrouter::config::MAX_WEIGHT).contains(&u64::from(k.weight)));
@@ -133,8 +134,8 @@ fn invariants(c: &Config) {
         assert_eq!(k.fingerprint, apikeyrouter::config::fingerprint(secret));
     }
     // Two keys sharing a shared-data record would share cooldowns and counters.
-    let records: std::collections::HashSet<&str> = c.keys.iter().map(|k| k.record_name.as_str()).collect();
-    assert_eq!(records.len(), c.keys.len(), "two keys share a state record");
+    let records: std::collections::HashSet<&str> = c.keys.live().map(|(_, k)| k.record_name.as_str()).collect();
+    assert_eq!(records.len(), c.keys.count(), "two keys share a state record");
     assert!(c.cooldown.default_ms >= 1000);
     assert!(c.cooldown.default_ms <= c.cooldown.max_ms);
     let prefix = &c.admin.prefix;
