@@ -14,10 +14,10 @@
 //! ```
 
 use crate::budget::{Budget, Enforcement, KeyPricing, Price, PriceTable, Scope};
+use crate::crypto;
 use crate::identity::{Client, Policy};
 use crate::objective::Objective;
 use crate::quota::{Limits, Thresholds};
-use crate::sha256;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
@@ -1057,7 +1057,7 @@ fn decimal(v: &Value) -> Option<Decimal> {
 
 /// A short, non-reversible name for key material: safe to log and show.
 pub fn fingerprint(secret: &str) -> String {
-    let digest = sha256::digest(secret.as_bytes());
+    let digest = crypto::sha256(secret.as_bytes());
     let mut out = String::from("sha256:");
     for b in &digest[..6] {
         out.push_str(&format!("{b:02x}"));

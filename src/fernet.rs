@@ -6,7 +6,7 @@
 //! by a 16-byte AES-128-CBC encryption key
 //! (<https://github.com/fernet/spec/blob/master/Spec.md>).
 
-use crate::sha256::{constant_time_eq, digest};
+use crate::crypto::{constant_time_eq, sha256 as digest};
 use aes::cipher::{generic_array::GenericArray, BlockDecrypt, KeyInit};
 use aes::Aes128;
 use std::fmt;
