@@ -11,6 +11,7 @@ pub mod budget;
 pub mod config;
 pub mod crypto;
 pub mod decision;
+pub mod encoding;
 pub mod fernet;
 pub mod fleet;
 pub mod flight;
