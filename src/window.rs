@@ -1,7 +1,5 @@
 //! UTC-aligned time windows (minute, day, month), on Unix milliseconds.
 
-use crate::ratelimit::days_from_civil;
-
 pub const MINUTE_MS: u64 = 60_000;
 pub const DAY_MS: u64 = 86_400_000;
 
@@ -50,6 +48,17 @@ impl Window {
             Window::Month => "month",
         }
     }
+}
+
+/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// (year, month, day) for days since 1970-01-01 (Howard Hinnant).
