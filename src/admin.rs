@@ -4,12 +4,12 @@
 
 use crate::budget::{self, show, Budget, Enforcement, Scope};
 use crate::config::{Config, Key, SecretSource};
+use crate::crypto::constant_time_eq;
 use crate::decision::{self, Stored};
 use crate::keys::{bump_gen, read_record, set_state, SetState};
 use crate::quota::headroom;
 use crate::registry::{self, RegistryError};
 use crate::reply::{self, Reply};
-use crate::sha256::constant_time_eq;
 use crate::state::{Effective, KeyRecord, UNKNOWN};
 use crate::store::Store;
 use crate::transition::{self, Transition};

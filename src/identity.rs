@@ -5,10 +5,10 @@
 //! and an optional expiry. Policies come from the client's team and are
 //! overridden field by field by the client's own.
 
+use crate::crypto::{constant_time_eq, sha256};
 use crate::objective::Objective;
 use crate::reply::{self, Reply};
 use crate::request::RequestInfo;
-use crate::sha256::{constant_time_eq, digest};
 use crate::store::{update, Store};
 use crate::window::Window;
 use rust_decimal::Decimal;
@@ -97,7 +97,7 @@ pub fn authenticate(
             "You didn't provide an API key. Send your gateway key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
         ));
     };
-    let hash = digest(presented.as_bytes());
+    let hash = sha256(presented.as_bytes());
     let mut found = None;
     for (i, c) in clients.iter().enumerate() {
         if constant_time_eq(&c.key_sha256, &hash) && found.is_none() {
@@ -259,15 +259,15 @@ pub fn usage(store: &dyn Store, client: &Client, now_ms: u64) -> Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::sha256;
     use crate::request::inspect;
-    use crate::sha256::digest;
     use crate::store::FakeStore;
 
     fn client(key: &str, policy: Policy) -> Client {
         Client {
             id: "app".into(),
             team: Some("blue".into()),
-            key_sha256: digest(key.as_bytes()),
+            key_sha256: sha256(key.as_bytes()),
             expires_ms: Some(10_000),
             policy,
             record_name: "akr.v1.client.app".into(),

@@ -127,56 +127,14 @@ pub fn parse_duration(v: &str) -> Result<u64, ParseError> {
     Ok(total)
 }
 
-/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to Unix milliseconds.
+/// An HTTP-date in any of the three forms RFC 9110 (section 5.6.7) has
+/// recipients accept, to Unix milliseconds: IMF-fixdate (`Sun, 06 Nov 1994
+/// 08:49:37 GMT`), RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime
+/// (`Sun Nov  6 08:49:37 1994`). The weekday must match the date.
 pub fn parse_http_date(v: &str) -> Result<u64, ParseError> {
-    let parts: Vec<&str> = v.split_ascii_whitespace().collect();
-    let [_wday, day, month, year, time, zone] = parts.as_slice() else {
-        return Err(ParseError::BadDate);
-    };
-    if *zone != "GMT" && *zone != "UTC" {
-        return Err(ParseError::BadDate);
-    }
-    let day: u64 = day.parse().map_err(|_| ParseError::BadDate)?;
-    let month = match *month {
-        "Jan" => 1,
-        "Feb" => 2,
-        "Mar" => 3,
-        "Apr" => 4,
-        "May" => 5,
-        "Jun" => 6,
-        "Jul" => 7,
-        "Aug" => 8,
-        "Sep" => 9,
-        "Oct" => 10,
-        "Nov" => 11,
-        "Dec" => 12,
-        _ => return Err(ParseError::BadDate),
-    };
-    let year: i64 = year.parse().map_err(|_| ParseError::BadDate)?;
-    let hms: Vec<&str> = time.split(':').collect();
-    let [h, m, s] = hms.as_slice() else {
-        return Err(ParseError::BadDate);
-    };
-    let h: u64 = h.parse().map_err(|_| ParseError::BadDate)?;
-    let m: u64 = m.parse().map_err(|_| ParseError::BadDate)?;
-    let s: u64 = s.parse().map_err(|_| ParseError::BadDate)?;
-    if !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 || !(1970..=9999).contains(&year) {
-        return Err(ParseError::BadDate);
-    }
-    let days = days_from_civil(year, month, day as i64);
-    let secs = days as u64 * 86_400 + h * 3600 + m * 60 + s;
+    let at = httpdate::parse_http_date(v).map_err(|_| ParseError::BadDate)?;
+    let secs = at.duration_since(std::time::UNIX_EPOCH).map_err(|_| ParseError::BadDate)?.as_secs();
     Ok(secs * 1000)
-}
-
-/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant).
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// The rate-limit headers of one response, as raw strings.
@@ -288,6 +246,31 @@ mod tests {
         );
         assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Ok(0));
         assert_eq!(parse_http_date("Tue, 29 Feb 2028 12:00:00 GMT"), Ok(1_835_438_400_000));
+    }
+
+    #[test]
+    fn http_dates_are_read_in_all_three_rfc_9110_forms() {
+        let want = Ok(784_111_777_000);
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), want, "IMF-fixdate");
+        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), want, "RFC 850");
+        assert_eq!(parse_http_date("Sun Nov  6 08:49:37 1994"), want, "asctime");
+        assert_eq!(parse_retry_after("Sunday, 06-Nov-94 08:49:37 GMT", 784_111_767_000), Ok(10_000));
+        assert_eq!(parse_retry_after("Sun Nov  6 08:49:37 1994", 784_111_767_000), Ok(10_000));
+    }
+
+    #[test]
+    fn http_dates_past_the_end_of_the_month_are_refused() {
+        assert_eq!(parse_http_date("Tue, 29 Feb 2028 00:00:00 GMT"), Ok(1_835_395_200_000), "a leap day");
+        for bad in [
+            "Mon, 29 Feb 2027 00:00:00 GMT",
+            "Wed, 31 Feb 2027 00:00:00 GMT",
+            "Fri, 31 Apr 2026 00:00:00 GMT",
+            "Thu, 29 Feb 2100 00:00:00 GMT",
+            "Sunday, 31-Jun-26 00:00:00 GMT",
+            "Sun Feb 30 00:00:00 2025",
+        ] {
+            assert_eq!(parse_http_date(bad), Err(ParseError::BadDate), "{bad}");
+        }
     }
 
     #[test]

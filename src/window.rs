@@ -1,6 +1,7 @@
 //! UTC-aligned time windows (minute, day, month), on Unix milliseconds.
 
-use crate::ratelimit::days_from_civil;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 pub const MINUTE_MS: u64 = 60_000;
 pub const DAY_MS: u64 = 86_400_000;
@@ -52,6 +53,17 @@ impl Window {
     }
 }
 
+/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// (year, month, day) for days since 1970-01-01 (Howard Hinnant).
 pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
@@ -75,57 +87,12 @@ pub fn rfc3339(ms: u64) -> String {
 }
 
 /// Parses an RFC 3339 time (`2027-01-01T00:00:00Z`, fractions and `±HH:MM`
-/// offsets allowed) to Unix milliseconds.
+/// offsets allowed) to Unix milliseconds, fractions cut to the millisecond;
+/// `None` for anything else, a day past its month's end, or a time before
+/// 1970.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let b = s.trim().as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !(b[10] == b'T' || b[10] == b't')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let part = std::str::from_utf8(b.get(r)?).ok()?;
-        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
-    };
-    let (y, mo, d, h, mi, sec) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut millis = 0i64;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while b.get(i).is_some_and(|c| c.is_ascii_digit()) {
-            i += 1;
-        }
-        let frac = std::str::from_utf8(&b[start..i]).ok()?;
-        if frac.is_empty() {
-            return None;
-        }
-        millis = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
-    }
-    let offset_min = match b.get(i..)? {
-        [b'Z'] | [b'z'] => 0,
-        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
-            let hh = num(i + 1..i + 3)?;
-            let mm = num(i + 4..i + 6)?;
-            let _ = (h1, h2, m1, m2);
-            let v = hh * 60 + mm;
-            if *sign == b'+' {
-                v
-            } else {
-                -v
-            }
-        }
-        _ => return None,
-    };
-    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
-    (secs >= 0).then(|| secs as u64 * 1000 + millis as u64)
+    let t = OffsetDateTime::parse(s.trim(), &Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok()
 }
 
 /// A counter that restarts at each window boundary: `(window_start, value)`.
@@ -193,6 +160,24 @@ mod tests {
             "2026-11-28T13:45:30",
             "2026-11-28T13:45:30.Z",
             "x026-11-28T13:45:30Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_refuses_days_past_the_end_of_the_month() {
+        assert_eq!(parse_rfc3339("2028-02-29T00:00:00Z"), Some(at("Tue, 29 Feb 2028 00:00:00 GMT")), "a leap day");
+        assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400_000), "400 years make a leap year");
+        assert_eq!(parse_rfc3339("2026-04-30T00:00:00Z"), Some(at("Thu, 30 Apr 2026 00:00:00 GMT")));
+        for bad in [
+            "2027-02-31T00:00:00Z",
+            "2027-02-29T00:00:00Z",
+            "2100-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2026-11-31T12:00:00+01:00",
+            "2026-12-32T00:00:00Z",
+            "2026-12-00T00:00:00Z",
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }

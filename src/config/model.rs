@@ -7,10 +7,10 @@
 //! that logs and the admin API use instead.
 
 use crate::budget::{Budget, KeyPricing, PriceTable};
+use crate::crypto;
 use crate::identity::Client;
 use crate::objective::Objective;
 use crate::quota::{Limits, Thresholds};
-use crate::sha256;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 use std::fmt;
@@ -397,7 +397,7 @@ impl Config {
 
 /// A short, non-reversible name for key material: safe to log and show.
 pub fn fingerprint(secret: &str) -> String {
-    let digest = sha256::digest(secret.as_bytes());
+    let digest = crypto::sha256(secret.as_bytes());
     let mut out = String::from("sha256:");
     for b in &digest[..6] {
         out.push_str(&format!("{b:02x}"));

@@ -63,7 +63,7 @@ pub fn instance_id(h: &dyn Host, fleet: &Fleet) -> Option<String> {
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
         .take(48)
         .collect();
-    let hash = crate::sha256::digest(node.as_bytes());
+    let hash = crate::crypto::sha256(node.as_bytes());
     let tag: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
     Some(format!("{safe}-{tag}"))
 }

@@ -15,7 +15,7 @@ use std::rc::Rc;
 const NOW: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
 fn sha_hex(s: &str) -> String {
-    crate::sha256::hex_digest(s.as_bytes())
+    crate::crypto::sha256(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Two OpenAI keys, gpt-4o priced at 2.50/10 per million tokens, a hard
