@@ -5,8 +5,8 @@
 use crate::budget::{self, show, Budget, Enforcement, Scope};
 use crate::config::{Config, Key, SecretSource};
 use crate::crypto::constant_time_eq;
-use crate::decision::{self, Stored};
-use crate::keys::{bump_gen, read_record, set_state, SetState};
+use crate::decision::Stored;
+use crate::keys::{read_record, set_state, SetState};
 use crate::quota::headroom;
 use crate::registry::{self, RegistryError};
 use crate::reply::{self, Reply};
@@ -79,7 +79,7 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
         ("POST", ["keys"]) => post_key(cfg, store, req.body, now_ms),
         ("DELETE", ["keys", id]) => match registry::delete(store, cfg, id) {
             Ok(_) => {
-                bump_gen(store);
+                crate::shared_data::bump_generation(store);
                 note(store, cfg, now_ms, "registry", id, "registered", "deleted", "DELETE keys");
                 reply::json(200, &json!({"id": id, "deleted": true}))
             }
@@ -213,7 +213,7 @@ fn post_key(cfg: &Config, store: &dyn Store, body: &[u8], now_ms: u64) -> Reply 
         Ok(r) => r,
         Err(e) => return registry_error(e, &id),
     };
-    bump_gen(store);
+    crate::shared_data::bump_generation(store);
     note(store, cfg, now_ms, "registry", &id, "absent", "registered", "POST keys");
     match registry::merged(cfg, &reg) {
         Ok(merged) => match merged.key_by_id(&id) {
@@ -330,14 +330,14 @@ fn patch_budget(cfg: &Config, store: &dyn Store, b: &Budget, body: &[u8], now_ms
 /// The newest `limit` decisions across every worker's ring.
 fn decisions(cfg: &Config, store: &dyn Store, limit: usize) -> Vec<Value> {
     let workers = store
-        .value(decision::RING_WORKERS)
+        .value(crate::shared_data::DECISION_WORKERS)
         .and_then(|b| b.as_slice().try_into().ok())
         .map(u64::from_le_bytes)
         .unwrap_or(0);
     let mut all: Vec<Stored> = Vec::new();
     for w in 0..workers.min(1024) {
         for slot in 0..cfg.decisions.ring_size {
-            match store.value(&decision::slot_name(w, slot)) {
+            match store.value(&crate::shared_data::decision_slot(w, slot)) {
                 Some(b) => all.extend(Stored::decode(&b)),
                 // Slots fill in order: the first gap ends this ring.
                 None => break,
@@ -581,7 +581,7 @@ mod tests {
         use crate::decision::{Decision, Stored};
         let c = cfg();
         let s = FakeStore::new();
-        let _ = s.set(decision::RING_WORKERS, &2u64.to_le_bytes(), None);
+        let _ = s.set(crate::shared_data::DECISION_WORKERS, &2u64.to_le_bytes(), None);
         for (w, slot, at) in [(0u64, 0usize, 10u64), (0, 1, 30), (1, 0, 20)] {
             let d = Stored {
                 at_ms: at,
@@ -599,7 +599,7 @@ mod tests {
                     excluded_total: 0,
                 },
             };
-            let _ = s.set(&decision::slot_name(w, slot), &d.encode(), None);
+            let _ = s.set(&crate::shared_data::decision_slot(w, slot), &d.encode(), None);
         }
         let r = handle(&c, &s, &get("/apikeyrouter/v1/decisions?limit=2", Some(BEARER)), 0);
         let v = body(&r);

@@ -73,7 +73,7 @@ pub struct Decision {
 }
 
 /// Exclusions listed in full in the header and in ring records.
-pub const MAX_LISTED: usize = crate::keys::MAX_LISTED;
+pub const MAX_LISTED: usize = 16;
 
 impl Decision {
     /// A decision that found no key.
@@ -260,14 +260,6 @@ impl Reader<'_> {
         let n = self.u8()? as usize;
         self.take(n).map(|s| String::from_utf8_lossy(s).into_owned())
     }
-}
-
-/// Shared-data name of the counter that hands out per-worker ring ids.
-pub const RING_WORKERS: &str = "akr.v1.dec.workers";
-
-/// Shared-data name of slot `slot` of worker `worker`'s ring.
-pub fn slot_name(worker: u64, slot: usize) -> String {
-    format!("akr.v1.dec.{worker}.{slot}")
 }
 
 #[cfg(test)]

@@ -47,13 +47,9 @@ use serde_json::{json, Value};
 use std::fmt;
 use std::str::FromStr;
 
-/// The shared-data key of the sync lease (one syncing context per process).
-pub const LEASE_KEY: &str = "akr.v1.fleet.lease";
-/// The shared-data key of the sync status (JSON, [`Status`]).
-pub const STATUS_KEY: &str = "akr.v1.fleet.status";
-/// The shared-data key of the counter bases (JSON, [`Bases`]), followed by
-/// `.<instance>`.
-pub const BASES_KEY: &str = "akr.v1.fleet.bases";
+// The sync lease (one syncing context per process), the sync status (JSON,
+// [`Status`]) and the counter bases (JSON, [`Bases`], `.<instance>` follows).
+pub use crate::shared_data::{FLEET_BASES as BASES_KEY, FLEET_LEASE as LEASE_KEY, FLEET_STATUS as STATUS_KEY};
 
 // ---------------------------------------------------------------- the lease
 

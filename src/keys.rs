@@ -15,27 +15,6 @@ use crate::state::{Capacity, DecodeError, Effective, KeyRecord, KeyState, Outcom
 use crate::store::{update, Store, UpdateError, UpdateStats};
 use crate::window::Window;
 
-/// Shared-data name of the state generation counter.
-pub const GEN_KEY: &str = "akr.v1.gen";
-
-pub fn read_u64(store: &dyn Store, key: &str) -> u64 {
-    store.value(key).and_then(|b| b.as_slice().try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
-}
-
-/// Adds one to a shared `u64` counter; returns the new value.
-pub fn increment(store: &dyn Store, key: &str) -> (Option<u64>, UpdateStats) {
-    let (r, stats) = update(store, key, |cur| {
-        let v = cur.and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0).wrapping_add(1);
-        Ok::<_, ()>((v, v.to_le_bytes().to_vec()))
-    });
-    (r.ok(), stats)
-}
-
-/// Announces a key-state change to every worker.
-pub fn bump_gen(store: &dyn Store) -> UpdateStats {
-    increment(store, GEN_KEY).1
-}
-
 /// Reads a key record; absent records read as fresh.
 pub fn read_record(store: &dyn Store, name: &str) -> Result<KeyRecord, DecodeError> {
     match store.value(name) {
@@ -62,8 +41,7 @@ pub struct Snapshot {
     views_dirty: bool,
 }
 
-/// Exclusions listed in full in a decision; the rest are only counted.
-pub const MAX_LISTED: usize = 16;
+pub use crate::decision::MAX_LISTED;
 
 /// A provider's keys sorted by standing, at an instant.
 #[derive(Debug, Clone, Default)]
@@ -136,7 +114,7 @@ pub fn evaluate(cfg: &Config, k: usize, r: &KeyRecord, now_ms: u64) -> Eval {
 impl Snapshot {
     /// Brings the snapshot up to date; returns whether it reloaded.
     pub fn refresh(&mut self, store: &dyn Store, cfg: &Config, now_ms: u64) -> bool {
-        let gen = read_u64(store, GEN_KEY);
+        let gen = crate::shared_data::read_u64(store, crate::shared_data::GENERATION);
         let fresh = now_ms.saturating_sub(self.loaded_ms) < cfg.routing.stats_refresh_ms;
         if self.gen == Some(gen) && fresh && self.records.len() == cfg.keys.slots() {
             return false;
@@ -661,7 +639,7 @@ pub fn record_attempt(
         Ok((Recorded { record: rec, before, changed }, rec.encode()))
     });
     if let Ok(Recorded { changed: true, .. }) = r {
-        stats.conflicts += bump_gen(store).conflicts;
+        stats.conflicts += crate::shared_data::bump_generation(store).conflicts;
     }
     (r, stats)
 }
@@ -708,7 +686,7 @@ pub fn apply_fleet(
         // Token counts need no announcement: a key with quotas is checked
         // against its fresh record when chosen.
         if before.effective(now_ms) != after.effective(now_ms) {
-            bump_gen(store);
+            crate::shared_data::bump_generation(store);
         }
     }
     r
@@ -758,7 +736,7 @@ pub fn set_state(
         Ok((rec, rec.encode()))
     });
     if r.is_ok() {
-        bump_gen(store);
+        crate::shared_data::bump_generation(store);
     }
     r
 }
@@ -823,11 +801,11 @@ mod tests {
         let first = apply_fleet(&store, "rec", Some(&shared), Some((5, 7)), None, 1_000);
         assert_eq!(first.map(|(_, after)| (after.cooldown_until_ms, after.fleet_day_tokens)), Ok((9_000, 7)));
         let cas = store.get("rec").map(|e| e.1);
-        let gen = read_u64(&store, GEN_KEY);
+        let gen = crate::shared_data::read_u64(&store, crate::shared_data::GENERATION);
         let again = apply_fleet(&store, "rec", Some(&shared), Some((5, 7)), None, 1_000);
         assert_eq!(again.map(|(before, after)| before == after), Ok(true));
         assert_eq!(store.get("rec").map(|e| e.1), cas, "not written again");
-        assert_eq!(read_u64(&store, GEN_KEY), gen);
+        assert_eq!(crate::shared_data::read_u64(&store, crate::shared_data::GENERATION), gen);
     }
 
     #[test]
@@ -1077,10 +1055,10 @@ mod tests {
         let limited = Outcome { status: 429, ..Outcome::default() };
         let (r, _) = record_attempt(&store, &c, 0, &limited, None, Action::CoolUntil(10_000), 0);
         assert_eq!(r.map(|r| (r.record.cooldown_until_ms, r.changed)), Ok((10_000, true)));
-        let gen = read_u64(&store, GEN_KEY);
+        let gen = crate::shared_data::read_u64(&store, crate::shared_data::GENERATION);
         let (r, _) = record_attempt(&store, &c, 0, &limited, None, Action::CoolUntil(6_000), 0);
         assert_eq!(r.map(|r| (r.record.cooldown_until_ms, r.changed)), Ok((10_000, false)));
-        assert_eq!(read_u64(&store, GEN_KEY), gen);
+        assert_eq!(crate::shared_data::read_u64(&store, crate::shared_data::GENERATION), gen);
         let rec = read_record(&store, &c.keys[0].record_name);
         assert_eq!(rec.map(|r| (r.requests, r.rate_limited, r.cooldowns)), Ok((2, 2, 1)));
     }

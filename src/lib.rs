@@ -26,6 +26,7 @@ pub mod ratelimit;
 pub mod registry;
 pub mod reply;
 pub mod request;
+pub mod shared_data;
 pub mod stages;
 pub mod state;
 pub mod store;

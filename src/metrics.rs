@@ -6,7 +6,6 @@
 //! aggregates into one stat.
 
 use crate::keys::Eval;
-use crate::stages::host::Host;
 use crate::state::{Capacity, Effective};
 
 /// Counters and gauges that must show (at zero) before anything happens:
@@ -67,16 +66,15 @@ pub fn state_code(e: Effective) -> u64 {
     }
 }
 
-/// Writes a key's state and capacity gauges from its evaluation.
-pub fn key_gauges(h: &dyn Host, provider: &str, key: &str, e: &Eval, effective: Effective) {
-    h.gauge(&key_metric(provider, key, "state"), state_code(effective));
+/// A key's state and capacity gauges, from its evaluation.
+pub fn key_gauges(provider: &str, key: &str, e: &Eval, effective: Effective) -> [(String, u64); 2] {
     let cap = match e.capacity {
         Capacity::Abundant => 0,
         Capacity::Constrained => 1,
         Capacity::Critical => 2,
         Capacity::Exhausted => 3,
     };
-    h.gauge(&key_metric(provider, key, "capacity"), cap);
+    [(key_metric(provider, key, "state"), state_code(effective)), (key_metric(provider, key, "capacity"), cap)]
 }
 
 /// `apikeyrouter.budget.<id>.<what>`

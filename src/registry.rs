@@ -12,11 +12,9 @@ use crate::store::{update, Store, UpdateError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// Shared-data name of the registry record.
-pub const REGISTRY_KEY: &str = "akr.v1.runtime_keys";
-/// Shared-data counter bumped after every registry change; workers compare
-/// it (8 bytes) instead of parsing the registry.
-pub const CHANGES: &str = "akr.v1.runtime_keys.changes";
+// The registry record, and the counter bumped after every change: workers
+// compare it (8 bytes) instead of parsing the registry.
+use crate::shared_data::{RUNTIME_KEYS as REGISTRY_KEY, RUNTIME_KEYS_CHANGES as CHANGES};
 /// Most runtime keys (deleted ones included) a registry holds.
 pub const MAX_RUNTIME_KEYS: usize = 1000;
 
@@ -167,7 +165,7 @@ pub fn delete(store: &dyn Store, base: &Config, id: &str) -> Result<Registry, Re
 fn settle(store: &dyn Store, r: Result<Registry, UpdateError<RegistryError>>) -> Result<Registry, RegistryError> {
     match r {
         Ok(reg) => {
-            crate::keys::increment(store, CHANGES);
+            crate::shared_data::increment(store, CHANGES);
             Ok(reg)
         }
         Err(UpdateError::Rejected(e)) => Err(e),
@@ -201,7 +199,7 @@ pub fn merged(base: &Config, reg: &Registry) -> Result<Config, ConfigError> {
             auth_header: cfg.providers[p].kind.auth("").0,
             auth_value: cfg.providers[p].kind.auth(&rk.secret).1,
             extra_headers: Vec::new(),
-            record_name: format!("akr.v1.key.{provider_id}.{}", rk.id),
+            record_name: crate::shared_data::key_record(&provider_id, &rk.id),
             cost_per_1k: None,
             cost_score_price: None,
             limits: Default::default(),

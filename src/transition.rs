@@ -3,16 +3,11 @@
 //! Transitions are rare next to requests, so one ring serves all workers: a
 //! shared counter hands out slots.
 
-use crate::keys::increment;
+use crate::shared_data::increment;
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
 
-/// Shared-data name of the ring's slot counter.
-pub const HEAD: &str = "akr.v1.tr.head";
-
-fn slot(i: u64) -> String {
-    format!("akr.v1.tr.{i}")
-}
+use crate::shared_data::{transition_slot as slot, TRANSITIONS_HEAD as HEAD};
 
 /// One change of a key's or a budget's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -285,7 +285,9 @@ impl Attempt {
                         h.count(&metrics::key_metric(pid, kid, "cooldowns"), 1);
                     }
                     let e = crate::keys::evaluate(&self.cfg, k, &rec.record, now);
-                    metrics::key_gauges(h, pid, kid, &e, rec.record.effective(now));
+                    for (name, value) in metrics::key_gauges(pid, kid, &e, rec.record.effective(now)) {
+                        h.gauge(&name, value);
+                    }
                 }
                 match action {
                     Action::CoolUntil(until) => log::info!(

@@ -18,12 +18,10 @@ enum Call {
     Txn,
 }
 
-/// The shared-data key of this process's life nonce: written once per
-/// process, so that a restart shows in etcd.
-const LIFE_KEY: &str = "akr.v1.fleet.life";
-/// The shared-data counter of root contexts started in this process: the
-/// lease epoch.
-const EPOCH_KEY: &str = "akr.v1.fleet.epoch";
+// This process's life nonce (written once per process, so that a restart
+// shows in etcd) and the count of root contexts started in it (the lease
+// epoch).
+use crate::shared_data::{FLEET_EPOCH as EPOCH_KEY, FLEET_LIFE as LIFE_KEY};
 
 /// The fleet sync of one root context (attempt stage).
 pub struct FleetSync {
@@ -76,7 +74,7 @@ impl FleetSync {
     pub fn new(h: &dyn Host, cfg: &Config, fleet: Fleet, instance: String, me: u64) -> FleetSync {
         let store = h.store();
         let _ = crate::store::seed(store, LIFE_KEY, &me.to_le_bytes());
-        let epoch = keys::increment(store, EPOCH_KEY).0.unwrap_or(0);
+        let epoch = crate::shared_data::increment(store, EPOCH_KEY).0.unwrap_or(0);
         let life =
             store.value(LIFE_KEY).and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map_or(me, u64::from_le_bytes);
         let now = h.now_ms();
@@ -154,7 +152,7 @@ impl FleetSync {
             self.pending = None;
             self.queued.clear();
         }
-        let gen = keys::read_u64(h.store(), keys::GEN_KEY);
+        let gen = crate::shared_data::read_u64(h.store(), crate::shared_data::GENERATION);
         let spend: Vec<Decimal> = cfg.budgets.iter().map(|b| budget::load(h.store(), b, now_ms).spent).collect();
         if now_ms < self.next_ms && gen == self.last_gen && spend == self.last_spend {
             return;

@@ -363,7 +363,7 @@ fn the_tick_writes_this_workers_decisions_to_its_ring() {
     served(&gw);
     let worker = gw.attempt.routing.borrow().ring_worker;
     assert_eq!(worker, Some(0));
-    let slot = crate::decision::slot_name(0, 0);
+    let slot = crate::shared_data::decision_slot(0, 0);
     assert_eq!(gw.world.store.value(&slot), None, "queued, not written on the request path");
     gw.attempt.tick(&FakeHost::new(&gw.world));
     let rec = gw.world.store.value(&slot).and_then(|b| crate::decision::Stored::decode(&b));

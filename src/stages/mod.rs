@@ -22,8 +22,7 @@ pub mod fake;
 mod lifecycle_tests;
 
 use crate::config;
-use crate::decision;
-use crate::keys::increment;
+use crate::shared_data::increment;
 use crate::state::KeyRecord;
 use crate::store;
 use flight::Flights;
@@ -125,7 +124,7 @@ impl Root {
         if stage == Stage::Attempt && routing.base.decisions.ring_size > 0 {
             // Each attempt-stage VM owns one ring, so recording a decision
             // is a single unconditional write on the request path.
-            routing.ring_worker = increment(h.store(), decision::RING_WORKERS).0.map(|n| n - 1);
+            routing.ring_worker = increment(h.store(), crate::shared_data::DECISION_WORKERS).0.map(|n| n - 1);
         }
         routing.gauges = stage == Stage::Attempt;
         // Keys registered at runtime before this VM started (a reload).

@@ -67,7 +67,7 @@ impl Routing {
             return;
         }
         for (seq, rec) in self.pending_decisions.drain(..) {
-            let _ = h.store().set(&crate::decision::slot_name(worker, (seq % size) as usize), &rec, None);
+            let _ = h.store().set(&crate::shared_data::decision_slot(worker, (seq % size) as usize), &rec, None);
         }
     }
 
@@ -95,7 +95,9 @@ impl Routing {
                     let e = self.snapshot.eval(&cfg, k, now);
                     let eff = self.snapshot.records.get(k).map_or(Effective::Available, |r| r.effective(now));
                     let pid = cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
-                    crate::metrics::key_gauges(h, pid, &key.id, &e, eff);
+                    for (name, value) in crate::metrics::key_gauges(pid, &key.id, &e, eff) {
+                        h.gauge(&name, value);
+                    }
                 }
             }
         }

@@ -66,7 +66,7 @@ fn client(
     let own = policy(&mut c, providers)?;
     c.finish()?;
     Ok(Client {
-        record_name: format!("akr.v1.client.{id}"),
+        record_name: crate::shared_data::client_record(&id),
         id,
         team,
         key_sha256,

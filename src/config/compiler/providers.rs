@@ -122,7 +122,7 @@ fn key(v: Value, path: &str, owner: &Owner<'_>, env: Env<'_>) -> Result<Key, Con
     k.finish()?;
     let fingerprint = fingerprint(&secret);
     Ok(Key {
-        record_name: format!("akr.v1.key.{}.{id}", owner.id),
+        record_name: crate::shared_data::key_record(owner.id, &id),
         id,
         provider: owner.index,
         weight,

@@ -108,7 +108,7 @@ fn budget(
     let limit = b.opt_positive_decimal("limit", "100.00")?.ok_or_else(|| err(&b.field("limit"), "required"))?;
     let enforcement = enforcement(&mut b)?;
     b.finish()?;
-    Ok(Budget { record_name: format!("akr.v1.budget.{id}"), id, scope, window, limit, enforcement })
+    Ok(Budget { record_name: crate::shared_data::budget_record(&id), id, scope, window, limit, enforcement })
 }
 
 /// `budgets[i].window`: `day` when absent; `total` is no window.
