@@ -8,8 +8,8 @@ use crate::crypto::constant_time_eq;
 use crate::decision::Stored;
 use crate::keys::{read_record, set_state, SetState};
 use crate::quota::headroom;
-use crate::registry::{self, RegistryError};
 use crate::reply::{self, Reply};
+use crate::runtime_keys::{self, RegistryError};
 use crate::state::{Effective, KeyRecord, UNKNOWN};
 use crate::store::Store;
 use crate::transition::{self, Transition};
@@ -77,7 +77,7 @@ pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u
             None => admin_error(404, "key_not_found", &format!("No key with id '{id}'.")),
         },
         ("POST", ["keys"]) => post_key(cfg, store, req.body, now_ms),
-        ("DELETE", ["keys", id]) => match registry::delete(store, cfg, id) {
+        ("DELETE", ["keys", id]) => match runtime_keys::delete(store, cfg, id) {
             Ok(_) => {
                 crate::shared_data::bump_generation(store);
                 note(store, cfg, now_ms, "registry", id, "registered", "deleted", "DELETE keys");
@@ -204,18 +204,18 @@ fn registry_error(e: RegistryError, id: &str) -> Reply {
 /// `POST keys`: registers a key at runtime; its material is kept only in
 /// shared data and never returned.
 fn post_key(cfg: &Config, store: &dyn Store, body: &[u8], now_ms: u64) -> Reply {
-    let new = match registry::parse_new_key(body, cfg) {
+    let new = match runtime_keys::parse_new_key(body, cfg) {
         Ok(k) => k,
         Err(e) => return registry_error(e, ""),
     };
     let id = new.id.clone();
-    let reg = match registry::register(store, cfg, new) {
+    let reg = match runtime_keys::register(store, cfg, new) {
         Ok(r) => r,
         Err(e) => return registry_error(e, &id),
     };
     crate::shared_data::bump_generation(store);
     note(store, cfg, now_ms, "registry", &id, "absent", "registered", "POST keys");
-    match registry::merged(cfg, &reg) {
+    match runtime_keys::merged(cfg, &reg) {
         Ok(merged) => match merged.key_by_id(&id) {
             Some((_, k)) => reply::json(201, &key_json(&merged, k, &read_or_default(store, k), now_ms)),
             None => reply::json(201, &json!({"id": id})),
@@ -448,7 +448,7 @@ fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
 mod tests {
     use super::*;
     use crate::config::compile;
-    use crate::keys::{record_attempt, Action};
+    use crate::keys::{record_attempt, KeyAction};
     use crate::state::Outcome;
     use crate::store::FakeStore;
 
@@ -513,7 +513,7 @@ mod tests {
             0,
             &Outcome { status: 429, ..Outcome::default() },
             None,
-            Action::CoolUntil(5_000),
+            KeyAction::CoolUntil(5_000),
             0,
         );
         let r = handle(&c, &s, &get("/apikeyrouter/v1/keys", Some(BEARER)), 1_000);
@@ -644,7 +644,7 @@ mod tests {
         assert_eq!((r.status, body(&r)["source"].clone()), (201, Value::from("runtime")));
         assert!(!String::from_utf8_lossy(&r.body).contains("sk-runtime-secret"));
         assert_eq!(handle(&c, &s, &post, 0).status, 409, "id taken");
-        let merged = registry::merged(&c, &registry::load(&s)).unwrap_or_else(|e| panic!("{e}"));
+        let merged = runtime_keys::merged(&c, &runtime_keys::load(&s)).unwrap_or_else(|e| panic!("{e}"));
         let list = handle(&merged, &s, &get("/apikeyrouter/v1/keys", Some(BEARER)), 0);
         assert_eq!(body(&list)["keys"].as_array().map(Vec::len), Some(3));
         let del =
@@ -657,7 +657,7 @@ mod tests {
         assert_eq!(handle(&merged, &s, &del("/apikeyrouter/v1/keys/r1"), 0).status, 200);
         assert_eq!(handle(&merged, &s, &del("/apikeyrouter/v1/keys/r1"), 0).status, 404);
         // Listing and looking up agree: a deleted key is in neither.
-        let after = registry::merged(&c, &registry::load(&s)).unwrap_or_else(|e| panic!("{e}"));
+        let after = runtime_keys::merged(&c, &runtime_keys::load(&s)).unwrap_or_else(|e| panic!("{e}"));
         let list = body(&handle(&after, &s, &get("/apikeyrouter/v1/keys", Some(BEARER)), 0));
         let ids: Vec<&str> = list["keys"].as_array().into_iter().flatten().filter_map(|k| k["id"].as_str()).collect();
         assert!(!ids.contains(&"r1") && ids.len() == 2, "{ids:?}");
@@ -679,7 +679,7 @@ mod tests {
                 k,
                 &Outcome { status: 429, ..Outcome::default() },
                 None,
-                Action::CoolUntil(9_000),
+                KeyAction::CoolUntil(9_000),
                 0,
             );
         }

@@ -1,4 +1,4 @@
-//! The proxy-wasm header-map wire format: `pairs::decode` on whatever bytes
+//! The proxy-wasm header-map wire format: `header_wire::decode` on whatever bytes
 //! the host hands over, and `encode`.
 //!
 //! Properties checked, beyond "never panics":
@@ -11,7 +11,7 @@
 //!   encoding short of the last terminator is refused.
 #![no_main]
 
-use apikeyrouter::pairs::{decode, encode};
+use apikeyrouter::header_wire::{decode, encode};
 use libfuzzer_sys::fuzz_target;
 
 fn as_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {

@@ -5,7 +5,7 @@
 //! values that are not UTF-8); a panic traps the VM for every request on the
 //! worker. These imports bind the same host functions and never panic.
 
-use crate::pairs;
+use crate::header_wire;
 use crate::store::{ReadError, SetError, Store};
 use std::ptr::{null, null_mut};
 
@@ -162,7 +162,7 @@ pub fn headers(map: u32) -> Result<Vec<(String, String)>, HostError> {
     let st = unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) };
     match st {
         OK => match unsafe { owned(data, size) } {
-            Some(b) => pairs::decode(&b).map_err(|_| HostError(u32::MAX)),
+            Some(b) => header_wire::decode(&b).map_err(|_| HostError(u32::MAX)),
             None => Ok(Vec::new()),
         },
         NOT_FOUND => Ok(Vec::new()),
@@ -225,7 +225,7 @@ pub fn set_buffer(kind: u32, start: usize, size: usize, value: &[u8]) -> Result<
 }
 
 pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HostError> {
-    let h = pairs::encode(headers);
+    let h = header_wire::encode(headers);
     let details = b"apikeyrouter";
     // SAFETY: pointers into live buffers.
     let st = unsafe {

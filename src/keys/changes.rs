@@ -11,22 +11,22 @@ use crate::window::Window;
 
 /// What a response did to a key, beyond the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub enum KeyAction {
     Nothing,
     CoolUntil(u64),
     Disable(Reason),
     Exhaust(Reason),
 }
 
-impl Action {
+impl KeyAction {
     /// The concrete action for a configured one; `cooldown_until_ms` is
     /// used by `cooldown`.
-    pub fn from_config(a: StatusAction, reason: Reason, cooldown_until_ms: u64) -> Action {
+    pub fn from_config(a: StatusAction, reason: Reason, cooldown_until_ms: u64) -> KeyAction {
         match a {
-            StatusAction::Cooldown => Action::CoolUntil(cooldown_until_ms),
-            StatusAction::Disable => Action::Disable(reason),
-            StatusAction::Exhaust => Action::Exhaust(reason),
-            StatusAction::Nothing => Action::Nothing,
+            StatusAction::Cooldown => KeyAction::CoolUntil(cooldown_until_ms),
+            StatusAction::Disable => KeyAction::Disable(reason),
+            StatusAction::Exhaust => KeyAction::Exhaust(reason),
+            StatusAction::Nothing => KeyAction::Nothing,
         }
     }
 }
@@ -59,7 +59,7 @@ pub fn record_attempt(
     k: usize,
     outcome: &Outcome,
     signals: Option<&crate::ratelimit::Signals<'_>>,
-    action: Action,
+    action: KeyAction,
     now_ms: u64,
 ) -> (Result<Recorded, UpdateError<DecodeError>>, UpdateStats) {
     let Some(key) = cfg.keys.get(k) else {
@@ -77,9 +77,9 @@ pub fn record_attempt(
         }
         let mut changed = false;
         match action {
-            Action::Nothing => {}
-            Action::CoolUntil(until) => changed |= rec.cool_until(until),
-            Action::Disable(reason) => {
+            KeyAction::Nothing => {}
+            KeyAction::CoolUntil(until) => changed |= rec.cool_until(until),
+            KeyAction::Disable(reason) => {
                 if rec.state != KeyState::Disabled {
                     rec.state_at_ms = now_ms.max(rec.state_at_ms.saturating_add(1));
                     changed = true;
@@ -87,7 +87,7 @@ pub fn record_attempt(
                 rec.state = KeyState::Disabled;
                 rec.reason = reason;
             }
-            Action::Exhaust(reason) => {
+            KeyAction::Exhaust(reason) => {
                 if rec.state == KeyState::Available {
                     rec.state = KeyState::Exhausted;
                     rec.reason = reason;
@@ -238,10 +238,10 @@ mod tests {
         let c = cfg(&[1]);
         let store = FakeStore::new();
         let limited = Outcome { status: 429, ..Outcome::default() };
-        let (r, _) = record_attempt(&store, &c, 0, &limited, None, Action::CoolUntil(10_000), 0);
+        let (r, _) = record_attempt(&store, &c, 0, &limited, None, KeyAction::CoolUntil(10_000), 0);
         assert_eq!(r.map(|r| (r.record.cooldown_until_ms, r.changed)), Ok((10_000, true)));
         let gen = crate::shared_data::read_u64(&store, crate::shared_data::GENERATION);
-        let (r, _) = record_attempt(&store, &c, 0, &limited, None, Action::CoolUntil(6_000), 0);
+        let (r, _) = record_attempt(&store, &c, 0, &limited, None, KeyAction::CoolUntil(6_000), 0);
         assert_eq!(r.map(|r| (r.record.cooldown_until_ms, r.changed)), Ok((10_000, false)));
         assert_eq!(crate::shared_data::read_u64(&store, crate::shared_data::GENERATION), gen);
         let rec = read_record(&store, &c.keys[0].record_name);
@@ -253,11 +253,11 @@ mod tests {
         let c = cfg_with(&["", r#","limits":{"monthly_tokens":1000}"#], "");
         let store = FakeStore::new();
         let o = Outcome { status: 401, ..Outcome::default() };
-        let (r, _) = record_attempt(&store, &c, 0, &o, None, Action::Disable(Reason::Unauthorized), 0);
+        let (r, _) = record_attempt(&store, &c, 0, &o, None, KeyAction::Disable(Reason::Unauthorized), 0);
         assert_eq!(r.map(|r| (r.record.effective(u64::MAX), r.changed)), Ok((Effective::Disabled, true)));
         let day = 86_400_000;
         let o = Outcome { status: 402, ..Outcome::default() };
-        let (r, _) = record_attempt(&store, &c, 1, &o, None, Action::Exhaust(Reason::PaymentRequired), 3 * day);
+        let (r, _) = record_attempt(&store, &c, 1, &o, None, KeyAction::Exhaust(Reason::PaymentRequired), 3 * day);
         assert_eq!(r.map(|r| r.record.effective(3 * day)), Ok(Effective::Exhausted { until_ms: 31 * day }));
         assert_eq!(exhausted_until(&c, 0, 3 * day), 4 * day);
         let back = set_state(&store, &c.keys[0].record_name, SetState::Available, 5);
@@ -271,7 +271,7 @@ mod tests {
         let ok = Outcome { status: 200, ..Outcome::default() };
         let mut changes = vec![];
         for _ in 0..4 {
-            let (r, _) = record_attempt(&store, &c, 0, &ok, None, Action::Nothing, 1_000);
+            let (r, _) = record_attempt(&store, &c, 0, &ok, None, KeyAction::Nothing, 1_000);
             changes.push(r.map(|r| (r.record.capacity, r.changed)).ok());
         }
         use Capacity::*;

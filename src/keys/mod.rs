@@ -11,9 +11,9 @@
 //! for an objective, [`changes`] applies what a response or an admin does
 //! to a key's record.
 
-mod changes;
-mod chooser;
-mod snapshot;
+pub mod changes;
+pub mod chooser;
+pub mod snapshot;
 #[cfg(test)]
 mod test_support;
 

@@ -303,11 +303,11 @@ mod tests {
             usage: Some(Usage { input: 1, output: 1, total: 2, ..Usage::default() }),
             ..Outcome::default()
         };
-        let _ = record_attempt(&store, &c, 0, &ok, None, Action::Nothing, 20);
+        let _ = record_attempt(&store, &c, 0, &ok, None, KeyAction::Nothing, 20);
         assert!(!snap.refresh(&store, &c, 30), "counters alone do not bump the generation");
         assert!(snap.refresh(&store, &c, 1_000), "but stale statistics reload");
         let limited = Outcome { status: 429, ..Outcome::default() };
-        let _ = record_attempt(&store, &c, 0, &limited, None, Action::CoolUntil(7_000), 1_010);
+        let _ = record_attempt(&store, &c, 0, &limited, None, KeyAction::CoolUntil(7_000), 1_010);
         assert!(snap.refresh(&store, &c, 1_020));
         assert_eq!(snap.records[0].cooldown_until_ms, 7_000);
     }

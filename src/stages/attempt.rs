@@ -6,12 +6,12 @@
 
 use super::flight::{Flights, Holder, Served};
 use super::host::{Buffer, Host, Map, Next};
-use super::routing::Routing;
+use super::worker_state::WorkerState;
 use crate::budget::{self, Price, Reservation};
 use crate::config::{Config, StatusAction};
 use crate::decision::{Decision, Stored};
 use crate::identity;
-use crate::keys::{read_record, record_attempt, stale_choice, Action};
+use crate::keys::{read_record, record_attempt, stale_choice, KeyAction};
 use crate::metrics;
 use crate::objective::Objective;
 use crate::ratelimit::{cooldown_ms, Signals};
@@ -52,7 +52,7 @@ enum Body {
 pub struct Attempt {
     id: u32,
     cfg: Rc<Config>,
-    routing: Rc<RefCell<Routing>>,
+    routing: Rc<RefCell<WorkerState>>,
     flights: Rc<RefCell<Flights>>,
     key: Option<usize>,
     attempt: u32,
@@ -83,7 +83,7 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    pub fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<Routing>>, flights: Rc<RefCell<Flights>>) -> Attempt {
+    pub fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<WorkerState>>, flights: Rc<RefCell<Flights>>) -> Attempt {
         Attempt {
             id,
             cfg,
@@ -227,18 +227,18 @@ impl Attempt {
                 self.usage = parser.usage;
             }
         }
-        self.record(h, Action::Nothing);
+        self.record(h, KeyAction::Nothing);
         self.close_books(h);
     }
 
-    fn record(&mut self, h: &dyn Host, action: Action) {
+    fn record(&mut self, h: &dyn Host, action: KeyAction) {
         let Some(k) = self.key else { return };
         self.recorded = true;
         let now = h.now_ms();
         // A success cut off before its end (a reset, a timeout) is a
         // failure. An error status stands on its own: Envoy may reset the
         // attempt to retry as soon as it sees it, before its body ends.
-        let cut_short = !self.complete && (200..300).contains(&self.status) && action == Action::Nothing;
+        let cut_short = !self.complete && (200..300).contains(&self.status) && action == KeyAction::Nothing;
         let status = if cut_short { 0 } else { self.status };
         let outcome = Outcome {
             status,
@@ -281,7 +281,7 @@ impl Attempt {
                         seq: 0,
                     };
                     crate::transition::record(h.store(), self.cfg.max_transitions, t);
-                    if matches!(action, Action::CoolUntil(_)) {
+                    if matches!(action, KeyAction::CoolUntil(_)) {
                         h.count(&metrics::key_metric(pid, kid, "cooldowns"), 1);
                     }
                     let e = crate::keys::evaluate(&self.cfg, k, &rec.record, now);
@@ -290,23 +290,23 @@ impl Attempt {
                     }
                 }
                 match action {
-                    Action::CoolUntil(until) => log::info!(
+                    KeyAction::CoolUntil(until) => log::info!(
                         "[{}] key {kid} answered {}: cooling until {until} ({} ms){}",
                         self.id,
                         self.status,
                         until.saturating_sub(now),
                         if rec.record.cooldown_until_ms > until { ", kept the longer cooldown" } else { "" }
                     ),
-                    Action::Disable(why) => {
+                    KeyAction::Disable(why) => {
                         log::warn!("[{}] key {kid} disabled: {}", self.id, why.as_str())
                     }
-                    Action::Exhaust(why) => log::warn!(
+                    KeyAction::Exhaust(why) => log::warn!(
                         "[{}] key {kid} exhausted until {}: {}",
                         self.id,
                         rec.record.exhausted_until_ms,
                         why.as_str()
                     ),
-                    Action::Nothing => {}
+                    KeyAction::Nothing => {}
                 }
             }
             Err(e) => log::warn!("[{}] key {kid}: attempt not recorded: {e:?}", self.id),
@@ -315,7 +315,7 @@ impl Attempt {
 
     /// The action the response status (and, for a probed 4xx, its error
     /// code) calls for.
-    fn action_for(&self, now: u64, error_code: Option<&str>) -> Action {
+    fn action_for(&self, now: u64, error_code: Option<&str>) -> KeyAction {
         let (configured, reason) = match error_code.and_then(|c| self.cfg.error_code_action(c).map(|a| (a, c))) {
             Some((a, "insufficient_quota")) => (a, Reason::InsufficientQuota),
             Some((a, _)) => (a, Reason::Status),
@@ -335,10 +335,10 @@ impl Attempt {
         } else {
             0
         };
-        Action::from_config(configured, reason, cool_until)
+        KeyAction::from_config(configured, reason, cool_until)
     }
 
-    fn write_decision(&self, routing: &mut Routing, rid: &str, d: &Decision, now: u64) {
+    fn write_decision(&self, routing: &mut WorkerState, rid: &str, d: &Decision, now: u64) {
         let stored = Stored {
             at_ms: now,
             seq: routing.ring_next,
@@ -407,7 +407,7 @@ impl Attempt {
         self.cfg = routing.refresh(h, now);
         let objective: &Objective = objective.as_ref().unwrap_or(&self.cfg.routing.objective);
         let cfg = &self.cfg;
-        let choose = |routing: &mut Routing, banned: &[usize]| {
+        let choose = |routing: &mut WorkerState, banned: &[usize]| {
             routing.chooser.choose_excluding(cfg, provider, &mut routing.snapshot, now, &tried, banned, objective)
         };
         let mut banned: Vec<usize> = Vec::new();
@@ -536,7 +536,7 @@ impl Attempt {
             return Next::Pause;
         }
         let action = self.action_for(now, None);
-        if action != Action::Nothing {
+        if action != KeyAction::Nothing {
             self.record(h, action);
             return Next::Continue;
         }
@@ -648,7 +648,7 @@ impl Attempt {
                 let code = usage::error_code(&body);
                 self.body = Body::Ignore;
                 let action = self.action_for(h.now_ms(), code.as_deref());
-                if action != Action::Nothing {
+                if action != KeyAction::Nothing {
                     self.record(h, action);
                 }
                 Next::Continue

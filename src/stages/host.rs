@@ -2,8 +2,8 @@
 //!
 //! The stages (ingress, attempt, the root's configure and tick) are plain
 //! Rust that call only this trait. `src/host/` implements it with the
-//! proxy-wasm hostcalls; [`super::fake::FakeHost`] implements it in memory
-//! for the native lifecycle tests and counts every call.
+//! proxy-wasm hostcalls; a fake host implements it in memory
+//! for the native lifecycle tests (`stages/fake.rs`) and counts every call.
 
 use crate::store::Store;
 

@@ -7,7 +7,7 @@
 
 use super::flight::{Admission, Flight, Flights, Holder};
 use super::host::{Buffer, Host, HostError, Map, Next};
-use super::routing::Routing;
+use super::worker_state::WorkerState;
 use crate::admin::{self, AdminRequest};
 use crate::admission::{self, Caller};
 use crate::budget::{self, show, Reservation};
@@ -41,7 +41,7 @@ struct PendingAdmin {
 pub struct Ingress {
     id: u32,
     cfg: Rc<Config>,
-    routing: Rc<RefCell<Routing>>,
+    routing: Rc<RefCell<WorkerState>>,
     flights: Rc<RefCell<Flights>>,
     request_id: Option<String>,
     path: String,
@@ -58,7 +58,7 @@ pub struct Ingress {
 }
 
 impl Ingress {
-    pub fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<Routing>>, flights: Rc<RefCell<Flights>>) -> Ingress {
+    pub fn new(id: u32, cfg: Rc<Config>, routing: Rc<RefCell<WorkerState>>, flights: Rc<RefCell<Flights>>) -> Ingress {
         Ingress {
             id,
             cfg,

@@ -4,7 +4,7 @@
 //! `ingress` selects the downstream stage ([`ingress`]), `attempt` the
 //! router upstream stage ([`attempt`], once per upstream attempt). The two
 //! hand a request over through [`flight`]; each keeps its per-VM state in
-//! [`routing`]. [`Root`] is what a root context does: compile the
+//! [`worker_state`]. [`Root`] is what a root context does: compile the
 //! configuration, seed state, and on every tick write decisions and run the
 //! fleet sync ([`fleet_sync`]). `src/host/` only maps Envoy's callbacks to
 //! these calls.
@@ -14,7 +14,7 @@ pub mod fleet_sync;
 pub mod flight;
 pub mod host;
 pub mod ingress;
-pub mod routing;
+pub mod worker_state;
 
 #[cfg(test)]
 pub mod fake;
@@ -27,9 +27,9 @@ use crate::state::KeyRecord;
 use crate::store;
 use flight::Flights;
 use host::{Buffer, Host};
-use routing::Routing;
 use std::cell::RefCell;
 use std::rc::Rc;
+use worker_state::WorkerState;
 
 /// Which placement a root context serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub const TICK_MS: u32 = 500;
 /// stage in fleet mode) the sync with etcd.
 pub struct Root {
     pub stage: Stage,
-    pub routing: Rc<RefCell<Routing>>,
+    pub routing: Rc<RefCell<WorkerState>>,
     pub fleet: Option<fleet_sync::FleetSync>,
     /// The requests in flight on this VM, shared with the other stage.
     pub flights: Rc<RefCell<Flights>>,
@@ -120,7 +120,7 @@ impl Root {
                 log::info!("fleet mode: instance {instance}, etcd through cluster {}", f.cluster);
             }
         }
-        let mut routing = Routing::new(Rc::new(cfg));
+        let mut routing = WorkerState::new(Rc::new(cfg));
         if stage == Stage::Attempt && routing.base.decisions.ring_size > 0 {
             // Each attempt-stage VM owns one ring, so recording a decision
             // is a single unconditional write on the request path.

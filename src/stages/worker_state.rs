@@ -1,17 +1,17 @@
-//! What one VM keeps for a stage between requests: the compiled
+//! What one VM (one worker thread) keeps for a stage between requests: the compiled
 //! configuration plus the keys registered at runtime, the key-state
 //! snapshot and chooser, and this worker's queue of decision records.
 
 use super::host::Host;
 use crate::config::Config;
 use crate::keys::{Chooser, Snapshot};
-use crate::registry;
+use crate::runtime_keys;
 use crate::state::Effective;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-/// Per-VM routing state of one stage.
-pub struct Routing {
+/// Per-VM state of one stage: what requests are routed with.
+pub struct WorkerState {
     /// The configuration as compiled from the plugin JSON.
     pub base: Rc<Config>,
     /// `base` plus the keys registered at runtime: what requests use.
@@ -30,9 +30,9 @@ pub struct Routing {
     pub pending_decisions: VecDeque<(u64, Vec<u8>)>,
 }
 
-impl Routing {
-    pub fn new(base: Rc<Config>) -> Routing {
-        Routing {
+impl WorkerState {
+    pub fn new(base: Rc<Config>) -> WorkerState {
+        WorkerState {
             config: base.clone(),
             base,
             registry_changes: 0,
@@ -77,10 +77,10 @@ impl Routing {
     pub fn refresh(&mut self, h: &dyn Host, now: u64) -> Rc<Config> {
         let store = h.store();
         if self.snapshot.refresh(store, &self.config, now) {
-            let changes = registry::changes(store);
+            let changes = runtime_keys::changes(store);
             if changes != self.registry_changes {
                 self.registry_changes = changes;
-                match registry::merged(&self.base, &registry::load(store)) {
+                match runtime_keys::merged(&self.base, &runtime_keys::load(store)) {
                     Ok(c) => {
                         log::info!("runtime keys changed: {} keys now", c.keys.count());
                         self.config = Rc::new(c);
