@@ -600,9 +600,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn records_round_trip_and_reject_damage() {
-        let r = BudgetRecord {
+    fn sample_record() -> BudgetRecord {
+        BudgetRecord {
             window_start_ms: 5,
             spent: dec("1.0000000001"),
             reserved: dec("0.5"),
@@ -613,10 +612,44 @@ mod tests {
             fleet_spent: dec("3.25"),
             fleet_window_ms: 5,
             local_share: Some(dec("0.5")),
-        };
+        }
+    }
+
+    /// `sample_record()` as version 2 bytes: what shared data holds across reloads.
+    const SAMPLE_V2: &str = concat!(
+        "0201",                             // version 2, limit override set
+        "0500000000000000",                 // window_start_ms
+        "00000a0001e40b540200000000000000", // spent
+        "00000100050000000000000000000000", // reserved
+        "0700000000000000",                 // requests
+        "0800000000000000",                 // refused
+        "0900000000000000",                 // soft_logged_window
+        "00000100a90100000000000000000000", // limit_override
+        "00000200450100000000000000000000", // fleet_spent
+        "0500000000000000",                 // fleet_window_ms
+        "01",                               // local_share set
+        "00000100050000000000000000000000", // local_share
+    );
+
+    #[test]
+    fn record_bytes_are_pinned_and_version_1_bytes_still_read() {
+        use crate::codec::{hex, unhex};
+        assert_eq!(hex(&sample_record().encode()), SAMPLE_V2);
+        assert_eq!(BudgetRecord::decode(&unhex(SAMPLE_V2)), Ok(sample_record()));
+        let mut v1 = unhex(SAMPLE_V2);
+        v1[0] = 1;
+        v1.truncate(V1_LEN);
+        let plain =
+            BudgetRecord { fleet_spent: Decimal::ZERO, fleet_window_ms: 0, local_share: None, ..sample_record() };
+        assert_eq!(BudgetRecord::decode(&v1), Ok(plain));
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_damage() {
+        let r = sample_record();
         assert_eq!(BudgetRecord::decode(&r.encode()), Ok(r));
         // A version 1 record (before fleet mode) reads with no fleet state.
-        let mut v1 = r.encode();
+        let mut v1 = crate::codec::unhex(SAMPLE_V2);
         v1[0] = 1;
         v1.truncate(V1_LEN);
         let plain = BudgetRecord { fleet_spent: Decimal::ZERO, fleet_window_ms: 0, local_share: None, ..r };

@@ -288,6 +288,10 @@ mod tests {
         }
     }
 
+    fn stored() -> Stored {
+        Stored { at_ms: 5, seq: 6, attempt: 2, request_id: "rid".into(), client: "app".into(), decision: decision() }
+    }
+
     #[test]
     fn summary_names_keys_scores_and_exclusions() {
         assert_eq!(
@@ -307,14 +311,7 @@ mod tests {
 
     #[test]
     fn stored_decisions_round_trip() {
-        let s = Stored {
-            at_ms: 5,
-            seq: 6,
-            attempt: 2,
-            request_id: "rid".into(),
-            client: "app".into(),
-            decision: decision(),
-        };
+        let s = stored();
         assert_eq!(Stored::decode(&s.encode()), Some(s.clone()));
         let mut single = s.clone();
         single.decision.margin = None;
@@ -327,16 +324,56 @@ mod tests {
     }
 
     #[test]
+    fn ring_record_bytes_are_pinned() {
+        use crate::codec::{hex, unhex};
+        let s = stored();
+        let pinned = concat!(
+            "01",               // version
+            "0500000000000000", // at_ms
+            "0600000000000000", // seq
+            "02000000",         // attempt
+            "01000000",         // chosen
+            "666666666666ee3f", // score 0.95
+            "b81e85eb51b8be3f", // margin 0.12
+            "03000000",         // candidates
+            "02000000",         // excluded_total
+            "03726964",         // "rid"
+            "03617070",         // "app"
+            "04636f7374",       // "cost"
+            "02",               // listed
+            "0000000001",       // key 0: throttled
+            "0300000002",       // key 3: disabled
+        );
+        assert_eq!(hex(&s.encode()), pinned);
+        assert_eq!(Stored::decode(&unhex(pinned)), Some(s.clone()));
+        let mut none = s;
+        none.client = String::new();
+        none.decision.chosen = None;
+        none.decision.margin = None;
+        none.decision.excluded = vec![];
+        none.decision.excluded_total = 0;
+        let pinned = concat!(
+            "01",               // version
+            "0500000000000000", // at_ms
+            "0600000000000000", // seq
+            "02000000",         // attempt
+            "ffffffff",         // no key chosen
+            "666666666666ee3f", // score 0.95
+            "000000000000f87f", // no margin: NaN
+            "03000000",         // candidates
+            "00000000",         // excluded_total
+            "03726964",         // "rid"
+            "00",               // no client
+            "04636f7374",       // "cost"
+            "00",               // listed
+        );
+        assert_eq!(hex(&none.encode()), pinned);
+        assert_eq!(Stored::decode(&unhex(pinned)), Some(none));
+    }
+
+    #[test]
     fn malformed_ring_records_decode_to_none() {
-        let b = Stored {
-            at_ms: 5,
-            seq: 6,
-            attempt: 2,
-            request_id: "rid".into(),
-            client: "app".into(),
-            decision: decision(),
-        }
-        .encode();
+        let b = stored().encode();
         for cut in 0..b.len() {
             assert_eq!(Stored::decode(&b[..cut]), None, "cut at {cut}");
         }

@@ -863,6 +863,22 @@ mod tests {
         assert!(claim_lease(Some(&b), one, 1200, 1500).is_none(), "and keeps it");
     }
 
+    #[test]
+    fn lease_bytes_are_pinned() {
+        use crate::codec::{hex, unhex};
+        let b = claim_lease(None, Holder { id: 1, epoch: 5 }, 1000, 1500).unwrap_or_default();
+        // holder id, held until, holder epoch
+        let pinned = concat!("0100000000000000", "c409000000000000", "0500000000000000");
+        assert_eq!(hex(&b), pinned);
+        let mut b = unhex(pinned);
+        assert_eq!(lease_of(Some(&b)), Some((1, 2500, 5)));
+        b.push(9);
+        assert_eq!(lease_of(Some(&b)), Some((1, 2500, 5)), "trailing bytes are ignored");
+        b.truncate(23);
+        assert_eq!(lease_of(Some(&b)), None);
+        assert_eq!(lease_of(None), None);
+    }
+
     fn rec(state: KeyState, at: u64, cool: u64) -> KeyRecord {
         KeyRecord { state, state_at_ms: at, cooldown_until_ms: cool, ..KeyRecord::default() }
     }

@@ -334,6 +334,20 @@ mod tests {
     }
 
     #[test]
+    fn usage_bytes_are_pinned_and_short_records_read_missing_words_as_zero() {
+        use crate::codec::{hex, unhex};
+        let u = Usage { minute_start_ms: 60_000, requests: 3, tokens: 1234 };
+        // minute_start_ms, requests, tokens
+        let pinned = concat!("60ea000000000000", "0300000000000000", "d204000000000000");
+        assert_eq!(hex(&u.encode()), pinned);
+        let b = unhex(pinned);
+        assert_eq!(Usage::decode(&b), u);
+        assert_eq!(Usage::decode(&b[..12]), Usage { minute_start_ms: 60_000, ..Usage::default() });
+        assert_eq!(Usage::decode(&b[..23]), Usage { minute_start_ms: 60_000, requests: 3, tokens: 0 });
+        assert_eq!(Usage::decode(&[]), Usage::default());
+    }
+
+    #[test]
     fn rpm_is_exact_and_resets_each_utc_minute() {
         let s = FakeStore::new();
         let c = client("k", Policy { rpm: Some(3), ..Policy::default() });

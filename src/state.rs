@@ -552,10 +552,32 @@ mod tests {
         }
     }
 
+    /// `full()` as version 3 bytes: what shared data holds across reloads.
+    const FULL_V3: &str = concat!(
+        "03020402", // version 3, exhausted, insufficient_quota, critical
+        "7b68e5cf8b010000090000000000000001000000000000000200000000000000",
+        "0300000000000000040000000000000005000000000000000600000000000000",
+        "07000000000000000800000000000000ffffffffffffffff0a00000000000000",
+        "0b000000000000000c000000000000000d000000000000000e00000000000000",
+        "0f00000000000000100000000000000011000000000000001200000000000000",
+        "1300000000000000140000000000000015000000000000001600000000000000",
+        "1700000000000000180000000000000019000000000000001a00000000000000",
+        "1b000000000000001c000000000000001d000000000000001e00000000000000",
+        "1f00000000000000200000000000000021000000000000002200000000000000",
+        "23000000000000002400000000000000",
+    );
+
+    #[test]
+    fn record_bytes_are_pinned() {
+        use crate::codec::{hex, unhex};
+        assert_eq!(hex(&full().encode()), FULL_V3);
+        assert_eq!(KeyRecord::decode(&unhex(FULL_V3)), Ok(full()));
+    }
+
     #[test]
     fn version_2_records_read_with_fleet_words_at_zero() {
         let r = full();
-        let mut b = r.encode();
+        let mut b = crate::codec::unhex(FULL_V3);
         b[0] = 2;
         b.truncate(4 + 8 * V2_WORDS);
         // Word 33 was spare (zero) in version 2; it now holds state_at_ms.
