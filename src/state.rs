@@ -6,6 +6,7 @@
 //! 34 words) are read with the later words at zero; records of another
 //! version are refused by [`KeyRecord::decode`]; callers treat them as fresh.
 
+use crate::codec::{Reader, Writer};
 use crate::ratelimit::{parse_duration, Signals};
 use crate::usage::Usage;
 use crate::window::{self, Window};
@@ -280,35 +281,34 @@ impl KeyRecord {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::LEN);
-        out.extend_from_slice(&[VERSION, self.state as u8, self.reason as u8, self.capacity as u8]);
+        let mut out = Writer::with_capacity(Self::LEN);
+        out.u8(VERSION).u8(self.state as u8).u8(self.reason as u8).u8(self.capacity as u8);
         for w in self.words() {
-            out.extend_from_slice(&w.to_le_bytes());
+            out.u64(w);
         }
-        out
+        out.finish()
     }
 
     pub fn decode(b: &[u8]) -> Result<KeyRecord, DecodeError> {
-        let version = *b.first().ok_or(DecodeError::TooShort)?;
+        let mut r = Reader::new(b);
+        let version = r.u8().ok_or(DecodeError::TooShort)?;
         let n_words = match version {
             VERSION => N_WORDS,
             2 => V2_WORDS,
             _ => return Err(DecodeError::UnknownVersion(version)),
         };
-        if b.len() < 4 + 8 * n_words {
-            return Err(DecodeError::TooShort);
-        }
-        let state = KeyState::from_u8(b[1]).ok_or(DecodeError::BadState(b[1]))?;
+        let state = r.u8().ok_or(DecodeError::TooShort)?;
+        let reason = r.u8().ok_or(DecodeError::TooShort)?;
+        let capacity = r.u8().ok_or(DecodeError::TooShort)?;
         let mut w = [0u64; N_WORDS];
-        for (i, slot) in w.iter_mut().enumerate().take(n_words) {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(&b[4 + 8 * i..12 + 8 * i]);
-            *slot = u64::from_le_bytes(x);
+        for slot in w.iter_mut().take(n_words) {
+            *slot = r.u64().ok_or(DecodeError::TooShort)?;
         }
+        // A short record is TooShort whatever its state byte says.
         Ok(KeyRecord {
-            state,
-            reason: Reason::from_u8(b[2]),
-            capacity: Capacity::from_u8(b[3]),
+            state: KeyState::from_u8(state).ok_or(DecodeError::BadState(state))?,
+            reason: Reason::from_u8(reason),
+            capacity: Capacity::from_u8(capacity),
             cooldown_until_ms: w[0],
             exhausted_until_ms: w[1],
             requests: w[2],
@@ -605,6 +605,7 @@ mod tests {
         assert_eq!(KeyRecord::decode(&[]), Err(DecodeError::TooShort));
         assert_eq!(KeyRecord::decode(&[3, 0, 0]), Err(DecodeError::TooShort));
         assert_eq!(KeyRecord::decode(&[2, 0, 0]), Err(DecodeError::TooShort));
+        assert_eq!(KeyRecord::decode(&[3, 7, 0, 0, 1]), Err(DecodeError::TooShort), "short before bad state");
         assert_eq!(KeyRecord::decode(&[9; KeyRecord::LEN]), Err(DecodeError::UnknownVersion(9)));
         assert_eq!(KeyRecord::decode(&[1; KeyRecord::LEN]), Err(DecodeError::UnknownVersion(1)));
         let mut b = KeyRecord::default().encode();
