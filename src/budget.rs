@@ -8,6 +8,7 @@
 //! estimate <= limit` and adds the estimate in the same swap, so concurrent
 //! requests cannot overspend a hard budget.
 
+use crate::codec::{Reader, Writer};
 use crate::store::{update, Store, UpdateError};
 use crate::usage::Usage;
 use crate::window::Window;
@@ -189,52 +190,46 @@ impl BudgetRecord {
     pub const LEN: usize = V1_LEN + 16 + 8 + 1 + 16;
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::LEN);
-        out.push(VERSION);
-        out.push(u8::from(self.limit_override.is_some()));
-        out.extend_from_slice(&self.window_start_ms.to_le_bytes());
-        out.extend_from_slice(&self.spent.serialize());
-        out.extend_from_slice(&self.reserved.serialize());
-        out.extend_from_slice(&self.requests.to_le_bytes());
-        out.extend_from_slice(&self.refused.to_le_bytes());
-        out.extend_from_slice(&self.soft_logged_window.to_le_bytes());
-        out.extend_from_slice(&self.limit_override.unwrap_or_default().serialize());
-        out.extend_from_slice(&self.fleet_spent.serialize());
-        out.extend_from_slice(&self.fleet_window_ms.to_le_bytes());
-        out.push(u8::from(self.local_share.is_some()));
-        out.extend_from_slice(&self.local_share.unwrap_or_default().serialize());
-        out
+        let mut out = Writer::with_capacity(Self::LEN);
+        out.u8(VERSION).u8(u8::from(self.limit_override.is_some()));
+        out.u64(self.window_start_ms).decimal(self.spent).decimal(self.reserved);
+        out.u64(self.requests).u64(self.refused).u64(self.soft_logged_window);
+        out.decimal(self.limit_override.unwrap_or_default());
+        out.decimal(self.fleet_spent).u64(self.fleet_window_ms);
+        out.u8(u8::from(self.local_share.is_some())).decimal(self.local_share.unwrap_or_default());
+        out.finish()
     }
 
     pub fn decode(b: &[u8]) -> Result<BudgetRecord, BadRecord> {
-        let fleet = match b.first() {
-            Some(&VERSION) if b.len() >= Self::LEN => true,
-            Some(1) if b.len() >= V1_LEN => false,
+        let mut r = Reader::new(b);
+        let fleet = match r.u8() {
+            Some(VERSION) => true,
+            Some(1) => false,
             _ => return Err(BadRecord),
         };
-        let u = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[at..at + 8]);
-            u64::from_le_bytes(w)
+        Self::fields(&mut r, fleet).ok_or(BadRecord)
+    }
+
+    /// The fields after the version byte; `None` when the record is short.
+    fn fields(r: &mut Reader<'_>, fleet: bool) -> Option<BudgetRecord> {
+        let has_override = r.u8()? == 1;
+        let mut rec = BudgetRecord {
+            window_start_ms: r.u64()?,
+            spent: r.decimal()?,
+            reserved: r.decimal()?,
+            requests: r.u64()?,
+            refused: r.u64()?,
+            soft_logged_window: r.u64()?,
+            limit_override: Some(r.decimal()?).filter(|_| has_override),
+            ..BudgetRecord::default()
         };
-        let d = |at: usize| {
-            let mut w = [0u8; 16];
-            w.copy_from_slice(&b[at..at + 16]);
-            // Decimal::deserialize masks the flags it does not know.
-            Decimal::deserialize(w)
-        };
-        Ok(BudgetRecord {
-            window_start_ms: u(2),
-            spent: d(10),
-            reserved: d(26),
-            requests: u(42),
-            refused: u(50),
-            soft_logged_window: u(58),
-            limit_override: (b[1] == 1).then(|| d(66)),
-            fleet_spent: if fleet { d(82) } else { Decimal::ZERO },
-            fleet_window_ms: if fleet { u(98) } else { 0 },
-            local_share: (fleet && b[106] == 1).then(|| d(107)),
-        })
+        if fleet {
+            rec.fleet_spent = r.decimal()?;
+            rec.fleet_window_ms = r.u64()?;
+            let has_share = r.u8()? == 1;
+            rec.local_share = Some(r.decimal()?).filter(|_| has_share);
+        }
+        Some(rec)
     }
 
     /// The record as of the window containing `now_ms` (rolled over when a
