@@ -5,6 +5,7 @@
 //! and an optional expiry. Policies come from the client's team and are
 //! overridden field by field by the client's own.
 
+use crate::codec::{Reader, Writer};
 use crate::crypto::{constant_time_eq, sha256};
 use crate::objective::Objective;
 use crate::reply::{self, Reply};
@@ -179,19 +180,17 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Words missing from a short record read as zero.
     fn decode(b: &[u8]) -> Usage {
-        let u = |i: usize| {
-            b.get(i * 8..i * 8 + 8).map_or(0, |w| {
-                let mut x = [0u8; 8];
-                x.copy_from_slice(w);
-                u64::from_le_bytes(x)
-            })
-        };
-        Usage { minute_start_ms: u(0), requests: u(1), tokens: u(2) }
+        let mut r = Reader::new(b);
+        let mut u = || r.u64().unwrap_or(0);
+        Usage { minute_start_ms: u(), requests: u(), tokens: u() }
     }
 
     fn encode(&self) -> Vec<u8> {
-        [self.minute_start_ms, self.requests, self.tokens].iter().flat_map(|w| w.to_le_bytes()).collect()
+        let mut out = Writer::with_capacity(24);
+        out.u64(self.minute_start_ms).u64(self.requests).u64(self.tokens);
+        out.finish()
     }
 
     fn current(mut self, now_ms: u64) -> Usage {
