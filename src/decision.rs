@@ -6,6 +6,7 @@
 //! are a compact binary form (cheap on the request path); the admin API turns
 //! them into JSON.
 
+use crate::codec::{Reader, Writer};
 use crate::config::Config;
 use serde_json::{json, Value};
 
@@ -135,40 +136,26 @@ pub struct Stored {
     pub decision: Decision,
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(255)];
-    out.push(b.len() as u8);
-    out.extend_from_slice(b);
-}
-
 impl Stored {
     pub fn encode(&self) -> Vec<u8> {
         let d = &self.decision;
-        let mut out = Vec::with_capacity(64 + d.objective.len() + self.request_id.len());
-        out.push(1u8);
-        out.extend_from_slice(&self.at_ms.to_le_bytes());
-        out.extend_from_slice(&self.seq.to_le_bytes());
-        out.extend_from_slice(&self.attempt.to_le_bytes());
-        out.extend_from_slice(&(d.chosen.map_or(u32::MAX, |k| k as u32)).to_le_bytes());
-        out.extend_from_slice(&d.score.to_le_bytes());
-        out.extend_from_slice(&d.margin.unwrap_or(f64::NAN).to_le_bytes());
-        out.extend_from_slice(&(d.candidates as u32).to_le_bytes());
-        out.extend_from_slice(&(d.excluded_total.max(d.excluded.len()) as u32).to_le_bytes());
-        put_str(&mut out, &self.request_id);
-        put_str(&mut out, &self.client);
-        put_str(&mut out, &d.objective);
+        let mut out = Writer::with_capacity(64 + d.objective.len() + self.request_id.len());
+        out.u8(1).u64(self.at_ms).u64(self.seq).u32(self.attempt);
+        out.u32(d.chosen.map_or(u32::MAX, |k| k as u32));
+        out.f64(d.score).f64(d.margin.unwrap_or(f64::NAN));
+        out.u32(d.candidates as u32).u32(d.excluded_total.max(d.excluded.len()) as u32);
+        out.short_str(&self.request_id).short_str(&self.client).short_str(&d.objective);
         let listed = d.excluded.len().min(MAX_LISTED);
-        out.push(listed as u8);
+        out.u8(listed as u8);
         for (k, why) in d.excluded.iter().take(listed) {
-            out.extend_from_slice(&(*k as u32).to_le_bytes());
-            out.push(*why as u8);
+            out.u32(*k as u32).u8(*why as u8);
         }
-        out
+        out.finish()
     }
 
     /// Decodes a ring record; `None` for anything malformed.
     pub fn decode(b: &[u8]) -> Option<Stored> {
-        let mut r = Reader { b, at: 0 };
+        let mut r = Reader::new(b);
         if r.u8()? != 1 {
             return None;
         }
@@ -176,13 +163,13 @@ impl Stored {
         let seq = r.u64()?;
         let attempt = r.u32()?;
         let chosen = r.u32()?;
-        let score = f64::from_bits(r.u64()?);
-        let margin = f64::from_bits(r.u64()?);
+        let score = r.f64()?;
+        let margin = r.f64()?;
         let candidates = r.u32()? as usize;
         let n_excluded = r.u32()? as usize;
-        let request_id = r.string()?;
-        let client = r.string()?;
-        let objective = r.string()?;
+        let request_id = r.short_str()?;
+        let client = r.short_str()?;
+        let objective = r.short_str()?;
         let listed = r.u8()? as usize;
         let mut excluded = Vec::with_capacity(listed);
         for _ in 0..listed {
@@ -230,35 +217,6 @@ impl Stored {
             "excluded": excluded,
             "excluded_total": d.excluded_total,
         })
-    }
-}
-
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
-        self.at += n;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|s| s[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        let s = self.take(8)?;
-        let mut w = [0u8; 8];
-        w.copy_from_slice(s);
-        Some(u64::from_le_bytes(w))
-    }
-    fn string(&mut self) -> Option<String> {
-        let n = self.u8()? as usize;
-        self.take(n).map(|s| String::from_utf8_lossy(s).into_owned())
     }
 }
 
