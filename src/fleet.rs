@@ -39,6 +39,7 @@
 //! the last known totals. Spend keeps accumulating locally and is written when
 //! etcd answers again.
 
+use crate::codec::{Reader, Writer};
 use crate::encoding::{base64_decode, base64_encode};
 use crate::state::{KeyRecord, KeyState, Reason};
 use hashbrown::HashMap;
@@ -66,9 +67,8 @@ pub struct Holder {
 
 /// The lease as stored: holder id, held until, holder epoch.
 pub fn lease_of(current: Option<&[u8]>) -> Option<(u64, u64, u64)> {
-    let b = current?;
-    let word = |i: usize| b.get(8 * i..8 * i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()).map(u64::from_le_bytes);
-    Some((word(0)?, word(1)?, word(2)?))
+    let mut r = Reader::new(current?);
+    Some((r.u64()?, r.u64()?, r.u64()?))
 }
 
 /// Whether `me` may sync now; if so, the lease value to write (with the
@@ -79,11 +79,9 @@ pub fn claim_lease(current: Option<&[u8]>, me: Holder, now_ms: u64, ttl_ms: u64)
             return None;
         }
     }
-    let mut out = Vec::with_capacity(24);
-    out.extend_from_slice(&me.id.to_le_bytes());
-    out.extend_from_slice(&now_ms.saturating_add(ttl_ms).to_le_bytes());
-    out.extend_from_slice(&me.epoch.to_le_bytes());
-    Some(out)
+    let mut out = Writer::with_capacity(24);
+    out.u64(me.id).u64(now_ms.saturating_add(ttl_ms)).u64(me.epoch);
+    Some(out.finish())
 }
 
 // ---------------------------------------------------------------- etcd JSON
