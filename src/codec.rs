@@ -19,37 +19,35 @@ impl Writer {
         Writer(Vec::with_capacity(n))
     }
 
-    pub fn u8(&mut self, v: u8) -> &mut Writer {
-        self.0.push(v);
+    fn put(&mut self, b: &[u8]) -> &mut Writer {
+        self.0.extend_from_slice(b);
         self
+    }
+
+    pub fn u8(&mut self, v: u8) -> &mut Writer {
+        self.put(&[v])
     }
 
     pub fn u32(&mut self, v: u32) -> &mut Writer {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
+        self.put(&v.to_le_bytes())
     }
 
     pub fn u64(&mut self, v: u64) -> &mut Writer {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
+        self.put(&v.to_le_bytes())
     }
 
     pub fn f64(&mut self, v: f64) -> &mut Writer {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
+        self.put(&v.to_le_bytes())
     }
 
     pub fn decimal(&mut self, v: Decimal) -> &mut Writer {
-        self.0.extend_from_slice(&v.serialize());
-        self
+        self.put(&v.serialize())
     }
 
     /// A `u8` length and the string's first 255 bytes at most.
     pub fn short_str(&mut self, s: &str) -> &mut Writer {
         let b = s.as_bytes().get(..255).unwrap_or(s.as_bytes());
-        self.0.push(b.len() as u8);
-        self.0.extend_from_slice(b);
-        self
+        self.u8(b.len() as u8).put(b)
     }
 
     pub fn finish(self) -> Vec<u8> {
