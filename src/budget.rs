@@ -627,16 +627,10 @@ mod tests {
     );
 
     #[test]
-    fn record_bytes_are_pinned_and_version_1_bytes_still_read() {
+    fn record_bytes_are_pinned() {
         use crate::codec::{hex, unhex};
         assert_eq!(hex(&sample_record().encode()), SAMPLE_V2);
         assert_eq!(BudgetRecord::decode(&unhex(SAMPLE_V2)), Ok(sample_record()));
-        let mut v1 = unhex(SAMPLE_V2);
-        v1[0] = 1;
-        v1.truncate(V1_LEN);
-        let plain =
-            BudgetRecord { fleet_spent: Decimal::ZERO, fleet_window_ms: 0, local_share: None, ..sample_record() };
-        assert_eq!(BudgetRecord::decode(&v1), Ok(plain));
     }
 
     #[test]
