@@ -112,6 +112,14 @@ pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Asserts that `encoded` is `pinned` (hex); returns the pinned bytes, for
+/// the decoder.
+#[cfg(test)]
+pub(crate) fn pinned(encoded: &[u8], pinned: &str) -> Vec<u8> {
+    assert_eq!(hex(encoded), pinned, "the bytes of a shared-data record changed");
+    unhex(pinned)
+}
+
 #[cfg(test)]
 pub(crate) fn unhex(s: &str) -> Vec<u8> {
     let digits: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();

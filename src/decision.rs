@@ -283,9 +283,9 @@ mod tests {
 
     #[test]
     fn ring_record_bytes_are_pinned() {
-        use crate::codec::{hex, unhex};
+        use crate::codec::pinned;
         let s = stored();
-        let pinned = concat!(
+        let bytes = concat!(
             "01",               // version
             "0500000000000000", // at_ms
             "0600000000000000", // seq
@@ -302,15 +302,14 @@ mod tests {
             "0000000001",       // key 0: throttled
             "0300000002",       // key 3: disabled
         );
-        assert_eq!(hex(&s.encode()), pinned);
-        assert_eq!(Stored::decode(&unhex(pinned)), Some(s.clone()));
+        assert_eq!(Stored::decode(&pinned(&s.encode(), bytes)), Some(s.clone()));
         let mut none = s;
         none.client = String::new();
         none.decision.chosen = None;
         none.decision.margin = None;
         none.decision.excluded = vec![];
         none.decision.excluded_total = 0;
-        let pinned = concat!(
+        let bytes = concat!(
             "01",               // version
             "0500000000000000", // at_ms
             "0600000000000000", // seq
@@ -325,8 +324,7 @@ mod tests {
             "04636f7374",       // "cost"
             "00",               // listed
         );
-        assert_eq!(hex(&none.encode()), pinned);
-        assert_eq!(Stored::decode(&unhex(pinned)), Some(none));
+        assert_eq!(Stored::decode(&pinned(&none.encode(), bytes)), Some(none));
     }
 
     #[test]

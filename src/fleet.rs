@@ -863,12 +863,10 @@ mod tests {
 
     #[test]
     fn lease_bytes_are_pinned() {
-        use crate::codec::{hex, unhex};
         let b = claim_lease(None, Holder { id: 1, epoch: 5 }, 1000, 1500).unwrap_or_default();
         // holder id, held until, holder epoch
         let pinned = concat!("0100000000000000", "c409000000000000", "0500000000000000");
-        assert_eq!(hex(&b), pinned);
-        let mut b = unhex(pinned);
+        let mut b = crate::codec::pinned(&b, pinned);
         assert_eq!(lease_of(Some(&b)), Some((1, 2500, 5)));
         b.push(9);
         assert_eq!(lease_of(Some(&b)), Some((1, 2500, 5)), "trailing bytes are ignored");

@@ -334,12 +334,10 @@ mod tests {
 
     #[test]
     fn usage_bytes_are_pinned_and_short_records_read_missing_words_as_zero() {
-        use crate::codec::{hex, unhex};
         let u = Usage { minute_start_ms: 60_000, requests: 3, tokens: 1234 };
         // minute_start_ms, requests, tokens
         let pinned = concat!("60ea000000000000", "0300000000000000", "d204000000000000");
-        assert_eq!(hex(&u.encode()), pinned);
-        let b = unhex(pinned);
+        let b = crate::codec::pinned(&u.encode(), pinned);
         assert_eq!(Usage::decode(&b), u);
         assert_eq!(Usage::decode(&b[..12]), Usage { minute_start_ms: 60_000, ..Usage::default() });
         assert_eq!(Usage::decode(&b[..23]), Usage { minute_start_ms: 60_000, requests: 3, tokens: 0 });
