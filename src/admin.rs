@@ -6,11 +6,11 @@ use crate::budget::{self, show, Budget, Enforcement, Scope};
 use crate::config::{Config, Key, SecretSource};
 use crate::crypto::constant_time_eq;
 use crate::decision::Stored;
+use crate::key_record::{Effective, KeyRecord, UNKNOWN};
 use crate::keys::{read_record, set_state, SetState};
 use crate::quota::headroom;
 use crate::reply::{self, Reply};
 use crate::runtime_keys::{self, RegistryError};
-use crate::state::{Effective, KeyRecord, UNKNOWN};
 use crate::store::Store;
 use crate::transition::{self, Transition};
 use serde_json::{json, Value};
@@ -448,8 +448,8 @@ fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
 mod tests {
     use super::*;
     use crate::config::compile;
+    use crate::key_record::Outcome;
     use crate::keys::{record_attempt, KeyAction};
-    use crate::state::Outcome;
     use crate::store::FakeStore;
 
     const TOKEN: &str = "admin-token-0123456789";

@@ -41,7 +41,7 @@
 
 use crate::codec::{Reader, Writer};
 use crate::encoding::{base64_decode, base64_encode};
-use crate::state::{KeyRecord, KeyState, Reason};
+use crate::key_record::{KeyRecord, KeyState, Reason};
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
@@ -204,13 +204,13 @@ pub fn parse_txn(body: &[u8]) -> Result<bool, EtcdError> {
 
 /// Everything one range read returned, by key.
 #[derive(Debug, Default)]
-pub struct Snapshot {
+pub struct EtcdView {
     by_key: HashMap<String, Kv>,
 }
 
-impl Snapshot {
-    pub fn new(kvs: Vec<Kv>) -> Snapshot {
-        Snapshot { by_key: kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect() }
+impl EtcdView {
+    pub fn new(kvs: Vec<Kv>) -> EtcdView {
+        EtcdView { by_key: kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect() }
     }
 
     pub fn get(&self, key: &str) -> Option<&Kv> {
@@ -343,7 +343,7 @@ pub fn plan_counters(
     instance: &str,
     life: u64,
     counters: &[Counter],
-    etcd: &Snapshot,
+    etcd: &EtcdView,
     bases: &mut Bases,
     now_ms: u64,
 ) -> (Vec<CounterSync>, Vec<Op>, Vec<Op>) {
@@ -598,7 +598,7 @@ impl Status {
 }
 
 /// The instances that pushed markers, other than `instance`.
-pub fn peers(prefix: &str, instance: &str, etcd: &Snapshot) -> Vec<String> {
+pub fn peers(prefix: &str, instance: &str, etcd: &EtcdView) -> Vec<String> {
     let head = format!("{prefix}/m/");
     let mut out: Vec<String> = etcd
         .by_key
@@ -684,9 +684,9 @@ mod tests {
             out.to_string().into_bytes()
         }
 
-        fn snapshot(&self) -> Snapshot {
+        fn snapshot(&self) -> EtcdView {
             match parse_range(&self.range(&range_body("/p"))) {
-                Ok(kvs) => Snapshot::new(kvs),
+                Ok(kvs) => EtcdView::new(kvs),
                 Err(e) => panic!("{e}"),
             }
         }

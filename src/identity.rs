@@ -173,18 +173,18 @@ pub fn rewrite_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
 
 /// A client's use in the current UTC minute: `start:u64 requests:u64 tokens:u64`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
+pub struct ClientUsage {
     pub minute_start_ms: u64,
     pub requests: u64,
     pub tokens: u64,
 }
 
-impl Usage {
+impl ClientUsage {
     /// Words missing from a short record read as zero.
-    fn decode(b: &[u8]) -> Usage {
+    fn decode(b: &[u8]) -> ClientUsage {
         let mut r = Reader::new(b);
         let mut u = || r.u64().unwrap_or(0);
-        Usage { minute_start_ms: u(), requests: u(), tokens: u() }
+        ClientUsage { minute_start_ms: u(), requests: u(), tokens: u() }
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -193,10 +193,10 @@ impl Usage {
         out.finish()
     }
 
-    fn current(mut self, now_ms: u64) -> Usage {
+    fn current(mut self, now_ms: u64) -> ClientUsage {
         let start = Window::Minute.start(now_ms);
         if self.minute_start_ms != start {
-            self = Usage { minute_start_ms: start, requests: 0, tokens: 0 };
+            self = ClientUsage { minute_start_ms: start, requests: 0, tokens: 0 };
         }
         self
     }
@@ -210,7 +210,7 @@ pub fn admit_rate(store: &dyn Store, client: &Client, now_ms: u64) -> Result<(),
         return Ok(());
     }
     let (r, _) = update(store, &client.record_name, |cur| {
-        let mut u = cur.map(Usage::decode).unwrap_or_default().current(now_ms);
+        let mut u = cur.map(ClientUsage::decode).unwrap_or_default().current(now_ms);
         if p.rpm.is_some_and(|rpm| u.requests >= rpm) {
             return Err("requests per minute");
         }
@@ -244,15 +244,15 @@ pub fn record_tokens(store: &dyn Store, client: &Client, tokens: u64, now_ms: u6
         return;
     }
     let _ = update(store, &client.record_name, |cur| {
-        let mut u = cur.map(Usage::decode).unwrap_or_default().current(now_ms);
+        let mut u = cur.map(ClientUsage::decode).unwrap_or_default().current(now_ms);
         u.tokens = u.tokens.saturating_add(tokens);
         Ok::<_, ()>(((), u.encode()))
     });
 }
 
 /// Reads a client's use in the current minute.
-pub fn usage(store: &dyn Store, client: &Client, now_ms: u64) -> Usage {
-    store.value(&client.record_name).map(|b| Usage::decode(&b)).unwrap_or_default().current(now_ms)
+pub fn usage(store: &dyn Store, client: &Client, now_ms: u64) -> ClientUsage {
+    store.value(&client.record_name).map(|b| ClientUsage::decode(&b)).unwrap_or_default().current(now_ms)
 }
 
 #[cfg(test)]
@@ -334,14 +334,14 @@ mod tests {
 
     #[test]
     fn usage_bytes_are_pinned_and_short_records_read_missing_words_as_zero() {
-        let u = Usage { minute_start_ms: 60_000, requests: 3, tokens: 1234 };
+        let u = ClientUsage { minute_start_ms: 60_000, requests: 3, tokens: 1234 };
         // minute_start_ms, requests, tokens
         let pinned = concat!("60ea000000000000", "0300000000000000", "d204000000000000");
         let b = crate::codec::pinned(&u.encode(), pinned);
-        assert_eq!(Usage::decode(&b), u);
-        assert_eq!(Usage::decode(&b[..12]), Usage { minute_start_ms: 60_000, ..Usage::default() });
-        assert_eq!(Usage::decode(&b[..23]), Usage { minute_start_ms: 60_000, requests: 3, tokens: 0 });
-        assert_eq!(Usage::decode(&[]), Usage::default());
+        assert_eq!(ClientUsage::decode(&b), u);
+        assert_eq!(ClientUsage::decode(&b[..12]), ClientUsage { minute_start_ms: 60_000, ..ClientUsage::default() });
+        assert_eq!(ClientUsage::decode(&b[..23]), ClientUsage { minute_start_ms: 60_000, requests: 3, tokens: 0 });
+        assert_eq!(ClientUsage::decode(&[]), ClientUsage::default());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! Prometheus labels. Every VM defines the same names, which Envoy
 //! aggregates into one stat.
 
+use crate::key_record::{Capacity, Effective};
 use crate::keys::Eval;
-use crate::state::{Capacity, Effective};
 
 /// Counters and gauges that must show (at zero) before anything happens:
 /// the global ones, the fleet's and each budget's.

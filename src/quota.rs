@@ -2,7 +2,7 @@
 //! configured quotas (rpm, tpm, daily and monthly tokens, in UTC windows) and
 //! what the provider reports in `x-ratelimit-remaining-*`.
 
-use crate::state::{Capacity, KeyRecord, UNKNOWN};
+use crate::key_record::{Capacity, KeyRecord, UNKNOWN};
 use crate::window::{self, Window};
 
 /// Per-key configured quotas.
@@ -119,8 +119,8 @@ pub fn headroom(r: &KeyRecord, limits: &Limits, t: &Thresholds, now_ms: u64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key_record::Outcome;
     use crate::ratelimit::Signals;
-    use crate::state::Outcome;
     use crate::usage::Usage;
 
     const T: Thresholds = Thresholds { constrained: 0.5, critical: 0.15 };

@@ -5,7 +5,7 @@
 //! | name | holds | written by |
 //! |---|---|---|
 //! | `akr.v1.gen` | the key-state generation | every key-state change |
-//! | `akr.v1.key.<provider>.<key>` | a key's [`KeyRecord`](crate::state::KeyRecord) | attempts, admin, fleet |
+//! | `akr.v1.key.<provider>.<key>` | a key's [`KeyRecord`](crate::key_record::KeyRecord) | attempts, admin, fleet |
 //! | `akr.v1.budget.<id>` | a budget's [`BudgetRecord`](crate::budget::BudgetRecord) | admission, settlement |
 //! | `akr.v1.client.<id>` | a client's per-minute usage | ingress, attempts |
 //! | `akr.v1.runtime_keys`, `.changes` | keys registered at runtime, and its change counter | admin |

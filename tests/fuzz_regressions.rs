@@ -3,8 +3,8 @@
 //! the behaviour it guards and holds the failing input inline.
 
 use apikeyrouter::config::compile;
+use apikeyrouter::key_record::KeyRecord;
 use apikeyrouter::request::{inspect, with_include_usage};
-use apikeyrouter::state::KeyRecord;
 use serde_json::Value;
 
 /// Found by `fuzz/run.sh config` on its first seed with an admin section

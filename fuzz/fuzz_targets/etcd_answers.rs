@@ -14,7 +14,7 @@
 #![no_main]
 
 use apikeyrouter::fleet::{Holder,
-    claim_lease, lease_of, parse_range, parse_txn, plan_counters, Bases, Counter, Marker, Op, SharedState, Snapshot, Status,
+    claim_lease, lease_of, parse_range, parse_txn, plan_counters, Bases, Counter, Marker, Op, SharedState, EtcdView, Status,
     MAX_COUNT,
 };
 use libfuzzer_sys::fuzz_target;
@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         let n = kvs.len();
-        let snap = Snapshot::new(kvs);
+        let snap = EtcdView::new(kvs);
         let mut bases = Bases::default();
         let (syncs, writes, deletes) = plan_counters("/p", "me", 7, &counters, &snap, &mut bases, 100_000);
         let again = plan_counters("/p", "me", 7, &counters, &snap, &mut bases.clone(), 100_000);

@@ -18,7 +18,7 @@
 //!   only ever moves later.
 #![no_main]
 
-use apikeyrouter::state::KeyRecord;
+use apikeyrouter::key_record::KeyRecord;
 use libfuzzer_sys::fuzz_target;
 
 /// The length of a record of version 2, the one before fleet mode.

@@ -4,8 +4,8 @@
 
 use super::read_record;
 use crate::config::{Config, StatusAction};
+use crate::key_record::{Capacity, DecodeError, Effective, KeyRecord, KeyState, Outcome, Reason};
 use crate::quota::headroom;
-use crate::state::{Capacity, DecodeError, Effective, KeyRecord, KeyState, Outcome, Reason};
 use crate::store::{update, Store, UpdateError, UpdateStats};
 use crate::window::Window;
 
@@ -207,9 +207,9 @@ pub fn set_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key_record::*;
     use crate::keys::test_support::*;
     use crate::keys::{check, Snapshot};
-    use crate::state::*;
     use crate::store::FakeStore;
 
     #[test]

@@ -274,11 +274,11 @@ fn weight(cfg: &Config, k: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key_record::*;
     use crate::keys::test_support::*;
     use crate::keys::*;
     use crate::objective::*;
     use crate::ratelimit::Signals;
-    use crate::state::*;
 
     #[test]
     fn fairness_spreads_equal_keys_evenly() {

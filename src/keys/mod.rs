@@ -21,7 +21,7 @@ pub use changes::*;
 pub use chooser::*;
 pub use snapshot::*;
 
-use crate::state::{DecodeError, KeyRecord};
+use crate::key_record::{DecodeError, KeyRecord};
 use crate::store::Store;
 
 /// Reads a key record; absent records read as fresh.

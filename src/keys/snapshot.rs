@@ -4,8 +4,8 @@
 use super::read_record;
 use crate::config::Config;
 use crate::decision::{Decision, Exclusion};
+use crate::key_record::{Capacity, Effective, KeyRecord};
 use crate::quota::headroom;
-use crate::state::{Capacity, Effective, KeyRecord};
 use crate::store::Store;
 use crate::window::Window;
 
@@ -270,9 +270,9 @@ pub fn check(cfg: &Config, provider: usize, snap: &mut Snapshot, now_ms: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key_record::*;
     use crate::keys::test_support::*;
     use crate::keys::*;
-    use crate::state::*;
     use crate::store::FakeStore;
     use crate::usage::Usage;
 

@@ -3,8 +3,8 @@
 use super::*;
 use crate::config::compile;
 use crate::config::Config;
+use crate::key_record::KeyRecord;
 use crate::objective::Objective;
-use crate::state::KeyRecord;
 
 pub fn cfg_with(keys: &[&str], extra: &str) -> Config {
     let keys: Vec<String> =

@@ -11,12 +11,12 @@ use crate::budget::{self, Price, Reservation};
 use crate::config::{Config, StatusAction};
 use crate::decision::{Decision, Stored};
 use crate::identity;
+use crate::key_record::{Outcome, Reason};
 use crate::keys::{read_record, record_attempt, stale_choice, KeyAction};
 use crate::metrics;
 use crate::objective::Objective;
 use crate::ratelimit::{cooldown_ms, Signals};
 use crate::reply;
-use crate::state::{Outcome, Reason};
 use crate::usage::{self, SseUsage};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -423,7 +423,7 @@ impl Attempt {
             // generation; only counts that are not announced (quota use,
             // shrinking provider headroom) need the key's fresh record.
             let counts_matter = key.limits != Default::default()
-                || routing.snapshot.eval(cfg, k, now).capacity != crate::state::Capacity::Abundant;
+                || routing.snapshot.eval(cfg, k, now).capacity != crate::key_record::Capacity::Abundant;
             let fresh = if counts_matter { read_record(h.store(), &key.record_name).ok() } else { None };
             let snap = routing.snapshot.records.get(k).copied().unwrap_or_default();
             if let Some(fresh) = fresh.filter(|f| stale_choice(cfg, k, &snap, f, now)) {

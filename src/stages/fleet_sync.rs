@@ -5,7 +5,7 @@
 use super::host::{Buffer, Host, Map};
 use crate::budget;
 use crate::config::{Config, Fleet};
-use crate::fleet::{self, Bases, Counter, Guard, Op, SharedState, Snapshot, Status};
+use crate::fleet::{self, Bases, Counter, EtcdView, Guard, Op, SharedState, Status};
 use crate::keys;
 use crate::transition::{self, Transition};
 use crate::window::{self, Window};
@@ -229,7 +229,7 @@ impl FleetSync {
                 self.failed(h, cfg, now, &why)
             }
             (Call::Range, Ok(body)) => match fleet::parse_range(&body) {
-                Ok(kvs) => self.merge_and_push(h, cfg, Snapshot::new(kvs), now),
+                Ok(kvs) => self.merge_and_push(h, cfg, EtcdView::new(kvs), now),
                 Err(e) => self.failed(h, cfg, now, &e.0),
             },
             (Call::Txn, Ok(body)) => match fleet::parse_txn(&body) {
@@ -303,7 +303,7 @@ impl FleetSync {
         out
     }
 
-    fn merge_and_push(&mut self, h: &dyn Host, cfg: &Config, etcd: Snapshot, now_ms: u64) {
+    fn merge_and_push(&mut self, h: &dyn Host, cfg: &Config, etcd: EtcdView, now_ms: u64) {
         let store = h.store();
         let prefix = self.fleet.prefix.clone();
         let counters = self.counters(h, cfg, now_ms);

@@ -7,7 +7,7 @@ use super::fake::{Exchange, FakeHost, World};
 use super::host::{Map, Next};
 use super::Root;
 use crate::budget::{self, BudgetRecord};
-use crate::state::Effective;
+use crate::key_record::Effective;
 use crate::store::Store;
 use rust_decimal::Decimal;
 use std::rc::Rc;

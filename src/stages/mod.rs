@@ -22,8 +22,8 @@ pub mod fake;
 mod lifecycle_tests;
 
 use crate::config;
+use crate::key_record::KeyRecord;
 use crate::shared_data::increment;
-use crate::state::KeyRecord;
 use crate::store;
 use flight::Flights;
 use host::{Buffer, Host};

@@ -4,9 +4,9 @@
 
 use super::host::Host;
 use crate::config::Config;
+use crate::key_record::Effective;
 use crate::keys::{Chooser, Snapshot};
 use crate::runtime_keys;
-use crate::state::Effective;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
