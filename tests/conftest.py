@@ -14,10 +14,18 @@ def pytest_sessionstart(session):
 
 
 @pytest.fixture
-def mock():
-    m = Mock()
-    yield m
-    m.stop()
+def start_mock():
+    """Starts mock providers (harness.Mock, same arguments); stops every one started."""
+    started = []
+
+    def start(keys=None, **kw):
+        m = Mock(keys=keys, **kw)
+        started.append(m)
+        return m
+
+    yield start
+    for m in started:
+        m.stop()
 
 
 @pytest.fixture
@@ -36,16 +44,18 @@ def start_envoy():
 
 
 @pytest.fixture
-def mock3():
-    """A mock provider that accepts secrets(3)."""
-    m = Mock(keys=secrets(3))
-    yield m
-    m.stop()
+def mock(start_mock):
+    """A mock provider that accepts the demo keys."""
+    return start_mock()
 
 
 @pytest.fixture
-def five_keys():
+def mock3(start_mock):
+    """A mock provider that accepts secrets(3)."""
+    return start_mock(secrets(3))
+
+
+@pytest.fixture
+def five_keys(start_mock):
     """A mock provider that accepts secrets(5)."""
-    m = Mock(keys=secrets(5))
-    yield m
-    m.stop()
+    return start_mock(secrets(5))

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "apikeyrouter.wasm"
 DEMO_CONFIG = ROOT / "envoy" / "demo.yaml"
 MOCK = ROOT / "mock" / "mock_provider.py"
+DIALECTS = ROOT / "mock" / "dialects.py"
 
 DEMO_KEYS = {"DEMO_KEY_1": "sk-demo-1", "DEMO_KEY_2": "sk-demo-2", "DEMO_KEY_3": "sk-demo-3"}
 ADMIN_TOKEN = "demo-admin-token-change-me"
@@ -79,17 +80,18 @@ def http(method, url, body=None, headers=None, timeout=30):
 
 
 class Mock:
-    """The mock provider in a subprocess."""
+    """A mock provider in a subprocess: mock/mock_provider.py, or with
+    script=DIALECTS the mock that speaks each provider's dialect."""
 
-    def __init__(self, keys=None, rate_limited=(), port=None):
+    def __init__(self, keys=None, rate_limited=(), port=None, script=MOCK):
         self.port = port or free_port()
         self.keys = list(keys or DEMO_KEYS.values())
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(MOCK), "--port", str(self.port), "--keys", ",".join(self.keys),
-             "--rate-limited", ",".join(rate_limited)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: http("GET", self.url + "/_mock/health")[0] == 200, what="mock provider")
+        args = [sys.executable, str(script), "--port", str(self.port), "--keys", ",".join(self.keys)]
+        if rate_limited:
+            args += ["--rate-limited", ",".join(rate_limited)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: http("GET", self.url + "/_mock/health")[0] == 200, what=f"mock provider {Path(script).name}")
 
     def control(self, path, body=None):
         status, _, data = http("POST" if body is not None else "GET", self.url + path, body)

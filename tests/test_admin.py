@@ -2,21 +2,19 @@
 inside real Envoy."""
 
 import json
-import time
 from collections import Counter
 
 import pytest
 
-from harness import ADMIN_TOKEN, Mock, chat, http, ids_by_secret, plugin_with_keys, secrets, wait_until
+from harness import ADMIN_TOKEN, chat, http, ids_by_secret, plugin_with_keys, secrets, wait_until
 
 RUNTIME_SECRET = "sk-runtime-added-key-0001"
 
 
 @pytest.fixture
-def mock_rt():
-    m = Mock(keys=secrets(3) + [RUNTIME_SECRET])
-    yield m
-    m.stop()
+def mock_rt(start_mock):
+    """A mock provider that accepts secrets(3) and the key the tests add at run time."""
+    return start_mock(secrets(3) + [RUNTIME_SECRET])
 
 
 def admin_plugin(keys):

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 
 import aiohttp
-import pytest
 
 from harness import (ADMIN_TOKEN, DEMO_CONFIG, chat, fill, http, ids_by_secret, open_stream,
                      plugin_with_keys, render, secrets, validate, wait_until, WASM)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
-from harness import ROOT, WASM, Mock, chat, fill, plugin_with_keys, render, validate, DEMO_CONFIG, Envoy
+from harness import DEMO_CONFIG, ROOT, WASM, chat, fill, plugin_with_keys, render, validate
 
 CONFIGS = sorted((ROOT / "envoy").glob("*.yaml"))
 ENV = {"OPENAI_KEY_1": "sk-a", "OPENAI_KEY_2": "sk-b", "OPENAI_KEY_3": "sk-c",
@@ -75,21 +75,18 @@ def test_istio_manifests_place_both_stages_with_fail_reload():
     assert json.loads(attempt["configuration"]["value"]) == wp["spec"]["pluginConfig"]
 
 
-def test_fernet_encrypted_key_material_reaches_the_provider_decrypted(start_envoy):
+def test_fernet_encrypted_key_material_reaches_the_provider_decrypted(start_mock, start_envoy):
     key = Fernet.generate_key()
     secret = "sk-decrypted-from-fernet-001"
     token = Fernet(key).encrypt(secret.encode()).decode()
-    mock = Mock(keys=[secret])
-    try:
-        plugin = plugin_with_keys([f"fernet:{token}"])
-        env_keys = ["APIKEYROUTER_ADMIN_TOKEN", "APIKEYROUTER_ENCRYPTION_KEY"]
-        e = start_envoy(mock, plugin=plugin, host_env_keys=env_keys,
-                        env={"APIKEYROUTER_ENCRYPTION_KEY": key.decode()})
-        assert chat(e.url)[0] == 200
-        assert mock.received()[-1]["headers"]["authorization"] == f"Bearer {secret}"
-        assert token not in e.logs() and secret not in e.logs()
-    finally:
-        mock.stop()
+    mock = start_mock([secret])
+    plugin = plugin_with_keys([f"fernet:{token}"])
+    env_keys = ["APIKEYROUTER_ADMIN_TOKEN", "APIKEYROUTER_ENCRYPTION_KEY"]
+    e = start_envoy(mock, plugin=plugin, host_env_keys=env_keys,
+                    env={"APIKEYROUTER_ENCRYPTION_KEY": key.decode()})
+    assert chat(e.url)[0] == 200
+    assert mock.received()[-1]["headers"]["authorization"] == f"Bearer {secret}"
+    assert token not in e.logs() and secret not in e.logs()
 
 
 def test_a_wrong_encryption_key_is_refused_naming_the_key(tmp_path):

@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 import yaml
 
-from harness import (ADMIN_TOKEN, DEMO_CONFIG, PRICES, ROOT, Mock, budget_of, chat, expected_spend, http,
+from harness import (ADMIN_TOKEN, DEMO_CONFIG, PRICES, ROOT, budget_of, chat, expected_spend, http,
                      ids_by_secret, plugin_with_keys, raw_request, render, route, secrets, validate,
                      wait_until, wasm_failure_stats)
 
@@ -114,13 +114,6 @@ def body_of(stream, content="a request the provider will fumble"):
     if stream:
         b["stream"] = True
     return b
-
-
-@pytest.fixture
-def mock3():
-    m = Mock(keys=secrets(3))
-    yield m
-    m.stop()
 
 
 def short_timeout(seconds):
@@ -407,155 +400,149 @@ async def _storm(url, n, concurrency):
     return results
 
 
-def test_10000_requests_at_concurrency_64_with_20_percent_429_keep_exact_counters_and_skip_cooling_keys(start_envoy):
+def test_10000_requests_at_concurrency_64_with_20_percent_429_keep_exact_counters_and_skip_cooling_keys(start_mock, start_envoy):
     keys = secrets(STORM_KEYS, prefix="sk-storm")
-    mock = Mock(keys=keys)
-    try:
-        plugin = plugin_with_keys(keys, decisions={"ring_size": 40_000}, max_transitions=100_000)
-        # Envoy's default circuit breaker allows only 3 retries in flight per
-        # cluster; past that a 429 goes to the client untried (see
-        # test_shipped_config_retries_429s_under_concurrency). Lift it here so
-        # this test is about the filter.
-        e = start_envoy(mock, plugin=plugin, edit=lift_circuit_breakers)
-        base = wasm_failure_stats(e)
-        mock.control("/_mock/chaos", {"rate_limit_fraction": 0.2, "seed": 20,
-                                      "headers": {"retry-after": str(int(RETRY_AFTER_S))}})
-        t0 = time.time()
-        results = asyncio.run(_storm(e.url, STORM_REQUESTS, STORM_CONCURRENCY))
-        took = time.time() - t0
-        mock.control("/_mock/chaos", {"rate_limit_fraction": 0})
+    mock = start_mock(keys)
+    plugin = plugin_with_keys(keys, decisions={"ring_size": 40_000}, max_transitions=100_000)
+    # Envoy's default circuit breaker allows only 3 retries in flight per
+    # cluster; past that a 429 goes to the client untried (see
+    # test_shipped_config_retries_429s_under_concurrency). Lift it here so
+    # this test is about the filter.
+    e = start_envoy(mock, plugin=plugin, edit=lift_circuit_breakers)
+    base = wasm_failure_stats(e)
+    mock.control("/_mock/chaos", {"rate_limit_fraction": 0.2, "seed": 20,
+                                  "headers": {"retry-after": str(int(RETRY_AFTER_S))}})
+    t0 = time.time()
+    results = asyncio.run(_storm(e.url, STORM_REQUESTS, STORM_CONCURRENCY))
+    took = time.time() - t0
+    mock.control("/_mock/chaos", {"rate_limit_fraction": 0})
 
-        # Every request ended 200, or 429: from the gateway when every key was
-        # cooling, or the provider's own once the route's 3 retries were spent.
-        outcome = Counter()
-        for status, attempts, retry_after, raw in results:
-            if status == 200:
-                outcome["ok"] += 1
-                continue
-            assert status == 429, (status, raw[:300])
-            err = json.loads(raw)["error"]
-            if err["code"] == "no_available_key":
-                assert int(retry_after) >= 1
-                outcome["gateway_429"] += 1
-            else:
-                assert err["code"] == "rate_limit_exceeded" and attempts == "4", (attempts, err)
-                outcome["provider_429"] += 1
-        assert outcome["ok"] >= STORM_REQUESTS * 0.6, outcome
+    # Every request ended 200, or 429: from the gateway when every key was
+    # cooling, or the provider's own once the route's 3 retries were spent.
+    outcome = Counter()
+    for status, attempts, retry_after, raw in results:
+        if status == 200:
+            outcome["ok"] += 1
+            continue
+        assert status == 429, (status, raw[:300])
+        err = json.loads(raw)["error"]
+        if err["code"] == "no_available_key":
+            assert int(retry_after) >= 1
+            outcome["gateway_429"] += 1
+        else:
+            assert err["code"] == "rate_limit_exceeded" and attempts == "4", (attempts, err)
+            outcome["provider_429"] += 1
+    assert outcome["ok"] >= STORM_REQUESTS * 0.6, outcome
 
-        received = mock.received()
-        assert len(received) < 20_000, "the mock keeps every record"
-        by_status = Counter(r["status"] for r in received)
-        assert set(by_status) == {200, 429}, by_status
-        assert 0.15 < by_status[429] / len(received) < 0.25, by_status
-        assert by_status[200] == outcome["ok"], "one successful attempt per 200"
+    received = mock.received()
+    assert len(received) < 20_000, "the mock keeps every record"
+    by_status = Counter(r["status"] for r in received)
+    assert set(by_status) == {200, 429}, by_status
+    assert 0.15 < by_status[429] / len(received) < 0.25, by_status
+    assert by_status[200] == outcome["ok"], "one successful attempt per 200"
 
-        # Counters are exact: per key, what the provider saw and reported.
-        counters = settle(e, mock)
-        reported = mock.stats()
-        streams = Counter(r["key"] for r in received if r["status"] == 200 and json.loads(r["body"]).get("stream"))
-        id_of = ids_by_secret(keys)
-        for secret in keys:
-            c, r = counters[id_of[secret]], reported.get(secret)
-            if r is None:
-                assert c["requests"] == 0, (secret, c)
-                continue
-            assert (c["requests"], c["successes"], c["rate_limited"]) == (
-                r["requests"], r["statuses"].get("200", 0), r["statuses"].get("429", 0)), (secret, c, r)
-            assert (c["client_errors"], c["server_errors"]) == (0, 0), (secret, c)
-            assert (c["input_tokens"], c["output_tokens"], c["total_tokens"]) == (
-                r["prompt_tokens"], r["completion_tokens"], r["total_tokens"]), (secret, c, r)
-            assert c["streams"] == streams[secret], (secret, c)
-            # Each 429 cools the key or extends its cooldown.
-            assert (c["cooldowns"] > 0) == (c["rate_limited"] > 0) and c["cooldowns"] <= c["rate_limited"], c
+    # Counters are exact: per key, what the provider saw and reported.
+    counters = settle(e, mock)
+    reported = mock.stats()
+    streams = Counter(r["key"] for r in received if r["status"] == 200 and json.loads(r["body"]).get("stream"))
+    id_of = ids_by_secret(keys)
+    for secret in keys:
+        c, r = counters[id_of[secret]], reported.get(secret)
+        if r is None:
+            assert c["requests"] == 0, (secret, c)
+            continue
+        assert (c["requests"], c["successes"], c["rate_limited"]) == (
+            r["requests"], r["statuses"].get("200", 0), r["statuses"].get("429", 0)), (secret, c, r)
+        assert (c["client_errors"], c["server_errors"]) == (0, 0), (secret, c)
+        assert (c["input_tokens"], c["output_tokens"], c["total_tokens"]) == (
+            r["prompt_tokens"], r["completion_tokens"], r["total_tokens"]), (secret, c, r)
+        assert c["streams"] == streams[secret], (secret, c)
+        # Each 429 cools the key or extends its cooldown.
+        assert (c["cooldowns"] > 0) == (c["rate_limited"] > 0) and c["cooldowns"] <= c["rate_limited"], c
 
-        # The metrics agree (they are flushed every 500 ms).
-        def metric_totals():
-            s = e.stats("apikeyrouter")
-            tot = Counter()
-            for name, v in s.items():
-                m = re.match(r"wasmcustom\.apikeyrouter\.key\.openai\.[^.]+\.(requests\.\w+|rate_limited)$", name)
-                if m:
-                    tot[m.group(1)] += int(v)
-            tot["no_key"] = int(s["wasmcustom.apikeyrouter.no_key"])
-            tot["cas_conflicts"] = int(s["wasmcustom.apikeyrouter.cas_conflicts"])
-            return tot
+    # The metrics agree (they are flushed every 500 ms).
+    def metric_totals():
+        s = e.stats("apikeyrouter")
+        tot = Counter()
+        for name, v in s.items():
+            m = re.match(r"wasmcustom\.apikeyrouter\.key\.openai\.[^.]+\.(requests\.\w+|rate_limited)$", name)
+            if m:
+                tot[m.group(1)] += int(v)
+        tot["no_key"] = int(s["wasmcustom.apikeyrouter.no_key"])
+        tot["cas_conflicts"] = int(s["wasmcustom.apikeyrouter.cas_conflicts"])
+        return tot
 
-        want = {"requests.2xx": by_status[200], "requests.4xx": by_status[429], "rate_limited": by_status[429],
-                "no_key": outcome["gateway_429"]}
-        wait_until(lambda: all(metric_totals()[k] == v for k, v in want.items()), timeout=10,
-                   what=f"metrics {want}")
-        totals = metric_totals()
-        status, _, prom = http("GET", e.admin_url + "/stats/prometheus")
-        assert re.search(rb"^apikeyrouter_cas_conflicts\{\} \d+$", prom, re.M), "CAS retries are a metric"
+    want = {"requests.2xx": by_status[200], "requests.4xx": by_status[429], "rate_limited": by_status[429],
+            "no_key": outcome["gateway_429"]}
+    wait_until(lambda: all(metric_totals()[k] == v for k, v in want.items()), timeout=10,
+               what=f"metrics {want}")
+    totals = metric_totals()
+    status, _, prom = http("GET", e.admin_url + "/stats/prometheus")
+    assert re.search(rb"^apikeyrouter_cas_conflicts\{\} \d+$", prom, re.M), "CAS retries are a metric"
 
-        # No update is lost: every upstream attempt has its decision record,
-        # naming the key the provider saw.
-        status, _, body = e.admin_api("GET", "decisions?limit=100000")
-        assert status == 200
-        chosen = {}
-        for d in json.loads(body)["decisions"]:
-            if d["key"]:
-                chosen[(d["request_id"], d["key"])] = d["time_ms"] / 1000
-        assert len(chosen) == len(received), (len(chosen), len(received))
+    # No update is lost: every upstream attempt has its decision record,
+    # naming the key the provider saw.
+    status, _, body = e.admin_api("GET", "decisions?limit=100000")
+    assert status == 200
+    chosen = {}
+    for d in json.loads(body)["decisions"]:
+        if d["key"]:
+            chosen[(d["request_id"], d["key"])] = d["time_ms"] / 1000
+    assert len(chosen) == len(received), (len(chosen), len(received))
 
-        # Every 429 that moved a key's cooldown left one transition, and the
-        # key's cooldowns counter agrees.
-        status, _, body = e.admin_api("GET", "transitions?limit=100000")
-        cooled_at = defaultdict(list)  # key id -> when the filter wrote each cooldown
-        for t in json.loads(body)["transitions"]:
-            if t["kind"] == "key" and t["reason"] == "provider answered 429":
-                cooled_at[t["id"]].append(t["time_ms"] / 1000)
-        assert sum(map(len, cooled_at.values())) == sum(c["cooldowns"] for c in counters.values())
+    # Every 429 that moved a key's cooldown left one transition, and the
+    # key's cooldowns counter agrees.
+    status, _, body = e.admin_api("GET", "transitions?limit=100000")
+    cooled_at = defaultdict(list)  # key id -> when the filter wrote each cooldown
+    for t in json.loads(body)["transitions"]:
+        if t["kind"] == "key" and t["reason"] == "provider answered 429":
+            cooled_at[t["id"]].append(t["time_ms"] / 1000)
+    assert sum(map(len, cooled_at.values())) == sum(c["cooldowns"] for c in counters.values())
 
-        # No key is chosen while cooling. A key that answered 429 at t (mock
-        # clock, retry-after 1 s) cools from when the filter wrote it (its
-        # transition, ms granularity) until at least t + 1 s. Without a
-        # transition, allow COOLING_GRACE_S for the 429 to reach the filter.
-        cooling = defaultdict(list)
-        for r in received:
-            if r["status"] == 429:
-                kid = id_of[r["key"]]
-                written = [w for w in cooled_at[kid] if r["t"] - 0.002 <= w <= r["t"] + COOLING_GRACE_S]
-                start = min(written) + 0.002 if written else r["t"] + COOLING_GRACE_S
-                cooling[kid].append((r["t"], start))
-        violations, early, back_after = [], 0, []
-        for r in received:
+    # No key is chosen while cooling. A key that answered 429 at t (mock
+    # clock, retry-after 1 s) cools from when the filter wrote it (its
+    # transition, ms granularity) until at least t + 1 s. Without a
+    # transition, allow COOLING_GRACE_S for the 429 to reach the filter.
+    cooling = defaultdict(list)
+    for r in received:
+        if r["status"] == 429:
             kid = id_of[r["key"]]
-            at = chosen[(r["headers"]["x-request-id"], kid)]
-            for t429, start in cooling[kid]:
-                if start < at < t429 + RETRY_AFTER_S - 0.005:
-                    violations.append((kid, round(at - t429, 3), round(start - t429, 3)))
-                elif t429 < at <= start:
-                    early += 1  # chosen before the filter knew of the 429
-                elif t429 + RETRY_AFTER_S - 0.005 <= at < t429 + RETRY_AFTER_S + 0.5:
-                    back_after.append(at - t429)
-        assert not violations, violations[:20]
-        assert back_after, "keys came back after their cooldown during the run"
+            written = [w for w in cooled_at[kid] if r["t"] - 0.002 <= w <= r["t"] + COOLING_GRACE_S]
+            start = min(written) + 0.002 if written else r["t"] + COOLING_GRACE_S
+            cooling[kid].append((r["t"], start))
+    violations, early, back_after = [], 0, []
+    for r in received:
+        kid = id_of[r["key"]]
+        at = chosen[(r["headers"]["x-request-id"], kid)]
+        for t429, start in cooling[kid]:
+            if start < at < t429 + RETRY_AFTER_S - 0.005:
+                violations.append((kid, round(at - t429, 3), round(start - t429, 3)))
+            elif t429 < at <= start:
+                early += 1  # chosen before the filter knew of the 429
+            elif t429 + RETRY_AFTER_S - 0.005 <= at < t429 + RETRY_AFTER_S + 0.5:
+                back_after.append(at - t429)
+    assert not violations, violations[:20]
+    assert back_after, "keys came back after their cooldown during the run"
 
-        logs = e.logs()
-        assert "attempt not recorded" not in logs, "a CAS loop gave up"
-        assert_no_trap(e, base)
-        print(f"\n{STORM_REQUESTS} requests in {took:.1f}s: {dict(outcome)}; attempts {dict(by_status)}; "
-              f"cas_conflicts {totals['cas_conflicts']}; chosen before the filter knew of a 429: {early}; "
-              f"chosen again {len(back_after)} times, soonest {min(back_after):.3f}s after a 429")
-        assert took < 90, took
-    finally:
-        mock.stop()
+    logs = e.logs()
+    assert "attempt not recorded" not in logs, "a CAS loop gave up"
+    assert_no_trap(e, base)
+    print(f"\n{STORM_REQUESTS} requests in {took:.1f}s: {dict(outcome)}; attempts {dict(by_status)}; "
+          f"cas_conflicts {totals['cas_conflicts']}; chosen before the filter knew of a 429: {early}; "
+          f"chosen again {len(back_after)} times, soonest {min(back_after):.3f}s after a 429")
+    assert took < 90, took
 
 
-def test_shipped_config_retries_429s_under_concurrency(start_envoy):
+def test_shipped_config_retries_429s_under_concurrency(start_mock, start_envoy):
     keys = secrets(50, prefix="sk-storm")
-    mock = Mock(keys=keys)
-    try:
-        e = start_envoy(mock, plugin=plugin_with_keys(keys))
-        mock.control("/_mock/chaos", {"rate_limit_fraction": 0.2, "seed": 3, "headers": {"retry-after": "1"}})
-        results = asyncio.run(_storm(e.url, 1000, STORM_CONCURRENCY))
-        untried = [(s, a) for s, a, _, raw in results
-                   if s == 429 and b"no_available_key" not in raw and a != "4"]
-        overflow = int(e.stats("cluster.openai.upstream_rq_retry_overflow")["cluster.openai.upstream_rq_retry_overflow"])
-        assert (len(untried), overflow) == (0, 0), "provider 429s passed on without their retries"
-    finally:
-        mock.stop()
+    mock = start_mock(keys)
+    e = start_envoy(mock, plugin=plugin_with_keys(keys))
+    mock.control("/_mock/chaos", {"rate_limit_fraction": 0.2, "seed": 3, "headers": {"retry-after": "1"}})
+    results = asyncio.run(_storm(e.url, 1000, STORM_CONCURRENCY))
+    untried = [(s, a) for s, a, _, raw in results
+               if s == 429 and b"no_available_key" not in raw and a != "4"]
+    overflow = int(e.stats("cluster.openai.upstream_rq_retry_overflow")["cluster.openai.upstream_rq_retry_overflow"])
+    assert (len(untried), overflow) == (0, 0), "provider 429s passed on without their retries"
 
 
 # --- 4. security --------------------------------------------------------------------
@@ -565,63 +552,60 @@ def _sha256(s):
     return hashlib.sha256(s.encode()).hexdigest()
 
 
-def test_client_credentials_and_router_headers_never_reach_the_provider_in_any_request_shape(start_envoy):
+def test_client_credentials_and_router_headers_never_reach_the_provider_in_any_request_shape(start_mock, start_envoy):
     keys = secrets(3)
     vk = "sk-client-virtual-" + pysecrets.token_hex(12)
-    mock = Mock(keys=keys)
-    try:
-        plugin = plugin_with_keys(keys, clients=[{"id": "app", "key_sha256": _sha256(vk)}])
-        e = start_envoy(mock, plugin=plugin)
-        forged = {"x-apikeyrouter-key-id": "forged", "X-ApiKeyRouter-Objective": "cost",
-                  "x-apikeyrouter-budget": "forged", "X-APIKEYROUTER-DECISION": "forged",
-                  "x-apikeyrouter-attempts": "9", "x-apikeyrouter-x": "sk-client-smuggled"}
-        bearer = {"authorization": f"Bearer {vk}", **forged}
-        both = {"authorization": f"Bearer {vk}", "x-api-key": vk, **forged}
-        via_x_api_key = {"x-api-key": vk, **forged}
-        mock.behavior(keys[0], status=429, times=1, headers={"retry-after": "1"})  # one request is retried
-        sent = 0
-        for headers in (bearer, both, via_x_api_key):
-            assert chat(e.url, headers=headers)[0] == 200
-            assert chat(e.url, headers=headers, stream=True)[0] == 200
-            assert http("GET", e.url + "/v1/models", headers=headers)[0] == 200
-            assert http("POST", e.url + "/v1/embeddings", {"model": "text-embedding-3-small", "input": "a"},
-                        headers)[0] == 200
-            sent += 4
-        # A body the ingress stage does not read (not JSON by its content type).
-        status, _, _ = http("POST", e.url + "/v1/chat/completions",
-                            json.dumps(body_of(False)).encode(), {**bearer, "content-type": "text/plain"})
-        assert status == 200
-        sent += 1
-        # Repeated headers, in raw HTTP/1.1.
-        payload = json.dumps(body_of(False)).encode()
+    mock = start_mock(keys)
+    plugin = plugin_with_keys(keys, clients=[{"id": "app", "key_sha256": _sha256(vk)}])
+    e = start_envoy(mock, plugin=plugin)
+    forged = {"x-apikeyrouter-key-id": "forged", "X-ApiKeyRouter-Objective": "cost",
+              "x-apikeyrouter-budget": "forged", "X-APIKEYROUTER-DECISION": "forged",
+              "x-apikeyrouter-attempts": "9", "x-apikeyrouter-x": "sk-client-smuggled"}
+    bearer = {"authorization": f"Bearer {vk}", **forged}
+    both = {"authorization": f"Bearer {vk}", "x-api-key": vk, **forged}
+    via_x_api_key = {"x-api-key": vk, **forged}
+    mock.behavior(keys[0], status=429, times=1, headers={"retry-after": "1"})  # one request is retried
+    sent = 0
+    for headers in (bearer, both, via_x_api_key):
+        assert chat(e.url, headers=headers)[0] == 200
+        assert chat(e.url, headers=headers, stream=True)[0] == 200
+        assert http("GET", e.url + "/v1/models", headers=headers)[0] == 200
+        assert http("POST", e.url + "/v1/embeddings", {"model": "text-embedding-3-small", "input": "a"},
+                    headers)[0] == 200
+        sent += 4
+    # A body the ingress stage does not read (not JSON by its content type).
+    status, _, _ = http("POST", e.url + "/v1/chat/completions",
+                        json.dumps(body_of(False)).encode(), {**bearer, "content-type": "text/plain"})
+    assert status == 200
+    sent += 1
+    # Repeated headers, in raw HTTP/1.1.
+    payload = json.dumps(body_of(False)).encode()
 
-        def raw_chat(header_lines):
-            head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + "".join(l + "\r\n" for l in header_lines)
-                    + f"Content-Type: application/json\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n\r\n")
-            return raw_request(e.gateway_port, head.encode() + payload)
+    def raw_chat(header_lines):
+        head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + "".join(l + "\r\n" for l in header_lines)
+                + f"Content-Type: application/json\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n\r\n")
+        return raw_request(e.gateway_port, head.encode() + payload)
 
-        repeated = ["X-Apikeyrouter-Key-Id: a", "x-apikeyrouter-key-id: b", "x-apikeyrouter-objective: latency",
-                    "X-Api-Key: sk-client-third-secret", f"x-api-key: {vk}"]
-        raw = raw_chat([f"Authorization: Bearer {vk}"] + repeated)
-        assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
-        sent += 1
-        # Envoy joins repeated Authorization headers into one value, which
-        # matches no client: refused, and nothing is forwarded.
-        raw = raw_chat([f"Authorization: Bearer {vk}", "Authorization: Bearer sk-client-second-secret"] + repeated)
-        assert raw.startswith(b"HTTP/1.1 401"), raw[:300]
+    repeated = ["X-Apikeyrouter-Key-Id: a", "x-apikeyrouter-key-id: b", "x-apikeyrouter-objective: latency",
+                "X-Api-Key: sk-client-third-secret", f"x-api-key: {vk}"]
+    raw = raw_chat([f"Authorization: Bearer {vk}"] + repeated)
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+    sent += 1
+    # Envoy joins repeated Authorization headers into one value, which
+    # matches no client: refused, and nothing is forwarded.
+    raw = raw_chat([f"Authorization: Bearer {vk}", "Authorization: Bearer sk-client-second-secret"] + repeated)
+    assert raw.startswith(b"HTTP/1.1 401"), raw[:300]
 
-        received = mock.received()
-        assert len(received) == sent + 1, "every request reached the provider once (plus the retry)"
-        provider_auth = {f"Bearer {k}" for k in keys}
-        for r in received:
-            h = r["headers"]
-            assert h.get("authorization") in provider_auth, h
-            assert "x-api-key" not in h, h
-            assert not [n for n in h if n.startswith("x-apikeyrouter")], h
-            dumped = json.dumps(h)
-            assert vk not in dumped and "sk-client" not in dumped and "forged" not in dumped, h
-    finally:
-        mock.stop()
+    received = mock.received()
+    assert len(received) == sent + 1, "every request reached the provider once (plus the retry)"
+    provider_auth = {f"Bearer {k}" for k in keys}
+    for r in received:
+        h = r["headers"]
+        assert h.get("authorization") in provider_auth, h
+        assert "x-api-key" not in h, h
+        assert not [n for n in h if n.startswith("x-apikeyrouter")], h
+        dumped = json.dumps(h)
+        assert vk not in dumped and "sk-client" not in dumped and "forged" not in dumped, h
 
 
 def _fragments(secret):
@@ -630,96 +614,93 @@ def _fragments(secret):
     return [secret, rand, rand[:12]] if len(rand) >= 16 else [secret]
 
 
-def test_key_material_appears_in_no_log_stat_admin_response_header_or_access_log(start_envoy):
+def test_key_material_appears_in_no_log_stat_admin_response_header_or_access_log(start_mock, start_envoy):
     inline = "sk-inline-" + pysecrets.token_hex(16)
     env2, env3 = ("sk-env-" + pysecrets.token_hex(16) for _ in range(2))
     runtime = "sk-runtime-" + pysecrets.token_hex(16)
     vk = "sk-client-virtual-" + pysecrets.token_hex(12)
     provider_secrets = [inline, env2, env3, runtime]
-    mock = Mock(keys=provider_secrets)
-    try:
-        plugin = {
-            "providers": [{"id": "openai", "keys": [
-                {"id": "k1", "secret": inline}, {"id": "k2", "secret_env": "HARDENING_KEY_2"},
-                {"id": "k3", "secret_env": "HARDENING_KEY_3", "metadata": {"note": "from env"}}]}],
-            "prices": {"gpt-4o-mini*": {"input": "1000", "output": "2000"}},
-            "budgets": [{"id": "b", "window": "day", "limit": "100"}],
-            "clients": [{"id": "app", "key_sha256": _sha256(vk)}],
-            "admin": {"token_env": "APIKEYROUTER_ADMIN_TOKEN"},
-        }
-        e = start_envoy(mock, plugin=plugin, log_level="trace",
-                        env={"HARDENING_KEY_2": env2, "HARDENING_KEY_3": env3},
-                        host_env_keys=["HARDENING_KEY_2", "HARDENING_KEY_3", "APIKEYROUTER_ADMIN_TOKEN"])
-        base = wasm_failure_stats(e)
-        client = {"authorization": f"Bearer {vk}"}
-        seen = []  # every response: headers and, for the admin API, the body
+    mock = start_mock(provider_secrets)
+    plugin = {
+        "providers": [{"id": "openai", "keys": [
+            {"id": "k1", "secret": inline}, {"id": "k2", "secret_env": "HARDENING_KEY_2"},
+            {"id": "k3", "secret_env": "HARDENING_KEY_3", "metadata": {"note": "from env"}}]}],
+        "prices": {"gpt-4o-mini*": {"input": "1000", "output": "2000"}},
+        "budgets": [{"id": "b", "window": "day", "limit": "100"}],
+        "clients": [{"id": "app", "key_sha256": _sha256(vk)}],
+        "admin": {"token_env": "APIKEYROUTER_ADMIN_TOKEN"},
+    }
+    e = start_envoy(mock, plugin=plugin, log_level="trace",
+                    env={"HARDENING_KEY_2": env2, "HARDENING_KEY_3": env3},
+                    host_env_keys=["HARDENING_KEY_2", "HARDENING_KEY_3", "APIKEYROUTER_ADMIN_TOKEN"])
+    base = wasm_failure_stats(e)
+    client = {"authorization": f"Bearer {vk}"}
+    seen = []  # every response: headers and, for the admin API, the body
 
-        def call(method, url, body=None, headers=None, keep_body=False):
-            status, h, b = http(method, url, body, headers)
-            seen.append(json.dumps(h) + (b.decode("utf-8", "replace") if keep_body else ""))
-            return status, h, b
+    def call(method, url, body=None, headers=None, keep_body=False):
+        status, h, b = http(method, url, body, headers)
+        seen.append(json.dumps(h) + (b.decode("utf-8", "replace") if keep_body else ""))
+        return status, h, b
 
-        def admin(method, path, body=None, token=ADMIN_TOKEN):
-            return call(method, e.url + "/apikeyrouter/v1/" + path, body,
-                        {"authorization": f"Bearer {token}"}, keep_body=True)
+    def admin(method, path, body=None, token=ADMIN_TOKEN):
+        return call(method, e.url + "/apikeyrouter/v1/" + path, body,
+                    {"authorization": f"Bearer {token}"}, keep_body=True)
 
-        assert admin("POST", "keys", {"id": "rt1", "provider": "openai", "key_material": runtime})[0] == 201
-        # Refused registrations must not echo the material they were given.
-        assert admin("POST", "keys", {"id": "k1", "provider": "openai", "key_material": env2})[0] == 409
-        assert admin("POST", "keys", {"id": "bad id", "provider": "openai", "key_material": env3})[0] == 400
-        assert admin("POST", "keys", {"id": "rt2", "provider": "openai", "key_material": env3 + " x"})[0] == 400
-        # Traffic on every key, streams, and each key-state change.
-        mock.behavior(env2, status=429, times=1, headers={"retry-after": "1"})
-        mock.behavior(env3, status=401, times=1)
-        mock.behavior(inline, status=500, times=1)
-        for i in range(12):
-            status, _, _ = call("POST", e.url + "/v1/chat/completions", body_of(i % 3 == 0, content=f"leak {i}"),
-                                client)
-            assert status == 200
-        assert admin("PATCH", "keys/k3", {"state": "available"})[0] == 200
-        mock.behavior(runtime, status=429, times=1,
-                      body={"error": {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}})
-        for i in range(6):
-            assert call("POST", e.url + "/v1/chat/completions", body_of(False, content=f"more {i}"), client)[0] == 200
-        for path in ["keys", "keys/k1", "keys/k2", "keys/k3", "keys/rt1", "providers", "budgets", "budgets/b",
-                     "decisions?limit=1000", "transitions?limit=1000", "state", "health"]:
-            assert admin("GET", path)[0] in (200, 503), path
-        assert admin("GET", "keys", token="wrong-token-wrong-token")[0] == 401
-        assert admin("DELETE", "keys/rt1")[0] == 200
-        time.sleep(1.2)  # let metrics and decision records flush
+    assert admin("POST", "keys", {"id": "rt1", "provider": "openai", "key_material": runtime})[0] == 201
+    # Refused registrations must not echo the material they were given.
+    assert admin("POST", "keys", {"id": "k1", "provider": "openai", "key_material": env2})[0] == 409
+    assert admin("POST", "keys", {"id": "bad id", "provider": "openai", "key_material": env3})[0] == 400
+    assert admin("POST", "keys", {"id": "rt2", "provider": "openai", "key_material": env3 + " x"})[0] == 400
+    # Traffic on every key, streams, and each key-state change.
+    mock.behavior(env2, status=429, times=1, headers={"retry-after": "1"})
+    mock.behavior(env3, status=401, times=1)
+    mock.behavior(inline, status=500, times=1)
+    for i in range(12):
+        status, _, _ = call("POST", e.url + "/v1/chat/completions", body_of(i % 3 == 0, content=f"leak {i}"),
+                            client)
+        assert status == 200
+    assert admin("PATCH", "keys/k3", {"state": "available"})[0] == 200
+    mock.behavior(runtime, status=429, times=1,
+                  body={"error": {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}})
+    for i in range(6):
+        assert call("POST", e.url + "/v1/chat/completions", body_of(False, content=f"more {i}"), client)[0] == 200
+    for path in ["keys", "keys/k1", "keys/k2", "keys/k3", "keys/rt1", "providers", "budgets", "budgets/b",
+                 "decisions?limit=1000", "transitions?limit=1000", "state", "health"]:
+        assert admin("GET", path)[0] in (200, 503), path
+    assert admin("GET", "keys", token="wrong-token-wrong-token")[0] == 401
+    assert admin("DELETE", "keys/rt1")[0] == 200
+    time.sleep(1.2)  # let metrics and decision records flush
 
-        envoy_admin = []
-        for path in ["/stats", "/stats?format=json", "/stats/prometheus"]:
-            envoy_admin.append(http("GET", e.admin_url + path)[2].decode("utf-8", "replace"))
-        config_dump = http("GET", e.admin_url + "/config_dump")[2].decode("utf-8", "replace")
-        # Envoy flushes the stdout access log every few seconds.
-        wait_until(lambda: sum(l.startswith("{") for l in e.logs().splitlines()) >= len(seen),
-                   timeout=30, what=f"an access log line per request ({len(seen)})")
-        log = e.logs()
-        access = [l for l in log.splitlines() if l.startswith("{")]
-        exposed = "\n".join(seen + envoy_admin + access)
-        for s in provider_secrets + [ADMIN_TOKEN, vk]:
-            for frag in _fragments(s):
-                assert frag not in exposed, f"{frag} leaked to stats, admin, headers or access logs"
-        # The trace-level log: no secret from the environment or the admin
-        # API, ever. An inline secret is part of Envoy's own configuration,
-        # which Envoy itself prints at debug level; the filter never logs it.
-        for s in [env2, env3, runtime]:
-            for frag in _fragments(s):
-                assert frag not in log and frag not in config_dump, f"{frag} in the trace log or config_dump"
-        for frag in _fragments(inline):
-            lines = [l for l in log.splitlines() if frag in l]
-            assert lines and all("][config]" in l and "config: {" in l for l in lines), lines[:3]
-        # The filter's own log lines carry neither the admin token nor a
-        # client's key.
-        wasm_lines = "\n".join(l for l in log.splitlines() if "][wasm]" in l)
-        for s in [ADMIN_TOKEN, vk]:
-            assert s not in wasm_lines
-        assert "provider answered 401" in json.dumps(json.loads(admin("GET", "transitions")[2])), \
-            "the key-state paths ran"
-        assert_no_trap(e, base)
-    finally:
-        mock.stop()
+    envoy_admin = []
+    for path in ["/stats", "/stats?format=json", "/stats/prometheus"]:
+        envoy_admin.append(http("GET", e.admin_url + path)[2].decode("utf-8", "replace"))
+    config_dump = http("GET", e.admin_url + "/config_dump")[2].decode("utf-8", "replace")
+    # Envoy flushes the stdout access log every few seconds.
+    wait_until(lambda: sum(l.startswith("{") for l in e.logs().splitlines()) >= len(seen),
+               timeout=30, what=f"an access log line per request ({len(seen)})")
+    log = e.logs()
+    access = [l for l in log.splitlines() if l.startswith("{")]
+    exposed = "\n".join(seen + envoy_admin + access)
+    for s in provider_secrets + [ADMIN_TOKEN, vk]:
+        for frag in _fragments(s):
+            assert frag not in exposed, f"{frag} leaked to stats, admin, headers or access logs"
+    # The trace-level log: no secret from the environment or the admin
+    # API, ever. An inline secret is part of Envoy's own configuration,
+    # which Envoy itself prints at debug level; the filter never logs it.
+    for s in [env2, env3, runtime]:
+        for frag in _fragments(s):
+            assert frag not in log and frag not in config_dump, f"{frag} in the trace log or config_dump"
+    for frag in _fragments(inline):
+        lines = [l for l in log.splitlines() if frag in l]
+        assert lines and all("][config]" in l and "config: {" in l for l in lines), lines[:3]
+    # The filter's own log lines carry neither the admin token nor a
+    # client's key.
+    wasm_lines = "\n".join(l for l in log.splitlines() if "][wasm]" in l)
+    for s in [ADMIN_TOKEN, vk]:
+        assert s not in wasm_lines
+    assert "provider answered 401" in json.dumps(json.loads(admin("GET", "transitions")[2])), \
+        "the key-state paths ran"
+    assert_no_trap(e, base)
 
 
 def test_admin_api_refuses_every_endpoint_without_the_right_token_and_changes_nothing(mock3, start_envoy):

@@ -8,9 +8,8 @@ import time
 from collections import Counter
 
 import aiohttp
-import pytest
 
-from harness import Mock, chat, http, plugin_with_keys, secrets, wait_until
+from harness import chat, http, plugin_with_keys, secrets, wait_until
 
 APP_KEY = "vk-app-alpha-0123456789"
 OLD_KEY = "vk-expired-0123456789"
@@ -36,13 +35,6 @@ def identity_plugin(keys, rpm=None):
         {"id": "narrow", "key_sha256": sha(NARROW_KEY), "allowed_providers": ["claude"]},
     ]
     return plugin
-
-
-@pytest.fixture
-def mock3():
-    m = Mock(keys=secrets(3))
-    yield m
-    m.stop()
 
 
 def bearer(k):

@@ -4,16 +4,7 @@ through real Envoy."""
 import json
 from collections import Counter
 
-import pytest
-
-from harness import Mock, chat, ids_by_secret, plugin_with_keys, secrets, wait_until
-
-
-@pytest.fixture
-def mock3():
-    m = Mock(keys=secrets(3))
-    yield m
-    m.stop()
+from harness import chat, ids_by_secret, plugin_with_keys, secrets, wait_until
 
 
 def key_ids(mock, keys):
