@@ -135,16 +135,7 @@ def render(template_text, gateway_port, admin_port, mock_port, plugin=None, host
     cfg = yaml.safe_load(fill(template_text, {
         "GATEWAY_PORT": gateway_port, "ADMIN_PORT": admin_port, "MOCK_PORT": mock_port,
         "WASM_PATH": wasm}))
-    wasm_filters = []
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    for f in hcm["http_filters"]:
-        if f["name"] == "envoy.filters.http.wasm":
-            wasm_filters.append(f["typed_config"]["config"])
-        if f["name"] == "envoy.filters.http.router":
-            for uf in f["typed_config"].get("upstream_http_filters", []):
-                if uf["name"] == "envoy.filters.http.wasm":
-                    wasm_filters.append(uf["typed_config"]["config"])
-    for wf in wasm_filters:
+    for wf in wasm_filter_configs(cfg):
         if plugin is not None:
             wf["configuration"]["value"] = plugin if isinstance(plugin, str) else json.dumps(plugin)
         if host_env_keys is not None:
@@ -152,9 +143,58 @@ def render(template_text, gateway_port, admin_port, mock_port, plugin=None, host
     return cfg
 
 
+# --- Walking a parsed Envoy config (YAML or JSON) ----------------------------
+
+# How the @type of a wasm filter's typed_config ends (HTTP and network).
+WASM_FILTER_TYPES = ("filters.http.wasm.v3.Wasm", "filters.network.wasm.v3.Wasm")
+
+
+def nodes(doc):
+    """Every node of a parsed document, depth first in document order: each
+    dict, list and scalar, and each dict key."""
+    yield doc
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield k
+            yield from nodes(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from nodes(v)
+
+
+def scalars(doc):
+    """Every key and scalar value in a parsed document, as strings."""
+    return {str(n) for n in nodes(doc) if not isinstance(n, (dict, list))}
+
+
+def wasm_filter_configs(doc):
+    """The `config` of every wasm filter (HTTP, upstream HTTP or network)
+    anywhere in a parsed Envoy config, in document order, once each: a filter
+    named envoy.filters.http.wasm (its typed_config.config), or a
+    typed_config whose @type is a wasm filter's (its config)."""
+    seen = set()
+    for n in nodes(doc):
+        if not isinstance(n, dict):
+            continue
+        if n.get("name") == "envoy.filters.http.wasm":
+            cfg = n["typed_config"]["config"]
+        elif str(n.get("@type", "")).endswith(WASM_FILTER_TYPES):
+            cfg = n.get("config", {})
+        else:
+            continue
+        if id(cfg) not in seen:
+            seen.add(id(cfg))
+            yield cfg
+
+
+def hcm(cfg):
+    """The first listener's HTTP connection manager (its typed_config)."""
+    return cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
 def route(cfg):
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    """The first listener's first route's `route` action."""
+    return hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
 
 
 class Envoy:

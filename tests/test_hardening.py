@@ -28,10 +28,9 @@ from decimal import Decimal
 
 import aiohttp
 import pytest
-import yaml
 
-from harness import (ADMIN_TOKEN, DEMO_CONFIG, PRICES, ROOT, budget_of, chat, expected_spend, http,
-                     ids_by_secret, plugin_with_keys, raw_request, render, route, secrets, validate,
+from harness import (ADMIN_TOKEN, DEMO_CONFIG, PRICES, budget_of, chat, expected_spend, http,
+                     hcm, ids_by_secret, plugin_with_keys, raw_request, render, route, secrets, validate,
                      wait_until, wasm_failure_stats)
 
 # Lines Envoy or the filter write when a wasm VM traps or fails at run time.
@@ -747,57 +746,6 @@ def test_admin_api_refuses_every_endpoint_without_the_right_token_and_changes_no
     assert http("GET", e.url + "/apikeyrouter/v1/health", headers={"x-api-key": ADMIN_TOKEN})[0] == 200
 
 
-def _wasm_filter_configs(node):
-    """Every wasm filter's `config` (HTTP or network) anywhere in a parsed Envoy config."""
-    if isinstance(node, dict):
-        t = node.get("@type", "")
-        if t.endswith("filters.http.wasm.v3.Wasm") or t.endswith("filters.network.wasm.v3.Wasm"):
-            yield node.get("config", {})
-        for v in node.values():
-            yield from _wasm_filter_configs(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _wasm_filter_configs(v)
-
-
-def _strings(node):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield str(k)
-            yield from _strings(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _strings(v)
-    else:
-        yield str(node)
-
-
-def test_every_shipped_config_uses_fail_reload_on_every_wasm_filter():
-    # FAIL_OPEN would skip the filter when its VM fails: the request would go
-    # to the provider with the caller's own credential and no key chosen.
-    shipped = [p for p in sorted((ROOT / "envoy").glob("*.yaml")) if "envoy.filters.http.wasm" in p.read_text()]
-    assert DEMO_CONFIG in shipped
-    for path in shipped:
-        text = re.sub(r"\$\{[A-Z0-9_]+\}", "1", path.read_text())
-        cfg = yaml.safe_load(text)
-        wasm = list(_wasm_filter_configs(cfg))
-        assert len(wasm) >= 2, f"{path.name}: expected the ingress and attempt stages"
-        for c in wasm:
-            assert c.get("failure_policy") == "FAIL_RELOAD", f"{path.name}: {c.get('name')} {c.get('failure_policy')}"
-            assert "fail_open" not in c, f"{path.name}: {c.get('name')} sets the deprecated fail_open"
-        assert "FAIL_OPEN" not in set(_strings(cfg)), path.name
-
-
-def test_every_shipped_config_lets_more_than_3_retries_run_at_once():
-    shipped = [p for p in sorted((ROOT / "envoy").glob("*.yaml")) if "envoy.filters.http.wasm" in p.read_text()]
-    for path in shipped:
-        cfg = yaml.safe_load(re.sub(r"\$\{[A-Z0-9_]+\}", "1", path.read_text()))
-        for cluster in cfg["static_resources"]["clusters"]:
-            thresholds = (cluster.get("circuit_breakers") or {}).get("thresholds") or [{}]
-            default = [t for t in thresholds if t.get("priority", "DEFAULT") == "DEFAULT"] or [{}]
-            assert default[0].get("max_retries", 3) > 3, f"{path.name}: cluster {cluster['name']}"
-
-
 # --- 5. bad-config corpus -------------------------------------------------------------
 
 def _p(keys='{"id": "k1", "secret": "sk-a"}', **extra):
@@ -907,11 +855,8 @@ def test_invalid_config_is_refused_with_one_line_naming_the_field(tmp_path, plug
 
 
 def test_envoy_config_naming_no_stage_in_root_id_is_refused_naming_root_id(tmp_path):
-    def edit(cfg):
-        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["http_filters"][0]["typed_config"]["config"]["root_id"] = "apikeyrouter"
     cfg = render(DEMO_CONFIG.read_text(), 1, 2, 3)
-    edit(cfg)
+    hcm(cfg)["http_filters"][0]["typed_config"]["config"]["root_id"] = "apikeyrouter"
     path = tmp_path / "envoy.json"
     path.write_text(json.dumps(cfg))
     code, out = validate(path, {"DEMO_KEY_1": "sk-a", "DEMO_KEY_2": "sk-b", "DEMO_KEY_3": "sk-c",

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import harness
-from harness import DIALECTS, ROOT, http, wait_until
+from harness import DIALECTS, ROOT, hcm, http, wait_until
 
 KEYS = ["sk-openai-1", "sk-openai-2", "az-key-1", "sk-ant-1", "sk-ant-2", "gm-key-1", "gm-key-2"]
 
@@ -147,8 +147,7 @@ def test_anthropic_rate_limit_headers_cool_the_key_until_their_reset(gateway):
 def test_a_cost_objective_sends_the_model_to_its_cheapest_provider(dialects, start_envoy, monkeypatch):
     monkeypatch.setattr(harness, "DEMO_CONFIG", ROOT / "envoy" / "providers-mock.yaml")
     cfg = harness.render(harness.DEMO_CONFIG.read_text(), 1, 2, 3)
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    plugin = json.loads(hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"])
+    plugin = json.loads(hcm(cfg)["http_filters"][0]["typed_config"]["config"]["configuration"]["value"])
     for p in plugin["providers"]:
         for k in p["keys"]:
             k["cost_per_1k"] = {"openai": "0.01", "azure": "0.002"}.get(p["id"], "0.05")
