@@ -4,6 +4,7 @@ Used by the real-Envoy tests and by `make run`. Every server listens on
 127.0.0.1 on a port picked at run time.
 """
 
+import asyncio
 import copy
 from decimal import Decimal
 import http.client as httpclient
@@ -49,17 +50,45 @@ def free_port(preferred=None):
     raise RuntimeError("no free port")
 
 
-def wait_until(pred, timeout=20.0, interval=0.05, what="condition"):
-    deadline = time.time() + timeout
+def _polls(pred, timeout, what, errors):
+    """Calls pred until it returns true, yielding between calls; after
+    `timeout` seconds raises TimeoutError naming `what` and the last error.
+    An exception from pred of a type in `errors` means "not yet"; any other
+    is raised at once."""
+    deadline = time.monotonic() + timeout
     last = None
-    while time.time() < deadline:
+    while True:
         try:
             if pred():
                 return
-        except Exception as e:  # noqa: BLE001 - keep polling until the deadline
+        except errors as e:
             last = e
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}"
+                               + (f"; last error: {last!r}" if last else ""))
+        yield
+
+
+def wait_until(pred, timeout=20.0, interval=0.05, what="condition", errors=Exception):
+    """Polls pred() every `interval` seconds until it returns true; fails
+    with a TimeoutError naming `what` after `timeout` seconds. Exceptions
+    from pred of the types in `errors` (by default any) count as not yet."""
+    for _ in _polls(pred, timeout, what, errors):
         time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}" + (f": {last!r}" if last else ""))
+
+
+async def wait_until_async(pred, timeout=20.0, interval=0.05, what="condition", errors=Exception):
+    """wait_until inside a coroutine: other tasks run between the polls."""
+    for _ in _polls(pred, timeout, what, errors):
+        await asyncio.sleep(interval)
+
+
+def wait_recorded(envoy, attempts, timeout=15.0):
+    """Waits until the key counters (admin API) record `attempts` upstream
+    attempts in all; returns the counters by key id."""
+    wait_until(lambda: sum(k["counters"]["requests"] for k in envoy.key_counters().values()) == attempts,
+               timeout=timeout, what=f"{attempts} attempts recorded")
+    return {kid: k["counters"] for kid, k in envoy.key_counters().items()}
 
 
 def http(method, url, body=None, headers=None, timeout=30):

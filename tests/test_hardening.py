@@ -31,7 +31,7 @@ import pytest
 
 from harness import (ADMIN_TOKEN, DEMO_CONFIG, PRICES, budget_of, chat, expected_spend, http,
                      hcm, ids_by_secret, plugin_with_keys, raw_request, render, route, secrets, validate,
-                     wait_until, wasm_failure_stats)
+                     wait_recorded, wait_until, wasm_failure_stats)
 
 # Lines Envoy or the filter write when a wasm VM traps or fails at run time.
 TRAP_MARKERS = ("failed: Uncaught", "panicked", "RuntimeError", "wasm trap", "Wasm VM failed",
@@ -56,19 +56,10 @@ def assert_no_trap(e, baseline):
     assert not bad, bad[:5]
 
 
-def settle(e, mock):
-    """Waits until every upstream attempt the mock saw is recorded; returns
-    the counters by key id."""
-    n = len(mock.received())
-    wait_until(lambda: sum(k["counters"]["requests"] for k in e.key_counters().values()) == n,
-               timeout=15, what=f"{n} attempts recorded")
-    return {kid: k["counters"] for kid, k in e.key_counters().items()}
-
-
 def assert_books_balance(e, mock, keys):
     """Counters equal what the provider reported for each key, no
     reservation is left and spend is reported usage x price."""
-    counters = settle(e, mock)
+    counters = wait_recorded(e, len(mock.received()))
     reported = mock.stats()
     id_of = ids_by_secret(keys)
     for secret in keys:
@@ -235,7 +226,7 @@ def test_reset_mid_body_counts_as_a_failure_not_a_success(mock3, start_envoy, st
     e = start_envoy(mock3, plugin=priced(keys))
     mock3.behavior("*", fault="reset_mid_body")
     fetch(e.url, body_of(stream))
-    counters = settle(e, mock3)
+    counters = wait_recorded(e, len(mock3.received()))
     attempts = len(mock3.received())
     assert sum(c["successes"] for c in counters.values()) == 0, counters
     assert sum(c["server_errors"] for c in counters.values()) == attempts, counters
@@ -441,7 +432,7 @@ def test_10000_requests_at_concurrency_64_with_20_percent_429_keep_exact_counter
     assert by_status[200] == outcome["ok"], "one successful attempt per 200"
 
     # Counters are exact: per key, what the provider saw and reported.
-    counters = settle(e, mock)
+    counters = wait_recorded(e, len(mock.received()))
     reported = mock.stats()
     streams = Counter(r["key"] for r in received if r["status"] == 200 and json.loads(r["body"]).get("stream"))
     id_of = ids_by_secret(keys)
