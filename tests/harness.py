@@ -6,6 +6,7 @@ Used by the real-Envoy tests and by `make run`. Every server listens on
 
 import asyncio
 import copy
+import hashlib
 from decimal import Decimal
 import http.client as httpclient
 import json
@@ -350,7 +351,7 @@ def ids_by_secret(keys):
     return {s: f"k{i + 1}" for i, s in enumerate(keys)}
 
 
-# --- Helpers for the hardening tests (tests/test_hardening.py) ---
+# --- Helpers for the fault, concurrency, leak and admin tests -----------------
 
 def wasm_failure_stats(envoy):
     """Envoy's own record of the filter's VMs failing: every
@@ -360,6 +361,35 @@ def wasm_failure_stats(envoy):
     out = {k: v for k, v in stats.items() if k.startswith("wasm.apikeyrouter_") and ".vm_reload" in k}
     out["created"] = stats.get("wasm.envoy.wasm.runtime.v8.created")
     return out
+
+
+# Lines Envoy or the filter write when a wasm VM traps or fails at run time.
+TRAP_MARKERS = ("failed: Uncaught", "panicked", "RuntimeError", "wasm trap", "Wasm VM failed",
+                "Plugin configured to fail", "attempt not recorded")
+
+
+def assert_no_trap(e, baseline):
+    """The VMs never trapped: every vm_reload* stat is 0, no VM was created
+    after start-up (baseline is wasm_failure_stats then), and the log has no
+    trap or failure line."""
+    now = wasm_failure_stats(e)
+    assert now == baseline, (baseline, now)
+    assert all(v == "0" for k, v in now.items() if k != "created"), now
+    bad = [l for l in e.logs().splitlines() if any(m in l for m in TRAP_MARKERS)]
+    assert not bad, bad[:5]
+
+
+def body_of(stream, content="a request the provider will fumble"):
+    """A chat completion request body for gpt-4o-mini, streaming or not."""
+    b = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+    if stream:
+        b["stream"] = True
+    return b
+
+
+def sha256_hex(s):
+    """What a client entry's key_sha256 holds for the virtual key s."""
+    return hashlib.sha256(s.encode()).hexdigest()
 
 
 # Prices of the budget tests, per 1M tokens: 0.001 an input token, 0.002 an
@@ -375,6 +405,13 @@ def expected_spend(mock):
     for s in mock.stats().values():
         total += (Decimal(s["prompt_tokens"]) * PRICE_IN + Decimal(s["completion_tokens"]) * PRICE_OUT) / 10**6
     return total
+
+
+def priced(keys, **extra):
+    """plugin_with_keys with a price for gpt-4o-mini (PRICES) and a roomy
+    hard budget `b`."""
+    return plugin_with_keys(keys, prices=PRICES,
+                            budgets=[{"id": "b", "window": "day", "limit": "100"}], **extra)
 
 
 def budget_of(envoy, budget_id):
