@@ -13,34 +13,32 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"{WASM} is missing: run `make test`, which builds it first")
 
 
-@pytest.fixture
-def start_mock():
-    """Starts mock providers (harness.Mock, same arguments); stops every one started."""
+def _starts(make):
+    """For a fixture: yields a function that starts things with make(...),
+    then stops every one it started."""
     started = []
 
-    def start(keys=None, **kw):
-        m = Mock(keys=keys, **kw)
-        started.append(m)
-        return m
+    def start(*args, **kw):
+        thing = make(*args, **kw)
+        started.append(thing)
+        return thing
 
     yield start
-    for m in started:
-        m.stop()
+    for thing in started:
+        thing.stop()
+
+
+@pytest.fixture
+def start_mock():
+    """Starts mock providers (harness.Mock's arguments); stops every one started."""
+    yield from _starts(Mock)
 
 
 @pytest.fixture
 def start_envoy():
-    """Starts Envoy with the built filter; stops every one started."""
-    started = []
-
-    def start(mock, **kw):
-        e = Envoy(mock.port, **kw)
-        started.append(e)
-        return e
-
-    yield start
-    for e in started:
-        e.stop()
+    """Starts Envoy with the built filter in front of a mock (harness.Envoy's
+    keyword arguments); stops every one started."""
+    yield from _starts(lambda mock, **kw: Envoy(mock.port, **kw))
 
 
 @pytest.fixture

@@ -50,7 +50,8 @@ async def _storm(url, n, concurrency):
     return results
 
 
-def test_10000_requests_at_concurrency_64_with_20_percent_429_keep_exact_counters_and_skip_cooling_keys(start_mock, start_envoy):
+def test_10000_requests_at_concurrency_64_with_20_percent_429_keep_exact_counters_and_skip_cooling_keys(
+        start_mock, start_envoy):
     keys = secrets(STORM_KEYS, prefix="sk-storm")
     mock = start_mock(keys)
     plugin = plugin_with_keys(keys, decisions={"ring_size": 40_000}, max_transitions=100_000)
