@@ -13,39 +13,47 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"{WASM} is missing: run `make test`, which builds it first")
 
 
+def _starts(make):
+    """For a fixture: yields a function that starts things with make(...),
+    then stops every one it started."""
+    started = []
+
+    def start(*args, **kw):
+        thing = make(*args, **kw)
+        started.append(thing)
+        return thing
+
+    yield start
+    for thing in started:
+        thing.stop()
+
+
 @pytest.fixture
-def mock():
-    m = Mock()
-    yield m
-    m.stop()
+def start_mock():
+    """Starts mock providers (harness.Mock's arguments); stops every one started."""
+    yield from _starts(Mock)
 
 
 @pytest.fixture
 def start_envoy():
-    """Starts Envoy with the built filter; stops every one started."""
-    started = []
-
-    def start(mock, **kw):
-        e = Envoy(mock.port, **kw)
-        started.append(e)
-        return e
-
-    yield start
-    for e in started:
-        e.stop()
+    """Starts Envoy with the built filter in front of a mock (harness.Envoy's
+    keyword arguments); stops every one started."""
+    yield from _starts(lambda mock, **kw: Envoy(mock.port, **kw))
 
 
 @pytest.fixture
-def mock3():
+def mock(start_mock):
+    """A mock provider that accepts the demo keys."""
+    return start_mock()
+
+
+@pytest.fixture
+def mock3(start_mock):
     """A mock provider that accepts secrets(3)."""
-    m = Mock(keys=secrets(3))
-    yield m
-    m.stop()
+    return start_mock(secrets(3))
 
 
 @pytest.fixture
-def five_keys():
+def five_keys(start_mock):
     """A mock provider that accepts secrets(5)."""
-    m = Mock(keys=secrets(5))
-    yield m
-    m.stop()
+    return start_mock(secrets(5))

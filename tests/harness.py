@@ -4,7 +4,9 @@ Used by the real-Envoy tests and by `make run`. Every server listens on
 127.0.0.1 on a port picked at run time.
 """
 
+import asyncio
 import copy
+import hashlib
 from decimal import Decimal
 import http.client as httpclient
 import json
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "apikeyrouter.wasm"
 DEMO_CONFIG = ROOT / "envoy" / "demo.yaml"
 MOCK = ROOT / "mock" / "mock_provider.py"
+DIALECTS = ROOT / "mock" / "dialects.py"
 
 DEMO_KEYS = {"DEMO_KEY_1": "sk-demo-1", "DEMO_KEY_2": "sk-demo-2", "DEMO_KEY_3": "sk-demo-3"}
 ADMIN_TOKEN = "demo-admin-token-change-me"
@@ -48,17 +51,45 @@ def free_port(preferred=None):
     raise RuntimeError("no free port")
 
 
-def wait_until(pred, timeout=20.0, interval=0.05, what="condition"):
-    deadline = time.time() + timeout
+def _polls(pred, timeout, what, errors):
+    """Calls pred until it returns true, yielding between calls; after
+    `timeout` seconds raises TimeoutError naming `what` and the last error.
+    An exception from pred of a type in `errors` means "not yet"; any other
+    is raised at once."""
+    deadline = time.monotonic() + timeout
     last = None
-    while time.time() < deadline:
+    while True:
         try:
             if pred():
                 return
-        except Exception as e:  # noqa: BLE001 - keep polling until the deadline
+        except errors as e:
             last = e
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}"
+                               + (f"; last error: {last!r}" if last else ""))
+        yield
+
+
+def wait_until(pred, timeout=20.0, interval=0.05, what="condition", errors=Exception):
+    """Polls pred() every `interval` seconds until it returns true; fails
+    with a TimeoutError naming `what` after `timeout` seconds. Exceptions
+    from pred of the types in `errors` (by default any) count as not yet."""
+    for _ in _polls(pred, timeout, what, errors):
         time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}" + (f": {last!r}" if last else ""))
+
+
+async def wait_until_async(pred, timeout=20.0, interval=0.05, what="condition", errors=Exception):
+    """wait_until inside a coroutine: other tasks run between the polls."""
+    for _ in _polls(pred, timeout, what, errors):
+        await asyncio.sleep(interval)
+
+
+def wait_recorded(envoy, attempts, timeout=15.0):
+    """Waits until the key counters (admin API) record `attempts` upstream
+    attempts in all; returns the counters by key id."""
+    wait_until(lambda: sum(k["counters"]["requests"] for k in envoy.key_counters().values()) == attempts,
+               timeout=timeout, what=f"{attempts} attempts recorded")
+    return {kid: k["counters"] for kid, k in envoy.key_counters().items()}
 
 
 def http(method, url, body=None, headers=None, timeout=30):
@@ -79,17 +110,18 @@ def http(method, url, body=None, headers=None, timeout=30):
 
 
 class Mock:
-    """The mock provider in a subprocess."""
+    """A mock provider in a subprocess: mock/mock_provider.py, or with
+    script=DIALECTS the mock that speaks each provider's dialect."""
 
-    def __init__(self, keys=None, rate_limited=(), port=None):
+    def __init__(self, keys=None, rate_limited=(), port=None, script=MOCK):
         self.port = port or free_port()
         self.keys = list(keys or DEMO_KEYS.values())
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(MOCK), "--port", str(self.port), "--keys", ",".join(self.keys),
-             "--rate-limited", ",".join(rate_limited)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: http("GET", self.url + "/_mock/health")[0] == 200, what="mock provider")
+        args = [sys.executable, str(script), "--port", str(self.port), "--keys", ",".join(self.keys)]
+        if rate_limited:
+            args += ["--rate-limited", ",".join(rate_limited)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: http("GET", self.url + "/_mock/health")[0] == 200, what=f"mock provider {Path(script).name}")
 
     def control(self, path, body=None):
         status, _, data = http("POST" if body is not None else "GET", self.url + path, body)
@@ -133,16 +165,7 @@ def render(template_text, gateway_port, admin_port, mock_port, plugin=None, host
     cfg = yaml.safe_load(fill(template_text, {
         "GATEWAY_PORT": gateway_port, "ADMIN_PORT": admin_port, "MOCK_PORT": mock_port,
         "WASM_PATH": wasm}))
-    wasm_filters = []
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    for f in hcm["http_filters"]:
-        if f["name"] == "envoy.filters.http.wasm":
-            wasm_filters.append(f["typed_config"]["config"])
-        if f["name"] == "envoy.filters.http.router":
-            for uf in f["typed_config"].get("upstream_http_filters", []):
-                if uf["name"] == "envoy.filters.http.wasm":
-                    wasm_filters.append(uf["typed_config"]["config"])
-    for wf in wasm_filters:
+    for wf in wasm_filter_configs(cfg):
         if plugin is not None:
             wf["configuration"]["value"] = plugin if isinstance(plugin, str) else json.dumps(plugin)
         if host_env_keys is not None:
@@ -150,9 +173,58 @@ def render(template_text, gateway_port, admin_port, mock_port, plugin=None, host
     return cfg
 
 
+# --- Walking a parsed Envoy config (YAML or JSON) ----------------------------
+
+# How the @type of a wasm filter's typed_config ends (HTTP and network).
+WASM_FILTER_TYPES = ("filters.http.wasm.v3.Wasm", "filters.network.wasm.v3.Wasm")
+
+
+def nodes(doc):
+    """Every node of a parsed document, depth first in document order: each
+    dict, list and scalar, and each dict key."""
+    yield doc
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield k
+            yield from nodes(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from nodes(v)
+
+
+def scalars(doc):
+    """Every key and scalar value in a parsed document, as strings."""
+    return {str(n) for n in nodes(doc) if not isinstance(n, (dict, list))}
+
+
+def wasm_filter_configs(doc):
+    """The `config` of every wasm filter (HTTP, upstream HTTP or network)
+    anywhere in a parsed Envoy config, in document order, once each: a filter
+    named envoy.filters.http.wasm (its typed_config.config), or a
+    typed_config whose @type is a wasm filter's (its config)."""
+    seen = set()
+    for n in nodes(doc):
+        if not isinstance(n, dict):
+            continue
+        if n.get("name") == "envoy.filters.http.wasm":
+            cfg = n["typed_config"]["config"]
+        elif str(n.get("@type", "")).endswith(WASM_FILTER_TYPES):
+            cfg = n.get("config", {})
+        else:
+            continue
+        if id(cfg) not in seen:
+            seen.add(id(cfg))
+            yield cfg
+
+
+def hcm(cfg):
+    """The first listener's HTTP connection manager (its typed_config)."""
+    return cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
 def route(cfg):
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    """The first listener's first route's `route` action."""
+    return hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
 
 
 class Envoy:
@@ -279,7 +351,7 @@ def ids_by_secret(keys):
     return {s: f"k{i + 1}" for i, s in enumerate(keys)}
 
 
-# --- Helpers for the hardening tests (tests/test_hardening.py) ---
+# --- Helpers for the fault, concurrency, leak and admin tests -----------------
 
 def wasm_failure_stats(envoy):
     """Envoy's own record of the filter's VMs failing: every
@@ -289,6 +361,35 @@ def wasm_failure_stats(envoy):
     out = {k: v for k, v in stats.items() if k.startswith("wasm.apikeyrouter_") and ".vm_reload" in k}
     out["created"] = stats.get("wasm.envoy.wasm.runtime.v8.created")
     return out
+
+
+# Lines Envoy or the filter write when a wasm VM traps or fails at run time.
+TRAP_MARKERS = ("failed: Uncaught", "panicked", "RuntimeError", "wasm trap", "Wasm VM failed",
+                "Plugin configured to fail", "attempt not recorded")
+
+
+def assert_no_trap(e, baseline):
+    """The VMs never trapped: every vm_reload* stat is 0, no VM was created
+    after start-up (baseline is wasm_failure_stats then), and the log has no
+    trap or failure line."""
+    now = wasm_failure_stats(e)
+    assert now == baseline, (baseline, now)
+    assert all(v == "0" for k, v in now.items() if k != "created"), now
+    bad = [l for l in e.logs().splitlines() if any(m in l for m in TRAP_MARKERS)]
+    assert not bad, bad[:5]
+
+
+def body_of(stream, content="a request the provider will fumble"):
+    """A chat completion request body for gpt-4o-mini, streaming or not."""
+    b = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+    if stream:
+        b["stream"] = True
+    return b
+
+
+def sha256_hex(s):
+    """What a client entry's key_sha256 holds for the virtual key s."""
+    return hashlib.sha256(s.encode()).hexdigest()
 
 
 # Prices of the budget tests, per 1M tokens: 0.001 an input token, 0.002 an
@@ -304,6 +405,13 @@ def expected_spend(mock):
     for s in mock.stats().values():
         total += (Decimal(s["prompt_tokens"]) * PRICE_IN + Decimal(s["completion_tokens"]) * PRICE_OUT) / 10**6
     return total
+
+
+def priced(keys, **extra):
+    """plugin_with_keys with a price for gpt-4o-mini (PRICES) and a roomy
+    hard budget `b`."""
+    return plugin_with_keys(keys, prices=PRICES,
+                            budgets=[{"id": "b", "window": "day", "limit": "100"}], **extra)
 
 
 def budget_of(envoy, budget_id):

@@ -1,22 +1,22 @@
 """The management API, health and Prometheus metrics, served by the filter
-inside real Envoy."""
+inside real Envoy; the API refuses anything without its token."""
 
 import json
-import time
+import secrets as pysecrets
 from collections import Counter
 
 import pytest
 
-from harness import ADMIN_TOKEN, Mock, chat, http, ids_by_secret, plugin_with_keys, secrets, wait_until
+from harness import (ADMIN_TOKEN, budget_of, chat, http, ids_by_secret, plugin_with_keys, priced, secrets, sha256_hex,
+                     wait_until)
 
 RUNTIME_SECRET = "sk-runtime-added-key-0001"
 
 
 @pytest.fixture
-def mock_rt():
-    m = Mock(keys=secrets(3) + [RUNTIME_SECRET])
-    yield m
-    m.stop()
+def mock_rt(start_mock):
+    """A mock provider that accepts secrets(3) and the key the tests add at run time."""
+    return start_mock(secrets(3) + [RUNTIME_SECRET])
 
 
 def admin_plugin(keys):
@@ -187,3 +187,47 @@ def test_prometheus_shows_the_documented_metrics_with_labels(mock_rt, start_envo
             continue
         base = re.sub(r"_bucket$", "", name)
         assert base in text, name
+
+
+def test_admin_api_refuses_every_endpoint_without_the_right_token_and_changes_nothing(mock3, start_envoy):
+    keys = secrets(3)
+    vk = "sk-client-virtual-" + pysecrets.token_hex(12)
+    plugin = priced(keys, clients=[{"id": "app", "key_sha256": sha256_hex(vk)}])
+    e = start_envoy(mock3, plugin=plugin)
+    calls = [("GET", "keys", None), ("GET", "keys/k1", None), ("PATCH", "keys/k1", {"state": "disabled"}),
+             ("POST", "keys", {"id": "rt9", "provider": "openai", "key_material": "sk-evil-0000000000"}),
+             ("DELETE", "keys/k1", None), ("GET", "providers", None), ("GET", "budgets", None),
+             ("GET", "budgets/b", None), ("PATCH", "budgets/b", {"limit": "0.01"}),
+             ("GET", "decisions", None), ("GET", "transitions", None), ("GET", "state", None),
+             ("GET", "health", None), ("GET", "no-such-endpoint", None), ("PUT", "keys", None),
+             ("PATCH", "keys/k2", {"state": "throttled", "duration_seconds": 600})]
+    credentials = [
+        {}, {"authorization": "Bearer"}, {"authorization": "Bearer "}, {"authorization": "Bearer wrong-token-000000"},
+        {"authorization": f"Bearer {ADMIN_TOKEN[:-1]}"}, {"authorization": f"Bearer {ADMIN_TOKEN}x"},
+        {"authorization": f"Bearer {ADMIN_TOKEN.upper()}"}, {"authorization": f"Basic {ADMIN_TOKEN}"},
+        {"authorization": f"Token {ADMIN_TOKEN}"}, {"authorization": ADMIN_TOKEN},
+        {"x-api-key": "wrong-token-000000"}, {"x-api-key": ""}, {"authorization": f"Bearer {vk}"},
+        {"authorization": f"Bearer {keys[0]}"}, {"x-apikeyrouter-admin-token": ADMIN_TOKEN},
+        {"cookie": f"token={ADMIN_TOKEN}"},
+    ]
+    for method, path, body in calls:
+        for cred in credentials:
+            for suffix in ["", f"?token={ADMIN_TOKEN}"]:
+                status, headers, raw = http(method, e.url + "/apikeyrouter/v1/" + path + suffix, body, cred)
+                assert status == 401, (method, path, cred, status, raw)
+                err = json.loads(raw)["error"]
+                assert err["type"] == "authentication_error", err
+                assert headers.get("www-authenticate") == "Bearer"
+                assert ADMIN_TOKEN not in raw.decode() and vk not in raw.decode()
+    assert mock3.received() == [], "no admin request reaches the provider"
+    # Nothing changed.
+    status, _, body = e.admin_api("GET", "keys")
+    listed = {k["id"]: k for k in json.loads(body)["keys"]}
+    assert set(listed) == {"k1", "k2", "k3"}
+    assert all(k["state"] == "available" for k in listed.values()), listed
+    assert budget_of(e, "b")["limit"] == "100"
+    status, _, body = e.admin_api("GET", "transitions")
+    assert json.loads(body)["transitions"] == []
+    # And the right token still works, in both accepted forms.
+    assert e.admin_api("GET", "health")[0] == 200
+    assert http("GET", e.url + "/apikeyrouter/v1/health", headers={"x-api-key": ADMIN_TOKEN})[0] == 200

@@ -14,8 +14,8 @@ from harness import PRICE_IN, PRICE_OUT, PRICES, chat, expected_spend, http, plu
 from harness import budget_of as budget
 
 
-
-def priced(keys, **extra):
+def with_prices(keys, **extra):
+    """plugin_with_keys with PRICES (unlike harness.priced, no budget)."""
     return plugin_with_keys(keys, prices=PRICES, **extra)
 
 
@@ -36,7 +36,7 @@ async def _clients(url, n, concurrency, body_of):
 
 def test_hard_budget_never_overspends_under_64_concurrent_clients_and_spend_is_exact(mock3, start_envoy):
     keys = secrets(3)
-    plugin = priced(keys, budgets=[{"id": "hard", "scope": "global", "window": "total", "limit": "2.00"}])
+    plugin = with_prices(keys, budgets=[{"id": "hard", "scope": "global", "window": "total", "limit": "2.00"}])
     e = start_envoy(mock3, plugin=plugin)
 
     def body(i):
@@ -65,7 +65,7 @@ def test_hard_budget_never_overspends_under_64_concurrent_clients_and_spend_is_e
 
 def test_cost_header_reports_the_exact_cost_of_a_non_streaming_request(mock3, start_envoy):
     keys = secrets(3)
-    e = start_envoy(mock3, plugin=priced(keys))
+    e = start_envoy(mock3, plugin=with_prices(keys))
     status, headers, body = chat(e.url, extra={"model": "gpt-4o-mini"})
     assert status == 200
     u = json.loads(body)["usage"]
@@ -81,7 +81,7 @@ def test_cost_header_reports_the_exact_cost_of_a_non_streaming_request(mock3, st
 
 def test_soft_budget_lets_traffic_through_flagged_and_logs_once(mock3, start_envoy):
     keys = secrets(3)
-    plugin = priced(keys, budgets=[{"id": "soft1", "window": "day", "limit": "0.0001", "enforcement": "soft"}])
+    plugin = with_prices(keys, budgets=[{"id": "soft1", "window": "day", "limit": "0.0001", "enforcement": "soft"}])
     e = start_envoy(mock3, plugin=plugin)
     for _ in range(6):
         status, headers, _ = chat(e.url, extra={"model": "gpt-4o-mini", "max_tokens": 5})
@@ -94,7 +94,7 @@ def test_soft_budget_lets_traffic_through_flagged_and_logs_once(mock3, start_env
 
 def test_reservations_are_released_after_upstream_errors(mock3, start_envoy):
     keys = secrets(3)
-    e = start_envoy(mock3, plugin=priced(keys, budgets=[{"id": "b", "window": "day", "limit": "100"}]))
+    e = start_envoy(mock3, plugin=with_prices(keys, budgets=[{"id": "b", "window": "day", "limit": "100"}]))
     for k in keys:
         mock3.behavior(k, status=500)
     for _ in range(10):
@@ -126,7 +126,7 @@ async def _aborts(url, n, concurrency):
 
 def test_no_reservation_leaks_after_1000_aborted_streams(mock3, start_envoy):
     keys = secrets(3)
-    e = start_envoy(mock3, plugin=priced(keys, budgets=[{"id": "b", "window": "day", "limit": "1000000"}]))
+    e = start_envoy(mock3, plugin=with_prices(keys, budgets=[{"id": "b", "window": "day", "limit": "1000000"}]))
     mock3.control("/_mock/stream", {"chunks": 5, "gate": True})
     try:
         got_first = asyncio.run(_aborts(e.url, 1000, 50))
@@ -139,7 +139,7 @@ def test_no_reservation_leaks_after_1000_aborted_streams(mock3, start_envoy):
 
 def test_unknown_model_and_cost_cap_are_refused_with_400(mock3, start_envoy):
     keys = secrets(3)
-    plugin = priced(keys, unknown_model="refuse", max_cost_per_request="0.50")
+    plugin = with_prices(keys, unknown_model="refuse", max_cost_per_request="0.50")
     e = start_envoy(mock3, plugin=plugin)
     status, _, body = chat(e.url, extra={"model": "o9-unpriced"})
     assert status == 400 and json.loads(body)["error"]["code"] == "model_not_priced"
@@ -152,7 +152,7 @@ def test_unknown_model_and_cost_cap_are_refused_with_400(mock3, start_envoy):
 
 def test_stream_is_cut_off_cleanly_when_a_hard_budget_is_crossed(mock3, start_envoy):
     keys = secrets(3)
-    plugin = priced(keys, stream_cutoff=True, estimate={"default_max_tokens": 2},
+    plugin = with_prices(keys, stream_cutoff=True, estimate={"default_max_tokens": 2},
                     budgets=[{"id": "tiny", "window": "total", "limit": "0.012"}])
     plugin["prices"] = {"gpt-4o-mini*": {"input": "0", "output": "1000"}}
     e = start_envoy(mock3, plugin=plugin)

@@ -12,10 +12,9 @@ import time
 from collections import Counter
 
 import aiohttp
-import pytest
 
 from harness import (ADMIN_TOKEN, DEMO_CONFIG, chat, fill, http, ids_by_secret, open_stream,
-                     plugin_with_keys, render, secrets, validate, wait_until, WASM)
+                     plugin_with_keys, render, secrets, validate, wait_recorded, wait_until, WASM)
 
 
 def test_requests_rotate_evenly_across_all_keys(five_keys, start_envoy):
@@ -195,20 +194,14 @@ def test_counters_are_exact_after_2000_concurrent_requests(five_keys, start_envo
     assert statuses == {200: 2000}
     reported = five_keys.stats()
     id_of = ids_by_secret(keys)
-
-    def settled():
-        c = e.key_counters()
-        return sum(k["counters"]["requests"] for k in c.values()) == 2000
-
-    wait_until(settled, timeout=10, what="all attempts recorded")
-    counters = e.key_counters()
+    counters = wait_recorded(e, 2000, timeout=10)
     for secret, r in reported.items():
-        c = counters[id_of[secret]]["counters"]
+        c = counters[id_of[secret]]
         assert c["requests"] == r["requests"] == c["successes"], (secret, c, r)
         assert c["input_tokens"] == r["prompt_tokens"], (secret, c, r)
         assert c["output_tokens"] == r["completion_tokens"], (secret, c, r)
         assert c["total_tokens"] == r["total_tokens"], (secret, c, r)
-    assert sum(c["counters"]["streams"] for c in counters.values()) == 500
+    assert sum(c["streams"] for c in counters.values()) == 500
 
 
 def test_client_credentials_and_forged_router_headers_never_reach_the_provider(five_keys, start_envoy):
@@ -256,8 +249,7 @@ def test_every_openai_path_is_routed_with_a_key(five_keys, start_envoy):
     assert [r["path"] for r in five_keys.received()] == ["/v1/embeddings", "/v1/completions",
                                                          "/v1/models"]
     reported = five_keys.stats()[keys[0]]
-    wait_until(lambda: e.key_counters()["k1"]["counters"]["requests"] == 3, what="recorded")
-    assert e.key_counters()["k1"]["counters"]["input_tokens"] == reported["prompt_tokens"]
+    assert wait_recorded(e, 3, timeout=20)["k1"]["input_tokens"] == reported["prompt_tokens"]
 
 
 def test_admin_api_refuses_requests_without_the_token(five_keys, start_envoy):

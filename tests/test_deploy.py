@@ -1,6 +1,7 @@
 """The shipped deployment files: every Envoy config validates, every one uses
-FAIL_RELOAD, the Istio manifests hang together, and Fernet-encrypted key
-material works in real Envoy (and a wrong encryption key is refused)."""
+FAIL_RELOAD and lets more than 3 retries run at once, the Istio manifests
+hang together, and Fernet-encrypted key material works in real Envoy (and a
+wrong encryption key is refused)."""
 
 import json
 import os
@@ -10,7 +11,8 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
-from harness import ROOT, WASM, Mock, chat, fill, plugin_with_keys, render, validate, DEMO_CONFIG, Envoy
+from harness import (DEMO_CONFIG, ROOT, WASM, chat, fill, plugin_with_keys, render, scalars, validate,
+                     wasm_filter_configs)
 
 CONFIGS = sorted((ROOT / "envoy").glob("*.yaml"))
 ENV = {"OPENAI_KEY_1": "sk-a", "OPENAI_KEY_2": "sk-b", "OPENAI_KEY_3": "sk-c",
@@ -39,25 +41,30 @@ def test_every_shipped_envoy_config_validates(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_wasm_filter_in_shipped_configs_fails_by_reloading(path):
+    # FAIL_OPEN would skip the filter when its VM fails: the request would go
+    # to the provider with the caller's own credential and no key chosen.
+    assert DEMO_CONFIG in CONFIGS
     doc = yaml.safe_load(concrete(path))
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("name") == "envoy.filters.http.wasm":
-                found.append(node["typed_config"]["config"])
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(doc)
-    assert found, "no apikeyrouter filter"
+    found = list(wasm_filter_configs(doc))
+    assert len(found) >= 2, f"{path.name}: expected the ingress and attempt stages"
     for cfg in found:
-        assert cfg["failure_policy"] == "FAIL_RELOAD", cfg["name"]
+        assert cfg.get("failure_policy") == "FAIL_RELOAD", f"{path.name}: {cfg.get('name')} {cfg.get('failure_policy')}"
+        assert "fail_open" not in cfg, f"{path.name}: {cfg.get('name')} sets the deprecated fail_open"
         assert cfg["vm_config"]["vm_id"] == "apikeyrouter"
+    assert "FAIL_OPEN" not in scalars(doc), path.name
     assert "FAIL_OPEN" not in path.read_text().replace("never FAIL_OPEN", "")
+
+
+def test_every_shipped_config_lets_more_than_3_retries_run_at_once():
+    # Envoy's default circuit breaker allows 3 retries in flight per cluster;
+    # past that a 429 goes to the client untried (see
+    # test_shipped_config_retries_429s_under_concurrency).
+    for path in CONFIGS:
+        cfg = yaml.safe_load(concrete(path))
+        for cluster in cfg["static_resources"]["clusters"]:
+            thresholds = (cluster.get("circuit_breakers") or {}).get("thresholds") or [{}]
+            default = [t for t in thresholds if t.get("priority", "DEFAULT") == "DEFAULT"] or [{}]
+            assert default[0].get("max_retries", 3) > 3, f"{path.name}: cluster {cluster['name']}"
 
 
 def test_istio_manifests_place_both_stages_with_fail_reload():
@@ -75,21 +82,18 @@ def test_istio_manifests_place_both_stages_with_fail_reload():
     assert json.loads(attempt["configuration"]["value"]) == wp["spec"]["pluginConfig"]
 
 
-def test_fernet_encrypted_key_material_reaches_the_provider_decrypted(start_envoy):
+def test_fernet_encrypted_key_material_reaches_the_provider_decrypted(start_mock, start_envoy):
     key = Fernet.generate_key()
     secret = "sk-decrypted-from-fernet-001"
     token = Fernet(key).encrypt(secret.encode()).decode()
-    mock = Mock(keys=[secret])
-    try:
-        plugin = plugin_with_keys([f"fernet:{token}"])
-        env_keys = ["APIKEYROUTER_ADMIN_TOKEN", "APIKEYROUTER_ENCRYPTION_KEY"]
-        e = start_envoy(mock, plugin=plugin, host_env_keys=env_keys,
-                        env={"APIKEYROUTER_ENCRYPTION_KEY": key.decode()})
-        assert chat(e.url)[0] == 200
-        assert mock.received()[-1]["headers"]["authorization"] == f"Bearer {secret}"
-        assert token not in e.logs() and secret not in e.logs()
-    finally:
-        mock.stop()
+    mock = start_mock([secret])
+    plugin = plugin_with_keys([f"fernet:{token}"])
+    env_keys = ["APIKEYROUTER_ADMIN_TOKEN", "APIKEYROUTER_ENCRYPTION_KEY"]
+    e = start_envoy(mock, plugin=plugin, host_env_keys=env_keys,
+                    env={"APIKEYROUTER_ENCRYPTION_KEY": key.decode()})
+    assert chat(e.url)[0] == 200
+    assert mock.received()[-1]["headers"]["authorization"] == f"Bearer {secret}"
+    assert token not in e.logs() and secret not in e.logs()
 
 
 def test_a_wrong_encryption_key_is_refused_naming_the_key(tmp_path):

@@ -2,23 +2,17 @@
 through real Envoy."""
 
 import asyncio
-import hashlib
 import json
 import time
 from collections import Counter
 
 import aiohttp
-import pytest
 
-from harness import Mock, chat, http, plugin_with_keys, secrets, wait_until
+from harness import chat, http, plugin_with_keys, secrets, sha256_hex, wait_until
 
 APP_KEY = "vk-app-alpha-0123456789"
 OLD_KEY = "vk-expired-0123456789"
 NARROW_KEY = "vk-narrow-0123456789"
-
-
-def sha(k):
-    return hashlib.sha256(k.encode()).hexdigest()
 
 
 def identity_plugin(keys, rpm=None):
@@ -26,23 +20,16 @@ def identity_plugin(keys, rpm=None):
     plugin["providers"].append({"id": "claude", "kind": "anthropic", "keys": [{"id": "c1", "secret": "sk-claude-unused"}]})
     plugin["teams"] = [{"id": "blue", "allowed_models": ["gpt-4o*", "text-embedding-3-*"],
                         "model_aliases": {"gpt-4": "gpt-4o"}, "max_tokens": 1000}]
-    app = {"id": "app", "team": "blue", "key_sha256": sha(APP_KEY), "max_cost_per_request": "0.05"}
+    app = {"id": "app", "team": "blue", "key_sha256": sha256_hex(APP_KEY), "max_cost_per_request": "0.05"}
     if rpm:
         app["rpm"] = rpm
     plugin["clients"] = [
         app,
-        {"id": "old", "team": "blue", "key_sha256": sha(OLD_KEY), "expires_at": "2020-01-01T00:00:00Z"},
+        {"id": "old", "team": "blue", "key_sha256": sha256_hex(OLD_KEY), "expires_at": "2020-01-01T00:00:00Z"},
         # May only use Anthropic: nothing it may use serves the OpenAI paths.
-        {"id": "narrow", "key_sha256": sha(NARROW_KEY), "allowed_providers": ["claude"]},
+        {"id": "narrow", "key_sha256": sha256_hex(NARROW_KEY), "allowed_providers": ["claude"]},
     ]
     return plugin
-
-
-@pytest.fixture
-def mock3():
-    m = Mock(keys=secrets(3))
-    yield m
-    m.stop()
 
 
 def bearer(k):

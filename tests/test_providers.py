@@ -5,44 +5,25 @@ next provider."""
 
 import datetime
 import json
-import subprocess
-import sys
 
 import pytest
 
 import harness
-from harness import ROOT, free_port, http, wait_until
+from harness import DIALECTS, ROOT, hcm, http, wait_until
 
 KEYS = ["sk-openai-1", "sk-openai-2", "az-key-1", "sk-ant-1", "sk-ant-2", "gm-key-1", "gm-key-2"]
 
 
-class Dialects:
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "mock" / "dialects.py"), "--port", str(self.port),
-                                      "--keys", ",".join(KEYS)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: http("GET", self.url + "/_mock/health")[0] == 200, what="dialect mock")
-
-    def received(self):
-        return json.loads(http("GET", self.url + "/_mock/received")[2])["received"]
-
-    def behavior(self, key, **kw):
-        assert http("POST", self.url + "/_mock/behavior", {"key": key, **kw})[0] == 200
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=5)
+@pytest.fixture
+def dialects(start_mock):
+    """The mock that speaks each provider's dialect (mock/dialects.py), accepting KEYS."""
+    return start_mock(KEYS, script=DIALECTS)
 
 
 @pytest.fixture
-def gateway(start_envoy, monkeypatch):
+def gateway(dialects, start_envoy, monkeypatch):
     monkeypatch.setattr(harness, "DEMO_CONFIG", ROOT / "envoy" / "providers-mock.yaml")
-    mock = Dialects()
-    try:
-        yield mock, start_envoy(mock)
-    finally:
-        mock.stop()
+    return dialects, start_envoy(dialects)
 
 
 def counters(e, key_id):
@@ -163,22 +144,17 @@ def test_anthropic_rate_limit_headers_cool_the_key_until_their_reset(gateway):
         assert c["state"] == "throttled" and 30_000 <= c["cooldown_remaining_ms"] <= 41_000
 
 
-def test_a_cost_objective_sends_the_model_to_its_cheapest_provider(start_envoy, monkeypatch):
+def test_a_cost_objective_sends_the_model_to_its_cheapest_provider(dialects, start_envoy, monkeypatch):
     monkeypatch.setattr(harness, "DEMO_CONFIG", ROOT / "envoy" / "providers-mock.yaml")
     cfg = harness.render(harness.DEMO_CONFIG.read_text(), 1, 2, 3)
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    plugin = json.loads(hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"])
+    plugin = json.loads(hcm(cfg)["http_filters"][0]["typed_config"]["config"]["configuration"]["value"])
     for p in plugin["providers"]:
         for k in p["keys"]:
             k["cost_per_1k"] = {"openai": "0.01", "azure": "0.002"}.get(p["id"], "0.05")
-    mock = Dialects()
-    try:
-        e = start_envoy(mock, plugin=plugin)
-        body = {"model": "gpt-4o", "messages": []}
-        s, h, _ = http("POST", e.url + "/v1/chat/completions", body)
-        assert s == 200 and h["x-apikeyrouter-key-id"].startswith("openai-"), "config order without an objective"
-        s, h, _ = http("POST", e.url + "/v1/chat/completions", body, {"x-apikeyrouter-objective": "cost"})
-        assert s == 200 and h["x-apikeyrouter-key-id"] == "azure-1"
-        assert mock.received()[-1]["path"].startswith("/openai/deployments/gpt4o-prod/")
-    finally:
-        mock.stop()
+    e = start_envoy(dialects, plugin=plugin)
+    body = {"model": "gpt-4o", "messages": []}
+    s, h, _ = http("POST", e.url + "/v1/chat/completions", body)
+    assert s == 200 and h["x-apikeyrouter-key-id"].startswith("openai-"), "config order without an objective"
+    s, h, _ = http("POST", e.url + "/v1/chat/completions", body, {"x-apikeyrouter-objective": "cost"})
+    assert s == 200 and h["x-apikeyrouter-key-id"] == "azure-1"
+    assert dialects.received()[-1]["path"].startswith("/openai/deployments/gpt4o-prod/")

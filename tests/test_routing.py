@@ -4,16 +4,7 @@ through real Envoy."""
 import json
 from collections import Counter
 
-import pytest
-
-from harness import Mock, chat, ids_by_secret, plugin_with_keys, secrets, wait_until
-
-
-@pytest.fixture
-def mock3():
-    m = Mock(keys=secrets(3))
-    yield m
-    m.stop()
+from harness import chat, hcm, ids_by_secret, plugin_with_keys, secrets, wait_until
 
 
 def key_ids(mock, keys):
@@ -113,8 +104,7 @@ def test_route_metadata_sets_the_objective_for_that_route(mock3, start_envoy):
     plugin["providers"][0]["keys"][1]["cost_per_1k"] = "0.0001"
 
     def cheap_route(cfg):
-        vh = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-            "typed_config"]["route_config"]["virtual_hosts"][0]
+        vh = hcm(cfg)["route_config"]["virtual_hosts"][0]
         cheap = json.loads(json.dumps(vh["routes"][0]))
         cheap["match"] = {"prefix": "/v1/", "headers": [{"name": "x-tier",
                                                          "string_match": {"exact": "cheap"}}]}

@@ -1,0 +1,294 @@
+"""Fault injection through real Envoy: the mock provider resets mid-body,
+times out, answers 500/502/503, malformed JSON, a truncated SSE stream, no
+usage, a huge body or a slow trickle. The client always gets a clear answer,
+the filter never traps (Envoy's wasm reload stats stay at 0) and the books
+balance: per-key counters equal what the provider reported, reservations
+return to zero and spend equals reported usage x price."""
+
+import http.client as httpclient
+import json
+import time
+from collections import Counter
+from decimal import Decimal
+
+import pytest
+
+from harness import (assert_no_trap, body_of, budget_of, chat, expected_spend, ids_by_secret, plugin_with_keys,
+                     priced, route, secrets, wait_recorded, wait_until, wasm_failure_stats)
+
+
+def assert_books_balance(e, mock, keys):
+    """Counters equal what the provider reported for each key, no
+    reservation is left and spend is reported usage x price."""
+    counters = wait_recorded(e, len(mock.received()))
+    reported = mock.stats()
+    id_of = ids_by_secret(keys)
+    for secret in keys:
+        c = counters[id_of[secret]]
+        r = reported.get(secret, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+        assert c["requests"] == r["requests"], (secret, c, r)
+        assert (c["input_tokens"], c["output_tokens"], c["total_tokens"]) == (
+            r["prompt_tokens"], r["completion_tokens"], r["total_tokens"]), (secret, c, r)
+    wait_until(lambda: budget_of(e, "b")["reserved"] == "0", timeout=10, what="reservation released")
+    assert Decimal(budget_of(e, "b")["spent"]) == expected_spend(mock)
+    return counters
+
+
+def totals(counters):
+    """Each counter summed over the keys (a dict: a name no key has is a
+    KeyError, not 0)."""
+    names = [n for n, v in next(iter(counters.values())).items() if isinstance(v, int)]
+    return {n: sum(c[n] for c in counters.values()) for n in names}
+
+
+def start_gateway(start_envoy, mock, plugin, behavior=None, **kw):
+    """Envoy in front of the mock, then every key's behavior set (a dict of
+    mock.behavior's arguments); returns Envoy and its wasm failure stats
+    from before the fault (the baseline of assert_no_trap)."""
+    e = start_envoy(mock, plugin=plugin, **kw)
+    base = wasm_failure_stats(e)
+    if behavior:
+        mock.behavior("*", **behavior)
+    return e, base
+
+
+def assert_unharmed(e, base, mock):
+    """No VM trapped, and with the fault gone the next request is served
+    normally."""
+    assert_no_trap(e, base)
+    mock.reset()
+    status, headers, body = chat(e.url, content="after the fault")
+    assert status == 200, body
+    assert json.loads(body)["usage"]["total_tokens"] > 0
+
+
+def fetch(url, body, timeout=30, within=None):
+    """POSTs to /v1/chat/completions and reads the whole answer; a response
+    cut short is returned with the error instead of raising. With `within`,
+    asserts that the answer took less than that many seconds."""
+    host, port = url.replace("http://", "").split(":")
+    conn = httpclient.HTTPConnection(host, int(port), timeout=timeout)
+    t0 = time.time()
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
+        resp = conn.getresponse()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        try:
+            got = resp.status, headers, resp.read(), None
+        except (httpclient.IncompleteRead, ConnectionError) as err:
+            got = resp.status, headers, getattr(err, "partial", b""), err
+    finally:
+        conn.close()
+    assert within is None or time.time() - t0 < within, "never a hang"
+    return got
+
+
+def short_timeout(seconds):
+    def edit(cfg):
+        route(cfg)["timeout"] = f"{seconds}s"
+    return edit
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_provider_5xx_is_retried_on_other_keys_then_passed_through_with_books_balanced(mock3, start_envoy, status):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys), behavior={"status": status})
+    t0 = time.time()
+    got, headers, body = chat(e.url)
+    assert time.time() - t0 < 10
+    assert got == status
+    assert headers["x-apikeyrouter-attempts"] == "4", "1 try + the route's 3 retries"
+    assert json.loads(body)["error"]["type"] == "server_error", "the provider's own error, passed on"
+    sent = [r["key"] for r in mock3.received()]
+    assert len(sent) == 4 and len(set(sent[:3])) == 3, "each retry used a key not tried yet"
+    t = totals(assert_books_balance(e, mock3, keys))
+    assert (t["server_errors"], t["successes"]) == (4, 0), t
+    assert all(k["state"] == "available" for k in e.key_counters().values()), "a 5xx does not cool a key"
+    assert budget_of(e, "b")["spent"] == "0"
+    assert_unharmed(e, base, mock3)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("fault", ["malformed_json", "no_usage"])
+def test_answer_without_readable_usage_passes_through_and_counts_no_tokens(mock3, start_envoy, fault, stream):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys), behavior={"fault": fault})
+    status, headers, body, err = fetch(e.url, body_of(stream))
+    assert err is None and status == 200
+    if stream:
+        assert headers["content-type"].startswith("text/event-stream")
+        assert body.endswith(b"data: [DONE]\n\n")
+    else:
+        assert headers["x-apikeyrouter-key-id"] in ("k1", "k2", "k3")
+        if fault == "malformed_json":
+            assert body.endswith(b"]]]"), "the provider's body is passed on as it is"
+        else:
+            assert "usage" not in json.loads(body)
+    t = totals(assert_books_balance(e, mock3, keys))
+    assert (t["successes"], t["total_tokens"]) == (1, 0), t
+    assert budget_of(e, "b")["spent"] == "0"
+    assert_unharmed(e, base, mock3)
+
+
+def test_truncated_sse_stream_reaches_the_client_as_sent_and_its_reservation_is_released(mock3, start_envoy):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys), behavior={"fault": "truncated_sse", "chunks": 3})
+    status, headers, body, err = fetch(e.url, body_of(True))
+    assert err is None and status == 200
+    assert headers["content-type"].startswith("text/event-stream")
+    assert body.count(b"data: ") == 4 and b"tok2" in body
+    assert b"[DONE]" not in body and body.endswith(b'"choi'), "the cut is visible to the client"
+    t = totals(assert_books_balance(e, mock3, keys))
+    assert (t["streams"], t["total_tokens"]) == (1, 0), t
+    assert budget_of(e, "b")["spent"] == "0", "a stream without usage is released, not charged"
+    assert_unharmed(e, base, mock3)
+
+
+def test_reset_mid_json_body_is_retried_then_answered_502_and_the_reservation_released(mock3, start_envoy):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys), behavior={"fault": "reset_mid_body"})
+    status, headers, body, err = fetch(e.url, body_of(False), within=10)
+    # The attempt stage holds a priced answer's headers until its usage is
+    # read, so the reset comes before headers: Envoy retries it on other keys.
+    assert err is None and status == 502, (status, body)
+    assert b"reset" in body
+    assert len(mock3.received()) == 4
+    assert totals(assert_books_balance(e, mock3, keys))["total_tokens"] == 0
+    assert budget_of(e, "b")["spent"] == "0"
+    assert_unharmed(e, base, mock3)
+
+
+def test_reset_mid_stream_ends_the_client_stream_and_releases_the_reservation(mock3, start_envoy):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys), behavior={"fault": "reset_mid_body"})
+    status, headers, body, err = fetch(e.url, body_of(True), within=10)
+    # A stream is passed on as it comes: the client has the 200 and the
+    # first events, then sees the connection cut (no [DONE]).
+    assert status == 200 and err is not None, (status, body, err)
+    assert b"tok0" in body and b"[DONE]" not in body
+    assert len(mock3.received()) == 1
+    assert_books_balance(e, mock3, keys)
+    assert budget_of(e, "b")["spent"] == "0"
+    assert_unharmed(e, base, mock3)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_reset_mid_body_counts_as_a_failure_not_a_success(mock3, start_envoy, stream):
+    keys = secrets(3)
+    e = start_envoy(mock3, plugin=priced(keys))
+    mock3.behavior("*", fault="reset_mid_body")
+    fetch(e.url, body_of(stream))
+    counters = wait_recorded(e, len(mock3.received()))
+    attempts = len(mock3.received())
+    t = totals(counters)
+    assert (t["successes"], t["server_errors"]) == (0, attempts), counters
+
+
+def test_spend_is_charged_when_a_retry_succeeds_after_a_mid_body_reset(mock3, start_envoy):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys))
+    mock3.behavior(keys[0], fault="reset_mid_body", times=1)
+    status, headers, body, err = fetch(e.url, body_of(False))
+    assert err is None and status == 200
+    assert headers["x-apikeyrouter-attempts"] == "2" and headers["x-apikeyrouter-key-id"] != "k1"
+    cost = Decimal(headers["x-apikeyrouter-cost"])
+    assert cost > 0 and cost == expected_spend(mock3)
+    t = totals(assert_books_balance(e, mock3, keys))  # spent == reported usage x price
+    assert t["total_tokens"] == json.loads(body)["usage"]["total_tokens"]
+    assert_no_trap(e, base)
+
+
+def test_upstream_timeout_gives_504_counts_a_failure_and_releases_the_reservation(mock3, start_envoy):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys),
+                            edit=short_timeout(1), behavior={"fault": "timeout", "delay_s": 4})
+    t0 = time.time()
+    status, headers, body, err = fetch(e.url, body_of(False))
+    took = time.time() - t0
+    assert err is None and status == 504 and body == b"upstream request timeout"
+    assert 0.9 <= took < 4, took
+    counters = assert_books_balance(e, mock3, keys)
+    k = [c for c in counters.values() if c["requests"]]
+    assert len(k) == 1 and (k[0]["server_errors"], k[0]["successes"]) == (1, 0), counters
+    wait_until(lambda: sum(int(v) for n, v in e.stats("apikeyrouter.key").items()
+                           if n.endswith(".requests.none")) == 1, what="status class none counted")
+    assert budget_of(e, "b")["spent"] == "0"
+    # The provider answers after the gateway gave up: nothing is delivered.
+    wait_until(lambda: mock3.received()[0].get("status") == "dropped", timeout=10, what="late answer dropped")
+    assert_unharmed(e, base, mock3)
+
+
+@pytest.mark.parametrize("stream,size_mib", [(False, 8), (True, 24)], ids=["json-8MiB", "sse-24MiB"])
+def test_huge_answer_is_delivered_whole_and_its_usage_counted_exactly(mock3, start_envoy, stream, size_mib):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys),
+                            behavior={"fault": "huge_body", "size_bytes": size_mib << 20})
+    status, headers, body, err = fetch(e.url, body_of(stream), timeout=60)
+    assert err is None and status == 200
+    assert len(body) >= size_mib << 20
+    if stream:
+        assert body.endswith(b"data: [DONE]\n\n")
+    else:
+        assert int(headers["content-length"]) == len(body)
+        assert json.loads(body)["usage"]["total_tokens"] > 0
+        assert Decimal(headers["x-apikeyrouter-cost"]) == expected_spend(mock3)
+    assert totals(assert_books_balance(e, mock3, keys))["total_tokens"] > 0
+    assert_unharmed(e, base, mock3)
+
+
+@pytest.mark.parametrize("prices", [True, False], ids=["priced", "unpriced"])
+def test_json_answer_above_the_buffer_limit_reaches_the_client_whole(mock3, start_envoy, prices):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys) if prices else plugin_with_keys(keys),
+                            behavior={"fault": "huge_body", "size_bytes": 20 << 20})
+    status, headers, body, err = fetch(e.url, body_of(False), timeout=60)
+    assert_no_trap(e, base)
+    assert err is None and status == 200, (status, body[:200], err)
+    assert len(body) == int(headers["content-length"]) > 20 << 20
+    assert json.loads(body)["usage"]["total_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_slow_trickle_is_delivered_whole_and_counted_exactly(mock3, start_envoy, stream):
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys),
+                            behavior={"fault": "trickle", "chunk_bytes": 7, "interval_ms": 5})
+    status, headers, body, err = fetch(e.url, body_of(stream))
+    assert err is None and status == 200
+    if stream:
+        assert body.endswith(b"data: [DONE]\n\n") and b'"usage": {"prompt_tokens"' in body
+    else:
+        assert json.loads(body)["usage"]["total_tokens"] > 0
+        assert Decimal(headers["x-apikeyrouter-cost"]) == expected_spend(mock3)
+    t = totals(assert_books_balance(e, mock3, keys))
+    assert t["total_tokens"] > 0
+    assert t["streams"] == (1 if stream else 0)
+    assert_unharmed(e, base, mock3)
+
+
+def test_every_fault_in_turn_leaves_no_reservation_and_no_trap(mock3, start_envoy):
+    """All the faults against one gateway, JSON and streaming, several
+    requests each: the books still balance at the end."""
+    keys = secrets(3)
+    e, base = start_gateway(start_envoy, mock3, priced(keys), edit=short_timeout(2))
+    faults = [{"status": 500}, {"status": 502}, {"status": 503}, {"fault": "reset_mid_body"},
+              {"fault": "malformed_json"}, {"fault": "truncated_sse"}, {"fault": "no_usage"},
+              {"fault": "trickle", "chunk_bytes": 64, "interval_ms": 2},
+              {"fault": "huge_body", "size_bytes": 1 << 20}, {"fault": "timeout", "delay_s": 3}]
+    seen = Counter()
+    for i, f in enumerate(faults):
+        # One key misbehaves, the others answer normally.
+        for k in keys:
+            mock3.behavior(k, status=200)
+        mock3.behavior(keys[i % 3], **f)
+        for n in range(3):
+            # A JSON answer reset mid-body is sent as a stream only: a retry
+            # after it loses its spend (see
+            # test_spend_is_charged_when_a_retry_succeeds_after_a_mid_body_reset).
+            stream = n % 2 == 1 or f.get("fault") == "reset_mid_body"
+            status, _, _, err = fetch(e.url, body_of(stream, content=f"fault {i} request {n}"))
+            seen[(status, err is None)] += 1
+    assert set(seen) <= {(200, True), (200, False), (502, True), (504, True)}, seen
+    assert seen[(200, True)] >= 20, seen
+    assert_books_balance(e, mock3, keys)
+    assert_unharmed(e, base, mock3)
