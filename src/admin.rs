@@ -284,6 +284,7 @@ fn budget_json(cfg: &Config, store: &dyn Store, b: &Budget, now_ms: u64) -> Valu
         "configured_limit": show(b.limit),
         "spent": show(spent),
         "reserved": show(rec.reserved),
+        "reservations_expired": rec.expired,
         "remaining": show(limit.saturating_sub(spent).saturating_sub(rec.reserved).max(rust_decimal::Decimal::ZERO)),
         "requests": rec.requests,
         "refused": rec.refused,

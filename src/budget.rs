@@ -139,9 +139,27 @@ pub struct Budget {
     pub limit: Decimal,
     pub enforcement: Enforcement,
     pub record_name: String,
+    /// How long a reservation may stay held before it expires (its request
+    /// lost: a callback that never came, a VM reload).
+    pub reservation_ttl_ms: u64,
 }
 
+/// The default of `reservation_ttl_seconds`: the shipped routes' 600 s
+/// timeout plus a margin.
+pub const DEFAULT_RESERVATION_TTL_MS: u64 = 660_000;
+
 impl Budget {
+    /// The width of one expiry bucket: a quarter of the reservation TTL, so a
+    /// reservation expires between its TTL and 1.25 times it.
+    fn bucket_ms(&self) -> u64 {
+        (self.reservation_ttl_ms / 4).max(1000)
+    }
+
+    /// The expiry bucket of a reservation made at `now_ms` (never 0).
+    fn bucket_of(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_add(self.reservation_ttl_ms).div_ceil(self.bucket_ms()).max(1)
+    }
+
     pub fn window_start(&self, now_ms: u64) -> u64 {
         self.window.map_or(0, |w| w.start(now_ms))
     }
@@ -152,12 +170,29 @@ impl Budget {
     }
 }
 
+/// Reservations that expire together: their expiry bucket (0: an empty
+/// slot), total amount and count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pending {
+    pub bucket: u64,
+    pub amount: Decimal,
+    pub count: u32,
+}
+
+/// Expiry buckets a record keeps: live reservations span at most five.
+pub const PENDING_SLOTS: usize = 6;
+
 /// A budget's state in shared data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BudgetRecord {
     pub window_start_ms: u64,
     pub spent: Decimal,
+    /// Held by requests in flight: the sum of `pending`.
     pub reserved: Decimal,
+    /// `reserved` by expiry bucket.
+    pub pending: [Pending; PENDING_SLOTS],
+    /// Reservations of this window that expired unsettled.
+    pub expired: u64,
     pub requests: u64,
     pub refused: u64,
     /// The window in which the soft-limit warning was last logged.
@@ -182,12 +217,14 @@ impl fmt::Display for BadRecord {
     }
 }
 
-const VERSION: u8 = 2;
-/// Version 1 records (no fleet fields) are still read.
+const VERSION: u8 = 3;
+/// Version 1 records (no fleet fields) and version 2 (no expiry buckets) are
+/// still read.
 const V1_LEN: usize = 2 + 8 + 16 + 16 + 8 + 8 + 8 + 16;
+const V2_LEN: usize = V1_LEN + 16 + 8 + 1 + 16;
 
 impl BudgetRecord {
-    pub const LEN: usize = V1_LEN + 16 + 8 + 1 + 16;
+    pub const LEN: usize = V2_LEN + PENDING_SLOTS * (8 + 16 + 4) + 8;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Writer::with_capacity(Self::LEN);
@@ -197,20 +234,36 @@ impl BudgetRecord {
         out.decimal(self.limit_override.unwrap_or_default());
         out.decimal(self.fleet_spent).u64(self.fleet_window_ms);
         out.u8(u8::from(self.local_share.is_some())).decimal(self.local_share.unwrap_or_default());
+        for p in &self.pending {
+            out.u64(p.bucket).decimal(p.amount).u32(p.count);
+        }
+        out.u64(self.expired);
         out.finish()
     }
 
     pub fn decode(b: &[u8]) -> Result<BudgetRecord, BadRecord> {
         let mut r = Reader::new(b);
-        let fleet = match r.u8() {
-            Some(VERSION) => true,
-            Some(1) => false,
-            _ => return Err(BadRecord),
-        };
-        Self::fields(&mut r, fleet).ok_or(BadRecord)
+        let version = r.u8().filter(|v| (1..=VERSION).contains(v)).ok_or(BadRecord)?;
+        let mut rec = Self::fields(&mut r, version >= 2).ok_or(BadRecord)?;
+        if version >= 3 {
+            for p in rec.pending.iter_mut() {
+                *p = Pending {
+                    bucket: r.u64().ok_or(BadRecord)?,
+                    amount: r.decimal().ok_or(BadRecord)?,
+                    count: r.u32().ok_or(BadRecord)?,
+                };
+            }
+            rec.expired = r.u64().ok_or(BadRecord)?;
+        } else if rec.reserved > Decimal::ZERO {
+            // Reservations of an older version have no deadline: they expire
+            // at the next update.
+            rec.pending[0] = Pending { bucket: 1, amount: rec.reserved, count: 1 };
+        }
+        Ok(rec)
     }
 
-    /// The fields after the version byte; `None` when the record is short.
+    /// The fields of version 1 and 2 after the version byte; `None` when the
+    /// record is short.
     fn fields(r: &mut Reader<'_>, fleet: bool) -> Option<BudgetRecord> {
         let has_override = r.u8()? == 1;
         let mut rec = BudgetRecord {
@@ -234,16 +287,65 @@ impl BudgetRecord {
 
     /// The record as of the window containing `now_ms` (rolled over when a
     /// new window began).
+    /// Reservations past their deadline are dropped (and counted in
+    /// `expired`).
     pub fn current(mut self, budget: &Budget, now_ms: u64) -> BudgetRecord {
         let start = budget.window_start(now_ms);
         if self.window_start_ms != start {
             self.window_start_ms = start;
             self.spent = Decimal::ZERO;
             self.reserved = Decimal::ZERO;
+            self.pending = Default::default();
+            self.expired = 0;
             self.requests = 0;
             self.refused = 0;
         }
+        let width = budget.bucket_ms();
+        for p in self.pending.iter_mut().filter(|p| p.bucket != 0 && p.bucket.saturating_mul(width) <= now_ms) {
+            self.reserved = (self.reserved - p.amount).max(Decimal::ZERO);
+            self.expired = self.expired.saturating_add(u64::from(p.count));
+            *p = Pending::default();
+        }
         self
+    }
+
+    /// Whether some reservation is past its deadline at `now_ms`.
+    pub fn has_expired(&self, budget: &Budget, now_ms: u64) -> bool {
+        let width = budget.bucket_ms();
+        self.pending.iter().any(|p| p.bucket != 0 && p.bucket.saturating_mul(width) <= now_ms)
+    }
+
+    /// Holds `amount` in expiry bucket `bucket`; false when no slot is free
+    /// (only a damaged record has more live buckets than slots).
+    fn hold(&mut self, amount: Decimal, bucket: u64) -> bool {
+        let slot = match self.pending.iter().position(|p| p.bucket == bucket) {
+            Some(i) => i,
+            None => match self.pending.iter().position(|p| p.bucket == 0) {
+                Some(i) => i,
+                None => return false,
+            },
+        };
+        let p = &mut self.pending[slot];
+        p.bucket = bucket;
+        p.amount += amount;
+        p.count = p.count.saturating_add(1);
+        self.reserved += amount;
+        true
+    }
+
+    /// Gives back `amount` held in `bucket`; nothing when that bucket has
+    /// already expired (its amount left `reserved` then).
+    fn unhold(&mut self, amount: Decimal, bucket: u64) {
+        let Some(p) = self.pending.iter_mut().find(|p| p.bucket == bucket && bucket != 0) else { return };
+        let back = amount.min(p.amount);
+        p.amount -= back;
+        p.count = p.count.saturating_sub(1);
+        let mut freed = back;
+        if p.count == 0 {
+            freed += p.amount;
+            *p = Pending::default();
+        }
+        self.reserved = (self.reserved - freed).max(Decimal::ZERO);
     }
 
     pub fn limit(&self, budget: &Budget) -> Decimal {
@@ -278,7 +380,7 @@ fn read(b: Option<&[u8]>) -> Result<BudgetRecord, BadRecord> {
 
 /// Reads a budget's record as of `now_ms`.
 pub fn load(store: &dyn Store, budget: &Budget, now_ms: u64) -> BudgetRecord {
-    read(store.value(&budget.record_name).as_deref()).unwrap_or_default().current(budget, now_ms)
+    load_raw(store, budget).current(budget, now_ms)
 }
 
 /// An amount held against one budget for one request.
@@ -286,6 +388,8 @@ pub fn load(store: &dyn Store, budget: &Budget, now_ms: u64) -> BudgetRecord {
 pub struct Held {
     pub budget: usize,
     pub window_start_ms: u64,
+    /// The expiry bucket it is held in.
+    pub bucket: u64,
     pub amount: Decimal,
 }
 
@@ -349,16 +453,29 @@ enum Reject {
     Bad,
 }
 
+/// Why a request was not admitted against its budgets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReserved {
+    /// A hard budget has no room.
+    Over(Refusal),
+    /// A budget's record could not be read or changed (damaged, contended
+    /// past every retry, or the host refused): nothing is admitted
+    /// unreserved.
+    Unavailable { budget: usize },
+}
+
 /// Reserves `estimate` against every budget in `applicable`, refusing when a
-/// hard budget's `spent + reserved + estimate` would pass its limit. On a
-/// refusal nothing stays reserved.
+/// hard budget's `spent + reserved + estimate` would pass its limit, or when
+/// a budget's record cannot be updated. On a refusal nothing stays reserved.
+/// Each amount expires after the budget's reservation TTL unless settled or
+/// released first.
 pub fn reserve(
     store: &dyn Store,
     budgets: &[Budget],
     applicable: &[usize],
     estimate: Decimal,
     now_ms: u64,
-) -> Result<Admitted, Refusal> {
+) -> Result<Admitted, NotReserved> {
     let mut admitted = Admitted::default();
     for &i in applicable {
         let Some(b) = budgets.get(i) else { continue };
@@ -381,12 +498,15 @@ pub fn reserve(
                 // Stored +1 so that window 0 (totals) is distinct from "never".
                 rec.soft_logged_window = rec.window_start_ms.wrapping_add(1);
             }
-            rec.reserved += estimate;
-            Ok(((rec.window_start_ms, over, log_now), rec.encode()))
+            let bucket = b.bucket_of(now_ms);
+            if !rec.hold(estimate, bucket) {
+                return Err(Reject::Bad);
+            }
+            Ok(((rec.window_start_ms, bucket, over, log_now), rec.encode()))
         });
         match r {
-            Ok((window_start_ms, over, log_now)) => {
-                admitted.held.0.push(Held { budget: i, window_start_ms, amount: estimate });
+            Ok((window_start_ms, bucket, over, log_now)) => {
+                admitted.held.0.push(Held { budget: i, window_start_ms, bucket, amount: estimate });
                 if over {
                     admitted.over_soft.push(i);
                 }
@@ -397,12 +517,13 @@ pub fn reserve(
             Err(UpdateError::Rejected(Reject::Over(refusal))) => {
                 count_refusal(store, b, now_ms);
                 admitted.held.release(store, budgets, now_ms);
-                return Err(refusal);
+                return Err(NotReserved::Over(refusal));
             }
             Err(e) => {
-                // The store failed: admit without this budget rather than
-                // refuse traffic, and say so.
-                log::warn!("budget {}: reservation not recorded ({e:?})", b.id);
+                // Fail closed: a request is never admitted unreserved.
+                log::warn!("budget {}: reservation refused, record not updatable ({e:?})", b.id);
+                admitted.held.release(store, budgets, now_ms);
+                return Err(NotReserved::Unavailable { budget: i });
             }
         }
     }
@@ -443,7 +564,7 @@ fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decima
         // A reservation from a window that has since rolled over was
         // cleared with it; the spend lands in the window it happened in.
         if rec.window_start_ms == h.window_start_ms {
-            rec.reserved = (rec.reserved - h.amount).max(Decimal::ZERO);
+            rec.unhold(h.amount, h.bucket);
         }
         if let Some(a) = actual {
             rec.spent += a;
@@ -458,6 +579,34 @@ fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decima
             None
         }
     }
+}
+
+/// Drops the reservations of `budget` that are past their deadline (the
+/// tick calls it, so they go even when no request touches the budget);
+/// returns the record as it is now.
+pub fn expire(store: &dyn Store, budget: &Budget, now_ms: u64) -> BudgetRecord {
+    let known = load_raw(store, budget);
+    if !known.has_expired(budget, now_ms) {
+        return known.current(budget, now_ms);
+    }
+    let (r, _) = update(store, &budget.record_name, |cur| {
+        let rec = read(cur)?.current(budget, now_ms);
+        Ok::<_, BadRecord>((rec, rec.encode()))
+    });
+    match r {
+        Ok(rec) => {
+            log::info!("budget {}: {} reservations expired unsettled in this window", budget.id, rec.expired);
+            rec
+        }
+        Err(e) => {
+            log::warn!("budget {}: expired reservations not dropped ({e:?})", budget.id);
+            known.current(budget, now_ms)
+        }
+    }
+}
+
+fn load_raw(store: &dyn Store, budget: &Budget) -> BudgetRecord {
+    read(store.value(&budget.record_name).as_deref()).unwrap_or_default()
 }
 
 /// During a stream whose running cost has passed its reservation by
@@ -592,14 +741,19 @@ mod tests {
             limit: dec(limit),
             enforcement,
             record_name: "akr.v1.budget.b".into(),
+            reservation_ttl_ms: DEFAULT_RESERVATION_TTL_MS,
         }
     }
 
     fn sample_record() -> BudgetRecord {
+        let mut pending = [Pending::default(); PENDING_SLOTS];
+        pending[0] = Pending { bucket: 7, amount: dec("0.5"), count: 2 };
         BudgetRecord {
             window_start_ms: 5,
             spent: dec("1.0000000001"),
             reserved: dec("0.5"),
+            pending,
+            expired: 3,
             requests: 7,
             refused: 8,
             soft_logged_window: 9,
@@ -610,7 +764,8 @@ mod tests {
         }
     }
 
-    /// `sample_record()` as version 2 bytes: what shared data holds across reloads.
+    /// `sample_record()`'s version 2 fields: what shared data held before
+    /// reservations expired.
     const SAMPLE_V2: &str = concat!(
         "0201",                             // version 2, limit override set
         "0500000000000000",                 // window_start_ms
@@ -626,9 +781,23 @@ mod tests {
         "00000100050000000000000000000000", // local_share
     );
 
+    /// The expiry buckets and count that version 3 adds.
+    const SAMPLE_V3_TAIL: &str = concat!(
+        "0700000000000000",
+        "00000100050000000000000000000000",
+        "02000000", // slot 0: bucket 7, 0.5, 2 reservations
+        "00000000000000000000000000000000000000000000000000000000",
+        "00000000000000000000000000000000000000000000000000000000",
+        "00000000000000000000000000000000000000000000000000000000",
+        "00000000000000000000000000000000000000000000000000000000",
+        "00000000000000000000000000000000000000000000000000000000", // slots 1-5 empty
+        "0300000000000000",                                         // expired
+    );
+
     #[test]
     fn record_bytes_are_pinned() {
-        let b = crate::codec::pinned(&sample_record().encode(), SAMPLE_V2);
+        let v3 = format!("03{}{SAMPLE_V3_TAIL}", &SAMPLE_V2[2..]);
+        let b = crate::codec::pinned(&sample_record().encode(), &v3);
         assert_eq!(BudgetRecord::decode(&b), Ok(sample_record()));
     }
 
@@ -636,16 +805,55 @@ mod tests {
     fn records_round_trip_and_reject_damage() {
         let r = sample_record();
         assert_eq!(BudgetRecord::decode(&r.encode()), Ok(r));
+        // A version 2 record (before expiry) holds its reservations in a
+        // bucket that expires at the next update.
+        let v2 = crate::codec::unhex(SAMPLE_V2);
+        let mut old = [Pending::default(); PENDING_SLOTS];
+        old[0] = Pending { bucket: 1, amount: dec("0.5"), count: 1 };
+        let as_v2 = BudgetRecord { pending: old, expired: 0, ..r };
+        assert_eq!(BudgetRecord::decode(&v2), Ok(as_v2));
         // A version 1 record (before fleet mode) reads with no fleet state.
-        let mut v1 = crate::codec::unhex(SAMPLE_V2);
+        let mut v1 = v2.clone();
         v1[0] = 1;
         v1.truncate(V1_LEN);
-        let plain = BudgetRecord { fleet_spent: Decimal::ZERO, fleet_window_ms: 0, local_share: None, ..r };
+        let plain = BudgetRecord { fleet_spent: Decimal::ZERO, fleet_window_ms: 0, local_share: None, ..as_v2 };
         assert_eq!(BudgetRecord::decode(&v1), Ok(plain));
         assert_eq!(BudgetRecord::decode(&BudgetRecord::default().encode()), Ok(BudgetRecord::default()));
         for cut in 0..BudgetRecord::LEN {
-            assert_eq!(BudgetRecord::decode(&r.encode()[..cut]), Err(BadRecord));
+            assert_eq!(BudgetRecord::decode(&r.encode()[..cut]), Err(BadRecord), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn a_reservation_never_settled_expires_after_its_ttl_and_is_counted() {
+        let s = FakeStore::new();
+        let mut b = budget("1.00", Enforcement::Hard, Some(Window::Day));
+        b.reservation_ttl_ms = 60_000;
+        let bs = vec![b];
+        let lost = reserve(&s, &bs, &[0], dec("0.40"), 1_000).unwrap_or_else(|e| panic!("{e:?}"));
+        let kept = reserve(&s, &bs, &[0], dec("0.30"), 30_000).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(load(&s, &bs[0], 60_000).reserved, dec("0.70"), "held until the deadline");
+        // The first one's bucket ends within 1.25 TTL of its start; the
+        // second's later.
+        let r = expire(&s, &bs[0], 1_000 + 75_000);
+        assert_eq!((r.reserved, r.expired), (dec("0.30"), 1));
+        assert_eq!(load(&s, &bs[0], 1_000 + 75_000).reserved, dec("0.30"), "written, not just computed");
+        // Its late release changes nothing; the other settles normally.
+        drop(lost.over_soft);
+        lost.held.release(&s, &bs, 80_000);
+        let spent = kept.held.settle(&s, &bs, dec("0.25"), 80_000);
+        assert_eq!(spent, vec![(0, dec("0.25"))]);
+        let r = load(&s, &bs[0], 80_000);
+        assert_eq!((r.spent, r.reserved, r.expired), (dec("0.25"), Decimal::ZERO, 1));
+        assert!(r.pending.iter().all(|p| *p == Pending::default()));
+    }
+
+    #[test]
+    fn an_unreadable_budget_record_refuses_instead_of_admitting_unreserved() {
+        let s = FakeStore::new();
+        let bs = vec![budget("1.00", Enforcement::Hard, Some(Window::Day))];
+        assert!(s.set(&bs[0].record_name, b"\x09garbage", None).is_ok());
+        assert_eq!(reserve(&s, &bs, &[0], dec("0.10"), 0), Err(NotReserved::Unavailable { budget: 0 }));
     }
 
     #[test]
@@ -676,7 +884,7 @@ mod tests {
         let b = reserve(&s, &bs, &[0], dec("0.40"), 0);
         assert!(a.is_ok() && b.is_ok());
         let refused = reserve(&s, &bs, &[0], dec("0.40"), 0);
-        let Err(r) = refused else { panic!("admitted past the limit") };
+        let Err(NotReserved::Over(r)) = refused else { panic!("admitted past the limit: {refused:?}") };
         assert_eq!((r.reserved, r.limit, r.resets_at_ms), (dec("0.80"), dec("1.00"), Some(86_400_000)));
         assert_eq!(load(&s, &bs[0], 0).refused, 1);
         // Exactly up to the limit is allowed.

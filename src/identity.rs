@@ -181,13 +181,13 @@ pub struct ClientUsage {
 
 impl ClientUsage {
     /// Words missing from a short record read as zero.
-    fn decode(b: &[u8]) -> ClientUsage {
+    pub fn decode(b: &[u8]) -> ClientUsage {
         let mut r = Reader::new(b);
         let mut u = || r.u64().unwrap_or(0);
         ClientUsage { minute_start_ms: u(), requests: u(), tokens: u() }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut out = Writer::with_capacity(24);
         out.u64(self.minute_start_ms).u64(self.requests).u64(self.tokens);
         out.finish()
@@ -233,8 +233,19 @@ pub fn admit_rate(store: &dyn Store, client: &Client, now_ms: u64) -> Result<(),
             reply.headers.push(("retry-after", wait.to_string()));
             Err(reply)
         }
-        // The store failed: do not refuse traffic for it.
-        Err(_) => Ok(()),
+        // The record could not be updated: the limit cannot be kept, so the
+        // request is not admitted (it never reached the provider).
+        Err(e) => {
+            log::warn!("client {}: rate record not updatable ({e:?})", client.id);
+            let mut reply = reply::error(
+                503,
+                "api_error",
+                "rate_limit_unavailable",
+                &format!("Client '{}' rate limits could not be checked right now; retry.", client.id),
+            );
+            reply.headers.push(("retry-after", "1".to_string()));
+            Err(reply)
+        }
     }
 }
 

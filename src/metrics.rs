@@ -26,6 +26,7 @@ pub fn static_names(cfg: &crate::config::Config) -> Vec<(Kind, String)> {
         out.push((Kind::Counter, budget_metric(&b.id, "refused")));
         out.push((Kind::Counter, budget_metric(&b.id, "soft_over")));
         out.push((Kind::Gauge, budget_metric(&b.id, "spent_micros")));
+        out.push((Kind::Gauge, budget_metric(&b.id, "reservations_expired")));
     }
     out
 }

@@ -129,6 +129,12 @@ pub fn register(store: &dyn Store, base: &Config, key: RuntimeKey) -> Result<Reg
     if base.key_by_id(&key.id).is_some() {
         return Err(RegistryError::Conflict(key.id));
     }
+    // Its state record exists before any worker can choose the key, so
+    // every update of it is a compare-and-swap.
+    let record = crate::shared_data::key_record(&key.provider, &key.id);
+    if crate::store::seed(store, &record, &crate::key_record::KeyRecord::default().encode()).is_err() {
+        return Err(RegistryError::Busy);
+    }
     let (r, _) = update(store, REGISTRY_KEY, |cur| {
         let mut reg = cur.and_then(Registry::decode).unwrap_or_default();
         if reg.keys.iter().any(|k| k.id == key.id && !k.deleted) {

@@ -279,7 +279,7 @@ mod tests {
     }
 
     fn held() -> Vec<Held> {
-        vec![Held { budget: 0, window_start_ms: 0, amount: Decimal::ONE }]
+        vec![Held { budget: 0, window_start_ms: 0, bucket: 1, amount: Decimal::ONE }]
     }
 
     /// A flight admitted with `held()` and `attempts` attempts running.

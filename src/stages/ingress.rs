@@ -127,11 +127,22 @@ impl Ingress {
         if !plan.budgets.is_empty() {
             match budget::reserve(h.store(), &self.cfg.budgets, &plan.budgets, plan.estimate, now) {
                 Ok(a) => admitted = a,
-                Err(r) => {
+                Err(budget::NotReserved::Over(r)) => {
                     let id = self.cfg.budgets.get(r.budget).map_or("?", |b| b.id.as_str());
                     log::info!("[{}] refused by budget {id}", self.id);
                     h.count(&metrics::budget_metric(id, "refused"), 1);
                     return Some(admission::refusal(&self.cfg, &r, now));
+                }
+                Err(budget::NotReserved::Unavailable { budget }) => {
+                    let id = self.cfg.budgets.get(budget).map_or("?", |b| b.id.as_str());
+                    let mut r = reply::error(
+                        503,
+                        "api_error",
+                        "budget_unavailable",
+                        &format!("Budget '{id}' could not be checked right now; the request was not sent. Retry."),
+                    );
+                    r.headers.push(("retry-after", "1".to_string()));
+                    return Some(r);
                 }
             }
             for &i in &admitted.over_soft {

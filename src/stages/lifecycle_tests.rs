@@ -380,3 +380,59 @@ fn a_bad_config_refuses_to_configure_with_one_line_naming_the_field() {
     let e = world.root("something_else", &config("1")).err().unwrap_or_default();
     assert!(e.contains("root_id"), "{e}");
 }
+
+#[test]
+fn configure_seeds_every_record_requests_update_so_first_writes_are_compare_and_swaps() {
+    let gw = Gateway::new(&config("1.00"));
+    let cfg = gw.attempt.routing.borrow().config.clone();
+    let mut names: Vec<String> = cfg.keys.live().map(|(_, k)| k.record_name.clone()).collect();
+    names.extend(cfg.budgets.iter().map(|b| b.record_name.clone()));
+    names.extend(cfg.clients.iter().map(|c| c.record_name.clone()));
+    names.extend(
+        [
+            crate::shared_data::GENERATION,
+            crate::shared_data::DECISION_WORKERS,
+            crate::shared_data::TRANSITIONS_HEAD,
+            crate::shared_data::RUNTIME_KEYS,
+            crate::shared_data::RUNTIME_KEYS_CHANGES,
+        ]
+        .map(String::from),
+    );
+    for name in &names {
+        assert!(gw.world.store.value(name).is_some(), "{name} not seeded");
+    }
+    assert_eq!(names.len(), 2 + 1 + 1 + 5);
+}
+
+#[test]
+fn a_request_whose_budget_record_cannot_be_updated_is_refused_not_sent() {
+    let gw = Gateway::new(&config("1.00"));
+    let name = gw.attempt.routing.borrow().config.budgets[0].record_name.clone();
+    assert!(gw.world.store.set(&name, b"\x07damaged", None).is_ok());
+    let mut x = gw.chat(BODY);
+    assert_eq!(x.send_request(usize::MAX, false), Next::Pause);
+    let r = x.replied().unwrap_or_else(|| panic!("sent without a reservation"));
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (503, "budget_unavailable".into()));
+    x.finish();
+    assert_eq!(gw.in_flight(), 0);
+}
+
+#[test]
+fn a_reservation_whose_request_was_lost_expires_on_the_tick() {
+    let mut gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    x.send_request(usize::MAX, false);
+    let held = gw.budget().reserved;
+    assert!(held > Decimal::ZERO);
+    // The VM reloads: the flight (and its on_log) is gone for good.
+    *gw.world.flights.borrow_mut() = Default::default();
+    drop(x);
+    gw.world.advance(budget::DEFAULT_RESERVATION_TTL_MS);
+    gw.attempt.tick(&FakeHost::new(&gw.world));
+    assert_eq!(gw.budget().reserved, held, "not before its deadline bucket ends");
+    gw.world.advance(budget::DEFAULT_RESERVATION_TTL_MS / 4);
+    gw.attempt.tick(&FakeHost::new(&gw.world));
+    let b = gw.budget();
+    assert_eq!((b.reserved, b.expired, b.spent), (Decimal::ZERO, 1, Decimal::ZERO));
+    assert_eq!(gw.world.gauges.borrow().get("apikeyrouter.budget.daily.reservations_expired"), Some(&1));
+}

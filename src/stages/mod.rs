@@ -54,6 +54,44 @@ impl Stage {
 /// How often each root context writes its queued metrics and decisions.
 pub const TICK_MS: u32 = 500;
 
+/// Writes every record requests update, when absent, so that every later
+/// update is a compare-and-swap: the host inserts an absent name whatever
+/// the cas, so two first writes could overwrite each other. The main
+/// thread's root context configures before any worker serves, so its seeds
+/// come first.
+fn seed_records(h: &dyn Host, cfg: &config::Config) {
+    let store = h.store();
+    let zero = KeyRecord::default().encode();
+    let mut seeds: Vec<(&str, &str, Vec<u8>)> = Vec::new();
+    for (_, k) in cfg.keys.live() {
+        seeds.push(("key", &k.record_name, zero.clone()));
+    }
+    let budget = crate::budget::BudgetRecord::default().encode();
+    for b in &cfg.budgets {
+        seeds.push(("budget", &b.record_name, budget.clone()));
+    }
+    let client = crate::identity::ClientUsage::default().encode();
+    for c in &cfg.clients {
+        seeds.push(("client", &c.record_name, client.clone()));
+    }
+    seeds.push(("registry", crate::shared_data::RUNTIME_KEYS, crate::runtime_keys::Registry::default().encode()));
+    let counter = 0u64.to_le_bytes().to_vec();
+    for name in [
+        crate::shared_data::GENERATION,
+        crate::shared_data::DECISION_WORKERS,
+        crate::shared_data::TRANSITIONS_HEAD,
+        crate::shared_data::RUNTIME_KEYS_CHANGES,
+        crate::shared_data::FLEET_EPOCH,
+    ] {
+        seeds.push(("counter", name, counter.clone()));
+    }
+    for (kind, name, value) in seeds {
+        if store::seed(store, name, &value).is_err() {
+            log::warn!("{kind} record {name}: could not seed it");
+        }
+    }
+}
+
 /// A configured root context: its stage, its routing state, and (attempt
 /// stage in fleet mode) the sync with etcd.
 pub struct Root {
@@ -91,13 +129,7 @@ impl Root {
             }
         };
         let cfg = config::compile(&bytes, env).map_err(|e| e.to_string())?;
-        // Seed every record so later updates always run with a real cas.
-        let zero = KeyRecord::default().encode();
-        for (_, k) in cfg.keys.live() {
-            if store::seed(h.store(), &k.record_name, &zero).is_err() {
-                log::warn!("key {}: could not seed its state record", k.id);
-            }
-        }
+        seed_records(h, &cfg);
         log::info!(
             "apikeyrouter {} stage configured: {} providers, {} keys",
             if stage == Stage::Ingress { "ingress" } else { "attempt" },
@@ -146,7 +178,8 @@ impl Root {
         })
     }
 
-    /// Every tick: writes the queued decision records and runs the fleet
+    /// Every tick: writes the queued decision records, drops budget
+    /// reservations past their deadline (attempt stage), and runs the fleet
     /// sync when it is due.
     pub fn tick(&mut self, h: &dyn Host) {
         let cfg = match self.routing.try_borrow_mut() {
@@ -156,6 +189,13 @@ impl Root {
             }
             Err(_) => return,
         };
+        if self.stage == Stage::Attempt {
+            let now = h.now_ms();
+            for b in &cfg.budgets {
+                let rec = crate::budget::expire(h.store(), b, now);
+                h.gauge(&crate::metrics::budget_metric(&b.id, "reservations_expired"), rec.expired);
+            }
+        }
         if let Some(f) = self.fleet.as_mut() {
             f.tick(h, &cfg, h.now_ms());
         }

@@ -48,7 +48,13 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     let unknown_model = spend::unknown_model(&mut root)?;
     let estimate = spend::estimate(&mut root)?;
     let max_cost_per_request = spend::max_cost_per_request(&mut root)?;
-    let budgets = spend::budgets(&mut root, &providers, &mut keys)?;
+    let mut budgets = spend::budgets(&mut root, &providers, &mut keys)?;
+    // Seconds a reservation may stay held before it expires (its request lost).
+    if let Some(ttl) = root.opt_u64_in("reservation_ttl_seconds", 10, 86_400)? {
+        for b in budgets.iter_mut() {
+            b.reservation_ttl_ms = ttl * 1000;
+        }
+    }
     let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
     let fleet = fleet(&mut root)?;
     let models = models(&mut root, &providers)?;

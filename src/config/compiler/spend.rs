@@ -108,7 +108,9 @@ fn budget(
     let limit = b.opt_positive_decimal("limit", "100.00")?.ok_or_else(|| err(&b.field("limit"), "required"))?;
     let enforcement = enforcement(&mut b)?;
     b.finish()?;
-    Ok(Budget { record_name: crate::shared_data::budget_record(&id), id, scope, window, limit, enforcement })
+    let record_name = crate::shared_data::budget_record(&id);
+    let reservation_ttl_ms = crate::budget::DEFAULT_RESERVATION_TTL_MS;
+    Ok(Budget { record_name, id, scope, window, limit, enforcement, reservation_ttl_ms })
 }
 
 /// `budgets[i].window`: `day` when absent; `total` is no window.
