@@ -1,0 +1,161 @@
+"""The management API on a separate internal listener, as envoy/openai.yaml
+ships it, run in real Envoy: the file is taken as it is and only what ties
+it to api.openai.com and fixed ports is changed (the cluster points at the
+mock provider over plain HTTP, the listeners and Envoy's admin get ports
+picked at run time, the module path is the build's and the example
+client's key hash is one the test knows). The admin API answers on the
+internal listener and not on the public one, and both share one state."""
+
+import json
+from decimal import Decimal
+
+import pytest
+import yaml
+
+from harness import (ADMIN_TOKEN, ROOT, WASM, chat, free_port, http, secrets, sha256_hex, wait_until,
+                     wasm_filter_configs)
+
+SHIPPED = ROOT / "envoy" / "openai.yaml"
+CLIENT_KEY = "vk-openai-yaml-client-0123456789"
+
+
+def listener(cfg, name):
+    [found] = [l for l in cfg["static_resources"]["listeners"] if l["name"] == name]
+    return found
+
+
+def openai_yaml(gateway_port, management_port, admin_port, mock_port):
+    """envoy/openai.yaml, adapted to run against the mock on run-time ports."""
+    cfg = yaml.safe_load(SHIPPED.read_text().replace("/etc/envoy/apikeyrouter.wasm", str(WASM)))
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    for name, port in (("gateway", gateway_port), ("management", management_port)):
+        listener(cfg, name)["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+    [cluster] = cfg["static_resources"]["clusters"]
+    assert cluster["name"] == "openai"
+    del cluster["transport_socket"], cluster["dns_lookup_family"]
+    cluster["type"] = "STATIC"
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": mock_port}
+    # The shape under test: the public listener runs both stages on one
+    # plugin config (a YAML anchor) without "admin"; the internal one runs
+    # only the ingress stage, in the same VM, with "admin".
+    public_stages = list(wasm_filter_configs(listener(cfg, "gateway")))
+    [internal] = wasm_filter_configs(listener(cfg, "management"))
+    assert [c["root_id"] for c in public_stages] == ["apikeyrouter_ingress", "apikeyrouter_attempt"]
+    assert public_stages[0]["configuration"] is public_stages[1]["configuration"]
+    assert internal["root_id"] == "apikeyrouter_ingress"
+    assert {c["vm_config"]["vm_id"] for c in public_stages + [internal]} == {"apikeyrouter"}
+    public = public_stages[0]["configuration"]
+    assert "admin" in json.loads(internal["configuration"]["value"])
+    plugin = json.loads(public["value"])
+    assert "admin" not in plugin
+    # Its example client gets a key this test holds.
+    [client] = plugin["clients"]
+    client["key_sha256"] = sha256_hex(CLIENT_KEY)
+    public["value"] = json.dumps(plugin)
+    return cfg
+
+
+def distinct_ports(n):
+    ports = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+@pytest.fixture
+def shipped_gateway(mock3, start_envoy):
+    """Envoy running the adapted envoy/openai.yaml in front of mock3; yields
+    (Envoy, the internal listener's URL, the provider keys)."""
+    keys = secrets(3)
+    gateway_port, management_port, admin_port = distinct_ports(3)
+    adapted = openai_yaml(gateway_port, management_port, admin_port, mock3.port)
+
+    def edit(cfg):
+        cfg.clear()
+        cfg.update(adapted)
+
+    env = {f"OPENAI_KEY_{i + 1}": k for i, k in enumerate(keys)}
+    e = start_envoy(mock3, edit=edit, env=env, gateway_port=gateway_port, admin_port=admin_port)
+    return e, f"http://127.0.0.1:{management_port}", keys
+
+
+def bearer(key):
+    return {"authorization": f"Bearer {key}"}
+
+
+def admin(base, method, path, body=None, token=ADMIN_TOKEN):
+    """Calls the management API under the shipped prefix at `base`."""
+    return http(method, base + "/apikeyrouter/v1/" + path, body, bearer(token) if token else {})
+
+
+def test_the_admin_api_answers_on_the_internal_listener_and_not_on_the_public_one(shipped_gateway, mock3):
+    e, management, keys = shipped_gateway
+    # The internal listener serves it, behind the token.
+    status, headers, body = admin(management, "GET", "keys")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert [k["id"] for k in json.loads(body)["keys"]] == ["openai-1", "openai-2", "openai-3"]
+    status, _, body = admin(management, "GET", "health")
+    assert status == 200 and json.loads(body)["status"] == "healthy"
+    for token in (None, CLIENT_KEY):
+        status, _, body = admin(management, "GET", "keys", token=token)
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_admin_token"
+    # The public listener has no admin API: the admin token is an unknown
+    # caller's key there, and the client's key reaches only Envoy's router,
+    # which has no route for the path.
+    for method, path in [("GET", "keys"), ("GET", "health"), ("GET", "budgets"), ("GET", "decisions"),
+                         ("PATCH", "keys/openai-1")]:
+        body = {"state": "disabled"} if method == "PATCH" else None
+        status, _, raw = admin(e.url, method, path, body)
+        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key", (path, status, raw)
+        status, headers, raw = admin(e.url, method, path, body, token=CLIENT_KEY)
+        assert (status, raw, headers.get("content-type")) == (404, b"", None), (path, status, raw)
+    # Nothing changed, and the internal listener serves no model traffic.
+    status, _, body = admin(management, "GET", "keys")
+    assert {k["state"] for k in json.loads(body)["keys"]} == {"available"}
+    status, _, raw = chat(management)
+    assert (status, raw) == (404, b"")
+    assert mock3.received() == []
+
+
+def test_both_listeners_share_keys_budgets_and_decisions(shipped_gateway, mock3):
+    e, management, keys = shipped_gateway
+    id_of = {k: f"openai-{i + 1}" for i, k in enumerate(keys)}
+    costs, request_ids = [], []
+    for _ in range(3):
+        status, headers, body = chat(e.url, headers=bearer(CLIENT_KEY))
+        assert status == 200, body
+        costs.append(Decimal(headers["x-apikeyrouter-cost"]))
+        request_ids.append(headers["x-request-id"])
+
+    def listed():
+        status, _, body = admin(management, "GET", "keys")
+        assert status == 200
+        return {k["id"]: k["counters"] for k in json.loads(body)["keys"]}
+
+    # What the public listener's requests did shows on the internal one.
+    wait_until(lambda: sum(c["requests"] for c in listed().values()) == 3, what="3 attempts on the internal listener")
+    reported = mock3.stats()
+    for secret, kid in id_of.items():
+        r = reported.get(secret, {"requests": 0, "total_tokens": 0})
+        assert (listed()[kid]["requests"], listed()[kid]["total_tokens"]) == (r["requests"], r["total_tokens"])
+    # The shipped prices: gpt-4o-mini at 0.15 input and 0.60 output per 1M.
+    want = sum((Decimal(s["prompt_tokens"]) * Decimal("0.15") + Decimal(s["completion_tokens"]) * Decimal("0.60"))
+               / 10**6 for s in reported.values())
+    assert sum(costs) == want
+    status, _, body = admin(management, "GET", "budgets/daily")
+    daily = json.loads(body)
+    assert (Decimal(daily["spent"]), daily["reserved"], daily["requests"]) == (want, "0", 3), daily
+    wait_until(lambda: {d["request_id"] for d in json.loads(admin(management, "GET", "decisions")[2])["decisions"]}
+               >= set(request_ids), what="the public listener's decisions on the internal listener")
+    # A key disabled through the internal listener leaves the public
+    # listener's rotation.
+    status, _, body = admin(management, "PATCH", "keys/openai-1", {"state": "disabled", "reason": "rotating"})
+    assert status == 200 and json.loads(body)["state"] == "disabled"
+    before = len(mock3.received())
+    for _ in range(6):
+        status, headers, _ = chat(e.url, headers=bearer(CLIENT_KEY))
+        assert status == 200
+        assert "excluded=openai-1:disabled" in headers["x-apikeyrouter-decision"]
+    used = {id_of[r["key"]] for r in mock3.received()[before:]}
+    assert used == {"openai-2", "openai-3"}, used
