@@ -129,10 +129,6 @@ def test_a_configured_action_is_what_the_answer_does_to_the_key(start_mock, star
     assert len(mock.received()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "README says an error_code_actions entry 'wins over the status' and may be 'none', but "
-    "src/config/compiler/mod.rs:214 drops every 'none' entry (\"`none` removes a code\"), so "
-    "the status's own action applies: a 403 with the code set to 'none' still disables the key"))
 def test_an_error_code_set_to_none_wins_over_its_status(start_mock, start_envoy):
     mock, e, keys = one_key_gateway(start_mock, start_envoy,
                                     {"error_code_actions": {"unsupported_country_region_territory": "none"}})

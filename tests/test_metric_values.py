@@ -95,10 +95,6 @@ def test_budget_refusals_and_per_client_tokens_spend_and_rate_limits_are_counted
     assert budget_of(e, "bob-cap")["refused"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "filter: apikeyrouter_budget_refused is counted only when the ingress stage refuses (ingress.rs admit); "
-    "a key-scoped budget refuses in the attempt stage (attempt.rs, budget::reserve on the chosen key), which "
-    "counts the refusal in the budget's record (GET budgets/{id} refused) but never in the metric"))
 def test_a_key_budget_that_leaves_a_request_without_a_key_counts_as_a_refusal_in_the_metric(mock3, start_envoy):
     keys = secrets(3)
     body = request_body("for the provider with one key", model=SECOND_MODEL)

@@ -437,7 +437,13 @@ impl Attempt {
                         key_held = Some(a.held);
                         break;
                     }
-                    Err(_) => banned.push(k),
+                    Err(refused) => {
+                        if let budget::NotReserved::Over(r) = &refused {
+                            let id = cfg.budgets.get(r.budget).map_or("?", |b| b.id.as_str());
+                            h.count(&metrics::budget_metric(id, "refused"), 1);
+                        }
+                        banned.push(k);
+                    }
                 }
             }
             chosen = choose(routing, &banned);

@@ -206,8 +206,9 @@ fn status_actions(root: &mut Obj) -> Result<Vec<(u32, StatusAction)>, ConfigErro
     Ok(status_actions)
 }
 
-/// `error_code_actions`: `error.code` -> action, merged over the defaults;
-/// `none` removes a code.
+/// `error_code_actions`: `error.code` -> action, merged over the defaults.
+/// A code's action wins over its status's, `none` included: a code set to
+/// `none` leaves the key as it is whatever the status.
 fn error_code_actions(root: &mut Obj) -> Result<Vec<(String, StatusAction)>, ConfigError> {
     let mut error_code_actions = vec![("insufficient_quota".to_string(), StatusAction::Exhaust)];
     if let Some(a) = root.opt_obj("error_code_actions")? {
@@ -217,7 +218,6 @@ fn error_code_actions(root: &mut Obj) -> Result<Vec<(String, StatusAction)>, Con
             error_code_actions.push((k.clone(), action));
         }
     }
-    error_code_actions.retain(|(_, a)| *a != StatusAction::Nothing);
     Ok(error_code_actions)
 }
 
