@@ -476,7 +476,7 @@ mod tests {
     }
 
     fn body(r: &Reply) -> Value {
-        serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+        serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&r.body)))
     }
 
     const BEARER: &str = "Bearer admin-token-0123456789";

@@ -140,14 +140,29 @@ mod tests {
     }
 
     fn info(body: &str) -> RequestInfo {
-        inspect(body.as_bytes()).unwrap_or_default()
+        inspect(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"))
+    }
+
+    fn planned(r: Result<Plan, Reply>) -> Plan {
+        r.unwrap_or_else(|r| panic!("refused: {} {}", r.status, String::from_utf8_lossy(&r.body)))
+    }
+
+    /// A refusal's (status, error.type, error.code).
+    fn refused(r: Result<Plan, Reply>) -> (u32, String, String) {
+        let r = match r {
+            Ok(p) => panic!("admitted: {p:?}"),
+            Err(r) => r,
+        };
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {:?}", r.body));
+        let field = |f: &str| v["error"][f].as_str().unwrap_or_else(|| panic!("no error.{f}: {v}")).to_string();
+        (r.status, field("type"), field("code"))
     }
 
     #[test]
     fn estimate_is_the_worst_key_pricing_of_bytes_and_max_tokens() {
         let c = cfg("");
         let body = r#"{"model":"gpt-4o","max_tokens":1000,"messages":[]}"#;
-        let p = plan(&c, 0, &info(body), &Caller::default()).unwrap_or_default();
+        let p = planned(plan(&c, 0, &info(body), &Caller::default()));
         assert_eq!(p.prompt_tokens, body.len() as u64);
         assert_eq!(p.output_tokens, 1000);
         // (len * 2.5 + 1000 * 10) / 1e6, doubled by k2's multiplier.
@@ -160,13 +175,11 @@ mod tests {
 
     #[test]
     fn unknown_models_are_counted_at_zero_or_refused() {
-        let p = plan(&cfg(""), 0, &info(r#"{"model":"o9"}"#), &Caller::default()).unwrap_or_default();
+        let p = planned(plan(&cfg(""), 0, &info(r#"{"model":"o9"}"#), &Caller::default()));
         assert!(p.unpriced);
         assert_eq!(p.estimate, Decimal::ZERO);
         let r = plan(&cfg(r#","unknown_model":"refuse""#), 0, &info(r#"{"model":"o9"}"#), &Caller::default());
-        let Err(r) = r else { panic!("admitted") };
-        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        assert_eq!((r.status, v["error"]["code"].as_str()), (400, Some("model_not_priced")));
+        assert_eq!(refused(r), (400, "invalid_request_error".into(), "model_not_priced".into()));
     }
 
     #[test]
@@ -175,16 +188,17 @@ mod tests {
         let ok = plan(&c, 0, &info(r#"{"model":"gpt-4o","max_tokens":10}"#), &Caller::default());
         assert!(ok.is_ok());
         let r = plan(&c, 0, &info(r#"{"model":"gpt-4o","max_tokens":100000}"#), &Caller::default());
-        let Err(r) = r else { panic!("admitted") };
-        assert!(String::from_utf8_lossy(&r.body).contains("cost_cap_exceeded"));
+        assert_eq!(refused(r), (400, "invalid_request_error".into(), "cost_cap_exceeded".into()));
     }
 
     #[test]
     fn a_clients_own_cap_applies_too() {
         let c = cfg("");
         let caller = Caller { max_cost_per_request: Some(Decimal::new(1, 3)), ..Caller::default() };
-        let r = plan(&c, 0, &info(r#"{"model":"gpt-4o","max_tokens":1000}"#), &caller);
-        assert_eq!(r.err().map(|r| r.status), Some(400));
+        let body = r#"{"model":"gpt-4o","max_tokens":1000}"#;
+        assert!(plan(&c, 0, &info(body), &Caller::default()).is_ok(), "no cap without the client's");
+        let r = plan(&c, 0, &info(body), &caller);
+        assert_eq!(refused(r), (400, "invalid_request_error".into(), "cost_cap_exceeded".into()));
     }
 
     #[test]
@@ -192,10 +206,10 @@ mod tests {
         let c = cfg(r#","budgets":[{"id":"all","limit":"1"},{"id":"prov","limit":"1","scope":{"provider":"p"}},
                {"id":"mini","limit":"1","scope":{"model":"gpt-4o-mini*"}},{"id":"key","limit":"1","scope":{"key":"k1"}},
                {"id":"team","limit":"1","scope":{"team":"blue"}}]"#);
-        let p = plan(&c, 0, &info(r#"{"model":"gpt-4o-mini-2024"}"#), &Caller::default()).unwrap_or_default();
+        let p = planned(plan(&c, 0, &info(r#"{"model":"gpt-4o-mini-2024"}"#), &Caller::default()));
         assert_eq!(p.budgets, vec![0, 1, 2]);
         let blue = Caller { client: Some("app"), team: Some("blue"), max_cost_per_request: None };
-        let p = plan(&c, 0, &info(r#"{"model":"gpt-4o"}"#), &blue).unwrap_or_default();
+        let p = planned(plan(&c, 0, &info(r#"{"model":"gpt-4o"}"#), &blue));
         assert_eq!(p.budgets, vec![0, 1, 4]);
         assert_eq!(c.keys[0].budgets, vec![3], "key budgets wait for the key");
     }
@@ -213,6 +227,11 @@ mod tests {
         };
         let reply = refusal(&c, &r, 86_000_000);
         assert_eq!(reply.status, 429);
+        let v: Value = serde_json::from_slice(&reply.body).unwrap_or_else(|e| panic!("{e}: {:?}", reply.body));
+        assert_eq!(
+            (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+            (Some("insufficient_quota"), Some("insufficient_quota"))
+        );
         let text = String::from_utf8_lossy(&reply.body).to_string();
         assert!(text.contains("Budget 'daily' would be exceeded: spent 9.8 + reserved 0.15"), "{text}");
         assert!(text.contains("resets at 1970-01-02T00:00:00Z"), "{text}");

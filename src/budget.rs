@@ -673,7 +673,7 @@ mod tests {
     use std::str::FromStr;
 
     fn dec(s: &str) -> Decimal {
-        Decimal::from_str(s).unwrap_or_default()
+        Decimal::from_str(s).unwrap_or_else(|e| panic!("{s}: {e}"))
     }
 
     fn price() -> Price {
@@ -691,7 +691,7 @@ mod tests {
         let c = cost(&usage(1000, 500, 400), Some(&price()), &KeyPricing::default());
         assert_eq!(c, Some(dec("0.007")), "400 cached at half price");
         // 0.1 + 0.2 style sums stay exact.
-        let one = cost(&usage(1, 0, 0), Some(&price()), &KeyPricing::default()).unwrap_or_default();
+        let one = cost(&usage(1, 0, 0), Some(&price()), &KeyPricing::default()).unwrap_or_else(|| panic!("no cost"));
         let mut sum = Decimal::ZERO;
         for _ in 0..1_000_000 {
             sum += one;
@@ -717,7 +717,7 @@ mod tests {
         assert_eq!(estimate(1000, 1000, Some(&p), &KeyPricing::default()), dec("0.0125"));
         assert_eq!(worst_estimate(1000, 1000, Some(&p), &[half, flat]), dec("0.2"));
         assert_eq!(worst_estimate(1000, 1000, None, &[]), Decimal::ZERO);
-        let actual = cost(&usage(900, 300, 100), Some(&p), &half).unwrap_or_default();
+        let actual = cost(&usage(900, 300, 100), Some(&p), &half).unwrap_or_else(|| panic!("no cost"));
         assert!(actual <= estimate(900, 1000, Some(&p), &half));
     }
 
@@ -895,11 +895,11 @@ mod tests {
     fn true_up_replaces_the_reservation_with_the_actual_cost() {
         let s = FakeStore::new();
         let bs = vec![budget("1.00", Enforcement::Hard, None)];
-        let a = reserve(&s, &bs, &[0], dec("0.40"), 0).unwrap_or_default();
+        let a = reserve(&s, &bs, &[0], dec("0.40"), 0).unwrap_or_else(|r| panic!("refused: {r:?}"));
         settle(&s, &bs, a.held.held(), dec("0.1234"), 10);
         let rec = load(&s, &bs[0], 10);
         assert_eq!((rec.spent, rec.reserved, rec.requests), (dec("0.1234"), Decimal::ZERO, 1));
-        let b = reserve(&s, &bs, &[0], dec("0.5"), 10).unwrap_or_default();
+        let b = reserve(&s, &bs, &[0], dec("0.5"), 10).unwrap_or_else(|r| panic!("refused: {r:?}"));
         release(&s, &bs, b.held.held(), 20);
         let rec = load(&s, &bs[0], 20);
         assert_eq!((rec.spent, rec.reserved, rec.requests), (dec("0.1234"), Decimal::ZERO, 1));
@@ -919,11 +919,11 @@ mod tests {
     fn soft_budget_admits_flags_and_logs_once_per_window() {
         let s = FakeStore::new();
         let bs = vec![budget("0.10", Enforcement::Soft, Some(Window::Minute))];
-        let a = reserve(&s, &bs, &[0], dec("0.20"), 0).unwrap_or_default();
+        let a = reserve(&s, &bs, &[0], dec("0.20"), 0).unwrap_or_else(|r| panic!("refused: {r:?}"));
         assert_eq!((a.over_soft.clone(), a.log_soft.clone()), (vec![0], vec![0]));
-        let b = reserve(&s, &bs, &[0], dec("0.20"), 1).unwrap_or_default();
+        let b = reserve(&s, &bs, &[0], dec("0.20"), 1).unwrap_or_else(|r| panic!("refused: {r:?}"));
         assert_eq!((b.over_soft, b.log_soft), (vec![0], vec![]), "logged once per window");
-        let c = reserve(&s, &bs, &[0], dec("0.20"), 60_000).unwrap_or_default();
+        let c = reserve(&s, &bs, &[0], dec("0.20"), 60_000).unwrap_or_else(|r| panic!("refused: {r:?}"));
         assert_eq!(c.log_soft, vec![0], "a new window logs again");
     }
 
@@ -931,7 +931,7 @@ mod tests {
     fn windows_roll_over_at_utc_boundaries_and_late_true_ups_land_in_the_new_window() {
         let s = FakeStore::new();
         let bs = vec![budget("1.00", Enforcement::Hard, Some(Window::Hour))];
-        let a = reserve(&s, &bs, &[0], dec("0.90"), 3_599_000).unwrap_or_default();
+        let a = reserve(&s, &bs, &[0], dec("0.90"), 3_599_000).unwrap_or_else(|r| panic!("refused: {r:?}"));
         assert!(reserve(&s, &bs, &[0], dec("0.20"), 3_599_500).is_err());
         // The hour turns while the request is in flight.
         assert!(reserve(&s, &bs, &[0], dec("0.20"), 3_600_000).is_ok());
@@ -944,7 +944,7 @@ mod tests {
     fn a_stream_running_past_its_reservation_crosses_a_hard_budget() {
         let s = FakeStore::new();
         let bs = vec![budget("1.00", Enforcement::Hard, None)];
-        let a = reserve(&s, &bs, &[0], dec("0.90"), 0).unwrap_or_default();
+        let a = reserve(&s, &bs, &[0], dec("0.90"), 0).unwrap_or_else(|r| panic!("refused: {r:?}"));
         assert_eq!(crossed(&s, &bs, a.held.held(), dec("0.05"), 0), None);
         assert_eq!(crossed(&s, &bs, a.held.held(), dec("0.11"), 0), Some(0));
     }

@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn fields_are_little_endian_and_read_back_in_order() {
-        let d = Decimal::from_str("-12.5").unwrap_or_default();
+        let d = Decimal::from_str("-12.5").unwrap_or_else(|e| panic!("{e}"));
         let mut w = Writer::default();
         w.u8(7).u32(0x0102_0304).u64(u64::MAX - 1).f64(0.5).decimal(d).short_str("hé");
         let b = w.finish();

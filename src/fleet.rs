@@ -631,12 +631,12 @@ mod tests {
     }
 
     fn b64(v: &Value, name: &str) -> Vec<u8> {
-        bytes_field(v, name).unwrap_or_default()
+        bytes_field(v, name).unwrap_or_else(|e| panic!("{e}"))
     }
 
     impl FakeEtcd {
         fn range(&self, body: &str) -> Vec<u8> {
-            let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+            let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
             let (from, to) = (b64(&v, "key"), b64(&v, "range_end"));
             let kvs: Vec<Value> = self
                 .kv
@@ -656,9 +656,9 @@ mod tests {
         }
 
         fn txn(&mut self, body: &str) -> Vec<u8> {
-            let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+            let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
             let holds = v["compare"].as_array().into_iter().flatten().all(|c| {
-                let key = String::from_utf8(b64(c, "key")).unwrap_or_default();
+                let key = String::from_utf8(b64(c, "key")).unwrap_or_else(|e| panic!("{e}"));
                 let cur = self.kv.get(&key);
                 match c["target"].as_str() {
                     Some("VERSION") => cur.is_none(),
@@ -670,10 +670,10 @@ mod tests {
                 self.revision += 1;
                 for op in v["success"].as_array().into_iter().flatten() {
                     if let Some(p) = op.get("requestPut") {
-                        let key = String::from_utf8(b64(p, "key")).unwrap_or_default();
+                        let key = String::from_utf8(b64(p, "key")).unwrap_or_else(|e| panic!("{e}"));
                         self.kv.insert(key, (b64(p, "value"), self.revision));
                     } else if let Some(d) = op.get("requestDeleteRange") {
-                        self.kv.remove(&String::from_utf8(b64(d, "key")).unwrap_or_default());
+                        self.kv.remove(&String::from_utf8(b64(d, "key")).unwrap_or_else(|e| panic!("{e}")));
                     }
                 }
             }
@@ -692,7 +692,7 @@ mod tests {
         }
 
         fn apply(&mut self, ops: &[Op]) -> bool {
-            ops.is_empty() || parse_txn(&self.txn(&txn_body(ops))).unwrap_or(false)
+            ops.is_empty() || parse_txn(&self.txn(&txn_body(ops))).unwrap_or_else(|e| panic!("{e}"))
         }
     }
 
@@ -736,7 +736,7 @@ mod tests {
 
     #[test]
     fn the_range_covers_exactly_the_prefix() {
-        let v: Value = serde_json::from_str(&range_body("/gw")).unwrap_or(Value::Null);
+        let v: Value = serde_json::from_str(&range_body("/gw")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(b64(&v, "key"), b"/gw/");
         assert_eq!(b64(&v, "range_end"), b"/gw0");
     }
@@ -744,7 +744,7 @@ mod tests {
     #[test]
     fn etcd_answers_are_parsed_and_failures_are_not_successes() {
         let body = br#"{"header":{"revision":"7"},"kvs":[{"key":"L3AvYy9h","value":"eyJ3IjoxfQ==","mod_revision":"7"}],"count":"1"}"#;
-        let kvs = parse_range(body).unwrap_or_default();
+        let kvs = parse_range(body).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(kvs, vec![Kv { key: "/p/c/a".into(), value: br#"{"w":1}"#.to_vec(), mod_revision: 7 }]);
         assert_eq!(parse_range(br#"{"header":{"revision":"7"}}"#), Ok(vec![]));
         assert_eq!(parse_txn(br#"{"header":{"revision":"8"},"succeeded":true}"#), Ok(true));
@@ -851,19 +851,19 @@ mod tests {
     #[test]
     fn the_lease_lets_one_context_sync_until_it_lapses_or_a_newer_config_starts() {
         let (one, two) = (Holder { id: 1, epoch: 5 }, Holder { id: 2, epoch: 4 });
-        let a = claim_lease(None, one, 1000, 1500).unwrap_or_default();
+        let a = claim_lease(None, one, 1000, 1500).unwrap_or_else(|| panic!("no lease"));
         assert!(claim_lease(Some(&a), two, 2000, 1500).is_none(), "held by 1");
         assert!(claim_lease(Some(&a), one, 2000, 1500).is_some(), "1 renews");
         assert!(claim_lease(Some(&a), two, 2600, 1500).is_some(), "lapsed: 2 takes over");
         let newer = Holder { id: 3, epoch: 6 };
-        let b = claim_lease(Some(&a), newer, 1100, 1500).unwrap_or_default();
+        let b = claim_lease(Some(&a), newer, 1100, 1500).unwrap_or_else(|| panic!("no lease"));
         assert_eq!(lease_of(Some(&b)), Some((3, 2600, 6)), "a newer config takes over at once");
         assert!(claim_lease(Some(&b), one, 1200, 1500).is_none(), "and keeps it");
     }
 
     #[test]
     fn lease_bytes_are_pinned() {
-        let b = claim_lease(None, Holder { id: 1, epoch: 5 }, 1000, 1500).unwrap_or_default();
+        let b = claim_lease(None, Holder { id: 1, epoch: 5 }, 1000, 1500).unwrap_or_else(|| panic!("no lease"));
         // holder id, held until, holder epoch
         let pinned = concat!("0100000000000000", "c409000000000000", "0500000000000000");
         let mut b = crate::codec::pinned(&b, pinned);

@@ -285,7 +285,7 @@ mod tests {
     }
 
     fn code(r: &Reply) -> String {
-        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {:?}", r.body));
         v["error"]["code"].as_str().unwrap_or_default().to_string()
     }
 
@@ -315,7 +315,7 @@ mod tests {
             ..Policy::default()
         };
         let c = client("k", p);
-        let info = |b: &str| inspect(b.as_bytes()).unwrap_or_default();
+        let info = |b: &str| inspect(b.as_bytes()).unwrap_or_else(|e| panic!("{b}: {e}"));
         assert_eq!(check_request(&c, &info(r#"{"model":"gpt-4o-mini"}"#)).ok(), Some(None));
         assert_eq!(check_request(&c, &info(r#"{"model":"gpt-4"}"#)).ok(), Some(Some("gpt-4o".to_string())));
         let r = check_request(&c, &info(r#"{"model":"o1"}"#)).err().unwrap_or_else(|| panic!("admitted"));
@@ -324,7 +324,8 @@ mod tests {
             .err()
             .unwrap_or_else(|| panic!("admitted"));
         assert_eq!((r.status, code(&r)), (400, "max_tokens_too_large".to_string()));
-        let out = rewrite_model(br#"{"model":"gpt-4","messages":[]}"#, "gpt-4o").unwrap_or_default();
+        let out =
+            rewrite_model(br#"{"model":"gpt-4","messages":[]}"#, "gpt-4o").unwrap_or_else(|| panic!("not rewritten"));
         assert_eq!(inspect(&out).ok().and_then(|i| i.model), Some("gpt-4o".to_string()));
     }
 

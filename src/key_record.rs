@@ -678,7 +678,7 @@ mod tests {
         for x in b.iter_mut().skip(4) {
             *x = 0xff;
         }
-        let mut r = KeyRecord::decode(&b).unwrap_or_default();
+        let mut r = KeyRecord::decode(&b).unwrap_or_else(|e| panic!("{e}"));
         let _ = r.reliability(1_700_000_000_000, 300_000);
         r.record(&Outcome { status: 200, ..Outcome::default() }, 1_700_000_000_000, 300_000);
         r.record(

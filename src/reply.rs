@@ -68,7 +68,7 @@ mod tests {
     #[test]
     fn errors_have_the_openai_shape() {
         let r = error(400, "invalid_request_error", "invalid_json", "bad \"body\"");
-        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(v["error"]["message"], "bad \"body\"");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "invalid_json");

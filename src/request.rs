@@ -187,8 +187,9 @@ mod tests {
     #[test]
     fn include_usage_is_merged_into_existing_stream_options() {
         let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}}"#;
-        let out = with_include_usage(body.as_bytes(), &info(body)).unwrap_or_default();
-        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+        let out = with_include_usage(body.as_bytes(), &info(body)).unwrap_or_else(|| panic!("not rewritten: {body}"));
+        let v: Value =
+            serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&out)));
         assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
         assert_eq!(v["stream_options"]["x"], Value::from(1));
         assert_eq!(v["model"], Value::from("m"));
@@ -205,8 +206,9 @@ mod tests {
     #[test]
     fn spliced_body_is_still_valid_json_with_whitespace_and_unicode() {
         let body = "  \n{ \"stream\" : true , \"m\":\"héllo ✓\" }";
-        let out = with_include_usage(body.as_bytes(), &info(body)).unwrap_or_default();
-        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+        let out = with_include_usage(body.as_bytes(), &info(body)).unwrap_or_else(|| panic!("not rewritten: {body}"));
+        let v: Value =
+            serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&out)));
         assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
         assert_eq!(v["m"], Value::from("héllo ✓"));
     }

@@ -238,7 +238,7 @@ mod tests {
         let s = FakeStore::new();
         let b = base();
         let k = parse_new_key(br#"{"id":"r1","key_material":"sk-runtime","metadata":{"tier":"x"}}"#, &b);
-        let reg = register(&s, &b, k.unwrap_or_else(|e| panic!("{e:?}"))).unwrap_or_default();
+        let reg = register(&s, &b, k.unwrap_or_else(|e| panic!("{e:?}"))).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(reg.version, 1);
         let cfg = merged(&b, &load(&s)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.keys.slots(), 2);

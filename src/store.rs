@@ -137,7 +137,7 @@ mod tests {
     use super::*;
 
     fn add_one(cur: Option<&[u8]>) -> Result<(u64, Vec<u8>), ()> {
-        let v = cur.and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0) + 1;
+        let v = cur.map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_else(|e| panic!("{e}: {b:?}")))) + 1;
         Ok((v, v.to_le_bytes().to_vec()))
     }
 
@@ -146,9 +146,10 @@ mod tests {
         let s = FakeStore::new();
         assert_eq!(s.get("k"), Ok((None, None)));
         assert_eq!(s.set("k", b"a", Some(999)), Ok(()), "first insert ignores cas");
-        let (_, cas) = s.get("k").unwrap_or_default();
-        assert_eq!(s.set("k", b"b", Some(cas.unwrap_or(0) + 1)), Err(SetError::CasMismatch));
-        assert_eq!(s.set("k", b"c", cas), Ok(()));
+        let (_, cas) = s.get("k").unwrap_or_else(|e| panic!("{e:?}"));
+        let cas = cas.unwrap_or_else(|| panic!("no cas for a stored value"));
+        assert_eq!(s.set("k", b"b", Some(cas + 1)), Err(SetError::CasMismatch));
+        assert_eq!(s.set("k", b"c", Some(cas)), Ok(()));
         assert_eq!(s.set("k", b"d", None), Ok(()), "no cas is unconditional");
         assert_eq!(s.value("k").as_deref(), Some(&b"d"[..]));
     }

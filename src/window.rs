@@ -121,7 +121,7 @@ mod tests {
     use crate::ratelimit::parse_http_date;
 
     fn at(s: &str) -> u64 {
-        parse_http_date(s).unwrap_or(0)
+        parse_http_date(s).unwrap_or_else(|e| panic!("{s}: {e:?}"))
     }
 
     #[test]

@@ -287,14 +287,14 @@ mod tests {
         assert!(check(
             &c,
             0,
-            &mut Snapshot::of(vec![read_record(&store, &c.keys[0].record_name).unwrap_or_default()]),
+            &mut Snapshot::of(vec![read_record(&store, &c.keys[0].record_name).unwrap_or_else(|e| panic!("{e}"))]),
             1_000
         )
         .is_err());
         assert!(check(
             &c,
             0,
-            &mut Snapshot::of(vec![read_record(&store, &c.keys[0].record_name).unwrap_or_default()]),
+            &mut Snapshot::of(vec![read_record(&store, &c.keys[0].record_name).unwrap_or_else(|e| panic!("{e}"))]),
             60_000
         )
         .is_ok());

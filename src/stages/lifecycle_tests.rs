@@ -69,7 +69,7 @@ impl Gateway {
         let cfg = self.attempt.routing.borrow().config.clone();
         crate::keys::read_record(&self.world.store, &cfg.keys[k].record_name)
             .map(|r| r.effective(self.world.now_ms.get()))
-            .unwrap_or(Effective::Available)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn in_flight(&self) -> usize {
@@ -117,8 +117,9 @@ fn a_served_request_is_reserved_then_charged_its_exact_cost() {
     let b = gw.budget();
     assert_eq!((b.spent, b.reserved, b.requests), (answer_cost(), Decimal::ZERO, 1));
     assert_eq!(gw.in_flight(), 0);
-    let outcome = x.downstream.filter_state.borrow().get("apikeyrouter").cloned().unwrap_or_default();
-    let outcome: serde_json::Value = serde_json::from_slice(&outcome).unwrap_or_default();
+    let outcome = x.downstream.filter_state.borrow().get("apikeyrouter").cloned();
+    let outcome = outcome.unwrap_or_else(|| panic!("no apikeyrouter filter state"));
+    let outcome: serde_json::Value = serde_json::from_slice(&outcome).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(outcome["key_id"], "k1");
     assert_eq!(outcome["client"], "alice");
     assert_eq!(outcome["total_tokens"], 30);
@@ -374,10 +375,10 @@ fn the_tick_writes_this_workers_decisions_to_its_ring() {
 fn a_bad_config_refuses_to_configure_with_one_line_naming_the_field() {
     let world = World::new(NOW);
     let e = world.root("apikeyrouter_ingress", r#"{"providers":[{"id":"p","keys":[]}],"budgets":[{"id":"b"}]}"#);
-    let e = e.err().unwrap_or_default();
+    let Err(e) = e else { panic!("configured") };
     assert!(e.starts_with("invalid apikeyrouter config: "), "{e}");
     assert!(!e.contains('\n'), "{e}");
-    let e = world.root("something_else", &config("1")).err().unwrap_or_default();
+    let Err(e) = world.root("something_else", &config("1")) else { panic!("configured") };
     assert!(e.contains("root_id"), "{e}");
 }
 
