@@ -79,6 +79,12 @@ def shared_state(etcd, key_id):
     return json.loads(value) if value else {}
 
 
+def marker(etcd, instance, name):
+    """What one instance counted for a counter, as its marker in etcd says (0 without one)."""
+    value = etcd.get(f"{PREFIX}/m/{instance}/{name}")
+    return Decimal(json.loads(value)["v"]) if value else Decimal(0)
+
+
 def etcd_total(etcd, name):
     """The fleet's count of a counter: the sum of every instance's marker."""
     markers = etcd.range_prefix(f"{PREFIX}/m/")
@@ -288,7 +294,9 @@ def test_when_etcd_dies_mid_run_instances_serve_on_local_state_and_reconcile_whe
 
     async def scenario():
         load = asyncio.ensure_future(_load([a.url, b.url], per_url=1, stop_after_refusals=1, seconds=60, stop=stop))
-        await asyncio.sleep(1.0)
+        # etcd dies once both instances have pushed spend of their own.
+        await wait_until_async(lambda: all(marker(etcd, i, "b/big") > 0 for i in ("gw-1", "gw-2")), timeout=20,
+                               interval=0.1, errors=(), what="spend from both instances in etcd")
         etcd.kill()
         # Degraded after degraded_after_ms (1 s) without a sync.
         await wait_until_async(lambda: all(health(e)["status"] == "degraded" for e in (a, b)), timeout=10,
