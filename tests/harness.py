@@ -506,11 +506,11 @@ class Etcd:
             self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
-        deadline, last = time.time() + timeout, None
+        deadline, last = time.monotonic() + timeout, None
         while True:
             if self.proc.poll() is not None:
                 why = f"it exited with {self.proc.returncode}"
-            elif time.time() > deadline:
+            elif time.monotonic() > deadline:
                 why = f"no answer from POST /v3/kv/range in {timeout:g}s" + (f": {last!r}" if last else "")
             else:
                 try:

@@ -12,7 +12,8 @@ from decimal import Decimal
 import aiohttp
 import pytest
 
-from harness import PRICES, Etcd, chat, expected_spend, plugin_with_keys, secrets, wait_until, wait_until_async
+from harness import (ADMIN_TOKEN, PRICES, Etcd, chat, expected_spend, plugin_with_keys, secrets, wait_until,
+                     wait_until_async)
 from harness import budget_of as budget
 
 INTERVAL_MS = 200
@@ -58,6 +59,32 @@ def health(e):
     return json.loads(body)
 
 
+def syncs(e):
+    """How many syncs with etcd this instance has finished."""
+    return health(e)["fleet"]["syncs"]
+
+
+def after_two_syncs(e, what):
+    """Waits until the instance has finished two more syncs than now. The
+    first may have read etcd before now; the second reads it after the
+    first ended (and after the writes that sync queued), so what was in
+    etcd or in the instance's own state now has been read and written."""
+    start = syncs(e)
+    wait_until(lambda: syncs(e) >= start + 2, timeout=10, what=f"two more syncs ({what})")
+
+
+def shared_state(etcd, key_id):
+    """The fleet's state of a key in etcd (`<prefix>/s/<key>`), as a dict."""
+    value = etcd.get(f"{PREFIX}/s/{key_id}")
+    return json.loads(value) if value else {}
+
+
+def marker(etcd, instance, name):
+    """What one instance counted for a counter, as its marker in etcd says (0 without one)."""
+    value = etcd.get(f"{PREFIX}/m/{instance}/{name}")
+    return Decimal(json.loads(value)["v"]) if value else Decimal(0)
+
+
 def etcd_total(etcd, name):
     """The fleet's count of a counter: the sum of every instance's marker."""
     markers = etcd.range_prefix(f"{PREFIX}/m/")
@@ -91,6 +118,30 @@ async def _load(urls, per_url, stop_after_refusals, seconds, model="gpt-4o-mini"
     return results
 
 
+async def _sync_gaps(gateways, stop, every=0.02):
+    """Polls each gateway's sync count (GET health) until `stop` is set.
+    Returns the longest time between two of any gateway's syncs, as seen:
+    between the polls that saw its count change, plus the longest time
+    between two polls (what a poll can miss)."""
+    changes = [[] for _ in gateways]
+    polled = []
+    headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        last = [None] * len(gateways)
+        while not stop.is_set():
+            for i, e in enumerate(gateways):
+                async with s.get(e.url + "/apikeyrouter/v1/health", headers=headers) as r:
+                    n = json.loads(await r.read())["fleet"]["syncs"]
+                if n != last[i]:
+                    changes[i].append(time.monotonic())
+                    last[i] = n
+            polled.append(time.monotonic())
+            await asyncio.sleep(every)
+    assert all(len(c) >= 3 for c in changes), f"syncs went on during the load: {changes}"
+    spacing = max(b - a for a, b in zip(polled, polled[1:]))
+    return max(b - a for c in changes for a, b in zip(c, c[1:])) + spacing
+
+
 def test_fleet_wide_hard_budget_holds_within_the_documented_bound_across_three_instances(
         mock3, etcd, start_envoy):
     limit = Decimal("2.00")
@@ -99,7 +150,16 @@ def test_fleet_wide_hard_budget_holds_within_the_documented_bound_across_three_i
     gws = start_fleet(start_envoy, mock3, etcd, plugin, 3)
     # A model takes its time: every answer after 300 ms.
     mock3.behavior("*", fault="timeout", delay_s=0.3, times=None)
-    results = asyncio.run(_load([e.url for e in gws], per_url=2, stop_after_refusals=8, seconds=60))
+
+    async def run():
+        stop = asyncio.Event()
+        gaps = asyncio.ensure_future(_sync_gaps(gws, stop))
+        try:
+            results = await _load([e.url for e in gws], per_url=2, stop_after_refusals=8, seconds=60)
+        finally:
+            stop.set()
+        return results, await gaps
+    results, sync_gap = asyncio.run(run())
 
     ok = [r for r in results if r[2] == 200]
     refused = [r for r in results if r[2] == 429]
@@ -122,8 +182,10 @@ def test_fleet_wide_hard_budget_holds_within_the_documented_bound_across_three_i
     # The documented bound: what the other instances spent within one sync
     # interval and a quarter (new spend is pushed at the next tick, a
     # quarter interval; the others pull it within an interval), plus their
-    # requests in flight, and a call to etcd's worth of slack.
-    window = 1.25 * INTERVAL_MS / 1000 + 0.05
+    # requests in flight. The interval is the longest one measured between
+    # two syncs in this run (with its calls to etcd), not the configured
+    # one: on a loaded machine ticks come late.
+    window = 1.25 * sync_gap
     costs = sorted((r[1], r[0], Decimal(r[4]["x-apikeyrouter-cost"])) for r in ok)
     worst = Decimal(0)
     for t, g, _ in costs:
@@ -132,12 +194,15 @@ def test_fleet_wide_hard_budget_holds_within_the_documented_bound_across_three_i
     in_flight = 2 * 2 * max(c for _, _, c in costs)  # 2 other instances x 2 clients
     overshoot = actual - limit
     print(f"fleet spend {actual} for limit {limit}: overshoot {overshoot}, bound {worst + in_flight}"
-          f" ({len(ok)} served, {len(refused)} refused)")
+          f" ({len(ok)} served, {len(refused)} refused; longest sync interval {sync_gap * 1000:.0f} ms)")
     assert overshoot <= worst + in_flight
     assert actual < limit * Decimal("1.5"), "far below what three separate budgets (3x the limit) would allow"
 
 
-def test_a_429_or_401_on_one_instance_reaches_the_others_within_an_interval(mock3, etcd, start_envoy):
+def test_a_429_or_401_on_one_instance_reaches_the_others_by_their_next_sync(mock3, etcd, start_envoy):
+    """A key-state change leaves its instance at that instance's next sync
+    and reaches the others at theirs (README, Fleet mode): checked by the
+    syncs each instance reports, not by the clock."""
     keys = secrets(3)
     a, b = start_fleet(start_envoy, mock3, etcd, fleet_plugin(keys), 2)
     mock3.behavior(keys[0], status=429, times=1, headers={"retry-after": "120"})
@@ -148,14 +213,12 @@ def test_a_429_or_401_on_one_instance_reaches_the_others_within_an_interval(mock
         if a.key_counters()["k1"]["state"] == "throttled":
             break
     assert a.key_counters()["k1"]["state"] == "throttled"
-    cooled_at = time.monotonic()
-    wait_until(lambda: b.key_counters()["k1"]["state"] == "throttled", timeout=5, interval=0.01,
-               what="the cooldown to reach instance B")
-    took = time.monotonic() - cooled_at
-    print(f"cooldown reached B in {took * 1000:.0f} ms (sync interval {INTERVAL_MS} ms)")
-    assert took <= INTERVAL_MS / 1000 + 0.25, "within one interval (plus the admin polling and a call to etcd)"
+    after_two_syncs(a, "A pushes k1's cooldown")
+    k1 = shared_state(etcd, "k1")
+    assert (k1.get("by"), k1.get("state")) == ("gw-1", "available") and k1["cooldown_until_ms"] > 0, k1
+    after_two_syncs(b, "B reads k1's cooldown")
     k1 = b.key_counters()["k1"]
-    assert k1["cooldown_remaining_ms"] > 100_000, k1
+    assert k1["state"] == "throttled" and k1["cooldown_remaining_ms"] > 100_000, k1
 
     # B never sends to k1 while it cools, though it has never seen a 429.
     before = mock3.stats().get(keys[0], {}).get("requests", 0)
@@ -165,12 +228,17 @@ def test_a_429_or_401_on_one_instance_reaches_the_others_within_an_interval(mock
     assert mock3.stats().get(keys[0], {}).get("requests", 0) == before
     status, _, body = b.admin_api("GET", "transitions")
     assert status == 200
-    assert any(t["id"] == "k1" and "fleet" in t["reason"] for t in json.loads(body)["transitions"]), body
+    assert any(t["id"] == "k1" and t["reason"] == "fleet: reported by instance gw-1"
+               for t in json.loads(body)["transitions"]), body
 
     # An admin's "available" on B clears the cooldown on A too.
     status, _, body = b.admin_api("PATCH", "keys/k1", json.dumps({"state": "available"}).encode())
     assert status == 200, body
-    wait_until(lambda: a.key_counters()["k1"]["state"] == "available", timeout=5, what="the reset to reach A")
+    after_two_syncs(b, "B pushes k1's reset")
+    k1 = shared_state(etcd, "k1")
+    assert (k1.get("by"), k1.get("state"), k1.get("cooldown_until_ms")) == ("gw-2", "available", 0), k1
+    after_two_syncs(a, "A reads k1's reset")
+    assert a.key_counters()["k1"]["state"] == "available"
 
     # A 401 on A disables the key on B as well.
     mock3.behavior(keys[1], status=401, times=None)
@@ -179,12 +247,13 @@ def test_a_429_or_401_on_one_instance_reaches_the_others_within_an_interval(mock
         assert status == 200
         if a.key_counters()["k2"]["state"] == "disabled":
             break
-    disabled_at = time.monotonic()
-    wait_until(lambda: b.key_counters()["k2"]["state"] == "disabled", timeout=5, interval=0.01,
-               what="the disable to reach instance B")
-    print(f"disable reached B in {(time.monotonic() - disabled_at) * 1000:.0f} ms")
-    assert time.monotonic() - disabled_at <= INTERVAL_MS / 1000 + 0.25
-    assert b.key_counters()["k2"]["state_reason"] == "provider answered 401"
+    assert a.key_counters()["k2"]["state"] == "disabled"
+    after_two_syncs(a, "A pushes k2's disable")
+    k2 = shared_state(etcd, "k2")
+    assert (k2.get("by"), k2.get("state")) == ("gw-1", "disabled"), k2
+    after_two_syncs(b, "B reads k2's disable")
+    k2 = b.key_counters()["k2"]
+    assert (k2["state"], k2["state_reason"]) == ("disabled", "provider answered 401"), k2
 
 
 def test_a_daily_token_quota_holds_across_the_fleet(start_mock, etcd, start_envoy):
@@ -201,9 +270,12 @@ def test_a_daily_token_quota_holds_across_the_fleet(start_mock, etcd, start_envo
     assert status == 429 and b"no_available_key" in body and b"1 exhausted" in body, body
     used = mock.stats()[keys[0]]["total_tokens"]
     assert used >= 100
-    # B learns it from etcd: k1 has no tokens left today for B either.
-    wait_until(lambda: b.key_counters()["k1"]["capacity_state"] == "exhausted", timeout=5,
-               what="A's tokens to count on B")
+    # B learns it from etcd at its next sync after A's: k1 has no tokens
+    # left today for B either.
+    after_two_syncs(a, "A pushes k1's tokens")
+    assert etcd_total(etcd, "q/k1/day") == used
+    after_two_syncs(b, "B reads k1's tokens")
+    assert b.key_counters()["k1"]["capacity_state"] == "exhausted", b.key_counters()["k1"]
     status, _, body = chat(b.url, extra={"max_tokens": 7})
     assert status == 429 and b"no_available_key" in body and b"1 exhausted" in body, body
     assert mock.stats()[keys[0]]["total_tokens"] == used, "B sent nothing to k1"
@@ -222,7 +294,9 @@ def test_when_etcd_dies_mid_run_instances_serve_on_local_state_and_reconcile_whe
 
     async def scenario():
         load = asyncio.ensure_future(_load([a.url, b.url], per_url=1, stop_after_refusals=1, seconds=60, stop=stop))
-        await asyncio.sleep(1.0)
+        # etcd dies once both instances have pushed spend of their own.
+        await wait_until_async(lambda: all(marker(etcd, i, "b/big") > 0 for i in ("gw-1", "gw-2")), timeout=20,
+                               interval=0.1, errors=(), what="spend from both instances in etcd")
         etcd.kill()
         # Degraded after degraded_after_ms (1 s) without a sync.
         await wait_until_async(lambda: all(health(e)["status"] == "degraded" for e in (a, b)), timeout=10,
@@ -268,7 +342,7 @@ def test_when_etcd_dies_mid_run_instances_serve_on_local_state_and_reconcile_whe
 
 
 def test_fleet_config_without_an_instance_id_is_refused_naming_the_field(tmp_path):
-    from harness import ADMIN_TOKEN, DEMO_CONFIG, render, validate
+    from harness import DEMO_CONFIG, render, validate
     cfg = render(DEMO_CONFIG.read_text(), 1, 2, 3, plugin=fleet_plugin(secrets(1)))
     cfg.pop("node", None)
     cfg["static_resources"]["clusters"].append({"name": "etcd", "type": "STATIC", "connect_timeout": "1s"})
