@@ -848,6 +848,43 @@ mod tests {
         assert!(r.pending.iter().all(|p| *p == Pending::default()));
     }
 
+    /// A store where another worker reserves on the same budget between this
+    /// worker's read and its write, once.
+    struct OtherWorkerBetween<'a> {
+        inner: &'a FakeStore,
+        budgets: &'a [Budget],
+        pending: std::cell::Cell<bool>,
+    }
+
+    impl Store for OtherWorkerBetween<'_> {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), crate::store::ReadError> {
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), crate::store::SetError> {
+            if self.pending.replace(false) {
+                assert!(reserve(self.inner, self.budgets, &[0], dec("0.40"), 0).is_ok());
+            }
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    #[test]
+    fn two_first_reservations_on_a_seeded_record_both_count_but_on_an_absent_one_one_is_lost() {
+        let bs = vec![budget("1.00", Enforcement::Hard, Some(Window::Day))];
+        // Absent: the host inserts whatever the cas, so the other worker's
+        // reservation is overwritten. This is why records are seeded.
+        let s = FakeStore::new();
+        let racy = OtherWorkerBetween { inner: &s, budgets: &bs, pending: true.into() };
+        assert!(reserve(&racy, &bs, &[0], dec("0.40"), 0).is_ok());
+        assert_eq!(load(&s, &bs[0], 0).reserved, dec("0.40"), "one of two reservations lost");
+        // Seeded: the second write conflicts, re-reads and adds its own.
+        let s = FakeStore::new();
+        assert!(crate::store::seed(&s, &bs[0].record_name, &BudgetRecord::default().encode()).is_ok());
+        let racy = OtherWorkerBetween { inner: &s, budgets: &bs, pending: true.into() };
+        assert!(reserve(&racy, &bs, &[0], dec("0.40"), 0).is_ok());
+        assert_eq!(load(&s, &bs[0], 0).reserved, dec("0.80"));
+    }
+
     #[test]
     fn an_unreadable_budget_record_refuses_instead_of_admitting_unreserved() {
         let s = FakeStore::new();

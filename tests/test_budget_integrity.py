@@ -1,7 +1,11 @@
 """Budget state from the very first request: records exist before traffic,
 so the first concurrent reservations are compare-and-swaps and none
 overwrites another (an overwritten reservation would let more requests in
-than the limit holds)."""
+than the limit holds).
+
+Admitted requests are streams the mock holds at its gate, so no request
+settles (at its actual cost, below its estimate) before every admission is
+decided: exactly the limit's worth is admitted, not one more."""
 
 import asyncio
 import json
@@ -19,25 +23,37 @@ FITS = 10  # requests the budget's limit holds
 
 def _body(i):
     # Every body has the same length, so every estimate is the same.
-    return {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": f"first {i:03d}"}]}
+    return {"model": "gpt-4o-mini", "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": f"first {i:03d}"}]}
 
 
-async def _burst(url, n):
-    """n requests released at once, each on its own connection."""
+async def _burst(url, mock, n):
+    """n requests released at once, each on its own connection. Returns the
+    statuses seen once all n were decided (admitted streams are held at the
+    mock's gate), then releases the gate and lets every request finish."""
     start = asyncio.Event()
+    statuses = {}
 
     async def one(session, i):
         await start.wait()
         async with session.post(url + "/v1/chat/completions", json=_body(i)) as r:
+            statuses[i] = r.status
             await r.read()
-            return r.status
 
     conn = aiohttp.TCPConnector(limit=n, force_close=True)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
         tasks = [asyncio.create_task(one(s, i)) for i in range(n)]
         await asyncio.sleep(0.2)
         start.set()
-        return await asyncio.gather(*tasks)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while len(statuses) < n:
+            assert loop.time() < deadline, f"only {len(statuses)} of {n} requests were decided"
+            await asyncio.sleep(0.05)
+        decided = Counter(statuses.values())
+        mock.control("/_mock/release", {})
+        await asyncio.gather(*tasks)
+    return decided
 
 
 def _plugin(limit):
@@ -59,8 +75,9 @@ def test_64_concurrent_first_requests_on_a_fresh_budget_admit_exactly_what_the_l
     limit = _estimate(start_mock, start_envoy) * FITS
     for round_ in range(3):
         mock = start_mock(secrets(3))
+        mock.control("/_mock/stream", {"chunks": 3, "gate": True})
         e = start_envoy(mock, plugin=_plugin(str(limit)))
-        statuses = Counter(asyncio.run(_burst(e.url, 64)))
+        statuses = asyncio.run(_burst(e.url, mock, 64))
         assert statuses == Counter({200: FITS, 429: 64 - FITS}), f"round {round_}: {statuses}"
         wait_until(lambda: budget(e, "fresh")["reserved"] == "0", what=f"round {round_}: settlements")
         rec = budget(e, "fresh")
