@@ -1,7 +1,14 @@
-//! The client's JSON request body: what the router needs from it (model,
-//! stream, max_tokens, prompt size) and the one rewrite it makes, asking a
-//! stream to report usage (`stream_options.include_usage`).
+//! The client's request body: what the router needs from it (model,
+//! stream, the output cap and the number of choices, prompt size) and the
+//! rewrites it makes: asking a stream to report usage
+//! (`stream_options.include_usage`), the model name, and a policy's output
+//! cap.
+//!
+//! A body is read as JSON when its content type says JSON (or says
+//! nothing), as a form when it is `multipart/form-data` (see
+//! [`crate::multipart`]), and otherwise as JSON when it parses as JSON.
 
+use crate::multipart;
 use serde::Deserialize;
 use serde_json::Value;
 use std::fmt;
@@ -41,6 +48,16 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Resul
 }
 
 #[derive(Deserialize)]
+#[allow(non_snake_case)]
+struct GenerationConfigPeek {
+    #[serde(default)]
+    maxOutputTokens: Option<u64>,
+    #[serde(default)]
+    candidateCount: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[allow(non_snake_case)]
 struct Peek {
     #[serde(default)]
     model: Option<String>,
@@ -50,6 +67,17 @@ struct Peek {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    /// The Responses API's cap.
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    n: Option<u64>,
+    /// Legacy completions: candidates made server-side, each billed.
+    #[serde(default)]
+    best_of: Option<u64>,
+    /// Gemini's native API: `maxOutputTokens` and `candidateCount`.
+    #[serde(default)]
+    generationConfig: Option<GenerationConfigPeek>,
     #[serde(default, deserialize_with = "present")]
     stream_options: Option<Option<StreamOptionsPeek>>,
 }
@@ -59,7 +87,13 @@ struct Peek {
 pub struct RequestInfo {
     pub model: Option<String>,
     pub stream: bool,
+    /// The largest output cap the body sets in any dialect's field
+    /// (`max_tokens`, `max_completion_tokens`, `max_output_tokens`,
+    /// `generationConfig.maxOutputTokens`); `None` when it sets none.
     pub max_tokens: Option<u64>,
+    /// Completions the provider makes (and bills) per request: the largest
+    /// of `n`, `best_of` and `generationConfig.candidateCount`, at least 1.
+    pub choices: u64,
     /// The body size in bytes, a cheap upper bound of the prompt.
     pub body_len: usize,
     /// `stream_options` present at all.
@@ -89,13 +123,128 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, BodyError> {
             BodyError::Malformed(e.to_string())
         }
     })?;
+    let generation = peek.generationConfig.as_ref();
+    let caps = [
+        peek.max_tokens,
+        peek.max_completion_tokens,
+        peek.max_output_tokens,
+        generation.and_then(|g| g.maxOutputTokens),
+    ];
+    let choices = [peek.n, peek.best_of, generation.and_then(|g| g.candidateCount)];
     Ok(RequestInfo {
         model: peek.model,
         stream: peek.stream.unwrap_or(false),
-        max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
+        max_tokens: caps.into_iter().flatten().max(),
+        choices: choices.into_iter().flatten().max().unwrap_or(1).max(1),
         body_len: body.len(),
         has_stream_options: peek.stream_options.is_some(),
         include_usage: peek.stream_options.flatten().and_then(|s| s.include_usage).unwrap_or(false),
+    })
+}
+
+/// How a request body was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Form {
+    Json,
+    /// `multipart/form-data`, with its `model` field, if any.
+    Multipart(Option<multipart::Field>),
+    /// Neither JSON nor a form the router can read: why.
+    Unreadable(String),
+}
+
+/// Whether a content type declares JSON (or nothing at all).
+fn declares_json(content_type: &str) -> bool {
+    let ct = content_type.trim().to_ascii_lowercase();
+    ct.is_empty() || ct.starts_with("application/json") || ct.contains("+json")
+}
+
+/// Reads a request body by its content type. A body declared JSON (or
+/// undeclared) must be a JSON object: anything else is refused. A
+/// `multipart/form-data` body is read as a form; a form the router cannot
+/// read is [`Form::Unreadable`], as is a body of any other content type
+/// that is not JSON. Any other body that parses as JSON is read as JSON.
+pub fn read(content_type: &str, body: &[u8]) -> Result<(RequestInfo, Form), BodyError> {
+    let unread = RequestInfo { body_len: body.len(), choices: 1, ..RequestInfo::default() };
+    if multipart::is_form(content_type) {
+        let parsed = multipart::boundary(content_type)
+            .ok_or(multipart::FormError::NoBoundary)
+            .and_then(|b| multipart::parse(body, b));
+        return Ok(match parsed {
+            Ok(f) => {
+                let info = RequestInfo {
+                    model: f.model.as_ref().map(|m| m.value.clone()),
+                    stream: f.stream,
+                    choices: f.n.unwrap_or(1).max(1),
+                    ..unread
+                };
+                (info, Form::Multipart(f.model))
+            }
+            Err(e) => (unread, Form::Unreadable(format!("its multipart body could not be read: {e}"))),
+        });
+    }
+    match inspect(body) {
+        Ok(info) => Ok((info, Form::Json)),
+        Err(BodyError::Malformed(_)) if !declares_json(content_type) => {
+            Ok((unread, Form::Unreadable("its body is neither JSON nor a multipart form".into())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The field a dialect takes its output cap in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapField {
+    /// Legacy completions, Anthropic, OpenAI-compatible services.
+    MaxTokens,
+    /// OpenAI and Azure chat completions.
+    MaxCompletionTokens,
+    /// The Responses API.
+    MaxOutputTokens,
+    /// Gemini's native API: `generationConfig.maxOutputTokens`.
+    GenerationConfig,
+}
+
+impl CapField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapField::MaxTokens => "max_tokens",
+            CapField::MaxCompletionTokens => "max_completion_tokens",
+            CapField::MaxOutputTokens => "max_output_tokens",
+            CapField::GenerationConfig => "generationConfig.maxOutputTokens",
+        }
+    }
+}
+
+/// A JSON object body after `edit`, or `None` when it is not one.
+fn edited(body: &[u8], edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Option<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    edit(v.as_object_mut()?);
+    serde_json::to_vec(&v).ok()
+}
+
+/// The JSON body with its `model` set to `model`.
+pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    edited(body, |o| {
+        o.insert("model".into(), Value::String(model.to_string()));
+    })
+}
+
+/// The JSON body with the output cap `cap` in `field` (replacing a `null`
+/// there, which providers read as no cap).
+pub fn with_cap(body: &[u8], field: CapField, cap: u64) -> Option<Vec<u8>> {
+    edited(body, |o| match field {
+        CapField::GenerationConfig => {
+            let slot = o.entry("generationConfig").or_insert(Value::Null);
+            if !slot.is_object() {
+                *slot = Value::Object(serde_json::Map::new());
+            }
+            if let Some(g) = slot.as_object_mut() {
+                g.insert("maxOutputTokens".into(), Value::from(cap));
+            }
+        }
+        f => {
+            o.insert(f.as_str().into(), Value::from(cap));
+        }
     })
 }
 
@@ -153,10 +302,72 @@ mod tests {
         assert!(i.stream);
         assert_eq!(i.max_tokens, Some(50));
         let i = info(r#"{"model":"o1","max_completion_tokens":9,"max_tokens":50}"#);
-        assert_eq!(i.max_tokens, Some(9), "max_completion_tokens wins");
+        assert_eq!(i.max_tokens, Some(50), "the largest cap bounds the output");
+        assert_eq!(i.choices, 1);
         let i = info(r#"{"input":"x","stream":null}"#);
         assert!(!i.stream);
         assert_eq!(i.model, None);
+    }
+
+    #[test]
+    fn every_dialects_output_cap_and_choice_count_is_read() {
+        let cases = [
+            (r#"{"max_output_tokens":700}"#, Some(700), 1),
+            (r#"{"generationConfig":{"maxOutputTokens":300,"candidateCount":4,"temperature":1}}"#, Some(300), 4),
+            (r#"{"max_tokens":10,"n":8}"#, Some(10), 8),
+            (r#"{"max_tokens":10,"n":2,"best_of":5}"#, Some(10), 5),
+            (r#"{"n":0,"max_tokens":null,"generationConfig":null}"#, None, 1),
+        ];
+        for (body, cap, choices) in cases {
+            let i = info(body);
+            assert_eq!((i.max_tokens, i.choices), (cap, choices), "{body}");
+        }
+        assert!(matches!(inspect(br#"{"n":"8"}"#), Err(BodyError::BadField(_))));
+        assert!(matches!(inspect(br#"{"generationConfig":{"maxOutputTokens":-1}}"#), Err(BodyError::BadField(_))));
+    }
+
+    #[test]
+    fn json_with_any_content_type_is_read_as_json_and_forms_as_forms() {
+        let body = br#"{"model":"gpt-4o","max_tokens":5}"#;
+        for ct in ["", "application/json", "application/vnd.api+json", "text/plain", "application/octet-stream"] {
+            let (i, form) = read(ct, body).unwrap_or_else(|e| panic!("{ct}: {e}"));
+            assert_eq!((i.model.as_deref(), form), (Some("gpt-4o"), Form::Json), "{ct}");
+        }
+        // Declared JSON must be JSON; undeclared bytes are unreadable, not refused.
+        assert!(read("application/json", b"hello").is_err());
+        assert!(read("", b"hello").is_err());
+        let (i, form) = read("text/plain", b"hello").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(form, Form::Unreadable(_)) && i.model.is_none() && i.body_len == 5);
+        assert!(read("text/plain", b"[1]").is_err(), "JSON, but not an object");
+
+        let ct = "multipart/form-data; boundary=b";
+        let form_body = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\n2\r\n--b--";
+        let (i, form) = read(ct, form_body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((i.model.as_deref(), i.choices, i.body_len), (Some("whisper-1"), 2, form_body.len()));
+        assert!(matches!(form, Form::Multipart(Some(_))));
+        let (i, form) = read("multipart/form-data", form_body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(i.model, None);
+        assert!(matches!(form, Form::Unreadable(why) if why.contains("boundary")));
+    }
+
+    #[test]
+    fn caps_and_models_are_written_into_the_dialects_field() {
+        let get = |b: Option<Vec<u8>>| serde_json::from_slice::<Value>(&b.unwrap_or_default()).unwrap_or(Value::Null);
+        let body = br#"{"model":"a","max_tokens":null,"messages":[]}"#;
+        let v = get(with_cap(body, CapField::MaxTokens, 64));
+        assert_eq!((v["max_tokens"].as_u64(), v["model"].as_str()), (Some(64), Some("a")));
+        let v = get(with_cap(body, CapField::MaxCompletionTokens, 64));
+        assert_eq!(v["max_completion_tokens"], 64);
+        let v = get(with_cap(br#"{"input":"x"}"#, CapField::MaxOutputTokens, 7));
+        assert_eq!(v["max_output_tokens"], 7);
+        let v = get(with_cap(br#"{"generationConfig":{"temperature":1}}"#, CapField::GenerationConfig, 9));
+        assert_eq!(v["generationConfig"], serde_json::json!({"temperature": 1, "maxOutputTokens": 9}));
+        let v = get(with_cap(br#"{"generationConfig":null}"#, CapField::GenerationConfig, 9));
+        assert_eq!(v["generationConfig"]["maxOutputTokens"], 9);
+        let i = inspect(&serde_json::to_vec(&v).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(i.max_tokens, Some(9), "the injected cap reads back");
+        assert_eq!(get(with_model(body, "b"))["model"], "b");
+        assert_eq!(with_model(b"[1]", "b"), None);
     }
 
     #[test]
