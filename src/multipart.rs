@@ -13,7 +13,8 @@
 //! use apikeyrouter::multipart::{boundary, parse};
 //! let ct = "multipart/form-data; boundary=XyZ";
 //! let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ--\r\n";
-//! let form = parse(body, boundary(ct).unwrap_or_default()).unwrap_or_default();
+//! let b = boundary(ct).and_then(Result::ok).unwrap_or_default();
+//! let form = parse(body, b).unwrap_or_default();
 //! assert_eq!(form.model.map(|m| m.value), Some("whisper-1".to_string()));
 //! ```
 
@@ -76,44 +77,40 @@ pub struct Form {
     pub stream: bool,
 }
 
-/// The `boundary` parameter of a `multipart/form-data` content type, or
-/// `None` for another content type or a missing or invalid boundary
-/// (RFC 2046: 1 to 70 characters).
-pub fn boundary(content_type: &str) -> Option<&str> {
+/// The `boundary` of a `multipart/form-data` content type: `None` for
+/// another content type, `Some(Err)` for a form without one usable boundary
+/// (RFC 2046: 1 to 70 characters). A content type the router might split
+/// differently from the provider (two boundaries, a quoted `;`) has none.
+pub fn boundary(content_type: &str) -> Option<Result<&str, FormError>> {
     let mut params = content_type.split(';');
-    let kind = params.next()?.trim();
-    if !kind.eq_ignore_ascii_case("multipart/form-data") {
+    if !params.next()?.trim().eq_ignore_ascii_case("multipart/form-data") {
         return None;
     }
-    let value = params.find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("boundary").then_some(v.trim())
-    })?;
-    let value = match value.strip_prefix('"') {
-        Some(quoted) => quoted.strip_suffix('"')?,
-        None => value,
-    };
-    let valid = !value.is_empty() && value.len() <= 70 && value.bytes().all(|b| (0x20..0x7f).contains(&b));
-    valid.then_some(value)
-}
-
-/// Whether `content_type` names a multipart form at all (with or without a
-/// usable boundary).
-pub fn is_form(content_type: &str) -> bool {
-    content_type.split(';').next().is_some_and(|k| k.trim().eq_ignore_ascii_case("multipart/form-data"))
-}
-
-fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    let first = *needle.first()?;
-    let mut i = from;
-    while i + needle.len() <= hay.len() {
-        let at = i + hay.get(i..)?.iter().position(|&b| b == first)?;
-        if hay.get(at..at + needle.len())? == needle {
-            return Some(at);
+    let mut found = None;
+    for p in params {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        if k.trim().eq_ignore_ascii_case("boundary") {
+            let v = v.trim();
+            let v = v.strip_prefix('"').and_then(|q| q.strip_suffix('"')).unwrap_or(v);
+            // Two boundaries: none.
+            found = Some(if found.is_none() { v } else { "" });
         }
-        i = at + 1;
     }
-    None
+    let ok = |b: &&str| !b.is_empty() && b.len() <= 70 && b.bytes().all(|c| (0x20..0x7f).contains(&c) && c != b'"');
+    Some(found.filter(ok).ok_or(FormError::NoBoundary))
+}
+
+#[inline(never)]
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let mut i = from;
+    loop {
+        i += hay.get(i..)?.iter().position(|&b| b == first)?;
+        if hay.get(i + 1..)?.starts_with(rest) {
+            return Some(i);
+        }
+        i += 1;
+    }
 }
 
 /// Reads `body`, a whole `multipart/form-data` body with `boundary`.
@@ -123,145 +120,121 @@ pub fn parse(body: &[u8], boundary: &str) -> Result<Form, FormError> {
     }
     // Every delimiter after the first is preceded by CRLF; the first may
     // open the body or follow a preamble.
-    let delimiter = [b"\r\n--".as_slice(), boundary.as_bytes()].concat();
-    let mut at = if body.starts_with(&delimiter[2..]) {
-        delimiter.len() - 2
-    } else {
-        find(body, &delimiter, 0).ok_or(FormError::NoDelimiter)? + delimiter.len()
+    let delimiter = [b"\r\n--", boundary.as_bytes()].concat();
+    let mut at = match body.strip_prefix(&delimiter[2..]) {
+        Some(_) => delimiter.len() - 2,
+        None => find(body, &delimiter, 0).ok_or(FormError::NoDelimiter)? + delimiter.len(),
     };
     let mut form = Form::default();
     for _ in 0..=MAX_PARTS {
         // After a delimiter: `--` closes the body; otherwise optional
-        // whitespace and CRLF open a part.
-        let rest = body.get(at..).unwrap_or_default();
-        if rest.starts_with(b"--") {
+        // whitespace and CRLF open a part, then headers and a blank line.
+        if body.get(at..at + 2) == Some(b"--") {
             return Ok(form);
         }
-        let line_end = find(body, b"\r\n", at).ok_or(FormError::Truncated)?;
-        if body.get(at..line_end).is_some_and(|pad| pad.iter().any(|&b| b != b' ' && b != b'\t')) {
+        let eol = find(body, b"\r\n", at).ok_or(FormError::Truncated)?;
+        if body.get(at..eol).unwrap_or_default().iter().any(|&b| b != b' ' && b != b'\t') {
             return Err(FormError::NoDelimiter);
         }
-        let headers_start = line_end + 2;
-        let (headers, content_start) = if body.get(headers_start..headers_start + 2) == Some(b"\r\n".as_slice()) {
-            (&[][..], headers_start + 2)
-        } else {
-            let end = find(body, b"\r\n\r\n", headers_start).ok_or(FormError::Truncated)?;
-            if end - headers_start > MAX_PART_HEADERS {
-                return Err(FormError::BadPartHeaders);
-            }
-            (body.get(headers_start..end).unwrap_or_default(), end + 4)
-        };
-        let content_end = find(body, &delimiter, content_start).ok_or(FormError::Truncated)?;
-        let (name, is_file) = disposition(headers)?;
-        if !is_file {
-            read_field(&mut form, name.as_deref(), body, content_start..content_end)?;
-        } else if name.as_deref() == Some("model") {
-            return Err(FormError::BadValue("model"));
+        let blank = find(body, b"\r\n\r\n", eol).ok_or(FormError::Truncated)?;
+        if blank - eol > MAX_PART_HEADERS {
+            return Err(FormError::BadPartHeaders);
         }
-        at = content_end + delimiter.len();
+        let headers = body.get(eol + 2..blank).unwrap_or_default();
+        let content = blank + 4..find(body, &delimiter, blank + 4).ok_or(FormError::Truncated)?;
+        at = content.end + delimiter.len();
+        let (name, is_file) = disposition(headers)?;
+        let raw = body.get(content.clone()).unwrap_or_default();
+        match name.as_deref() {
+            Some(b"model") if is_file => return Err(FormError::BadValue("model")),
+            Some(b"model") => {
+                let value = std::str::from_utf8(raw)
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.len() <= MAX_MODEL && !v.bytes().any(|b| b.is_ascii_control()));
+                let value = value.ok_or(FormError::BadValue("model"))?.to_string();
+                if form.model.replace(Field { value, range: content }).is_some() {
+                    return Err(FormError::Duplicate("model"));
+                }
+            }
+            Some(b"n") if !is_file => {
+                let n = std::str::from_utf8(raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
+                if form.n.replace(n.ok_or(FormError::BadValue("n"))?).is_some() {
+                    return Err(FormError::Duplicate("n"));
+                }
+            }
+            Some(b"stream") if !is_file => form.stream = raw.eq_ignore_ascii_case(b"true"),
+            _ => {}
+        }
     }
     Err(FormError::TooManyParts)
 }
 
-/// Keeps the value of a field the router reads.
-fn read_field(form: &mut Form, name: Option<&str>, body: &[u8], range: Range<usize>) -> Result<(), FormError> {
-    let raw = body.get(range.clone()).unwrap_or_default();
-    match name {
-        Some("model") => {
-            if form.model.is_some() {
-                return Err(FormError::Duplicate("model"));
-            }
-            let value = std::str::from_utf8(raw).map_err(|_| FormError::BadValue("model"))?;
-            if value.is_empty() || value.len() > MAX_MODEL || value.bytes().any(|b| b.is_ascii_control()) {
-                return Err(FormError::BadValue("model"));
-            }
-            form.model = Some(Field { value: value.to_string(), range });
-        }
-        Some("n") => {
-            if form.n.is_some() {
-                return Err(FormError::Duplicate("n"));
-            }
-            let n = std::str::from_utf8(raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
-            form.n = Some(n.ok_or(FormError::BadValue("n"))?);
-        }
-        Some("stream") => form.stream = raw.eq_ignore_ascii_case(b"true"),
-        _ => {}
-    }
-    Ok(())
-}
-
-/// The `name` of a part's `Content-Disposition`, and whether it is a file
-/// (has a `filename`). Forms a provider might read differently are errors:
-/// two dispositions, an RFC 2231 `name*`, a transfer encoding.
-fn disposition(headers: &[u8]) -> Result<(Option<String>, bool), FormError> {
-    let text = std::str::from_utf8(headers).map_err(|_| FormError::BadPartHeaders)?;
+/// The `name` of a part's `Content-Disposition` (lowercased: a field named
+/// `Model` counts as `model`), and whether it is a file (has a
+/// `filename`). Forms a provider might read differently are errors: two
+/// dispositions, an RFC 2231 `name*`, a transfer encoding, a header line
+/// without a colon.
+fn disposition(headers: &[u8]) -> Result<(Option<Vec<u8>>, bool), FormError> {
+    let headers = headers.to_ascii_lowercase();
     let mut found = None;
-    for line in text.split("\r\n") {
-        let (k, v) = line.split_once(':').ok_or(FormError::BadPartHeaders)?;
-        let k = k.trim();
-        if k.eq_ignore_ascii_case("content-transfer-encoding")
-            && !["7bit", "8bit", "binary"].iter().any(|e| v.trim().eq_ignore_ascii_case(e))
-        {
-            return Err(FormError::BadPartHeaders);
-        }
-        if !k.eq_ignore_ascii_case("content-disposition") {
-            continue;
-        }
-        if found.is_some() {
-            return Err(FormError::BadPartHeaders);
-        }
-        let mut name = None;
-        let mut is_file = false;
-        for param in params(v) {
-            let (pk, pv) = param?;
-            if pk.eq_ignore_ascii_case("name*") {
-                return Err(FormError::BadPartHeaders);
-            } else if pk.eq_ignore_ascii_case("name") {
-                name = Some(pv);
-            } else if pk.eq_ignore_ascii_case("filename") || pk.eq_ignore_ascii_case("filename*") {
-                is_file = true;
+    for line in headers.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let colon = line.iter().position(|&b| b == b':').ok_or(FormError::BadPartHeaders)?;
+        let v = line.get(colon + 1..).unwrap_or_default().trim_ascii();
+        match (line.get(..colon).unwrap_or_default().trim_ascii(), found.is_some()) {
+            (b"content-transfer-encoding", _) if !matches!(v, b"7bit" | b"8bit" | b"binary") => {
+                return Err(FormError::BadPartHeaders)
             }
+            (b"content-disposition", false) => found = Some(params(v)?),
+            (b"content-disposition", true) => return Err(FormError::BadPartHeaders),
+            _ => {}
         }
-        found = Some((name, is_file));
     }
     Ok(found.unwrap_or((None, false)))
 }
 
-/// The `key=value` parameters after `form-data`, values unquoted
-/// (backslash escapes resolved).
-fn params(v: &str) -> impl Iterator<Item = Result<(String, String), FormError>> + '_ {
-    let mut rest = v.split_once(';').map_or("", |(_, r)| r);
-    std::iter::from_fn(move || {
-        rest = rest.trim_start_matches([' ', '\t', ';']);
-        if rest.is_empty() {
-            return None;
-        }
-        let Some((k, after)) = rest.split_once('=') else {
-            return Some(Err(FormError::BadPartHeaders));
+/// `name` (unquoted, backslash escapes resolved) and whether a `filename`
+/// is present, from the parameters of a `Content-Disposition` value.
+fn params(v: &[u8]) -> Result<(Option<Vec<u8>>, bool), FormError> {
+    let (mut name, mut is_file) = (None, false);
+    let mut i = v.iter().position(|&b| b == b';').unwrap_or(v.len());
+    while i < v.len() {
+        let rest = v.get(i..).unwrap_or_default();
+        i += rest.iter().position(|b| !b" \t;".contains(b)).unwrap_or(rest.len());
+        let Some(eq) = v.get(i..).and_then(|r| r.iter().position(|&b| b == b'=')) else {
+            return if i < v.len() { Err(FormError::BadPartHeaders) } else { Ok((name, is_file)) };
         };
-        let k = k.trim().to_string();
-        let after = after.trim_start();
-        if let Some(q) = after.strip_prefix('"') {
-            let mut value = String::new();
-            let mut chars = q.char_indices();
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '"' => {
-                        rest = q.get(i + 1..).unwrap_or_default();
-                        return Some(Ok((k, value)));
+        let key = v.get(i..i + eq).unwrap_or_default().trim_ascii();
+        i += eq + 1;
+        let mut value = Vec::new();
+        let quoted = v.get(i..).unwrap_or_default().trim_ascii_start().first() == Some(&b'"');
+        if quoted {
+            i += v.get(i..).unwrap_or_default().iter().position(|&b| b == b'"').unwrap_or(0) + 1;
+            loop {
+                match v.get(i) {
+                    None => return Err(FormError::BadPartHeaders),
+                    Some(b'"') => break,
+                    Some(b'\\') => {
+                        i += 1;
+                        value.extend(v.get(i));
                     }
-                    '\\' => value.extend(chars.next().map(|(_, c)| c)),
-                    c => value.push(c),
+                    Some(&b) => value.push(b),
                 }
+                i += 1;
             }
-            Some(Err(FormError::BadPartHeaders))
+            i += 1;
         } else {
-            let end = after.find(';').unwrap_or(after.len());
-            let value = after.get(..end).unwrap_or_default().trim().to_string();
-            rest = after.get(end..).unwrap_or_default();
-            Some(Ok((k, value)))
+            let end = v.get(i..).unwrap_or_default().iter().position(|&b| b == b';').map_or(v.len(), |e| i + e);
+            value.extend_from_slice(v.get(i..end).unwrap_or_default().trim_ascii());
+            i = end;
         }
-    })
+        match key {
+            b"name*" => return Err(FormError::BadPartHeaders),
+            b"name" => name = Some(value),
+            b"filename" | b"filename*" => is_file = true,
+            _ => {}
+        }
+    }
+    Ok((name, is_file))
 }
 
 /// `body` with the `model` field's value replaced by `model`.
@@ -290,14 +263,18 @@ mod tests {
 
     #[test]
     fn the_boundary_comes_from_the_content_type_quoted_or_not() {
-        assert_eq!(boundary("multipart/form-data; boundary=abc"), Some("abc"));
-        assert_eq!(boundary("Multipart/Form-Data;charset=utf-8; BOUNDARY=\"a b:c\""), Some("a b:c"));
-        assert_eq!(boundary("multipart/form-data"), None);
-        assert_eq!(boundary("multipart/form-data; boundary="), None);
-        assert_eq!(boundary("multipart/form-data; boundary=\"open"), None);
-        assert_eq!(boundary(&format!("multipart/form-data; boundary={}", "x".repeat(71))), None);
+        assert_eq!(boundary("multipart/form-data; boundary=abc"), Some(Ok("abc")));
+        assert_eq!(boundary("Multipart/Form-Data;charset=utf-8; BOUNDARY=\"a b:c\""), Some(Ok("a b:c")));
+        assert_eq!(boundary("multipart/form-data; x=\"boundary=A\"; boundary=B"), Some(Ok("B")));
+        let none = Some(Err(FormError::NoBoundary));
+        assert_eq!(boundary("multipart/form-data"), none);
+        assert_eq!(boundary("multipart/form-data; boundary="), none);
+        assert_eq!(boundary("multipart/form-data; boundary=\"open"), none);
+        assert_eq!(boundary("multipart/form-data; boundary=\"a;b\""), none, "a quoted ';' is not split on");
+        assert_eq!(boundary("multipart/form-data; x=\"a;boundary=A\"; boundary=B"), none, "two boundaries");
+        assert_eq!(boundary(&format!("multipart/form-data; boundary={}", "x".repeat(71))), none);
         assert_eq!(boundary("application/json; boundary=abc"), None);
-        assert!(is_form("multipart/form-data") && !is_form("text/plain"));
+        assert_eq!(boundary("text/plain"), None);
     }
 
     #[test]
@@ -332,6 +309,12 @@ mod tests {
         // An escaped name that reads as `model` is `model`: a second copy.
         let twice = form(&[("Content-Disposition: form-data; name=\"mo\\del\"", "x"), (&text("model"), "m")], "b");
         assert_eq!(parse(&twice, "b"), Err(FormError::Duplicate("model")));
+    }
+
+    #[test]
+    fn field_names_are_compared_without_case() {
+        let body = form(&[("content-disposition: Form-Data; NAME=\"Model\"", "m"), (&text("model"), "n")], "b");
+        assert_eq!(parse(&body, "b"), Err(FormError::Duplicate("model")));
     }
 
     #[test]

@@ -42,44 +42,103 @@ struct StreamOptionsPeek {
     include_usage: Option<bool>,
 }
 
-/// `Some(inner)` when the field is present at all, even as `null`.
-fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
-}
+/// The top-level fields the router reads; the index of each is its slot
+/// in [`Peek`]. Gemini's JSON takes both spellings of its config.
+const FIELDS: [&str; 10] = [
+    "model",
+    "stream",
+    "stream_options",
+    // Output caps: chat and legacy completions, OpenAI chat, Responses.
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    // Choices: `best_of` are candidates made server-side, each billed.
+    "n",
+    "best_of",
+    "generationConfig",
+    "generation_config",
+];
+const FIRST_COUNT: usize = 3;
+const FIRST_GEMINI: usize = 8;
 
-#[derive(Deserialize)]
-#[allow(non_snake_case)]
-struct GenerationConfigPeek {
-    #[serde(default)]
-    maxOutputTokens: Option<u64>,
-    #[serde(default)]
-    candidateCount: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[allow(non_snake_case)]
+/// The fields of a request body the router reads, each at most once.
+#[derive(Default)]
 struct Peek {
-    #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-    /// The Responses API's cap.
-    #[serde(default)]
-    max_output_tokens: Option<u64>,
-    #[serde(default)]
-    n: Option<u64>,
-    /// Legacy completions: candidates made server-side, each billed.
-    #[serde(default)]
-    best_of: Option<u64>,
-    /// Gemini's native API: `maxOutputTokens` and `candidateCount`.
-    #[serde(default)]
-    generationConfig: Option<GenerationConfigPeek>,
-    #[serde(default, deserialize_with = "present")]
+    /// `Some(inner)` when present at all, even as `null`.
     stream_options: Option<Option<StreamOptionsPeek>>,
+    /// The counts of `FIELDS[FIRST_COUNT..FIRST_GEMINI]`.
+    counts: [Option<u64>; 5],
+    /// Gemini's generation config, in either spelling.
+    generation: [Option<Value>; 2],
+}
+
+/// A top-level key, as its index in [`FIELDS`] (`FIELDS.len()`: another).
+struct Key(usize);
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl serde::de::Visitor<'_> for KeyVisitor {
+    type Value = Key;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key, E> {
+        Ok(Key(FIELDS.iter().position(|f| *f == v).unwrap_or(FIELDS.len())))
+    }
+}
+
+impl<'de> Deserialize<'de> for Peek {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Peek, D::Error> {
+        d.deserialize_map(PeekVisitor)
+    }
+}
+
+struct PeekVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PeekVisitor {
+    type Value = Peek;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Peek, A::Error> {
+        let mut p = Peek::default();
+        let mut seen = 0u32;
+        while let Some(Key(i)) = m.next_key()? {
+            // A duplicate is refused: a provider might act on the other copy.
+            if i < FIELDS.len() && seen & (1 << i) != 0 {
+                let name = FIELDS.get(i).copied().unwrap_or_default();
+                return Err(serde::de::Error::custom(format_args!("duplicate field `{name}`")));
+            }
+            seen |= 1 << i.min(31);
+            match i {
+                0 => p.model = m.next_value()?,
+                1 => p.stream = m.next_value()?,
+                2 => p.stream_options = Some(m.next_value()?),
+                FIRST_COUNT..FIRST_GEMINI => {
+                    if let Some(slot) = p.counts.get_mut(i - FIRST_COUNT) {
+                        *slot = m.next_value()?;
+                    }
+                }
+                FIRST_GEMINI..=9 => {
+                    if let Some(slot) = p.generation.get_mut(i - FIRST_GEMINI) {
+                        *slot = m.next_value()?;
+                    }
+                }
+                _ => {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(p)
+    }
 }
 
 /// What the router learned from a request body.
@@ -123,14 +182,15 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, BodyError> {
             BodyError::Malformed(e.to_string())
         }
     })?;
-    let generation = peek.generationConfig.as_ref();
+    let generation = [&peek.generation[0], &peek.generation[1]];
+    let [max_tokens, max_completion_tokens, max_output_tokens, n, best_of] = peek.counts;
     let caps = [
-        peek.max_tokens,
-        peek.max_completion_tokens,
-        peek.max_output_tokens,
-        generation.and_then(|g| g.maxOutputTokens),
+        max_tokens,
+        max_completion_tokens,
+        max_output_tokens,
+        gemini_count(generation, ["maxOutputTokens", "max_output_tokens"])?,
     ];
-    let choices = [peek.n, peek.best_of, generation.and_then(|g| g.candidateCount)];
+    let choices = [n, best_of, gemini_count(generation, ["candidateCount", "candidate_count"])?];
     Ok(RequestInfo {
         model: peek.model,
         stream: peek.stream.unwrap_or(false),
@@ -165,11 +225,8 @@ fn declares_json(content_type: &str) -> bool {
 /// that is not JSON. Any other body that parses as JSON is read as JSON.
 pub fn read(content_type: &str, body: &[u8]) -> Result<(RequestInfo, Form), BodyError> {
     let unread = RequestInfo { body_len: body.len(), choices: 1, ..RequestInfo::default() };
-    if multipart::is_form(content_type) {
-        let parsed = multipart::boundary(content_type)
-            .ok_or(multipart::FormError::NoBoundary)
-            .and_then(|b| multipart::parse(body, b));
-        return Ok(match parsed {
+    if let Some(boundary) = multipart::boundary(content_type) {
+        return Ok(match boundary.and_then(|b| multipart::parse(body, b)) {
             Ok(f) => {
                 let info = RequestInfo {
                     model: f.model.as_ref().map(|m| m.value.clone()),
@@ -234,18 +291,36 @@ pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
 pub fn with_cap(body: &[u8], field: CapField, cap: u64) -> Option<Vec<u8>> {
     edited(body, |o| match field {
         CapField::GenerationConfig => {
-            let slot = o.entry("generationConfig").or_insert(Value::Null);
+            // Into the spelling the caller used, so no second config wins.
+            let key = if o.contains_key("generation_config") { "generation_config" } else { "generationConfig" };
+            let slot = o.entry(key).or_insert(Value::Null);
             if !slot.is_object() {
                 *slot = Value::Object(serde_json::Map::new());
             }
             if let Some(g) = slot.as_object_mut() {
-                g.insert("maxOutputTokens".into(), Value::from(cap));
+                let name = if key == "generationConfig" { "maxOutputTokens" } else { "max_output_tokens" };
+                g.insert(name.into(), Value::from(cap));
             }
         }
         f => {
             o.insert(f.as_str().into(), Value::from(cap));
         }
     })
+}
+
+/// The largest count under either name in either spelling of Gemini's
+/// generation config; a value that is not a count is refused.
+fn gemini_count(configs: [&Option<Value>; 2], names: [&str; 2]) -> Result<Option<u64>, BodyError> {
+    let mut out = None;
+    for config in configs.into_iter().flatten() {
+        let o = config.as_object().ok_or_else(|| BodyError::BadField("generationConfig must be an object".into()))?;
+        for v in names.iter().filter_map(|n| o.get(*n)).filter(|v| !v.is_null()) {
+            let n =
+                v.as_u64().ok_or_else(|| BodyError::BadField(format!("generationConfig: {v} is not a token count")))?;
+            out = out.max(Some(n));
+        }
+    }
+    Ok(out)
 }
 
 /// Paths whose streams report usage only when asked with `stream_options`.
@@ -324,6 +399,20 @@ mod tests {
         }
         assert!(matches!(inspect(br#"{"n":"8"}"#), Err(BodyError::BadField(_))));
         assert!(matches!(inspect(br#"{"generationConfig":{"maxOutputTokens":-1}}"#), Err(BodyError::BadField(_))));
+        assert!(matches!(inspect(br#"{"generationConfig":{"maxOutputTokens":"9"}}"#), Err(BodyError::BadField(_))));
+        assert!(matches!(inspect(br#"{"generationConfig":[]}"#), Err(BodyError::BadField(_))));
+        for dup in
+            [r#"{"model":"a","model":"b"}"#, r#"{"n":1,"x":1,"n":2}"#, r#"{"stream_options":null,"stream_options":{}}"#]
+        {
+            let e = inspect(dup.as_bytes());
+            assert!(matches!(&e, Err(BodyError::BadField(m)) if m.contains("duplicate field")), "{dup}: {e:?}");
+        }
+        assert!(inspect(br#"{"x":1,"x":2,"messages":[{"n":"nested fields are not read"}]}"#).is_ok());
+        // Gemini's JSON also takes the proto field names.
+        let i = info(
+            r#"{"generation_config":{"max_output_tokens":900,"candidate_count":2},"generationConfig":{"maxOutputTokens":5}}"#,
+        );
+        assert_eq!((i.max_tokens, i.choices), (Some(900), 2));
     }
 
     #[test]
@@ -362,6 +451,9 @@ mod tests {
         assert_eq!(v["max_output_tokens"], 7);
         let v = get(with_cap(br#"{"generationConfig":{"temperature":1}}"#, CapField::GenerationConfig, 9));
         assert_eq!(v["generationConfig"], serde_json::json!({"temperature": 1, "maxOutputTokens": 9}));
+        let v = get(with_cap(br#"{"generation_config":{"temperature":1}}"#, CapField::GenerationConfig, 9));
+        assert_eq!(v["generation_config"], serde_json::json!({"temperature": 1, "max_output_tokens": 9}));
+        assert_eq!(v.get("generationConfig"), None);
         let v = get(with_cap(br#"{"generationConfig":null}"#, CapField::GenerationConfig, 9));
         assert_eq!(v["generationConfig"]["maxOutputTokens"], 9);
         let i = inspect(&serde_json::to_vec(&v).unwrap_or_default()).unwrap_or_default();
