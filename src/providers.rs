@@ -30,28 +30,13 @@ const DEPLOYMENTS: &str = "/openai/deployments/";
 const GEMINI_METHODS: [&str; 5] =
     ["generateContent", "streamGenerateContent", "countTokens", "embedContent", "batchEmbedContents"];
 
-/// A path segment percent-decoded, when it decodes to a plain model name
-/// (`A-Za-z0-9`, `-`, `_`, `.`, not `.` or `..`).
+/// A path segment that is a plain model name (`A-Za-z0-9`, `-`, `_`, `.`,
+/// not `.` or `..`); anything encoded is not one.
 fn model_segment(seg: &str) -> Option<String> {
-    let b = seg.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    let ok = !out.is_empty()
-        && out.len() <= 256
-        && out != b"."
-        && out != b".."
-        && out.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c));
-    ok.then(|| String::from_utf8(out).ok()).flatten()
+    let ok = seg.len() <= 256
+        && seg.bytes().any(|c| c != b'.')
+        && seg.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
+    ok.then(|| seg.to_string())
 }
 
 /// The model a request path names, if it is a deployment or Gemini path.
@@ -61,11 +46,9 @@ pub fn path_model(path: &str) -> Option<PathModel> {
     if !path.starts_with(DEPLOYMENTS) && !gemini {
         return None;
     }
-    // Separators or dot segments a provider might resolve differently.
-    let lower = path.to_ascii_lowercase();
-    let tricky = ["%2f", "%5c", "%2e", "\\", "//"].iter().any(|t| lower.contains(t))
-        || path.split('/').any(|s| s == "." || s == "..");
-    if tricky {
+    // Encoded characters, separators or dot segments a provider might
+    // resolve differently.
+    if path.contains(['%', '\\']) || path.contains("//") || path.split('/').any(|s| s == "." || s == "..") {
         return Some(PathModel::Unreadable);
     }
     if let Some(rest) = path.strip_prefix(DEPLOYMENTS) {
@@ -204,16 +187,8 @@ pub fn path_for(cfg: &Config, provider: usize, path: &str, model: Option<&str>) 
 }
 
 /// `path` with the model segment of a deployment or Gemini path replaced
-/// by `model`, percent-encoded where it must be.
+/// by `model`.
 fn with_path_model(path: &str, model: &str) -> String {
-    let mut seg = String::new();
-    for b in model.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
-            seg.push(char::from(b));
-        } else {
-            seg.push_str(&format!("%{b:02X}"));
-        }
-    }
     let (start, end) = match path.strip_prefix(DEPLOYMENTS) {
         Some(rest) => (DEPLOYMENTS.len(), DEPLOYMENTS.len() + rest.find('/').unwrap_or(rest.len())),
         None => {
@@ -221,7 +196,7 @@ fn with_path_model(path: &str, model: &str) -> String {
             (start, path.get(start..).and_then(|r| r.find(':')).map_or(path.len(), |i| start + i))
         }
     };
-    format!("{}{seg}{}", path.get(..start).unwrap_or_default(), path.get(end..).unwrap_or_default())
+    [path.get(..start).unwrap_or_default(), model, path.get(end..).unwrap_or_default()].concat()
 }
 
 #[cfg(test)]
@@ -295,7 +270,8 @@ mod tests {
                 "/openai/deployments/prod-4o/chat/completions?api-version=1",
                 Some(PathModel::Deployment("prod-4o".into())),
             ),
-            ("/openai/deployments/my%2Dmodel/embeddings", Some(PathModel::Deployment("my-model".into()))),
+            ("/openai/deployments/my-model/embeddings", Some(PathModel::Deployment("my-model".into()))),
+            ("/openai/deployments/my%2Dmodel/embeddings", Some(PathModel::Unreadable)),
             ("/v1beta/models/gemini-2.0-flash:generateContent", Some(PathModel::Gemini("gemini-2.0-flash".into()))),
             ("/v1/models/gemini-pro:streamGenerateContent?alt=sse", Some(PathModel::Gemini("gemini-pro".into()))),
             ("/v1/chat/completions", None),
@@ -352,8 +328,8 @@ mod tests {
         );
         let g = "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse";
         assert_eq!(
-            path_for(&c, 3, g, Some("gemini x")).as_deref(),
-            Some("/v1beta/models/gemini%20x:streamGenerateContent?alt=sse")
+            path_for(&c, 3, g, Some("gemini-1.5-pro")).as_deref(),
+            Some("/v1beta/models/gemini-1.5-pro:streamGenerateContent?alt=sse")
         );
     }
 

@@ -70,26 +70,26 @@ fn provider(
 /// `providers[i].deployments` (azure only): deployment name -> the model it
 /// serves, for policy, prices and budgets of requests to deployment paths.
 fn deployments(p: &mut Obj, kind: ProviderKind) -> Result<Vec<(String, String)>, ConfigError> {
-    let Some(d) = p.opt_obj("deployments")? else {
+    let field = p.field("deployments");
+    let Some(map) = p.opt_obj_raw("deployments")? else {
         return Ok(Vec::new());
     };
     if kind != ProviderKind::Azure {
-        return Err(err(&p.field("deployments"), "only a provider of kind azure has deployments"));
+        return Err(err(&field, "only a provider of kind azure has deployments"));
     }
     let mut out = Vec::new();
-    for (name, v) in d.entries() {
-        let field = d.field(name);
-        let name_ok = !name.is_empty()
-            && name.len() <= 64
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !name_ok {
-            return Err(err(&field, "a deployment name is 1-64 characters of A-Za-z0-9, '-', '_' or '.'"));
-        }
-        match v.as_str() {
-            Some(m) if !m.is_empty() && m.len() <= 256 && !m.bytes().any(|b| b.is_ascii_control()) => {
-                out.push((name.clone(), m.to_string()));
+    for (name, v) in &map {
+        let valid = |n: &str| n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        match v {
+            Value::String(model) if !model.is_empty() && !name.is_empty() && valid(name) => {
+                out.push((name.clone(), model.clone()))
             }
-            _ => return Err(err(&field, "expected the model name the deployment serves, e.g. \"gpt-4o\"")),
+            _ => {
+                return Err(err(
+                    &format!("{field}.{name}"),
+                    "expected a deployment name of 1-64 A-Za-z0-9, '-' or '_' and the model it serves, e.g. \"gpt-4o\"",
+                ))
+            }
         }
     }
     Ok(out)
@@ -329,12 +329,12 @@ mod tests {
     #[test]
     fn azure_deployments_map_names_to_models_and_are_validated() {
         let c = ok(
-            r#"{"providers":[{"id":"az","kind":"azure","deployments":{"gpt4o-prod":"gpt-4o","mini.v2":"gpt-4o-mini"},
+            r#"{"providers":[{"id":"az","kind":"azure","deployments":{"gpt4o-prod":"gpt-4o","mini_v2":"gpt-4o-mini"},
             "keys":[{"id":"a","secret":"s"}]}]}"#,
         );
         assert_eq!(
             c.providers[0].deployments,
-            vec![("gpt4o-prod".to_string(), "gpt-4o".to_string()), ("mini.v2".to_string(), "gpt-4o-mini".to_string())]
+            vec![("gpt4o-prod".to_string(), "gpt-4o".to_string()), ("mini_v2".to_string(), "gpt-4o-mini".to_string())]
         );
         let bad = |provider: &str| format!(r#"{{"providers":[{{{provider},"keys":[{{"id":"a","secret":"s"}}]}}]}}"#);
         let cases = [
@@ -345,8 +345,17 @@ mod tests {
             ),
             (bad(r#""id":"z","kind":"azure","deployments":[]"#), "providers[0].deployments", "expected an object"),
             (bad(r#""id":"z","kind":"azure","deployments":{"a/b":"m"}"#), "providers[0].deployments.a/b", "1-64"),
-            (bad(r#""id":"z","kind":"azure","deployments":{"d":""}"#), "providers[0].deployments.d", "model name"),
-            (bad(r#""id":"z","kind":"azure","deployments":{"d":1}"#), "providers[0].deployments.d", "model name"),
+            (bad(r#""id":"z","kind":"azure","deployments":{"a.b":"m"}"#), "providers[0].deployments.a.b", "1-64"),
+            (
+                bad(r#""id":"z","kind":"azure","deployments":{"d":""}"#),
+                "providers[0].deployments.d",
+                "the model it serves",
+            ),
+            (
+                bad(r#""id":"z","kind":"azure","deployments":{"d":1}"#),
+                "providers[0].deployments.d",
+                "the model it serves",
+            ),
         ];
         for (json, field, reason) in cases {
             let e = compile(json.as_bytes(), &env).err().unwrap_or_else(|| panic!("accepted {json}"));
