@@ -19,11 +19,7 @@ fn strings(v: &Value) -> Vec<String> {
 }
 
 fn map(v: &Value) -> HashMap<String, String> {
-    v.as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
-        .collect()
+    v.as_object().into_iter().flatten().filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string()))).collect()
 }
 
 #[test]
