@@ -35,7 +35,18 @@ etcd:
 	  $$SUDO apt-get update && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; }
 
-setup: $(VENV)/.installed etcd
+# nghttp for the HTTP/2 trailers test (tests/test_admission_paths.py):
+# Debian's nghttp2-client when no nghttp is on PATH.
+.PHONY: nghttp
+nghttp:
+	@command -v nghttp >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "nghttp is missing: install nghttp2-client (needs root or sudo)" >&2; exit 1; fi; \
+	  $$SUDO apt-get update && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y nghttp2-client; }
+
+setup: $(VENV)/.installed etcd nghttp
 	rustup target add wasm32-wasip1
 
 build: setup
