@@ -5,19 +5,12 @@
 //! output cap, a policy's cap written into the body). Each checks what the
 //! caller got, what the provider would receive and what the budget holds.
 
-use super::fake::{Exchange, World};
+use super::fake::Exchange;
 use super::host::{Map, Next};
-use super::Root;
-use crate::budget::{self, BudgetRecord};
+use super::lifecycle_tests::{sha_hex, Gateway};
+use crate::budget;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use std::rc::Rc;
-
-const NOW: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
-
-fn sha_hex(s: &str) -> String {
-    crate::crypto::sha256(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// OpenAI, an Azure provider with two deployments and native Gemini; prices
 /// per million tokens; a hard daily budget of `limit`; output estimated at
@@ -41,33 +34,19 @@ fn config(limit: &str, extra: &str) -> String {
     )
 }
 
-struct Gateway {
-    world: Rc<World>,
-    ingress: Root,
-    attempt: Root,
-}
-
 impl Gateway {
-    fn new(config: &str) -> Gateway {
-        let world = World::new(NOW);
-        let ingress = world.root("apikeyrouter_ingress", config).unwrap_or_else(|e| panic!("{e}"));
-        let attempt = world.root("apikeyrouter_attempt", config).unwrap_or_else(|e| panic!("{e}"));
-        Gateway { world, ingress, attempt }
-    }
-
     /// A request from alice to `path` with `content_type` (none when empty).
     fn request(&self, path: &str, content_type: &str, body: &[u8]) -> Exchange {
-        let mut headers =
-            vec![(":method", "POST"), (":path", path), ("authorization", "Bearer vk-alice"), ("x-request-id", "req-1")];
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", path),
+            ("authorization", "Bearer vk-alice"),
+            ("x-request-id", "req-1"),
+        ];
         if !content_type.is_empty() {
             headers.push(("content-type", content_type));
         }
         Exchange::new(&self.world, &self.ingress, &headers, body)
-    }
-
-    fn budget(&self) -> BudgetRecord {
-        let cfg = self.attempt.routing.borrow().config.clone();
-        budget::load(&self.world.store, &cfg.budgets[0], self.world.now_ms.get())
     }
 }
 
