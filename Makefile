@@ -24,27 +24,26 @@ $(VENV)/.installed: tests/requirements.txt
 	$(VENV)/bin/pip install --quiet -r tests/requirements.txt
 	touch $@
 
-# etcd for the fleet tests: Debian's etcd-server when no etcd is on PATH
-# (apt-get update first, as on a fresh machine; sudo when not root).
-.PHONY: etcd
-etcd:
-	@command -v etcd >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
-	  elif command -v sudo >/dev/null; then SUDO=sudo; \
-	  else echo "etcd is missing: install etcd-server (needs root or sudo)" >&2; exit 1; fi; \
-	  $$SUDO apt-get update && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; }
+# $(call apt_install,COMMAND,PACKAGE): installs Debian's PACKAGE when
+# COMMAND is not on PATH (apt-get update first, as on a fresh machine; sudo
+# when not root).
+define apt_install
+@command -v $(1) >/dev/null || { \
+  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+  elif command -v sudo >/dev/null; then SUDO=sudo; \
+  else echo "$(1) is missing: install $(2) (needs root or sudo)" >&2; exit 1; fi; \
+  $$SUDO apt-get update && \
+  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y $(2); }
+endef
 
-# nghttp for the HTTP/2 trailers test (tests/test_admission_paths.py):
-# Debian's nghttp2-client when no nghttp is on PATH.
-.PHONY: nghttp
+# etcd for the fleet tests; nghttp for the HTTP/2 trailers test
+# (tests/test_admission_paths.py).
+.PHONY: etcd nghttp
+etcd:
+	$(call apt_install,etcd,etcd-server)
+
 nghttp:
-	@command -v nghttp >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
-	  elif command -v sudo >/dev/null; then SUDO=sudo; \
-	  else echo "nghttp is missing: install nghttp2-client (needs root or sudo)" >&2; exit 1; fi; \
-	  $$SUDO apt-get update && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y nghttp2-client; }
+	$(call apt_install,nghttp,nghttp2-client)
 
 setup: $(VENV)/.installed etcd nghttp
 	rustup target add wasm32-wasip1
