@@ -37,12 +37,8 @@ fn config(limit: &str, extra: &str) -> String {
 impl Gateway {
     /// A request from alice to `path` with `content_type` (none when empty).
     fn request(&self, path: &str, content_type: &str, body: &[u8]) -> Exchange {
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", path),
-            ("authorization", "Bearer vk-alice"),
-            ("x-request-id", "req-1"),
-        ];
+        let mut headers =
+            vec![(":method", "POST"), (":path", path), ("authorization", "Bearer vk-alice"), ("x-request-id", "req-1")];
         if !content_type.is_empty() {
             headers.push(("content-type", content_type));
         }
