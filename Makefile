@@ -24,29 +24,32 @@ $(VENV)/.installed: tests/requirements.txt
 	$(VENV)/bin/pip install --quiet -r tests/requirements.txt
 	touch $@
 
-# etcd for the fleet tests: Debian's etcd-server when no etcd is on PATH
-# (apt-get update first, as on a fresh machine; sudo when not root).
-.PHONY: etcd
+# $(call apt_install,COMMAND,PACKAGE): installs Debian's PACKAGE when
+# COMMAND is not on PATH (apt-get update first, as on a fresh machine; sudo
+# when not root).
+define apt_install
+@command -v $(1) >/dev/null || { \
+  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+  elif command -v sudo >/dev/null; then SUDO=sudo; \
+  else echo "$(1) is missing: install $(2) (needs root or sudo)" >&2; exit 1; fi; \
+  $$SUDO apt-get update && \
+  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y $(2); }
+endef
+
+# etcd for the fleet tests; nghttp for the HTTP/2 trailers test
+# (tests/test_admission_paths.py); wasm-opt (binaryen) shrinks the module by
+# about a fifth after cargo's own optimisation.
+.PHONY: etcd nghttp wasm-opt
 etcd:
-	@command -v etcd >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
-	  elif command -v sudo >/dev/null; then SUDO=sudo; \
-	  else echo "etcd is missing: install etcd-server (needs root or sudo)" >&2; exit 1; fi; \
-	  $$SUDO apt-get update && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; }
+	$(call apt_install,etcd,etcd-server)
 
-# wasm-opt (Debian's binaryen) shrinks the module by about a fifth after
-# cargo's own optimisation.
-.PHONY: wasm-opt
+nghttp:
+	$(call apt_install,nghttp,nghttp2-client)
+
 wasm-opt:
-	@command -v wasm-opt >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
-	  elif command -v sudo >/dev/null; then SUDO=sudo; \
-	  else echo "wasm-opt is missing: install binaryen (needs root or sudo)" >&2; exit 1; fi; \
-	  $$SUDO apt-get update && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y binaryen; }
+	$(call apt_install,wasm-opt,binaryen)
 
-setup: $(VENV)/.installed etcd wasm-opt
+setup: $(VENV)/.installed etcd nghttp wasm-opt
 	rustup target add wasm32-wasip1
 
 # The features rustc enables for wasm32-wasip1, so wasm-opt keeps to them.

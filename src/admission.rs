@@ -9,6 +9,9 @@ use crate::request::RequestInfo;
 use crate::window::rfc3339;
 use rust_decimal::Decimal;
 
+/// The most output tokens an estimate counts (10^15).
+const MAX_OUTPUT_ESTIMATE: u64 = 1_000_000_000_000_000;
+
 /// Who is asking, once caller identity is configured.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Caller<'a> {
@@ -67,7 +70,13 @@ pub fn plan(cfg: &Config, provider: usize, info: &RequestInfo, caller: &Caller<'
         ));
     }
     let prompt_tokens = (info.body_len as u64).div_ceil(cfg.estimate.prompt_bytes_per_token.max(1));
-    let output_tokens = info.max_tokens.unwrap_or(cfg.estimate.default_max_tokens);
+    // Every choice may use the whole cap; bounded so that no price can
+    // overflow a decimal.
+    let output_tokens = info
+        .max_tokens
+        .unwrap_or(cfg.estimate.default_max_tokens)
+        .saturating_mul(info.choices.max(1))
+        .min(MAX_OUTPUT_ESTIMATE);
     let estimate = worst_estimate(prompt_tokens, output_tokens, price.as_ref(), pricings);
     let cap = match (cfg.max_cost_per_request, caller.max_cost_per_request) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -100,6 +109,25 @@ pub fn plan(cfg: &Config, provider: usize, info: &RequestInfo, caller: &Caller<'
         Vec::new()
     };
     Ok(Plan { price, prompt_tokens, output_tokens, estimate, budgets, unpriced })
+}
+
+/// Whether a request whose model the router cannot read must be refused:
+/// when a budget is configured, unpriced models are refused, or the caller's
+/// policy limits its models.
+pub fn needs_model(cfg: &Config, policy_limits_models: bool) -> bool {
+    !cfg.budgets.is_empty() || cfg.unknown_model == UnknownModel::Refuse || policy_limits_models
+}
+
+/// The 400 for a request whose model cannot be read, saying why.
+pub fn model_required(why: &str) -> Reply {
+    reply::error(
+        400,
+        "invalid_request_error",
+        "model_required",
+        &format!(
+            "This gateway needs the model of every request to check its policy and price it, and {why}. Send the model as the JSON field 'model', as a multipart form field 'model', or in an Azure deployment or Gemini model path."
+        ),
+    )
 }
 
 /// The 429 for a hard budget that would be exceeded, naming it.
@@ -180,6 +208,34 @@ mod tests {
         assert_eq!(p.estimate, Decimal::ZERO);
         let r = plan(&cfg(r#","unknown_model":"refuse""#), 0, &info(r#"{"model":"o9"}"#), &Caller::default());
         assert_eq!(refused(r), (400, "invalid_request_error".into(), "model_not_priced".into()));
+    }
+
+    #[test]
+    fn the_estimate_counts_every_choice_at_the_largest_cap() {
+        let c = cfg("");
+        let one = plan(&c, 0, &info(r#"{"model":"gpt-4o","max_tokens":100}"#), &Caller::default()).unwrap_or_default();
+        let body = r#"{"model":"gpt-4o","max_tokens":100,"n":8}"#;
+        let eight = plan(&c, 0, &info(body), &Caller::default()).unwrap_or_default();
+        assert_eq!((one.output_tokens, eight.output_tokens), (100, 800));
+        let body = r#"{"model":"gpt-4o","max_completion_tokens":10,"max_output_tokens":300}"#;
+        assert_eq!(plan(&c, 0, &info(body), &Caller::default()).unwrap_or_default().output_tokens, 300);
+        let body = r#"{"model":"gpt-4o","max_tokens":18446744073709551615,"n":18446744073709551615}"#;
+        let huge = plan(&c, 0, &info(body), &Caller::default()).unwrap_or_default();
+        assert_eq!(huge.output_tokens, MAX_OUTPUT_ESTIMATE, "bounded, not overflowing");
+        let no_cap = RequestInfo { model: Some("gpt-4o".into()), choices: 3, ..RequestInfo::default() };
+        assert_eq!(plan(&c, 0, &no_cap, &Caller::default()).unwrap_or_default().output_tokens, 3 * 4096);
+    }
+
+    #[test]
+    fn an_unreadable_model_is_refused_whenever_something_depends_on_it() {
+        assert!(!needs_model(&cfg(""), false));
+        assert!(needs_model(&cfg(""), true), "the caller's policy limits its models");
+        assert!(needs_model(&cfg(r#","unknown_model":"refuse""#), false));
+        assert!(needs_model(&cfg(r#","budgets":[{"id":"b","limit":"1"}],"unknown_model":"zero""#), false));
+        let r = model_required("its body is neither JSON nor a multipart form");
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        assert_eq!((r.status, v["error"]["code"].as_str()), (400, Some("model_required")));
+        assert!(v["error"]["message"].as_str().unwrap_or("").contains("neither JSON nor a multipart form"));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod identity;
 pub mod key_record;
 pub mod keys;
 pub mod metrics;
+pub mod multipart;
 pub mod objective;
 pub mod providers;
 pub mod quota;

@@ -1,7 +1,14 @@
-//! The client's JSON request body: what the router needs from it (model,
-//! stream, max_tokens, prompt size) and the one rewrite it makes, asking a
-//! stream to report usage (`stream_options.include_usage`).
+//! The client's request body: what the router needs from it (model,
+//! stream, the output cap and the number of choices, prompt size) and the
+//! rewrites it makes: asking a stream to report usage
+//! (`stream_options.include_usage`), the model name, and a policy's output
+//! cap.
+//!
+//! A body is read as JSON when its content type says JSON (or says
+//! nothing), as a form when it is `multipart/form-data` (see
+//! [`crate::multipart`]), and otherwise as JSON when it parses as JSON.
 
+use crate::multipart;
 use serde::Deserialize;
 use serde_json::Value;
 use std::fmt;
@@ -35,23 +42,103 @@ struct StreamOptionsPeek {
     include_usage: Option<bool>,
 }
 
-/// `Some(inner)` when the field is present at all, even as `null`.
-fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
+/// The top-level fields the router reads; the index of each is its slot
+/// in [`Peek`]. Gemini's JSON takes both spellings of its config.
+const FIELDS: [&str; 10] = [
+    "model",
+    "stream",
+    "stream_options",
+    // Output caps: chat and legacy completions, OpenAI chat, Responses.
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    // Choices: `best_of` are candidates made server-side, each billed.
+    "n",
+    "best_of",
+    "generationConfig",
+    "generation_config",
+];
+const FIRST_COUNT: usize = 3;
+const FIRST_GEMINI: usize = 8;
+
+/// The fields of a request body the router reads, each at most once.
+#[derive(Default)]
+struct Peek {
+    model: Option<String>,
+    stream: Option<bool>,
+    /// `Some(inner)` when present at all, even as `null`.
+    stream_options: Option<Option<StreamOptionsPeek>>,
+    /// The counts of `FIELDS[FIRST_COUNT..FIRST_GEMINI]`.
+    counts: [Option<u64>; 5],
+    /// Gemini's generation config, in either spelling.
+    generation: [Option<Value>; 2],
 }
 
-#[derive(Deserialize)]
-struct Peek {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
-    stream_options: Option<Option<StreamOptionsPeek>>,
+/// A top-level key, as its index in [`FIELDS`] (`FIELDS.len()`: another).
+struct Key(usize);
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl serde::de::Visitor<'_> for KeyVisitor {
+    type Value = Key;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key, E> {
+        Ok(Key(FIELDS.iter().position(|f| *f == v).unwrap_or(FIELDS.len())))
+    }
+}
+
+impl<'de> Deserialize<'de> for Peek {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Peek, D::Error> {
+        d.deserialize_map(PeekVisitor)
+    }
+}
+
+struct PeekVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PeekVisitor {
+    type Value = Peek;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Peek, A::Error> {
+        let mut p = Peek::default();
+        let mut seen = 0u32;
+        while let Some(Key(i)) = m.next_key()? {
+            // A duplicate is refused: a provider might act on the other copy.
+            if i < FIELDS.len() && seen & (1 << i) != 0 {
+                let name = FIELDS.get(i).copied().unwrap_or_default();
+                return Err(serde::de::Error::custom(format_args!("duplicate field `{name}`")));
+            }
+            seen |= 1 << i.min(31);
+            match i {
+                0 => p.model = m.next_value()?,
+                1 => p.stream = m.next_value()?,
+                2 => p.stream_options = Some(m.next_value()?),
+                FIRST_COUNT..FIRST_GEMINI => {
+                    if let Some(slot) = p.counts.get_mut(i - FIRST_COUNT) {
+                        *slot = m.next_value()?;
+                    }
+                }
+                FIRST_GEMINI..=9 => {
+                    if let Some(slot) = p.generation.get_mut(i - FIRST_GEMINI) {
+                        *slot = m.next_value()?;
+                    }
+                }
+                _ => {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(p)
+    }
 }
 
 /// What the router learned from a request body.
@@ -59,7 +146,13 @@ struct Peek {
 pub struct RequestInfo {
     pub model: Option<String>,
     pub stream: bool,
+    /// The largest output cap the body sets in any dialect's field
+    /// (`max_tokens`, `max_completion_tokens`, `max_output_tokens`,
+    /// `generationConfig.maxOutputTokens`); `None` when it sets none.
     pub max_tokens: Option<u64>,
+    /// Completions the provider makes (and bills) per request: the largest
+    /// of `n`, `best_of` and `generationConfig.candidateCount`, at least 1.
+    pub choices: u64,
     /// The body size in bytes, a cheap upper bound of the prompt.
     pub body_len: usize,
     /// `stream_options` present at all.
@@ -89,14 +182,145 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, BodyError> {
             BodyError::Malformed(e.to_string())
         }
     })?;
+    let generation = [&peek.generation[0], &peek.generation[1]];
+    let [max_tokens, max_completion_tokens, max_output_tokens, n, best_of] = peek.counts;
+    let caps = [
+        max_tokens,
+        max_completion_tokens,
+        max_output_tokens,
+        gemini_count(generation, ["maxOutputTokens", "max_output_tokens"])?,
+    ];
+    let choices = [n, best_of, gemini_count(generation, ["candidateCount", "candidate_count"])?];
     Ok(RequestInfo {
         model: peek.model,
         stream: peek.stream.unwrap_or(false),
-        max_tokens: peek.max_completion_tokens.or(peek.max_tokens),
+        max_tokens: caps.into_iter().flatten().max(),
+        choices: choices.into_iter().flatten().max().unwrap_or(1).max(1),
         body_len: body.len(),
         has_stream_options: peek.stream_options.is_some(),
         include_usage: peek.stream_options.flatten().and_then(|s| s.include_usage).unwrap_or(false),
     })
+}
+
+/// How a request body was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Form {
+    Json,
+    /// `multipart/form-data`, with its `model` field, if any.
+    Multipart(Option<multipart::Field>),
+    /// Neither JSON nor a form the router can read: why.
+    Unreadable(String),
+}
+
+/// Whether a content type declares JSON (or nothing at all).
+fn declares_json(content_type: &str) -> bool {
+    let ct = content_type.trim().to_ascii_lowercase();
+    ct.is_empty() || ct.starts_with("application/json") || ct.contains("+json")
+}
+
+/// Reads a request body by its content type. A body declared JSON (or
+/// undeclared) must be a JSON object: anything else is refused. A
+/// `multipart/form-data` body is read as a form; a form the router cannot
+/// read is [`Form::Unreadable`], as is a body of any other content type
+/// that is not JSON. Any other body that parses as JSON is read as JSON.
+pub fn read(content_type: &str, body: &[u8]) -> Result<(RequestInfo, Form), BodyError> {
+    let unread = RequestInfo { body_len: body.len(), choices: 1, ..RequestInfo::default() };
+    if let Some(boundary) = multipart::boundary(content_type) {
+        return Ok(match boundary.and_then(|b| multipart::parse(body, b)) {
+            Ok(f) => {
+                let info = RequestInfo {
+                    model: f.model.as_ref().map(|m| m.value.clone()),
+                    stream: f.stream,
+                    choices: f.n.unwrap_or(1).max(1),
+                    ..unread
+                };
+                (info, Form::Multipart(f.model))
+            }
+            Err(e) => (unread, Form::Unreadable(format!("its multipart body could not be read: {e}"))),
+        });
+    }
+    match inspect(body) {
+        Ok(info) => Ok((info, Form::Json)),
+        Err(BodyError::Malformed(_)) if !declares_json(content_type) => {
+            Ok((unread, Form::Unreadable("its body is neither JSON nor a multipart form".into())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The field a dialect takes its output cap in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapField {
+    /// Legacy completions, Anthropic, OpenAI-compatible services.
+    MaxTokens,
+    /// OpenAI and Azure chat completions.
+    MaxCompletionTokens,
+    /// The Responses API.
+    MaxOutputTokens,
+    /// Gemini's native API: `generationConfig.maxOutputTokens`.
+    GenerationConfig,
+}
+
+impl CapField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapField::MaxTokens => "max_tokens",
+            CapField::MaxCompletionTokens => "max_completion_tokens",
+            CapField::MaxOutputTokens => "max_output_tokens",
+            CapField::GenerationConfig => "generationConfig.maxOutputTokens",
+        }
+    }
+}
+
+/// A JSON object body after `edit`, or `None` when it is not one.
+fn edited(body: &[u8], edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Option<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    edit(v.as_object_mut()?);
+    serde_json::to_vec(&v).ok()
+}
+
+/// The JSON body with its `model` set to `model`.
+pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    edited(body, |o| {
+        o.insert("model".into(), Value::String(model.to_string()));
+    })
+}
+
+/// The JSON body with the output cap `cap` in `field` (replacing a `null`
+/// there, which providers read as no cap).
+pub fn with_cap(body: &[u8], field: CapField, cap: u64) -> Option<Vec<u8>> {
+    edited(body, |o| match field {
+        CapField::GenerationConfig => {
+            // Into the spelling the caller used, so no second config wins.
+            let key = if o.contains_key("generation_config") { "generation_config" } else { "generationConfig" };
+            let slot = o.entry(key).or_insert(Value::Null);
+            if !slot.is_object() {
+                *slot = Value::Object(serde_json::Map::new());
+            }
+            if let Some(g) = slot.as_object_mut() {
+                let name = if key == "generationConfig" { "maxOutputTokens" } else { "max_output_tokens" };
+                g.insert(name.into(), Value::from(cap));
+            }
+        }
+        f => {
+            o.insert(f.as_str().into(), Value::from(cap));
+        }
+    })
+}
+
+/// The largest count under either name in either spelling of Gemini's
+/// generation config; a value that is not a count is refused.
+fn gemini_count(configs: [&Option<Value>; 2], names: [&str; 2]) -> Result<Option<u64>, BodyError> {
+    let mut out = None;
+    for config in configs.into_iter().flatten() {
+        let o = config.as_object().ok_or_else(|| BodyError::BadField("generationConfig must be an object".into()))?;
+        for v in names.iter().filter_map(|n| o.get(*n)).filter(|v| !v.is_null()) {
+            let n =
+                v.as_u64().ok_or_else(|| BodyError::BadField(format!("generationConfig: {v} is not a token count")))?;
+            out = out.max(Some(n));
+        }
+    }
+    Ok(out)
 }
 
 /// Paths whose streams report usage only when asked with `stream_options`.
@@ -153,10 +377,89 @@ mod tests {
         assert!(i.stream);
         assert_eq!(i.max_tokens, Some(50));
         let i = info(r#"{"model":"o1","max_completion_tokens":9,"max_tokens":50}"#);
-        assert_eq!(i.max_tokens, Some(9), "max_completion_tokens wins");
+        assert_eq!(i.max_tokens, Some(50), "the largest cap bounds the output");
+        assert_eq!(i.choices, 1);
         let i = info(r#"{"input":"x","stream":null}"#);
         assert!(!i.stream);
         assert_eq!(i.model, None);
+    }
+
+    #[test]
+    fn every_dialects_output_cap_and_choice_count_is_read() {
+        let cases = [
+            (r#"{"max_output_tokens":700}"#, Some(700), 1),
+            (r#"{"generationConfig":{"maxOutputTokens":300,"candidateCount":4,"temperature":1}}"#, Some(300), 4),
+            (r#"{"max_tokens":10,"n":8}"#, Some(10), 8),
+            (r#"{"max_tokens":10,"n":2,"best_of":5}"#, Some(10), 5),
+            (r#"{"n":0,"max_tokens":null,"generationConfig":null}"#, None, 1),
+        ];
+        for (body, cap, choices) in cases {
+            let i = info(body);
+            assert_eq!((i.max_tokens, i.choices), (cap, choices), "{body}");
+        }
+        assert!(matches!(inspect(br#"{"n":"8"}"#), Err(BodyError::BadField(_))));
+        assert!(matches!(inspect(br#"{"generationConfig":{"maxOutputTokens":-1}}"#), Err(BodyError::BadField(_))));
+        assert!(matches!(inspect(br#"{"generationConfig":{"maxOutputTokens":"9"}}"#), Err(BodyError::BadField(_))));
+        assert!(matches!(inspect(br#"{"generationConfig":[]}"#), Err(BodyError::BadField(_))));
+        for dup in
+            [r#"{"model":"a","model":"b"}"#, r#"{"n":1,"x":1,"n":2}"#, r#"{"stream_options":null,"stream_options":{}}"#]
+        {
+            let e = inspect(dup.as_bytes());
+            assert!(matches!(&e, Err(BodyError::BadField(m)) if m.contains("duplicate field")), "{dup}: {e:?}");
+        }
+        assert!(inspect(br#"{"x":1,"x":2,"messages":[{"n":"nested fields are not read"}]}"#).is_ok());
+        // Gemini's JSON also takes the proto field names.
+        let i = info(
+            r#"{"generation_config":{"max_output_tokens":900,"candidate_count":2},"generationConfig":{"maxOutputTokens":5}}"#,
+        );
+        assert_eq!((i.max_tokens, i.choices), (Some(900), 2));
+    }
+
+    #[test]
+    fn json_with_any_content_type_is_read_as_json_and_forms_as_forms() {
+        let body = br#"{"model":"gpt-4o","max_tokens":5}"#;
+        for ct in ["", "application/json", "application/vnd.api+json", "text/plain", "application/octet-stream"] {
+            let (i, form) = read(ct, body).unwrap_or_else(|e| panic!("{ct}: {e}"));
+            assert_eq!((i.model.as_deref(), form), (Some("gpt-4o"), Form::Json), "{ct}");
+        }
+        // Declared JSON must be JSON; undeclared bytes are unreadable, not refused.
+        assert!(read("application/json", b"hello").is_err());
+        assert!(read("", b"hello").is_err());
+        let (i, form) = read("text/plain", b"hello").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(form, Form::Unreadable(_)) && i.model.is_none() && i.body_len == 5);
+        assert!(read("text/plain", b"[1]").is_err(), "JSON, but not an object");
+
+        let ct = "multipart/form-data; boundary=b";
+        let form_body = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\n2\r\n--b--";
+        let (i, form) = read(ct, form_body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((i.model.as_deref(), i.choices, i.body_len), (Some("whisper-1"), 2, form_body.len()));
+        assert!(matches!(form, Form::Multipart(Some(_))));
+        let (i, form) = read("multipart/form-data", form_body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(i.model, None);
+        assert!(matches!(form, Form::Unreadable(why) if why.contains("boundary")));
+    }
+
+    #[test]
+    fn caps_and_models_are_written_into_the_dialects_field() {
+        let get = |b: Option<Vec<u8>>| serde_json::from_slice::<Value>(&b.unwrap_or_default()).unwrap_or(Value::Null);
+        let body = br#"{"model":"a","max_tokens":null,"messages":[]}"#;
+        let v = get(with_cap(body, CapField::MaxTokens, 64));
+        assert_eq!((v["max_tokens"].as_u64(), v["model"].as_str()), (Some(64), Some("a")));
+        let v = get(with_cap(body, CapField::MaxCompletionTokens, 64));
+        assert_eq!(v["max_completion_tokens"], 64);
+        let v = get(with_cap(br#"{"input":"x"}"#, CapField::MaxOutputTokens, 7));
+        assert_eq!(v["max_output_tokens"], 7);
+        let v = get(with_cap(br#"{"generationConfig":{"temperature":1}}"#, CapField::GenerationConfig, 9));
+        assert_eq!(v["generationConfig"], serde_json::json!({"temperature": 1, "maxOutputTokens": 9}));
+        let v = get(with_cap(br#"{"generation_config":{"temperature":1}}"#, CapField::GenerationConfig, 9));
+        assert_eq!(v["generation_config"], serde_json::json!({"temperature": 1, "max_output_tokens": 9}));
+        assert_eq!(v.get("generationConfig"), None);
+        let v = get(with_cap(br#"{"generationConfig":null}"#, CapField::GenerationConfig, 9));
+        assert_eq!(v["generationConfig"]["maxOutputTokens"], 9);
+        let i = inspect(&serde_json::to_vec(&v).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(i.max_tokens, Some(9), "the injected cap reads back");
+        assert_eq!(get(with_model(body, "b"))["model"], "b");
+        assert_eq!(with_model(b"[1]", "b"), None);
     }
 
     #[test]

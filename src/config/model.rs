@@ -223,6 +223,8 @@ pub struct Provider {
     pub anthropic_version: String,
     /// `api-version` for deployment paths made from OpenAI paths (Azure).
     pub api_version: String,
+    /// Deployment name -> the model it serves (Azure).
+    pub deployments: Vec<(String, String)>,
     /// Indexes into [`Config::keys`].
     pub keys: Vec<usize>,
     /// The distinct key pricings among its keys, for upper-bound estimates

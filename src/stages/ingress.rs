@@ -15,10 +15,11 @@ use crate::config::Config;
 use crate::identity;
 use crate::keys::check;
 use crate::metrics;
+use crate::multipart;
 use crate::objective::Objective;
 use crate::providers;
 use crate::reply;
-use crate::request;
+use crate::request::{self, Form};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -45,6 +46,7 @@ pub struct Ingress {
     flights: Rc<RefCell<Flights>>,
     request_id: Option<String>,
     path: String,
+    content_type: String,
     /// What this stage decides, handed over once by [`Ingress::admit_flight`].
     admission: Admission,
     read_body: bool,
@@ -66,6 +68,7 @@ impl Ingress {
             flights,
             request_id: None,
             path: String::new(),
+            content_type: String::new(),
             admission: Admission::default(),
             read_body: false,
             admin: None,
@@ -172,8 +175,16 @@ impl Ingress {
     /// for `model` (or those speaking the path's API), in order, skipping any
     /// the client may not use and any whose keys are all unavailable. Applies
     /// the choice: the routing header the route matches, and the provider's
-    /// path. Returns the model name to send, when it changes.
-    fn select_provider(&mut self, h: &dyn Host, model: Option<&str>, now: u64) -> Result<Option<String>, reply::Reply> {
+    /// path. Returns the model name to send, when it changes. On a path that
+    /// names its model, the path's model is replaced only by the provider's
+    /// own name for it, or by `model` when `renamed` (a policy alias).
+    fn select_provider(
+        &mut self,
+        h: &dyn Host,
+        model: Option<&str>,
+        renamed: bool,
+        now: u64,
+    ) -> Result<Option<String>, reply::Reply> {
         // One refresh (one shared-data read) for every candidate below.
         if let Ok(mut routing) = self.routing.try_borrow_mut() {
             self.cfg = routing.refresh(h, now);
@@ -232,7 +243,10 @@ impl Ingress {
                 log::warn!("[{}] could not set {PROVIDER_HEADER}", self.id);
             }
         }
-        let sent_model = chosen.model.as_deref().or(model);
+        let sent_model = match providers::path_model(&self.path) {
+            Some(_) => chosen.model.as_deref().or(model.filter(|_| renamed)),
+            None => chosen.model.as_deref().or(model),
+        };
         if let Some(path) = providers::path_for(&self.cfg, chosen.provider, &self.path, sent_model) {
             if h.set_header(Map::RequestHeaders, ":path", &path).is_err() {
                 log::warn!("[{}] could not rewrite the path for the provider", self.id);
@@ -404,12 +418,13 @@ impl Ingress {
                 )
             }
         }
-        let ct = content_type.to_ascii_lowercase();
-        self.read_body =
-            !end_of_stream && (ct.is_empty() || ct.starts_with("application/json") || ct.contains("+json"));
+        // Every body is read (JSON, a form, or JSON under another content
+        // type) before the request goes on.
+        self.content_type = content_type.to_string();
+        self.read_body = !end_of_stream;
         if !self.read_body {
-            // No JSON body to read a model from: choose the provider now.
-            if let Err(r) = self.select_provider(h, None, now) {
+            // No body to read a model from: choose the provider now.
+            if let Err(r) = self.select_provider(h, None, false, now) {
                 return self.reply(h, &r);
             }
         }
@@ -490,8 +505,9 @@ impl Ingress {
         self.body_complete(h, usize::MAX)
     }
 
-    /// The whole JSON body is buffered (`size` bytes, or all of it with
-    /// `usize::MAX`): policy, provider choice, budget admission, rewrites.
+    /// The whole body is buffered (`size` bytes, or all of it with
+    /// `usize::MAX`): the model (from the body or the path), policy,
+    /// provider choice, the policy's output cap, budget admission, rewrites.
     fn body_complete(&mut self, h: &dyn Host, size: usize) -> Next {
         self.read_body = false;
         let body = match h.buffer(Buffer::RequestBody, 0, size) {
@@ -499,17 +515,33 @@ impl Ingress {
             Err(e) => return self.host_failure(h, "read the request body", e),
         };
         let size = body.len();
-        let mut info = match request::inspect(&body) {
-            Ok(i) => i,
+        let (mut info, form) = match request::read(&self.content_type, &body) {
+            Ok(r) => r,
             Err(e) => return self.reply(h, &reply::bad_request(&e.to_string())),
         };
+        // A path that names the model names the one the provider serves.
+        let path_model = providers::path_model(&self.path);
+        if let Some(pm) = &path_model {
+            info.model = providers::resolve(&self.cfg, pm);
+        }
+        if info.model.is_none() {
+            let limits_models = self.client().is_some_and(|c| c.policy.allowed_models.is_some());
+            if admission::needs_model(&self.cfg, limits_models) {
+                let why = match (&path_model, &form) {
+                    (Some(_), _) => "its path names a model in a form the gateway does not read",
+                    (None, Form::Unreadable(why)) => why.as_str(),
+                    (None, _) => "its body names no model",
+                };
+                return self.reply(h, &admission::model_required(why));
+            }
+        }
         let now = h.now_ms();
-        let mut rewritten: Option<Vec<u8>> = None;
+        let mut aliased = false;
         if let Some(c) = self.client() {
             match identity::check_request(c, &info) {
                 Ok(Some(model)) => {
-                    rewritten = identity::rewrite_model(&body, &model);
                     info.model = Some(model);
+                    aliased = true;
                 }
                 Ok(None) => {}
                 Err(r) => return self.reply(h, &r),
@@ -518,19 +550,38 @@ impl Ingress {
                 return self.reply(h, &r);
             }
         }
-        let requested = info.model.clone();
-        match self.select_provider(h, requested.as_deref(), now) {
-            Ok(Some(model)) => {
-                rewritten = identity::rewrite_model(rewritten.as_deref().unwrap_or(&body), &model);
-                info.model = Some(model);
-            }
-            Ok(None) => {}
+        let in_path = path_model.is_some();
+        let sent = match self.select_provider(h, info.model.as_deref(), aliased, now) {
+            Ok(s) => s,
             Err(r) => return self.reply(h, &r),
+        };
+        // The body carries the name the provider knows the model by (a
+        // path that names the model was rewritten instead); `info.model`
+        // stays the name policy, prices and budgets know.
+        let mut rewritten: Option<Vec<u8>> = None;
+        let body_model = if in_path { None } else { sent.or_else(|| info.model.clone().filter(|_| aliased)) };
+        if let Some(m) = body_model.as_deref() {
+            rewritten = match &form {
+                Form::Json => request::with_model(&body, m),
+                Form::Multipart(Some(field)) => multipart::with_model(&body, field, m),
+                _ => None,
+            };
+        }
+        // A policy's output cap bounds a request that sets none: written
+        // into the field of the provider's dialect, so the estimate holds.
+        let policy_cap = self.client().and_then(|c| c.policy.max_tokens);
+        if let (Some(cap), None, Form::Json) = (policy_cap, info.max_tokens, &form) {
+            if let Some(field) = providers::cap_field(&self.cfg, self.admission.provider, &self.path) {
+                if let Some(b) = request::with_cap(rewritten.as_deref().unwrap_or(&body), field, cap) {
+                    rewritten = Some(b);
+                    info.max_tokens = Some(cap);
+                }
+            }
         }
         if let Some(refusal) = self.admit(h, &info, now) {
             return self.reply(h, &refusal);
         }
-        if self.cfg.inject_stream_usage && request::path_takes_stream_options(&self.path) {
+        if form == Form::Json && self.cfg.inject_stream_usage && request::path_takes_stream_options(&self.path) {
             let current = rewritten.as_deref().unwrap_or(&body);
             if let Some(with_usage) = request::with_include_usage(current, &info) {
                 rewritten = Some(with_usage);

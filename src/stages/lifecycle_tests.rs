@@ -12,9 +12,9 @@ use crate::store::Store;
 use rust_decimal::Decimal;
 use std::rc::Rc;
 
-const NOW: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+pub(super) const NOW: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
-fn sha_hex(s: &str) -> String {
+pub(super) fn sha_hex(s: &str) -> String {
     crate::crypto::sha256(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -31,14 +31,16 @@ fn config(limit: &str) -> String {
     )
 }
 
-struct Gateway {
-    world: Rc<World>,
-    ingress: Root,
-    attempt: Root,
+/// Both stages of one VM over a config (other test files add requests of
+/// their own).
+pub(super) struct Gateway {
+    pub(super) world: Rc<World>,
+    pub(super) ingress: Root,
+    pub(super) attempt: Root,
 }
 
 impl Gateway {
-    fn new(config: &str) -> Gateway {
+    pub(super) fn new(config: &str) -> Gateway {
         let world = World::new(NOW);
         let ingress = world.root("apikeyrouter_ingress", config).unwrap_or_else(|e| panic!("{e}"));
         let attempt = world.root("apikeyrouter_attempt", config).unwrap_or_else(|e| panic!("{e}"));
@@ -60,7 +62,7 @@ impl Gateway {
         )
     }
 
-    fn budget(&self) -> BudgetRecord {
+    pub(super) fn budget(&self) -> BudgetRecord {
         let cfg = self.attempt.routing.borrow().config.clone();
         budget::load(&self.world.store, &cfg.budgets[0], self.world.now_ms.get())
     }

@@ -61,9 +61,13 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
     let teams = callers::teams(&mut root, &providers)?;
     let clients = callers::clients(&mut root, &providers, &teams)?;
-    if unknown_model == UnknownModel::Refuse && prices.is_empty() {
+    if unknown_model == Some(UnknownModel::Refuse) && prices.is_empty() {
         return Err(err("unknown_model", "\"refuse\" needs a price table in prices"));
     }
+    // With a budget to keep, a model without a price is refused unless the
+    // config says to count it at zero.
+    let unknown_model =
+        unknown_model.unwrap_or(if budgets.is_empty() { UnknownModel::Zero } else { UnknownModel::Refuse });
     root.finish()?;
     Ok(Config {
         providers,
@@ -371,6 +375,25 @@ mod tests {
         assert!(c.admin.enabled);
         assert_eq!(c.admin.prefix, "/akr/");
         assert_eq!(c.providers[0].keys, vec![0, 1]);
+    }
+
+    #[test]
+    fn unpriced_models_are_refused_by_default_only_when_a_budget_is_configured() {
+        let base =
+            r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"m":{"input":"1","output":"1"}}"#;
+        let budget = r#","budgets":[{"id":"b","limit":"1"}]"#;
+        let cases = [
+            ("", UnknownModel::Zero),
+            (budget, UnknownModel::Refuse),
+            (&format!(r#"{budget},"unknown_model":"zero""#), UnknownModel::Zero),
+            (r#","unknown_model":"refuse""#, UnknownModel::Refuse),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(ok(&format!("{base}{extra}}}")).unknown_model, want, "{extra}");
+        }
+        let no_prices =
+            r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1"}]}"#;
+        assert_eq!(ok(no_prices).unknown_model, UnknownModel::Refuse, "refused at run time, with a clear reply");
     }
 
     #[test]

@@ -54,6 +54,7 @@ fn provider(
     let kind = provider_kind(&mut p)?;
     let anthropic_version = p.opt_str("anthropic_version")?.unwrap_or_else(|| "2023-06-01".to_string());
     let api_version = p.opt_str("api_version")?.unwrap_or_else(|| "2024-10-21".to_string());
+    let deployments = deployments(&mut p, kind)?;
     let owner = Owner { index: providers.len(), id: &id, kind };
     let indexes = provider_keys(&mut p, path, &owner, keys, env)?;
     p.finish()?;
@@ -63,7 +64,35 @@ fn provider(
             pricings.push(key.pricing);
         }
     }
-    Ok(Provider { id, kind, anthropic_version, api_version, keys: indexes, pricings })
+    Ok(Provider { id, kind, anthropic_version, api_version, deployments, keys: indexes, pricings })
+}
+
+/// `providers[i].deployments` (azure only): deployment name -> the model it
+/// serves, for policy, prices and budgets of requests to deployment paths.
+fn deployments(p: &mut Obj, kind: ProviderKind) -> Result<Vec<(String, String)>, ConfigError> {
+    let field = p.field("deployments");
+    let Some(map) = p.opt_obj_raw("deployments")? else {
+        return Ok(Vec::new());
+    };
+    if kind != ProviderKind::Azure {
+        return Err(err(&field, "only a provider of kind azure has deployments"));
+    }
+    let mut out = Vec::new();
+    for (name, v) in &map {
+        let valid = |n: &str| n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        match v {
+            Value::String(model) if !model.is_empty() && !name.is_empty() && valid(name) => {
+                out.push((name.clone(), model.clone()))
+            }
+            _ => {
+                return Err(err(
+                    &format!("{field}.{name}"),
+                    "expected a deployment name of 1-64 A-Za-z0-9, '-' or '_' and the model it serves, e.g. \"gpt-4o\"",
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `providers[i].keys`: appended to `keys`; their indexes there.
@@ -295,6 +324,44 @@ mod tests {
             ApiShape::Gemini
         );
         assert_eq!(ApiShape::of_path("/openai/deployments/d/chat/completions?api-version=1"), ApiShape::OpenAi);
+    }
+
+    #[test]
+    fn azure_deployments_map_names_to_models_and_are_validated() {
+        let c = ok(
+            r#"{"providers":[{"id":"az","kind":"azure","deployments":{"gpt4o-prod":"gpt-4o","mini_v2":"gpt-4o-mini"},
+            "keys":[{"id":"a","secret":"s"}]}]}"#,
+        );
+        assert_eq!(
+            c.providers[0].deployments,
+            vec![("gpt4o-prod".to_string(), "gpt-4o".to_string()), ("mini_v2".to_string(), "gpt-4o-mini".to_string())]
+        );
+        let bad = |provider: &str| format!(r#"{{"providers":[{{{provider},"keys":[{{"id":"a","secret":"s"}}]}}]}}"#);
+        let cases = [
+            (
+                bad(r#""id":"o","deployments":{"d":"gpt-4o"}"#),
+                "providers[0].deployments",
+                "only a provider of kind azure",
+            ),
+            (bad(r#""id":"z","kind":"azure","deployments":[]"#), "providers[0].deployments", "expected an object"),
+            (bad(r#""id":"z","kind":"azure","deployments":{"a/b":"m"}"#), "providers[0].deployments.a/b", "1-64"),
+            (bad(r#""id":"z","kind":"azure","deployments":{"a.b":"m"}"#), "providers[0].deployments.a.b", "1-64"),
+            (
+                bad(r#""id":"z","kind":"azure","deployments":{"d":""}"#),
+                "providers[0].deployments.d",
+                "the model it serves",
+            ),
+            (
+                bad(r#""id":"z","kind":"azure","deployments":{"d":1}"#),
+                "providers[0].deployments.d",
+                "the model it serves",
+            ),
+        ];
+        for (json, field, reason) in cases {
+            let e = compile(json.as_bytes(), &env).err().unwrap_or_else(|| panic!("accepted {json}"));
+            assert_eq!(e.field, field, "{json}: {e}");
+            assert!(e.reason.contains(reason), "{json}: {e}");
+        }
     }
 
     #[test]

@@ -46,11 +46,13 @@ fn price_field(p: &mut Obj, name: &str, required: bool) -> Result<Option<Decimal
     }
 }
 
-/// `unknown_model`: `zero` (the default) or `refuse`.
-pub(super) fn unknown_model(root: &mut Obj) -> Result<UnknownModel, ConfigError> {
+/// `unknown_model`: `zero` or `refuse`; `None` when absent (then `refuse`
+/// when any budget is configured, else `zero`).
+pub(super) fn unknown_model(root: &mut Obj) -> Result<Option<UnknownModel>, ConfigError> {
     match root.opt_str("unknown_model")?.as_deref() {
-        None | Some("zero") => Ok(UnknownModel::Zero),
-        Some("refuse") => Ok(UnknownModel::Refuse),
+        None => Ok(None),
+        Some("zero") => Ok(Some(UnknownModel::Zero)),
+        Some("refuse") => Ok(Some(UnknownModel::Refuse)),
         Some(other) => Err(err("unknown_model", format!("expected \"zero\" or \"refuse\", found {other:?}"))),
     }
 }
