@@ -102,19 +102,25 @@ def test_the_admin_api_answers_on_the_internal_listener_and_not_on_the_public_on
         assert status == 401 and json.loads(body)["error"]["code"] == "invalid_admin_token"
     # The public listener has no admin API: the admin token is an unknown
     # caller's key there, and the client's key reaches only Envoy's router,
-    # which has no route for the path.
+    # which has no route for the path; a body that names no model is refused
+    # before that, since this gateway has budgets (model_required).
     for method, path in [("GET", "keys"), ("GET", "health"), ("GET", "budgets"), ("GET", "decisions"),
                          ("PATCH", "keys/openai-1")]:
         body = {"state": "disabled"} if method == "PATCH" else None
         status, _, raw = admin(e.url, method, path, body)
         assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key", (path, status, raw)
         status, headers, raw = admin(e.url, method, path, body, token=CLIENT_KEY)
-        assert (status, raw, headers.get("content-type")) == (404, b"", None), (path, status, raw)
+        if body is None:
+            assert (status, raw, headers.get("content-type")) == (404, b"", None), (path, status, raw)
+        else:
+            assert (status, json.loads(raw)["error"]["code"]) == (400, "model_required"), (path, status, raw)
     # Nothing changed, and the internal listener serves no model traffic.
     status, _, body = admin(management, "GET", "keys")
     assert {k["state"] for k in json.loads(body)["keys"]} == {"available"}
+    # (its filter has budgets and no prices, so the model is refused unpriced
+    # before Envoy's router, which has no route for it anyway)
     status, _, raw = chat(management)
-    assert (status, raw) == (404, b"")
+    assert (status, json.loads(raw)["error"]["code"]) == (400, "model_not_priced"), raw
     assert mock3.received() == []
 
 
