@@ -4,7 +4,7 @@
 #   make test    unit tests, then the real-Envoy tests
 #   make lint    rustfmt and clippy (native and wasm), warnings are errors
 #   make bench   throughput and latency against plain Envoy (not part of test)
-#   make oci     the .wasm as an OCI artifact for Istio's WasmPlugin (dist/oci)
+#   make oci     the .wasm as an OCI image Istio's agent pulls (dist/oci, compat variant)
 #   make fuzz    every fuzz target for FUZZ_SECONDS (default 60) each
 
 SHELL := /bin/bash
@@ -46,7 +46,18 @@ wasm-opt:
 	  $$SUDO apt-get update && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y binaryen; }
 
-setup: $(VENV)/.installed etcd wasm-opt
+# skopeo and Debian's docker-registry (the CNCF distribution registry) for the
+# OCI round trip of `make oci`'s image (tests/test_oci.py).
+.PHONY: oci-tools
+oci-tools:
+	@{ command -v skopeo && command -v docker-registry; } >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "skopeo or docker-registry is missing: install them (needs root or sudo)" >&2; exit 1; fi; \
+	  $$SUDO apt-get update && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y skopeo docker-registry; }
+
+setup: $(VENV)/.installed etcd wasm-opt oci-tools
 	rustup target add wasm32-wasip1
 
 # The features rustc enables for wasm32-wasip1, so wasm-opt keeps to them.
