@@ -53,7 +53,7 @@ import pytest
 import yaml
 
 from harness import (ROOT, WASM, Mock, envoy_bin, free_port, http, secrets, wait_until)
-from test_oci import Registry, plugin_wasm_like_istio, skopeo
+from test_oci import Registry, plugin_wasm_like_istio, skopeo, stop_process
 import oci
 
 ISTIO = ROOT / "deploy" / "istio"
@@ -459,13 +459,7 @@ class IstioGateway:
         return http(method, self.url + "/apikeyrouter/v1/" + path, body, {"authorization": f"Bearer {ADMIN_TOKEN}"})
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 
@@ -705,8 +699,7 @@ class ModuleServer:
         wait_until(lambda: http("GET", self.url)[0] == 200, timeout=10, what="module server", errors=(OSError,))
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 def remote_module(port, digest):
@@ -754,8 +747,7 @@ def test_envoy_refuses_a_module_whose_sha256_is_wrong(mock, started):
 
     class Stop:
         def stop(self):
-            proc.terminate()
-            proc.wait(timeout=10)
+            stop_process(proc)
             log.close()
     started.append(Stop())
     def failed():

@@ -16,16 +16,15 @@ import json
 import os
 import re
 import subprocess
-import tempfile
-from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from harness import ROOT, WASM, envoy_bin, free_port, http, validate, wait_until
+from harness import ROOT, envoy_bin, free_port, http, validate, wait_until
 import test_shipped_configs as shipped
+from test_oci import stop_process
 
 K8S = ROOT / "deploy" / "kubernetes"
 ISTIO = ROOT / "deploy" / "istio"
@@ -245,6 +244,5 @@ def test_every_metric_the_alerts_use_is_served_by_the_configmaps_envoy(configmap
         assert any(vm.fullmatch(n) for n in re.findall(r"^([a-z_]+)\{", text, re.M)), \
             "the VM-reload alert's metric exists"
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)
         log.close()
