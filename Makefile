@@ -4,7 +4,7 @@
 #   make test    unit tests, then the real-Envoy tests
 #   make lint    rustfmt and clippy (native and wasm), warnings are errors
 #   make bench   throughput and latency against plain Envoy (not part of test)
-#   make oci     the .wasm as an OCI artifact for Istio's WasmPlugin (dist/oci)
+#   make oci     the .wasm as an OCI image Istio's agent pulls (dist/oci, compat variant)
 #   make fuzz    every fuzz target for FUZZ_SECONDS (default 60) each
 
 SHELL := /bin/bash
@@ -49,7 +49,16 @@ nghttp:
 wasm-opt:
 	$(call apt_install,wasm-opt,binaryen)
 
-setup: $(VENV)/.installed etcd nghttp wasm-opt
+# skopeo and Debian's docker-registry (the CNCF distribution registry) for the
+# OCI round trip of `make oci`'s image (tests/test_oci.py).
+.PHONY: skopeo docker-registry
+skopeo:
+	$(call apt_install,skopeo,skopeo)
+
+docker-registry:
+	$(call apt_install,docker-registry,docker-registry)
+
+setup: $(VENV)/.installed etcd nghttp wasm-opt skopeo docker-registry
 	rustup target add wasm32-wasip1
 
 # The features rustc enables for wasm32-wasip1, so wasm-opt keeps to them.
