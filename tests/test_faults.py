@@ -79,8 +79,11 @@ def fetch(url, body, timeout=30):
 
 
 def short_timeout(seconds):
+    """The route's total timeout, as the only limit in force (the shipped
+    route's max_stream_duration would take its place)."""
     def edit(cfg):
         route(cfg)["timeout"] = f"{seconds}s"
+        route(cfg).pop("max_stream_duration", None)
     return edit
 
 
