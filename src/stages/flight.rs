@@ -10,6 +10,7 @@
 //! lets go of the flight last gets what is left to release.
 
 use crate::budget::{Price, Reservation};
+use crate::charge::Basis;
 use crate::objective::Objective;
 use crate::usage::Usage;
 use hashbrown::HashMap;
@@ -30,6 +31,9 @@ pub struct Admission {
     pub output_tokens_est: u64,
     /// Soft budgets this request went over.
     pub soft_over: Vec<usize>,
+    /// A `GET`, `HEAD` or `DELETE`: it reads or removes what an earlier
+    /// request made (a background response's poll), so it is never charged.
+    pub read_only: bool,
 }
 
 /// The attempts of a request so far (written by the attempt stage).
@@ -43,12 +47,15 @@ pub struct Attempts {
     pub in_flight: u32,
 }
 
-/// The served attempt: its key, usage, cost and decision summary.
+/// The served attempt: its key, the tokens and cost it was charged (or the
+/// usage it reported, when it was not charged), how the charge was worked
+/// out, and its decision summary.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Served {
     pub key: Option<usize>,
     pub usage: Option<Usage>,
     pub cost: Option<Decimal>,
+    pub charged: Option<Basis>,
     pub decision: Option<String>,
 }
 
@@ -114,8 +121,8 @@ impl Flight {
 
     /// The request's outcome as one JSON object for access logs
     /// (`%FILTER_STATE(wasm.apikeyrouter:PLAIN)%`): key, provider, attempts,
-    /// client and team, tokens, cost and the decision summary. Written by
-    /// hand: it is built for every request.
+    /// client and team, tokens, cost, how it was charged and the decision
+    /// summary. Written by hand: it is built for every request.
     pub fn outcome_json(&self, cfg: &crate::config::Config) -> String {
         let mut o = JsonObject::default();
         let served = &self.served;
@@ -139,6 +146,9 @@ impl Flight {
         }
         if let Some(c) = served.cost {
             o.text("cost", &crate::budget::show(c));
+        }
+        if let Some(b) = served.charged {
+            o.text("charged", b.as_str());
         }
         if let Some(d) = &served.decision {
             o.text("decision", d);
@@ -261,6 +271,7 @@ mod tests {
                 key: Some(0),
                 usage: Some(Usage { input: 3, output: 4, total: 7, ..Usage::default() }),
                 cost: Some(Decimal::new(15, 4)),
+                charged: Some(Basis::Partial),
                 decision: Some("objective=cost; key=k1 \"\\\n\u{1}é".into()),
             },
             ..Flight::default()
@@ -272,7 +283,7 @@ mod tests {
         assert_eq!(
             parsed,
             serde_json::json!({"key_id": "k1", "provider": "openai", "attempts": 2, "input_tokens": 3,
-                "output_tokens": 4, "total_tokens": 7, "cost": "0.0015",
+                "output_tokens": 4, "total_tokens": 7, "cost": "0.0015", "charged": "partial",
                 "decision": "objective=cost; key=k1 \"\\\n\u{1}é"})
         );
         assert_eq!(Flight::default().outcome_json(&cfg), r#"{"provider":"openai","attempts":0}"#);

@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 const NOW: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
-fn sha_hex(s: &str) -> String {
+pub(super) fn sha_hex(s: &str) -> String {
     crate::crypto::sha256(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -31,14 +31,16 @@ fn config(limit: &str) -> String {
     )
 }
 
-struct Gateway {
-    world: Rc<World>,
-    ingress: Root,
-    attempt: Root,
+/// Both stages configured over one fake world (shared with
+/// `charging_tests`).
+pub(super) struct Gateway {
+    pub(super) world: Rc<World>,
+    pub(super) ingress: Root,
+    pub(super) attempt: Root,
 }
 
 impl Gateway {
-    fn new(config: &str) -> Gateway {
+    pub(super) fn new(config: &str) -> Gateway {
         let world = World::new(NOW);
         let ingress = world.root("apikeyrouter_ingress", config).unwrap_or_else(|e| panic!("{e}"));
         let attempt = world.root("apikeyrouter_attempt", config).unwrap_or_else(|e| panic!("{e}"));
@@ -46,12 +48,17 @@ impl Gateway {
     }
 
     fn chat(&self, body: &str) -> Exchange {
+        self.request("POST", "/v1/chat/completions", body)
+    }
+
+    /// A request of client `alice` (`x-request-id: req-1`).
+    pub(super) fn request(&self, method: &str, path: &str, body: &str) -> Exchange {
         Exchange::new(
             &self.world,
             &self.ingress,
             &[
-                (":method", "POST"),
-                (":path", "/v1/chat/completions"),
+                (":method", method),
+                (":path", path),
                 ("content-type", "application/json"),
                 ("authorization", "Bearer vk-alice"),
                 ("x-request-id", "req-1"),
@@ -60,7 +67,7 @@ impl Gateway {
         )
     }
 
-    fn budget(&self) -> BudgetRecord {
+    pub(super) fn budget(&self) -> BudgetRecord {
         let cfg = self.attempt.routing.borrow().config.clone();
         budget::load(&self.world.store, &cfg.budgets[0], self.world.now_ms.get())
     }
@@ -72,7 +79,7 @@ impl Gateway {
             .unwrap_or(Effective::Available)
     }
 
-    fn in_flight(&self) -> usize {
+    pub(super) fn in_flight(&self) -> usize {
         self.world.flights.borrow().len()
     }
 }

@@ -17,6 +17,8 @@ pub mod ingress;
 pub mod worker_state;
 
 #[cfg(test)]
+mod charging_tests;
+#[cfg(test)]
 pub mod fake;
 #[cfg(test)]
 mod lifecycle_tests;
