@@ -20,7 +20,7 @@ use crate::objective::Objective;
 use crate::ratelimit::{cooldown_ms, Signals};
 use crate::reply;
 use crate::usage::{self, SseUsage};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 /// Non-streaming bodies larger than this are not held whole (Envoy's buffer
@@ -78,6 +78,9 @@ pub struct Attempt {
     read_only: bool,
     /// The routing decision, recorded with its charge when the attempt ends.
     decided: Option<Stored>,
+    /// What has passed of a 2xx answer, shared with the flight (see
+    /// [`Served::live`]).
+    live: Option<Rc<Cell<Answer>>>,
     /// The stream was ended early because a hard budget was crossed.
     cut: bool,
     /// The request's client, from the ingress stage.
@@ -110,6 +113,7 @@ impl Attempt {
             key_held: None,
             read_only: false,
             decided: None,
+            live: None,
             cut: false,
             next_cutoff_check: 0,
             client: None,
@@ -170,6 +174,24 @@ impl Attempt {
         Some(charge::charge(&answer, self.estimate_tokens, self.price.as_ref(), &key.pricing))
     }
 
+    /// A 2xx answer's headers pass to the caller: from now on a cut is
+    /// charged. Leaves a live view of what passes for the access log, which
+    /// Envoy writes before this attempt ends when the caller hangs up.
+    fn passing(&mut self) {
+        if self.read_only || !(200..300).contains(&self.status) {
+            return;
+        }
+        let live = Rc::new(Cell::new(Answer { stream: matches!(self.body, Body::Sse(_)), ..Answer::default() }));
+        if let Some(rid) = self.request_id.as_deref() {
+            if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
+                let key = self.key;
+                f.served =
+                    Served { key, decision: self.decision.clone(), live: Some(live.clone()), ..Served::default() };
+            }
+        }
+        self.live = Some(live);
+    }
+
     /// Leaves what the attempt served, and its charge, for the ingress
     /// stage (access logs); returns the charge.
     fn served(&self) -> Option<Charge> {
@@ -181,6 +203,7 @@ impl Attempt {
                 cost: charge.and_then(|c| c.cost),
                 charged: charge.map(|c| c.basis),
                 decision: self.decision.clone(),
+                live: None,
             };
             if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
                 f.served = served;
@@ -584,18 +607,19 @@ impl Attempt {
             if content_length.is_some_and(|n| n > MAX_JSON_BODY) {
                 // Too large to hold: let it flow and keep its tail.
                 self.body = Body::JsonTail(Vec::new());
-                return Next::Continue;
-            }
-            // Hold the headers while the body is read, so the cost can be
-            // added to them; the body is buffered whole anyway.
-            let priced =
-                self.price.is_some() || self.cfg.keys.get(k).is_some_and(|key| key.pricing.cost_per_1k.is_some());
-            let cap = if content_length.is_some() { MAX_JSON_BODY } else { MAX_UNSIZED_JSON };
-            self.body = Body::Json { hold: priced, cap };
-            if priced {
-                return Next::Pause;
+            } else {
+                // Hold the headers while the body is read, so the cost can
+                // be added to them; the body is buffered whole anyway.
+                let priced =
+                    self.price.is_some() || self.cfg.keys.get(k).is_some_and(|key| key.pricing.cost_per_1k.is_some());
+                let cap = if content_length.is_some() { MAX_JSON_BODY } else { MAX_UNSIZED_JSON };
+                self.body = Body::Json { hold: priced, cap };
+                if priced {
+                    return Next::Pause;
+                }
             }
         }
+        self.passing();
         Next::Continue
     }
 
@@ -641,6 +665,10 @@ impl Attempt {
                         parser.feed(&chunk);
                     }
                 }
+                if let Some(live) = &self.live {
+                    let output_chars = parser.output_chars;
+                    live.set(Answer { usage: parser.usage, stream: true, output_chars, complete: false });
+                }
                 let events = parser.events;
                 if end_of_stream {
                     parser.finish();
@@ -664,6 +692,7 @@ impl Attempt {
                         let tail =
                             h.buffer(Buffer::ResponseBody, start, size - start).ok().flatten().unwrap_or_default();
                         self.body = Body::JsonTail(tail);
+                        self.passing();
                         return Next::Continue;
                     }
                     return Next::Pause;

@@ -97,9 +97,11 @@ fn a_stream_the_caller_leaves_is_charged_its_prompt_and_the_text_that_passed() {
     assert_eq!(rec.and_then(|r| r.charged), Some(crate::charge::Basis::Partial));
 }
 
-/// Where Envoy may stop a stream: after each callback, it resets it (the
-/// attempt's `on_done`, then the request's `on_log`). Every stop leaves
-/// nothing reserved and charges exactly what the rules say for what passed.
+/// Where Envoy may stop a stream: after each callback, it resets it: the
+/// attempt's `on_done` and the request's `on_log`, in either order (a
+/// caller's hang-up logs the request first). Every stop leaves nothing
+/// reserved, charges exactly what the rules say for what passed, and the
+/// access-log outcome says the same.
 #[test]
 fn a_reset_after_every_callback_of_a_stream_charges_exactly_the_documented_amount() {
     let prompt = STREAM.len();
@@ -117,7 +119,9 @@ fn a_reset_after_every_callback_of_a_stream_charges_exactly_the_documented_amoun
         (cost(10, 20), Some("usage")),      // the end: its usage
         (cost(10, 20), Some("usage")),      // the attempt ended
     ];
-    for (stop, (charged, basis)) in expected.iter().enumerate() {
+    for (stop, log_first) in (0..expected.len()).flat_map(|stop| [(stop, false), (stop, true)]) {
+        let (charged, basis) = expected[stop];
+        let at = format!("reset after step {stop}, logged {}", if log_first { "first" } else { "last" });
         let gw = Gateway::new(&config());
         let mut x = gw.request("POST", "/v1/chat/completions", STREAM);
         let mut running = false;
@@ -138,14 +142,21 @@ fn a_reset_after_every_callback_of_a_stream_charges_exactly_the_documented_amoun
                 }
             }
         }
+        if log_first {
+            x.ingress.on_log(&x.downstream);
+        }
         if running {
             x.attempt_done();
         }
-        x.ingress.on_log(&x.downstream);
+        if !log_first {
+            x.ingress.on_log(&x.downstream);
+        }
         let b = gw.budget();
-        assert_eq!((b.spent, b.reserved), (*charged, Decimal::ZERO), "reset after step {stop}");
-        assert_eq!(outcome(&x)["charged"].as_str(), *basis, "reset after step {stop}");
-        assert_eq!(gw.in_flight(), 0, "reset after step {stop}");
+        assert_eq!((b.spent, b.reserved), (charged, Decimal::ZERO), "{at}");
+        let o = outcome(&x);
+        assert_eq!(o["charged"].as_str(), basis, "{at}");
+        assert_eq!(o["cost"].as_str().map(String::from), basis.map(|_| show(charged)), "{at}");
+        assert_eq!(gw.in_flight(), 0, "{at}");
     }
 }
 

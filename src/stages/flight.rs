@@ -10,11 +10,13 @@
 //! lets go of the flight last gets what is left to release.
 
 use crate::budget::{Price, Reservation};
-use crate::charge::Basis;
+use crate::charge::{self, Answer, Basis};
 use crate::objective::Objective;
 use crate::usage::Usage;
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
+use std::cell::Cell;
+use std::rc::Rc;
 
 /// What the ingress stage decided for a request; written once.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -57,6 +59,11 @@ pub struct Served {
     pub cost: Option<Decimal>,
     pub charged: Option<Basis>,
     pub decision: Option<String>,
+    /// While a 2xx answer passes, before it is charged: what has passed,
+    /// updated by its attempt. When the caller hangs up, Envoy logs the
+    /// request before the attempt ends; the outcome then shows the charge
+    /// the attempt is about to make for it.
+    pub live: Option<Rc<Cell<Answer>>>,
 }
 
 /// What the stages share about one request.
@@ -139,15 +146,23 @@ impl Flight {
                 o.text("team", t);
             }
         }
-        if let Some(u) = served.usage {
+        let a = &self.admission;
+        let cut = served.live.as_ref().zip(served.key.and_then(|k| cfg.keys.get(k))).map(|(live, key)| {
+            charge::charge(&live.get(), (a.prompt_tokens_est, a.output_tokens_est), a.price.as_ref(), &key.pricing)
+        });
+        let (usage, cost, charged) = match cut {
+            Some(c) => (Some(c.tokens), c.cost, Some(c.basis)),
+            None => (served.usage, served.cost, served.charged),
+        };
+        if let Some(u) = usage {
             o.number("input_tokens", u.input);
             o.number("output_tokens", u.output);
             o.number("total_tokens", u.total);
         }
-        if let Some(c) = served.cost {
+        if let Some(c) = cost {
             o.text("cost", &crate::budget::show(c));
         }
-        if let Some(b) = served.charged {
+        if let Some(b) = charged {
             o.text("charged", b.as_str());
         }
         if let Some(d) = &served.decision {
@@ -272,6 +287,7 @@ mod tests {
                 usage: Some(Usage { input: 3, output: 4, total: 7, ..Usage::default() }),
                 cost: Some(Decimal::new(15, 4)),
                 charged: Some(Basis::Partial),
+                live: None,
                 decision: Some("objective=cost; key=k1 \"\\\n\u{1}é".into()),
             },
             ..Flight::default()
