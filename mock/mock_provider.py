@@ -39,7 +39,10 @@ Control API (JSON):
   POST /_mock/limit    {"key": "sk-..", "limit": N, "reset": "60s"}: the key
                        reports x-ratelimit-limit/remaining-requests that shrink
                        with each request, and answers 429 once none remain
-  POST /_mock/stream   {"chunks": N, "gate": bool, "delay_ms": N}
+  POST /_mock/stream   {"chunks": N, "gate": bool, "delay_ms": N, "gate_after": N}:
+                       with "gate", a stream sends "gate_after" chunks
+                       (default 1), then waits for /_mock/release; each
+                       recorded stream keeps the text it sent in "sent_text"
   POST /_mock/release  releases streams held at the gate
   POST /_mock/reset    forgets records, behaviors and totals
   GET  /_mock/received?limit=N   recorded requests, newest last, each
@@ -47,6 +50,14 @@ Control API (JSON):
                        caller left before the answer) and the fault, if any
   GET  /_mock/stats    per-key totals: requests, statuses, usage reported
                        (a response cut before its usage reports none)
+
+Answers without usage, as the real endpoints give them (usage_less below):
+  POST /v1/images/generations   {"created", "data": [{"url"}]}
+  POST /v1/audio/speech         audio/mpeg bytes
+  POST /v1/responses {"background": true}   a queued response without
+                       usage (its usage is counted in the stats now: the
+                       provider bills it once); GET /v1/responses/{id} then
+                       answers it completed, with its usage
 """
 
 import argparse
@@ -228,6 +239,8 @@ def make_app(state):
                 rec["status"] = "dropped"
                 return web.Response(status=504)
 
+        if request.method == "GET" and request.path.startswith("/v1/responses/"):
+            return usage_less_poll(request, respond)
         if request.method == "GET":
             if request.path.rstrip("/") == "/v1/models":
                 return respond(200, {"object": "list", "data": [
@@ -259,12 +272,15 @@ def make_app(state):
                 {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(n)]},
                 headers)
 
+        if request.path in USAGE_LESS_PATHS or (request.path == "/v1/responses" and body.get("background")):
+            return usage_less(request, body, model, usage, headers, st, respond)
+
         is_chat = request.path.endswith("/chat/completions")
         if fault in FAULTS_WITH_BODY:
             return await misbehave(request, fault, b, body, model, usage, headers, is_chat, st, rec)
         if body.get("stream"):
             rec["status"] = 200
-            return await stream(request, body, model, usage, headers, is_chat, st)
+            return await stream(request, body, model, usage, headers, is_chat, st, rec)
 
         st["prompt_tokens"] += usage["prompt_tokens"]
         st["completion_tokens"] += usage["completion_tokens"]
@@ -428,7 +444,7 @@ def make_app(state):
             return resp
         raise AssertionError(fault)
 
-    async def stream(request, body, model, usage, headers, is_chat, st):
+    async def stream(request, body, model, usage, headers, is_chat, st, rec):
         st["statuses"]["200"] += 1
         resp = web.StreamResponse(status=200, headers={**headers, "content-type": "text/event-stream",
                                                       "cache-control": "no-cache"})
@@ -446,7 +462,8 @@ def make_app(state):
             if include_usage:
                 chunk["usage"] = None
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            if i == 0 and cfg.get("gate"):
+            rec["sent_text"] = rec.get("sent_text", "") + f"tok{i} "
+            if i + 1 == int(cfg.get("gate_after", 1)) and cfg.get("gate"):
                 state.gate_waiters += 1
                 try:
                     await asyncio.wait_for(state.gate.wait(), timeout=30)
@@ -464,6 +481,34 @@ def make_app(state):
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    # --- Answers without usage (images, speech, background responses) ---
+
+    USAGE_LESS_PATHS = {"/v1/images/generations", "/v1/audio/speech"}
+    background = {}  # response id -> its completed form (any known key may poll it)
+
+    def usage_less(request, body, model, usage, headers, st, respond):
+        if request.path == "/v1/audio/speech":
+            respond(200, None)  # counts and records the status
+            return web.Response(status=200, body=b"ID3\x04\x00mock-audio", headers={**headers, "content-type": "audio/mpeg"})
+        if request.path == "/v1/images/generations":
+            return respond(200, {"created": int(time.time()), "data": [{"url": "https://example.com/mock.png"}]}, headers)
+        rid = f"resp_mock_{len(background) + 1}"
+        u = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+             "total_tokens": usage["total_tokens"]}
+        count_usage(st, usage)
+        background[rid] = {"id": rid, "object": "response", "status": "completed", "background": True,
+                           "model": model, "usage": u,
+                           "output": [{"type": "message", "content": [{"type": "output_text", "text": "A poem."}]}]}
+        return respond(200, {"id": rid, "object": "response", "status": "queued", "background": True,
+                             "model": model, "output": [], "usage": None}, headers)
+
+    def usage_less_poll(request, respond):
+        rid = request.path.rsplit("/", 1)[-1]
+        done = background.get(rid)
+        if done is None:
+            return respond(404, error_body(f"No response found with id '{rid}'.", "invalid_request_error", None))
+        return respond(200, done)
 
     FAULTS_WITH_BODY = {"reset_mid_body", "malformed_json", "truncated_sse", "no_usage", "huge_body",
                         "trickle"}

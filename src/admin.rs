@@ -599,6 +599,7 @@ mod tests {
                     excluded: vec![],
                     excluded_total: 0,
                 },
+                charged: None,
             };
             let _ = s.set(&crate::shared_data::decision_slot(w, slot), &d.encode(), None);
         }

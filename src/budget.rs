@@ -15,12 +15,15 @@ use crate::window::Window;
 use rust_decimal::Decimal;
 use std::fmt;
 
-/// Prices per 1,000,000 tokens.
+/// Prices per 1,000,000 tokens, or one price per request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Price {
     pub input: Decimal,
     pub output: Decimal,
     pub cached_input: Decimal,
+    /// The price of one answered request (image generation, speech),
+    /// whatever its tokens; the token prices are zero then.
+    pub per_request: Option<Decimal>,
 }
 
 /// The model price table: exact names, and prefixes written `name*`.
@@ -69,7 +72,12 @@ const MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 const THOUSAND: Decimal = Decimal::from_parts(1000, 0, 0, false, 0);
 
 /// Exact cost of `usage`. `None` when neither the key nor the table prices it.
+/// A per-request price wins over the key's flat price: it is not a token
+/// price; the key's multiplier still applies.
 pub fn cost(usage: &Usage, price: Option<&Price>, key: &KeyPricing) -> Option<Decimal> {
+    if let Some(one) = price.and_then(|p| p.per_request) {
+        return Some(one * key.multiplier.unwrap_or(Decimal::ONE));
+    }
     if let Some(flat) = key.cost_per_1k {
         return Some(Decimal::from(usage.total) * flat / THOUSAND);
     }
@@ -677,7 +685,7 @@ mod tests {
     }
 
     fn price() -> Price {
-        Price { input: dec("2.50"), output: dec("10.00"), cached_input: dec("1.25") }
+        Price { input: dec("2.50"), output: dec("10.00"), cached_input: dec("1.25"), per_request: None }
     }
 
     fn usage(input: u64, output: u64, cached: u64) -> Usage {
@@ -707,6 +715,16 @@ mod tests {
         let discounted = KeyPricing { cost_per_1k: None, multiplier: Some(dec("0.8")) };
         assert_eq!(cost(&usage(1000, 500, 0), Some(&price()), &discounted), Some(dec("0.006")));
         assert_eq!(cost(&usage(1, 1, 0), None, &KeyPricing::default()), None);
+    }
+
+    #[test]
+    fn a_per_request_price_is_the_cost_of_any_answer_times_the_keys_multiplier() {
+        let p = Price { per_request: Some(dec("0.04")), ..Price::default() };
+        assert_eq!(cost(&usage(1000, 500, 0), Some(&p), &KeyPricing::default()), Some(dec("0.04")));
+        assert_eq!(cost(&Usage::default(), Some(&p), &KeyPricing::default()), Some(dec("0.04")));
+        let half = KeyPricing { cost_per_1k: Some(dec("9")), multiplier: Some(dec("0.5")) };
+        assert_eq!(cost(&usage(1000, 0, 0), Some(&p), &half), Some(dec("0.02")), "not a token price");
+        assert_eq!(estimate(4000, 4096, Some(&p), &KeyPricing::default()), dec("0.04"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! are a compact binary form (cheap on the request path); the admin API turns
 //! them into JSON.
 
+use crate::charge::Basis;
 use crate::codec::{Reader, Writer};
 use crate::config::Config;
 use serde_json::{json, Value};
@@ -134,13 +135,19 @@ pub struct Stored {
     /// The caller's client id, when clients are configured.
     pub client: String,
     pub decision: Decision,
+    /// How the attempt was charged; `None` when it was not.
+    pub charged: Option<Basis>,
 }
+
+/// Ring records are written in version 2 (with `charged`); version 1
+/// records, without it, are still read.
+const VERSION: u8 = 2;
 
 impl Stored {
     pub fn encode(&self) -> Vec<u8> {
         let d = &self.decision;
         let mut out = Writer::with_capacity(64 + d.objective.len() + self.request_id.len());
-        out.u8(1).u64(self.at_ms).u64(self.seq).u32(self.attempt);
+        out.u8(VERSION).u64(self.at_ms).u64(self.seq).u32(self.attempt);
         out.u32(d.chosen.map_or(u32::MAX, |k| k as u32));
         out.f64(d.score).f64(d.margin.unwrap_or(f64::NAN));
         out.u32(d.candidates as u32).u32(d.excluded_total.max(d.excluded.len()) as u32);
@@ -150,15 +157,14 @@ impl Stored {
         for (k, why) in d.excluded.iter().take(listed) {
             out.u32(*k as u32).u8(*why as u8);
         }
+        out.u8(self.charged.map_or(0, |b| b as u8));
         out.finish()
     }
 
     /// Decodes a ring record; `None` for anything malformed.
     pub fn decode(b: &[u8]) -> Option<Stored> {
         let mut r = Reader::new(b);
-        if r.u8()? != 1 {
-            return None;
-        }
+        let version = r.u8().filter(|v| (1..=VERSION).contains(v))?;
         let at_ms = r.u64()?;
         let seq = r.u64()?;
         let attempt = r.u32()?;
@@ -176,6 +182,7 @@ impl Stored {
             let k = r.u32()? as usize;
             excluded.push((k, Exclusion::from_u8(r.u8()?)?));
         }
+        let charged = if version >= 2 { r.u8().map(Basis::from_u8)? } else { None };
 
         Some(Stored {
             at_ms,
@@ -192,6 +199,7 @@ impl Stored {
                 excluded,
                 excluded_total: n_excluded,
             },
+            charged,
         })
     }
 
@@ -216,6 +224,7 @@ impl Stored {
             "candidates": d.candidates,
             "excluded": excluded,
             "excluded_total": d.excluded_total,
+            "charged": self.charged.map(Basis::as_str),
         })
     }
 }
@@ -247,7 +256,15 @@ mod tests {
     }
 
     fn stored() -> Stored {
-        Stored { at_ms: 5, seq: 6, attempt: 2, request_id: "rid".into(), client: "app".into(), decision: decision() }
+        Stored {
+            at_ms: 5,
+            seq: 6,
+            attempt: 2,
+            request_id: "rid".into(),
+            client: "app".into(),
+            decision: decision(),
+            charged: Some(Basis::Partial),
+        }
     }
 
     #[test]
@@ -279,6 +296,7 @@ mod tests {
         assert_eq!(v["key"], "k2");
         assert_eq!(v["confidence"], 0.12);
         assert_eq!(v["excluded"][0]["reason"], "throttled");
+        assert_eq!(v["charged"], "partial");
     }
 
     #[test]
@@ -286,7 +304,7 @@ mod tests {
         use crate::codec::pinned;
         let s = stored();
         let bytes = concat!(
-            "01",               // version
+            "02",               // version
             "0500000000000000", // at_ms
             "0600000000000000", // seq
             "02000000",         // attempt
@@ -301,6 +319,7 @@ mod tests {
             "02",               // listed
             "0000000001",       // key 0: throttled
             "0300000002",       // key 3: disabled
+            "02",               // charged: partial
         );
         assert_eq!(Stored::decode(&pinned(&s.encode(), bytes)), Some(s.clone()));
         let mut none = s;
@@ -309,8 +328,9 @@ mod tests {
         none.decision.margin = None;
         none.decision.excluded = vec![];
         none.decision.excluded_total = 0;
+        none.charged = None;
         let bytes = concat!(
-            "01",               // version
+            "02",               // version
             "0500000000000000", // at_ms
             "0600000000000000", // seq
             "02000000",         // attempt
@@ -323,8 +343,12 @@ mod tests {
             "00",               // no client
             "04636f7374",       // "cost"
             "00",               // listed
+            "00",               // not charged
         );
-        assert_eq!(Stored::decode(&pinned(&none.encode(), bytes)), Some(none));
+        assert_eq!(Stored::decode(&pinned(&none.encode(), bytes)), Some(none.clone()));
+        // A version 1 record (before `charged`) still reads.
+        let v1 = crate::codec::unhex(&format!("01{}", &bytes[2..bytes.len() - 2]));
+        assert_eq!(Stored::decode(&v1), Some(none));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod admission;
 pub mod budget;
+pub mod charge;
 pub mod codec;
 pub mod config;
 pub mod crypto;

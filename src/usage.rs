@@ -163,6 +163,81 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// Longest SSE line we are willing to hold while waiting for its end.
 pub const MAX_LINE: usize = 4 << 20;
 
+/// Fields whose string values are output text in stream events: OpenAI chat
+/// `choices[].delta.content` and `tool_calls[].function.arguments`, legacy
+/// completions' `choices[].text`, Anthropic's `content_block_delta`
+/// (`text`, `partial_json`, `thinking`) and Gemini's
+/// `candidates[].content.parts[].text`.
+const TEXT_FIELDS: [&[u8]; 5] = [b"content", b"text", b"arguments", b"partial_json", b"thinking"];
+/// Responses API events whose `delta` string is output text; its other
+/// `response.*` events repeat text already counted.
+const RESPONSES_DELTAS: [&[u8]; 3] =
+    [b"response.output_text.delta", b"response.function_call_arguments.delta", b"response.refusal.delta"];
+
+/// The JSON string whose opening quote is at `at`: the index of its closing
+/// quote (or the end of `s`) and its length in characters, an escape being
+/// one and a surrogate pair one.
+fn string_at(s: &[u8], at: usize) -> (usize, u64) {
+    let (mut i, mut chars) = (at + 1, 0u64);
+    while let Some(&b) = s.get(i) {
+        match b {
+            b'"' => return (i, chars),
+            b'\\' => {
+                let u = s.get(i + 1) == Some(&b'u');
+                let low_surrogate = u && matches!(s.get(i + 2..i + 4), Some([b'd' | b'D', b'c'..=b'f' | b'C'..=b'F']));
+                chars += u64::from(!low_surrogate);
+                i += if u { 6 } else { 2 };
+            }
+            _ => {
+                chars += u64::from(b & 0xC0 != 0x80);
+                i += 1;
+            }
+        }
+    }
+    (s.len(), chars)
+}
+
+/// Characters of output text in one stream event's JSON (see
+/// [`TEXT_FIELDS`] and [`RESPONSES_DELTAS`]). One pass over the bytes, no
+/// parse: the estimate a stream cut short is charged by.
+pub fn output_chars(event: &[u8]) -> u64 {
+    let skip_ws = |mut i: usize| {
+        while event.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        i
+    };
+    let (mut text, mut delta, mut responses, mut counted) = (0, 0, false, false);
+    let mut i = 0;
+    while let Some(off) = event.get(i..).and_then(|rest| rest.iter().position(|&b| b == b'"')) {
+        let (end, _) = string_at(event, i + off);
+        let key = event.get(i + off + 1..end).unwrap_or_default();
+        let colon = skip_ws(end + 1);
+        let v = skip_ws(colon + 1);
+        if event.get(colon) != Some(&b':') || event.get(v) != Some(&b'"') {
+            i = end + 1;
+            continue;
+        }
+        let (vend, chars) = string_at(event, v);
+        match key {
+            b"delta" => delta += chars,
+            b"type" => {
+                let value = event.get(v + 1..vend).unwrap_or_default();
+                responses |= value.starts_with(b"response.");
+                counted |= RESPONSES_DELTAS.contains(&value);
+            }
+            k if TEXT_FIELDS.contains(&k) => text += chars,
+            _ => {}
+        }
+        i = vend + 1;
+    }
+    match (responses, counted) {
+        (false, _) => text,
+        (true, true) => delta,
+        (true, false) => 0,
+    }
+}
+
 /// Incremental SSE reader that remembers the last usage it saw.
 #[derive(Debug, Default)]
 pub struct SseUsage {
@@ -174,6 +249,8 @@ pub struct SseUsage {
     /// `data:` events seen, `[DONE]` excluded: about one output token each
     /// for chat streams, which is what a mid-stream budget check goes by.
     pub events: u64,
+    /// Characters of output text in the events seen ([`output_chars`]).
+    pub output_chars: u64,
 }
 
 impl SseUsage {
@@ -230,6 +307,7 @@ impl SseUsage {
             return;
         }
         self.events += 1;
+        self.output_chars += output_chars(payload);
         if !mentions_usage_object(payload) {
             return;
         }
@@ -444,6 +522,53 @@ mod tests {
         assert_eq!(p.usage, None);
         p.finish();
         assert_eq!(p.usage.map(|u| u.total), Some(3));
+    }
+
+    #[test]
+    fn output_text_is_counted_in_characters_per_dialect() {
+        let cases: [(&str, u64); 12] = [
+            // OpenAI chat: content and tool-call arguments; role and names are not text.
+            (r#"{"choices":[{"delta":{"role":"assistant","content":"Héllo ✓"},"logprobs":null}]}"#, 7),
+            (r#"{"choices":[{"delta":{"tool_calls":[{"function":{"name":"f","arguments":"{\"a\":1}"}}]}}]}"#, 7),
+            (r#"{"choices":[{"delta":{"content":null}}],"usage":{"prompt_tokens":1}}"#, 0),
+            // Escapes are one character, a surrogate pair one.
+            (r#"{"choices":[{"delta":{"content":"a\n\"\u00e9\ud83d\ude00"}}]}"#, 5),
+            // Legacy completions.
+            (r#"{"choices":[{"text": "tok0 ", "index": 0}]}"#, 5),
+            // Anthropic.
+            (r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi there"}}"#, 8),
+            (r#"{"type":"content_block_delta","delta":{"type":"input_json_delta","partial_json":"{\"x\""}}"#, 4),
+            (r#"{"type":"content_block_start","content_block":{"type":"text","text":""}}"#, 0),
+            // Gemini.
+            (r#"{"candidates":[{"content":{"parts":[{"text":"Bonjour"}],"role":"model"}}]}"#, 7),
+            // Responses API: deltas only; the done events repeat the text.
+            (r#"{"type":"response.output_text.delta","item_id":"m","delta":"Hello"}"#, 5),
+            (r#"{"type":"response.output_text.done","text":"Hello"}"#, 0),
+            (r#"{"type":"response.output_item.done","item":{"content":[{"type":"output_text","text":"Hello"}]}}"#, 0),
+        ];
+        for (event, want) in cases {
+            assert_eq!(output_chars(event.as_bytes()), want, "{event}");
+        }
+        // Cut anywhere, never more than the whole, never a panic.
+        let e = cases[0].0.as_bytes();
+        for cut in 0..=e.len() {
+            assert!(output_chars(&e[..cut]) <= 7, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_stream_counts_the_output_text_of_its_events_whatever_the_chunking() {
+        let s = stream();
+        let mut whole = SseUsage::new();
+        whole.feed(&s);
+        // Five events of "tök{i} ✓": 6 characters each.
+        assert_eq!(whole.output_chars, 30);
+        for cut in 0..=s.len() {
+            let mut p = SseUsage::new();
+            p.feed(&s[..cut]);
+            p.feed(&s[cut..]);
+            assert_eq!(p.output_chars, 30, "cut at {cut}");
+        }
     }
 
     #[test]

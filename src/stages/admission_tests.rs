@@ -36,7 +36,7 @@ fn config(limit: &str, extra: &str) -> String {
 
 impl Gateway {
     /// A request from alice to `path` with `content_type` (none when empty).
-    fn request(&self, path: &str, content_type: &str, body: &[u8]) -> Exchange {
+    fn typed_request(&self, path: &str, content_type: &str, body: &[u8]) -> Exchange {
         let mut headers =
             vec![(":method", "POST"), (":path", path), ("authorization", "Bearer vk-alice"), ("x-request-id", "req-1")];
         if !content_type.is_empty() {
@@ -93,13 +93,13 @@ fn a_multipart_form_is_policed_by_its_model_field_and_reserved_at_its_price() {
     let gw = Gateway::new(&config("1.00", ""));
     let ct = "multipart/form-data; boundary=XyZ";
     let forbidden = form("XyZ", &[("file", "RIFF....WAVE"), ("model", "gpt-4o-transcribe")]);
-    let mut x = gw.request("/v1/audio/transcriptions", ct, &forbidden);
+    let mut x = gw.typed_request("/v1/audio/transcriptions", ct, &forbidden);
     assert_eq!(x.send_request(7, false), Next::Pause);
     assert_eq!(code(&x), (403, "model_not_allowed".into()));
     x.finish();
 
     let body = form("XyZ", &[("file", "RIFF....WAVE"), ("model", "whisper-1"), ("language", "en")]);
-    let mut x = gw.request("/v1/audio/transcriptions", ct, &body);
+    let mut x = gw.typed_request("/v1/audio/transcriptions", ct, &body);
     assert_eq!(x.send_request(7, false), Next::Continue);
     // Every byte is a possible prompt token; no cap field: the default 100.
     let want = cost(body.len(), 100, 10, 20);
@@ -112,7 +112,7 @@ fn a_multipart_form_is_policed_by_its_model_field_and_reserved_at_its_price() {
 fn an_alias_in_a_form_is_rewritten_in_place_with_its_content_length() {
     let gw = Gateway::new(&config("1.00", ""));
     let body = form("b", &[("model", "mini"), ("prompt", "a cat")]);
-    let mut x = gw.request("/v1/images/edits", "multipart/form-data; boundary=b", &body);
+    let mut x = gw.typed_request("/v1/images/edits", "multipart/form-data; boundary=b", &body);
     x.downstream.request_headers.borrow_mut().push(("content-length".into(), body.len().to_string()));
     assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
     let (headers, upstream) = sent(&mut x, &gw);
@@ -131,7 +131,7 @@ fn a_form_the_gateway_cannot_read_is_refused_when_a_budget_depends_on_it() {
         ("multipart/form-data; boundary=b", form("b", &[("file", "x")])),
     ];
     for (ct, body) in cases {
-        let mut x = gw.request("/v1/audio/transcriptions", ct, &body);
+        let mut x = gw.typed_request("/v1/audio/transcriptions", ct, &body);
         x.send_request(usize::MAX, false);
         assert_eq!(code(&x), (400, "model_required".into()), "{ct}: {}", String::from_utf8_lossy(&body));
         x.finish();
@@ -144,16 +144,16 @@ fn json_sent_as_text_plain_or_without_a_type_is_admitted_and_priced_as_json() {
     let gw = Gateway::new(&config("1.00", ""));
     let body = br#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
     for ct in ["text/plain", "", "application/octet-stream"] {
-        let mut x = gw.request("/v1/chat/completions", ct, body);
+        let mut x = gw.typed_request("/v1/chat/completions", ct, body);
         assert_eq!(x.send_request(5, false), Next::Continue, "{ct}");
         assert_eq!(gw.budget().reserved, cost(body.len(), 10, 1000, 2000), "{ct}");
         x.finish();
     }
     let forbidden = br#"{"model":"gpt-4o","max_tokens":10,"messages":[]}"#;
-    let mut x = gw.request("/v1/chat/completions", "text/plain", forbidden);
+    let mut x = gw.typed_request("/v1/chat/completions", "text/plain", forbidden);
     x.send_request(usize::MAX, false);
     assert_eq!(code(&x), (403, "model_not_allowed".into()));
-    let mut x = gw.request("/v1/chat/completions", "text/plain", b"model=gpt-4o");
+    let mut x = gw.typed_request("/v1/chat/completions", "text/plain", b"model=gpt-4o");
     x.send_request(usize::MAX, false);
     assert_eq!(code(&x), (400, "model_required".into()));
     assert!(x.replied().is_some_and(|r| r.json()["error"]["message"].as_str().unwrap_or("").contains("neither JSON")));
@@ -163,7 +163,7 @@ fn json_sent_as_text_plain_or_without_a_type_is_admitted_and_priced_as_json() {
 fn an_unreadable_body_passes_where_nothing_depends_on_its_model() {
     let open = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"sk-one"}]}]}"#;
     let gw = Gateway::new(open);
-    let mut x = gw.request("/v1/files", "text/csv", b"a,b\n1,2\n");
+    let mut x = gw.typed_request("/v1/files", "text/csv", b"a,b\n1,2\n");
     assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
     let (_, upstream) = sent(&mut x, &gw);
     assert_eq!(upstream, b"a,b\n1,2\n");
@@ -173,13 +173,13 @@ fn an_unreadable_body_passes_where_nothing_depends_on_its_model() {
 fn an_azure_deployment_path_is_policed_and_priced_as_the_model_it_serves() {
     let gw = Gateway::new(&config("1.00", ""));
     let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":20}"#;
-    let mut x = gw.request("/openai/deployments/big-prod/chat/completions?api-version=2024-10-21", "", body);
+    let mut x = gw.typed_request("/openai/deployments/big-prod/chat/completions?api-version=2024-10-21", "", body);
     x.send_request(usize::MAX, false);
     assert_eq!(code(&x), (403, "model_not_allowed".into()), "big-prod serves gpt-4o");
     assert!(x.replied().is_some_and(|r| r.json()["error"]["message"].as_str().unwrap_or("").contains("gpt-4o")));
 
     let path = "/openai/deployments/mini-prod/chat/completions?api-version=2024-10-21";
-    let mut x = gw.request(path, "application/json", body);
+    let mut x = gw.typed_request(path, "application/json", body);
     assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
     assert_eq!(gw.budget().reserved, cost(body.len(), 20, 1000, 2000), "priced as gpt-4o-mini");
     let (headers, upstream) = sent(&mut x, &gw);
@@ -198,10 +198,11 @@ fn an_azure_deployment_path_is_policed_and_priced_as_the_model_it_serves() {
 #[test]
 fn an_unlisted_deployment_is_its_own_model_and_unpriced_it_is_refused_under_a_budget() {
     let gw = Gateway::new(&config("1.00", r#","teams":[]"#));
-    let mut x = gw.request("/openai/deployments/gpt-4o-mini/embeddings?api-version=1", "", br#"{"input":"x"}"#);
+    let mut x = gw.typed_request("/openai/deployments/gpt-4o-mini/embeddings?api-version=1", "", br#"{"input":"x"}"#);
     assert_eq!(x.send_request(usize::MAX, false), Next::Continue, "the name is a priced, allowed model");
     x.finish();
-    let mut x = gw.request("/openai/deployments/whisper-1/../big-prod/chat/completions", "", br#"{"messages":[]}"#);
+    let mut x =
+        gw.typed_request("/openai/deployments/whisper-1/../big-prod/chat/completions", "", br#"{"messages":[]}"#);
     x.send_request(usize::MAX, false);
     assert_eq!(code(&x), (400, "model_required".into()), "a path a provider might resolve differently");
 }
@@ -210,12 +211,12 @@ fn an_unlisted_deployment_is_its_own_model_and_unpriced_it_is_refused_under_a_bu
 fn a_gemini_model_path_is_policed_priced_and_capped_in_its_generation_config() {
     let gw = Gateway::new(&config("1.00", ""));
     let body = br#"{"contents":[{"parts":[{"text":"Hi"}]}]}"#;
-    let mut x = gw.request("/v1beta/models/gemini-1.5-pro:generateContent", "application/json", body);
+    let mut x = gw.typed_request("/v1beta/models/gemini-1.5-pro:generateContent", "application/json", body);
     x.send_request(usize::MAX, false);
     assert_eq!(code(&x), (403, "model_not_allowed".into()));
 
     let path = "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse";
-    let mut x = gw.request(path, "application/json", body);
+    let mut x = gw.typed_request(path, "application/json", body);
     assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
     // No cap in the body: alice's 64 is written into generationConfig.
     assert_eq!(gw.budget().reserved, cost(body.len(), 64, 100, 400));
@@ -235,13 +236,13 @@ fn n_choices_multiply_the_estimate_and_are_refused_past_the_remaining_budget() {
     let eight = cost(body.len(), 8 * 64, 1000, 2000);
     let limit = (one + eight) / Decimal::from(2);
     let gw = Gateway::new(&config(&limit.to_string(), ""));
-    let mut x = gw.request("/v1/chat/completions", "application/json", body);
+    let mut x = gw.typed_request("/v1/chat/completions", "application/json", body);
     x.send_request(usize::MAX, false);
     assert_eq!(code(&x), (429, "insufficient_quota".into()));
     let msg = x.replied().map(|r| r.json()["error"]["message"].as_str().unwrap_or("").to_string());
     assert!(msg.is_some_and(|m| m.contains(&format!("estimate {}", budget::show(eight)))));
     let single = br#"{"model":"gpt-4o-mini","max_tokens":64,"n":1,"messages":[]}"#;
-    let mut x = gw.request("/v1/chat/completions", "application/json", single);
+    let mut x = gw.typed_request("/v1/chat/completions", "application/json", single);
     assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
     assert_eq!(gw.budget().reserved, one);
 }
@@ -255,11 +256,11 @@ fn every_dialects_output_cap_is_checked_against_the_policy() {
         r#"{"model":"gpt-4o-mini","max_tokens":10,"max_completion_tokens":65,"messages":[]}"#,
     ];
     for body in cases {
-        let mut x = gw.request("/v1/chat/completions", "application/json", body.as_bytes());
+        let mut x = gw.typed_request("/v1/chat/completions", "application/json", body.as_bytes());
         x.send_request(usize::MAX, false);
         assert_eq!(code(&x), (400, "max_tokens_too_large".into()), "{body}");
     }
-    let mut x = gw.request(
+    let mut x = gw.typed_request(
         "/v1beta/models/gemini-2.0-flash:generateContent",
         "application/json",
         br#"{"generation_config":{"max_output_tokens":5000}}"#,
@@ -279,7 +280,7 @@ fn a_policy_cap_is_injected_in_the_field_of_the_providers_dialect() {
     for (path, field) in cases {
         let body = br#"{"model":"gpt-4o-mini","max_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#;
         let before = gw.budget().reserved;
-        let mut x = gw.request(path, "application/json", body);
+        let mut x = gw.typed_request(path, "application/json", body);
         assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
         assert_eq!(gw.budget().reserved - before, cost(body.len(), 64, 1000, 2000), "{path}");
         let (headers, upstream) = sent(&mut x, &gw);
@@ -289,7 +290,7 @@ fn a_policy_cap_is_injected_in_the_field_of_the_providers_dialect() {
     }
     // A request that sets its own cap within the policy keeps it.
     let body = br#"{"model":"gpt-4o-mini","max_tokens":9,"messages":[]}"#;
-    let mut x = gw.request("/v1/chat/completions", "application/json", body);
+    let mut x = gw.typed_request("/v1/chat/completions", "application/json", body);
     x.send_request(usize::MAX, false);
     let (_, upstream) = sent(&mut x, &gw);
     assert_eq!(upstream, body.to_vec());
@@ -305,14 +306,14 @@ fn an_unpriced_model_is_refused_by_default_when_a_budget_is_configured() {
     };
     let body = br#"{"model":"o9-unpriced","messages":[]}"#;
     let gw = Gateway::new(&open(""));
-    let mut x = gw.request("/v1/chat/completions", "application/json", body);
+    let mut x = gw.typed_request("/v1/chat/completions", "application/json", body);
     x.send_request(usize::MAX, false);
     assert_eq!(code(&x), (400, "model_not_priced".into()));
     let gw = Gateway::new(&open(r#","unknown_model":"zero""#));
-    let mut x = gw.request("/v1/chat/completions", "application/json", body);
+    let mut x = gw.typed_request("/v1/chat/completions", "application/json", body);
     assert_eq!(x.send_request(usize::MAX, false), Next::Continue, "counted at zero, as configured");
     // A body without any model is refused either way: a budget applies.
-    let mut x = gw.request("/v1/batches", "application/json", br#"{"input_file_id":"f"}"#);
+    let mut x = gw.typed_request("/v1/batches", "application/json", br#"{"input_file_id":"f"}"#);
     x.send_request(usize::MAX, false);
     assert_eq!(code(&x), (400, "model_required".into()));
 }
@@ -321,11 +322,11 @@ fn an_unpriced_model_is_refused_by_default_when_a_budget_is_configured() {
 fn a_form_or_json_ending_in_trailers_gets_the_same_checks() {
     let gw = Gateway::new(&config("1.00", ""));
     let forbidden = form("b", &[("model", "gpt-4o")]);
-    let mut x = gw.request("/v1/audio/transcriptions", "multipart/form-data; boundary=b", &forbidden);
+    let mut x = gw.typed_request("/v1/audio/transcriptions", "multipart/form-data; boundary=b", &forbidden);
     assert_eq!(x.send_request(4, true), Next::Pause);
     assert_eq!(code(&x), (403, "model_not_allowed".into()));
     let body = br#"{"model":"gpt-4o-mini","messages":[]}"#;
-    let mut x = gw.request("/v1/chat/completions", "text/plain", body);
+    let mut x = gw.typed_request("/v1/chat/completions", "text/plain", body);
     assert_eq!(x.send_request(4, true), Next::Continue);
     assert_eq!(gw.budget().reserved, cost(body.len(), 64, 1000, 2000), "capped and reserved");
     let up = x.downstream.get(Map::RequestHeaders, "content-length");

@@ -2,12 +2,14 @@
 //! chooses a key for the request's objective, writes the provider's auth
 //! header, applies the per-status action (cooldown, disable, exhaust) before
 //! Envoy's retry picks the next key, reads usage from JSON or SSE as it
-//! passes, and records the attempt.
+//! passes, records the attempt, and charges its answer by the rules of
+//! [`crate::charge`].
 
 use super::flight::{Flights, Holder, Served};
 use super::host::{Buffer, Host, Map, Next};
 use super::worker_state::WorkerState;
 use crate::budget::{self, Price, Reservation};
+use crate::charge::{self, Answer, Charge};
 use crate::config::{Config, StatusAction};
 use crate::decision::{Decision, Stored};
 use crate::identity;
@@ -18,7 +20,7 @@ use crate::objective::Objective;
 use crate::ratelimit::{cooldown_ms, Signals};
 use crate::reply;
 use crate::usage::{self, SseUsage};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 /// Non-streaming bodies larger than this are not held whole (Envoy's buffer
@@ -71,8 +73,14 @@ pub struct Attempt {
     estimate_tokens: (u64, u64),
     /// Held against budgets scoped to the chosen key; this attempt owns it.
     key_held: Option<Reservation>,
-    /// This attempt ended in a success whose cost was settled.
-    settled: bool,
+    /// The request only reads or removes (`GET`, `HEAD`, `DELETE`): its
+    /// answer is never charged.
+    read_only: bool,
+    /// The routing decision, recorded with its charge when the attempt ends.
+    decided: Option<Stored>,
+    /// What has passed of a 2xx answer, shared with the flight (see
+    /// [`Served::live`]).
+    live: Option<Rc<Cell<Answer>>>,
     /// The stream was ended early because a hard budget was crossed.
     cut: bool,
     /// The request's client, from the ingress stage.
@@ -103,7 +111,9 @@ impl Attempt {
             price: None,
             estimate_tokens: (0, 0),
             key_held: None,
-            settled: false,
+            read_only: false,
+            decided: None,
+            live: None,
             cut: false,
             next_cutoff_check: 0,
             client: None,
@@ -140,37 +150,76 @@ impl Attempt {
         Some(format!("data: {err}\n\ndata: [DONE]\n\n"))
     }
 
-    /// The actual cost of this attempt's usage with the chosen key.
-    fn actual_cost(&self) -> Option<rust_decimal::Decimal> {
+    /// What this attempt's answer is charged: only a 2xx that reached the
+    /// caller, whole or cut short after its headers passed (a held JSON
+    /// answer cut short reached no one: Envoy retries it), and never a
+    /// read-only request.
+    fn charge(&self) -> Option<Charge> {
+        if self.read_only || !(200..300).contains(&self.status) {
+            return None;
+        }
+        if !self.complete && matches!(self.body, Body::Json { hold: true, .. }) {
+            return None;
+        }
         let key = self.cfg.keys.get(self.key?)?;
-        let u = self.usage.unwrap_or_default();
-        budget::cost(&u, self.price.as_ref(), &key.pricing)
+        let answer = match &self.body {
+            Body::Sse(p) => Answer {
+                usage: self.usage.or(p.usage),
+                complete: self.complete,
+                stream: true,
+                output_chars: p.output_chars,
+            },
+            _ => Answer { usage: self.usage, complete: self.complete, ..Answer::default() },
+        };
+        Some(charge::charge(&answer, self.estimate_tokens, self.price.as_ref(), &key.pricing))
     }
 
-    /// Called when the response's usage is known: leaves the outcome for the
-    /// ingress stage (access logs) and returns the cost.
-    fn usage_known(&mut self) -> Option<rust_decimal::Decimal> {
-        let cost = self.actual_cost();
+    /// A 2xx answer's headers pass to the caller: from now on a cut is
+    /// charged. Leaves a live view of what passes for the access log, which
+    /// Envoy writes before this attempt ends when the caller hangs up.
+    fn passing(&mut self) {
+        if self.read_only || !(200..300).contains(&self.status) {
+            return;
+        }
+        let live = Rc::new(Cell::new(Answer { stream: matches!(self.body, Body::Sse(_)), ..Answer::default() }));
         if let Some(rid) = self.request_id.as_deref() {
-            let served = Served { key: self.key, usage: self.usage, cost, decision: self.decision.clone() };
+            if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
+                let key = self.key;
+                f.served =
+                    Served { key, decision: self.decision.clone(), live: Some(live.clone()), ..Served::default() };
+            }
+        }
+        self.live = Some(live);
+    }
+
+    /// Leaves what the attempt served, and its charge, for the ingress
+    /// stage (access logs); returns the charge.
+    fn served(&self) -> Option<Charge> {
+        let charge = self.charge();
+        if let Some(rid) = self.request_id.as_deref() {
+            let served = Served {
+                key: self.key,
+                usage: charge.map_or(self.usage, |c| Some(c.tokens)),
+                cost: charge.and_then(|c| c.cost),
+                charged: charge.map(|c| c.basis),
+                decision: self.decision.clone(),
+                live: None,
+            };
             if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
                 f.served = served;
             }
         }
-        cost
+        charge
     }
 
-    /// Settles or releases reservations when the attempt ends, and lets go
-    /// of the request.
+    /// Charges or releases reservations when the attempt ends, records the
+    /// routing decision with its charge, and lets go of the request.
     fn close_books(&mut self, h: &dyn Host) {
         let now = h.now_ms();
         let store = h.store();
         let budgets = &self.cfg.budgets;
-        // A stream that ended without its usage (the client left, the
-        // provider cut it) is released, not charged: its cost is unknown.
-        let unfinished_stream = matches!(self.body, Body::Sse(_)) && self.usage.is_none();
-        let success = (200..300).contains(&self.status) && self.complete && !unfinished_stream;
-        let actual = if success { Some(self.actual_cost().unwrap_or_default()) } else { None };
+        let charge = self.served();
+        let actual = charge.map(|c| c.cost.unwrap_or_default());
         let mut spent = Vec::new();
         if let Some(key_held) = self.key_held.take() {
             match actual {
@@ -183,13 +232,18 @@ impl Attempt {
             h.count(&metrics::key_metric(pid, &key.id, "spend_micros"), metrics::micros(a));
         }
         if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
-            let tokens = if actual.is_some() { self.usage.map_or(0, |u| u.total) } else { 0 };
+            let tokens = charge.map_or(0, |c| c.tokens.total);
             identity::record_tokens(store, c, tokens, now);
             h.count(&format!("apikeyrouter.client.{}.requests", c.id), 1);
             h.count(&format!("apikeyrouter.client.{}.tokens", c.id), tokens);
             if let Some(a) = actual {
                 h.count(&format!("apikeyrouter.client.{}.spend_micros", c.id), metrics::micros(a));
             }
+        }
+        if let (Some(mut d), Ok(mut routing)) = (self.decided.take(), self.routing.try_borrow_mut()) {
+            d.seq = routing.ring_next;
+            d.charged = charge.map(|c| c.basis);
+            routing.queue_decision(d.encode());
         }
         let Some(rid) = self.request_id.take() else { return };
         let (to_settle, leftover) = match self.flights.try_borrow_mut() {
@@ -203,7 +257,6 @@ impl Attempt {
         if let Some(held) = to_settle {
             // `to_settle` is only taken when `actual` is known.
             spent.extend(held.settle(store, budgets, actual.unwrap_or_default(), now));
-            self.settled = true;
         }
         for (i, total) in spent {
             if let Some(b) = budgets.get(i) {
@@ -338,16 +391,17 @@ impl Attempt {
         KeyAction::from_config(configured, reason, cool_until)
     }
 
-    fn write_decision(&self, routing: &mut WorkerState, rid: &str, d: &Decision, now: u64) {
-        let stored = Stored {
+    /// The decision's ring record (its `seq` is given when it is queued).
+    fn record_of(&self, rid: &str, d: Decision, now: u64) -> Stored {
+        Stored {
             at_ms: now,
-            seq: routing.ring_next,
+            seq: 0,
             attempt: self.attempt,
             request_id: rid.to_string(),
             client: self.client.and_then(|c| self.cfg.clients.get(c)).map(|c| c.id.clone()).unwrap_or_default(),
-            decision: d.clone(),
-        };
-        routing.queue_decision(stored.encode());
+            decision: d,
+            charged: None,
+        }
     }
 }
 
@@ -378,6 +432,7 @@ impl Attempt {
             let a = &f.admission;
             let est = (a.prompt_tokens_est, a.output_tokens_est);
             self.client = a.client;
+            self.read_only = a.read_only;
             Some((a.provider, f.attempts.tried.clone(), f.attempts.count, a.objective.clone(), a.price, est))
         });
         let (provider, tried, attempt, objective, price, est) = match found {
@@ -481,7 +536,7 @@ impl Attempt {
                 if self.cfg.decisions.header {
                     self.decision = Some(d.summary(&self.cfg));
                 }
-                self.write_decision(routing, rid.as_deref().unwrap_or(""), &d, now);
+                self.decided = Some(self.record_of(rid.as_deref().unwrap_or(""), d, now));
                 Next::Continue
             }
             Err(why) => {
@@ -491,11 +546,13 @@ impl Attempt {
                 let _ = h.remove_header(Map::RequestHeaders, "authorization");
                 let mut r = reply::no_key(why.retry_after_secs(now), &why.explain(pid));
                 r.headers.push(("x-apikeyrouter-attempts", attempt.to_string()));
-                if let Some(d) = &why.decision {
+                if let Some(d) = why.decision {
                     if self.cfg.decisions.header {
                         r.headers.push(("x-apikeyrouter-decision", d.summary(&self.cfg)));
                     }
-                    self.write_decision(routing, rid.as_deref().unwrap_or(""), d, now);
+                    let mut stored = self.record_of(rid.as_deref().unwrap_or(""), *d, now);
+                    stored.seq = routing.ring_next;
+                    routing.queue_decision(stored.encode());
                 }
                 h.reply(&r, self.id);
                 Next::Pause
@@ -547,6 +604,7 @@ impl Attempt {
             return Next::Continue;
         }
         if end_of_stream {
+            self.served();
             return Next::Continue;
         }
         if content_type.starts_with("text/event-stream") {
@@ -555,18 +613,19 @@ impl Attempt {
             if content_length.is_some_and(|n| n > MAX_JSON_BODY) {
                 // Too large to hold: let it flow and keep its tail.
                 self.body = Body::JsonTail(Vec::new());
-                return Next::Continue;
-            }
-            // Hold the headers while the body is read, so the cost can be
-            // added to them; the body is buffered whole anyway.
-            let priced =
-                self.price.is_some() || self.cfg.keys.get(k).is_some_and(|key| key.pricing.cost_per_1k.is_some());
-            let cap = if content_length.is_some() { MAX_JSON_BODY } else { MAX_UNSIZED_JSON };
-            self.body = Body::Json { hold: priced, cap };
-            if priced {
-                return Next::Pause;
+            } else {
+                // Hold the headers while the body is read, so the cost can
+                // be added to them; the body is buffered whole anyway.
+                let priced =
+                    self.price.is_some() || self.cfg.keys.get(k).is_some_and(|key| key.pricing.cost_per_1k.is_some());
+                let cap = if content_length.is_some() { MAX_JSON_BODY } else { MAX_UNSIZED_JSON };
+                self.body = Body::Json { hold: priced, cap };
+                if priced {
+                    return Next::Pause;
+                }
             }
         }
+        self.passing();
         Next::Continue
     }
 
@@ -575,7 +634,12 @@ impl Attempt {
             self.complete = true;
         }
         match &mut self.body {
-            Body::Ignore => Next::Continue,
+            Body::Ignore => {
+                if end_of_stream {
+                    self.served();
+                }
+                Next::Continue
+            }
             Body::JsonTail(tail) => {
                 if size > 0 {
                     if let Ok(Some(chunk)) = h.buffer(Buffer::ResponseBody, 0, size) {
@@ -587,7 +651,7 @@ impl Attempt {
                 }
                 if end_of_stream {
                     self.usage = usage::from_json_tail(tail);
-                    self.usage_known();
+                    self.served();
                 }
                 Next::Continue
             }
@@ -607,11 +671,15 @@ impl Attempt {
                         parser.feed(&chunk);
                     }
                 }
+                if let Some(live) = &self.live {
+                    let output_chars = parser.output_chars;
+                    live.set(Answer { usage: parser.usage, stream: true, output_chars, complete: false });
+                }
                 let events = parser.events;
                 if end_of_stream {
                     parser.finish();
                     self.usage = parser.usage;
-                    self.usage_known();
+                    self.served();
                 } else if self.cfg.stream_cutoff && !self.cut && events >= self.next_cutoff_check {
                     self.next_cutoff_check = events + 8;
                     if let Some(event) = self.cutoff_event(h, events) {
@@ -630,6 +698,7 @@ impl Attempt {
                         let tail =
                             h.buffer(Buffer::ResponseBody, start, size - start).ok().flatten().unwrap_or_default();
                         self.body = Body::JsonTail(tail);
+                        self.passing();
                         return Next::Continue;
                     }
                     return Next::Pause;
@@ -637,7 +706,7 @@ impl Attempt {
                 if let Ok(Some(body)) = h.buffer(Buffer::ResponseBody, 0, size) {
                     self.usage = usage::from_json_body(&body);
                 }
-                let cost = self.usage_known();
+                let cost = self.served().and_then(|c| c.cost);
                 if hold {
                     if let Some(c) = cost {
                         let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-cost", &budget::show(c));

@@ -10,10 +10,13 @@
 //! lets go of the flight last gets what is left to release.
 
 use crate::budget::{Price, Reservation};
+use crate::charge::{self, Answer, Basis};
 use crate::objective::Objective;
 use crate::usage::Usage;
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
+use std::cell::Cell;
+use std::rc::Rc;
 
 /// What the ingress stage decided for a request; written once.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -30,6 +33,9 @@ pub struct Admission {
     pub output_tokens_est: u64,
     /// Soft budgets this request went over.
     pub soft_over: Vec<usize>,
+    /// A `GET`, `HEAD` or `DELETE`: it reads or removes what an earlier
+    /// request made (a background response's poll), so it is never charged.
+    pub read_only: bool,
 }
 
 /// The attempts of a request so far (written by the attempt stage).
@@ -43,13 +49,21 @@ pub struct Attempts {
     pub in_flight: u32,
 }
 
-/// The served attempt: its key, usage, cost and decision summary.
+/// The served attempt: its key, the tokens and cost it was charged (or the
+/// usage it reported, when it was not charged), how the charge was worked
+/// out, and its decision summary.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Served {
     pub key: Option<usize>,
     pub usage: Option<Usage>,
     pub cost: Option<Decimal>,
+    pub charged: Option<Basis>,
     pub decision: Option<String>,
+    /// While a 2xx answer passes, before it is charged: what has passed,
+    /// updated by its attempt. When the caller hangs up, Envoy logs the
+    /// request before the attempt ends; the outcome then shows the charge
+    /// the attempt is about to make for it.
+    pub live: Option<Rc<Cell<Answer>>>,
 }
 
 /// What the stages share about one request.
@@ -114,8 +128,8 @@ impl Flight {
 
     /// The request's outcome as one JSON object for access logs
     /// (`%FILTER_STATE(wasm.apikeyrouter:PLAIN)%`): key, provider, attempts,
-    /// client and team, tokens, cost and the decision summary. Written by
-    /// hand: it is built for every request.
+    /// client and team, tokens, cost, how it was charged and the decision
+    /// summary. Written by hand: it is built for every request.
     pub fn outcome_json(&self, cfg: &crate::config::Config) -> String {
         let mut o = JsonObject::default();
         let served = &self.served;
@@ -132,13 +146,24 @@ impl Flight {
                 o.text("team", t);
             }
         }
-        if let Some(u) = served.usage {
+        let a = &self.admission;
+        let cut = served.live.as_ref().zip(served.key.and_then(|k| cfg.keys.get(k))).map(|(live, key)| {
+            charge::charge(&live.get(), (a.prompt_tokens_est, a.output_tokens_est), a.price.as_ref(), &key.pricing)
+        });
+        let (usage, cost, charged) = match cut {
+            Some(c) => (Some(c.tokens), c.cost, Some(c.basis)),
+            None => (served.usage, served.cost, served.charged),
+        };
+        if let Some(u) = usage {
             o.number("input_tokens", u.input);
             o.number("output_tokens", u.output);
             o.number("total_tokens", u.total);
         }
-        if let Some(c) = served.cost {
+        if let Some(c) = cost {
             o.text("cost", &crate::budget::show(c));
+        }
+        if let Some(b) = charged {
+            o.text("charged", b.as_str());
         }
         if let Some(d) = &served.decision {
             o.text("decision", d);
@@ -261,6 +286,8 @@ mod tests {
                 key: Some(0),
                 usage: Some(Usage { input: 3, output: 4, total: 7, ..Usage::default() }),
                 cost: Some(Decimal::new(15, 4)),
+                charged: Some(Basis::Partial),
+                live: None,
                 decision: Some("objective=cost; key=k1 \"\\\n\u{1}é".into()),
             },
             ..Flight::default()
@@ -272,7 +299,7 @@ mod tests {
         assert_eq!(
             parsed,
             serde_json::json!({"key_id": "k1", "provider": "openai", "attempts": 2, "input_tokens": 3,
-                "output_tokens": 4, "total_tokens": 7, "cost": "0.0015",
+                "output_tokens": 4, "total_tokens": 7, "cost": "0.0015", "charged": "partial",
                 "decision": "objective=cost; key=k1 \"\\\n\u{1}é"})
         );
         assert_eq!(Flight::default().outcome_json(&cfg), r#"{"provider":"openai","attempts":0}"#);

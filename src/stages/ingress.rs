@@ -403,6 +403,7 @@ impl Ingress {
         self.cost_first =
             objective.as_ref().unwrap_or(&self.cfg.routing.objective).primary == crate::objective::Goal::Cost;
         self.admission.objective = objective;
+        self.admission.read_only = matches!(method, "GET" | "HEAD" | "DELETE");
 
         match providers::candidates(&self.cfg, &self.path, None).first() {
             Some(c) => self.admission.provider = c.provider,
@@ -625,9 +626,17 @@ impl Ingress {
         Next::Continue
     }
 
-    /// The request is over (Envoy's `on_log`): lets go of the flight and,
-    /// as its last holder, releases what is still reserved.
+    /// The request is over (Envoy's `on_log`): leaves the outcome for the
+    /// access log if the response never ended and something was served (the
+    /// caller or the provider cut it: a refusal adds no host call), lets go
+    /// of the flight and, as its last holder, releases what is still
+    /// reserved.
     pub fn on_log(&mut self, h: &dyn Host) {
+        let served = |f: &Flight| f.served.live.is_some() || f.served.charged.is_some();
+        let rid = self.request_id.as_deref();
+        if rid.is_some_and(|rid| self.flights.try_borrow().is_ok_and(|fl| fl.get(rid).is_some_and(served))) {
+            self.publish_outcome(h);
+        }
         let Some(rid) = self.request_id.take() else { return };
         let leftover = self.flights.try_borrow_mut().ok().and_then(|mut fl| fl.let_go(&rid, Holder::Ingress));
         if let Some(r) = leftover {

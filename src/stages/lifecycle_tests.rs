@@ -31,8 +31,8 @@ fn config(limit: &str) -> String {
     )
 }
 
-/// Both stages of one VM over a config (other test files add requests of
-/// their own).
+/// Both stages of one VM over a config (`admission_tests` and
+/// `charging_tests` add requests of their own).
 pub(super) struct Gateway {
     pub(super) world: Rc<World>,
     pub(super) ingress: Root,
@@ -48,12 +48,17 @@ impl Gateway {
     }
 
     fn chat(&self, body: &str) -> Exchange {
+        self.request("POST", "/v1/chat/completions", body)
+    }
+
+    /// A request of client `alice` (`x-request-id: req-1`).
+    pub(super) fn request(&self, method: &str, path: &str, body: &str) -> Exchange {
         Exchange::new(
             &self.world,
             &self.ingress,
             &[
-                (":method", "POST"),
-                (":path", "/v1/chat/completions"),
+                (":method", method),
+                (":path", path),
                 ("content-type", "application/json"),
                 ("authorization", "Bearer vk-alice"),
                 ("x-request-id", "req-1"),
@@ -74,7 +79,7 @@ impl Gateway {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn in_flight(&self) -> usize {
+    pub(super) fn in_flight(&self) -> usize {
         self.world.flights.borrow().len()
     }
 }

@@ -19,6 +19,8 @@ pub mod worker_state;
 #[cfg(test)]
 mod admission_tests;
 #[cfg(test)]
+mod charging_tests;
+#[cfg(test)]
 pub mod fake;
 #[cfg(test)]
 mod lifecycle_tests;

@@ -459,6 +459,8 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"colldown":{}}"#.into(), "colldown", "unknown field"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"x","output":"1"}}}"#.into(), "prices.gpt-4o.input", "decimal"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"1"}}}"#.into(), "prices.gpt-4o.output", "required"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"dall-e-3":{"per_request":"4 cents"}}}"#.into(), "prices.dall-e-3.per_request", "decimal"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"dall-e-3":{"per_request":"0.04","output":"1"}}}"#.into(), "prices.dall-e-3.output", "per token or per request"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"unknown_model":"refuse"}"#.into(), "unknown_model", "needs a price table"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"0"}]}"#.into(), "budgets[0].limit", "positive decimal"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","window":"week"}]}"#.into(), "budgets[0].window", "minute, hour"),

@@ -25,20 +25,29 @@ pub(super) fn prices(root: &mut Obj) -> Result<PriceTable, ConfigError> {
     Ok(prices)
 }
 
-/// `prices.<model>`: `input` and `output` required, `cached_input` defaults
-/// to `input`.
+/// `prices.<model>`: per token, `input` and `output` required and
+/// `cached_input` defaulting to `input`; or per request, `per_request` alone.
 fn price(v: &Value, path: &str) -> Result<Price, ConfigError> {
     let mut p = Obj::new(v.clone(), path)?;
+    if let Some(per_request) = price_field(&mut p, "per_request", false)? {
+        if let Some(f) = ["input", "output", "cached_input"].into_iter().find(|f| p.take(f).is_some()) {
+            return Err(err(&p.field(f), "not with per_request: a model is priced per token or per request"));
+        }
+        p.finish()?;
+        return Ok(Price { per_request: Some(per_request), ..Price::default() });
+    }
     let input = price_field(&mut p, "input", true)?.unwrap_or_default();
     let output = price_field(&mut p, "output", true)?.unwrap_or_default();
     let cached_input = price_field(&mut p, "cached_input", false)?.unwrap_or(input);
     p.finish()?;
-    Ok(Price { input, output, cached_input })
+    Ok(Price { input, output, cached_input, per_request: None })
 }
 
 fn price_field(p: &mut Obj, name: &str, required: bool) -> Result<Option<Decimal>, ConfigError> {
     match p.take(name) {
-        None if required => Err(err(&p.field(name), "required (price per 1M tokens)")),
+        None if required => {
+            Err(err(&p.field(name), "required (price per 1M tokens), or per_request alone (price of one request)"))
+        }
         None => Ok(None),
         Some(v) => decimal(&v)
             .map(Some)
