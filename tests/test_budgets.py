@@ -1,6 +1,8 @@
 """Budgets through real Envoy: reservations hold a hard limit under
 concurrency, spend is recorded exactly, soft budgets flag, reservations are
-released after failures and aborts, and streams can be cut off."""
+released after failures, a stream its caller aborted is charged exactly what
+the charging rules call for (`partial`: README, "Budgets" -> "Charging
+rules") and holds nothing reserved, and streams can be cut off."""
 
 import asyncio
 import json
@@ -105,15 +107,37 @@ def test_reservations_are_released_after_upstream_errors(mock3, start_envoy):
     assert (b["spent"], b["requests"]) == ("0", 0)
 
 
+def tokens_cost(input_tokens, output_tokens):
+    """What these tokens cost at PRICES."""
+    return (Decimal(input_tokens) * PRICE_IN + Decimal(output_tokens) * PRICE_OUT) / 10**6
+
+
+# estimate.default_max_tokens, left at its default: the output tokens assumed
+# for a request that sets no cap.
+DEFAULT_MAX_TOKENS = 4096
+
+
+def partial_stream(raw_body, text):
+    """The `partial` charge of a stream cut after its headers reached the
+    caller: the prompt estimate (every body byte a token) plus
+    ceil(characters / 4) of the output text that passed, never more than the
+    upper bound."""
+    upper = tokens_cost(len(raw_body), DEFAULT_MAX_TOKENS)
+    return min(tokens_cost(len(raw_body), -(-len(text) // 4)), upper)
+
+
+ABORTED = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "abort me"}]})
+
+
 async def _aborts(url, n, concurrency):
     sem = asyncio.Semaphore(concurrency)
     got_first = 0
 
     async def one(session):
         nonlocal got_first
-        body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "abort me"}]}
         async with sem:
-            resp = await session.post(url + "/v1/chat/completions", json=body)
+            resp = await session.post(url + "/v1/chat/completions", data=ABORTED,
+                                      headers={"content-type": "application/json"})
             line = await resp.content.readline()
             if line.startswith(b"data: "):
                 got_first += 1
@@ -125,17 +149,30 @@ async def _aborts(url, n, concurrency):
     return got_first
 
 
-def test_no_reservation_leaks_after_1000_aborted_streams(mock3, start_envoy):
+def test_1000_aborted_streams_leave_no_reservation_and_are_each_charged_the_text_they_were_sent(mock3, start_envoy):
     keys = secrets(3)
     e = start_envoy(mock3, plugin=with_prices(keys, budgets=[{"id": "b", "window": "day", "limit": "1000000"}]))
+    # Each stream sends one chunk, then waits: its caller reads it and hangs up.
     mock3.control("/_mock/stream", {"chunks": 5, "gate": True})
     try:
         got_first = asyncio.run(_aborts(e.url, 1000, 50))
+        # Read before the gate opens (the mock is asked nothing after it):
+        # what each stream had sent when its caller left, and the usage the
+        # provider reported for them.
+        sent = [r["sent_text"] for r in mock3.received()]
+        reported = expected_spend(mock3)
     finally:
         mock3.control("/_mock/release", {})
     assert got_first == 1000
-    wait_until(lambda: budget(e, "b")["reserved"] == "0", timeout=30, what="every reservation released")
-    assert budget(e, "b")["spent"] == "0"
+    assert sent == ["tok0 "] * 1000
+    wait_until(lambda: budget(e, "b")["reserved"] == "0", timeout=30, what="every reservation settled")
+    # Cut after its headers reached the caller: each is charged `partial`,
+    # its prompt estimate plus ceil(characters / 4) of the text it was sent.
+    charges = [partial_stream(ABORTED, text) for text in sent]
+    assert all(c > 0 for c in charges)
+    assert reported == 0, "the provider reported no usage for streams cut short"
+    b = budget(e, "b")
+    assert (Decimal(b["spent"]), b["requests"], b["reserved"]) == (sum(charges), 1000, "0"), b
 
 
 def test_unknown_model_and_cost_cap_are_refused_with_400(mock3, start_envoy):

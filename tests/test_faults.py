@@ -3,7 +3,12 @@ times out, answers 500/502/503, malformed JSON, a truncated SSE stream, no
 usage, a huge body or a slow trickle. The client always gets a clear answer,
 the filter never traps (Envoy's wasm reload stats stay at 0) and the books
 balance: per-key counters equal what the provider reported, reservations
-return to zero and spend equals reported usage x price."""
+return to zero and spend equals reported usage x price plus exactly what the
+charging rules (README, "Budgets" -> "Charging rules"; src/charge.rs) charge
+the 2xx answers that reported none: the reservation for one that ended
+without usage, `partial` for a stream cut after its headers reached the
+caller. The shipped route retries `reset-before-request`, not `reset`: an
+attempt reset after the request went out is not retried."""
 
 import http.client as httpclient
 import json
@@ -11,13 +16,51 @@ from decimal import Decimal
 
 import pytest
 
-from harness import (assert_no_trap, body_of, budget_of, chat, expected_spend, hcm, ids_by_secret,
-                     plugin_with_keys, priced, route, secrets, wait_recorded, wait_until, wasm_failure_stats)
+from harness import (PRICE_IN, PRICE_OUT, assert_no_trap, body_of, budget_of, chat, expected_spend, hcm,
+                     ids_by_secret, plugin_with_keys, priced, route, secrets, wait_recorded, wait_until,
+                     wasm_failure_stats)
+
+# estimate.default_max_tokens, which priced() leaves at its default: the
+# output tokens assumed for a request that sets no cap (body_of sets none).
+DEFAULT_MAX_TOKENS = 4096
 
 
-def assert_books_balance(e, mock, keys):
+def tokens_cost(input_tokens, output_tokens):
+    """What these tokens cost at the harness prices (PRICES)."""
+    return (Decimal(input_tokens) * PRICE_IN + Decimal(output_tokens) * PRICE_OUT) / 10**6
+
+
+def reservation(raw_body):
+    """The admission upper bound, charged to a 2xx that ended without
+    usage: every body byte a prompt token, every allowed output token."""
+    return tokens_cost(len(raw_body), DEFAULT_MAX_TOKENS)
+
+
+def partial_stream(raw_body, text):
+    """The `partial` charge of a stream cut after its headers reached the
+    caller: the prompt estimate plus ceil(characters / 4) of the output text
+    that passed, never more than the upper bound."""
+    return min(tokens_cost(len(raw_body), -(-len(text) // 4)), reservation(raw_body))
+
+
+def sse_text(body):
+    """The output text (choices[].delta.content) of the whole events of an
+    OpenAI chat stream, and the bytes after its last whole event."""
+    *events, rest = body.split(b"\n\n")
+    text = "".join(c["delta"].get("content") or "" for ev in events if ev.startswith(b"data: {")
+                   for c in json.loads(ev[len(b"data: "):])["choices"])
+    return text, rest
+
+
+# What the mock's reset_mid_body fault sends of a stream before its reset:
+# two whole events and the first 10 bytes of the third.
+RESET_STREAM_TEXT, RESET_STREAM_REST = "tok0 tok1 ", b'data: {"id'
+
+
+def assert_books_balance(e, mock, keys, charged=Decimal(0)):
     """Counters equal what the provider reported for each key, no
-    reservation is left and spend is reported usage x price."""
+    reservation is left and spend is reported usage x price plus `charged`,
+    what the charging rules add for 2xx answers that reported no usage."""
     counters = wait_recorded(e, len(mock.received()))
     reported = mock.stats()
     id_of = ids_by_secret(keys)
@@ -28,7 +71,7 @@ def assert_books_balance(e, mock, keys):
         assert (c["input_tokens"], c["output_tokens"], c["total_tokens"]) == (
             r["prompt_tokens"], r["completion_tokens"], r["total_tokens"]), (secret, c, r)
     wait_until(lambda: budget_of(e, "b")["reserved"] == "0", timeout=10, what="reservation released")
-    assert Decimal(budget_of(e, "b")["spent"]) == expected_spend(mock)
+    assert Decimal(budget_of(e, "b")["spent"]) == expected_spend(mock) + charged
     return counters
 
 
@@ -78,6 +121,11 @@ def fetch(url, body, timeout=30):
     return got
 
 
+def outcome(e, request_id):
+    """The filter's outcome in the access-log line of `request_id`."""
+    return json.loads(access_log_entry(e, request_id)["apikeyrouter"])
+
+
 def short_timeout(seconds):
     """The route's total timeout, as the only limit in force (the shipped
     route's max_stream_duration would take its place)."""
@@ -106,11 +154,13 @@ def test_provider_5xx_is_retried_on_other_keys_then_passed_through_with_books_ba
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize("fault", ["malformed_json", "no_usage"])
-def test_answer_without_readable_usage_passes_through_and_counts_no_tokens(mock3, start_envoy, fault, stream):
+def test_answer_without_readable_usage_passes_through_counts_no_tokens_and_is_charged_its_reservation(
+        mock3, start_envoy, fault, stream):
     keys = secrets(3)
     e, base = start_gateway(start_envoy, mock3, priced(keys), behavior={"fault": fault})
     status, headers, body, err = fetch(e.url, body_of(stream))
     assert err is None and status == 200
+    charge = reservation(json.dumps(body_of(stream)))
     if stream:
         assert headers["content-type"].startswith("text/event-stream")
         assert body.endswith(b"data: [DONE]\n\n")
@@ -120,13 +170,18 @@ def test_answer_without_readable_usage_passes_through_and_counts_no_tokens(mock3
             assert body.endswith(b"]]]"), "the provider's body is passed on as it is"
         else:
             assert "usage" not in json.loads(body)
-    t = totals(assert_books_balance(e, mock3, keys))
+        assert Decimal(headers["x-apikeyrouter-cost"]) == charge
+    # The key's counters hold only what the provider reported (nothing); the
+    # answer ended without usage, so it is charged its reservation.
+    t = totals(assert_books_balance(e, mock3, keys, charged=charge))
     assert (t["successes"], t["total_tokens"]) == (1, 0), t
-    assert budget_of(e, "b")["spent"] == "0"
+    assert expected_spend(mock3) == 0 and Decimal(budget_of(e, "b")["spent"]) == charge
+    o = outcome(e, headers["x-request-id"])
+    assert (o["charged"], Decimal(o["cost"])) == ("reservation", charge), o
     assert_unharmed(e, base, mock3)
 
 
-def test_truncated_sse_stream_reaches_the_client_as_sent_and_its_reservation_is_released(mock3, start_envoy):
+def test_truncated_sse_stream_reaches_the_client_as_sent_and_is_charged_its_reservation(mock3, start_envoy):
     keys = secrets(3)
     e, base = start_gateway(start_envoy, mock3, priced(keys), behavior={"fault": "truncated_sse", "chunks": 3})
     status, headers, body, err = fetch(e.url, body_of(True))
@@ -134,27 +189,38 @@ def test_truncated_sse_stream_reaches_the_client_as_sent_and_its_reservation_is_
     assert headers["content-type"].startswith("text/event-stream")
     assert body.count(b"data: ") == 4 and b"tok2" in body
     assert b"[DONE]" not in body and body.endswith(b'"choi'), "the cut is visible to the client"
-    t = totals(assert_books_balance(e, mock3, keys))
+    # The provider ended the stream (cleanly, mid-event) without its usage
+    # event: an answer that ended without usage is charged its reservation.
+    charge = reservation(json.dumps(body_of(True)))
+    t = totals(assert_books_balance(e, mock3, keys, charged=charge))
     assert (t["streams"], t["total_tokens"]) == (1, 0), t
-    assert budget_of(e, "b")["spent"] == "0", "a stream without usage is released, not charged"
+    assert expected_spend(mock3) == 0 and Decimal(budget_of(e, "b")["spent"]) == charge
+    o = outcome(e, headers["x-request-id"])
+    assert (o["charged"], Decimal(o["cost"])) == ("reservation", charge), o
     assert_unharmed(e, base, mock3)
 
 
-def test_reset_mid_json_body_is_retried_then_answered_502_and_the_reservation_released(mock3, start_envoy):
+def test_reset_mid_json_body_is_not_retried_answered_502_and_not_charged(mock3, start_envoy):
     keys = secrets(3)
     e, base = start_gateway(start_envoy, mock3, priced(keys), behavior={"fault": "reset_mid_body"})
     status, headers, body, err = fetch(e.url, body_of(False))
     # The attempt stage holds a priced answer's headers until its usage is
-    # read, so the reset comes before headers: Envoy retries it on other keys.
+    # read, so nothing reached the caller: Envoy answers 502. The shipped
+    # route retries only resets before the request went out, so this one is
+    # not retried (the provider may have billed it).
     assert err is None and status == 502, (status, body)
     assert b"reset" in body
-    assert len(mock3.received()) == 4
-    assert totals(assert_books_balance(e, mock3, keys))["total_tokens"] == 0
+    assert len(mock3.received()) == 1
+    t = totals(assert_books_balance(e, mock3, keys))
+    assert (t["requests"], t["successes"], t["server_errors"], t["total_tokens"]) == (1, 0, 1, 0), t
+    # A priced JSON answer cut while its headers were held is never charged.
     assert budget_of(e, "b")["spent"] == "0"
+    o = outcome(e, headers["x-request-id"])
+    assert "charged" not in o and "cost" not in o, o
     assert_unharmed(e, base, mock3)
 
 
-def test_reset_mid_stream_ends_the_client_stream_and_releases_the_reservation(mock3, start_envoy):
+def test_reset_mid_stream_ends_the_client_stream_and_is_charged_what_passed(mock3, start_envoy):
     keys = secrets(3)
     e, base = start_gateway(start_envoy, mock3, priced(keys), behavior={"fault": "reset_mid_body"})
     status, headers, body, err = fetch(e.url, body_of(True))
@@ -163,8 +229,14 @@ def test_reset_mid_stream_ends_the_client_stream_and_releases_the_reservation(mo
     assert status == 200 and err is not None, (status, body, err)
     assert b"tok0" in body and b"[DONE]" not in body
     assert len(mock3.received()) == 1
-    assert_books_balance(e, mock3, keys)
-    assert budget_of(e, "b")["spent"] == "0"
+    # Cut after its headers reached the caller: charged `partial`, the
+    # prompt estimate plus ceil(characters / 4) of the text that passed.
+    assert sse_text(body) == (RESET_STREAM_TEXT, RESET_STREAM_REST), body
+    charge = partial_stream(json.dumps(body_of(True)), RESET_STREAM_TEXT)
+    assert_books_balance(e, mock3, keys, charged=charge)
+    assert expected_spend(mock3) == 0 and Decimal(budget_of(e, "b")["spent"]) == charge
+    o = outcome(e, headers["x-request-id"])
+    assert (o["charged"], Decimal(o["cost"]), o["output_tokens"]) == ("partial", charge, 3), o
     assert_unharmed(e, base, mock3)
 
 
@@ -179,24 +251,43 @@ def test_reset_mid_body_counts_as_a_failure_not_a_success(mock3, start_envoy, st
         # Passed on as it came: the 200 and the first events, then the cut.
         assert (status, attempts) == (200, 1) and err is not None and b"[DONE]" not in body, (status, err)
     else:
-        # Cut before its headers left: retried on every key, then a 502.
-        assert (status, attempts, err) == (502, 4, None), (status, attempts, body, err)
+        # Cut while its headers were held, after the request went out: not
+        # retried (the shipped route retries reset-before-request), a 502.
+        assert (status, attempts, err) == (502, 1, None), (status, attempts, body, err)
     counters = wait_recorded(e, attempts)
     t = totals(counters)
     assert (t["successes"], t["server_errors"]) == (0, attempts), counters
 
 
+def retrying_every_reset(cfg):
+    """The route retries `reset` (also a reset after the request went out),
+    as an operator may configure it, instead of the shipped
+    `reset-before-request`."""
+    policy = route(cfg)["retry_policy"]
+    on = policy["retry_on"].split(",")
+    assert "reset-before-request" in on and "reset" not in on, on
+    policy["retry_on"] = ",".join("reset" if c == "reset-before-request" else c for c in on)
+
+
 def test_spend_is_charged_when_a_retry_succeeds_after_a_mid_body_reset(mock3, start_envoy):
+    """The filter's charge when Envoy DOES retry an attempt reset mid-body:
+    the shipped route does not (it retries reset-before-request only), so
+    this gateway's route is edited to retry `reset`. The cut attempt, its
+    JSON headers still held, reached no one and is not charged; the retry
+    that succeeds is charged its usage, once."""
     keys = secrets(3)
-    e, base = start_gateway(start_envoy, mock3, priced(keys))
+    e, base = start_gateway(start_envoy, mock3, priced(keys), edit=retrying_every_reset)
     mock3.behavior(keys[0], fault="reset_mid_body", times=1)
     status, headers, body, err = fetch(e.url, body_of(False))
     assert err is None and status == 200
     assert headers["x-apikeyrouter-attempts"] == "2" and headers["x-apikeyrouter-key-id"] != "k1"
+    assert [r.get("fault") for r in mock3.received()] == ["reset_mid_body", None]
     cost = Decimal(headers["x-apikeyrouter-cost"])
     assert cost > 0 and cost == expected_spend(mock3)
     t = totals(assert_books_balance(e, mock3, keys))  # spent == reported usage x price
     assert t["total_tokens"] == json.loads(body)["usage"]["total_tokens"]
+    o = outcome(e, headers["x-request-id"])
+    assert (o["charged"], Decimal(o["cost"])) == ("usage", cost), o
     assert_no_trap(e, base)
 
 
@@ -308,50 +399,72 @@ def whole(stream, body):
         return False
 
 
-def assert_fault_outcome(fault, stream, tried, bad, got):
-    """What the client of a request must see, given the keys its attempts
-    went to in order (`tried`) and the key that has the fault (`bad`)."""
+def assert_fault_outcome(fault, stream, tried, bad, got, raw):
+    """What the client of a request (its body `raw`) must see, given the
+    keys its attempts went to in order (`tried`) and the key that has the
+    fault (`bad`). Returns what the charging rules charge it beyond the
+    usage the provider reported (which /_mock/stats holds)."""
     status, headers, body, err = got
     where = (fault, "sse" if stream else "json", tried, status, err, body[-120:])
     if tried[0] != bad:
         # A healthy key served it first: nothing of the fault shows.
         assert (status, err, len(tried)) == (200, None, 1) and whole(stream, body), where
-    elif fault in ("500", "502", "503") or (fault == "reset_mid_body" and not stream):
-        # An error status, or a reset before the held headers left: Envoy
-        # retries it once on a healthy key, which serves it whole.
+        return Decimal(0)
+    if fault in ("500", "502", "503"):
+        # An error status: Envoy retries it once on a healthy key, which
+        # serves it whole (charged its usage).
         assert (status, err, len(tried)) == (200, None, 2) and tried[1] != bad and whole(stream, body), where
         assert headers["x-apikeyrouter-attempts"] == "2", where
-    elif fault == "reset_mid_body":
-        # A stream is passed on as it comes: the client sees the cut.
+        return Decimal(0)
+    if fault == "reset_mid_body" and not stream:
+        # A reset while the filter held the JSON answer's headers, after the
+        # request went out: not retried, a 502, nothing charged.
+        assert (status, err, len(tried)) == (502, None, 1) and b"reset" in body, where
+        return Decimal(0)
+    if fault == "reset_mid_body":
+        # A stream is passed on as it comes: the client sees the cut, and it
+        # is charged `partial` for the text that passed.
         assert status == 200 and err is not None and len(tried) == 1, where
         assert b"tok0" in body and b"[DONE]" not in body, where
-    elif fault == "timeout":
+        assert sse_text(body) == (RESET_STREAM_TEXT, RESET_STREAM_REST), where
+        return partial_stream(raw, RESET_STREAM_TEXT)
+    if fault == "timeout":
         # The route's 2 s timeout ends it: Envoy answers 504, no retry.
         assert (status, err, len(tried), body) == (504, None, 1, b"upstream request timeout"), where
+        return Decimal(0)
+    assert (status, err, len(tried)) == (200, None, 1), where
+    if fault in ("truncated_sse", "malformed_json", "no_usage"):
+        # Ended without readable usage: charged its reservation.
+        charge = reservation(raw)
     else:
-        assert (status, err, len(tried)) == (200, None, 1), where
-        if fault == "truncated_sse":
-            # An event stream (whatever was asked) cut mid-event.
-            assert b"[DONE]" not in body and body.endswith(b'"choi'), where
-        elif fault == "malformed_json" and not stream:
-            assert body.endswith(b"]]]"), "passed on as it is: " + repr(where)
-        elif fault == "no_usage" and not stream:
-            assert "usage" not in json.loads(body), where
-        else:
-            # malformed or usage-less events end with [DONE]; a trickle or a
-            # huge answer arrives whole.
-            assert whole(stream, body), where
-            if fault == "huge_body" and not stream:
-                assert len(body) > 1 << 20, where
+        # A trickle or a huge answer reports its usage.
+        charge = Decimal(0)
+    if fault == "truncated_sse":
+        # An event stream (whatever was asked) cut mid-event.
+        assert b"[DONE]" not in body and body.endswith(b'"choi'), where
+    elif fault == "malformed_json" and not stream:
+        assert body.endswith(b"]]]"), "passed on as it is: " + repr(where)
+    elif fault == "no_usage" and not stream:
+        assert "usage" not in json.loads(body), where
+    else:
+        # malformed or usage-less events end with [DONE]; a trickle or a
+        # huge answer arrives whole.
+        assert whole(stream, body), where
+        if fault == "huge_body" and not stream:
+            assert len(body) > 1 << 20, where
+    return charge
 
 
 def test_every_fault_in_turn_gives_its_own_outcome_and_leaves_no_reservation_and_no_trap(mock3, start_envoy):
     """All the faults against one gateway, one key misbehaving at a time,
     JSON and streaming: each request's outcome is the one its fault and the
     keys it went to call for, each fault is met by at least one request in
-    each mode, and the books still balance at the end."""
+    each mode, and the books still balance at the end: spend is the usage
+    the provider reported plus exactly what the charging rules add for the
+    answers that reported none."""
     keys = secrets(3)
     e, base = start_gateway(start_envoy, mock3, priced(keys), edit=short_timeout(2))
+    charged = Decimal(0)
     for i, (name, f) in enumerate(FAULTS.items()):
         bad = keys[i % 3]
         for k in keys:
@@ -362,12 +475,14 @@ def test_every_fault_in_turn_gives_its_own_outcome_and_leaves_no_reservation_and
             # fairness objective spreads them over the three keys).
             for n in range(9):
                 content = f"fault {name} {'sse' if stream else 'json'} request {n}"
-                got = fetch(e.url, body_of(stream, content=content))
+                body = body_of(stream, content=content)
+                got = fetch(e.url, body)
                 tried = [r["key"] for r in mock3.received() if content in r["body"]]
-                assert_fault_outcome(name, stream, tried, bad, got)
+                charged += assert_fault_outcome(name, stream, tried, bad, got, json.dumps(body))
                 if tried[0] == bad:
                     break
             else:
                 raise AssertionError(f"{name}: the misbehaving key served none of 9 requests first")
-    assert_books_balance(e, mock3, keys)
+    assert charged > 0
+    assert_books_balance(e, mock3, keys, charged=charged)
     assert_unharmed(e, base, mock3)
