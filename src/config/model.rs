@@ -238,13 +238,19 @@ pub struct Cooldown {
     pub max_ms: u64,
 }
 
+/// The management API. Its tokens are kept only as SHA-256 digests: a
+/// presented token is hashed and the digests compared in constant time, so
+/// neither the comparison nor the config holds the token or its length.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Admin {
     pub enabled: bool,
     /// Always starts and ends with `/`.
     pub prefix: String,
-    /// The token callers must present; `None` when admin is disabled.
-    pub token: Option<String>,
+    /// SHA-256 of the token that may do everything; `None` when admin is
+    /// disabled.
+    pub token_sha256: Option<[u8; 32]>,
+    /// SHA-256 of the read-only token (`GET`s only), if one is configured.
+    pub read_token_sha256: Option<[u8; 32]>,
 }
 
 /// What a provider response does to the key that got it.
@@ -332,12 +338,14 @@ pub struct Decisions {
 }
 
 impl fmt::Debug for Admin {
-    // Hand-written so that `{:?}` can never print the token.
+    // Hand-written so that `{:?}` never prints a token's digest either (a
+    // weak token could be found from it offline).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admin")
             .field("enabled", &self.enabled)
             .field("prefix", &self.prefix)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_sha256", &self.token_sha256.as_ref().map(|_| "<redacted>"))
+            .field("read_token_sha256", &self.read_token_sha256.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }

@@ -107,10 +107,17 @@ fn cooldown(root: &mut Obj) -> Result<Cooldown, ConfigError> {
     Ok(Cooldown { default_ms: default_s * 1000, max_ms: max_s * 1000 })
 }
 
-/// `admin`: disabled when absent; enabled, it needs a token from `token_env`.
+/// `admin`: disabled when absent; enabled, it needs a token from `token_env`
+/// and may have a read-only one from `read_token_env`. Only their SHA-256
+/// digests are kept.
 fn admin(root: &mut Obj, env: Env<'_>) -> Result<Admin, ConfigError> {
     let Some(mut a) = root.opt_obj("admin")? else {
-        return Ok(Admin { enabled: false, prefix: DEFAULT_ADMIN_PREFIX.to_string(), token: None });
+        return Ok(Admin {
+            enabled: false,
+            prefix: DEFAULT_ADMIN_PREFIX.to_string(),
+            token_sha256: None,
+            read_token_sha256: None,
+        });
     };
     let enabled = a.opt_bool("enabled")?.unwrap_or(true);
     let prefix = a.opt_str("prefix")?.unwrap_or_else(|| DEFAULT_ADMIN_PREFIX.to_string());
@@ -120,29 +127,35 @@ fn admin(root: &mut Obj, env: Env<'_>) -> Result<Admin, ConfigError> {
     if prefix.starts_with("/v1/") {
         return Err(err(&a.field("prefix"), "must not overlap the OpenAI API paths under /v1/"));
     }
-    let token = admin_token(&mut a, enabled, env)?;
+    let token = match a.opt_str("token_env")? {
+        Some(name) if enabled => Some(admin_token(&a.field("token_env"), &name, env)?),
+        None if enabled => return Err(err(&a.field("token_env"), "required when the admin API is enabled")),
+        _ => None,
+    };
+    let read_token = match a.opt_str("read_token_env")? {
+        Some(name) if enabled => Some(admin_token(&a.field("read_token_env"), &name, env)?),
+        _ => None,
+    };
+    if read_token.is_some() && read_token == token {
+        return Err(err(&a.field("read_token_env"), "must hold another token than token_env"));
+    }
     a.finish()?;
-    Ok(Admin { enabled, prefix, token })
+    let digest = |t: Option<String>| t.map(|t| crate::crypto::sha256(t.as_bytes()));
+    Ok(Admin { enabled, prefix, token_sha256: digest(token), read_token_sha256: digest(read_token) })
 }
 
-/// `admin.token_env`: at least 16 characters; `None` when admin is disabled.
-fn admin_token(a: &mut Obj, enabled: bool, env: Env<'_>) -> Result<Option<String>, ConfigError> {
-    let token_env = a.opt_str("token_env")?;
-    match (enabled, token_env) {
-        (false, _) => Ok(None),
-        (true, None) => Err(err(&a.field("token_env"), "required when the admin API is enabled")),
-        (true, Some(name)) => match env(&name) {
-            Some(v) if v.len() >= 16 => Ok(Some(v)),
-            Some(_) => {
-                Err(err(&a.field("token_env"), format!("environment variable {name} must hold at least 16 characters")))
-            }
-            None => Err(err(
-                &a.field("token_env"),
-                format!(
-                    "environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"
-                ),
-            )),
-        },
+/// An admin token from the environment variable `name`: at least 16
+/// characters.
+fn admin_token(field: &str, name: &str, env: Env<'_>) -> Result<String, ConfigError> {
+    match env(name) {
+        Some(v) if v.len() >= 16 => Ok(v),
+        Some(_) => Err(err(field, format!("environment variable {name} must hold at least 16 characters"))),
+        None => Err(err(
+            field,
+            format!(
+                "environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"
+            ),
+        )),
     }
 }
 
@@ -378,6 +391,21 @@ mod tests {
     }
 
     #[test]
+    fn admin_tokens_are_kept_only_as_their_sha256() {
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
+          "admin":{"token_env":"ADMIN","read_token_env":"ADMIN_READ"}}"#);
+        assert_eq!(c.admin.token_sha256, Some(crate::crypto::sha256(b"admin-token-0123456789")));
+        assert_eq!(c.admin.read_token_sha256, Some(crate::crypto::sha256(b"admin-read-token-9876543210")));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("admin-token-0123456789") && !shown.contains("admin-read-token"), "{shown}");
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN"}}"#);
+        assert_eq!(c.admin.read_token_sha256, None, "the read-only token is optional");
+        let off = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
+          "admin":{"enabled":false,"token_env":"NOPE","read_token_env":"NOPE"}}"#);
+        assert_eq!((off.admin.token_sha256, off.admin.read_token_sha256), (None, None));
+    }
+
+    #[test]
     fn unpriced_models_are_refused_by_default_only_when_a_budget_is_configured() {
         let base =
             r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"m":{"input":"1","output":"1"}}"#;
@@ -455,6 +483,9 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"NOPE"}}"#.into(), "admin.token_env", "NOPE is not set"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"SHORT"}}"#.into(), "admin.token_env", "at least 16"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"nope"}}"#.into(), "admin.prefix", "must start and end"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"SHORT"}}"#.into(), "admin.read_token_env", "at least 16"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"NOPE"}}"#.into(), "admin.read_token_env", "NOPE is not set"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"ADMIN"}}"#.into(), "admin.read_token_env", "another token"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"/v1/admin/"}}"#.into(), "admin.prefix", "must not overlap"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"colldown":{}}"#.into(), "colldown", "unknown field"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"x","output":"1"}}}"#.into(), "prices.gpt-4o.input", "decimal"),
