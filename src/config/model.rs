@@ -327,6 +327,25 @@ pub struct Fleet {
     pub local_share: Decimal,
     /// etcd unreachable for this long makes the instance degraded.
     pub degraded_after_ms: u64,
+    /// etcd's user and password, when etcd has authentication enabled.
+    pub auth: Option<EtcdAuth>,
+    /// A range answer larger than this is refused (the sync fails).
+    pub max_range_bytes: usize,
+}
+
+/// etcd's own authentication: a user and its password (from the environment),
+/// traded for a token through `/v3/auth/authenticate`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for EtcdAuth {
+    // Hand-written so that `{:?}` can never print the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdAuth").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
