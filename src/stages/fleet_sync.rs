@@ -264,25 +264,23 @@ impl FleetSync {
             None => Err("etcd did not answer (timeout or connection failure)".to_string()),
             Some(200) => Ok(body),
             Some(s) => {
-                if s == 401 {
-                    // Expired, or etcd restarted: authenticate again. After
-                    // refused credentials, not at once.
-                    self.token = None;
-                    if call == Call::Authenticate {
-                        self.auth_after_ms = now.saturating_add(AUTH_RETRY_MS.max(self.fleet.sync_interval_ms));
-                    }
+                // etcd answers 400 to refused credentials, 401 to a token
+                // it no longer knows (expired, or etcd restarted).
+                if call == Call::Authenticate {
+                    self.auth_after_ms = now.saturating_add(AUTH_RETRY_MS.max(self.fleet.sync_interval_ms));
                 }
-                let hint = if s == 401 && self.fleet.auth.is_none() {
+                if s == 401 {
+                    self.token = None;
+                }
+                // etcd's error message, never a request of ours: no token
+                // or password can show.
+                let text: String = String::from_utf8_lossy(&body).chars().take(120).collect();
+                let hint = if self.fleet.auth.is_none() && (s == 401 || text.contains("user name is empty")) {
                     " (etcd has authentication enabled: set fleet.username and fleet.password_env)"
                 } else {
                     ""
                 };
-                // etcd's error message, never a request of ours: no token
-                // or password can show.
-                Err(format!(
-                    "etcd answered {s}{hint}: {}",
-                    String::from_utf8_lossy(&body).chars().take(120).collect::<String>()
-                ))
+                Err(format!("etcd answered {s}{hint}: {text}"))
             }
         };
         match (call, outcome) {
@@ -586,7 +584,7 @@ mod tests {
         assert_eq!(rig.last_call().0, "/v3/auth/authenticate");
         // Refused credentials are not tried again at once (each try costs
         // etcd a bcrypt).
-        rig.answer(401, br#"{"error":"etcdserver: authentication failed, invalid user ID or password","code":3}"#);
+        rig.answer(400, br#"{"error":"etcdserver: authentication failed, invalid user ID or password","code":3}"#);
         let calls = rig.world.calls.borrow().len();
         rig.tick();
         assert_eq!(rig.world.calls.borrow().len(), calls, "waits AUTH_RETRY_MS");
