@@ -7,7 +7,6 @@ import http.client
 import ipaddress
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -148,13 +147,26 @@ def test_wrong_admin_tokens_are_slowed_down_counted_and_logged_without_their_con
 
 # --- Shipped configs: the admin API only on a loopback or internal listener ----
 
-SHIPPED = sorted((ROOT / "envoy").glob("*.yaml"))
-ISTIO_INGRESS = ROOT / "deploy" / "istio" / "wasmplugin-ingress.yaml"
+ISTIO = ROOT / "deploy" / "istio"
+K8S_CONFIGMAP = ROOT / "deploy" / "kubernetes" / "configmap.yaml"
 PUBLIC_ADMIN = {
     "providers.yaml": "envoy/providers.yaml enables \"admin\" in the plugin config of its 0.0.0.0:10000 gateway "
-                      "listener; it needs the internal 127.0.0.1 management listener of openai.yaml (issue 19 "
-                      "edits envoy/*.yaml)",
+                      "listener; it needs the internal 127.0.0.1 management listener of openai.yaml",
 }
+
+
+def shipped_envoy_configs():
+    """Every shipped Envoy bootstrap, parsed, by name: envoy/*.yaml (their
+    ${...} placeholders filled with 1) and the one in the Kubernetes ConfigMap."""
+    out = {}
+    for p in sorted((ROOT / "envoy").glob("*.yaml")):
+        out[p.name] = yaml.safe_load(re.sub(r"\$\{[A-Z_]+\}", "1", p.read_text()))
+    configmap = yaml.safe_load(K8S_CONFIGMAP.read_text())
+    out["kubernetes/configmap.yaml"] = yaml.safe_load(configmap["data"]["envoy.yaml"])
+    return out
+
+
+SHIPPED = shipped_envoy_configs()
 
 
 def admin_enabled(plugin_json):
@@ -166,10 +178,11 @@ def admin_enabled(plugin_json):
     return isinstance(a, dict) and a.get("enabled", True) is not False
 
 
-def serves_admin(listener):
-    """Whether an ingress stage on this listener has the admin API enabled."""
-    for wf in wasm_filter_configs(listener):
-        if "ingress" in str(wf.get("root_id", "")) and "attempt" not in str(wf.get("root_id", "")):
+def serves_admin(doc):
+    """Whether an ingress stage anywhere in doc has the admin API enabled."""
+    for wf in wasm_filter_configs(doc):
+        root_id = str(wf.get("root_id", ""))
+        if "ingress" in root_id and "attempt" not in root_id:
             if admin_enabled(wf.get("configuration", {}).get("value", "")):
                 return True
     return False
@@ -193,27 +206,32 @@ def public_admin_listeners(doc):
     return [l.get("name", "?") for l in listeners if serves_admin(l) and not private(l)]
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, id=p.name,
-                 marks=[pytest.mark.xfail(strict=True, reason=PUBLIC_ADMIN[p.name])] if p.name in PUBLIC_ADMIN else [])
-    for p in SHIPPED])
-def test_no_shipped_envoy_config_serves_the_admin_api_on_a_public_listener(path):
-    # The test configs' ${PORT} placeholders: any value parses.
-    doc = yaml.safe_load(re.sub(r"\$\{[A-Z_]+\}", "1", path.read_text()))
-    assert public_admin_listeners(doc) == [], f"{path.name} serves the admin API on a public listener"
+@pytest.mark.parametrize("name", [
+    pytest.param(n, id=n, marks=[pytest.mark.xfail(strict=True, reason=PUBLIC_ADMIN[n])] if n in PUBLIC_ADMIN else [])
+    for n in SHIPPED])
+def test_no_shipped_envoy_config_serves_the_admin_api_on_a_public_listener(name):
+    assert public_admin_listeners(SHIPPED[name]) == [], f"{name} serves the admin API on a public listener"
 
 
-@pytest.mark.xfail(strict=True, reason="deploy/istio/wasmplugin-ingress.yaml enables \"admin\" in the WasmPlugin "
-                                       "that runs on every inbound listener of the llm-gateway workload, the one "
-                                       "callers reach; it needs a second WasmPlugin limited by match.ports to an "
-                                       "internal port")
-def test_the_istio_ingress_plugin_does_not_serve_the_admin_api_to_callers():
-    doc = yaml.safe_load(ISTIO_INGRESS.read_text())
-    spec = doc["spec"]
-    admin = (spec.get("pluginConfig") or {}).get("admin")
-    enabled = isinstance(admin, dict) and admin.get("enabled", True) is not False
-    limited = any(m.get("ports") for m in spec.get("match") or [])
-    assert not enabled or limited, "the admin API is served on every port of the gateway workload"
+def test_the_istio_gateway_lets_only_the_operators_principal_reach_the_admin_api():
+    """On Istio the ingress stage runs on the gateway callers reach: there an
+    AuthorizationPolicy must deny the admin prefix to every principal but the
+    operators' (Istio's RBAC filter runs before the ingress stage)."""
+    docs = [d for f in sorted(ISTIO.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    prefixes = set()
+    for d in docs:
+        for wf in wasm_filter_configs(d):
+            value = wf.get("configuration", {}).get("value", "")
+            if "ingress" in str(wf.get("root_id", "")) and admin_enabled(value):
+                prefixes.add(json.loads(value)["admin"].get("prefix", "/apikeyrouter/v1/"))
+    assert prefixes, "the Istio recipe has an ingress stage with the admin API"
+    guards = [d["spec"] for d in docs if d.get("kind") == "AuthorizationPolicy" and d["spec"].get("action") == "DENY"]
+    for prefix in prefixes:
+        assert any(all(src.get("notPrincipals") for r in g.get("rules", []) for src in
+                       [f.get("source", {}) for f in r.get("from", [])])
+                   and any(prefix.startswith(path.rstrip("*")) for r in g.get("rules", [])
+                           for t in r.get("to", []) for path in t.get("operation", {}).get("paths", []))
+                   for g in guards), f"nothing keeps callers from {prefix} on the Istio gateway"
 
 
 def test_the_config_walk_finds_the_admin_api_where_it_is():
@@ -232,4 +250,4 @@ def test_the_config_walk_finds_the_admin_api_where_it_is():
     assert not private({"address": {"socket_address": {"address": "0.0.0.0"}}})
     assert private({"address": {"socket_address": {"address": "::1"}}})
     assert private({"name": "x", "internal_listener": {}, "address": {}})
-    assert Path(ISTIO_INGRESS).exists() and SHIPPED
+    assert "kubernetes/configmap.yaml" in SHIPPED and "openai.yaml" in SHIPPED
