@@ -1,19 +1,41 @@
 //! The management API, served by the ingress stage as local replies under
 //! `admin.prefix` (default `/apikeyrouter/v1/`). Every response is JSON and
 //! none carries key material: keys are shown by id and fingerprint.
+//!
+//! # Who may call it
+//!
+//! The token of `admin.token_env` may do everything; the token of
+//! `admin.read_token_env` only `GET`s (anything else: 403). A presented
+//! token is hashed with SHA-256 and compared with the configured digests in
+//! constant time, so the answer's timing depends on neither the token nor
+//! its length. Every refused authentication (no token, or one that matches
+//! neither) is logged once, without the token, counted in
+//! `apikeyrouter.admin.auth_failures`, and charged to the worker's
+//! [`FailureBudget`]: once that is spent, every admin request on the worker
+//! gets a 429 with `retry-after` (counted in
+//! `apikeyrouter.admin.auth_throttled`) until it refills.
 
 use crate::budget::{self, show, Budget, Enforcement, Scope};
 use crate::config::{Config, Key, SecretSource};
-use crate::crypto::constant_time_eq;
+use crate::crypto::{constant_time_eq, sha256};
 use crate::decision::Stored;
 use crate::key_record::{Effective, KeyRecord, UNKNOWN};
 use crate::keys::{read_record, set_state, SetState};
+use crate::metrics;
 use crate::quota::headroom;
 use crate::reply::{self, Reply};
 use crate::runtime_keys::{self, RegistryError};
 use crate::store::Store;
 use crate::transition::{self, Transition};
 use serde_json::{json, Value};
+use std::cell::Cell;
+
+/// Failed authentications one worker takes at once before it refuses every
+/// admin request with a 429.
+pub const FAILURE_BURST: u64 = 10;
+/// After the burst, one more failure is taken every this many milliseconds
+/// (10 a minute per worker).
+pub const FAILURE_REFILL_MS: u64 = 6_000;
 
 /// The parts of an HTTP request the admin API looks at.
 pub struct AdminRequest<'a> {
@@ -31,37 +53,160 @@ pub fn is_admin_path(cfg: &Config, path: &str) -> bool {
     cfg.admin.enabled && path.starts_with(&cfg.admin.prefix)
 }
 
-fn authorized(cfg: &Config, req: &AdminRequest<'_>) -> bool {
-    let Some(token) = cfg.admin.token.as_deref() else {
-        return false;
-    };
+/// What a presented token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// `admin.token_env`: everything.
+    Full,
+    /// `admin.read_token_env`: `GET`s only.
+    Read,
+}
+
+/// The role of the token a request presents (`Authorization: Bearer`, else
+/// `X-API-Key`), or why there is none, for the log.
+fn role(cfg: &Config, req: &AdminRequest<'_>) -> Result<Role, &'static str> {
     let bearer =
         req.authorization.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))).map(str::trim);
-    let presented = bearer.or(req.x_api_key.map(str::trim));
-    presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()))
+    let Some(presented) = bearer.or(req.x_api_key.map(str::trim)) else {
+        return Err("no token");
+    };
+    // Digests of equal length, compared in constant time: neither the
+    // token's content nor its length shows in the timing.
+    let digest = sha256(presented.as_bytes());
+    let full = cfg.admin.token_sha256.is_some_and(|t| constant_time_eq(&digest, &t));
+    let read = cfg.admin.read_token_sha256.is_some_and(|t| constant_time_eq(&digest, &t));
+    match (full, read) {
+        (true, _) => Ok(Role::Full),
+        (false, true) => Ok(Role::Read),
+        (false, false) => Err("a token that matches no admin token"),
+    }
+}
+
+/// The failed authentications a worker still takes: a GCRA over failures,
+/// [`FAILURE_BURST`] at once and one more every [`FAILURE_REFILL_MS`]. Each
+/// worker (VM) keeps its own, so with N workers a caller who spreads guesses
+/// over connections gets at most N times as many. Time is passed in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FailureBudget {
+    /// When the budget is whole again (the GCRA's theoretical arrival time).
+    full_at_ms: u64,
+    /// The current spell of refusals was logged.
+    spell_logged: bool,
+}
+
+impl FailureBudget {
+    const NEW: FailureBudget = FailureBudget { full_at_ms: 0, spell_logged: false };
+
+    /// Failures still taken at `now_ms`; 0 means every request is refused.
+    pub fn left(&self, now_ms: u64) -> u64 {
+        let debt = self.full_at_ms.saturating_sub(now_ms);
+        FAILURE_BURST.saturating_sub(debt.div_ceil(FAILURE_REFILL_MS))
+    }
+
+    /// Milliseconds until one more failure is taken (0 when it is now).
+    pub fn retry_after_ms(&self, now_ms: u64) -> u64 {
+        self.full_at_ms.saturating_sub(now_ms).saturating_sub((FAILURE_BURST - 1) * FAILURE_REFILL_MS)
+    }
+
+    /// Charges one failure.
+    pub fn charge(&mut self, now_ms: u64) {
+        self.full_at_ms = self.full_at_ms.max(now_ms).saturating_add(FAILURE_REFILL_MS);
+    }
+}
+
+thread_local! {
+    /// This worker's failure budget: the VM is the worker's, and runs one
+    /// callback at a time.
+    static FAILURES: Cell<FailureBudget> = const { Cell::new(FailureBudget::NEW) };
 }
 
 fn admin_error(status: u32, code: &str, message: &str) -> Reply {
     let kind = match status {
         401 => "authentication_error",
+        403 => "permission_error",
         404 => "not_found_error",
+        429 => "rate_limit_error",
         400 | 405 => "invalid_request_error",
         _ => "api_error",
     };
     reply::error(status, kind, code, message)
 }
 
-/// Handles one admin request. `now_ms` is Unix milliseconds.
+/// Handles one admin request with this worker's failure budget. `now_ms` is
+/// Unix milliseconds.
 pub fn handle(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -> Reply {
-    if !authorized(cfg, req) {
+    FAILURES.with(|cell| {
+        let mut failures = cell.get();
+        let r = guarded(cfg, store, req, now_ms, &mut failures);
+        cell.set(failures);
+        r
+    })
+}
+
+/// Authenticates against `failures`, then answers.
+fn guarded(
+    cfg: &Config,
+    store: &dyn Store,
+    req: &AdminRequest<'_>,
+    now_ms: u64,
+    failures: &mut FailureBudget,
+) -> Reply {
+    // What the log may show of the request: its method and path, cut short.
+    let shown = || {
+        let method: String = req.method.chars().take(10).collect();
+        let path: String = req.path.chars().take(120).collect();
+        format!("{method} {path:?}")
+    };
+    if failures.left(now_ms) == 0 {
+        let wait_s = failures.retry_after_ms(now_ms).div_ceil(1000).max(1);
+        metrics::note(metrics::ADMIN_AUTH_THROTTLED, 1);
+        if !failures.spell_logged {
+            failures.spell_logged = true;
+            log::warn!(
+                "admin: {FAILURE_BURST} failed authentications on this worker: every admin request gets 429 for {wait_s} s ({} refused first)",
+                shown()
+            );
+        }
         let mut r = admin_error(
-            401,
-            "invalid_admin_token",
-            "Missing or invalid admin token. Send it as 'Authorization: Bearer <token>' or 'X-API-Key: <token>'.",
+            429,
+            "admin_auth_throttled",
+            "Too many failed admin authentications; retry after the time in the retry-after header.",
         );
-        r.headers.push(("www-authenticate", "Bearer".to_string()));
+        r.headers.push(("retry-after", wait_s.to_string()));
         return r;
     }
+    failures.spell_logged = false;
+    let role = match role(cfg, req) {
+        Ok(role) => role,
+        Err(why) => {
+            failures.charge(now_ms);
+            metrics::note(metrics::ADMIN_AUTH_FAILURES, 1);
+            log::warn!(
+                "admin: {} refused: {why}; {} more failed authentications on this worker before it answers 429",
+                shown(),
+                failures.left(now_ms)
+            );
+            let mut r = admin_error(
+                401,
+                "invalid_admin_token",
+                "Missing or invalid admin token. Send it as 'Authorization: Bearer <token>' or 'X-API-Key: <token>'.",
+            );
+            r.headers.push(("www-authenticate", "Bearer".to_string()));
+            return r;
+        }
+    };
+    if role == Role::Read && req.method != "GET" {
+        return admin_error(
+            403,
+            "read_only_token",
+            &format!("The read-only admin token may only GET; {} needs the admin token.", req.method),
+        );
+    }
+    route(cfg, store, req, now_ms)
+}
+
+/// Answers an authenticated request.
+fn route(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -> Reply {
     let (path, query) = req.path.split_once('?').unwrap_or((req.path, ""));
     let rest = path.strip_prefix(cfg.admin.prefix.as_str()).unwrap_or("");
     let rest = rest.trim_end_matches('/');
@@ -232,7 +377,10 @@ fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64)
         Ok(_) => return admin_error(400, "invalid_body", "The body must be a JSON object."),
         Err(e) => return admin_error(400, "invalid_json", &format!("The body is not valid JSON: {e}")),
     };
-    let duration = v.get("duration_seconds").map(|d| d.as_u64().filter(|d| (1..=7 * 86_400).contains(d)));
+    // No cooldown is longer than cooldown.max_seconds, an admin's included:
+    // other instances drop longer ones from etcd.
+    let max_s = cfg.cooldown.max_ms / 1000;
+    let duration = v.get("duration_seconds").map(|d| d.as_u64().filter(|d| (1..=max_s).contains(d)));
     let to = match v.get("state").and_then(Value::as_str) {
         Some("available") => SetState::Available,
         Some("disabled") => SetState::Disabled,
@@ -242,7 +390,9 @@ fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64)
                 return admin_error(
                     400,
                     "invalid_duration",
-                    "state \"throttled\" needs duration_seconds, a whole number from 1 to 604800.",
+                    &format!(
+                        "state \"throttled\" needs duration_seconds, a whole number from 1 to {max_s} (cooldown.max_seconds)."
+                    ),
                 )
             }
         },
@@ -502,6 +652,119 @@ mod tests {
             0,
         );
         assert_eq!(r.status, 200);
+    }
+
+    const READ_TOKEN: &str = "admin-read-token-9876543210";
+
+    fn cfg_with_read_token() -> Config {
+        let json = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"sk-material-one"}]}],
+            "admin":{"token_env":"ADMIN","read_token_env":"READ"}}"#;
+        let env = |n: &str| match n {
+            "ADMIN" => Some(TOKEN.to_string()),
+            "READ" => Some(READ_TOKEN.to_string()),
+            _ => None,
+        };
+        compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn call<'a>(method: &'a str, path: &'a str, token: &'a str, body: &'a [u8]) -> AdminRequest<'a> {
+        AdminRequest { method, path, authorization: None, x_api_key: Some(token), body }
+    }
+
+    #[test]
+    fn the_read_only_token_reads_everything_and_changes_nothing() {
+        let c = cfg_with_read_token();
+        let s = FakeStore::new();
+        for path in ["keys", "keys/k1", "state", "health", "providers", "budgets", "decisions", "transitions"] {
+            let path = format!("/apikeyrouter/v1/{path}");
+            assert_eq!(handle(&c, &s, &call("GET", &path, READ_TOKEN, b""), 0).status, 200, "{path}");
+        }
+        let disable = br#"{"state":"disabled"}"#;
+        let add = br#"{"id":"evil","provider":"openai","key_material":"sk-attacker-owned"}"#;
+        for (method, path, sent) in [
+            ("PATCH", "/apikeyrouter/v1/keys/k1", &disable[..]),
+            ("POST", "/apikeyrouter/v1/keys", &add[..]),
+            ("DELETE", "/apikeyrouter/v1/keys/k1", b""),
+            ("PATCH", "/apikeyrouter/v1/budgets/none", br#"{"limit":"1"}"#),
+        ] {
+            let r = handle(&c, &s, &call(method, path, READ_TOKEN, sent), 0);
+            assert_eq!((r.status, body(&r)["error"]["code"].clone()), (403, Value::from("read_only_token")));
+        }
+        let k1 = body(&handle(&c, &s, &call("GET", "/apikeyrouter/v1/keys", READ_TOKEN, b""), 0));
+        assert_eq!(k1["keys"][0]["state"], "available");
+        assert_eq!(k1["keys"].as_array().map(Vec::len), Some(1), "no key was added");
+        // The full token still does everything.
+        assert_eq!(handle(&c, &s, &call("PATCH", "/apikeyrouter/v1/keys/k1", TOKEN, disable), 0).status, 200);
+    }
+
+    #[test]
+    fn tokens_are_matched_whole_whatever_their_length() {
+        let c = cfg_with_read_token();
+        let s = FakeStore::new();
+        let longer = format!("{TOKEN}0");
+        let shorter = &TOKEN[..TOKEN.len() - 1];
+        let padded = format!("{TOKEN}\u{0}");
+        for wrong in [longer.as_str(), shorter, padded.as_str(), "", "x", &READ_TOKEN[..16]] {
+            assert_eq!(handle(&c, &s, &call("GET", "/apikeyrouter/v1/keys", wrong, b""), 0).status, 401, "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn the_failure_budget_takes_ten_then_refuses_everyone_until_it_refills() {
+        let mut f = FailureBudget::default();
+        assert_eq!(f.left(0), FAILURE_BURST);
+        for _ in 0..FAILURE_BURST {
+            f.charge(1_000);
+        }
+        assert_eq!((f.left(1_000), f.retry_after_ms(1_000)), (0, FAILURE_REFILL_MS));
+        assert_eq!(f.left(1_000 + FAILURE_REFILL_MS - 1), 0);
+        assert_eq!(f.left(1_000 + FAILURE_REFILL_MS), 1, "one more every refill interval");
+        assert_eq!(f.left(1_000 + FAILURE_BURST * FAILURE_REFILL_MS), FAILURE_BURST, "whole again");
+        assert_eq!(f.left(u64::MAX), FAILURE_BURST);
+        f.charge(u64::MAX);
+        assert!(f.left(u64::MAX) <= FAILURE_BURST, "saturates at the end of time");
+    }
+
+    #[test]
+    fn wrong_tokens_are_counted_and_slowed_down_with_429_and_retry_after() {
+        let c = cfg_with_read_token();
+        let s = FakeStore::new();
+        let _ = metrics::take_noted();
+        let get = |token, now| handle(&c, &s, &call("GET", "/apikeyrouter/v1/keys", token, b""), now);
+        let t0 = 5_000;
+        for i in 0..FAILURE_BURST {
+            assert_eq!(get("guess-0123456789abcdef", t0 + i).status, 401, "failure {i}");
+        }
+        let r = get("guess-0123456789abcdef", t0 + 10);
+        assert_eq!((r.status, body(&r)["error"]["code"].clone()), (429, Value::from("admin_auth_throttled")));
+        assert!(r.headers.contains(&("retry-after", "6".to_string())), "{:?}", r.headers);
+        // While the budget is spent even the right token waits: a guess must
+        // not learn whether it was right.
+        assert_eq!(get(TOKEN, t0 + 20).status, 429);
+        assert_eq!(get(READ_TOKEN, t0 + 20).status, 429);
+        assert_eq!(
+            metrics::take_noted(),
+            vec![(metrics::ADMIN_AUTH_FAILURES, FAILURE_BURST), (metrics::ADMIN_AUTH_THROTTLED, 3)]
+        );
+        // One refill later: one more attempt.
+        let later = t0 + FAILURE_REFILL_MS;
+        assert_eq!(get(TOKEN, later).status, 200);
+        assert_eq!(get("guess-again-0123456789", later).status, 401);
+        assert_eq!(get(TOKEN, later).status, 429);
+    }
+
+    #[test]
+    fn throttling_lasts_no_longer_than_cooldown_max_seconds() {
+        let json = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s"}]}],
+            "cooldown":{"max_seconds":600},"admin":{"token_env":"ADMIN"}}"#;
+        let c = compile(json.as_bytes(), &|_| Some(TOKEN.to_string())).unwrap_or_else(|e| panic!("{e}"));
+        let s = FakeStore::new();
+        let r =
+            handle(&c, &s, &patch("/apikeyrouter/v1/keys/k1", br#"{"state":"throttled","duration_seconds":601}"#), 0);
+        assert_eq!((r.status, body(&r)["error"]["code"].clone()), (400, Value::from("invalid_duration")));
+        let r =
+            handle(&c, &s, &patch("/apikeyrouter/v1/keys/k1", br#"{"state":"throttled","duration_seconds":600}"#), 0);
+        assert_eq!(body(&r)["cooldown_remaining_ms"], 600_000);
     }
 
     #[test]

@@ -31,6 +31,17 @@
 //! cooldowns merge to the longer one, except that a newer admin "available"
 //! clears them.
 //!
+//! # What is taken from etcd
+//!
+//! Whoever can write under the prefix could otherwise take keys offline for
+//! good or freeze every budget, so every value read is checked against what
+//! an instance could have written ([`MAX_SKEW_MS`], [`SharedState::out_of_bounds`],
+//! [`Marker::out_of_bounds`]); one outside is dropped (it counts for nothing)
+//! and reported as [`Dropped`], and removed from etcd unless this sync
+//! overwrites it. etcd's own authentication is [`auth_body`] and
+//! [`parse_auth`]: the token it answers goes in the `authorization` header of
+//! every later call.
+//!
 //! # Without etcd
 //!
 //! When no sync succeeded for `degraded_after_ms` (and before the first sync),
@@ -102,6 +113,23 @@ pub struct Kv {
     pub key: String,
     pub value: Vec<u8>,
     pub mod_revision: u64,
+}
+
+/// The body of `/v3/auth/authenticate`: etcd answers a token for the user.
+pub fn auth_body(username: &str, password: &str) -> String {
+    json!({"name": username, "password": password}).to_string()
+}
+
+/// The token of an `/v3/auth/authenticate` answer. It goes into a header, so
+/// anything but visible ASCII is refused.
+pub fn parse_auth(body: &[u8]) -> Result<String, EtcdError> {
+    let v = answer(body)?;
+    match v.get("token").and_then(Value::as_str) {
+        Some(t) if !t.is_empty() && t.len() <= 4096 && t.bytes().all(|b| (0x21..0x7f).contains(&b)) => {
+            Ok(t.to_string())
+        }
+        _ => Err(EtcdError("etcd's authenticate answer holds no usable token".into())),
+    }
 }
 
 /// The body of a range request for every key under `prefix/`.
@@ -224,6 +252,25 @@ impl EtcdView {
 /// sums of them cannot overflow a decimal.
 pub const MAX_COUNT: i64 = 1_000_000_000_000_000;
 
+/// How far ahead of this instance's clock another instance's may run: a time
+/// from etcd later than now plus this is refused.
+pub const MAX_SKEW_MS: u64 = 60_000;
+
+/// The longest counting window (a month), for the end of a marker's window.
+const MAX_WINDOW_MS: u64 = 31 * 86_400_000;
+
+/// A marker may count at most this many times its counter's limit (a
+/// budget's limit, the larger of the configured and the current one; a
+/// key's token quota).
+pub const MARKER_LIMIT_MULTIPLE: i64 = 10;
+
+/// A value read from etcd and dropped for being outside its bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub key: String,
+    pub why: &'static str,
+}
+
 /// Writes per transaction (etcd refuses more than 128 by default); the rest
 /// wait for the next sync.
 pub const MAX_OPS: usize = 100;
@@ -238,6 +285,9 @@ pub struct Counter {
     pub until: u64,
     /// This process's own count in the window.
     pub local: Decimal,
+    /// The most any instance's marker of it may count:
+    /// [`MARKER_LIMIT_MULTIPLE`] times its limit.
+    pub bound: Decimal,
 }
 
 /// One instance's count of one counter, as kept in etcd.
@@ -262,6 +312,23 @@ impl Marker {
         let n = |k: &str| v.get(k).and_then(Value::as_u64);
         let (value, base) = (count(&v, "v")?, count(&v, "base")?);
         (base <= value).then_some(Marker { window: n("w")?, until: n("until")?, value, life: n("life")?, base })
+    }
+
+    /// Why this marker is outside what an instance could have written at
+    /// `now_ms`, if it is: a window that starts or ends too far ahead, or a
+    /// count above `bound` (its counter's, when this instance has it).
+    pub fn out_of_bounds(&self, bound: Option<Decimal>, now_ms: u64) -> Option<&'static str> {
+        let horizon = now_ms.saturating_add(MAX_SKEW_MS);
+        if self.window > horizon {
+            return Some("its window starts in the future");
+        }
+        if self.until != u64::MAX && self.until > horizon.saturating_add(MAX_WINDOW_MS) {
+            return Some("its window ends more than a month ahead");
+        }
+        if bound.is_some_and(|b| self.value > b) {
+            return Some("its count is above 10 times the limit");
+        }
+        None
     }
 
     pub fn to_json(&self) -> String {
@@ -334,10 +401,22 @@ pub enum Op {
     Delete { key: String, guard: Guard },
 }
 
+/// What one sync does about the counters: what each learned, this
+/// instance's markers to write, markers to delete, and the values dropped.
+#[derive(Debug, Default)]
+pub struct CounterPlan {
+    pub syncs: Vec<CounterSync>,
+    pub writes: Vec<Op>,
+    pub deletes: Vec<Op>,
+    pub dropped: Vec<Dropped>,
+}
+
 /// Plans the sync of `counters` against a fresh range read: what the others
 /// counted, this instance's markers to write, and ended windows' markers to
 /// delete. `life` is this process's nonce; `bases` keeps what earlier lives
-/// counted, per counter, as first seen in this life.
+/// counted, per counter, as first seen in this life. A marker outside its
+/// bounds ([`Marker::out_of_bounds`]) counts for nothing, is reported in
+/// `dropped` and deleted (this instance's own only when it writes no new one).
 pub fn plan_counters(
     prefix: &str,
     instance: &str,
@@ -346,29 +425,43 @@ pub fn plan_counters(
     etcd: &EtcdView,
     bases: &mut Bases,
     now_ms: u64,
-) -> (Vec<CounterSync>, Vec<Op>, Vec<Op>) {
+) -> CounterPlan {
     let mut syncs = Vec::with_capacity(counters.len());
     let mut writes = Vec::new();
     let mut deletes = Vec::new();
+    let mut dropped = Vec::new();
+    // This instance's own markers dropped: deleted unless overwritten.
+    let mut own_dropped: Vec<(&str, Guard)> = Vec::new();
     let markers_head = format!("{prefix}/m/");
+    let bounds: HashMap<&str, Decimal> = counters.iter().map(|c| (c.name.as_str(), c.bound)).collect();
     // Every marker, by counter name: (instance, marker).
     let mut by_name: HashMap<&str, Vec<(&str, Marker)>> = HashMap::new();
     for (key, kv) in &etcd.by_key {
         let Some(rest) = key.strip_prefix(&markers_head) else { continue };
         let Some((who, name)) = rest.split_once('/') else { continue };
         let guard = Guard::Revision(kv.mod_revision);
-        match Marker::parse(&kv.value) {
+        let marker = Marker::parse(&kv.value);
+        let why = marker.as_ref().and_then(|m| m.out_of_bounds(bounds.get(name).copied(), now_ms));
+        match (marker, why) {
+            (Some(_), Some(why)) => {
+                dropped.push(Dropped { key: key.clone(), why });
+                if who == instance {
+                    own_dropped.push((name, guard));
+                } else {
+                    deletes.push(Op::Delete { key: key.clone(), guard });
+                }
+            }
             // Another instance's, of a window that ended more than a minute
             // ago: removed (this instance overwrites its own).
-            Some(m) if m.until.saturating_add(60_000) < now_ms && who != instance => {
+            (Some(m), None) if m.until.saturating_add(60_000) < now_ms && who != instance => {
                 deletes.push(Op::Delete { key: key.clone(), guard })
             }
-            Some(m) if m.until.saturating_add(60_000) < now_ms => {}
-            Some(m) => by_name.entry(name).or_default().push((who, m)),
+            (Some(m), None) if m.until.saturating_add(60_000) < now_ms => {}
+            (Some(m), None) => by_name.entry(name).or_default().push((who, m)),
             // Damaged: nobody counts it; removed (this instance overwrites
             // its own).
-            None if who != instance => deletes.push(Op::Delete { key: key.clone(), guard }),
-            None => {}
+            (None, _) if who != instance => deletes.push(Op::Delete { key: key.clone(), guard }),
+            (None, _) => {}
         }
     }
     for c in counters {
@@ -406,11 +499,15 @@ pub fn plan_counters(
         let push = !id_clash && value > Decimal::ZERO && own != Some(&mine);
         if push {
             writes.push(Op::Put { key: marker_key(prefix, instance, &c.name), value: mine.to_json(), guard: None });
+            own_dropped.retain(|(name, _)| *name != c.name);
         }
         syncs.push(CounterSync { name: c.name.clone(), window: c.window, others, push, id_clash });
     }
+    for (name, guard) in own_dropped {
+        deletes.push(Op::Delete { key: marker_key(prefix, instance, name), guard });
+    }
     deletes.truncate(MAX_OPS);
-    (syncs, writes, deletes)
+    CounterPlan { syncs, writes, deletes, dropped }
 }
 
 // ---------------------------------------------------------------- key states
@@ -457,6 +554,29 @@ impl SharedState {
         json!({"cooldown_until_ms": self.cooldown_until_ms, "state": state, "reason": self.reason as u8,
                "exhausted_until_ms": self.exhausted_until_ms, "at_ms": self.at_ms, "by": self.by})
         .to_string()
+    }
+
+    /// Why this state is outside what an instance could have written at
+    /// `now_ms`, if it is: a change later than now plus [`MAX_SKEW_MS`] (it
+    /// would win over every later change), a cooldown longer than
+    /// `max_cooldown_ms` (`cooldown.max_seconds`), an exhaustion past the
+    /// end of the month, or an instance name that is not an id.
+    pub fn out_of_bounds(&self, now_ms: u64, max_cooldown_ms: u64) -> Option<&'static str> {
+        let horizon = now_ms.saturating_add(MAX_SKEW_MS);
+        if self.at_ms > horizon {
+            return Some("its change time is in the future");
+        }
+        if self.cooldown_until_ms > horizon.saturating_add(max_cooldown_ms) {
+            return Some("its cooldown is longer than cooldown.max_seconds");
+        }
+        if self.exhausted_until_ms > crate::window::Window::Month.next_start(horizon) {
+            return Some("its exhaustion outlasts the month");
+        }
+        let id = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+        if self.by.is_empty() || self.by.len() > 64 || !self.by.bytes().all(id) {
+            return Some("its instance name is not an id");
+        }
+        None
     }
 
     fn of(r: &KeyRecord, by: &str) -> SharedState {
@@ -711,18 +831,17 @@ mod tests {
         /// One sync: read, plan, write. Returns what it learned.
         fn sync(&mut self, etcd: &mut FakeEtcd, counters: &[Counter], now: u64) -> Vec<CounterSync> {
             let snap = etcd.snapshot();
-            let (syncs, writes, deletes) =
-                plan_counters("/p", self.instance, self.life, counters, &snap, &mut self.bases, now);
-            assert!(etcd.apply(&writes));
-            etcd.apply(&deletes);
-            syncs
+            let plan = plan_counters("/p", self.instance, self.life, counters, &snap, &mut self.bases, now);
+            assert!(etcd.apply(&plan.writes));
+            etcd.apply(&plan.deletes);
+            plan.syncs
         }
     }
 
     const DAY: u64 = 86_400_000;
 
     fn spend(local: &str) -> Vec<Counter> {
-        vec![Counter { name: "b/daily".into(), window: DAY, until: 2 * DAY, local: d(local) }]
+        vec![Counter { name: "b/daily".into(), window: DAY, until: 2 * DAY, local: d(local), bound: d("1000") }]
     }
 
     fn fleet_total(etcd: &FakeEtcd) -> Decimal {
@@ -774,7 +893,7 @@ mod tests {
         let mut etcd = FakeEtcd::default();
         let mut a = Process::new("a", 1);
         let snap = etcd.snapshot();
-        let (_, writes, _) = plan_counters("/p", "a", 1, &spend("1"), &snap, &mut a.bases, DAY);
+        let writes = plan_counters("/p", "a", 1, &spend("1"), &snap, &mut a.bases, DAY).writes;
         assert!(etcd.apply(&writes));
         assert!(etcd.apply(&writes), "written again");
         a.sync(&mut etcd, &spend("1.5"), DAY);
@@ -828,7 +947,8 @@ mod tests {
         let (mut a, mut b) = (Process::new("a", 1), Process::new("b", 2));
         a.sync(&mut etcd, &spend("4"), DAY);
         b.sync(&mut etcd, &spend("1"), DAY);
-        let next = vec![Counter { name: "b/daily".into(), window: 2 * DAY, until: 3 * DAY, local: d("1") }];
+        let next =
+            vec![Counter { name: "b/daily".into(), window: 2 * DAY, until: 3 * DAY, local: d("1"), bound: d("1000") }];
         let s = a.sync(&mut etcd, &next, 2 * DAY + 61_000);
         assert_eq!(s[0].others, Decimal::ZERO, "yesterday's spend does not count");
         assert!(!etcd.kv.contains_key("/p/m/b/b/daily"), "b's ended marker is removed");
@@ -846,6 +966,96 @@ mod tests {
         let s = Process::new("a", 1).sync(&mut etcd, &spend("1"), DAY);
         assert_eq!(s[0].others, Decimal::ZERO);
         assert!(!etcd.kv.contains_key("/p/m/x/b/daily"), "removed");
+    }
+
+    fn marker_json(w: u64, until: u64, v: &str) -> Vec<u8> {
+        format!(r#"{{"w":{w},"until":{until},"v":"{v}","life":9,"base":"0"}}"#).into_bytes()
+    }
+
+    #[test]
+    fn markers_outside_their_bounds_count_for_nothing_and_are_removed() {
+        let mut etcd = FakeEtcd::default();
+        // The bound of b/daily is 1000 (ten times a limit of 100).
+        etcd.kv.insert("/p/m/x/b/daily".into(), (marker_json(DAY, 2 * DAY, "1000.01"), 1));
+        etcd.kv.insert("/p/m/y/b/daily".into(), (marker_json(DAY + 61_000, 2 * DAY, "1"), 2));
+        etcd.kv.insert("/p/m/z/b/daily".into(), (marker_json(DAY, 40 * DAY, "1"), 3));
+        etcd.kv.insert("/p/m/fair/b/daily".into(), (marker_json(DAY, 2 * DAY, "1000"), 4));
+        let snap = etcd.snapshot();
+        let plan = plan_counters("/p", "a", 1, &spend("0"), &snap, &mut Bases::default(), DAY);
+        assert_eq!(plan.syncs[0].others, d("1000"), "only the marker within bounds counts");
+        let mut why: Vec<(String, &str)> = plan.dropped.iter().map(|x| (x.key.clone(), x.why)).collect();
+        why.sort();
+        assert_eq!(
+            why,
+            vec![
+                ("/p/m/x/b/daily".to_string(), "its count is above 10 times the limit"),
+                ("/p/m/y/b/daily".to_string(), "its window starts in the future"),
+                ("/p/m/z/b/daily".to_string(), "its window ends more than a month ahead"),
+            ]
+        );
+        etcd.apply(&plan.deletes);
+        assert_eq!(etcd.kv.keys().collect::<Vec<_>>(), vec!["/p/m/fair/b/daily"], "the dropped ones are removed");
+        // Clocks a little apart are not poison: a window that starts within
+        // the skew allowance is taken.
+        let soon = Marker::parse(&marker_json(DAY + MAX_SKEW_MS, 2 * DAY, "1")).unwrap_or_else(|| panic!("marker"));
+        assert_eq!(soon.out_of_bounds(Some(d("1000")), DAY), None);
+    }
+
+    #[test]
+    fn a_poisoned_marker_of_this_instance_is_not_taken_for_its_earlier_count() {
+        let mut etcd = FakeEtcd::default();
+        etcd.kv.insert("/p/m/a/b/daily".into(), (marker_json(DAY, 2 * DAY, "999999999"), 1));
+        let mut a = Process::new("a", 1);
+        // Nothing to push: the poisoned marker is removed.
+        let s = a.sync(&mut etcd, &spend("0"), DAY);
+        assert_eq!(s[0].others, Decimal::ZERO, "not an earlier life's count");
+        assert!(!etcd.kv.contains_key("/p/m/a/b/daily"));
+        // Something to push: it is overwritten with the true count.
+        etcd.kv.insert("/p/m/a/b/daily".into(), (marker_json(DAY, 2 * DAY, "999999999"), 1));
+        let mut a = Process::new("a", 2);
+        a.sync(&mut etcd, &spend("2"), DAY);
+        assert_eq!(fleet_total(&etcd), d("2"));
+    }
+
+    #[test]
+    fn states_from_the_future_or_beyond_the_longest_cooldown_are_out_of_bounds() {
+        let now = 10 * DAY;
+        let max = 3_600_000;
+        let ok = shared(KeyState::Disabled, now, now + max);
+        assert_eq!(ok.out_of_bounds(now, max), None);
+        let ahead = shared(KeyState::Disabled, now + MAX_SKEW_MS, now + MAX_SKEW_MS + max);
+        assert_eq!(ahead.out_of_bounds(now, max), None, "another instance's clock may run a minute ahead");
+        let mut forever = shared(KeyState::Disabled, u64::MAX, 0);
+        assert_eq!(forever.out_of_bounds(now, max), Some("its change time is in the future"));
+        forever.at_ms = now;
+        forever.cooldown_until_ms = u64::MAX;
+        assert_eq!(forever.out_of_bounds(now, max), Some("its cooldown is longer than cooldown.max_seconds"));
+        let mut exhausted = shared(KeyState::Exhausted, now, 0);
+        exhausted.exhausted_until_ms = crate::window::Window::Month.next_start(now);
+        assert_eq!(exhausted.out_of_bounds(now, max), None);
+        exhausted.exhausted_until_ms = u64::MAX;
+        assert_eq!(exhausted.out_of_bounds(now, max), Some("its exhaustion outlasts the month"));
+        let mut named = shared(KeyState::Disabled, now, 0);
+        named.by = "gw-1\n[info] forged log line".into();
+        assert_eq!(named.out_of_bounds(now, max), Some("its instance name is not an id"));
+    }
+
+    #[test]
+    fn etcd_tokens_are_read_from_the_authenticate_answer() {
+        let body = auth_body("gw", "pa\"ss");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((v["name"].as_str(), v["password"].as_str()), (Some("gw"), Some("pa\"ss")));
+        assert_eq!(parse_auth(br#"{"header":{"revision":"3"},"token":"abc.12"}"#), Ok("abc.12".to_string()));
+        for bad in [
+            &br#"{"header":{},"token":""}"#[..],
+            br#"{"header":{},"token":"a b"}"#,
+            br#"{"header":{},"token":"a
+x-evil: 1"}"#,
+            br#"{"header":{}}"#,
+            br#"{"error":"etcdserver: authentication failed, invalid user ID or password","code":3}"#,
+        ] {
+            assert!(parse_auth(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

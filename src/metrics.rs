@@ -7,6 +7,38 @@
 
 use crate::key_record::{Capacity, Effective};
 use crate::keys::Eval;
+use std::cell::RefCell;
+
+/// Refused admin authentications (no token, or one that matches none).
+pub const ADMIN_AUTH_FAILURES: &str = "apikeyrouter.admin.auth_failures";
+/// Admin requests refused with a 429 while a worker's failure budget is spent.
+pub const ADMIN_AUTH_THROTTLED: &str = "apikeyrouter.admin.auth_throttled";
+/// Values read from etcd outside their bounds, dropped (and the range
+/// answers refused for their size).
+pub const FLEET_VALUES_DROPPED: &str = "apikeyrouter.fleet.values_dropped";
+
+thread_local! {
+    /// Counter increments made where no host is at hand (the admin API),
+    /// until the root context's next tick writes them.
+    static NOTED: RefCell<Vec<(&'static str, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Adds to a counter from code that has no host; [`take_noted`] hands the
+/// sums to the tick.
+pub fn note(name: &'static str, delta: u64) {
+    NOTED.with(|n| {
+        let Ok(mut n) = n.try_borrow_mut() else { return };
+        match n.iter_mut().find(|(k, _)| *k == name) {
+            Some((_, v)) => *v = v.saturating_add(delta),
+            None => n.push((name, delta)),
+        }
+    });
+}
+
+/// The increments noted since the last call, by counter.
+pub fn take_noted() -> Vec<(&'static str, u64)> {
+    NOTED.with(|n| n.try_borrow_mut().map(|mut n| std::mem::take(&mut *n)).unwrap_or_default())
+}
 
 /// Counters and gauges that must show (at zero) before anything happens:
 /// the global ones, the fleet's and each budget's.
@@ -16,10 +48,15 @@ pub fn static_names(cfg: &crate::config::Config) -> Vec<(Kind, String)> {
         (Kind::Counter, "apikeyrouter.cas_conflicts".to_string()),
         (Kind::Histogram, "apikeyrouter.selection_us".to_string()),
     ];
+    if cfg.admin.enabled {
+        out.push((Kind::Counter, ADMIN_AUTH_FAILURES.to_string()));
+        out.push((Kind::Counter, ADMIN_AUTH_THROTTLED.to_string()));
+    }
     if cfg.fleet.is_some() {
         for c in ["syncs", "sync_failures", "pushes", "push_conflicts", "states_applied", "instance_conflicts"] {
             out.push((Kind::Counter, format!("apikeyrouter.fleet.{c}")));
         }
+        out.push((Kind::Counter, FLEET_VALUES_DROPPED.to_string()));
         out.push((Kind::Gauge, "apikeyrouter.fleet.degraded".to_string()));
     }
     for b in &cfg.budgets {
@@ -87,4 +124,18 @@ pub fn budget_metric(id: &str, what: &str) -> String {
 pub fn micros(d: rust_decimal::Decimal) -> u64 {
     use rust_decimal::prelude::ToPrimitive;
     (d * rust_decimal::Decimal::from(1_000_000)).round().to_u64().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noted_increments_are_summed_by_name_and_handed_over_once() {
+        note(ADMIN_AUTH_FAILURES, 1);
+        note(ADMIN_AUTH_THROTTLED, 2);
+        note(ADMIN_AUTH_FAILURES, 3);
+        assert_eq!(take_noted(), vec![(ADMIN_AUTH_FAILURES, 4), (ADMIN_AUTH_THROTTLED, 2)]);
+        assert_eq!(take_noted(), vec![]);
+    }
 }

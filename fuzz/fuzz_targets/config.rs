@@ -141,10 +141,8 @@ fn invariants(c: &Config) {
     let prefix = &c.admin.prefix;
     assert!(prefix.len() >= 2 && prefix.starts_with('/') && prefix.ends_with('/'));
     assert!(!prefix.starts_with("/v1/"));
-    assert_eq!(c.admin.enabled, c.admin.token.is_some());
-    if let Some(t) = &c.admin.token {
-        assert!(t.len() >= 16);
-    }
+    assert_eq!(c.admin.enabled, c.admin.token_sha256.is_some());
+    assert!(c.admin.read_token_sha256.is_none() || c.admin.read_token_sha256 != c.admin.token_sha256);
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -238,13 +238,19 @@ pub struct Cooldown {
     pub max_ms: u64,
 }
 
+/// The management API. Its tokens are kept only as SHA-256 digests: a
+/// presented token is hashed and the digests compared in constant time, so
+/// neither the comparison nor the config holds the token or its length.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Admin {
     pub enabled: bool,
     /// Always starts and ends with `/`.
     pub prefix: String,
-    /// The token callers must present; `None` when admin is disabled.
-    pub token: Option<String>,
+    /// SHA-256 of the token that may do everything; `None` when admin is
+    /// disabled.
+    pub token_sha256: Option<[u8; 32]>,
+    /// SHA-256 of the read-only token (`GET`s only), if one is configured.
+    pub read_token_sha256: Option<[u8; 32]>,
 }
 
 /// What a provider response does to the key that got it.
@@ -321,6 +327,25 @@ pub struct Fleet {
     pub local_share: Decimal,
     /// etcd unreachable for this long makes the instance degraded.
     pub degraded_after_ms: u64,
+    /// etcd's user and password, when etcd has authentication enabled.
+    pub auth: Option<EtcdAuth>,
+    /// A range answer larger than this is refused (the sync fails).
+    pub max_range_bytes: usize,
+}
+
+/// etcd's own authentication: a user and its password (from the environment),
+/// traded for a token through `/v3/auth/authenticate`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for EtcdAuth {
+    // Hand-written so that `{:?}` can never print the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdAuth").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,12 +357,14 @@ pub struct Decisions {
 }
 
 impl fmt::Debug for Admin {
-    // Hand-written so that `{:?}` can never print the token.
+    // Hand-written so that `{:?}` never prints a token's digest either (a
+    // weak token could be found from it offline).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admin")
             .field("enabled", &self.enabled)
             .field("prefix", &self.prefix)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_sha256", &self.token_sha256.as_ref().map(|_| "<redacted>"))
+            .field("read_token_sha256", &self.read_token_sha256.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }

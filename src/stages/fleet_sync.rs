@@ -1,11 +1,13 @@
 //! Fleet mode's sync: the lease that picks one syncing root context per
-//! process, the calls to etcd's JSON gateway, and applying their answers to
-//! shared data. The protocol and the merge rules are in [`crate::fleet`].
+//! process, the calls to etcd's JSON gateway (with etcd's token when it has
+//! authentication enabled), and applying their answers to shared data, less
+//! the values outside their bounds. The protocol and the merge rules are in
+//! [`crate::fleet`].
 
 use super::host::{Buffer, Host, Map};
 use crate::budget;
 use crate::config::{Config, Fleet};
-use crate::fleet::{self, Bases, Counter, EtcdView, Guard, Op, SharedState, Status};
+use crate::fleet::{self, Bases, Counter, Dropped, EtcdView, Guard, Op, SharedState, Status};
 use crate::keys;
 use crate::transition::{self, Transition};
 use crate::window::{self, Window};
@@ -14,9 +16,14 @@ use rust_decimal::Decimal;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
+    Authenticate,
     Range,
     Txn,
 }
+
+/// After etcd refused the credentials, this long before they are tried
+/// again (at least the sync interval): each try costs etcd a bcrypt.
+const AUTH_RETRY_MS: u64 = 2_000;
 
 // This process's life nonce (written once per process, so that a restart
 // shows in etcd) and the count of root contexts started in it (the lease
@@ -43,6 +50,11 @@ pub struct FleetSync {
     /// The budgets' local spend at the last sync: new spend, too, is pushed
     /// at the next tick.
     last_spend: Vec<Decimal>,
+    /// etcd's token for `fleet.auth`'s user (kept in VM memory only, never
+    /// logged); `None` until authenticated, and after etcd refuses it.
+    token: Option<String>,
+    /// No authentication before this (after refused credentials).
+    auth_after_ms: u64,
 }
 
 /// The instance id: the configured one, else Envoy's node id (property `xds.node.id`) (made safe
@@ -95,6 +107,8 @@ impl FleetSync {
             next_ms: 0,
             last_gen: 0,
             last_spend: Vec::new(),
+            token: None,
+            auth_after_ms: 0,
         }
     }
 
@@ -157,22 +171,42 @@ impl FleetSync {
         if now_ms < self.next_ms && gen == self.last_gen && spend == self.last_spend {
             return;
         }
+        let authenticate = self.fleet.auth.is_some() && self.token.is_none();
+        if authenticate && now_ms < self.auth_after_ms {
+            return;
+        }
         self.last_gen = gen;
         self.last_spend = spend;
         self.next_ms = now_ms + self.fleet.sync_interval_ms;
-        let body = fleet::range_body(&self.fleet.prefix);
-        if let Err(why) = self.call(h, Call::Range, "/v3/kv/range", body.as_bytes(), now_ms) {
+        let sent = match &self.fleet.auth {
+            Some(a) if authenticate => {
+                let body = fleet::auth_body(&a.username, &a.password);
+                self.call(h, Call::Authenticate, "/v3/auth/authenticate", body.as_bytes(), now_ms)
+            }
+            _ => self.range(h, now_ms),
+        };
+        if let Err(why) = sent {
             self.failed(h, cfg, now_ms, &why);
         }
     }
 
+    /// Reads everything under the prefix.
+    fn range(&mut self, h: &dyn Host, now_ms: u64) -> Result<(), String> {
+        let body = fleet::range_body(&self.fleet.prefix);
+        self.call(h, Call::Range, "/v3/kv/range", body.as_bytes(), now_ms)
+    }
+
     fn call(&mut self, h: &dyn Host, call: Call, path: &str, body: &[u8], now_ms: u64) -> Result<(), String> {
-        let headers = [
+        let mut headers = vec![
             (":method", "POST"),
             (":path", path),
             (":authority", self.fleet.authority.as_str()),
             ("content-type", "application/json"),
         ];
+        // etcd's gateway takes the token as is, without a scheme.
+        if let Some(t) = self.token.as_deref().filter(|_| call != Call::Authenticate) {
+            headers.push(("authorization", t));
+        }
         match h.dispatch_http_call(&self.fleet.cluster, &headers, body, self.fleet.timeout_ms) {
             Ok(token) => {
                 self.pending = Some((token, call, now_ms));
@@ -214,20 +248,58 @@ impl FleetSync {
                 .ok()
                 .and_then(|h| h.into_iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u32>().ok()))
         };
+        if body_size > self.fleet.max_range_bytes {
+            // Not even read: whoever can write under the prefix must not
+            // make every instance copy an unbounded answer.
+            h.count(crate::metrics::FLEET_VALUES_DROPPED, 1);
+            self.queued.clear();
+            let why = format!(
+                "etcd's answer is {body_size} bytes, above fleet.max_range_bytes ({}): dropped",
+                self.fleet.max_range_bytes
+            );
+            return self.failed(h, cfg, now, &why);
+        }
         let body = h.buffer(Buffer::CallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
         let outcome = match status {
             None => Err("etcd did not answer (timeout or connection failure)".to_string()),
             Some(200) => Ok(body),
-            Some(s) => Err(format!(
-                "etcd answered {s}: {}",
-                String::from_utf8_lossy(&body).chars().take(120).collect::<String>()
-            )),
+            Some(s) => {
+                // etcd answers 400 to refused credentials, 401 to a token
+                // it no longer knows (expired, or etcd restarted).
+                if call == Call::Authenticate {
+                    self.auth_after_ms = now.saturating_add(AUTH_RETRY_MS.max(self.fleet.sync_interval_ms));
+                }
+                if s == 401 {
+                    self.token = None;
+                }
+                // etcd's error message, never a request of ours: no token
+                // or password can show.
+                let text: String = String::from_utf8_lossy(&body).chars().take(120).collect();
+                let hint = if self.fleet.auth.is_none() && (s == 401 || text.contains("user name is empty")) {
+                    " (etcd has authentication enabled: set fleet.username and fleet.password_env)"
+                } else {
+                    ""
+                };
+                Err(format!("etcd answered {s}{hint}: {text}"))
+            }
         };
         match (call, outcome) {
             (_, Err(why)) => {
                 self.queued.clear();
                 self.failed(h, cfg, now, &why)
             }
+            (Call::Authenticate, Ok(body)) => match fleet::parse_auth(&body) {
+                Ok(token) => {
+                    self.token = Some(token);
+                    if let Err(why) = self.range(h, now) {
+                        self.failed(h, cfg, now, &why);
+                    }
+                }
+                Err(e) => {
+                    self.auth_after_ms = now.saturating_add(AUTH_RETRY_MS.max(self.fleet.sync_interval_ms));
+                    self.failed(h, cfg, now, &e.0)
+                }
+            },
             (Call::Range, Ok(body)) => match fleet::parse_range(&body) {
                 Ok(kvs) => self.merge_and_push(h, cfg, EtcdView::new(kvs), now),
                 Err(e) => self.failed(h, cfg, now, &e.0),
@@ -278,18 +350,17 @@ impl FleetSync {
         for b in &cfg.budgets {
             let r = budget::load(h.store(), b, now_ms);
             let until = b.resets_at(now_ms).unwrap_or(u64::MAX);
-            out.push(Counter { name: format!("b/{}", b.id), window: r.window_start_ms, until, local: r.spent });
+            let bound = r.limit(b).max(b.limit) * Decimal::from(fleet::MARKER_LIMIT_MULTIPLE);
+            out.push(Counter { name: format!("b/{}", b.id), window: r.window_start_ms, until, local: r.spent, bound });
         }
         for (_, key) in cfg.keys.live() {
-            let quotas = [
-                (key.limits.daily_tokens.is_some(), Window::Day, "day"),
-                (key.limits.monthly_tokens.is_some(), Window::Month, "month"),
-            ];
-            if !quotas.iter().any(|q| q.0) {
+            let quotas =
+                [(key.limits.daily_tokens, Window::Day, "day"), (key.limits.monthly_tokens, Window::Month, "month")];
+            if !quotas.iter().any(|q| q.0.is_some()) {
                 continue;
             }
             let r = keys::read_record(h.store(), &key.record_name).unwrap_or_default();
-            for (_, w, label) in quotas.into_iter().filter(|q| q.0) {
+            for (quota, w, label) in quotas.into_iter().filter_map(|(q, w, l)| q.map(|q| (q, w, l))) {
                 let (start, tokens) =
                     if w == Window::Day { (r.day_start_ms, r.day_tokens) } else { (r.month_start_ms, r.month_tokens) };
                 out.push(Counter {
@@ -297,6 +368,7 @@ impl FleetSync {
                     window: w.start(now_ms),
                     until: w.next_start(now_ms),
                     local: Decimal::from(window::current(w, start, tokens, now_ms)),
+                    bound: Decimal::from(quota).saturating_mul(Decimal::from(fleet::MARKER_LIMIT_MULTIPLE)),
                 });
             }
         }
@@ -309,8 +381,8 @@ impl FleetSync {
         let counters = self.counters(h, cfg, now_ms);
         let bases_key = format!("{}.{}", fleet::BASES_KEY, self.instance);
         let mut bases = Bases::decode(store.value(&bases_key).as_deref());
-        let (syncs, writes, deletes) =
-            fleet::plan_counters(&prefix, &self.instance, self.life, &counters, &etcd, &mut bases, now_ms);
+        let plan = fleet::plan_counters(&prefix, &self.instance, self.life, &counters, &etcd, &mut bases, now_ms);
+        let (syncs, writes, deletes, mut dropped) = (plan.syncs, plan.writes, plan.deletes, plan.dropped);
         if store.set(&bases_key, &bases.encode(), None).is_err() {
             log::warn!("fleet: could not record the counter bases");
             return;
@@ -341,7 +413,12 @@ impl FleetSync {
         for (_, key) in cfg.keys.live() {
             let skey = fleet::state_key(&prefix, &key.id);
             let kv = etcd.get(&skey);
-            let shared = kv.and_then(|kv| SharedState::parse(&kv.value));
+            let mut shared = kv.and_then(|kv| SharedState::parse(&kv.value));
+            let why = shared.as_ref().and_then(|s| s.out_of_bounds(now_ms, cfg.cooldown.max_ms));
+            if let Some(why) = why {
+                dropped.push(Dropped { key: skey.clone(), why });
+                shared = None;
+            }
             let day = tokens.get(format!("q/{}/day", key.id).as_str()).copied();
             let month = tokens.get(format!("q/{}/month", key.id).as_str()).copied();
             let after = if shared.is_some() || day.is_some() || month.is_some() {
@@ -378,6 +455,16 @@ impl FleetSync {
             };
             if let Some(s) = fleet::state_to_push(&after, shared.as_ref(), &self.instance, now_ms) {
                 states.push(Op::Put { key: skey, value: s.to_json(), guard: Some(Guard::of(kv)) });
+            } else if why.is_some() {
+                // Nothing of ours replaces the dropped state: removed.
+                states.push(Op::Delete { key: skey, guard: Guard::of(kv) });
+            }
+        }
+        if !dropped.is_empty() {
+            h.count(crate::metrics::FLEET_VALUES_DROPPED, dropped.len() as u64);
+            for d in &dropped {
+                let key: String = d.key.chars().take(200).collect();
+                log::warn!("fleet: dropped {key:?} read from etcd: {}", d.why);
             }
         }
         h.count("apikeyrouter.fleet.syncs", 1);
@@ -407,5 +494,134 @@ impl FleetSync {
             }
         }
         self.send_queued(h, cfg, now_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::base64_encode;
+    use crate::stages::fake::{FakeHost, World};
+    use serde_json::{json, Value};
+
+    const NOW: u64 = 20_000 * 86_400_000;
+
+    fn config(auth: bool) -> Config {
+        let auth = if auth { r#","username":"gw","password_env":"ETCD_PASSWORD""# } else { "" };
+        let json = format!(
+            r#"{{"providers":[{{"id":"p","keys":[{{"id":"k1","secret":"s1"}},{{"id":"k2","secret":"s2"}}]}}],
+               "fleet":{{"etcd_cluster":"etcd","prefix":"/p","instance":"gw-1","max_range_bytes":65536{auth}}}}}"#
+        );
+        let env = |n: &str| (n == "ETCD_PASSWORD").then(|| "etcd-secret-pw".to_string());
+        crate::config::compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    struct Rig {
+        world: std::rc::Rc<World>,
+        h: FakeHost,
+        cfg: Config,
+        sync: FleetSync,
+    }
+
+    impl Rig {
+        fn new(auth: bool) -> Rig {
+            let world = World::new(NOW);
+            let h = FakeHost::new(&world);
+            let cfg = config(auth);
+            let fleet = cfg.fleet.clone().unwrap_or_else(|| panic!("no fleet"));
+            let sync = FleetSync::new(&h, &cfg, fleet, "gw-1".into(), 42);
+            Rig { world, h, cfg, sync }
+        }
+
+        /// The last call made: its path, its authorization header, its body.
+        fn last_call(&self) -> (String, Option<String>, Value) {
+            let calls = self.world.calls.borrow();
+            let (_, headers, body) = calls.last().unwrap_or_else(|| panic!("no call"));
+            let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+            let body = serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}"));
+            (find(":path").unwrap_or_default(), find("authorization"), body)
+        }
+
+        fn answer(&mut self, status: u32, body: &[u8]) {
+            *self.h.response_headers.borrow_mut() = vec![(":status".into(), status.to_string())];
+            *self.h.response_body.borrow_mut() = body.to_vec();
+            let token = self.world.calls.borrow().len() as u32;
+            self.sync.on_response(&self.h, &self.cfg, token, 1, body.len());
+        }
+
+        fn tick(&mut self) {
+            self.world.advance(1_000);
+            self.sync.tick(&self.h, &self.cfg, self.world.now_ms.get());
+        }
+    }
+
+    fn range_answer(kvs: &[(&str, String)]) -> Vec<u8> {
+        let kvs: Vec<Value> = kvs
+            .iter()
+            .map(|(k, v)| json!({"key": base64_encode(k.as_bytes()), "value": base64_encode(v.as_bytes()), "mod_revision": "5"}))
+            .collect();
+        json!({"header": {"revision": "5"}, "kvs": kvs}).to_string().into_bytes()
+    }
+
+    #[test]
+    fn with_etcd_auth_the_token_is_fetched_first_sent_with_every_call_and_fetched_again_on_401() {
+        let mut rig = Rig::new(true);
+        rig.tick();
+        let (path, auth, body) = rig.last_call();
+        assert_eq!(
+            (path.as_str(), auth, body),
+            ("/v3/auth/authenticate", None, json!({"name": "gw", "password": "etcd-secret-pw"}))
+        );
+        rig.answer(200, br#"{"header":{"revision":"1"},"token":"tok.1"}"#);
+        let (path, auth, _) = rig.last_call();
+        assert_eq!((path.as_str(), auth.as_deref()), ("/v3/kv/range", Some("tok.1")), "the range follows at once");
+        rig.answer(200, &range_answer(&[]));
+        assert_eq!(rig.world.counter("apikeyrouter.fleet.syncs"), 1);
+        // etcd restarted: the token is refused, and fetched again.
+        rig.tick();
+        rig.answer(401, br#"{"error":"etcdserver: invalid auth token","code":16}"#);
+        rig.tick();
+        assert_eq!(rig.last_call().0, "/v3/auth/authenticate");
+        // Refused credentials are not tried again at once (each try costs
+        // etcd a bcrypt).
+        rig.answer(400, br#"{"error":"etcdserver: authentication failed, invalid user ID or password","code":3}"#);
+        let calls = rig.world.calls.borrow().len();
+        rig.tick();
+        assert_eq!(rig.world.calls.borrow().len(), calls, "waits AUTH_RETRY_MS");
+        rig.tick();
+        rig.tick();
+        assert_eq!(rig.last_call().0, "/v3/auth/authenticate");
+        let status = Status::decode(rig.h.store().value(fleet::STATUS_KEY).as_deref()).unwrap_or_default();
+        assert!(!status.last_error.contains("etcd-secret-pw") && !status.last_error.contains("tok.1"));
+    }
+
+    #[test]
+    fn a_poisoned_key_state_is_dropped_counted_and_removed_and_the_key_stays_available() {
+        let mut rig = Rig::new(false);
+        rig.tick();
+        let poisoned = json!({"state": "disabled", "reason": 2, "at_ms": u64::MAX, "cooldown_until_ms": u64::MAX,
+                              "exhausted_until_ms": 0, "by": "evil"});
+        rig.answer(200, &range_answer(&[("/p/s/k1", poisoned.to_string())]));
+        assert_eq!(rig.world.counter(crate::metrics::FLEET_VALUES_DROPPED), 1);
+        let k1 = keys::read_record(rig.h.store(), &rig.cfg.keys[0].record_name).unwrap_or_default();
+        assert_eq!(k1.effective(rig.world.now_ms.get()), crate::key_record::Effective::Available);
+        let (path, _, body) = rig.last_call();
+        assert_eq!(path, "/v3/kv/txn");
+        assert_eq!(body["success"][0]["requestDeleteRange"]["key"], base64_encode(b"/p/s/k1"), "{body}");
+        assert_eq!(body["compare"][0]["mod_revision"], "5", "only the value read is removed");
+    }
+
+    #[test]
+    fn a_range_answer_above_the_cap_is_not_read() {
+        let mut rig = Rig::new(false);
+        rig.tick();
+        *rig.h.response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
+        let before = rig.h.log.borrow().iter().filter(|c| **c == "buffer").count();
+        rig.sync.on_response(&rig.h, &rig.cfg, 1, 1, 65_537);
+        assert_eq!(rig.h.log.borrow().iter().filter(|c| **c == "buffer").count(), before, "not copied into the VM");
+        assert_eq!(rig.world.counter(crate::metrics::FLEET_VALUES_DROPPED), 1);
+        assert_eq!(rig.world.counter("apikeyrouter.fleet.sync_failures"), 1);
+        let status = Status::decode(rig.h.store().value(fleet::STATUS_KEY).as_deref()).unwrap_or_default();
+        assert!(status.last_error.contains("above fleet.max_range_bytes"), "{}", status.last_error);
     }
 }

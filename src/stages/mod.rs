@@ -182,10 +182,13 @@ impl Root {
         })
     }
 
-    /// Every tick: writes the queued decision records, drops budget
-    /// reservations past their deadline (attempt stage), and runs the fleet
-    /// sync when it is due.
+    /// Every tick: writes the queued decision records and the counts noted
+    /// without a host (the admin API's), drops budget reservations past
+    /// their deadline (attempt stage), and runs the fleet sync when it is due.
     pub fn tick(&mut self, h: &dyn Host) {
+        for (name, delta) in crate::metrics::take_noted() {
+            h.count(name, delta);
+        }
         let cfg = match self.routing.try_borrow_mut() {
             Ok(mut r) => {
                 r.flush_decisions(h);
@@ -218,4 +221,22 @@ impl Root {
 pub enum Request {
     Ingress(ingress::Ingress),
     Attempt(attempt::Attempt),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::{FakeHost, World};
+    use crate::metrics::{note, ADMIN_AUTH_FAILURES};
+
+    #[test]
+    fn the_tick_writes_the_counts_noted_without_a_host() {
+        let world = World::new(1_000);
+        let config = r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}]}"#;
+        let mut root = world.root("apikeyrouter_ingress", config).unwrap_or_else(|e| panic!("{e}"));
+        note(ADMIN_AUTH_FAILURES, 2);
+        root.tick(&FakeHost::new(&world));
+        assert_eq!(world.counter(ADMIN_AUTH_FAILURES), 2);
+        root.tick(&FakeHost::new(&world));
+        assert_eq!(world.counter(ADMIN_AUTH_FAILURES), 2, "written once");
+    }
 }

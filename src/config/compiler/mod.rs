@@ -7,7 +7,9 @@
 //! their own: `providers` (providers and their keys), `spend` (prices and
 //! budgets), `callers` (teams and clients).
 
-use super::model::{Admin, Config, Cooldown, Decisions, Fleet, Provider, Routing, StatusAction, UnknownModel};
+use super::model::{
+    Admin, Config, Cooldown, Decisions, EtcdAuth, Fleet, Provider, Routing, StatusAction, UnknownModel,
+};
 use super::walk::{check_id, decimal, err, ConfigError, Obj};
 use crate::objective::Objective;
 use crate::quota::Thresholds;
@@ -56,7 +58,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         }
     }
     let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
-    let fleet = fleet(&mut root)?;
+    let fleet = fleet(&mut root, env)?;
     let models = models(&mut root, &providers)?;
     let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
     let teams = callers::teams(&mut root, &providers)?;
@@ -107,10 +109,17 @@ fn cooldown(root: &mut Obj) -> Result<Cooldown, ConfigError> {
     Ok(Cooldown { default_ms: default_s * 1000, max_ms: max_s * 1000 })
 }
 
-/// `admin`: disabled when absent; enabled, it needs a token from `token_env`.
+/// `admin`: disabled when absent; enabled, it needs a token from `token_env`
+/// and may have a read-only one from `read_token_env`. Only their SHA-256
+/// digests are kept.
 fn admin(root: &mut Obj, env: Env<'_>) -> Result<Admin, ConfigError> {
     let Some(mut a) = root.opt_obj("admin")? else {
-        return Ok(Admin { enabled: false, prefix: DEFAULT_ADMIN_PREFIX.to_string(), token: None });
+        return Ok(Admin {
+            enabled: false,
+            prefix: DEFAULT_ADMIN_PREFIX.to_string(),
+            token_sha256: None,
+            read_token_sha256: None,
+        });
     };
     let enabled = a.opt_bool("enabled")?.unwrap_or(true);
     let prefix = a.opt_str("prefix")?.unwrap_or_else(|| DEFAULT_ADMIN_PREFIX.to_string());
@@ -120,29 +129,35 @@ fn admin(root: &mut Obj, env: Env<'_>) -> Result<Admin, ConfigError> {
     if prefix.starts_with("/v1/") {
         return Err(err(&a.field("prefix"), "must not overlap the OpenAI API paths under /v1/"));
     }
-    let token = admin_token(&mut a, enabled, env)?;
+    let token = match a.opt_str("token_env")? {
+        Some(name) if enabled => Some(admin_token(&a.field("token_env"), &name, env)?),
+        None if enabled => return Err(err(&a.field("token_env"), "required when the admin API is enabled")),
+        _ => None,
+    };
+    let read_token = match a.opt_str("read_token_env")? {
+        Some(name) if enabled => Some(admin_token(&a.field("read_token_env"), &name, env)?),
+        _ => None,
+    };
+    if read_token.is_some() && read_token == token {
+        return Err(err(&a.field("read_token_env"), "must hold another token than token_env"));
+    }
     a.finish()?;
-    Ok(Admin { enabled, prefix, token })
+    let digest = |t: Option<String>| t.map(|t| crate::crypto::sha256(t.as_bytes()));
+    Ok(Admin { enabled, prefix, token_sha256: digest(token), read_token_sha256: digest(read_token) })
 }
 
-/// `admin.token_env`: at least 16 characters; `None` when admin is disabled.
-fn admin_token(a: &mut Obj, enabled: bool, env: Env<'_>) -> Result<Option<String>, ConfigError> {
-    let token_env = a.opt_str("token_env")?;
-    match (enabled, token_env) {
-        (false, _) => Ok(None),
-        (true, None) => Err(err(&a.field("token_env"), "required when the admin API is enabled")),
-        (true, Some(name)) => match env(&name) {
-            Some(v) if v.len() >= 16 => Ok(Some(v)),
-            Some(_) => {
-                Err(err(&a.field("token_env"), format!("environment variable {name} must hold at least 16 characters")))
-            }
-            None => Err(err(
-                &a.field("token_env"),
-                format!(
-                    "environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"
-                ),
-            )),
-        },
+/// An admin token from the environment variable `name`: at least 16
+/// characters.
+fn admin_token(field: &str, name: &str, env: Env<'_>) -> Result<String, ConfigError> {
+    match env(name) {
+        Some(v) if v.len() >= 16 => Ok(v),
+        Some(_) => Err(err(field, format!("environment variable {name} must hold at least 16 characters"))),
+        None => Err(err(
+            field,
+            format!(
+                "environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"
+            ),
+        )),
     }
 }
 
@@ -279,7 +294,7 @@ fn served_by(e: &Value, path: &str, name: &str, providers: &[Provider]) -> Resul
 }
 
 /// `fleet`: absent means this instance keeps its state to itself.
-fn fleet(root: &mut Obj) -> Result<Option<Fleet>, ConfigError> {
+fn fleet(root: &mut Obj, env: Env<'_>) -> Result<Option<Fleet>, ConfigError> {
     let Some(mut f) = root.opt_obj("fleet")? else {
         return Ok(None);
     };
@@ -301,6 +316,8 @@ fn fleet(root: &mut Obj) -> Result<Option<Fleet>, ConfigError> {
     let local_share = fleet_local_share(&mut f)?;
     let degraded_after_ms =
         f.opt_u64_in("degraded_after_ms", 0, 3_600_000)?.unwrap_or(3 * sync_interval_ms.max(timeout_ms));
+    let auth = etcd_auth(&mut f, env)?;
+    let max_range_bytes = f.opt_u64_in("max_range_bytes", 65_536, 1 << 30)?.unwrap_or(16 << 20) as usize;
     f.finish()?;
     Ok(Some(Fleet {
         cluster,
@@ -311,7 +328,33 @@ fn fleet(root: &mut Obj) -> Result<Option<Fleet>, ConfigError> {
         timeout_ms,
         local_share,
         degraded_after_ms,
+        auth,
+        max_range_bytes,
     }))
+}
+
+/// `fleet.username` and `fleet.password_env`: both or neither.
+fn etcd_auth(f: &mut Obj, env: Env<'_>) -> Result<Option<EtcdAuth>, ConfigError> {
+    let username = f.opt_str("username")?;
+    let password_env = f.opt_str("password_env")?;
+    match (username, password_env) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(err(&f.field("password_env"), "required with fleet.username")),
+        (None, Some(_)) => Err(err(&f.field("username"), "required with fleet.password_env")),
+        (Some(u), Some(_)) if u.is_empty() || u.len() > 128 || u.chars().any(char::is_control) => {
+            Err(err(&f.field("username"), "must be 1-128 characters without control characters"))
+        }
+        (Some(username), Some(name)) => match env(&name) {
+            Some(password) if !password.is_empty() => Ok(Some(EtcdAuth { username, password })),
+            Some(_) => Err(err(&f.field("password_env"), format!("environment variable {name} is empty"))),
+            None => Err(err(
+                &f.field("password_env"),
+                format!(
+                    "environment variable {name} is not set (list it in vm_config.environment_variables.host_env_keys)"
+                ),
+            )),
+        },
+    }
 }
 
 /// `fleet.local_share`: the budget fraction spent alone while etcd is away.
@@ -378,6 +421,21 @@ mod tests {
     }
 
     #[test]
+    fn admin_tokens_are_kept_only_as_their_sha256() {
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
+          "admin":{"token_env":"ADMIN","read_token_env":"ADMIN_READ"}}"#);
+        assert_eq!(c.admin.token_sha256, Some(crate::crypto::sha256(b"admin-token-0123456789")));
+        assert_eq!(c.admin.read_token_sha256, Some(crate::crypto::sha256(b"admin-read-token-9876543210")));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("admin-token-0123456789") && !shown.contains("admin-read-token"), "{shown}");
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN"}}"#);
+        assert_eq!(c.admin.read_token_sha256, None, "the read-only token is optional");
+        let off = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
+          "admin":{"enabled":false,"token_env":"NOPE","read_token_env":"NOPE"}}"#);
+        assert_eq!((off.admin.token_sha256, off.admin.read_token_sha256), (None, None));
+    }
+
+    #[test]
     fn unpriced_models_are_refused_by_default_only_when_a_budget_is_configured() {
         let base =
             r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"m":{"input":"1","output":"1"}}"#;
@@ -407,7 +465,20 @@ mod tests {
         assert_eq!((f.cluster.as_str(), f.authority.as_str(), f.prefix.as_str()), ("etcd", "etcd", "/gw"));
         assert_eq!((f.instance, f.sync_interval_ms, f.timeout_ms, f.degraded_after_ms), (None, 500, 1000, 3000));
         assert_eq!(f.local_share, Decimal::new(5, 1));
+        assert_eq!((f.auth, f.max_range_bytes), (None, 16 << 20));
         assert_eq!(ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}]}"#).fleet, None);
+    }
+
+    #[test]
+    fn etcd_credentials_come_from_the_environment_and_never_show() {
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
+            "fleet":{"etcd_cluster":"etcd","username":"gateway","password_env":"ETCD_PW","max_range_bytes":65536}}"#);
+        let shown = format!("{c:?}");
+        let f = c.fleet.unwrap_or_else(|| panic!("fleet missing"));
+        let auth = f.auth.unwrap_or_else(|| panic!("auth missing"));
+        assert_eq!((auth.username.as_str(), auth.password.as_str()), ("gateway", "etcd-password-1"));
+        assert_eq!(f.max_range_bytes, 65_536);
+        assert!(shown.contains("gateway") && !shown.contains("etcd-password-1"), "{shown}");
     }
 
     #[test]
@@ -424,6 +495,11 @@ mod tests {
             (fleet(r#"{"etcd_cluster":"etcd","instance":"a/b"}"#), "fleet.instance", "must be"),
             (fleet(r#"{"etcd_cluster":"etcd","sync_interval_ms":10}"#), "fleet.sync_interval_ms", "from 50"),
             (fleet(r#"{"etcd_cluster":"etcd","leader":true}"#), "fleet.leader", "unknown field"),
+            (fleet(r#"{"etcd_cluster":"etcd","username":"gw"}"#), "fleet.password_env", "required with"),
+            (fleet(r#"{"etcd_cluster":"etcd","password_env":"ETCD_PW"}"#), "fleet.username", "required with"),
+            (fleet(r#"{"etcd_cluster":"etcd","username":"gw","password_env":"NOPE"}"#), "fleet.password_env", "NOPE is not set"),
+            (fleet(r#"{"etcd_cluster":"etcd","username":"","password_env":"ETCD_PW"}"#), "fleet.username", "1-128"),
+            (fleet(r#"{"etcd_cluster":"etcd","max_range_bytes":1000}"#), "fleet.max_range_bytes", "from 65536"),
             ("[]".into(), "(root)", "expected an object"),
             ("{}".into(), "providers", "required"),
             (r#"{"providers":[]}"#.into(), "providers", "at least one"),
@@ -455,6 +531,9 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"NOPE"}}"#.into(), "admin.token_env", "NOPE is not set"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"SHORT"}}"#.into(), "admin.token_env", "at least 16"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"nope"}}"#.into(), "admin.prefix", "must start and end"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"SHORT"}}"#.into(), "admin.read_token_env", "at least 16"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"NOPE"}}"#.into(), "admin.read_token_env", "NOPE is not set"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"ADMIN"}}"#.into(), "admin.read_token_env", "another token"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"/v1/admin/"}}"#.into(), "admin.prefix", "must not overlap"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"colldown":{}}"#.into(), "colldown", "unknown field"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"x","output":"1"}}}"#.into(), "prices.gpt-4o.input", "decimal"),
