@@ -30,8 +30,14 @@ def openai_yaml(gateway_port, management_port, admin_port, mock_port):
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
     for name, port in (("gateway", gateway_port), ("management", management_port)):
         listener(cfg, name)["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
-    [cluster] = cfg["static_resources"]["clusters"]
-    assert cluster["name"] == "openai"
+    # The health listener (/ready, /stats/prometheus) on a port the kernel
+    # picks, proxying to this run's Envoy admin.
+    listener(cfg, "health")["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    assert set(clusters) == {"openai", "envoy_admin"}, set(clusters)
+    admin_ep = clusters["envoy_admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    admin_ep["address"]["socket_address"]["port_value"] = admin_port
+    cluster = clusters["openai"]
     del cluster["transport_socket"], cluster["dns_lookup_family"]
     cluster["type"] = "STATIC"
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
