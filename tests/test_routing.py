@@ -130,8 +130,8 @@ def test_route_metadata_sets_the_objective_for_that_route(mock3, start_envoy):
 def worker_connections(e):
     """Connections each Envoy worker accepted on the gateway listener, by
     worker stat name (harness.http opens one connection per request)."""
-    return {k: int(v) for k, v in e.stats("downstream_cx_total").items()
-            if k.startswith("listener.") and ".worker_" in k}
+    gateway = f"listener.127.0.0.1_{e.gateway_port}.worker_"
+    return {k: int(v) for k, v in e.stats("downstream_cx_total").items() if k.startswith(gateway)}
 
 
 def test_decision_header_is_present_and_the_ring_wraps_at_ring_size_per_worker(mock3, start_envoy):
