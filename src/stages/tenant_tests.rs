@@ -1,0 +1,46 @@
+//! What one tenant can do to the others through the request path (issue
+//! 17): a key's own headers stay with that key, model names cannot steer
+//! a path, and only allowed headers and endpoints reach the provider.
+
+use super::fake::Exchange;
+use super::host::{Map, Next};
+use super::lifecycle_tests::Gateway;
+
+const BODY: &str = r#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// Two OpenAI keys, k1 with its own organization header.
+fn two_orgs() -> String {
+    r#"{"providers":[{"id":"openai","keys":[
+        {"id":"k1","secret":"sk-one","headers":{"OpenAI-Organization":"org-one","X-Only-One":"1"}},
+        {"id":"k2","secret":"sk-two"}]}]}"#
+        .to_string()
+}
+
+fn chat(gw: &Gateway, extra: &[(&str, &str)], body: &str) -> Exchange {
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+        ("x-request-id", "req-1"),
+    ];
+    headers.extend_from_slice(extra);
+    Exchange::new(&gw.world, &gw.ingress, &headers, body.as_bytes())
+}
+
+#[test]
+fn a_retry_on_another_key_drops_the_previous_keys_own_headers() {
+    let gw = Gateway::new(&two_orgs());
+    let mut x = chat(&gw, &[], BODY);
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(x.attempt(&gw.attempt), Next::Continue);
+    let up = &x.attempts[0].1;
+    assert_eq!(up.get(Map::RequestHeaders, "openai-organization").as_deref(), Some("org-one"));
+    x.upstream_headers(429, &[("retry-after", "20")], false);
+    x.upstream_body(&[b"slow down"], true);
+    x.attempt_done();
+    assert_eq!(x.attempt(&gw.attempt), Next::Continue);
+    let up = &x.attempts[1].1;
+    assert_eq!(up.get(Map::RequestHeaders, "authorization").as_deref(), Some("Bearer sk-two"));
+    assert_eq!(up.get(Map::RequestHeaders, "openai-organization"), None);
+    assert_eq!(up.get(Map::RequestHeaders, "x-only-one"), None);
+}
