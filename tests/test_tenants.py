@@ -2,7 +2,20 @@
 a key's own headers stay with that key, a model name cannot steer the
 provider's path, only allowed headers and endpoints reach the provider."""
 
-from harness import chat, http, plugin_with_keys, secrets
+import pytest
+
+import harness
+from harness import DIALECTS, ROOT, chat, http, plugin_with_keys, secrets
+
+DIALECT_KEYS = ["sk-openai-1", "sk-openai-2", "az-key-1", "sk-ant-1", "sk-ant-2", "gm-key-1", "gm-key-2"]
+
+
+@pytest.fixture
+def providers_gateway(start_mock, start_envoy, monkeypatch):
+    """envoy/providers-mock.yaml (OpenAI, Azure, Anthropic, Gemini) against the dialect mock."""
+    mock = start_mock(DIALECT_KEYS, script=DIALECTS)
+    monkeypatch.setattr(harness, "DEMO_CONFIG", ROOT / "envoy" / "providers-mock.yaml")
+    return mock, start_envoy(mock)
 
 
 def test_a_retry_on_another_key_never_carries_the_previous_keys_headers(mock3, start_envoy):
@@ -24,3 +37,17 @@ def test_a_retry_on_another_key_never_carries_the_previous_keys_headers(mock3, s
     k2 = [r for r in received if r["key"] == keys[1]]
     assert k1 and all(r["headers"].get("openai-organization") == "org-of-k1" for r in k1)
     assert k2 and not any("openai-organization" in r["headers"] for r in k2), k2
+
+
+def test_a_model_name_that_would_steer_the_azure_path_gets_400_and_the_provider_sees_nothing(providers_gateway):
+    mock, e = providers_gateway
+    evil = "gpt-4o/../../other-deployment/chat/completions?"
+    for path in ["/v1/chat/completions", "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"]:
+        s, _, body = http("POST", e.url + path, {"model": evil, "messages": []})
+        assert s == 400 and b"invalid_model" in body, (path, s, body)
+    s, _, _ = http("POST", e.url + "/v1/chat/completions", {"model": "a" * 300, "messages": []})
+    assert s == 400
+    assert mock.received() == []
+    # A legitimate name is still served.
+    s, _, _ = http("POST", e.url + "/v1/chat/completions", {"model": "gpt-4o", "messages": []})
+    assert s == 200

@@ -520,6 +520,15 @@ impl Ingress {
             Ok(r) => r,
             Err(e) => return self.reply(h, &reply::bad_request(&e.to_string())),
         };
+        // A model name goes into paths and headers: a strict set only.
+        if let Some(m) = info.model.as_deref().filter(|m| !providers::valid_model(m)) {
+            let shown: String = m.chars().take(64).collect();
+            let msg = format!(
+                "Invalid model name {shown:?}: use ASCII letters, digits and -_.:/@+ (no empty, . or .. segment), at most {} characters.",
+                providers::MAX_MODEL_LEN
+            );
+            return self.reply(h, &reply::error(400, "invalid_request_error", "invalid_model", &msg));
+        }
         // A path that names the model names the one the provider serves.
         let path_model = providers::path_model(&self.path);
         if let Some(pm) = &path_model {

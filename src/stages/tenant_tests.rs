@@ -44,3 +44,23 @@ fn a_retry_on_another_key_drops_the_previous_keys_own_headers() {
     assert_eq!(up.get(Map::RequestHeaders, "openai-organization"), None);
     assert_eq!(up.get(Map::RequestHeaders, "x-only-one"), None);
 }
+
+#[test]
+fn a_model_name_that_would_steer_the_azure_path_gets_400_and_nothing_is_sent() {
+    let gw = Gateway::new(
+        r#"{"providers":[{"id":"az","kind":"azure","deployments":{"gpt-4o":"gpt-4o"},"keys":[{"id":"z1","secret":"az-one"}]}]}"#,
+    );
+    let body = r#"{"model":"gpt-4o/../../other-deployment/chat/completions?","messages":[]}"#;
+    let mut x = chat(&gw, &[], body);
+    x.send_request(usize::MAX, false);
+    let sent = x.replied().unwrap_or_else(|| panic!("no local reply"));
+    assert_eq!(sent.status, 400);
+    assert!(String::from_utf8_lossy(&sent.body).contains("invalid_model"));
+    assert!(x.attempts.is_empty());
+    // A legitimate name still goes to its deployment.
+    let mut x = chat(&gw, &[("x-request-id", "req-2")], r#"{"model":"gpt-4o","messages":[]}"#);
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(x.replied(), None);
+    let path = x.downstream.get(Map::RequestHeaders, ":path").unwrap_or_default();
+    assert!(path.starts_with("/openai/deployments/gpt-4o/chat/completions?"), "{path}");
+}
