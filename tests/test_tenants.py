@@ -51,3 +51,20 @@ def test_a_model_name_that_would_steer_the_azure_path_gets_400_and_the_provider_
     # A legitimate name is still served.
     s, _, _ = http("POST", e.url + "/v1/chat/completions", {"model": "gpt-4o", "messages": []})
     assert s == 200
+
+
+def test_a_callers_bogus_organization_never_reaches_the_provider_and_keys_stay_available(mock3, start_envoy):
+    e = start_envoy(mock3, plugin=plugin_with_keys(secrets(3)))
+    hostile = {"OpenAI-Organization": "org-bogus", "OpenAI-Project": "proj-bogus", "Cookie": "c=1",
+               "x-stainless-lang": "python", "OpenAI-Beta": "assistants=v2"}
+    for i in range(4):
+        status, _, _ = chat(e.url, content=f"hostile {i}", headers=hostile)
+        assert status == 200
+    received = mock3.received()
+    assert len(received) == 4
+    for r in received:
+        assert not {"openai-organization", "openai-project", "cookie"} & set(r["headers"]), r["headers"]
+        assert r["headers"].get("x-stainless-lang") == "python" and r["headers"].get("openai-beta") == "assistants=v2"
+    assert {k["state"] for k in e.key_counters().values()} == {"available"}
+    # Another caller is still served.
+    assert chat(e.url)[0] == 200

@@ -12,6 +12,7 @@ use crate::admin::{self, AdminRequest};
 use crate::admission::{self, Caller};
 use crate::budget::{self, show, Reservation};
 use crate::config::Config;
+use crate::forward;
 use crate::identity;
 use crate::keys::check;
 use crate::metrics;
@@ -366,6 +367,8 @@ impl Ingress {
                     strip.push(k);
                 }
                 _ if k.starts_with("x-apikeyrouter-") => strip.push(k),
+                // Only what providers and Envoy need goes on (`forward`).
+                _ if !forward::forwarded(&self.cfg.forward_headers, k) => strip.push(k),
                 _ => {}
             }
         }
@@ -389,8 +392,8 @@ impl Ingress {
                 Err(r) => return self.reply(h, &r),
             }
         }
-        // The caller's credential and any router header it sent never reach
-        // the provider.
+        // The caller's credential, any router header it sent and any header
+        // off the allowlist never reach the provider.
         for name in strip {
             if let Err(e) = h.remove_header(Map::RequestHeaders, name) {
                 return self.host_failure(h, "strip a client header", e);

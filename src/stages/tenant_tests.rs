@@ -64,3 +64,35 @@ fn a_model_name_that_would_steer_the_azure_path_gets_400_and_nothing_is_sent() {
     let path = x.downstream.get(Map::RequestHeaders, ":path").unwrap_or_default();
     assert!(path.starts_with("/openai/deployments/gpt-4o/chat/completions?"), "{path}");
 }
+
+#[test]
+fn only_allowlisted_caller_headers_reach_the_provider_and_organization_comes_from_the_key() {
+    let config = two_orgs().replacen(r#"{"providers""#, r#"{"forward_headers":["x-team-*"],"providers""#, 1);
+    let gw = Gateway::new(&config);
+    let caller = [
+        ("openai-organization", "org-bogus"),
+        ("openai-project", "proj-bogus"),
+        ("cookie", "c=1"),
+        ("x-stainless-lang", "python"),
+        ("anthropic-beta", "b1"),
+        ("user-agent", "sdk/1"),
+        ("x-team-trace", "t1"),
+    ];
+    let mut x = chat(&gw, &caller, BODY);
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(x.replied(), None);
+    let down = &x.downstream;
+    for gone in ["openai-organization", "openai-project", "cookie"] {
+        assert_eq!(down.get(Map::RequestHeaders, gone), None, "{gone}");
+    }
+    for kept in
+        ["x-stainless-lang", "anthropic-beta", "user-agent", "x-team-trace", "content-type", "x-request-id", ":path"]
+    {
+        assert!(down.get(Map::RequestHeaders, kept).is_some(), "{kept}");
+    }
+    assert_eq!(x.attempt(&gw.attempt), Next::Continue);
+    let up = &x.attempts[0].1;
+    // k1 is chosen first: its own organization, never the caller's.
+    assert_eq!(up.get(Map::RequestHeaders, "openai-organization").as_deref(), Some("org-one"));
+    assert_eq!(up.get(Map::RequestHeaders, "openai-project"), None);
+}
