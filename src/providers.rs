@@ -68,6 +68,28 @@ pub fn path_segment(m: &str) -> String {
     out
 }
 
+/// The endpoint a request path calls, as `allowed_endpoints` names it: the
+/// path after the API root (`/v1/`, `/openai/`, an Azure deployment,
+/// `/v1beta/openai/`), so `chat/completions`, `files/file-1`,
+/// `messages/batches`; a Gemini model call is its method
+/// (`generateContent`). `None` for a path outside those roots or one with
+/// dot segments, encoded characters or empty segments.
+pub fn endpoint(path: &str) -> Option<&str> {
+    let path = path.split('?').next().unwrap_or(path);
+    if path.contains(['%', '\\']) || path.contains("//") || path.split('/').any(|s| s == "." || s == "..") {
+        return None;
+    }
+    if let Some(rest) = path.strip_prefix(DEPLOYMENTS) {
+        return rest.split_once('/').map(|(_, op)| op).filter(|op| !op.is_empty());
+    }
+    let op =
+        ["/v1beta/openai/", "/openai/", "/v1/", "/v1beta/", "/v1alpha/"].iter().find_map(|r| path.strip_prefix(r))?;
+    match op.strip_prefix("models/").and_then(|call| call.split_once(':')) {
+        Some((_, method)) => Some(method),
+        None => Some(op).filter(|op| !op.is_empty()),
+    }
+}
+
 /// The model a request path names, if it is a deployment or Gemini path.
 pub fn path_model(path: &str) -> Option<PathModel> {
     let path = path.split('?').next().unwrap_or(path);
@@ -329,6 +351,28 @@ mod tests {
         assert_eq!(d("other").as_deref(), Some("other"), "unlisted: the deployment's own name");
         assert_eq!(resolve(&c, &PathModel::Gemini("g".into())).as_deref(), Some("g"));
         assert_eq!(resolve(&c, &PathModel::Unreadable), None);
+    }
+
+    #[test]
+    fn paths_name_their_endpoint_in_every_dialect() {
+        let cases = [
+            ("/v1/chat/completions?x=1", Some("chat/completions")),
+            ("/v1/files/file-1/content", Some("files/file-1/content")),
+            ("/v1/messages/batches", Some("messages/batches")),
+            ("/openai/deployments/prod/embeddings?api-version=1", Some("embeddings")),
+            ("/openai/files", Some("files")),
+            ("/v1beta/openai/chat/completions", Some("chat/completions")),
+            ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", Some("streamGenerateContent")),
+            ("/v1beta/files", Some("files")),
+            ("/v1/chat/../files", None),
+            ("/v1/%66iles", None),
+            ("/v1//files", None),
+            ("/v1/", None),
+            ("/other", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(endpoint(path), want, "{path}");
+        }
     }
 
     #[test]

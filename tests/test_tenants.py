@@ -5,7 +5,7 @@ provider's path, only allowed headers and endpoints reach the provider."""
 import pytest
 
 import harness
-from harness import DIALECTS, ROOT, chat, http, plugin_with_keys, secrets
+from harness import DIALECTS, ROOT, chat, http, plugin_with_keys, secrets, sha256_hex
 
 DIALECT_KEYS = ["sk-openai-1", "sk-openai-2", "az-key-1", "sk-ant-1", "sk-ant-2", "gm-key-1", "gm-key-2"]
 
@@ -68,3 +68,20 @@ def test_a_callers_bogus_organization_never_reaches_the_provider_and_keys_stay_a
     assert {k["state"] for k in e.key_counters().values()} == {"available"}
     # Another caller is still served.
     assert chat(e.url)[0] == 200
+
+
+def test_a_client_without_the_files_endpoint_gets_403_and_the_provider_sees_nothing(mock3, start_envoy):
+    plugin = plugin_with_keys(secrets(3))
+    plugin["clients"] = [{"id": "app", "key_sha256": sha256_hex("vk-app")},
+                         {"id": "ops", "key_sha256": sha256_hex("vk-ops"), "allowed_endpoints": ["files", "files/*"]}]
+    e = start_envoy(mock3, plugin=plugin)
+    app = {"authorization": "Bearer vk-app"}
+    for method, path in [("GET", "/v1/files"), ("DELETE", "/v1/files/file-1"), ("GET", "/v1/chat/completions"),
+                         ("GET", "/v1/responses/resp_1"), ("POST", "/v1/batches")]:
+        s, _, body = http(method, e.url + path, headers=app)
+        assert s == 403 and b"endpoint_not_allowed" in body, (method, path, s, body)
+    assert mock3.received() == []
+    assert chat(e.url, headers=app)[0] == 200
+    # A client whose policy lists files reaches them.
+    s, _, _ = http("GET", e.url + "/v1/files", headers={"authorization": "Bearer vk-ops"})
+    assert s != 403 and len(mock3.received()) == 2

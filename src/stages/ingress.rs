@@ -391,6 +391,11 @@ impl Ingress {
                 Ok(c) => self.admission.client = c,
                 Err(r) => return self.reply(h, &r),
             }
+            // A client calls only its endpoints (by default the inference
+            // ones): not the shared account's files, batches or stored answers.
+            if let Some(Err(r)) = self.client().map(|c| identity::check_endpoint(c, method, &self.path)) {
+                return self.reply(h, &r);
+            }
         }
         // The caller's credential, any router header it sent and any header
         // off the allowlist never reach the provider.

@@ -96,3 +96,65 @@ fn only_allowlisted_caller_headers_reach_the_provider_and_organization_comes_fro
     assert_eq!(up.get(Map::RequestHeaders, "openai-organization").as_deref(), Some("org-one"));
     assert_eq!(up.get(Map::RequestHeaders, "openai-project"), None);
 }
+
+/// `alice` with the default endpoints, `bob` allowed files too.
+fn two_clients() -> String {
+    format!(
+        r#"{{"providers":[{{"id":"openai","keys":[{{"id":"k1","secret":"sk-one"}}]}}],
+            "clients":[{{"id":"alice","key_sha256":"{}"}},
+                       {{"id":"bob","key_sha256":"{}","allowed_endpoints":["chat/completions","files","files/*"]}}]}}"#,
+        super::lifecycle_tests::sha_hex("vk-alice"),
+        super::lifecycle_tests::sha_hex("vk-bob")
+    )
+}
+
+fn call(gw: &Gateway, method: &str, path: &str, key: &str, body: &str) -> Exchange {
+    let auth = format!("Bearer {key}");
+    let headers =
+        [(":method", method), (":path", path), ("content-type", "application/json"), ("authorization", auth.as_str())];
+    Exchange::new(&gw.world, &gw.ingress, &headers, body.as_bytes())
+}
+
+#[test]
+fn a_client_calls_only_its_endpoints_by_default_the_inference_ones() {
+    let gw = Gateway::new(&two_clients());
+    for (method, path) in [
+        ("GET", "/v1/files"),
+        ("DELETE", "/v1/files/file-1"),
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/v1/responses/resp_1"),
+        ("POST", "/v1/batches"),
+        ("POST", "/v1/fine_tuning/jobs"),
+        ("POST", "/v1/chat/../files"),
+        ("DELETE", "/v1/models/ft-1"),
+    ] {
+        let mut x = call(&gw, method, path, "vk-alice", "");
+        x.send_request(usize::MAX, false);
+        let sent = x.replied().unwrap_or_else(|| panic!("{method} {path} went on"));
+        assert_eq!(sent.status, 403, "{method} {path}");
+        assert!(String::from_utf8_lossy(&sent.body).contains("endpoint_not_allowed"));
+        assert!(x.attempts.is_empty());
+    }
+    let mut x = call(&gw, "POST", "/v1/chat/completions", "vk-alice", BODY);
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(x.replied(), None);
+    let mut x = call(&gw, "GET", "/v1/models", "vk-alice", "");
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(x.replied(), None);
+    // bob's own list replaces the default, for every method.
+    let mut x = call(&gw, "GET", "/v1/files/file-1", "vk-bob", "");
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(x.replied(), None);
+    let mut x = call(&gw, "POST", "/v1/embeddings", "vk-bob", r#"{"model":"e","input":"x"}"#);
+    x.send_request(usize::MAX, false);
+    assert_eq!(x.replied().map(|s| s.status), Some(403));
+}
+
+#[test]
+fn the_open_gateway_forwards_every_endpoint_as_before() {
+    let gw = Gateway::new(&two_orgs());
+    let headers = [(":method", "GET"), (":path", "/v1/files")];
+    let mut x = Exchange::new(&gw.world, &gw.ingress, &headers, b"");
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(x.replied(), None);
+}

@@ -583,6 +583,8 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","enforcement":"strict"}]}"#.into(), "budgets[0].enforcement", "hard"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"max_cost_per_request":"-1"}"#.into(), "max_cost_per_request", "positive decimal"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a"}]}"#.into(), "clients[0].key_sha256", "required"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"teams":[{"id":"t","allowed_endpoints":["chat/../files"]}]}"#.into(), "teams[0].allowed_endpoints", "not an endpoint"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","allowed_endpoints":["files*"],"key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].allowed_endpoints", "not an endpoint"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","key_sha256":"sk-plain"}]}"#.into(), "clients[0].key_sha256", "64 hex"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","team":"red","key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].team", "no team"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","expires_at":"tomorrow","key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].expires_at", "RFC 3339"),
