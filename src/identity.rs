@@ -21,6 +21,10 @@ pub struct Policy {
     pub allowed_providers: Option<Vec<String>>,
     /// Exact names, `prefix*`, or `*`; `None` allows all.
     pub allowed_models: Option<Vec<String>>,
+    /// Endpoints ([`crate::providers::endpoint`]): exact, `prefix/*`, or
+    /// `*`, for every method; `None` allows [`DEFAULT_ENDPOINTS`] by `POST`
+    /// and [`DEFAULT_READS`] by `GET`.
+    pub allowed_endpoints: Option<Vec<String>>,
     /// Requested model -> the model sent to the provider.
     pub model_aliases: Vec<(String, String)>,
     pub max_tokens: Option<u64>,
@@ -39,6 +43,7 @@ impl Policy {
         Policy {
             allowed_providers: over.allowed_providers.clone().or_else(|| self.allowed_providers.clone()),
             allowed_models: over.allowed_models.clone().or_else(|| self.allowed_models.clone()),
+            allowed_endpoints: over.allowed_endpoints.clone().or_else(|| self.allowed_endpoints.clone()),
             model_aliases: if over.model_aliases.is_empty() {
                 self.model_aliases.clone()
             } else {
@@ -131,6 +136,60 @@ pub fn check_provider(client: &Client, provider: &str) -> Result<(), Reply> {
         )),
         _ => Ok(()),
     }
+}
+
+/// The inference endpoints a client may call by `POST` when its policy sets
+/// no `allowed_endpoints`: nothing that lists, reads or deletes what is
+/// stored in the shared provider account (files, stored responses and
+/// completions, batches, assistants, vector stores, fine-tuning).
+pub const DEFAULT_ENDPOINTS: &[&str] = &[
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "responses",
+    "messages",
+    "messages/count_tokens",
+    "moderations",
+    "audio/*",
+    "images/*",
+    "generateContent",
+    "streamGenerateContent",
+    "embedContent",
+    "batchEmbedContents",
+    "countTokens",
+];
+
+/// What a client may read by `GET` when its policy sets no
+/// `allowed_endpoints`: the model list and a model's description.
+pub const DEFAULT_READS: &[&str] = &["models", "models/*"];
+
+/// Whether `endpoint` matches an `allowed_endpoints` entry: `*`, a prefix
+/// ending in `/*`, or the exact endpoint.
+fn endpoint_listed(list: &[impl AsRef<str>], endpoint: &str) -> bool {
+    list.iter().any(|e| match e.as_ref() {
+        "*" => true,
+        e => match e.strip_suffix('*') {
+            Some(prefix) => endpoint.starts_with(prefix),
+            None => e == endpoint,
+        },
+    })
+}
+
+/// Whether `client` may call the endpoint of `path` with `method`.
+pub fn check_endpoint(client: &Client, method: &str, path: &str) -> Result<(), Reply> {
+    let ep = crate::providers::endpoint(path);
+    let ok = ep.is_some_and(|ep| match &client.policy.allowed_endpoints {
+        Some(list) => endpoint_listed(list, ep),
+        None => {
+            (method == "POST" && endpoint_listed(DEFAULT_ENDPOINTS, ep))
+                || (method == "GET" && endpoint_listed(DEFAULT_READS, ep))
+        }
+    });
+    if ok {
+        return Ok(());
+    }
+    let shown: String = path.split('?').next().unwrap_or(path).chars().take(128).collect();
+    Err(forbidden("endpoint_not_allowed", &format!("Client '{}' may not call {method} {shown:?}.", client.id)))
 }
 
 /// Applies the client's model policy to a request body: the model sent to

@@ -39,6 +39,57 @@ fn model_segment(seg: &str) -> Option<String> {
     ok.then(|| seg.to_string())
 }
 
+/// Longest model name a caller may send.
+pub const MAX_MODEL_LEN: usize = 256;
+
+/// A caller's model name may go into a provider's path or a header: ASCII
+/// letters, digits and `-_.:/@+`, at most [`MAX_MODEL_LEN`] bytes, with no
+/// empty, `.` or `..` segment between slashes (so `gpt-4o/../x` and
+/// `gpt-4o?x` are refused while `ft:gpt-4o-mini:org::id`,
+/// `meta-llama/Llama-3-70b` and `claude-3-5-sonnet@20240620` pass).
+pub fn valid_model(m: &str) -> bool {
+    !m.is_empty()
+        && m.len() <= MAX_MODEL_LEN
+        && m.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.:/@+".contains(&c))
+        && m.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
+}
+
+/// `m` as one path segment: every byte but ASCII letters, digits and
+/// `-_.~` percent-encoded.
+pub fn path_segment(m: &str) -> String {
+    let mut out = String::with_capacity(m.len());
+    for c in m.bytes() {
+        if c.is_ascii_alphanumeric() || b"-_.~".contains(&c) {
+            out.push(char::from(c));
+        } else {
+            out.push_str(&format!("%{c:02X}"));
+        }
+    }
+    out
+}
+
+/// The endpoint a request path calls, as `allowed_endpoints` names it: the
+/// path after the API root (`/v1/`, `/openai/`, an Azure deployment,
+/// `/v1beta/openai/`), so `chat/completions`, `files/file-1`,
+/// `messages/batches`; a Gemini model call is its method
+/// (`generateContent`). `None` for a path outside those roots or one with
+/// dot segments, encoded characters or empty segments.
+pub fn endpoint(path: &str) -> Option<&str> {
+    let path = path.split('?').next().unwrap_or(path);
+    if path.contains(['%', '\\']) || path.contains("//") || path.split('/').any(|s| s == "." || s == "..") {
+        return None;
+    }
+    if let Some(rest) = path.strip_prefix(DEPLOYMENTS) {
+        return rest.split_once('/').map(|(_, op)| op).filter(|op| !op.is_empty());
+    }
+    let op =
+        ["/v1beta/openai/", "/openai/", "/v1/", "/v1beta/", "/v1alpha/"].iter().find_map(|r| path.strip_prefix(r))?;
+    match op.strip_prefix("models/").and_then(|call| call.split_once(':')) {
+        Some((_, method)) => Some(method),
+        None => Some(op).filter(|op| !op.is_empty()),
+    }
+}
+
 /// The model a request path names, if it is a deployment or Gemini path.
 pub fn path_model(path: &str) -> Option<PathModel> {
     let path = path.split('?').next().unwrap_or(path);
@@ -172,6 +223,7 @@ pub fn path_for(cfg: &Config, provider: usize, path: &str, model: Option<&str>) 
     match p.kind {
         ProviderKind::Azure => {
             let deployment = model?;
+            let deployment = path_segment(deployment);
             let mut out = format!("/openai/deployments/{deployment}/{op}?api-version={}", p.api_version);
             if let Some(q) = query {
                 out.push('&');
@@ -196,7 +248,7 @@ fn with_path_model(path: &str, model: &str) -> String {
             (start, path.get(start..).and_then(|r| r.find(':')).map_or(path.len(), |i| start + i))
         }
     };
-    [path.get(..start).unwrap_or_default(), model, path.get(end..).unwrap_or_default()].concat()
+    [path.get(..start).unwrap_or_default(), &path_segment(model), path.get(end..).unwrap_or_default()].concat()
 }
 
 #[cfg(test)]
@@ -299,6 +351,60 @@ mod tests {
         assert_eq!(d("other").as_deref(), Some("other"), "unlisted: the deployment's own name");
         assert_eq!(resolve(&c, &PathModel::Gemini("g".into())).as_deref(), Some("g"));
         assert_eq!(resolve(&c, &PathModel::Unreadable), None);
+    }
+
+    #[test]
+    fn paths_name_their_endpoint_in_every_dialect() {
+        let cases = [
+            ("/v1/chat/completions?x=1", Some("chat/completions")),
+            ("/v1/files/file-1/content", Some("files/file-1/content")),
+            ("/v1/messages/batches", Some("messages/batches")),
+            ("/openai/deployments/prod/embeddings?api-version=1", Some("embeddings")),
+            ("/openai/files", Some("files")),
+            ("/v1beta/openai/chat/completions", Some("chat/completions")),
+            ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", Some("streamGenerateContent")),
+            ("/v1beta/files", Some("files")),
+            ("/v1/chat/../files", None),
+            ("/v1/%66iles", None),
+            ("/v1//files", None),
+            ("/v1/", None),
+            ("/other", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(endpoint(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn model_names_are_a_strict_set_and_are_encoded_where_they_enter_a_path() {
+        for ok in
+            ["gpt-4o", "ft:gpt-4o-mini:org::id1", "meta-llama/Llama-3-70b", "claude-3-5-sonnet@20240620", "a.b_c+d"]
+        {
+            assert!(valid_model(ok), "{ok}");
+        }
+        let long = "a".repeat(MAX_MODEL_LEN + 1);
+        for bad in [
+            "",
+            "gpt-4o/../../other-deployment/chat/completions?",
+            "gpt-4o/..",
+            "./x",
+            "a//b",
+            "a b",
+            "a%2e",
+            "a?b",
+            "a#b",
+            "a\\b",
+            "é",
+            long.as_str(),
+        ] {
+            assert!(!valid_model(bad), "{bad:?}");
+        }
+        assert_eq!(path_segment("ft:x/y@z"), "ft%3Ax%2Fy%40z");
+        let c = with_deployments();
+        assert_eq!(
+            path_for(&c, 2, "/v1/chat/completions", Some("a/b")).as_deref(),
+            Some("/openai/deployments/a%2Fb/chat/completions?api-version=2024-10-21")
+        );
     }
 
     #[test]

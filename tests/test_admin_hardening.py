@@ -149,10 +149,7 @@ def test_wrong_admin_tokens_are_slowed_down_counted_and_logged_without_their_con
 
 ISTIO = ROOT / "deploy" / "istio"
 K8S_CONFIGMAP = ROOT / "deploy" / "kubernetes" / "configmap.yaml"
-PUBLIC_ADMIN = {
-    "providers.yaml": "envoy/providers.yaml enables \"admin\" in the plugin config of its 0.0.0.0:10000 gateway "
-                      "listener; it needs the internal 127.0.0.1 management listener of openai.yaml",
-}
+PUBLIC_ADMIN = {}
 
 
 def shipped_envoy_configs():

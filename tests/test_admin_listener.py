@@ -107,19 +107,15 @@ def test_the_admin_api_answers_on_the_internal_listener_and_not_on_the_public_on
         status, _, body = admin(management, "GET", "keys", token=token)
         assert status == 401 and json.loads(body)["error"]["code"] == "invalid_admin_token"
     # The public listener has no admin API: the admin token is an unknown
-    # caller's key there, and the client's key reaches only Envoy's router,
-    # which has no route for the path; a body that names no model is refused
-    # before that, since this gateway has budgets (model_required).
+    # caller's key there, and the client's key is refused the path, which is
+    # none of its allowed endpoints (endpoint_not_allowed, issue 17).
     for method, path in [("GET", "keys"), ("GET", "health"), ("GET", "budgets"), ("GET", "decisions"),
                          ("PATCH", "keys/openai-1")]:
         body = {"state": "disabled"} if method == "PATCH" else None
         status, _, raw = admin(e.url, method, path, body)
         assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key", (path, status, raw)
         status, headers, raw = admin(e.url, method, path, body, token=CLIENT_KEY)
-        if body is None:
-            assert (status, raw, headers.get("content-type")) == (404, b"", None), (path, status, raw)
-        else:
-            assert (status, json.loads(raw)["error"]["code"]) == (400, "model_required"), (path, status, raw)
+        assert (status, json.loads(raw)["error"]["code"]) == (403, "endpoint_not_allowed"), (path, status, raw)
     # Nothing changed, and the internal listener serves no model traffic.
     status, _, body = admin(management, "GET", "keys")
     assert {k["state"] for k in json.loads(body)["keys"]} == {"available"}

@@ -376,6 +376,9 @@ pub struct Config {
     pub keys: KeyTable,
     pub cooldown: Cooldown,
     pub inject_stream_usage: bool,
+    /// `forward_headers`: caller headers forwarded besides
+    /// [`crate::forward::FORWARDED`] (names, or prefixes ending in `*`).
+    pub forward_headers: Vec<String>,
     pub admin: Admin,
     /// Most state transitions kept for the admin API.
     pub max_transitions: usize,

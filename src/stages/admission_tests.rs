@@ -204,7 +204,7 @@ fn an_unlisted_deployment_is_its_own_model_and_unpriced_it_is_refused_under_a_bu
     let mut x =
         gw.typed_request("/openai/deployments/whisper-1/../big-prod/chat/completions", "", br#"{"messages":[]}"#);
     x.send_request(usize::MAX, false);
-    assert_eq!(code(&x), (400, "model_required".into()), "a path a provider might resolve differently");
+    assert_eq!(code(&x), (403, "endpoint_not_allowed".into()), "a path a provider might resolve differently");
 }
 
 #[test]

@@ -517,6 +517,15 @@ impl Attempt {
                     h.reply(&reply::gateway_error("The gateway could not authenticate the request."), self.id);
                     return Next::Pause;
                 }
+                // Earlier attempts' keys' own headers go: k1's organization
+                // must never travel with k2's secret.
+                for prev in tried.iter().filter(|&&p| p != k).filter_map(|&p| self.cfg.keys.get(p)) {
+                    for (name, _) in &prev.extra_headers {
+                        if !key.extra_headers.iter().any(|(n, _)| n == name) {
+                            let _ = h.remove_header(Map::RequestHeaders, name);
+                        }
+                    }
+                }
                 for (name, value) in &key.extra_headers {
                     let _ = h.set_header(Map::RequestHeaders, name, value);
                 }

@@ -22,7 +22,7 @@ fn config() -> String {
                        "tts-1":{{"input":"1000","output":"2000"}},"dall-e-3":{{"per_request":"0.04"}}}},
             "unknown_model":"refuse","estimate":{{"default_max_tokens":100}},
             "budgets":[{{"id":"daily","limit":"100"}}],
-            "clients":[{{"id":"alice","key_sha256":"{}","tpm":1000000}}]}}"#,
+            "clients":[{{"id":"alice","key_sha256":"{}","tpm":1000000,"allowed_endpoints":["*"]}}]}}"#,
         sha_hex("vk-alice")
     )
 }

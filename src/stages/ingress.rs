@@ -12,6 +12,7 @@ use crate::admin::{self, AdminRequest};
 use crate::admission::{self, Caller};
 use crate::budget::{self, show, Reservation};
 use crate::config::Config;
+use crate::forward;
 use crate::identity;
 use crate::keys::check;
 use crate::metrics;
@@ -366,6 +367,8 @@ impl Ingress {
                     strip.push(k);
                 }
                 _ if k.starts_with("x-apikeyrouter-") => strip.push(k),
+                // Only what providers and Envoy need goes on (`forward`).
+                _ if !forward::forwarded(&self.cfg.forward_headers, k) => strip.push(k),
                 _ => {}
             }
         }
@@ -388,9 +391,14 @@ impl Ingress {
                 Ok(c) => self.admission.client = c,
                 Err(r) => return self.reply(h, &r),
             }
+            // A client calls only its endpoints (by default the inference
+            // ones): not the shared account's files, batches or stored answers.
+            if let Some(Err(r)) = self.client().map(|c| identity::check_endpoint(c, method, &self.path)) {
+                return self.reply(h, &r);
+            }
         }
-        // The caller's credential and any router header it sent never reach
-        // the provider.
+        // The caller's credential, any router header it sent and any header
+        // off the allowlist never reach the provider.
         for name in strip {
             if let Err(e) = h.remove_header(Map::RequestHeaders, name) {
                 return self.host_failure(h, "strip a client header", e);
@@ -520,6 +528,15 @@ impl Ingress {
             Ok(r) => r,
             Err(e) => return self.reply(h, &reply::bad_request(&e.to_string())),
         };
+        // A model name goes into paths and headers: a strict set only.
+        if let Some(m) = info.model.as_deref().filter(|m| !providers::valid_model(m)) {
+            let shown: String = m.chars().take(64).collect();
+            let msg = format!(
+                "Invalid model name {shown:?}: use ASCII letters, digits and -_.:/@+ (no empty, . or .. segment), at most {} characters.",
+                providers::MAX_MODEL_LEN
+            );
+            return self.reply(h, &reply::error(400, "invalid_request_error", "invalid_model", &msg));
+        }
         // A path that names the model names the one the provider serves.
         let path_model = providers::path_model(&self.path);
         if let Some(pm) = &path_model {

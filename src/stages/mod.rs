@@ -24,6 +24,8 @@ mod charging_tests;
 pub mod fake;
 #[cfg(test)]
 mod lifecycle_tests;
+#[cfg(test)]
+mod tenant_tests;
 
 use crate::config;
 use crate::key_record::KeyRecord;

@@ -119,6 +119,13 @@ fn policy(o: &mut Obj, providers: &[Provider]) -> Result<Policy, ConfigError> {
         }
     }
     let allowed_models = strings(o, "allowed_models")?;
+    let allowed_endpoints = strings(o, "allowed_endpoints")?;
+    if let Some(bad) = allowed_endpoints.iter().flatten().find(|e| !endpoint_entry(e)) {
+        return Err(err(
+            &o.field("allowed_endpoints"),
+            format!("{bad:?} is not an endpoint such as \"chat/completions\", \"files/*\" or \"*\""),
+        ));
+    }
     let model_aliases = model_aliases(o)?;
     let max_tokens = o.opt_u64_in("max_tokens", 1, 100_000_000)?;
     let max_cost_per_request = o.opt_positive_decimal("max_cost_per_request", "0.10")?;
@@ -129,6 +136,7 @@ fn policy(o: &mut Obj, providers: &[Provider]) -> Result<Policy, ConfigError> {
     Ok(Policy {
         allowed_providers,
         allowed_models,
+        allowed_endpoints,
         model_aliases,
         max_tokens,
         max_cost_per_request,
@@ -137,6 +145,20 @@ fn policy(o: &mut Obj, providers: &[Provider]) -> Result<Policy, ConfigError> {
         rpm,
         tpm,
     })
+}
+
+/// An `allowed_endpoints` entry: `*`, or path segments of ASCII letters,
+/// digits and `-_.:`, optionally ending in `/*`.
+fn endpoint_entry(e: &str) -> bool {
+    let stem = e.strip_suffix("/*").unwrap_or(e);
+    e == "*"
+        || (!stem.is_empty()
+            && stem.split('/').all(|s| {
+                !s.is_empty()
+                    && s != "."
+                    && s != ".."
+                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            }))
 }
 
 /// An optional array of strings.

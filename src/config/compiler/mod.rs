@@ -41,6 +41,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     let (providers, mut keys) = providers::providers(&mut root, env)?;
     let cooldown = cooldown(&mut root)?;
     let inject_stream_usage = root.opt_bool("inject_stream_usage")?.unwrap_or(true);
+    let forward_headers = forward_headers(&mut root)?;
     let admin = admin(&mut root, env)?;
     let routing = routing(&mut root)?;
     let status_actions = status_actions(&mut root)?;
@@ -76,6 +77,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         keys: keys.into(),
         cooldown,
         inject_stream_usage,
+        forward_headers,
         admin,
         max_transitions,
         routing,
@@ -92,6 +94,37 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         models,
         fleet,
     })
+}
+
+/// `forward_headers`: caller header names (or prefixes ending in `*`)
+/// forwarded besides the built-in allowlist; never a credential, a router
+/// header or one only a key may set.
+fn forward_headers(root: &mut Obj) -> Result<Vec<String>, ConfigError> {
+    let field = root.field("forward_headers");
+    let mut out = Vec::new();
+    for (i, v) in root.opt_array("forward_headers")?.unwrap_or_default().iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let name = v.as_str().ok_or_else(|| err(&at, "expected a header name"))?.to_ascii_lowercase();
+        let stem = name.strip_suffix('*').unwrap_or(&name);
+        let valid = !stem.is_empty() && stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            return Err(err(&at, "expected a header name, or a prefix ending in *"));
+        }
+        let credential = ["authorization", "x-api-key", "api-key", "x-goog-api-key", "x-apikeyrouter-"];
+        let prefix = name.ends_with('*');
+        let key_only = crate::forward::KEY_ONLY
+            .iter()
+            .chain(&credential)
+            .any(|h| (prefix && h.starts_with(stem)) || stem == *h || (h.ends_with('-') && stem.starts_with(h)));
+        if key_only || name == "host" {
+            return Err(err(
+                &at,
+                "a credential, router header or key-only header (OpenAI-Organization/Project) is never forwarded",
+            ));
+        }
+        out.push(name);
+    }
+    Ok(out)
 }
 
 /// `cooldown`: how long a key rests after a 429 without `retry-after`, and
@@ -527,6 +560,9 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"cooldown":{"default_seconds":100,"max_seconds":10}}"#.into(), "cooldown.default_seconds", "must not exceed"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"cooldown":{"dflt":1}}"#.into(), "cooldown.dflt", "unknown field"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"inject_stream_usage":"yes"}"#.into(), "inject_stream_usage", "true or false"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"forward_headers":["OpenAI-Organization"]}"#.into(), "forward_headers[0]", "never forwarded"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"forward_headers":["x-api-*"]}"#.into(), "forward_headers[0]", "never forwarded"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"forward_headers":["a b"]}"#.into(), "forward_headers[0]", "header name"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{}}"#.into(), "admin.token_env", "required"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"NOPE"}}"#.into(), "admin.token_env", "NOPE is not set"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"SHORT"}}"#.into(), "admin.token_env", "at least 16"),
@@ -547,6 +583,8 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"budgets":[{"id":"b","limit":"1","enforcement":"strict"}]}"#.into(), "budgets[0].enforcement", "hard"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"max_cost_per_request":"-1"}"#.into(), "max_cost_per_request", "positive decimal"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a"}]}"#.into(), "clients[0].key_sha256", "required"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"teams":[{"id":"t","allowed_endpoints":["chat/../files"]}]}"#.into(), "teams[0].allowed_endpoints", "not an endpoint"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","allowed_endpoints":["files*"],"key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].allowed_endpoints", "not an endpoint"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","key_sha256":"sk-plain"}]}"#.into(), "clients[0].key_sha256", "64 hex"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","team":"red","key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].team", "no team"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"clients":[{"id":"a","expires_at":"tomorrow","key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}]}"#.into(), "clients[0].expires_at", "RFC 3339"),
