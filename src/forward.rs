@@ -34,9 +34,14 @@ pub const FORWARDED: &[&str] = &[
     "b3",
 ];
 
-/// Header name prefixes forwarded: the OpenAI SDK's `x-stainless-*`, and
-/// Envoy's own `x-envoy-*`, `x-forwarded-*`, `x-b3-*`, `sec-websocket-*`.
-pub const FORWARDED_PREFIXES: &[&str] = &["x-stainless-", "x-envoy-", "x-forwarded-", "x-b3-", "sec-websocket-"];
+/// Header name prefixes forwarded: the OpenAI SDK's `x-stainless-*`,
+/// `x-forwarded-*`, `x-b3-*`, `sec-websocket-*`. Never a caller's
+/// `x-envoy-*`: Envoy's router would take its `x-envoy-retry-on`,
+/// `x-envoy-max-retries` or `x-envoy-hedge-on-per-try-timeout` as its own
+/// (Envoy's connection manager drops them from external requests, but not
+/// from callers an edge config trusts as internal). Envoy adds its own
+/// (`x-envoy-attempt-count`) after this stage.
+pub const FORWARDED_PREFIXES: &[&str] = &["x-stainless-", "x-forwarded-", "x-b3-", "sec-websocket-"];
 
 /// Headers only a key's own `headers` may set, never the caller nor
 /// `forward_headers`.
@@ -68,18 +73,20 @@ mod tests {
     #[test]
     fn only_listed_headers_go_to_the_provider() {
         let extra = vec!["x-my-trace".to_string(), "x-team-*".to_string()];
-        for yes in [
-            ":path",
-            "content-type",
-            "anthropic-beta",
-            "x-stainless-lang",
-            "x-envoy-attempt-count",
-            "x-my-trace",
-            "x-team-a",
-        ] {
+        for yes in [":path", "content-type", "anthropic-beta", "x-stainless-lang", "x-my-trace", "x-team-a"] {
             assert!(forwarded(&extra, yes), "{yes}");
         }
-        for no in ["openai-organization", "openai-project", "cookie", "foo", "x-my-trace2", "x-teams"] {
+        for no in [
+            "openai-organization",
+            "openai-project",
+            "cookie",
+            "foo",
+            "x-my-trace2",
+            "x-teams",
+            "x-envoy-retry-on",
+            "x-envoy-max-retries",
+            "x-envoy-hedge-on-per-try-timeout",
+        ] {
             assert!(!forwarded(&extra, no), "{no}");
         }
         assert!(!forwarded(&["openai-*".to_string()], "openai-organization"), "key-only headers never pass");

@@ -85,3 +85,22 @@ def test_a_client_without_the_files_endpoint_gets_403_and_the_provider_sees_noth
     # A client whose policy lists files reaches them.
     s, _, _ = http("GET", e.url + "/v1/files", headers={"authorization": "Bearer vk-ops"})
     assert s != 403 and len(mock3.received()) == 2
+
+
+def test_a_caller_cannot_set_its_own_retries_or_hedging_through_envoy_headers(mock3, start_envoy):
+    # Envoy's router honours x-envoy-* request headers: with them a caller
+    # could retry a 400 on every key, or hedge parallel attempts that the
+    # provider bills and the gateway never charges. The ingress stage strips
+    # them before the router reads them.
+    e = start_envoy(mock3, plugin=plugin_with_keys(secrets(3)))
+    for key in secrets(3):
+        mock3.behavior(key, status=400)
+    hostile = {"x-envoy-retry-on": "retriable-status-codes,5xx", "x-envoy-retriable-status-codes": "400",
+               "x-envoy-max-retries": "5", "x-envoy-upstream-rq-per-try-timeout-ms": "1",
+               "x-envoy-hedge-on-per-try-timeout": "true"}
+    status, headers, _ = chat(e.url, headers=hostile)
+    assert (status, headers.get("x-apikeyrouter-attempts")) == (400, "1")
+    received = mock3.received()
+    assert len(received) == 1, [r["key"] for r in received]
+    assert not any(k.startswith("x-envoy-") and k != "x-envoy-attempt-count" for k in received[0]["headers"]), \
+        received[0]["headers"]
