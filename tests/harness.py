@@ -92,8 +92,9 @@ def wait_recorded(envoy, attempts, timeout=15.0):
     return {kid: k["counters"] for kid, k in envoy.key_counters().items()}
 
 
-def http(method, url, body=None, headers=None, timeout=30):
-    """A plain HTTP/1.1 request; returns (status, headers dict, body bytes)."""
+def http(method, url, body=None, headers=None, timeout=30, context=None):
+    """A plain HTTP/1.1 request (HTTPS with the ssl.SSLContext `context`);
+    returns (status, headers dict, body bytes)."""
     data = None
     hdrs = dict(headers or {})
     if body is not None:
@@ -103,7 +104,7 @@ def http(method, url, body=None, headers=None, timeout=30):
         hdrs.setdefault("content-type", "application/json")
     req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
@@ -485,6 +486,8 @@ class Etcd:
         self.log_path = os.path.join(self.dir, "etcd.log")
         self.proc = None
         self.log = None
+        # The TLS context of the test's own calls to the gateway (TlsEtcd).
+        self.context = None
 
     def command(self):
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -515,7 +518,7 @@ class Etcd:
             else:
                 try:
                     status, _, body = http("POST", self.url + "/v3/kv/range", {"key": _b64("\0")},
-                                           timeout=1)
+                                           timeout=1, context=self.context)
                     if status == 200:
                         return self
                     last = (status, body[:200])
@@ -574,12 +577,43 @@ class Etcd:
 
     # The JSON gateway: keys and values are base64, int64s are JSON strings.
 
-    def call(self, path, body):
-        """POSTs body (a dict) to /v3/<path>; returns the decoded JSON, raising on a non-200."""
-        status, _, data = http("POST", f"{self.url}/v3/{path.lstrip('/')}", body, timeout=10)
+    def request(self, path, body, token=None):
+        """POSTs body (a dict) to /v3/<path>, with etcd's auth token when
+        given; returns (status, the decoded JSON answer)."""
+        headers = {"authorization": token} if token else {}
+        status, _, data = http("POST", f"{self.url}/v3/{path.lstrip('/')}", body, headers, timeout=10,
+                               context=self.context)
+        return status, json.loads(data or b"{}")
+
+    def call(self, path, body, token=None):
+        """request(), raising on a non-200; returns the decoded JSON."""
+        status, answer = self.request(path, body, token)
         if status != 200:
-            raise RuntimeError(f"etcd {path}: {status} {data[:500]!r}")
-        return json.loads(data)
+            raise RuntimeError(f"etcd {path}: {status} {str(answer)[:500]}")
+        return answer
+
+    def enable_auth(self, prefix, user, password, root_password):
+        """Enables etcd's authentication through its JSON gateway, as
+        `etcdctl user add`, `role add`, `role grant-permission --prefix=true
+        readwrite`, `user grant-role` and `auth enable` would: root, and
+        `user` with a role of the same name that may read and write only
+        the keys under `prefix`/."""
+        for path, body in [
+            ("auth/user/add", {"name": "root", "password": root_password}),
+            ("auth/role/add", {"name": "root"}),
+            ("auth/user/grant", {"user": "root", "role": "root"}),
+            ("auth/user/add", {"name": user, "password": password}),
+            ("auth/role/add", {"name": user}),
+            ("auth/role/grant", {"name": user, "perm": {"permType": "READWRITE", "key": _b64(prefix + "/"),
+                                                        "range_end": _b64(prefix_range_end(prefix + "/"))}}),
+            ("auth/user/grant", {"user": user, "role": user}),
+            ("auth/enable", {}),
+        ]:
+            self.call(path, body)
+
+    def token(self, user, password):
+        """etcd's auth token for user (POST /v3/auth/authenticate)."""
+        return self.call("auth/authenticate", {"name": user, "password": password})["token"]
 
     def put(self, key, value):
         return self.call("kv/put", {"key": _b64(key), "value": _b64(value)})
@@ -607,3 +641,84 @@ class Etcd:
 
     def delete(self, key):
         return self.call("kv/deleterange", {"key": _b64(key)})
+
+
+class TlsEtcd(Etcd):
+    """Etcd serving its client port over TLS only, with the certificate
+    certs[server + ".pem"] (and its key) from make_certs; with
+    client_cert_auth it also asks each client for a certificate signed by
+    the CA (etcd --client-cert-auth). The test's own calls trust the CA and
+    show the client certificate."""
+
+    def __init__(self, certs, server="server", client_cert_auth=False):
+        import ssl
+        super().__init__()
+        self.certs, self.server, self.client_cert_auth = certs, server, client_cert_auth
+        self.url = self.url.replace("http://", "https://")
+        self.context = ssl.create_default_context(cafile=certs["ca.pem"])
+        self.context.check_hostname = False     # the certificate may name another host: what the tests vary
+        self.context.load_cert_chain(certs["client.pem"], certs["client.key"])
+
+    def command(self):
+        c = self.certs
+        cmd = super().command() + ["--cert-file", c[self.server + ".pem"], "--key-file", c[self.server + ".key"]]
+        if self.client_cert_auth:
+            cmd += ["--client-cert-auth", "--trusted-ca-file", c["ca.pem"]]
+        return cmd
+
+
+def make_certs(d, servers):
+    """Writes into directory d a throwaway CA (ca.pem), a client certificate
+    (client.pem, client.key) and, for each name: DNS name in `servers`, a
+    server certificate <name>.pem / <name>.key for that DNS name and
+    127.0.0.1, all signed by the CA (EC P-256, valid for two days). Server
+    certificates may also authenticate a client: etcd's JSON gateway dials
+    etcd's own gRPC server with it. Returns {file name: path}."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    d = Path(d)
+    out = {}
+
+    def write(name, cert, key):
+        (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{name}.pem"] = str(d / f"{name}.pem")
+        if key is not None:
+            (d / f"{name}.key").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            out[f"{name}.key"] = str(d / f"{name}.key")
+
+    def issue(cn, key, issuer, signer, extensions):
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2)))
+        for ext, critical in extensions:
+            b = b.add_extension(ext, critical=critical)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "akr-test-ca")])
+    ca = issue("akr-test-ca", ca_key, ca_name, ca_key, [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                       encipher_only=False, decipher_only=False), True)])
+    write("ca", ca, None)
+    leaf = [(x509.BasicConstraints(ca=False, path_length=None), True)]
+    for name, dns in servers.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(name, issue(dns, key, ca_name, ca_key, leaf + [
+            (x509.SubjectAlternativeName([x509.DNSName(dns), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+             False),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False)]),
+            key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    write("client", issue("apikeyrouter", key, ca_name, ca_key,
+                          leaf + [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)]), key)
+    return out
