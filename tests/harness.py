@@ -159,6 +159,30 @@ def fill(text, values):
     return text
 
 
+# The shipped configs (envoy/*.yaml) on this machine: what they read from
+# /etc/envoy (the build's module; for envoy/fleet.yaml's etcd CA any CA
+# file will do, as `envoy --mode validate` only reads it) and the
+# environment they name in host_env_keys.
+SHIPPED_FILES = {"/etc/envoy/apikeyrouter.wasm": str(WASM),
+                 "/etc/envoy/etcd-ca.pem": "/etc/ssl/certs/ca-certificates.crt"}
+SHIPPED_ENV = {"OPENAI_KEY_1": "sk-a", "OPENAI_KEY_2": "sk-b", "OPENAI_KEY_3": "sk-c",
+               "DEMO_KEY_1": "sk-a", "DEMO_KEY_2": "sk-b", "DEMO_KEY_3": "sk-c",
+               "AZURE_OPENAI_KEY": "az", "ANTHROPIC_KEY": "sk-ant", "GEMINI_KEY": "gm",
+               "APIKEYROUTER_ADMIN_TOKEN": "an-admin-token-of-some-length", "ETCD_PASSWORD": "an-etcd-password"}
+
+
+def shipped_text(path, files=None):
+    """A shipped config's text with the files it reads from /etc/envoy
+    swapped for SHIPPED_FILES (updated with `files`) and its ${...}
+    placeholders filled with fixed ports."""
+    text = path.read_text()
+    for old, new in {**SHIPPED_FILES, **(files or {})}.items():
+        text = text.replace(old, str(new))
+    if "${" in text:
+        text = fill(text, {"GATEWAY_PORT": 10000, "ADMIN_PORT": 9901, "MOCK_PORT": 18080, "WASM_PATH": WASM})
+    return text
+
+
 def render(template_text, gateway_port, admin_port, mock_port, plugin=None, host_env_keys=None,
            wasm=WASM):
     """Fills the demo config's placeholders and optionally swaps its plugin
