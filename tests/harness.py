@@ -183,6 +183,52 @@ def shipped_text(path, files=None):
     return text
 
 
+def listener(cfg, name):
+    """A parsed Envoy config's listener of that name."""
+    [found] = [l for l in cfg["static_resources"]["listeners"] if l["name"] == name]
+    return found
+
+
+def distinct_ports(n):
+    """n free ports, no two the same."""
+    ports = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def shipped_on_loopback(text, gateway_port, management_port, admin_port, mock_port, client_key):
+    """A shipped gateway config's text (shipped_text of envoy/openai.yaml or
+    envoy/fleet.yaml), parsed and changed only in what ties it to a
+    deployment: its listeners on 127.0.0.1 (gateway and management on the
+    given ports, health on a port the kernel picks), Envoy's admin API on
+    admin_port (and the health listener's cluster to it), the openai cluster
+    at the mock over plain HTTP, and the example client's key_sha256 that of
+    client_key. Everything else stays as shipped."""
+    cfg = yaml.safe_load(text)
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    for name, port in (("gateway", gateway_port), ("management", management_port)):
+        listener(cfg, name)["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+    # The health listener (/ready, /stats/prometheus) on a port the kernel
+    # picks, proxying to this run's Envoy admin.
+    listener(cfg, "health")["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    admin_ep = clusters["envoy_admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    admin_ep["address"]["socket_address"]["port_value"] = admin_port
+    cluster = clusters["openai"]
+    del cluster["transport_socket"], cluster["dns_lookup_family"]
+    cluster["type"] = "STATIC"
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": mock_port}
+    # The public plugin config (one YAML anchor for both stages).
+    public = next(wasm_filter_configs(listener(cfg, "gateway")))["configuration"]
+    plugin = json.loads(public["value"])
+    [client] = plugin["clients"]
+    client["key_sha256"] = sha256_hex(client_key)
+    public["value"] = json.dumps(plugin)
+    return cfg
+
+
 def render(template_text, gateway_port, admin_port, mock_port, plugin=None, host_env_keys=None,
            wasm=WASM):
     """Fills the demo config's placeholders and optionally swaps its plugin
