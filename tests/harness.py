@@ -737,13 +737,16 @@ class TlsEtcd(Etcd):
         return cmd
 
 
-def make_certs(d, servers):
-    """Writes into directory d a throwaway CA (ca.pem), a client certificate
-    (client.pem, client.key) and, for each name: DNS name in `servers`, a
+def make_certs(d, servers, clients=None):
+    """Writes into directory d a throwaway CA (ca.pem) and, signed by it (EC
+    P-256, valid for two days), for each name: DNS name in `servers` a
     server certificate <name>.pem / <name>.key for that DNS name and
-    127.0.0.1, all signed by the CA (EC P-256, valid for two days). Server
-    certificates may also authenticate a client: etcd's JSON gateway dials
-    etcd's own gRPC server with it. Returns {file name: path}."""
+    127.0.0.1, and for each name: common name in `clients` (by default
+    {"client": ""}) a client certificate <name>.pem / <name>.key with that
+    subject CN ("": no CN, only a SAN, which is what etcd's JSON gateway
+    takes once authentication is on). Server certificates may also
+    authenticate a client: etcd's JSON gateway dials etcd's own gRPC server
+    with it. Returns {file name: path}."""
     import datetime
     import ipaddress
     from cryptography import x509
@@ -765,7 +768,7 @@ def make_certs(d, servers):
 
     def issue(cn, key, issuer, signer, extensions):
         b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []))
              .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2)))
         for ext, critical in extensions:
@@ -788,7 +791,10 @@ def make_certs(d, servers):
              False),
             (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False)]),
             key)
-    key = ec.generate_private_key(ec.SECP256R1())
-    write("client", issue("apikeyrouter", key, ca_name, ca_key,
-                          leaf + [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)]), key)
+    for name, cn in (clients if clients is not None else {"client": ""}).items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(name, issue(cn, key, ca_name, ca_key, leaf + [
+            # Without a subject, the SAN is what names it (and is critical).
+            (x509.SubjectAlternativeName([x509.DNSName("apikeyrouter")]), not cn),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)]), key)
     return out
