@@ -92,8 +92,9 @@ def wait_recorded(envoy, attempts, timeout=15.0):
     return {kid: k["counters"] for kid, k in envoy.key_counters().items()}
 
 
-def http(method, url, body=None, headers=None, timeout=30):
-    """A plain HTTP/1.1 request; returns (status, headers dict, body bytes)."""
+def http(method, url, body=None, headers=None, timeout=30, context=None):
+    """A plain HTTP/1.1 request (HTTPS with the ssl.SSLContext `context`);
+    returns (status, headers dict, body bytes)."""
     data = None
     hdrs = dict(headers or {})
     if body is not None:
@@ -103,7 +104,7 @@ def http(method, url, body=None, headers=None, timeout=30):
         hdrs.setdefault("content-type", "application/json")
     req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
@@ -156,6 +157,76 @@ def fill(text, values):
     if "${" in text:
         raise ValueError("unfilled placeholder in config: " + text[text.index("${"):][:40])
     return text
+
+
+# The shipped configs (envoy/*.yaml) on this machine: what they read from
+# /etc/envoy (the build's module; for envoy/fleet.yaml's etcd CA any CA
+# file will do, as `envoy --mode validate` only reads it) and the
+# environment they name in host_env_keys.
+SHIPPED_FILES = {"/etc/envoy/apikeyrouter.wasm": str(WASM),
+                 "/etc/envoy/etcd-ca.pem": "/etc/ssl/certs/ca-certificates.crt"}
+SHIPPED_ENV = {"OPENAI_KEY_1": "sk-a", "OPENAI_KEY_2": "sk-b", "OPENAI_KEY_3": "sk-c",
+               "DEMO_KEY_1": "sk-a", "DEMO_KEY_2": "sk-b", "DEMO_KEY_3": "sk-c",
+               "AZURE_OPENAI_KEY": "az", "ANTHROPIC_KEY": "sk-ant", "GEMINI_KEY": "gm",
+               "APIKEYROUTER_ADMIN_TOKEN": "an-admin-token-of-some-length", "ETCD_PASSWORD": "an-etcd-password"}
+
+
+def shipped_text(path, files=None):
+    """A shipped config's text with the files it reads from /etc/envoy
+    swapped for SHIPPED_FILES (updated with `files`) and its ${...}
+    placeholders filled with fixed ports."""
+    text = path.read_text()
+    for old, new in {**SHIPPED_FILES, **(files or {})}.items():
+        text = text.replace(old, str(new))
+    if "${" in text:
+        text = fill(text, {"GATEWAY_PORT": 10000, "ADMIN_PORT": 9901, "MOCK_PORT": 18080, "WASM_PATH": WASM})
+    return text
+
+
+def listener(cfg, name):
+    """A parsed Envoy config's listener of that name."""
+    [found] = [l for l in cfg["static_resources"]["listeners"] if l["name"] == name]
+    return found
+
+
+def distinct_ports(n):
+    """n free ports, no two the same."""
+    ports = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def shipped_on_loopback(text, gateway_port, management_port, admin_port, mock_port, client_key):
+    """A shipped gateway config's text (shipped_text of envoy/openai.yaml or
+    envoy/fleet.yaml), parsed and changed only in what ties it to a
+    deployment: its listeners on 127.0.0.1 (gateway and management on the
+    given ports, health on a port the kernel picks), Envoy's admin API on
+    admin_port (and the health listener's cluster to it), the openai cluster
+    at the mock over plain HTTP, and the example client's key_sha256 that of
+    client_key. Everything else stays as shipped."""
+    cfg = yaml.safe_load(text)
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    for name, port in (("gateway", gateway_port), ("management", management_port)):
+        listener(cfg, name)["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+    # The health listener (/ready, /stats/prometheus) on a port the kernel
+    # picks, proxying to this run's Envoy admin.
+    listener(cfg, "health")["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    admin_ep = clusters["envoy_admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    admin_ep["address"]["socket_address"]["port_value"] = admin_port
+    cluster = clusters["openai"]
+    del cluster["transport_socket"], cluster["dns_lookup_family"]
+    cluster["type"] = "STATIC"
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": mock_port}
+    # The public plugin config (one YAML anchor for both stages).
+    public = next(wasm_filter_configs(listener(cfg, "gateway")))["configuration"]
+    plugin = json.loads(public["value"])
+    [client] = plugin["clients"]
+    client["key_sha256"] = sha256_hex(client_key)
+    public["value"] = json.dumps(plugin)
+    return cfg
 
 
 def render(template_text, gateway_port, admin_port, mock_port, plugin=None, host_env_keys=None,
@@ -485,6 +556,8 @@ class Etcd:
         self.log_path = os.path.join(self.dir, "etcd.log")
         self.proc = None
         self.log = None
+        # The TLS context of the test's own calls to the gateway (TlsEtcd).
+        self.context = None
 
     def command(self):
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -515,7 +588,7 @@ class Etcd:
             else:
                 try:
                     status, _, body = http("POST", self.url + "/v3/kv/range", {"key": _b64("\0")},
-                                           timeout=1)
+                                           timeout=1, context=self.context)
                     if status == 200:
                         return self
                     last = (status, body[:200])
@@ -574,12 +647,43 @@ class Etcd:
 
     # The JSON gateway: keys and values are base64, int64s are JSON strings.
 
-    def call(self, path, body):
-        """POSTs body (a dict) to /v3/<path>; returns the decoded JSON, raising on a non-200."""
-        status, _, data = http("POST", f"{self.url}/v3/{path.lstrip('/')}", body, timeout=10)
+    def request(self, path, body, token=None):
+        """POSTs body (a dict) to /v3/<path>, with etcd's auth token when
+        given; returns (status, the decoded JSON answer)."""
+        headers = {"authorization": token} if token else {}
+        status, _, data = http("POST", f"{self.url}/v3/{path.lstrip('/')}", body, headers, timeout=10,
+                               context=self.context)
+        return status, json.loads(data or b"{}")
+
+    def call(self, path, body, token=None):
+        """request(), raising on a non-200; returns the decoded JSON."""
+        status, answer = self.request(path, body, token)
         if status != 200:
-            raise RuntimeError(f"etcd {path}: {status} {data[:500]!r}")
-        return json.loads(data)
+            raise RuntimeError(f"etcd {path}: {status} {str(answer)[:500]}")
+        return answer
+
+    def enable_auth(self, prefix, user, password, root_password):
+        """Enables etcd's authentication through its JSON gateway, as
+        `etcdctl user add`, `role add`, `role grant-permission --prefix=true
+        readwrite`, `user grant-role` and `auth enable` would: root, and
+        `user` with a role of the same name that may read and write only
+        the keys under `prefix`/."""
+        for path, body in [
+            ("auth/user/add", {"name": "root", "password": root_password}),
+            ("auth/role/add", {"name": "root"}),
+            ("auth/user/grant", {"user": "root", "role": "root"}),
+            ("auth/user/add", {"name": user, "password": password}),
+            ("auth/role/add", {"name": user}),
+            ("auth/role/grant", {"name": user, "perm": {"permType": "READWRITE", "key": _b64(prefix + "/"),
+                                                        "range_end": _b64(prefix_range_end(prefix + "/"))}}),
+            ("auth/user/grant", {"user": user, "role": user}),
+            ("auth/enable", {}),
+        ]:
+            self.call(path, body)
+
+    def token(self, user, password):
+        """etcd's auth token for user (POST /v3/auth/authenticate)."""
+        return self.call("auth/authenticate", {"name": user, "password": password})["token"]
 
     def put(self, key, value):
         return self.call("kv/put", {"key": _b64(key), "value": _b64(value)})
@@ -607,3 +711,90 @@ class Etcd:
 
     def delete(self, key):
         return self.call("kv/deleterange", {"key": _b64(key)})
+
+
+class TlsEtcd(Etcd):
+    """Etcd serving its client port over TLS only, with the certificate
+    certs[server + ".pem"] (and its key) from make_certs; with
+    client_cert_auth it also asks each client for a certificate signed by
+    the CA (etcd --client-cert-auth). The test's own calls trust the CA and
+    show the client certificate."""
+
+    def __init__(self, certs, server="server", client_cert_auth=False):
+        import ssl
+        super().__init__()
+        self.certs, self.server, self.client_cert_auth = certs, server, client_cert_auth
+        self.url = self.url.replace("http://", "https://")
+        self.context = ssl.create_default_context(cafile=certs["ca.pem"])
+        self.context.check_hostname = False     # the certificate may name another host: what the tests vary
+        self.context.load_cert_chain(certs["client.pem"], certs["client.key"])
+
+    def command(self):
+        c = self.certs
+        cmd = super().command() + ["--cert-file", c[self.server + ".pem"], "--key-file", c[self.server + ".key"]]
+        if self.client_cert_auth:
+            cmd += ["--client-cert-auth", "--trusted-ca-file", c["ca.pem"]]
+        return cmd
+
+
+def make_certs(d, servers, clients=None):
+    """Writes into directory d a throwaway CA (ca.pem) and, signed by it (EC
+    P-256, valid for two days), for each name: DNS name in `servers` a
+    server certificate <name>.pem / <name>.key for that DNS name and
+    127.0.0.1, and for each name: common name in `clients` (by default
+    {"client": ""}) a client certificate <name>.pem / <name>.key with that
+    subject CN ("": no CN, only a SAN, which is what etcd's JSON gateway
+    takes once authentication is on). Server certificates may also
+    authenticate a client: etcd's JSON gateway dials etcd's own gRPC server
+    with it. Returns {file name: path}."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    d = Path(d)
+    out = {}
+
+    def write(name, cert, key):
+        (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{name}.pem"] = str(d / f"{name}.pem")
+        if key is not None:
+            (d / f"{name}.key").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            out[f"{name}.key"] = str(d / f"{name}.key")
+
+    def issue(cn, key, issuer, signer, extensions):
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []))
+             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2)))
+        for ext, critical in extensions:
+            b = b.add_extension(ext, critical=critical)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "akr-test-ca")])
+    ca = issue("akr-test-ca", ca_key, ca_name, ca_key, [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                       encipher_only=False, decipher_only=False), True)])
+    write("ca", ca, None)
+    leaf = [(x509.BasicConstraints(ca=False, path_length=None), True)]
+    for name, dns in servers.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(name, issue(dns, key, ca_name, ca_key, leaf + [
+            (x509.SubjectAlternativeName([x509.DNSName(dns), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+             False),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False)]),
+            key)
+    for name, cn in (clients if clients is not None else {"client": ""}).items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(name, issue(cn, key, ca_name, ca_key, leaf + [
+            # Without a subject, the SAN is what names it (and is critical).
+            (x509.SubjectAlternativeName([x509.DNSName("apikeyrouter")]), not cn),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)]), key)
+    return out

@@ -10,38 +10,19 @@ import json
 from decimal import Decimal
 
 import pytest
-import yaml
 
-from harness import (ADMIN_TOKEN, ROOT, WASM, chat, free_port, http, secrets, sha256_hex, wait_until,
-                     wasm_filter_configs)
+from harness import (ADMIN_TOKEN, ROOT, chat, distinct_ports, http, listener, secrets, shipped_on_loopback,
+                     shipped_text, wait_until, wasm_filter_configs)
 
 SHIPPED = ROOT / "envoy" / "openai.yaml"
 CLIENT_KEY = "vk-openai-yaml-client-0123456789"
 
 
-def listener(cfg, name):
-    [found] = [l for l in cfg["static_resources"]["listeners"] if l["name"] == name]
-    return found
-
-
 def openai_yaml(gateway_port, management_port, admin_port, mock_port):
     """envoy/openai.yaml, adapted to run against the mock on run-time ports."""
-    cfg = yaml.safe_load(SHIPPED.read_text().replace("/etc/envoy/apikeyrouter.wasm", str(WASM)))
-    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    for name, port in (("gateway", gateway_port), ("management", management_port)):
-        listener(cfg, name)["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
-    # The health listener (/ready, /stats/prometheus) on a port the kernel
-    # picks, proxying to this run's Envoy admin.
-    listener(cfg, "health")["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
-    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
-    assert set(clusters) == {"openai", "envoy_admin"}, set(clusters)
-    admin_ep = clusters["envoy_admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    admin_ep["address"]["socket_address"]["port_value"] = admin_port
-    cluster = clusters["openai"]
-    del cluster["transport_socket"], cluster["dns_lookup_family"]
-    cluster["type"] = "STATIC"
-    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    endpoint["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": mock_port}
+    cfg = shipped_on_loopback(shipped_text(SHIPPED), gateway_port, management_port, admin_port, mock_port,
+                              CLIENT_KEY)
+    assert {c["name"] for c in cfg["static_resources"]["clusters"]} == {"openai", "envoy_admin"}
     # The shape under test: the public listener runs both stages on one
     # plugin config (a YAML anchor) without "admin"; the internal one runs
     # only the ingress stage, in the same VM, with "admin".
@@ -51,22 +32,9 @@ def openai_yaml(gateway_port, management_port, admin_port, mock_port):
     assert public_stages[0]["configuration"] is public_stages[1]["configuration"]
     assert internal["root_id"] == "apikeyrouter_ingress"
     assert {c["vm_config"]["vm_id"] for c in public_stages + [internal]} == {"apikeyrouter"}
-    public = public_stages[0]["configuration"]
     assert "admin" in json.loads(internal["configuration"]["value"])
-    plugin = json.loads(public["value"])
-    assert "admin" not in plugin
-    # Its example client gets a key this test holds.
-    [client] = plugin["clients"]
-    client["key_sha256"] = sha256_hex(CLIENT_KEY)
-    public["value"] = json.dumps(plugin)
+    assert "admin" not in json.loads(public_stages[0]["configuration"]["value"])
     return cfg
-
-
-def distinct_ports(n):
-    ports = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return sorted(ports)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import _b64, chat, http, secrets, wait_until, Etcd
+from harness import _b64, chat, make_certs, secrets, wait_until, Etcd, TlsEtcd
 from test_fleet import PREFIX, after_two_syncs, fleet_plugin, health, shared_state, with_etcd
 
 DAY_MS = 86_400_000
@@ -111,35 +111,13 @@ ROOT_PW = "root-pw-for-the-test-etcd"
 GW_PW = "gw-pw-7f3a9c1e5b2d8046"
 
 
-def gateway(etcd, path, body, token=None):
-    headers = {"authorization": token} if token else {}
-    status, _, data = http("POST", f"{etcd.url}/v3/{path}", body, headers, timeout=10)
-    return status, json.loads(data or b"{}")
-
-
 def enable_auth(etcd):
-    """Through etcd's JSON gateway, as `etcdctl user add`, `role add`,
-    `role grant-permission --prefix`, `user grant-role` and `auth enable`
-    would: root, and a user `gw` that may read and write only the prefix."""
-    for path, body in [
-        ("auth/user/add", {"name": "root", "password": ROOT_PW}),
-        ("auth/role/add", {"name": "root"}),
-        ("auth/user/grant", {"user": "root", "role": "root"}),
-        ("auth/user/add", {"name": "gw", "password": GW_PW}),
-        ("auth/role/add", {"name": "gateway"}),
-        ("auth/role/grant", {"name": "gateway", "perm": {"permType": "READWRITE", "key": _b64(PREFIX + "/"),
-                                                          "range_end": _b64(PREFIX + "0")}}),
-        ("auth/user/grant", {"user": "gw", "role": "gateway"}),
-        ("auth/enable", {}),
-    ]:
-        status, answer = gateway(etcd, path, body)
-        assert status == 200, (path, status, answer)
+    """Root, and a user `gw` that may read and write only the prefix."""
+    etcd.enable_auth(PREFIX, "gw", GW_PW, root_password=ROOT_PW)
 
 
 def root_token(etcd):
-    status, answer = gateway(etcd, "auth/authenticate", {"name": "root", "password": ROOT_PW})
-    assert status == 200, answer
-    return answer["token"]
+    return etcd.token("root", ROOT_PW)
 
 
 def restart_with_auth(etcd):
@@ -148,13 +126,13 @@ def restart_with_auth(etcd):
     etcd.stop()
     etcd.proc = subprocess.Popen(etcd.command(), stdout=etcd.log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL)
-    wait_until(lambda: gateway(etcd, "auth/authenticate", {"name": "root", "password": ROOT_PW})[0] == 200,
+    wait_until(lambda: etcd.request("auth/authenticate", {"name": "root", "password": ROOT_PW})[0] == 200,
                timeout=20, what="etcd back, with auth")
 
 
 def test_etcd_auth_a_user_syncs_and_strangers_do_not(mock3, etcd, start_envoy):
     enable_auth(etcd)
-    status, answer = gateway(etcd, "kv/range", {"key": _b64(PREFIX + "/")})
+    status, answer = etcd.request("kv/range", {"key": _b64(PREFIX + "/")})
     assert status != 200, "etcd refuses a read without a token"
     budgets = [{"id": "daily", "window": "day", "limit": "100"}]
     keys = ["APIKEYROUTER_ADMIN_TOKEN", "ETCD_PASSWORD"]
@@ -171,7 +149,7 @@ def test_etcd_auth_a_user_syncs_and_strangers_do_not(mock3, etcd, start_envoy):
     token = root_token(etcd)
 
     def a_marker():
-        status, answer = gateway(etcd, "kv/range", {"key": _b64(f"{PREFIX}/m/gw-1/b/daily")}, token)
+        status, answer = etcd.request("kv/range", {"key": _b64(f"{PREFIX}/m/gw-1/b/daily")}, token)
         return status == 200 and answer.get("kvs")
     wait_until(a_marker, timeout=10, what="gw-1's spend marker in etcd")
 
@@ -181,8 +159,8 @@ def test_etcd_auth_a_user_syncs_and_strangers_do_not(mock3, etcd, start_envoy):
         wait_until(lambda: health(e)["fleet"]["failures"] > 0 and why in health(e)["fleet"]["last_error"],
                    timeout=10, what=f"the sync refused ({why})")
         assert health(e)["fleet"]["syncs"] == 0
-    status, answer = gateway(etcd, "kv/range", {"key": _b64(f"{PREFIX}/m/"), "range_end": _b64(f"{PREFIX}/m0")},
-                             token)
+    status, answer = etcd.request("kv/range", {"key": _b64(f"{PREFIX}/m/"), "range_end": _b64(f"{PREFIX}/m0")},
+                                  token)
     writers = {kv["key"] for kv in answer.get("kvs", [])}
     assert writers == {_b64(f"{PREFIX}/m/gw-1/b/daily")}, writers
 
@@ -204,61 +182,6 @@ def test_etcd_auth_a_user_syncs_and_strangers_do_not(mock3, etcd, start_envoy):
 # --- etcd over TLS with a SAN check (what envoy/fleet.yaml's etcd cluster needs) ---
 
 SAN = "etcd.fleet.internal"
-
-
-def make_certs(d):
-    """A CA, etcd's server certificate for SAN (and 127.0.0.1), and a client
-    certificate for the gateway, all EC P-256, in directory d. The server
-    certificate may also authenticate a client: etcd's JSON gateway dials
-    etcd's own gRPC server with it."""
-    def run(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=akr-test-ca")
-    for name, cn, ext in [("server", SAN, f"subjectAltName=DNS:{SAN},IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
-                          ("client", "apikeyrouter", "extendedKeyUsage=clientAuth")]:
-        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
-        (d / f"{name}.ext").write_text(ext + "\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: str(d / n) for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
-
-
-class TlsEtcd(Etcd):
-    """etcd serving its client port over TLS only, asking for client
-    certificates signed by the test CA."""
-
-    def __init__(self, certs):
-        super().__init__()
-        self.certs = certs
-        self.url = self.url.replace("http://", "https://")
-
-    def command(self):
-        c = self.certs
-        return super().command() + ["--cert-file", c["server.pem"], "--key-file", c["server.key"],
-                                    "--client-cert-auth", "--trusted-ca-file", c["ca.pem"]]
-
-    def start(self, timeout=20.0):
-        import ssl
-        import urllib.request
-        ctx = ssl.create_default_context(cafile=self.certs["ca.pem"])
-        ctx.load_cert_chain(self.certs["client.pem"], self.certs["client.key"])
-        ctx.check_hostname = False
-        self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-
-        def ready():
-            req = urllib.request.Request(self.url + "/v3/kv/range", data=json.dumps({"key": _b64("\0")}).encode(),
-                                         method="POST")
-            with urllib.request.urlopen(req, context=ctx, timeout=2) as r:
-                return r.status == 200
-        try:
-            wait_until(ready, timeout=timeout, what="etcd with TLS")
-        except TimeoutError:
-            self.cleanup()
-            raise
-        return self
 
 
 def etcd_tls_cluster(certs, san):
@@ -286,8 +209,8 @@ def with_tls_etcd(etcd, node_id, certs, san):
 
 
 def test_etcd_over_tls_syncs_only_when_the_certificate_names_etcd(mock3, start_envoy, tmp_path):
-    certs = make_certs(tmp_path)
-    etcd = TlsEtcd(certs).start()
+    certs = make_certs(tmp_path, {"server": SAN})
+    etcd = TlsEtcd(certs, client_cert_auth=True).start()
     try:
         plugin = fleet_plugin(secrets(3))
         good = start_envoy(mock3, plugin=plugin, edit=with_tls_etcd(etcd, "gw-1", certs, SAN))

@@ -25,22 +25,16 @@ import tempfile
 import pytest
 import yaml
 
-from harness import ROOT, WASM, chat, fill, hcm, http, priced, secrets, validate, wait_until
+from harness import ROOT, SHIPPED_ENV, chat, hcm, http, priced, secrets, shipped_text, validate, wait_until
 
 CONFIGS = sorted((ROOT / "envoy").glob("*.yaml"))
 IDS = [p.name for p in CONFIGS]
-ENV = {"OPENAI_KEY_1": "sk-a", "OPENAI_KEY_2": "sk-b", "OPENAI_KEY_3": "sk-c",
-       "DEMO_KEY_1": "sk-a", "DEMO_KEY_2": "sk-b", "DEMO_KEY_3": "sk-c",
-       "AZURE_OPENAI_KEY": "az", "ANTHROPIC_KEY": "sk-ant", "GEMINI_KEY": "gm",
-       "APIKEYROUTER_ADMIN_TOKEN": "an-admin-token-of-some-length"}
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
 def load(path):
-    text = path.read_text().replace("/etc/envoy/apikeyrouter.wasm", str(WASM))
-    if "${" in text:
-        text = fill(text, {"GATEWAY_PORT": 10000, "ADMIN_PORT": 9901, "MOCK_PORT": 18080, "WASM_PATH": WASM})
+    text = shipped_text(path)
     return yaml.safe_load(text), text
 
 
@@ -90,7 +84,7 @@ def test_envoy_validates_it(path):
     out = os.path.join(d, path.name)
     with open(out, "w") as f:
         f.write(load(path)[1])
-    code, log = validate(out, ENV)
+    code, log = validate(out, SHIPPED_ENV)
     assert code == 0, log[-3000:]
 
 
