@@ -14,7 +14,10 @@
 - a health listener with only /ready and /stats/prometheus, apart from the
   admin API;
 - the access log has response flags, upstream host, attempt count, time to
-  first byte and bytes.
+  first byte and bytes;
+- the public gateway takes the caller from the connection
+  (`use_remote_address`, no trusted x-forwarded-for hop) and gives every
+  request a request id of its own, returned in the response.
 Every config also passes `envoy --mode validate`."""
 
 import json
@@ -205,6 +208,17 @@ def test_access_log_says_what_an_operator_needs(path):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=IDS)
+def test_the_public_gateway_takes_the_caller_from_the_connection_and_sets_its_own_request_ids(path):
+    cfg, _ = load(path)
+    [gw] = [h for name, h in hcms(cfg) if name == "gateway"]
+    assert gw.get("use_remote_address") is True, "the caller's address must come from the connection"
+    assert gw.get("xff_num_trusted_hops") == 0, "stated: no hop in front is trusted to set x-forwarded-for"
+    assert gw.get("preserve_external_request_id") is False, "stated: a caller's x-request-id is replaced"
+    assert gw.get("generate_request_id", True) is True
+    assert gw.get("always_set_request_id_in_response") is True
+
+
 # --- The same, working in real Envoy (envoy/demo.yaml, as the other tests run it)
 
 
@@ -253,6 +267,18 @@ def test_access_log_line_has_flags_upstream_attempts_ttfb_and_bytes(mock, start_
     assert int(line["upstream_attempts"]) == 2, "the 429 and the retry on another key"
     assert 0 <= int(line["ttfb_ms"]) <= int(line["duration_ms"])
     assert int(line["bytes_sent"]) == len(body) and int(line["bytes_received"]) > 0
+
+
+def test_a_callers_request_id_is_replaced_by_envoys_own_and_returned(mock, start_envoy):
+    e = start_envoy(mock)
+    ids = []
+    for _ in range(2):
+        status, headers, _ = chat(e.url, headers={"authorization": "Bearer sk-gateway-demo-key-0001",
+                                                  "x-request-id": "chosen-by-the-caller"})
+        assert status == 200
+        ids.append(headers["x-request-id"])
+    assert "chosen-by-the-caller" not in ids and ids[0] != ids[1], ids
+    assert [r["headers"]["x-request-id"] for r in mock.received()] == ids
 
 
 def test_a_reset_after_the_request_went_out_is_not_retried(mock3, start_envoy):

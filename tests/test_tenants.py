@@ -1,11 +1,17 @@
 """Tenants through real Envoy (issue 17), from the hostile caller's side:
 a key's own headers stay with that key, a model name cannot steer the
-provider's path, only allowed headers and endpoints reach the provider."""
+provider's path, only allowed headers and endpoints reach the provider,
+and a request id of the caller's choosing cannot join another request's
+books."""
+
+import json
+from decimal import Decimal
 
 import pytest
 
 import harness
-from harness import DIALECTS, ROOT, chat, http, plugin_with_keys, secrets, sha256_hex
+from harness import (DIALECTS, ROOT, budget_of, chat, expected_spend, hcm, http, open_stream, plugin_with_keys,
+                     priced, secrets, sha256_hex, wait_until)
 
 DIALECT_KEYS = ["sk-openai-1", "sk-openai-2", "az-key-1", "sk-ant-1", "sk-ant-2", "gm-key-1", "gm-key-2"]
 
@@ -104,3 +110,63 @@ def test_a_caller_cannot_set_its_own_retries_or_hedging_through_envoy_headers(mo
     assert len(received) == 1, [r["key"] for r in received]
     assert not any(k.startswith("x-envoy-") and k != "x-envoy-attempt-count" for k in received[0]["headers"]), \
         received[0]["headers"]
+
+
+def outcomes(e, request_id):
+    """The filter's outcome in every access-log line of `request_id`."""
+    found = []
+    for line in e.logs().splitlines():
+        if line.startswith("{") and request_id in line:
+            entry = json.loads(line)
+            if entry.get("request_id") == request_id and entry.get("apikeyrouter") not in (None, "-"):
+                found.append(json.loads(entry["apikeyrouter"]))
+    return found
+
+
+def test_two_requests_with_the_same_caller_chosen_request_id_are_accounted_separately(mock3, start_envoy):
+    # One worker: both requests meet in one VM's table of requests in flight.
+    # Envoy 1.40 trusts no caller's x-request-id by default (the shipped
+    # configs replace it); a gateway told to keep external ids is the
+    # attacker's best case, and the provider receiving the chosen id below
+    # shows it was kept.
+    def keep_callers_ids(cfg):
+        hcm(cfg)["preserve_external_request_id"] = True
+    e = start_envoy(mock3, plugin=priced(secrets(3)), concurrency=1, edit=keep_callers_ids)
+    same = {"x-request-id": "chosen-by-the-caller"}
+    # The first attempt answers 429: the stream is served by its retry.
+    mock3.behavior("*", status=429, times=1, headers={"retry-after": "30"})
+    mock3.control("/_mock/stream", {"chunks": 4, "gate": True, "gate_after": 1})
+    streamed = {"model": "gpt-4o-mini", "stream": True,
+                "messages": [{"role": "user", "content": "a longer prompt than the other " * 10}]}
+    conn, resp = open_stream(e.url, streamed, headers=same)
+    try:
+        assert resp.status == 200
+        assert (resp.getheader("x-request-id"), resp.getheader("x-apikeyrouter-attempts")) == (same["x-request-id"], "2")
+        assert resp.readline().startswith(b"data: "), "the stream is held open after its first event"
+        # While it is in flight, the same id again.
+        status, headers, _ = chat(e.url, content="short", headers=same)
+        assert status == 200 and headers["x-request-id"] == same["x-request-id"]
+        own_cost = Decimal(headers["x-apikeyrouter-cost"])
+    finally:
+        mock3.control("/_mock/release", {})
+    rest = resp.read()
+    conn.close()
+    assert b'"usage"' in rest and rest.rstrip().endswith(b"data: [DONE]")
+    assert [r["headers"].get("x-request-id") for r in mock3.received()] == [same["x-request-id"]] * 3
+
+    wait_until(lambda: budget_of(e, "b")["requests"] == 2 and budget_of(e, "b")["reserved"] == "0",
+               what="both requests settled")
+    spent = Decimal(budget_of(e, "b")["spent"])
+    assert spent == expected_spend(mock3), "each charged its own usage: the sum"
+    stream_cost = spent - own_cost
+    assert 0 < own_cost < stream_cost
+    wait_until(lambda: len(outcomes(e, same["x-request-id"])) == 2, what="two access-log lines")
+    logged = sorted((o["attempts"], Decimal(o["cost"]), o["charged"]) for o in outcomes(e, same["x-request-id"]))
+    assert logged == [(1, own_cost, "usage"), (2, stream_cost, "usage")]
+
+    def records():
+        _, _, body = e.admin_api("GET", "decisions?limit=100")
+        return sorted((d["attempt"], d["charged"] or "-") for d in json.loads(body)["decisions"]
+                      if d["request_id"] == same["x-request-id"])
+    wait_until(lambda: len(records()) == 3, what="three decision records")
+    assert records() == [(1, "-"), (1, "usage"), (2, "usage")], "the 429, the short request, the stream's retry"

@@ -5,7 +5,7 @@
 //! passes, records the attempt, and charges its answer by the rules of
 //! [`crate::charge`].
 
-use super::flight::{Flights, Holder, Served};
+use super::flight::{Flights, Holder, Served, FLIGHT_PROPERTY};
 use super::host::{Buffer, Host, Map, Next};
 use super::worker_state::WorkerState;
 use crate::budget::{self, Price, Reservation};
@@ -67,7 +67,10 @@ pub struct Attempt {
     body: Body,
     usage: Option<usage::Usage>,
     recorded: bool,
-    request_id: Option<String>,
+    /// The request's flight (its nonce), when the ingress stage opened one.
+    flight: Option<String>,
+    /// The request's `x-request-id`, for the decision record.
+    label: String,
     /// The model's price and the request's token estimates, from admission.
     price: Option<Price>,
     estimate_tokens: (u64, u64),
@@ -107,7 +110,8 @@ impl Attempt {
             body: Body::Ignore,
             usage: None,
             recorded: false,
-            request_id: None,
+            flight: None,
+            label: String::new(),
             price: None,
             estimate_tokens: (0, 0),
             key_held: None,
@@ -128,7 +132,7 @@ impl Attempt {
     fn cutoff_event(&self, h: &dyn Host, events: u64) -> Option<String> {
         let key = self.cfg.keys.get(self.key?)?;
         let running = budget::estimate(self.estimate_tokens.0, events, self.price.as_ref(), &key.pricing);
-        let rid = self.request_id.as_deref()?;
+        let rid = self.flight.as_deref()?;
         let mut held = self
             .flights
             .try_borrow()
@@ -182,7 +186,7 @@ impl Attempt {
             return;
         }
         let live = Rc::new(Cell::new(Answer { stream: matches!(self.body, Body::Sse(_)), ..Answer::default() }));
-        if let Some(rid) = self.request_id.as_deref() {
+        if let Some(rid) = self.flight.as_deref() {
             if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
                 let key = self.key;
                 f.served =
@@ -196,7 +200,7 @@ impl Attempt {
     /// stage (access logs); returns the charge.
     fn served(&self) -> Option<Charge> {
         let charge = self.charge();
-        if let Some(rid) = self.request_id.as_deref() {
+        if let Some(rid) = self.flight.as_deref() {
             let served = Served {
                 key: self.key,
                 usage: charge.map_or(self.usage, |c| Some(c.tokens)),
@@ -245,7 +249,7 @@ impl Attempt {
             d.charged = charge.map(|c| c.basis);
             routing.queue_decision(d.encode());
         }
-        let Some(rid) = self.request_id.take() else { return };
+        let Some(rid) = self.flight.take() else { return };
         let (to_settle, leftover) = match self.flights.try_borrow_mut() {
             Ok(mut fl) => {
                 let to_settle =
@@ -392,12 +396,12 @@ impl Attempt {
     }
 
     /// The decision's ring record (its `seq` is given when it is queued).
-    fn record_of(&self, rid: &str, d: Decision, now: u64) -> Stored {
+    fn record_of(&self, d: Decision, now: u64) -> Stored {
         Stored {
             at_ms: now,
             seq: 0,
             attempt: self.attempt,
-            request_id: rid.to_string(),
+            request_id: self.label.clone(),
             client: self.client.and_then(|c| self.cfg.clients.get(c)).map(|c| c.id.clone()).unwrap_or_default(),
             decision: d,
             charged: None,
@@ -420,27 +424,47 @@ impl Attempt {
     pub fn on_request_headers(&mut self, h: &dyn Host) -> Next {
         self.started_ns = h.now_ns();
         let now = self.started_ns / 1_000_000;
-        let rid = h.header(Map::RequestHeaders, "x-request-id").ok().flatten();
+        // The ingress stage names the request's flight in filter state,
+        // which no caller can write (a header could come from the caller,
+        // and the header map carries over between attempts).
+        let nonce = match h.property(&[FLIGHT_PROPERTY]) {
+            Ok(n) => n.map(|b| String::from_utf8_lossy(&b).into_owned()),
+            Err(e) => {
+                log::warn!("[{}] could not read the request's flight (host status {})", self.id, e.0);
+                h.reply(&reply::gateway_error("The gateway could not find the request's admission."), self.id);
+                return Next::Pause;
+            }
+        };
         // What the ingress stage left for this request: the provider, the
-        // objective and the keys earlier attempts used. Absent when the
-        // ingress stage is not installed; then the first provider serves.
-        let found = rid.as_deref().and_then(|rid| {
+        // objective, its label and the keys earlier attempts used. Absent
+        // when the ingress stage is not installed; then the first provider
+        // serves.
+        let found = nonce.as_deref().and_then(|id| {
             let mut fl = self.flights.try_borrow_mut().ok()?;
-            let f = fl.get_mut(rid)?;
+            let f = fl.get_mut(id)?;
             f.attempts.count += 1;
             f.attempts.in_flight += 1;
             let a = &f.admission;
             let est = (a.prompt_tokens_est, a.output_tokens_est);
             self.client = a.client;
             self.read_only = a.read_only;
+            self.label.clone_from(&a.request_id);
             Some((a.provider, f.attempts.tried.clone(), f.attempts.count, a.objective.clone(), a.price, est))
         });
         let (provider, tried, attempt, objective, price, est) = match found {
             Some(x) => {
-                self.request_id = rid.clone();
+                self.flight = nonce;
                 x
             }
+            None if nonce.is_some() => {
+                // Admitted, but its flight is gone (a VM reload): it is not
+                // sent with its reservation unaccounted for.
+                log::warn!("[{}] the request's flight is gone: not sent", self.id);
+                h.reply(&reply::gateway_error("The gateway lost track of this request; it was not sent."), self.id);
+                return Next::Pause;
+            }
             None => {
+                self.label = h.header(Map::RequestHeaders, "x-request-id").ok().flatten().unwrap_or_default();
                 let n = h
                     .header(Map::RequestHeaders, "x-envoy-attempt-count")
                     .ok()
@@ -537,7 +561,7 @@ impl Attempt {
                     }
                 }
                 self.key = Some(k);
-                if let Some(rid) = rid.as_deref() {
+                if let Some(rid) = self.flight.as_deref() {
                     if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
                         f.attempts.tried.push(k);
                     }
@@ -545,7 +569,7 @@ impl Attempt {
                 if self.cfg.decisions.header {
                     self.decision = Some(d.summary(&self.cfg));
                 }
-                self.decided = Some(self.record_of(rid.as_deref().unwrap_or(""), d, now));
+                self.decided = Some(self.record_of(d, now));
                 Next::Continue
             }
             Err(why) => {
@@ -559,7 +583,7 @@ impl Attempt {
                     if self.cfg.decisions.header {
                         r.headers.push(("x-apikeyrouter-decision", d.summary(&self.cfg)));
                     }
-                    let mut stored = self.record_of(rid.as_deref().unwrap_or(""), *d, now);
+                    let mut stored = self.record_of(*d, now);
                     stored.seq = routing.ring_next;
                     routing.queue_decision(stored.encode());
                 }

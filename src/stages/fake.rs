@@ -80,8 +80,10 @@ pub struct FakeHost {
     pub response_body: RefCell<Vec<u8>>,
     pub plugin_config: RefCell<Vec<u8>>,
     pub sent: RefCell<Option<Sent>>,
-    /// Filter state set through `set_property`.
-    pub filter_state: RefCell<BTreeMap<String, Vec<u8>>>,
+    /// Filter state set through `set_property`: the downstream request's,
+    /// which Envoy shows its router upstream filters too (an attempt's
+    /// context shares its request's).
+    pub filter_state: Rc<RefCell<BTreeMap<String, Vec<u8>>>>,
     /// Host calls made, by name, in order.
     pub log: Rc<RefCell<Vec<&'static str>>>,
     /// Host calls that fail (by name, as in `log`).
@@ -127,7 +129,7 @@ impl FakeHost {
             response_body: RefCell::default(),
             plugin_config: RefCell::default(),
             sent: RefCell::default(),
-            filter_state: RefCell::default(),
+            filter_state: Rc::default(),
             log,
             failing,
         }
@@ -224,7 +226,15 @@ impl Host for FakeHost {
     }
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
         self.call("property")?;
-        Ok(self.world.properties.borrow().get(&path.join(".")).cloned())
+        if let Some(v) = self.world.properties.borrow().get(&path.join(".")) {
+            return Ok(Some(v.clone()));
+        }
+        // A name Envoy does not know is looked up in filter state
+        // (`wasm.<name>`, as `set_property` wrote it).
+        Ok(match path {
+            [name] => self.filter_state.borrow().get(*name).cloned(),
+            _ => None,
+        })
     }
     fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
         self.call("set_property")?;
@@ -335,7 +345,8 @@ impl Exchange {
         let Some(Request::Attempt(mut a)) = attempt.request(10 + self.attempts.len() as u32) else {
             panic!("not an attempt root");
         };
-        let up = FakeHost::new(&self.world);
+        let mut up = FakeHost::new(&self.world);
+        up.filter_state = self.downstream.filter_state.clone();
         let headers = match self.attempts.last() {
             Some((_, prev)) => prev.request_headers.borrow().clone(),
             None => self.downstream.request_headers.borrow().clone(),

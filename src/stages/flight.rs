@@ -1,8 +1,13 @@
 //! Requests in flight on this VM, shared by the two stages.
 //!
 //! Both stages run in the same VM on the same worker thread (one `vm_id`),
-//! so the ingress stage leaves what it decided here, keyed by the request's
-//! `x-request-id`, and each upstream attempt reads it. The hand-offs are
+//! so the ingress stage leaves what it decided here and each upstream
+//! attempt reads it. A flight is keyed by a nonce no caller sees or sends:
+//! a keyed hash (SipHash under this VM's random keys) of a counter, drawn
+//! again until no live flight has it. The ingress stage hands it to the
+//! attempts through filter state ([`FLIGHT_PROPERTY`]), which callers
+//! cannot write; the caller's `x-request-id` is only a label
+//! ([`Admission::request_id`]). The hand-offs are
 //! typed: the ingress stage writes an [`Admission`] once, when it lets the
 //! request go; each attempt adds to [`Attempts`] and the served one leaves
 //! its [`Served`]. The request's budget [`Reservation`] is owned by its
@@ -16,11 +21,24 @@ use crate::usage::Usage;
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
 use std::cell::Cell;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::rc::Rc;
+
+/// The property (Envoy filter state `wasm.apikeyrouter_flight`) through
+/// which the ingress stage tells each attempt its flight. Envoy gives a
+/// router upstream filter the downstream stream's filter state.
+pub const FLIGHT_PROPERTY: &str = "apikeyrouter_flight";
+
+/// The longest request-id label kept (a decision record keeps 255 bytes).
+const MAX_LABEL: usize = 255;
 
 /// What the ingress stage decided for a request; written once.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Admission {
+    /// The request's `x-request-id` (the caller's, or one the ingress
+    /// stage made): a label for decision records and logs, never a key.
+    pub request_id: String,
     pub provider: usize,
     /// The objective from the request header, route metadata or policy;
     /// `None` means the configured default.
@@ -214,19 +232,52 @@ const SWEEP_AT: usize = 50_000;
 #[derive(Debug, Default)]
 pub struct Flights {
     map: HashMap<String, Flight>,
+    /// Draws so far: the input of the keyed hash.
     seq: u64,
+    /// This VM's SipHash keys (from the host's random source: WASI
+    /// `random_get` on wasm32-wasip1).
+    keys: RandomState,
 }
 
 impl Flights {
-    pub fn contains(&self, id: &str) -> bool {
-        self.map.contains_key(id)
+    /// The next keyed-hash output, `domain`-separated so that the request
+    /// ids a caller sees reveal nothing of the flight nonces.
+    fn draw(&mut self, domain: u8) -> u64 {
+        self.seq = self.seq.wrapping_add(1);
+        self.keys.hash_one((domain, self.seq))
     }
 
-    pub fn insert(&mut self, id: String, flight: Flight, now_ms: u64) {
+    /// Opens a flight under a fresh nonce, unique among the live flights,
+    /// and returns the nonce. Stale flights are swept first when the table
+    /// is large.
+    pub fn open(&mut self, flight: Flight, now_ms: u64) -> String {
         if self.map.len() >= SWEEP_AT {
             self.map.retain(|_, f| now_ms.saturating_sub(f.started_ms) < STALE_MS);
         }
-        self.map.insert(id, flight);
+        let id = loop {
+            let id = format!("{:016x}", self.draw(0));
+            if !self.map.contains_key(&id) {
+                break id;
+            }
+        };
+        self.map.insert(id.clone(), flight);
+        id
+    }
+
+    /// An unpredictable request id for a request that came without one,
+    /// in UUID version 4 form (as Envoy's own): the caller sees it, but it
+    /// is a label only.
+    pub fn fresh_request_id(&mut self) -> String {
+        let (a, b) = (self.draw(1), self.draw(1));
+        let (a, b) = ((a & !0xf000) | 0x4000, (b & !(0xc << 60)) | (0x8 << 60));
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xffff,
+            b >> 48,
+            b & 0xffff_ffff_ffff
+        )
     }
 
     pub fn get(&self, id: &str) -> Option<&Flight> {
@@ -260,12 +311,19 @@ impl Flights {
         self.map.is_empty()
     }
 
-    /// A request id unique within this VM, for requests that came without
-    /// one or with one already in flight.
-    pub fn fresh_id(&mut self, now_ms: u64, vm_salt: u64) -> String {
-        self.seq += 1;
-        format!("akr-{now_ms:x}-{vm_salt:x}-{:x}", self.seq)
+    pub fn contains(&self, id: &str) -> bool {
+        self.map.contains_key(id)
     }
+}
+
+/// A request's label from its `x-request-id`: at most [`MAX_LABEL`] bytes,
+/// cut at a character boundary.
+pub fn label(request_id: &str) -> String {
+    let mut end = request_id.len().min(MAX_LABEL);
+    while !request_id.is_char_boundary(end) {
+        end -= 1;
+    }
+    request_id[..end].to_string()
 }
 
 #[cfg(test)]
@@ -309,66 +367,97 @@ mod tests {
         vec![Held { budget: 0, window_start_ms: 0, bucket: 1, amount: Decimal::ONE }]
     }
 
-    /// A flight admitted with `held()` and `attempts` attempts running.
-    fn admitted(attempts: u32) -> Flights {
+    /// A flight admitted with `held()` and `attempts` attempts running,
+    /// and its id.
+    fn admitted(attempts: u32) -> (Flights, String) {
         let mut f = Flights::default();
-        f.insert("r".into(), Flight::default(), 0);
-        if let Some(fl) = f.get_mut("r") {
+        let id = f.open(Flight::default(), 0);
+        if let Some(fl) = f.get_mut(&id) {
             assert!(fl.admit(Admission::default(), Reservation::of(held())).is_ok());
             fl.attempts.in_flight = attempts;
         }
-        f
+        (f, id)
     }
 
     #[test]
     fn the_admission_is_written_once() {
-        let mut f = admitted(0);
+        let (mut f, r) = admitted(0);
         let again = f
-            .get_mut("r")
+            .get_mut(&r)
             .map(|fl| fl.admit(Admission { provider: 3, ..Admission::default() }, Reservation::of(held())));
         assert_eq!(again, Some(Err(Reservation::of(held()))), "the second reservation comes back to be released");
-        assert_eq!(f.get_mut("r").map(|fl| fl.admission.provider), Some(0));
+        assert_eq!(f.get_mut(&r).map(|fl| fl.admission.provider), Some(0));
     }
 
     #[test]
     fn the_reservation_is_settled_once_or_released_by_the_last_holder() {
         // Normal: the attempt settles, then both let go; nothing to release.
-        let mut f = admitted(1);
-        assert_eq!(f.get_mut("r").and_then(|fl| fl.take_for_settlement()), Some(Reservation::of(held())));
-        assert_eq!(f.get_mut("r").and_then(|fl| fl.take_for_settlement()), None);
-        assert_eq!(f.let_go("r", Holder::Attempt), None);
-        assert_eq!(f.let_go("r", Holder::Ingress), None);
-        assert!(!f.contains("r"), "the last holder removed it");
+        let (mut f, r) = admitted(1);
+        assert_eq!(f.get_mut(&r).and_then(|fl| fl.take_for_settlement()), Some(Reservation::of(held())));
+        assert_eq!(f.get_mut(&r).and_then(|fl| fl.take_for_settlement()), None);
+        assert_eq!(f.let_go(&r, Holder::Attempt), None);
+        assert_eq!(f.let_go(&r, Holder::Ingress), None);
+        assert!(!f.contains(&r), "the last holder removed it");
 
         // The client left first: the attempt still running releases.
-        let mut f = admitted(1);
-        assert_eq!(f.let_go("r", Holder::Ingress), None);
-        assert!(f.contains("r"));
-        assert_eq!(f.let_go("r", Holder::Attempt), Some(Reservation::of(held())));
+        let (mut f, r) = admitted(1);
+        assert_eq!(f.let_go(&r, Holder::Ingress), None);
+        assert!(f.contains(&r));
+        assert_eq!(f.let_go(&r, Holder::Attempt), Some(Reservation::of(held())));
 
         // Every attempt failed: the ingress stage releases.
-        let mut f = admitted(2);
-        assert_eq!(f.let_go("r", Holder::Attempt), None);
-        assert_eq!(f.let_go("r", Holder::Attempt), None);
-        assert_eq!(f.let_go("r", Holder::Ingress), Some(Reservation::of(held())));
-        assert_eq!(f.let_go("r", Holder::Ingress), None, "gone: nothing is released twice");
+        let (mut f, r) = admitted(2);
+        assert_eq!(f.let_go(&r, Holder::Attempt), None);
+        assert_eq!(f.let_go(&r, Holder::Attempt), None);
+        assert_eq!(f.let_go(&r, Holder::Ingress), Some(Reservation::of(held())));
+        assert_eq!(f.let_go(&r, Holder::Ingress), None, "gone: nothing is released twice");
     }
 
     #[test]
     fn stale_entries_are_swept_when_the_table_is_large() {
         let mut f = Flights::default();
-        for i in 0..SWEEP_AT {
-            f.insert(format!("old{i}"), Flight::default(), 0);
+        for _ in 0..SWEEP_AT {
+            f.open(Flight::default(), 0);
         }
-        f.insert("new".into(), Flight { started_ms: STALE_MS + 1, ..Flight::default() }, STALE_MS + 1);
+        let new = f.open(Flight { started_ms: STALE_MS + 1, ..Flight::default() }, STALE_MS + 1);
         assert_eq!(f.len(), 1);
+        assert!(f.contains(&new));
     }
 
     #[test]
-    fn fresh_ids_do_not_repeat() {
+    fn a_flight_id_is_a_keyed_hash_that_is_drawn_again_when_a_live_flight_has_it() {
         let mut f = Flights::default();
-        let a = f.fresh_id(5, 9);
-        let b = f.fresh_id(5, 9);
+        // The id the next draw gives, already taken by a live flight.
+        let next = format!("{:016x}", f.keys.hash_one((0u8, f.seq + 1)));
+        f.map.insert(next.clone(), Flight { started_ms: 42, ..Flight::default() });
+        let id = f.open(Flight::default(), 0);
+        assert_ne!(id, next, "a live flight's id is never handed out again");
+        assert_eq!(f.get(&next).map(|fl| fl.started_ms), Some(42), "the live flight is untouched");
+        assert!(id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        // Another VM draws under keys of its own: its first id is another.
+        let first = |keys: RandomState| Flights { keys, ..Flights::default() }.open(Flight::default(), 0);
+        assert_eq!(first(f.keys.clone()), first(f.keys.clone()));
+        assert_ne!(first(f.keys.clone()), first(RandomState::new()));
+    }
+
+    #[test]
+    fn a_made_up_request_id_is_a_fresh_uuid_v4() {
+        let mut f = Flights::default();
+        let a = f.fresh_request_id();
+        let b = f.fresh_request_id();
         assert_ne!(a, b);
+        for id in [&a, &b] {
+            let parts: Vec<&str> = id.split('-').collect();
+            assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [8, 4, 4, 4, 12], "{id}");
+            assert!(parts[2].starts_with('4') && "89ab".contains(&parts[3][..1]), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_label_is_cut_at_255_bytes_on_a_character_boundary() {
+        assert_eq!(label("req-1"), "req-1");
+        assert_eq!(label(&"x".repeat(300)).len(), 255);
+        let cut = label(&format!("{}é", "x".repeat(254)));
+        assert_eq!(cut, "x".repeat(254));
     }
 }

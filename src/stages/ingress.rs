@@ -5,7 +5,7 @@
 //! serve. What it decides is handed to the attempts once, as an
 //! [`Admission`], when it lets the request go.
 
-use super::flight::{Admission, Flight, Flights, Holder};
+use super::flight::{self, Admission, Flight, Flights, Holder, FLIGHT_PROPERTY};
 use super::host::{Buffer, Host, HostError, Map, Next};
 use super::worker_state::WorkerState;
 use crate::admin::{self, AdminRequest};
@@ -45,7 +45,8 @@ pub struct Ingress {
     cfg: Rc<Config>,
     routing: Rc<RefCell<WorkerState>>,
     flights: Rc<RefCell<Flights>>,
-    request_id: Option<String>,
+    /// The request's flight (its nonce), once opened.
+    flight: Option<String>,
     path: String,
     content_type: String,
     /// What this stage decides, handed over once by [`Ingress::admit_flight`].
@@ -67,7 +68,7 @@ impl Ingress {
             cfg,
             routing,
             flights,
-            request_id: None,
+            flight: None,
             path: String::new(),
             content_type: String::new(),
             admission: Admission::default(),
@@ -84,12 +85,12 @@ impl Ingress {
     }
 
     /// Hands what this stage decided, with the request's reservation, to
-    /// the attempts: once, as it lets the request go. Without a flight (no
-    /// request id) the reservation is released at once.
+    /// the attempts: once, as it lets the request go. Without a flight the
+    /// reservation is released at once.
     fn admit_flight(&mut self, h: &dyn Host, reservation: Reservation, now: u64) {
         let admission = std::mem::take(&mut self.admission);
         let client = admission.client;
-        let leftover = match self.request_id.as_deref() {
+        let leftover = match self.flight.as_deref() {
             Some(rid) => match self
                 .flights
                 .try_borrow_mut()
@@ -271,7 +272,7 @@ impl Ingress {
             return;
         }
         self.logged_state = true;
-        let Some(rid) = self.request_id.as_deref() else { return };
+        let Some(rid) = self.flight.as_deref() else { return };
         let outcome = self.flights.try_borrow().ok().and_then(|fl| fl.get(rid).map(|f| f.outcome_json(&self.cfg)));
         if let Some(json) = outcome {
             let _ = h.set_property("apikeyrouter", json.as_bytes());
@@ -438,21 +439,30 @@ impl Ingress {
             }
         }
 
-        let salt = self.id as u64;
-        let rid = self.flights.try_borrow_mut().ok().map(|mut fl| match request_id {
-            Some(r) if !r.is_empty() && !fl.contains(r) => (r.to_string(), false),
-            _ => (fl.fresh_id(now, salt), true),
-        });
-        let Some((rid, fresh)) = rid else {
-            return Next::Continue;
+        // The flight is keyed by a nonce no caller sees or sends, handed to
+        // the attempts in filter state; the caller's x-request-id is only a
+        // label, never rewritten. Without a flight no request goes on: its
+        // attempts could not find its reservation.
+        let Ok(mut fl) = self.flights.try_borrow_mut() else {
+            return self.reply(h, &reply::gateway_error("The gateway could not track the request."));
         };
-        if fresh && h.set_header(Map::RequestHeaders, "x-request-id", &rid).is_err() {
-            log::warn!("[{}] could not set x-request-id", self.id);
+        let label = match request_id.filter(|r| !r.is_empty()) {
+            Some(r) => flight::label(r),
+            None => {
+                let made = fl.fresh_request_id();
+                if h.set_header(Map::RequestHeaders, "x-request-id", &made).is_err() {
+                    log::warn!("[{}] could not set x-request-id", self.id);
+                }
+                made
+            }
+        };
+        let nonce = fl.open(Flight::new(now), now);
+        drop(fl);
+        self.admission.request_id = label;
+        self.flight = Some(nonce.clone());
+        if let Err(e) = h.set_property(FLIGHT_PROPERTY, nonce.as_bytes()) {
+            return self.host_failure(h, "hand the request to its attempts", e);
         }
-        if let Ok(mut fl) = self.flights.try_borrow_mut() {
-            fl.insert(rid.clone(), Flight::new(now), now);
-        }
-        self.request_id = Some(rid);
 
         if !self.read_body {
             if let Some(r) = self.admit_client(h, now) {
@@ -617,7 +627,7 @@ impl Ingress {
     }
 
     pub fn on_response_headers(&mut self, h: &dyn Host, end_of_stream: bool) -> Next {
-        let Some(rid) = self.request_id.as_deref() else {
+        let Some(rid) = self.flight.as_deref() else {
             return Next::Continue;
         };
         let soft = self
@@ -650,11 +660,11 @@ impl Ingress {
     /// reserved.
     pub fn on_log(&mut self, h: &dyn Host) {
         let served = |f: &Flight| f.served.live.is_some() || f.served.charged.is_some();
-        let rid = self.request_id.as_deref();
+        let rid = self.flight.as_deref();
         if rid.is_some_and(|rid| self.flights.try_borrow().is_ok_and(|fl| fl.get(rid).is_some_and(served))) {
             self.publish_outcome(h);
         }
-        let Some(rid) = self.request_id.take() else { return };
+        let Some(rid) = self.flight.take() else { return };
         let leftover = self.flights.try_borrow_mut().ok().and_then(|mut fl| fl.let_go(&rid, Holder::Ingress));
         if let Some(r) = leftover {
             r.release(h.store(), &self.cfg.budgets, h.now_ms());

@@ -347,6 +347,34 @@ fn a_host_that_cannot_read_the_body_gets_a_500_not_a_forwarded_request() {
 }
 
 #[test]
+fn a_host_that_refuses_the_flight_hand_off_gets_a_500_not_a_request_its_attempts_cannot_find() {
+    let gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    x.downstream.failing.borrow_mut().insert("set_property");
+    assert_eq!(x.send_request(usize::MAX, false), Next::Pause);
+    assert_eq!(x.replied().map(|r| r.status), Some(500));
+    x.finish();
+    assert_eq!(gw.budget().reserved, Decimal::ZERO);
+    assert_eq!(gw.in_flight(), 0);
+}
+
+#[test]
+fn an_attempt_whose_flight_is_gone_is_refused_not_sent_unaccounted() {
+    let gw = Gateway::new(&config("1.00"));
+    let mut x = gw.chat(BODY);
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    // The VM reloads between the ingress stage and the attempt.
+    *gw.world.flights.borrow_mut() = Default::default();
+    assert_eq!(x.attempt(&gw.attempt), Next::Pause);
+    let up = &x.attempts[0].1;
+    assert_eq!(up.sent.borrow().as_ref().map(|s| s.status), Some(500));
+    assert_eq!(up.get(Map::RequestHeaders, "authorization"), None, "no key was written");
+    x.attempt_done();
+    x.finish();
+    assert_eq!(gw.budget().spent, Decimal::ZERO);
+}
+
+#[test]
 fn a_request_costs_a_known_number_of_host_calls() {
     let gw = Gateway::new(&config("1.00"));
     // Warm: the first request loads the snapshot.
@@ -362,7 +390,10 @@ fn a_request_costs_a_known_number_of_host_calls() {
         *kinds.entry(c).or_default() += 1;
     }
     assert_eq!(kinds.values().sum::<usize>(), x.host_calls());
-    assert_eq!(x.host_calls(), 28, "host calls per JSON request by kind: {kinds:?}");
+    // The flight's nonce goes from the ingress stage to the attempt through
+    // filter state: one `set_property`, and one `property` read in place of
+    // the `x-request-id` header read.
+    assert_eq!(x.host_calls(), 29, "host calls per JSON request by kind: {kinds:?}");
 }
 
 #[test]

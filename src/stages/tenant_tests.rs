@@ -1,10 +1,15 @@
 //! What one tenant can do to the others through the request path (issue
 //! 17): a key's own headers stay with that key, model names cannot steer
-//! a path, and only allowed headers and endpoints reach the provider.
+//! a path, only allowed headers and endpoints reach the provider, and a
+//! request id of the caller's choosing cannot join another request's books.
 
-use super::fake::Exchange;
+use super::fake::{Exchange, FakeHost};
+use super::flight::FLIGHT_PROPERTY;
 use super::host::{Map, Next};
 use super::lifecycle_tests::Gateway;
+use crate::decision::Stored;
+use crate::store::Store;
+use rust_decimal::Decimal;
 
 const BODY: &str = r#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
 
@@ -157,4 +162,129 @@ fn the_open_gateway_forwards_every_endpoint_as_before() {
     let mut x = Exchange::new(&gw.world, &gw.ingress, &headers, b"");
     assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
     assert_eq!(x.replied(), None);
+}
+
+/// Two keys, gpt-4o-mini at 1000 an input and 2000 an output token per
+/// million (0.001 and 0.002 a token), one roomy daily budget.
+fn priced() -> String {
+    r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"sk-one"},{"id":"k2","secret":"sk-two"}]}],
+        "prices":{"gpt-4o-mini":{"input":"1000","output":"2000"}},
+        "budgets":[{"id":"daily","limit":"100"}]}"#
+        .to_string()
+}
+
+/// A JSON answer reporting `input` and `output` tokens.
+fn answer(input: u64, output: u64) -> String {
+    format!(
+        r#"{{"choices":[],"usage":{{"prompt_tokens":{input},"completion_tokens":{output},"total_tokens":{}}}}}"#,
+        input + output
+    )
+}
+
+/// The cost of `input` and `output` tokens at `priced()`'s prices.
+fn cost(input: u64, output: u64) -> Decimal {
+    Decimal::from(input + 2 * output) / Decimal::from(1000)
+}
+
+/// The current attempt answers 200 with `answer(input, output)` and ends;
+/// returns its `x-apikeyrouter-cost`.
+fn answers(x: &mut Exchange, input: u64, output: u64) -> Option<String> {
+    x.upstream_headers(200, &[("content-type", "application/json")], false);
+    x.upstream_body(&[answer(input, output).as_bytes()], true);
+    let cost = x.attempts.last().and_then(|(_, up)| up.get(Map::ResponseHeaders, "x-apikeyrouter-cost"));
+    x.attempt_done();
+    x.finish();
+    cost
+}
+
+/// The access-log outcome one request's ingress stage left.
+fn outcome(x: &Exchange) -> serde_json::Value {
+    let raw = x.downstream.filter_state.borrow().get("apikeyrouter").cloned().unwrap_or_default();
+    serde_json::from_slice(&raw).unwrap_or_default()
+}
+
+/// The flight nonce the ingress stage handed to the attempts.
+fn flight_of(x: &Exchange) -> String {
+    let raw = x.downstream.filter_state.borrow().get(FLIGHT_PROPERTY).cloned();
+    String::from_utf8(raw.unwrap_or_else(|| panic!("no flight handed over"))).unwrap_or_default()
+}
+
+/// The decision records this VM's attempts wrote, after a tick.
+fn decisions(gw: &mut Gateway) -> Vec<Stored> {
+    gw.attempt.tick(&FakeHost::new(&gw.world));
+    (0..8)
+        .filter_map(|i| gw.world.store.value(&crate::shared_data::decision_slot(0, i)))
+        .filter_map(|b| Stored::decode(&b))
+        .collect()
+}
+
+#[test]
+fn two_requests_with_the_same_request_id_interleaved_on_one_vm_are_charged_and_recorded_apart() {
+    let mut gw = Gateway::new(&priced());
+    let mut a = chat(&gw, &[], BODY);
+    assert_eq!(a.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(a.attempt(&gw.attempt), Next::Continue);
+    // While the first is with the provider, the same caller-chosen id again.
+    let mut b = chat(&gw, &[], BODY);
+    assert_eq!(b.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(b.attempt(&gw.attempt), Next::Continue);
+    assert_ne!(flight_of(&a), flight_of(&b));
+    assert_eq!(answers(&mut b, 100, 10), Some("0.12".into()));
+    assert_eq!(answers(&mut a, 300, 50), Some("0.4".into()));
+
+    let budget = gw.budget();
+    assert_eq!((budget.spent, budget.reserved, budget.requests), (cost(300, 50) + cost(100, 10), Decimal::ZERO, 2));
+    assert_eq!(gw.in_flight(), 0);
+    assert_eq!((outcome(&a)["cost"].clone(), outcome(&b)["cost"].clone()), ("0.4".into(), "0.12".into()));
+    // The caller's id is a label: sent on as it came, and in both records.
+    for x in [&a, &b] {
+        assert_eq!(x.attempts[0].1.get(Map::RequestHeaders, "x-request-id").as_deref(), Some("req-1"));
+    }
+    let records = decisions(&mut gw);
+    assert_eq!(records.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["req-1", "req-1"]);
+    assert!(records.iter().all(|r| r.charged.is_some()), "{records:?}");
+}
+
+#[test]
+fn a_callers_flight_header_is_stripped_and_ignored() {
+    let gw = Gateway::new(&priced());
+    let mut a = chat(&gw, &[], BODY);
+    assert_eq!(a.send_request(usize::MAX, false), Next::Continue);
+    let victim = flight_of(&a);
+    // The caller somehow learnt the victim's flight and names it every way.
+    let hostile = [("x-apikeyrouter-flight", victim.as_str()), (FLIGHT_PROPERTY, victim.as_str())];
+    let mut b = chat(&gw, &hostile, BODY);
+    assert_eq!(b.send_request(usize::MAX, false), Next::Continue);
+    assert_eq!(b.attempt(&gw.attempt), Next::Continue);
+    assert_ne!(flight_of(&b), victim);
+    let sent = b.attempts[0].1.request_headers.borrow().clone();
+    assert!(!sent.iter().any(|(_, v)| v == &victim), "{sent:?}");
+    let victim_attempts = gw.world.flights.borrow().get(&victim).map(|f| f.attempts.count);
+    assert_eq!(victim_attempts, Some(0), "the victim's flight saw no attempt");
+    assert_eq!(answers(&mut b, 100, 10), Some("0.12".into()));
+    assert_eq!(gw.budget().spent, cost(100, 10));
+    assert_eq!(a.attempt(&gw.attempt), Next::Continue);
+    assert_eq!(answers(&mut a, 300, 50), Some("0.4".into()));
+    let budget = gw.budget();
+    assert_eq!((budget.spent, budget.reserved), (cost(300, 50) + cost(100, 10), Decimal::ZERO));
+}
+
+#[test]
+fn a_request_without_a_request_id_gets_a_random_one_as_its_label() {
+    let mut gw = Gateway::new(&priced());
+    let headers = [(":method", "POST"), (":path", "/v1/chat/completions"), ("content-type", "application/json")];
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut x = Exchange::new(&gw.world, &gw.ingress, &headers, BODY.as_bytes());
+        assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+        let id = x.downstream.get(Map::RequestHeaders, "x-request-id").unwrap_or_default();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_ne!(id, flight_of(&x), "the label is not the flight");
+        x.attempt(&gw.attempt);
+        answers(&mut x, 1, 1);
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    let recorded: Vec<String> = decisions(&mut gw).into_iter().map(|r| r.request_id).collect();
+    assert_eq!(recorded, ids);
 }
