@@ -387,6 +387,9 @@ pub struct Config {
     pub status_actions: Vec<(u32, StatusAction)>,
     /// Actions for an `error.code` (or `error.type`) in a 4xx body.
     pub error_code_actions: Vec<(String, StatusAction)>,
+    /// A key disabled by a provider's answer gets one real request (a
+    /// half-open probe) this long after it was disabled; 0 never.
+    pub probe_disabled_after_ms: u64,
     pub decisions: Decisions,
     pub prices: PriceTable,
     pub unknown_model: UnknownModel,
@@ -424,6 +427,19 @@ impl Config {
 
     pub fn error_code_action(&self, code: &str) -> Option<StatusAction> {
         self.error_code_actions.iter().find(|(c, _)| c == code).map(|(_, a)| *a)
+    }
+
+    /// The first of an error body's codes (most specific first) that has an
+    /// action. A code about an organization or project header counts only
+    /// when the key sent that header itself: a caller's cannot blame it.
+    pub fn action_for_codes<'a>(&self, key: &Key, codes: &'a [String]) -> Option<(StatusAction, &'a str)> {
+        codes.iter().find_map(|c| {
+            let a = self.error_code_action(c)?;
+            match crate::provider_error::about_own_header(c) {
+                Some(h) if !key.extra_headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(h)) => None,
+                _ => Some((a, c.as_str())),
+            }
+        })
     }
 }
 

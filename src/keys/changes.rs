@@ -16,6 +16,8 @@ pub enum KeyAction {
     CoolUntil(u64),
     Disable(Reason),
     Exhaust(Reason),
+    /// A half-open probe of a disabled key succeeded: it serves again.
+    Reenable,
 }
 
 impl KeyAction {
@@ -87,6 +89,15 @@ pub fn record_attempt(
                 rec.state = KeyState::Disabled;
                 rec.reason = reason;
             }
+            KeyAction::Reenable => {
+                // Never over an admin's disable made while the probe ran.
+                if rec.state == KeyState::Disabled && rec.reason != Reason::Admin {
+                    rec.state = KeyState::Available;
+                    rec.reason = Reason::Probe;
+                    rec.state_at_ms = now_ms.max(rec.state_at_ms.saturating_add(1));
+                    changed = true;
+                }
+            }
             KeyAction::Exhaust(reason) => {
                 if rec.state == KeyState::Available {
                     rec.state = KeyState::Exhausted;
@@ -153,6 +164,28 @@ pub fn apply_fleet(
         }
     }
     r
+}
+
+/// Claims the half-open probe of a disabled key: when it is due (see
+/// [`KeyRecord::probe_due`]), restarts its clock so that no other request,
+/// on any worker, probes it before `after_ms` have passed again. True when
+/// this request is the probe, with the record as it now stands (to
+/// refresh the caller's snapshot either way).
+pub fn claim_probe(store: &dyn Store, name: &str, after_ms: u64, now_ms: u64) -> (bool, Option<KeyRecord>) {
+    let mut seen = None;
+    let (r, _) = update(store, name, |cur| {
+        let Some(Ok(mut rec)) = cur.map(KeyRecord::decode) else {
+            return Err(());
+        };
+        seen = Some(rec);
+        if !rec.probe_due(now_ms, after_ms) {
+            return Err(());
+        }
+        rec.state_at_ms = now_ms.max(rec.state_at_ms.saturating_add(1));
+        seen = Some(rec);
+        Ok(((), rec.encode()))
+    });
+    (r.is_ok(), seen)
 }
 
 /// A state change requested through the admin API.

@@ -17,6 +17,7 @@ use crate::key_record::{Outcome, Reason};
 use crate::keys::{read_record, record_attempt, stale_choice, KeyAction};
 use crate::metrics;
 use crate::objective::Objective;
+use crate::provider_error::{self, RETRY_HEADER, RETRY_VALUE};
 use crate::ratelimit::{cooldown_ms, Signals};
 use crate::reply;
 use crate::usage::{self, SseUsage};
@@ -88,6 +89,8 @@ pub struct Attempt {
     /// The response arrived whole (its end of stream was seen).
     complete: bool,
     next_cutoff_check: u64,
+    /// This attempt is the half-open probe of a disabled key.
+    probe: bool,
 }
 
 impl Attempt {
@@ -118,6 +121,7 @@ impl Attempt {
             next_cutoff_check: 0,
             client: None,
             complete: false,
+            probe: false,
         }
     }
 
@@ -280,7 +284,9 @@ impl Attempt {
                 self.usage = parser.usage;
             }
         }
-        self.record(h, KeyAction::Nothing);
+        let action =
+            if self.probe && (200..300).contains(&self.status) { KeyAction::Reenable } else { KeyAction::Nothing };
+        self.record(h, action);
         self.close_books(h);
     }
 
@@ -291,7 +297,9 @@ impl Attempt {
         // A success cut off before its end (a reset, a timeout) is a
         // failure. An error status stands on its own: Envoy may reset the
         // attempt to retry as soon as it sees it, before its body ends.
-        let cut_short = !self.complete && (200..300).contains(&self.status) && action == KeyAction::Nothing;
+        let cut_short = !self.complete
+            && (200..300).contains(&self.status)
+            && matches!(action, KeyAction::Nothing | KeyAction::Reenable);
         let status = if cut_short { 0 } else { self.status };
         let outcome = Outcome {
             status,
@@ -321,7 +329,7 @@ impl Attempt {
                 if let Ok(mut routing) = self.routing.try_borrow_mut() {
                     routing.snapshot.observe(&self.cfg, k, rec.record, now);
                 }
-                if rec.changed {
+                if rec.changed || self.probe {
                     let (was, cap) = rec.before;
                     let to_cap = crate::keys::evaluate(&self.cfg, k, &rec.record, now).capacity;
                     let t = crate::transition::Transition {
@@ -330,7 +338,11 @@ impl Attempt {
                         id: kid.to_string(),
                         from: format!("{}/{}", was.as_str(), cap.as_str()),
                         to: format!("{}/{}", rec.record.effective(now).as_str(), to_cap.as_str()),
-                        reason: format!("provider answered {}", self.status),
+                        reason: if self.probe {
+                            format!("half-open probe: provider answered {}", self.status)
+                        } else {
+                            format!("provider answered {}", self.status)
+                        },
                         seq: 0,
                     };
                     crate::transition::record(h.store(), self.cfg.max_transitions, t);
@@ -359,6 +371,7 @@ impl Attempt {
                         rec.record.exhausted_until_ms,
                         why.as_str()
                     ),
+                    KeyAction::Reenable => log::warn!("[{}] key {kid} re-enabled: a probe request succeeded", self.id),
                     KeyAction::Nothing => {}
                 }
             }
@@ -366,21 +379,20 @@ impl Attempt {
         }
     }
 
-    /// The action the response status (and, for a probed 4xx, its error
-    /// code) calls for.
-    fn action_for(&self, now: u64, error_code: Option<&str>) -> KeyAction {
-        let (configured, reason) = match error_code.and_then(|c| self.cfg.error_code_action(c).map(|a| (a, c))) {
+    /// The action the response status (and, for a probed 4xx, the codes of
+    /// its error body, read per dialect) calls for.
+    fn action_for(&self, now: u64, codes: &[String]) -> KeyAction {
+        let by_status = match self.status {
+            401 => Reason::Unauthorized,
+            403 => Reason::Forbidden,
+            402 => Reason::PaymentRequired,
+            _ => Reason::Status,
+        };
+        let key = self.key.and_then(|k| self.cfg.keys.get(k));
+        let (configured, reason) = match key.and_then(|key| self.cfg.action_for_codes(key, codes)) {
             Some((a, "insufficient_quota")) => (a, Reason::InsufficientQuota),
-            Some((a, _)) => (a, Reason::Status),
-            None => {
-                let reason = match self.status {
-                    401 => Reason::Unauthorized,
-                    403 => Reason::Forbidden,
-                    402 => Reason::PaymentRequired,
-                    _ => Reason::Status,
-                };
-                (self.cfg.status_action(self.status), reason)
-            }
+            Some((a, _)) => (a, by_status),
+            None => (self.cfg.status_action(self.status), by_status),
         };
         let cool_until = if configured == StatusAction::Cooldown {
             let s = Signals::from_headers(&self.signals);
@@ -389,6 +401,49 @@ impl Attempt {
             0
         };
         KeyAction::from_config(configured, reason, cool_until)
+    }
+
+    /// Acts on the key as the answer calls for and gives Envoy's router the
+    /// filter's verdict: another key may serve the request when this key
+    /// was the trouble (a cooldown, a disable, an exhaustion) or the
+    /// provider failed; any other answer (a 401 or 403 that does not blame
+    /// the key included) goes back to the caller as it is.
+    fn judge(&mut self, h: &dyn Host, action: KeyAction) {
+        if action != KeyAction::Nothing {
+            self.record(h, action);
+        }
+        if action != KeyAction::Nothing || provider_error::server_failed(self.status) {
+            let _ = h.set_header(Map::ResponseHeaders, RETRY_HEADER, RETRY_VALUE);
+        }
+    }
+
+    /// The provider of the chosen key.
+    fn kind(&self) -> crate::config::ProviderKind {
+        let p = self.key.and_then(|k| self.cfg.keys.get(k)).map_or(0, |key| key.provider);
+        self.cfg.providers.get(p).map_or(crate::config::ProviderKind::OpenAi, |p| p.kind)
+    }
+
+    /// A disabled key of `provider` due for its half-open probe, claimed
+    /// for this attempt (at most one request per `probe_disabled_after`,
+    /// across workers). The snapshot learns the key's record either way.
+    fn claim_probe(
+        &self,
+        h: &dyn Host,
+        routing: &mut WorkerState,
+        provider: usize,
+        tried: &[usize],
+        now: u64,
+    ) -> Option<usize> {
+        let k = routing.snapshot.due_probe(&self.cfg, provider, tried, now)?;
+        let key = self.cfg.keys.get(k)?;
+        let (won, seen) = crate::keys::claim_probe(h.store(), &key.record_name, self.cfg.probe_disabled_after_ms, now);
+        if let Some(rec) = seen {
+            routing.snapshot.observe(&self.cfg, k, rec, now);
+        }
+        if won {
+            log::info!("[{}] key {}: half-open probe with this request", self.id, key.id);
+        }
+        won.then_some(k)
     }
 
     /// The decision's ring record (its `seq` is given when it is queued).
@@ -466,7 +521,11 @@ impl Attempt {
             routing.chooser.choose_excluding(cfg, provider, &mut routing.snapshot, now, &tried, banned, objective)
         };
         let mut banned: Vec<usize> = Vec::new();
-        let mut chosen = choose(routing, &banned);
+        let probe = self.claim_probe(h, routing, provider, &tried, now);
+        let mut chosen = match probe {
+            Some(k) => Ok(crate::decision::Decision::probe(k)),
+            None => choose(routing, &banned),
+        };
         let mut key_held = None;
         // Confirm the choice against the key's own fresh record (another
         // worker may have used up its quota or cooled it since the snapshot)
@@ -477,8 +536,10 @@ impl Attempt {
             // Other workers' cooldowns and state changes arrive through the
             // generation; only counts that are not announced (quota use,
             // shrinking provider headroom) need the key's fresh record.
-            let counts_matter = key.limits != Default::default()
-                || routing.snapshot.eval(cfg, k, now).capacity != crate::key_record::Capacity::Abundant;
+            // The probe's key is disabled: only its budgets are checked.
+            let counts_matter = probe != Some(k)
+                && (key.limits != Default::default()
+                    || routing.snapshot.eval(cfg, k, now).capacity != crate::key_record::Capacity::Abundant);
             let fresh = if counts_matter { read_record(h.store(), &key.record_name).ok() } else { None };
             let snap = routing.snapshot.records.get(k).copied().unwrap_or_default();
             if let Some(fresh) = fresh.filter(|f| stale_choice(cfg, k, &snap, f, now)) {
@@ -537,6 +598,7 @@ impl Attempt {
                     }
                 }
                 self.key = Some(k);
+                self.probe = probe == Some(k);
                 if let Some(rid) = rid.as_deref() {
                     if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
                         f.attempts.tried.push(k);
@@ -581,6 +643,11 @@ impl Attempt {
         let mut content_length: Option<usize> = None;
         for (name, v) in headers {
             match name.as_str() {
+                // Only this filter speaks for the gateway: an upstream's own
+                // `x-apikeyrouter-retry` must not steer Envoy's retries.
+                n if n.starts_with("x-apikeyrouter-") => {
+                    let _ = h.remove_header(Map::ResponseHeaders, n);
+                }
                 ":status" => self.status = v.parse().unwrap_or(0),
                 "content-type" => content_type = v.to_ascii_lowercase(),
                 "content-length" => content_length = v.trim().parse().ok(),
@@ -607,9 +674,9 @@ impl Attempt {
             self.body = Body::Probe;
             return Next::Pause;
         }
-        let action = self.action_for(now, None);
+        let action = self.action_for(now, &[]);
+        self.judge(h, action);
         if action != KeyAction::Nothing {
-            self.record(h, action);
             return Next::Continue;
         }
         if end_of_stream {
@@ -729,12 +796,10 @@ impl Attempt {
                 }
                 let body =
                     h.buffer(Buffer::ResponseBody, 0, size.min(MAX_PROBE_BODY)).ok().flatten().unwrap_or_default();
-                let code = usage::error_code(&body);
+                let codes = provider_error::codes(&body, self.kind());
                 self.body = Body::Ignore;
-                let action = self.action_for(h.now_ms(), code.as_deref());
-                if action != KeyAction::Nothing {
-                    self.record(h, action);
-                }
+                let action = self.action_for(h.now_ms(), &codes);
+                self.judge(h, action);
                 Next::Continue
             }
         }

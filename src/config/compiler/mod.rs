@@ -46,6 +46,10 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     let routing = routing(&mut root)?;
     let status_actions = status_actions(&mut root)?;
     let error_code_actions = error_code_actions(&mut root)?;
+    // A key disabled by a provider's answer is tried again with one real
+    // request this long after it was disabled (0: never).
+    let probe_disabled_after_ms =
+        root.opt_u64_in("probe_disabled_after_seconds", 0, 30 * 86_400)?.unwrap_or(600) * 1000;
     let decisions = decisions(&mut root)?;
     let prices = spend::prices(&mut root)?;
     let unknown_model = spend::unknown_model(&mut root)?;
@@ -83,6 +87,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         routing,
         status_actions,
         error_code_actions,
+        probe_disabled_after_ms,
         decisions,
         prices,
         unknown_model,
@@ -234,14 +239,12 @@ fn capacity(r: &mut Obj) -> Result<Thresholds, ConfigError> {
     Ok(Thresholds { constrained, critical })
 }
 
-/// `status_actions`: HTTP status -> action, merged over the defaults.
+/// `status_actions`: HTTP status -> action, merged over the defaults. A 401
+/// or 403 has no action of its own by default: only an error code that
+/// blames the key disables it (see [`error_code_actions`]).
 fn status_actions(root: &mut Obj) -> Result<Vec<(u32, StatusAction)>, ConfigError> {
-    let mut status_actions: Vec<(u32, StatusAction)> = vec![
-        (429, StatusAction::Cooldown),
-        (401, StatusAction::Disable),
-        (403, StatusAction::Disable),
-        (402, StatusAction::Exhaust),
-    ];
+    let mut status_actions: Vec<(u32, StatusAction)> =
+        vec![(429, StatusAction::Cooldown), (402, StatusAction::Exhaust)];
     if let Some(a) = root.opt_obj("status_actions")? {
         for (k, v) in a.entries() {
             let field = a.field(k);
@@ -258,11 +261,32 @@ fn status_actions(root: &mut Obj) -> Result<Vec<(u32, StatusAction)>, ConfigErro
     Ok(status_actions)
 }
 
+/// What a provider's error code does to the key by default: the codes by
+/// which each dialect says the key itself is bad, and OpenAI's quota.
+const DEFAULT_ERROR_CODE_ACTIONS: &[(&str, StatusAction)] = &[
+    ("insufficient_quota", StatusAction::Exhaust),
+    // OpenAI (and OpenAI-compatible services that copy its codes).
+    ("invalid_api_key", StatusAction::Disable),
+    ("account_deactivated", StatusAction::Disable),
+    ("no_organization", StatusAction::Disable),
+    // With the key's own `OpenAI-Organization` / `OpenAI-Project` header
+    // only (see `provider_error::about_own_header`).
+    ("mismatched_organization", StatusAction::Disable),
+    ("mismatched_project", StatusAction::Disable),
+    // Azure OpenAI: "Access denied due to invalid subscription key".
+    ("401", StatusAction::Disable),
+    // Anthropic.
+    ("authentication_error", StatusAction::Disable),
+    // Gemini (`error.details[].reason`).
+    ("API_KEY_INVALID", StatusAction::Disable),
+];
+
 /// `error_code_actions`: `error.code` -> action, merged over the defaults.
 /// A code's action wins over its status's, `none` included: a code set to
 /// `none` leaves the key as it is whatever the status.
 fn error_code_actions(root: &mut Obj) -> Result<Vec<(String, StatusAction)>, ConfigError> {
-    let mut error_code_actions = vec![("insufficient_quota".to_string(), StatusAction::Exhaust)];
+    let mut error_code_actions: Vec<(String, StatusAction)> =
+        DEFAULT_ERROR_CODE_ACTIONS.iter().map(|(c, a)| (c.to_string(), *a)).collect();
     if let Some(a) = root.opt_obj("error_code_actions")? {
         for (k, v) in a.entries() {
             let action = action(v, &a.field(k))?;
