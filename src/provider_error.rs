@@ -2,20 +2,19 @@
 //! the attempt stage draws from it: whether the key itself is at fault, and
 //! whether another key may serve the request.
 //!
-//! Only a key's own failure changes the key. A 401 or 403 disables a key
-//! when its body names a bad key (`invalid_api_key`, `account_deactivated`,
-//! Anthropic's `authentication_error`, Azure's `401`, Gemini's
-//! `API_KEY_INVALID`, ...: the defaults of `error_code_actions`); any other
-//! 401 or 403 (an organization header, a model the project may not use, a
-//! region) is the caller's answer: it goes back to the caller, the key stays
-//! available, and no other key is tried.
+//! Only a key's own failure changes the key. An error disables a key when
+//! its body names a bad key in the provider's own dialect
+//! ([`blames_key`]); any other 401 or 403 (an organization header, a model
+//! the project may not use, a region) is the caller's answer: it goes back
+//! to the caller, the key stays available, and no other key is tried.
 
 use crate::config::ProviderKind;
 use serde_json::Value;
 
 /// The identifiers an error body carries, most specific first:
-/// - OpenAI, OpenAI-compatible and Azure: `error.code` (a string, or
-///   Azure's number), then `error.type`;
+/// - OpenAI, OpenAI-compatible and Azure: `error.code`, then `error.type`
+///   (a numeric code only from Azure: other services put the HTTP status
+///   there, which says nothing about the key);
 /// - Anthropic: `error.type` (`{"type":"error","error":{"type":...}}`);
 /// - Gemini: each `error.details[].reason` (`API_KEY_INVALID`), then
 ///   `error.status` (`PERMISSION_DENIED`).
@@ -47,7 +46,10 @@ pub fn codes(body: &[u8], kind: ProviderKind) -> Vec<String> {
             out.extend(text(e.get("status")));
         }
         ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::Azure | ProviderKind::GeminiOpenAi => {
-            out.extend(text(e.get("code")));
+            match e.get("code") {
+                Some(Value::Number(_)) if kind != ProviderKind::Azure => {}
+                c => out.extend(text(c)),
+            }
             out.extend(text(e.get("type")));
             // Gemini's OpenAI endpoint answers some errors in Gemini's form.
             if kind == ProviderKind::GeminiOpenAi {
@@ -58,6 +60,31 @@ pub fn codes(body: &[u8], kind: ProviderKind) -> Vec<String> {
     }
     out.truncate(8);
     out
+}
+
+/// Whether `code` says, in `kind`'s dialect, that the key itself is bad
+/// (invalid, revoked, deactivated, blocked): the key is disabled and the
+/// request may go to another key. Codes a caller can provoke are not here.
+pub fn blames_key(kind: ProviderKind, code: &str) -> bool {
+    const OPENAI: &[&str] = &["invalid_api_key", "account_deactivated", "no_organization"];
+    // `error.details[].reason`: a key that is invalid, or blocked for this
+    // API, or whose project has the API off or is suspended.
+    const GEMINI: &[&str] = &[
+        "API_KEY_INVALID",
+        "API_KEY_SERVICE_BLOCKED",
+        "SERVICE_DISABLED",
+        "CONSUMER_SUSPENDED",
+        "API_KEY_IP_ADDRESS_BLOCKED",
+    ];
+    match kind {
+        ProviderKind::OpenAi => OPENAI.contains(&code),
+        ProviderKind::OpenAiCompatible => ["invalid_api_key", "account_deactivated"].contains(&code),
+        // "Access denied due to invalid subscription key", and key
+        // authentication switched off on the resource.
+        ProviderKind::Azure => ["401", "AuthenticationTypeDisabled"].contains(&code),
+        ProviderKind::Anthropic => code == "authentication_error",
+        ProviderKind::Gemini | ProviderKind::GeminiOpenAi => GEMINI.contains(&code),
+    }
 }
 
 /// Error codes that blame the key only when the key itself sent the header
@@ -110,6 +137,31 @@ mod tests {
     }
 
     #[test]
+    fn a_numeric_code_from_another_openai_style_service_is_ignored() {
+        let b = r#"{"error":{"code":401,"type":"auth_error","message":"model not allowed for this key"}}"#;
+        assert_eq!(of(b, ProviderKind::OpenAiCompatible), ["auth_error"]);
+        assert_eq!(
+            of(r#"[{"error":{"code":401,"status":"UNAUTHENTICATED"}}]"#, ProviderKind::GeminiOpenAi),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn only_the_providers_own_bad_key_codes_blame_the_key() {
+        assert!(blames_key(ProviderKind::Azure, "401"));
+        // A LiteLLM proxy's "401" for a model the key may not use does not.
+        assert!(!blames_key(ProviderKind::OpenAiCompatible, "401"));
+        assert!(!blames_key(ProviderKind::OpenAi, "401"));
+        assert!(blames_key(ProviderKind::OpenAi, "invalid_api_key"));
+        assert!(!blames_key(ProviderKind::OpenAi, "model_not_found"));
+        assert!(!blames_key(ProviderKind::OpenAi, "mismatched_organization"));
+        assert!(blames_key(ProviderKind::Anthropic, "authentication_error"));
+        assert!(!blames_key(ProviderKind::Anthropic, "permission_error"));
+        assert!(blames_key(ProviderKind::GeminiOpenAi, "API_KEY_INVALID"));
+        assert!(!blames_key(ProviderKind::Gemini, "PERMISSION_DENIED"));
+    }
+
+    #[test]
     fn anthropic_errors_give_their_type() {
         let b = r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#;
         assert_eq!(of(b, ProviderKind::Anthropic), ["authentication_error"]);
@@ -130,7 +182,7 @@ mod tests {
     #[test]
     fn gemini_openai_errors_in_an_array_are_read() {
         let b = r#"[{"error":{"code":400,"status":"INVALID_ARGUMENT","details":[{"reason":"API_KEY_INVALID"}]}}]"#;
-        assert_eq!(of(b, ProviderKind::GeminiOpenAi), ["400", "API_KEY_INVALID"]);
+        assert_eq!(of(b, ProviderKind::GeminiOpenAi), ["API_KEY_INVALID"]);
     }
 
     #[test]

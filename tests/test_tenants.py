@@ -235,3 +235,12 @@ def test_a_disabled_key_is_probed_with_one_request_and_serves_again_once_it_work
         in key_transitions(e)
     served = {chat(e.url, content=f"after {i}")[1]["x-apikeyrouter-key-id"] for i in range(4)}
     assert served == {"k1", "k2"}
+
+
+def test_a_callers_key_in_the_query_string_never_reaches_the_provider(providers_gateway):
+    mock, e = providers_gateway
+    gen = {"contents": [{"parts": [{"text": "Hi"}]}]}
+    s, _, body = http("POST", e.url + "/v1beta/models/gemini-2.0-flash:generateContent?key=AIzaJUNK&alt=json", gen)
+    assert s == 200, body
+    [r] = mock.received()
+    assert (r["path"], r["key"]) == ("/v1beta/models/gemini-2.0-flash:generateContent?alt=json", "gm-key-1"), r

@@ -422,7 +422,7 @@ impl Config {
     /// Whether a response with this status must be read before acting on it
     /// (its body may carry an error code with an action of its own).
     pub fn probes_body(&self, status: u32) -> bool {
-        (400..500).contains(&status) && !self.error_code_actions.is_empty()
+        (400..500).contains(&status)
     }
 
     pub fn error_code_action(&self, code: &str) -> Option<StatusAction> {
@@ -430,15 +430,19 @@ impl Config {
     }
 
     /// The first of an error body's codes (most specific first) that has an
-    /// action. A code about an organization or project header counts only
-    /// when the key sent that header itself: a caller's cannot blame it.
+    /// action: a configured one (`error_code_actions`), or `disable` for a
+    /// code by which the provider's dialect says the key itself is bad. A
+    /// code about an organization or project header blames the key only
+    /// when the key sent that header itself: a caller's cannot.
     pub fn action_for_codes<'a>(&self, key: &Key, codes: &'a [String]) -> Option<(StatusAction, &'a str)> {
+        let kind = self.providers.get(key.provider).map_or(ProviderKind::OpenAi, |p| p.kind);
         codes.iter().find_map(|c| {
-            let a = self.error_code_action(c)?;
-            match crate::provider_error::about_own_header(c) {
-                Some(h) if !key.extra_headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(h)) => None,
-                _ => Some((a, c.as_str())),
+            if let Some(a) = self.error_code_action(c) {
+                return Some((a, c.as_str()));
             }
+            let own_header = crate::provider_error::about_own_header(c)
+                .is_some_and(|h| key.extra_headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(h)));
+            (own_header || crate::provider_error::blames_key(kind, c)).then_some((StatusAction::Disable, c.as_str()))
         })
     }
 }

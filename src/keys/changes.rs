@@ -16,8 +16,6 @@ pub enum KeyAction {
     CoolUntil(u64),
     Disable(Reason),
     Exhaust(Reason),
-    /// A half-open probe of a disabled key succeeded: it serves again.
-    Reenable,
 }
 
 impl KeyAction {
@@ -88,15 +86,6 @@ pub fn record_attempt(
                 }
                 rec.state = KeyState::Disabled;
                 rec.reason = reason;
-            }
-            KeyAction::Reenable => {
-                // Never over an admin's disable made while the probe ran.
-                if rec.state == KeyState::Disabled && rec.reason != Reason::Admin {
-                    rec.state = KeyState::Available;
-                    rec.reason = Reason::Probe;
-                    rec.state_at_ms = now_ms.max(rec.state_at_ms.saturating_add(1));
-                    changed = true;
-                }
             }
             KeyAction::Exhaust(reason) => {
                 if rec.state == KeyState::Available {
@@ -186,6 +175,30 @@ pub fn claim_probe(store: &dyn Store, name: &str, after_ms: u64, now_ms: u64) ->
         Ok(((), rec.encode()))
     });
     (r.is_ok(), seen)
+}
+
+/// A half-open probe's answer showed the key works: it serves again. Never
+/// over an admin's disable; stamped just after the probe's claim (which set
+/// `state_at_ms`), so that in fleet mode an admin's change made elsewhere
+/// after the probe began still wins. The record before and after, when it
+/// changed.
+pub fn reenable(store: &dyn Store, name: &str) -> Option<(KeyRecord, KeyRecord)> {
+    let (r, _) = update(store, name, |cur| {
+        let Some(Ok(before)) = cur.map(KeyRecord::decode) else {
+            return Err(());
+        };
+        if before.state != KeyState::Disabled || matches!(before.reason, Reason::Admin | Reason::None) {
+            return Err(());
+        }
+        let mut rec = before;
+        rec.state = KeyState::Available;
+        rec.reason = Reason::Probe;
+        rec.state_at_ms = rec.state_at_ms.saturating_add(1);
+        Ok(((before, rec), rec.encode()))
+    });
+    let changed = r.ok()?;
+    crate::shared_data::bump_generation(store);
+    Some(changed)
 }
 
 /// A state change requested through the admin API.

@@ -261,9 +261,14 @@ impl Snapshot {
     /// disabled long enough ago (`probe_disabled_after_ms`) to be given one
     /// real request again, as far as this snapshot knows; the probe is only
     /// made by whoever claims it ([`super::claim_probe`]).
-    pub fn due_probe(&self, cfg: &Config, provider: usize, tried: &[usize], now_ms: u64) -> Option<usize> {
+    pub fn due_probe(&mut self, cfg: &Config, provider: usize, tried: &[usize], now_ms: u64) -> Option<usize> {
         let after = cfg.probe_disabled_after_ms;
         if after == 0 {
+            return None;
+        }
+        // Only a provider with a disabled key pays for the scan.
+        self.ensure_views(cfg, now_ms);
+        if self.views.get(provider).is_none_or(|v| v.none.disabled == 0) {
             return None;
         }
         cfg.keys.live().map(|(k, _)| k).find(|&k| {
@@ -279,9 +284,12 @@ impl Snapshot {
 /// A key whose half-open probe is due counts: the request may be the probe.
 pub fn check(cfg: &Config, provider: usize, snap: &mut Snapshot, now_ms: u64) -> Result<(), NoKey> {
     snap.ensure_views(cfg, now_ms);
-    let probe = snap.due_probe(cfg, provider, &[], now_ms).is_some();
+    let none_left = snap.views.get(provider).map(|v| v.eligible.is_empty() && v.critical.is_empty());
+    if none_left == Some(true) && snap.due_probe(cfg, provider, &[], now_ms).is_some() {
+        return Ok(());
+    }
     match snap.views.get(provider) {
-        Some(v) if v.eligible.is_empty() && v.critical.is_empty() && !probe => Err(v.none.clone()),
+        Some(v) if v.eligible.is_empty() && v.critical.is_empty() => Err(v.none.clone()),
         Some(_) => Ok(()),
         None => Err(NoKey::default()),
     }

@@ -284,9 +284,7 @@ impl Attempt {
                 self.usage = parser.usage;
             }
         }
-        let action =
-            if self.probe && (200..300).contains(&self.status) { KeyAction::Reenable } else { KeyAction::Nothing };
-        self.record(h, action);
+        self.record(h, KeyAction::Nothing);
         self.close_books(h);
     }
 
@@ -297,9 +295,7 @@ impl Attempt {
         // A success cut off before its end (a reset, a timeout) is a
         // failure. An error status stands on its own: Envoy may reset the
         // attempt to retry as soon as it sees it, before its body ends.
-        let cut_short = !self.complete
-            && (200..300).contains(&self.status)
-            && matches!(action, KeyAction::Nothing | KeyAction::Reenable);
+        let cut_short = !self.complete && (200..300).contains(&self.status) && action == KeyAction::Nothing;
         let status = if cut_short { 0 } else { self.status };
         let outcome = Outcome {
             status,
@@ -371,7 +367,6 @@ impl Attempt {
                         rec.record.exhausted_until_ms,
                         why.as_str()
                     ),
-                    KeyAction::Reenable => log::warn!("[{}] key {kid} re-enabled: a probe request succeeded", self.id),
                     KeyAction::Nothing => {}
                 }
             }
@@ -382,6 +377,9 @@ impl Attempt {
     /// The action the response status (and, for a probed 4xx, the codes of
     /// its error body, read per dialect) calls for.
     fn action_for(&self, now: u64, codes: &[String]) -> KeyAction {
+        if self.too_large_for_key() {
+            return KeyAction::Nothing;
+        }
         let by_status = match self.status {
             401 => Reason::Unauthorized,
             403 => Reason::Forbidden,
@@ -408,12 +406,67 @@ impl Attempt {
     /// was the trouble (a cooldown, a disable, an exhaustion) or the
     /// provider failed; any other answer (a 401 or 403 that does not blame
     /// the key included) goes back to the caller as it is.
+    ///
+    /// A half-open probe answered by the provider with anything but a
+    /// verdict on the key or a failure of its own (a 2xx, or the caller's
+    /// own 4xx, which the provider gives only to a key it accepted) brings
+    /// the key back at once.
     fn judge(&mut self, h: &dyn Host, action: KeyAction) {
+        let failed = provider_error::server_failed(self.status);
         if action != KeyAction::Nothing {
             self.record(h, action);
+        } else if self.probe && !failed && (200..500).contains(&self.status) {
+            self.probe_passed(h);
         }
-        if action != KeyAction::Nothing || provider_error::server_failed(self.status) {
+        if action != KeyAction::Nothing || failed || self.too_large_for_key() {
             let _ = h.set_header(Map::ResponseHeaders, RETRY_HEADER, RETRY_VALUE);
+        }
+    }
+
+    /// A 429 for a request that alone needs more tokens (its prompt
+    /// estimate plus its output allowance) than the key's per-minute token
+    /// limit: the caller's request, not the key, is the trouble. The key is
+    /// not cooled; a key with a larger limit may still serve it.
+    fn too_large_for_key(&self) -> bool {
+        if self.status != 429 {
+            return false;
+        }
+        let wanted = self.estimate_tokens.0.saturating_add(self.estimate_tokens.1);
+        let told = Signals::from_headers(&self.signals).limit_tokens.and_then(|v| v.trim().parse::<u64>().ok());
+        let known = || {
+            let k = self.key?;
+            let routing = self.routing.try_borrow().ok()?;
+            let limit = routing.snapshot.records.get(k)?.provider.limit_tokens;
+            (limit != crate::key_record::UNKNOWN).then_some(limit)
+        };
+        told.or_else(known).is_some_and(|limit| wanted > limit)
+    }
+
+    /// Re-enables the probed key and records the transition.
+    fn probe_passed(&mut self, h: &dyn Host) {
+        self.probe = false;
+        let Some((k, key)) = self.key.and_then(|k| self.cfg.keys.get(k).map(|key| (k, key))) else { return };
+        let now = h.now_ms();
+        let Some((before, after)) = crate::keys::reenable(h.store(), &key.record_name) else { return };
+        log::warn!("[{}] key {} re-enabled: its probe was answered {}", self.id, key.id, self.status);
+        if let Ok(mut routing) = self.routing.try_borrow_mut() {
+            routing.snapshot.observe(&self.cfg, k, after, now);
+        }
+        let cap = |r: &crate::key_record::KeyRecord| crate::keys::evaluate(&self.cfg, k, r, now).capacity;
+        let t = crate::transition::Transition {
+            time_ms: now,
+            kind: "key".into(),
+            id: key.id.clone(),
+            from: format!("{}/{}", before.effective(now).as_str(), cap(&before).as_str()),
+            to: format!("{}/{}", after.effective(now).as_str(), cap(&after).as_str()),
+            reason: format!("half-open probe: provider answered {}", self.status),
+            seq: 0,
+        };
+        crate::transition::record(h.store(), self.cfg.max_transitions, t);
+        let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
+        let e = crate::keys::evaluate(&self.cfg, k, &after, now);
+        for (name, value) in metrics::key_gauges(pid, &key.id, &e, after.effective(now)) {
+            h.gauge(&name, value);
         }
     }
 
@@ -521,7 +574,9 @@ impl Attempt {
             routing.chooser.choose_excluding(cfg, provider, &mut routing.snapshot, now, &tried, banned, objective)
         };
         let mut banned: Vec<usize> = Vec::new();
-        let probe = self.claim_probe(h, routing, provider, &tried, now);
+        // One probe per request, on its first attempt: a request must not
+        // spend its retries on keys that were all disabled together.
+        let probe = if tried.is_empty() { self.claim_probe(h, routing, provider, &tried, now) } else { None };
         let mut chosen = match probe {
             Some(k) => Ok(crate::decision::Decision::probe(k)),
             None => choose(routing, &banned),

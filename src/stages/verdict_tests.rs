@@ -282,3 +282,100 @@ fn chat_refused(gw: &Gateway) -> Option<u32> {
     x.send_request(usize::MAX, false);
     x.replied().map(|r| r.status)
 }
+
+#[test]
+fn a_request_probes_at_most_one_disabled_key_and_only_on_its_first_attempt() {
+    let gw = Gateway::new(
+        r#"{"providers":[{"id":"openai","keys":[
+            {"id":"k1","secret":"sk-one"},{"id":"k2","secret":"sk-two"},{"id":"k3","secret":"sk-three"}]}],
+            "probe_disabled_after_seconds":60}"#,
+    );
+    // k1 and k2 are revoked together.
+    for _ in 0..6 {
+        let mut x = chat(&gw);
+        x.attempt(&gw.attempt);
+        let revoked = key_of(&x).as_deref() != Some("Bearer sk-three");
+        answer(&mut x, if revoked { 401 } else { 200 }, if revoked { INVALID_KEY } else { ANSWER });
+        x.attempt_done();
+        x.finish();
+    }
+    assert_eq!((gw.key_state(0), gw.key_state(1)), (Effective::Disabled, Effective::Disabled));
+    gw.world.advance(61_000);
+    let mut x = chat(&gw);
+    x.attempt(&gw.attempt);
+    let probed = key_of(&x);
+    assert!(matches!(probed.as_deref(), Some("Bearer sk-one" | "Bearer sk-two")), "{probed:?}");
+    let (verdict, _) = answer(&mut x, 401, INVALID_KEY);
+    assert_eq!(verdict.as_deref(), Some("another-key"));
+    x.attempt_done();
+    x.attempt(&gw.attempt);
+    assert_eq!(key_of(&x).as_deref(), Some("Bearer sk-three"), "the retry goes to the healthy key");
+}
+
+#[test]
+fn a_probe_answered_with_the_callers_own_400_brings_the_key_back() {
+    let gw = Gateway::new(&config());
+    bad_key_answer(&gw);
+    gw.world.advance(61_000);
+    let mut probe = chat(&gw);
+    probe.attempt(&gw.attempt);
+    assert_eq!(key_of(&probe).as_deref(), Some("Bearer sk-one"));
+    let (verdict, _) =
+        answer(&mut probe, 400, r#"{"error":{"message":"bad messages","type":"invalid_request_error","code":null}}"#);
+    assert_eq!(verdict, None);
+    assert_eq!(gw.key_state(0), Effective::Available, "the provider accepted the key");
+    probe.attempt_done();
+    probe.finish();
+    let t = transitions(&gw);
+    assert_eq!(t.iter().filter(|(id, ..)| id == "k1").count(), 2, "disabled, then back: {t:?}");
+}
+
+#[test]
+fn a_429_for_a_request_larger_than_the_keys_token_limit_does_not_cool_the_key() {
+    let gw = Gateway::new(&config());
+    let mut x = chat(&gw);
+    x.attempt(&gw.attempt);
+    // The body's max_tokens alone (50) is more than this key's 40 a minute.
+    x.upstream_headers(
+        429,
+        &[("content-type", "application/json"), ("x-ratelimit-limit-tokens", "40"), ("retry-after", "20")],
+        false,
+    );
+    x.upstream_body(&[br#"{"error":{"message":"Request too large for gpt-4o-mini on tokens per min (TPM)","type":"tokens","code":"rate_limit_exceeded"}}"#], true);
+    let verdict = x.attempts[0].1.get(Map::ResponseHeaders, "x-apikeyrouter-retry");
+    assert_eq!(verdict.as_deref(), Some("another-key"), "a key with a larger limit may serve it");
+    x.attempt_done();
+    assert_eq!(gw.key_state(0), Effective::Available);
+    // A 429 for a request that fits is the key's: it cools.
+    let mut x = chat(&gw);
+    x.attempt(&gw.attempt);
+    x.upstream_headers(
+        429,
+        &[("content-type", "application/json"), ("x-ratelimit-limit-tokens", "30000"), ("retry-after", "20")],
+        false,
+    );
+    x.upstream_body(
+        &[br#"{"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}"#],
+        true,
+    );
+    x.attempt_done();
+    assert!(
+        matches!(gw.key_state(1), Effective::Throttled { .. })
+            || matches!(gw.key_state(0), Effective::Throttled { .. })
+    );
+}
+
+#[test]
+fn a_callers_credential_in_the_query_string_never_reaches_the_provider() {
+    let gw = Gateway::new(&config());
+    let headers = [
+        (":method", "POST"),
+        (":path", "/v1/chat/completions?key=AIzaJUNK&access_token=t&foo=1"),
+        ("content-type", "application/json"),
+    ];
+    let mut x = Exchange::new(&gw.world, &gw.ingress, &headers, BODY.as_bytes());
+    assert_eq!(x.send_request(usize::MAX, false), Next::Continue);
+    x.attempt(&gw.attempt);
+    let path = x.attempts[0].1.get(Map::RequestHeaders, ":path");
+    assert_eq!(path.as_deref(), Some("/v1/chat/completions?foo=1"));
+}

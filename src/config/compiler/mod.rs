@@ -241,7 +241,7 @@ fn capacity(r: &mut Obj) -> Result<Thresholds, ConfigError> {
 
 /// `status_actions`: HTTP status -> action, merged over the defaults. A 401
 /// or 403 has no action of its own by default: only an error code that
-/// blames the key disables it (see [`error_code_actions`]).
+/// blames the key disables it (`provider_error::blames_key`).
 fn status_actions(root: &mut Obj) -> Result<Vec<(u32, StatusAction)>, ConfigError> {
     let mut status_actions: Vec<(u32, StatusAction)> =
         vec![(429, StatusAction::Cooldown), (402, StatusAction::Exhaust)];
@@ -261,32 +261,12 @@ fn status_actions(root: &mut Obj) -> Result<Vec<(u32, StatusAction)>, ConfigErro
     Ok(status_actions)
 }
 
-/// What a provider's error code does to the key by default: the codes by
-/// which each dialect says the key itself is bad, and OpenAI's quota.
-const DEFAULT_ERROR_CODE_ACTIONS: &[(&str, StatusAction)] = &[
-    ("insufficient_quota", StatusAction::Exhaust),
-    // OpenAI (and OpenAI-compatible services that copy its codes).
-    ("invalid_api_key", StatusAction::Disable),
-    ("account_deactivated", StatusAction::Disable),
-    ("no_organization", StatusAction::Disable),
-    // With the key's own `OpenAI-Organization` / `OpenAI-Project` header
-    // only (see `provider_error::about_own_header`).
-    ("mismatched_organization", StatusAction::Disable),
-    ("mismatched_project", StatusAction::Disable),
-    // Azure OpenAI: "Access denied due to invalid subscription key".
-    ("401", StatusAction::Disable),
-    // Anthropic.
-    ("authentication_error", StatusAction::Disable),
-    // Gemini (`error.details[].reason`).
-    ("API_KEY_INVALID", StatusAction::Disable),
-];
-
 /// `error_code_actions`: `error.code` -> action, merged over the defaults.
-/// A code's action wins over its status's, `none` included: a code set to
-/// `none` leaves the key as it is whatever the status.
+/// A code's action wins over its status's, and over the dialect's bad-key
+/// codes, `none` included: a code set to `none` leaves the key as it is
+/// whatever the status.
 fn error_code_actions(root: &mut Obj) -> Result<Vec<(String, StatusAction)>, ConfigError> {
-    let mut error_code_actions: Vec<(String, StatusAction)> =
-        DEFAULT_ERROR_CODE_ACTIONS.iter().map(|(c, a)| (c.to_string(), *a)).collect();
+    let mut error_code_actions = vec![("insufficient_quota".to_string(), StatusAction::Exhaust)];
     if let Some(a) = root.opt_obj("error_code_actions")? {
         for (k, v) in a.entries() {
             let action = action(v, &a.field(k))?;
