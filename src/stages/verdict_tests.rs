@@ -40,7 +40,14 @@ fn chat(gw: &Gateway) -> Exchange {
 /// The current attempt answers `status` with a JSON `body`; returns the
 /// attempt's verdict header and what passed to the caller.
 fn answer(x: &mut Exchange, status: u32, body: &str) -> (Option<String>, Vec<u8>) {
-    x.upstream_headers(status, &[("content-type", "application/json")], false);
+    answer_with(x, status, &[], body)
+}
+
+/// As [`answer`], with `headers` besides the JSON content type.
+fn answer_with(x: &mut Exchange, status: u32, headers: &[(&str, &str)], body: &str) -> (Option<String>, Vec<u8>) {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    x.upstream_headers(status, &all, false);
     let passed = x.upstream_body(&[body.as_bytes()], true);
     let verdict = x.attempts.last().and_then(|(_, up)| up.get(Map::ResponseHeaders, "x-apikeyrouter-retry"));
     (verdict, passed)
@@ -181,12 +188,8 @@ fn an_upstream_cannot_ask_for_a_retry_or_speak_for_the_gateway() {
     let gw = Gateway::new(&config());
     let mut x = chat(&gw);
     x.attempt(&gw.attempt);
-    x.upstream_headers(
-        400,
-        &[("content-type", "application/json"), ("x-apikeyrouter-retry", "another-key"), ("x-apikeyrouter-cost", "0")],
-        false,
-    );
-    x.upstream_body(&[br#"{"error":{"message":"bad","type":"invalid_request_error"}}"#], true);
+    let headers = [("x-apikeyrouter-retry", "another-key"), ("x-apikeyrouter-cost", "0")];
+    answer_with(&mut x, 400, &headers, r#"{"error":{"message":"bad","type":"invalid_request_error"}}"#);
     let up = &x.attempts[0].1;
     assert_eq!(up.get(Map::ResponseHeaders, "x-apikeyrouter-retry"), None);
     assert_eq!(up.get(Map::ResponseHeaders, "x-apikeyrouter-cost"), None);
@@ -336,33 +339,20 @@ fn a_429_for_a_request_larger_than_the_keys_token_limit_does_not_cool_the_key() 
     let mut x = chat(&gw);
     x.attempt(&gw.attempt);
     // The body's max_tokens alone (50) is more than this key's 40 a minute.
-    x.upstream_headers(
-        429,
-        &[("content-type", "application/json"), ("x-ratelimit-limit-tokens", "40"), ("retry-after", "20")],
-        false,
-    );
-    x.upstream_body(&[br#"{"error":{"message":"Request too large for gpt-4o-mini on tokens per min (TPM)","type":"tokens","code":"rate_limit_exceeded"}}"#], true);
-    let verdict = x.attempts[0].1.get(Map::ResponseHeaders, "x-apikeyrouter-retry");
+    let too_large = r#"{"error":{"message":"Request too large for gpt-4o-mini on tokens per min (TPM)","type":"tokens","code":"rate_limit_exceeded"}}"#;
+    let (verdict, _) =
+        answer_with(&mut x, 429, &[("x-ratelimit-limit-tokens", "40"), ("retry-after", "20")], too_large);
     assert_eq!(verdict.as_deref(), Some("another-key"), "a key with a larger limit may serve it");
     x.attempt_done();
     assert_eq!(gw.key_state(0), Effective::Available);
     // A 429 for a request that fits is the key's: it cools.
     let mut x = chat(&gw);
     x.attempt(&gw.attempt);
-    x.upstream_headers(
-        429,
-        &[("content-type", "application/json"), ("x-ratelimit-limit-tokens", "30000"), ("retry-after", "20")],
-        false,
-    );
-    x.upstream_body(
-        &[br#"{"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}"#],
-        true,
-    );
+    let limited = r#"{"error":{"message":"Rate limit reached","type":"tokens","code":"rate_limit_exceeded"}}"#;
+    answer_with(&mut x, 429, &[("x-ratelimit-limit-tokens", "30000"), ("retry-after", "20")], limited);
     x.attempt_done();
-    assert!(
-        matches!(gw.key_state(1), Effective::Throttled { .. })
-            || matches!(gw.key_state(0), Effective::Throttled { .. })
-    );
+    let cooling = |k| matches!(gw.key_state(k), Effective::Throttled { .. });
+    assert!(cooling(0) || cooling(1));
 }
 
 #[test]
