@@ -20,6 +20,25 @@ from collections import defaultdict
 
 from aiohttp import web
 
+# Each dialect's answer to a key it does not know: (status, body).
+BAD_KEY = {
+    "openai": (401, {"error": {"message": "Incorrect API key provided: sk-****.", "type": "invalid_request_error",
+                               "param": None, "code": "invalid_api_key"}}),
+    "azure": (401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong "
+                                                        "API endpoint. Make sure to provide a valid key for an "
+                                                        "active subscription and use a correct regional API "
+                                                        "endpoint for your resource."}}),
+    "anthropic": (401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
+    "gemini": (400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                               "status": "INVALID_ARGUMENT",
+                               "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                            "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}}),
+    "gemini_openai": (400, [{"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                                       "status": "INVALID_ARGUMENT",
+                                       "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                                    "reason": "API_KEY_INVALID"}]}}]),
+}
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -69,7 +88,8 @@ def main():
             return web.json_response(payload, status=status, headers=headers or {})
 
         if key not in keys:
-            return answer(401, {"error": {"type": "authentication_error", "message": "invalid key"}})
+            # Each dialect's own answer to a bad key.
+            return answer(*BAD_KEY[dialect])
         if dialect == "anthropic" and "anthropic-version" not in request.headers:
             return answer(400, {"type": "error", "error": {"type": "invalid_request_error",
                                                            "message": "anthropic-version header is required"}})

@@ -43,6 +43,12 @@ Control API (JSON):
                        with "gate", a stream sends "gate_after" chunks
                        (default 1), then waits for /_mock/release; each
                        recorded stream keeps the text it sent in "sent_text"
+  POST /_mock/organizations {"sk-..": "org-..", ...}: each key's organization;
+                       from then on a request whose OpenAI-Organization names
+                       another one gets OpenAI's 401 mismatched_organization
+  POST /_mock/models   {"sk-..": ["gpt-4o-mini", ...], ...}: the models each
+                       key's project may use; any other gets OpenAI's 403
+                       model_not_found
   POST /_mock/release  releases streams held at the gate
   POST /_mock/reset    forgets records, behaviors and totals
   GET  /_mock/received?limit=N   recorded requests, newest last, each
@@ -97,6 +103,8 @@ class State:
         self.limits = {}  # key -> {"limit": N, "used": N, "reset": "60s"}
         self.chaos = {"rate_limit_fraction": 0.0, "headers": {}}
         self.rng = random.Random(0)
+        self.orgs = {}  # key -> its organization, once a test sets them
+        self.models = {}  # key -> the models its project may use, once a test sets them
 
 
 def bearer(request):
@@ -152,6 +160,16 @@ def make_app(state):
         state.rng = random.Random(b.get("seed", 0))
         return web.json_response({"ok": True})
 
+    @routes.post("/_mock/organizations")
+    async def set_organizations(request):
+        state.orgs = dict(await request.json())
+        return web.json_response({"ok": True})
+
+    @routes.post("/_mock/models")
+    async def set_models(request):
+        state.models = {k: set(v) for k, v in (await request.json()).items()}
+        return web.json_response({"ok": True})
+
     @routes.post("/_mock/release")
     async def release(request):
         state.gate.set()
@@ -195,6 +213,10 @@ def make_app(state):
         if key not in state.keys:
             return respond(401, error_body("Incorrect API key provided.", "invalid_request_error",
                                            "invalid_api_key"))
+        org = request.headers.get("openai-organization")
+        if state.orgs and org is not None and org != state.orgs.get(key):
+            return respond(401, error_body("OpenAI-Organization header should match organization for API key",
+                                           "invalid_request_error", "mismatched_organization"))
         lim = state.limits.get(key)
         if lim is not None:
             if lim["used"] >= lim["limit"]:
@@ -220,10 +242,13 @@ def make_app(state):
             status = int(b.get("status", 200))
             fault = b.get("fault")
             if status != 200:
-                body = b.get("body") or error_body(
-                    "Rate limit reached for requests" if status == 429 else "The server had an error",
-                    "requests" if status == 429 else "server_error",
-                    "rate_limit_exceeded" if status == 429 else None)
+                # A scripted 401 without a body is OpenAI's answer to a bad key.
+                body = b.get("body") or (
+                    error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+                    if status == 401 else error_body(
+                        "Rate limit reached for requests" if status == 429 else "The server had an error",
+                        "requests" if status == 429 else "server_error",
+                        "rate_limit_exceeded" if status == 429 else None))
                 return respond(status, body, b.get("headers"))
             extra_headers = b.get("headers") or {}
         else:
@@ -255,6 +280,10 @@ def make_app(state):
                                            "invalid_request_error", None))
         usage = usage_for(body)
         model = body.get("model", "gpt-4o-mini")
+        allowed = state.models.get(key)
+        if allowed is not None and model not in allowed:
+            return respond(403, error_body(f"Project `proj_mock` does not have access to model `{model}`",
+                                           "invalid_request_error", "model_not_found"))
         headers = {"x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "9999"}
         if lim is not None:
             headers = {"x-ratelimit-limit-requests": str(lim["limit"]),

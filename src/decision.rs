@@ -95,6 +95,20 @@ impl Decision {
         }
     }
 
+    /// The half-open probe of disabled key `k`: one real request decides
+    /// whether it serves again.
+    pub fn probe(k: usize) -> Decision {
+        Decision {
+            objective: "probe".into(),
+            chosen: Some(k),
+            score: 0.0,
+            margin: None,
+            candidates: 1,
+            excluded: Vec::new(),
+            excluded_total: 0,
+        }
+    }
+
     /// The `x-apikeyrouter-decision` header value, e.g.
     /// `objective=cost; key=k2; score=0.950; margin=0.120; candidates=3; excluded=k1:throttled`.
     pub fn summary(&self, cfg: &Config) -> String {

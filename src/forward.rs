@@ -13,7 +13,8 @@ pub const FORWARDED: &[&str] = &[
     "content-length",
     "content-encoding",
     "accept",
-    "accept-encoding",
+    // Not `accept-encoding`: the attempt stage reads every answer (usage,
+    // error codes), so the provider answers uncompressed.
     "accept-language",
     "user-agent",
     // Provider versions and betas.
@@ -35,13 +36,14 @@ pub const FORWARDED: &[&str] = &[
 ];
 
 /// Header name prefixes forwarded: the OpenAI SDK's `x-stainless-*`,
-/// `x-forwarded-*`, `x-b3-*`, `sec-websocket-*`. Never a caller's
+/// `x-b3-*`, `sec-websocket-*`. Not `x-forwarded-*`: callers' addresses
+/// are not the provider's business (`forward_headers` can add them). Never a caller's
 /// `x-envoy-*`: Envoy's router would take its `x-envoy-retry-on`,
 /// `x-envoy-max-retries` or `x-envoy-hedge-on-per-try-timeout` as its own
 /// (Envoy's connection manager drops them from external requests, but not
 /// from callers an edge config trusts as internal). Envoy adds its own
 /// (`x-envoy-attempt-count`) after this stage.
-pub const FORWARDED_PREFIXES: &[&str] = &["x-stainless-", "x-forwarded-", "x-b3-", "sec-websocket-"];
+pub const FORWARDED_PREFIXES: &[&str] = &["x-stainless-", "x-b3-", "sec-websocket-"];
 
 /// Headers only a key's own `headers` may set, never the caller nor
 /// `forward_headers`.

@@ -33,6 +33,8 @@ pub enum Reason {
     InsufficientQuota = 4,
     Admin = 5,
     Status = 6,
+    /// Re-enabled: a half-open probe of the disabled key succeeded.
+    Probe = 7,
 }
 
 impl Reason {
@@ -44,6 +46,7 @@ impl Reason {
             4 => Reason::InsufficientQuota,
             5 => Reason::Admin,
             6 => Reason::Status,
+            7 => Reason::Probe,
             _ => Reason::None,
         }
     }
@@ -57,6 +60,7 @@ impl Reason {
             Reason::InsufficientQuota => "provider reported insufficient_quota",
             Reason::Admin => "set through the admin API",
             Reason::Status => "provider status action",
+            Reason::Probe => "a probe request succeeded",
         }
     }
 }
@@ -350,6 +354,15 @@ impl KeyRecord {
             fleet_month_start_ms: w[36],
             fleet_month_tokens: w[37],
         })
+    }
+
+    /// Disabled by a provider's answer (not by an admin), and so worth a
+    /// half-open probe once `after_ms` have passed since.
+    pub fn probe_due(&self, now_ms: u64, after_ms: u64) -> bool {
+        after_ms > 0
+            && self.state == KeyState::Disabled
+            && !matches!(self.reason, Reason::Admin | Reason::None)
+            && now_ms >= self.state_at_ms.saturating_add(after_ms)
     }
 
     pub fn effective(&self, now_ms: u64) -> Effective {

@@ -359,6 +359,25 @@ pub fn with_include_usage(body: &[u8], info: &RequestInfo) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
+/// Query parameters by which a provider would take a key from the URL
+/// (Gemini's `key` and `access_token`, an API gateway's `api-key` or
+/// `subscription-key`): only the gateway's own keys authenticate.
+const CREDENTIAL_PARAMS: &[&str] = &["key", "access_token", "api-key", "api_key", "subscription-key"];
+
+/// `path` without a caller's credential query parameters, when it had any.
+pub fn without_credential_params(path: &str) -> Option<String> {
+    let (base, query) = path.split_once('?')?;
+    let is_credential = |p: &&str| {
+        let name = p.split_once('=').map_or(*p, |(n, _)| n);
+        CREDENTIAL_PARAMS.iter().any(|c| name.eq_ignore_ascii_case(c))
+    };
+    if !query.split('&').any(|p| is_credential(&p)) {
+        return None;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !p.is_empty() && !is_credential(p)).collect();
+    Some(if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,5 +541,18 @@ mod tests {
         assert!(path_takes_stream_options("/v1/completions?x=1"));
         assert!(!path_takes_stream_options("/v1/responses"));
         assert!(!path_takes_stream_options("/v1/embeddings"));
+    }
+
+    #[test]
+    fn a_callers_credential_query_parameters_are_removed() {
+        let p = "/v1beta/models/gemini-2.0-flash:generateContent?alt=sse&key=AIzaJUNK&access_token=x";
+        assert_eq!(
+            without_credential_params(p).as_deref(),
+            Some("/v1beta/models/gemini-2.0-flash:generateContent?alt=sse")
+        );
+        assert_eq!(without_credential_params("/v1/x?KEY=1").as_deref(), Some("/v1/x"));
+        assert_eq!(without_credential_params("/v1/x?api-version=2024-10-21"), None);
+        assert_eq!(without_credential_params("/v1/x?keyword=1&monkey=2"), None);
+        assert_eq!(without_credential_params("/v1/x"), None);
     }
 }

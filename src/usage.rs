@@ -116,14 +116,6 @@ pub fn from_json_tail(tail: &[u8]) -> Option<Usage> {
     None
 }
 
-/// The `error.code` (or, failing that, `error.type`) of an error body, e.g.
-/// `insufficient_quota`.
-pub fn error_code(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    let e = v.get("error")?;
-    e.get("code").and_then(Value::as_str).or_else(|| e.get("type").and_then(Value::as_str)).map(str::to_string)
-}
-
 /// True when `line` has `"usage"` followed by `:` and an object, i.e. not the
 /// `"usage":null` that every OpenAI stream chunk carries. Cheap pre-filter
 /// before a JSON parse.
@@ -383,16 +375,6 @@ mod tests {
         assert_eq!(from_json_body(emb), Some(Usage { input: 8, output: 0, total: 8, cached_input: 0, reasoning: 0 }));
         let resp = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":3,"total_tokens":8}}"#;
         assert_eq!(from_json_body(resp), Some(Usage { input: 5, output: 3, total: 8, cached_input: 0, reasoning: 0 }));
-    }
-
-    #[test]
-    fn error_codes_are_read_from_openai_error_bodies() {
-        let b = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
-        assert_eq!(error_code(b).as_deref(), Some("insufficient_quota"));
-        let b = br#"{"error":{"message":"x","type":"requests","code":null}}"#;
-        assert_eq!(error_code(b).as_deref(), Some("requests"));
-        assert_eq!(error_code(b"{}"), None);
-        assert_eq!(error_code(b"<html>"), None);
     }
 
     #[test]

@@ -518,8 +518,10 @@ def test_patches_land_where_istio_puts_them(pushed, tmp_path):
     [route] = hcm["route_config"]["virtual_hosts"][0]["routes"]
     r = route["route"]
     assert (r["timeout"], r["idle_timeout"], r["retry_policy"]["per_try_idle_timeout"]) == ("0s", "600s", "600s")
-    assert r["retry_policy"]["retry_on"] == "reset-before-request,connect-failure,refused-stream,retriable-status-codes"
-    assert r["retry_policy"]["retriable_status_codes"] == [429, 401, 402, 403, 500, 502, 503]
+    assert r["retry_policy"]["retry_on"] == "retriable-headers,reset-before-request,connect-failure,refused-stream"
+    assert r["retry_policy"]["retriable_status_codes"] == []
+    assert r["retry_policy"]["retriable_headers"] == [
+        {"name": "x-apikeyrouter-retry", "string_match": {"exact": "another-key"}}]
     [cluster] = [c for c in b["static_resources"]["clusters"] if c["name"] == PROVIDER_CLUSTER]
     assert cluster["per_connection_buffer_limit_bytes"] == 16 << 20
     # The other listeners (Prometheus, health) got nothing.

@@ -1,7 +1,8 @@
 """What a provider's answer does to its key, through real Envoy: non-default
-`status_actions` and `error_code_actions` (the action `none` included), and
-a 403 disabling a key under the default actions. Each is checked through
-the key's state in the admin API and through what the next request gets."""
+`status_actions` and `error_code_actions` (the action `none` included), a
+401 naming a bad key disabling it under the default actions, and a 403 that
+does not blame the key leaving it alone. Each is checked through the key's
+state in the admin API and through what the next request gets."""
 
 import calendar
 import json
@@ -25,22 +26,25 @@ def next_utc_midnight_ms(t):
 
 
 # id: (plugin fields, the mock's answer, what it does to the key)
-#   "none": nothing: the key stays available and is used again, so the route
-#           retries land on the same (only) key: 4 attempts, and the caller
-#           gets the provider's own answer;
-#   a state: the key leaves the rotation at once: a retriable status is
-#           retried, finds no key and gets the attempt stage's 429; the next
-#           request is refused at ingress without reaching the provider.
+#   "none": nothing: the key stays available and the caller gets the
+#           provider's own answer, after one attempt (the filter's verdict
+#           asks for no other key) or, for a provider failure (500, 502,
+#           503), after the route's 4 attempts on the same (only) key;
+#   a state: the key leaves the rotation at once: the verdict asks for
+#           another key, the retry finds none and gets the attempt stage's
+#           429; the next request is refused at ingress without reaching the
+#           provider.
 CASES = {
     # A status whose default action cools, disables or exhausts: `none`.
     "429-none": ({"status_actions": {"429": "none"}},
                  {"status": 429, "headers": {"retry-after": "30"},
                   "body": error_body("rate_limit_exceeded", "requests", "Rate limit reached")}, "none"),
-    "401-none": ({"status_actions": {"401": "none"}},
-                 {"status": 401, "body": error_body("invalid_api_key")}, "none"),
-    "403-none": ({"status_actions": {"403": "none"}},
-                 {"status": 403, "body": error_body("unsupported_country_region_territory", "request_forbidden")},
-                 "none"),
+    "invalid_api_key-none": ({"error_code_actions": {"invalid_api_key": "none"}},
+                             {"status": 401, "body": error_body("invalid_api_key")}, "none"),
+    "500-none": ({}, {"status": 500, "body": error_body(None, "server_error", "The server had an error")}, "none"),
+    "403-disable": ({"status_actions": {"403": "disable"}},
+                    {"status": 403, "body": error_body("unsupported_country_region_territory", "request_forbidden")},
+                    ("disabled", "provider answered 403")),
     "402-none": ({"status_actions": {"402": "none"}},
                  {"status": 402, "body": error_body("payment_required")}, "none"),
     # Other actions than the defaults.
@@ -77,13 +81,14 @@ def one_key_gateway(start_mock, start_envoy, fields):
 def test_a_configured_action_is_what_the_answer_does_to_the_key(start_mock, start_envoy, fields, answer, effect):
     mock, e, keys = one_key_gateway(start_mock, start_envoy, fields)
     mock.behavior(keys[0], **answer)
-    retried = answer["status"] in (429, 401, 402, 403, 500, 502, 503)  # the route's retriable statuses
+    # A provider failure is worth another attempt whatever the key's state.
+    failed = answer["status"] in (500, 502, 503, 529)
     before = time.time()
     status, headers, body = chat(e.url)
     after = time.time()
     k1 = e.key_counters()["k1"]
     if effect == "none":
-        attempts = 4 if retried else 1
+        attempts = 4 if failed else 1
         # Every attempt used k1 and got the provider's answer, which the
         # caller then got as it was.
         assert (status, headers["x-apikeyrouter-attempts"]) == (answer["status"], str(attempts)), body
@@ -100,12 +105,10 @@ def test_a_configured_action_is_what_the_answer_does_to_the_key(start_mock, star
         return
     state, detail = effect
     assert len(mock.received()) == 1, "the key was used once, then left the rotation"
-    if retried:
-        # Envoy's retry found no key left: the attempt stage's own 429.
-        assert (status, headers["x-apikeyrouter-attempts"]) == (429, "2"), body
-        assert json.loads(body)["error"]["code"] == "no_available_key"
-    else:
-        assert status == answer["status"] and json.loads(body) == answer["body"]
+    # The verdict asked for another key; Envoy's retry found none left: the
+    # attempt stage's own 429.
+    assert (status, headers["x-apikeyrouter-attempts"]) == (429, "2"), body
+    assert json.loads(body)["error"]["code"] == "no_available_key"
     assert k1["state"] == state, k1
     if state == "throttled":
         # The provider's retry-after, not cooldown.default_seconds (60).
@@ -131,19 +134,36 @@ def test_a_configured_action_is_what_the_answer_does_to_the_key(start_mock, star
 
 def test_an_error_code_set_to_none_wins_over_its_status(start_mock, start_envoy):
     mock, e, keys = one_key_gateway(start_mock, start_envoy,
-                                    {"error_code_actions": {"unsupported_country_region_territory": "none"}})
+                                    {"status_actions": {"403": "disable"},
+                                     "error_code_actions": {"unsupported_country_region_territory": "none"}})
     mock.behavior(keys[0], status=403, body=error_body("unsupported_country_region_territory", "request_forbidden"))
     status, headers, _ = chat(e.url)
-    assert (status, headers.get("x-apikeyrouter-attempts")) == (403, "4")
+    assert (status, headers.get("x-apikeyrouter-attempts"), headers.get("x-apikeyrouter-retry")) == (403, "1", None)
     assert e.key_counters()["k1"]["state"] == "available"
 
 
-def test_a_403_disables_the_key_and_the_next_requests_use_the_others(mock3, start_envoy):
+def test_a_403_that_does_not_blame_the_key_goes_back_to_the_caller_and_every_key_stays(mock3, start_envoy):
     keys = secrets(3)
     e = start_envoy(mock3, plugin=plugin_with_keys(keys))
-    mock3.behavior(keys[0], status=403,
-                   body=error_body("unsupported_country_region_territory", "request_forbidden",
-                                   "Country, region, or territory not supported"))
+    forbidden = error_body("unsupported_country_region_territory", "request_forbidden",
+                           "Country, region, or territory not supported")
+    mock3.behavior(keys[0], status=403, body=forbidden, times=1)
+    status, headers, body = chat(e.url)
+    # One attempt: the verdict asks for no other key, and the caller gets
+    # the provider's answer as it was.
+    assert (status, headers["x-apikeyrouter-attempts"], json.loads(body)) == (403, "1", forbidden)
+    assert "x-apikeyrouter-retry" not in headers
+    assert {k: c["state"] for k, c in e.key_counters().items()} == {
+        "k1": "available", "k2": "available", "k3": "available"}
+    served = {chat(e.url)[1]["x-apikeyrouter-key-id"] for _ in range(6)}
+    assert served == {"k1", "k2", "k3"}
+
+
+def test_a_401_naming_a_bad_key_disables_it_and_the_next_requests_use_the_others(mock3, start_envoy):
+    keys = secrets(3)
+    e = start_envoy(mock3, plugin=plugin_with_keys(keys))
+    mock3.behavior(keys[0], status=401,
+                   body=error_body("invalid_api_key", "invalid_request_error", "Incorrect API key provided"))
     id_of = ids_by_secret(keys)
     served = []
     for _ in range(12):
@@ -151,18 +171,18 @@ def test_a_403_disables_the_key_and_the_next_requests_use_the_others(mock3, star
         assert status == 200, body
         served.append(headers["x-apikeyrouter-key-id"])
     used = [id_of[r["key"]] for r in mock3.received()]
-    # k1 answered 403 once; that request was retried on another key.
+    # k1 answered 401 once; that request was retried on another key.
     assert used.count("k1") == 1 and len(used) == 13, used
     assert "k1" not in served and set(served) == {"k2", "k3"}
     k1 = e.key_counters()["k1"]
-    assert (k1["state"], k1["state_reason"], k1["state_until_ms"]) == ("disabled", "provider answered 403", None)
+    assert (k1["state"], k1["state_reason"], k1["state_until_ms"]) == ("disabled", "provider answered 401", None)
     assert k1["counters"]["client_errors"] == 1
-    # Every decision after the 403 says why k1 was left out.
+    # Every decision after the 401 says why k1 was left out.
     status, headers, _ = chat(e.url)
     assert status == 200 and "excluded=k1:disabled" in headers["x-apikeyrouter-decision"]
     status, _, body = e.admin_api("GET", "transitions?limit=10")
     moves = [(t["id"], t["to"], t["reason"]) for t in json.loads(body)["transitions"] if t["kind"] == "key"]
-    assert moves == [("k1", "disabled/abundant", "provider answered 403")], moves
+    assert moves == [("k1", "disabled/abundant", "provider answered 401")], moves
 
     def gauge():
         _, _, text = http("GET", e.admin_url + "/stats/prometheus")

@@ -134,7 +134,7 @@ def test_configmap_envoy_config_validates_and_passes_the_operator_checks(configm
     assert code == 0, log[-3000:]
     for check in (shipped.test_every_tls_cluster_checks_the_providers_name,
                   shipped.test_routes_let_streams_run_but_not_hang,
-                  shipped.test_retries_never_resend_what_the_provider_may_have_billed,
+                  shipped.test_retries_follow_the_filters_verdict_and_never_resend_what_the_provider_may_have_billed,
                   shipped.test_retries_are_limited_by_a_budget,
                   shipped.test_overload_manager_bounds_heap_and_connections,
                   shipped.test_every_http_listener_has_a_request_headers_timeout,

@@ -127,13 +127,16 @@ def test_routes_let_streams_run_but_not_hang(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=IDS)
-def test_retries_never_resend_what_the_provider_may_have_billed(path):
+def test_retries_follow_the_filters_verdict_and_never_resend_what_the_provider_may_have_billed(path):
     cfg, _ = load(path)
     for r in gateway_routes(cfg):
         on = r["retry_policy"]["retry_on"].split(",")
         assert "reset" not in on and "5xx" not in on and "gateway-error" not in on, on
-        assert "reset-before-request" in on and "retriable-status-codes" in on, on
-        assert 429 in r["retry_policy"]["retriable_status_codes"]
+        # Bare statuses would retry a caller's own 401/403 on every key.
+        assert "retriable-status-codes" not in on and "retriable-4xx" not in on, on
+        assert "reset-before-request" in on and "retriable-headers" in on, on
+        assert r["retry_policy"]["retriable_headers"] == [
+            {"name": "x-apikeyrouter-retry", "string_match": {"exact": "another-key"}}]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=IDS)

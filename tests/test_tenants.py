@@ -1,10 +1,11 @@
 """Tenants through real Envoy (issue 17), from the hostile caller's side:
 a key's own headers stay with that key, a model name cannot steer the
-provider's path, only allowed headers and endpoints reach the provider,
-and a request id of the caller's choosing cannot join another request's
-books."""
+provider's path, only allowed headers and endpoints reach the provider, a
+request id of the caller's choosing cannot join another request's books,
+and only a key's own failure changes the key."""
 
 import json
+import time
 from decimal import Decimal
 
 import pytest
@@ -170,3 +171,137 @@ def test_two_requests_with_the_same_caller_chosen_request_id_are_accounted_separ
                       if d["request_id"] == same["x-request-id"])
     wait_until(lambda: len(records()) == 3, what="three decision records")
     assert records() == [(1, "-"), (1, "usage"), (2, "usage")], "the 429, the short request, the stream's retry"
+# --- Only a key's own failure changes the key (point 2) ----------------------
+
+
+def key_states(e):
+    return {k: c["state"] for k, c in e.key_counters().items()}
+
+
+def key_transitions(e):
+    status, _, body = e.admin_api("GET", "transitions?limit=50")
+    assert status == 200, body
+    return [(t["id"], t["from"], t["to"], t["reason"]) for t in json.loads(body)["transitions"] if t["kind"] == "key"]
+
+
+def test_a_caller_asking_for_a_model_no_project_may_use_cannot_take_keys_offline(mock3, start_envoy):
+    """The measured attack: each 403 used to disable a key and be retried on
+    the next, so four requests left every key disabled and other callers
+    unserved. Now the 403 goes back to its caller after one attempt."""
+    keys = secrets(3)
+    e = start_envoy(mock3, plugin=plugin_with_keys(keys))
+    mock3.control("/_mock/models", {k: ["gpt-4o-mini"] for k in keys})
+    for i in range(4):
+        status, headers, body = chat(e.url, content=f"hostile {i}", extra={"model": "o1-pro"})
+        assert (status, headers["x-apikeyrouter-attempts"]) == (403, "1"), body
+        assert json.loads(body)["error"]["code"] == "model_not_found"
+        assert "x-apikeyrouter-retry" not in headers
+    assert len(mock3.received()) == 4, "no request was retried on another key"
+    assert key_states(e) == {"k1": "available", "k2": "available", "k3": "available"}
+    assert key_transitions(e) == []
+    # Every other caller is served, by every key.
+    served = [chat(e.url, content=f"other {i}") for i in range(10)]
+    assert [s for s, _, _ in served] == [200] * 10
+    assert {h["x-apikeyrouter-key-id"] for _, h, _ in served} == {"k1", "k2", "k3"}
+
+
+def test_an_upstream_cannot_ask_the_gateway_for_a_retry(mock3, start_envoy):
+    keys = secrets(3)
+    e = start_envoy(mock3, plugin=plugin_with_keys(keys))
+    for k in keys:
+        mock3.behavior(k, status=400, headers={"x-apikeyrouter-retry": "another-key", "x-apikeyrouter-cost": "0"},
+                       body={"error": {"message": "bad", "type": "invalid_request_error", "code": None}})
+    status, headers, _ = chat(e.url)
+    assert (status, headers["x-apikeyrouter-attempts"]) == (400, "1")
+    assert "x-apikeyrouter-retry" not in headers and "x-apikeyrouter-cost" not in headers
+    assert len(mock3.received()) == 1
+
+
+def test_a_key_whose_own_organization_is_wrong_is_disabled_and_the_request_served_by_another(mock3, start_envoy):
+    keys = secrets(2)
+    plugin = plugin_with_keys(keys)
+    plugin["providers"][0]["keys"][0]["headers"] = {"OpenAI-Organization": "org-stale"}
+    e = start_envoy(mock3, plugin=plugin)
+    mock3.control("/_mock/organizations", {k: "org-real" for k in keys})
+    for i in range(4):
+        status, headers, body = chat(e.url, content=f"request {i}")
+        assert status == 200 and headers["x-apikeyrouter-key-id"] == "k2", body
+        if key_states(e)["k1"] == "disabled":
+            break
+    k1 = e.key_counters()["k1"]
+    assert (k1["state"], k1["state_reason"]) == ("disabled", "provider answered 401"), k1
+    assert [r["status"] for r in mock3.received() if r["key"] == keys[0]] == [401]
+
+
+def test_each_dialects_bad_key_answer_disables_that_key_and_the_request_is_served_by_another(
+        start_mock, start_envoy, monkeypatch):
+    bad = {"sk-openai-1", "az-key-1", "sk-ant-1", "gm-key-1", "gm-key-2"}
+    mock = start_mock([k for k in DIALECT_KEYS if k not in bad], script=DIALECTS)
+    monkeypatch.setattr(harness, "DEMO_CONFIG", ROOT / "envoy" / "providers-mock.yaml")
+    e = start_envoy(mock)
+    msg = {"model": "claude-3-5-sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
+    calls = [
+        ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": []}, "openai-1"),
+        ("/v1/messages", msg, "claude-1"),
+        ("/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21",
+         {"messages": [{"role": "user", "content": "Hi"}]}, "azure-1"),
+        ("/v1beta/models/gemini-2.0-flash:generateContent", {"contents": [{"parts": [{"text": "Hi"}]}]}, "gemini-1"),
+        ("/v1beta/openai/chat/completions", {"model": "gemini-2.0-flash", "messages": []}, "gemini-oa-1"),
+    ]
+    for path, body, key_id in calls:
+        for _ in range(3):
+            http("POST", e.url + path, body)
+            if key_states(e)[key_id] == "disabled":
+                break
+        assert key_states(e)[key_id] == "disabled", (key_id, e.key_counters()[key_id])
+    # Where the provider has another key, it serves; every good key stays.
+    for path, body in [("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": []}), ("/v1/messages", msg)]:
+        for _ in range(3):
+            s, h, b = http("POST", e.url + path, body)
+            assert s == 200, (path, s, b)
+    states = key_states(e)
+    assert {k for k, s in states.items() if s != "available"} == {
+        "openai-1", "claude-1", "azure-1", "gemini-1", "gemini-oa-1"}, states
+
+
+def test_a_disabled_key_is_probed_with_one_request_and_serves_again_once_it_works(mock3, start_envoy):
+    keys = secrets(2)
+    e = start_envoy(mock3, plugin=plugin_with_keys(keys, probe_disabled_after_seconds=1))
+    mock3.behavior(keys[0], status=401, times=None)
+    for i in range(3):
+        assert chat(e.url, content=f"first {i}")[0] == 200
+    assert key_states(e)["k1"] == "disabled"
+    to_k1 = lambda: [r for r in mock3.received() if r["key"] == keys[0]]  # noqa: E731
+    assert len(to_k1()) == 1
+
+    # Still bad: one probe, which fails; its request is served by k2.
+    time.sleep(1.2)
+    for i in range(4):
+        status, _, _ = chat(e.url, content=f"probe {i}")
+        assert status == 200
+    assert len(to_k1()) == 2, "one probe, not one per request"
+    assert key_states(e)["k1"] == "disabled"
+    assert ("k1", "disabled/abundant", "disabled/abundant", "half-open probe: provider answered 401") \
+        in key_transitions(e)
+
+    # Fixed: the next probe re-enables it.
+    mock3.behavior(keys[0], status=200)
+    time.sleep(1.2)
+    for i in range(4):
+        assert chat(e.url, content=f"again {i}")[0] == 200
+        if key_states(e)["k1"] == "available":
+            break
+    assert key_states(e)["k1"] == "available"
+    assert ("k1", "disabled/abundant", "available/abundant", "half-open probe: provider answered 200") \
+        in key_transitions(e)
+    served = {chat(e.url, content=f"after {i}")[1]["x-apikeyrouter-key-id"] for i in range(4)}
+    assert served == {"k1", "k2"}
+
+
+def test_a_callers_key_in_the_query_string_never_reaches_the_provider(providers_gateway):
+    mock, e = providers_gateway
+    gen = {"contents": [{"parts": [{"text": "Hi"}]}]}
+    s, _, body = http("POST", e.url + "/v1beta/models/gemini-2.0-flash:generateContent?key=AIzaJUNK&alt=json", gen)
+    assert s == 200, body
+    [r] = mock.received()
+    assert (r["path"], r["key"]) == ("/v1beta/models/gemini-2.0-flash:generateContent?alt=json", "gm-key-1"), r

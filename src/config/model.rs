@@ -387,6 +387,9 @@ pub struct Config {
     pub status_actions: Vec<(u32, StatusAction)>,
     /// Actions for an `error.code` (or `error.type`) in a 4xx body.
     pub error_code_actions: Vec<(String, StatusAction)>,
+    /// A key disabled by a provider's answer gets one real request (a
+    /// half-open probe) this long after it was disabled; 0 never.
+    pub probe_disabled_after_ms: u64,
     pub decisions: Decisions,
     pub prices: PriceTable,
     pub unknown_model: UnknownModel,
@@ -419,11 +422,28 @@ impl Config {
     /// Whether a response with this status must be read before acting on it
     /// (its body may carry an error code with an action of its own).
     pub fn probes_body(&self, status: u32) -> bool {
-        (400..500).contains(&status) && !self.error_code_actions.is_empty()
+        (400..500).contains(&status)
     }
 
     pub fn error_code_action(&self, code: &str) -> Option<StatusAction> {
         self.error_code_actions.iter().find(|(c, _)| c == code).map(|(_, a)| *a)
+    }
+
+    /// The first of an error body's codes (most specific first) that has an
+    /// action: a configured one (`error_code_actions`), or `disable` for a
+    /// code by which the provider's dialect says the key itself is bad. A
+    /// code about an organization or project header blames the key only
+    /// when the key sent that header itself: a caller's cannot.
+    pub fn action_for_codes<'a>(&self, key: &Key, codes: &'a [String]) -> Option<(StatusAction, &'a str)> {
+        let kind = self.providers.get(key.provider).map_or(ProviderKind::OpenAi, |p| p.kind);
+        codes.iter().find_map(|c| {
+            if let Some(a) = self.error_code_action(c) {
+                return Some((a, c.as_str()));
+            }
+            let own_header = crate::provider_error::about_own_header(c)
+                .is_some_and(|h| key.extra_headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(h)));
+            (own_header || crate::provider_error::blames_key(kind, c)).then_some((StatusAction::Disable, c.as_str()))
+        })
     }
 }
 

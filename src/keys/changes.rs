@@ -155,6 +155,52 @@ pub fn apply_fleet(
     r
 }
 
+/// Claims the half-open probe of a disabled key: when it is due (see
+/// [`KeyRecord::probe_due`]), restarts its clock so that no other request,
+/// on any worker, probes it before `after_ms` have passed again. True when
+/// this request is the probe, with the record as it now stands (to
+/// refresh the caller's snapshot either way).
+pub fn claim_probe(store: &dyn Store, name: &str, after_ms: u64, now_ms: u64) -> (bool, Option<KeyRecord>) {
+    let mut seen = None;
+    let (r, _) = update(store, name, |cur| {
+        let Some(Ok(mut rec)) = cur.map(KeyRecord::decode) else {
+            return Err(());
+        };
+        seen = Some(rec);
+        if !rec.probe_due(now_ms, after_ms) {
+            return Err(());
+        }
+        rec.state_at_ms = now_ms.max(rec.state_at_ms.saturating_add(1));
+        seen = Some(rec);
+        Ok(((), rec.encode()))
+    });
+    (r.is_ok(), seen)
+}
+
+/// A half-open probe's answer showed the key works: it serves again. Never
+/// over an admin's disable; stamped just after the probe's claim (which set
+/// `state_at_ms`), so that in fleet mode an admin's change made elsewhere
+/// after the probe began still wins. The record before and after, when it
+/// changed.
+pub fn reenable(store: &dyn Store, name: &str) -> Option<(KeyRecord, KeyRecord)> {
+    let (r, _) = update(store, name, |cur| {
+        let Some(Ok(before)) = cur.map(KeyRecord::decode) else {
+            return Err(());
+        };
+        if before.state != KeyState::Disabled || matches!(before.reason, Reason::Admin | Reason::None) {
+            return Err(());
+        }
+        let mut rec = before;
+        rec.state = KeyState::Available;
+        rec.reason = Reason::Probe;
+        rec.state_at_ms = rec.state_at_ms.saturating_add(1);
+        Ok(((before, rec), rec.encode()))
+    });
+    let changed = r.ok()?;
+    crate::shared_data::bump_generation(store);
+    Some(changed)
+}
+
 /// A state change requested through the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetState {

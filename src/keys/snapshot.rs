@@ -256,10 +256,38 @@ pub fn stale_choice(cfg: &Config, k: usize, snap: &KeyRecord, fresh: &KeyRecord,
     now.capacity == Capacity::Critical && evaluate(cfg, k, snap, now_ms).capacity != Capacity::Critical
 }
 
+impl Snapshot {
+    /// A key of `provider`, not in `tried`, that a provider's answer
+    /// disabled long enough ago (`probe_disabled_after_ms`) to be given one
+    /// real request again, as far as this snapshot knows; the probe is only
+    /// made by whoever claims it ([`super::claim_probe`]).
+    pub fn due_probe(&mut self, cfg: &Config, provider: usize, tried: &[usize], now_ms: u64) -> Option<usize> {
+        let after = cfg.probe_disabled_after_ms;
+        if after == 0 {
+            return None;
+        }
+        // Only a provider with a disabled key pays for the scan.
+        self.ensure_views(cfg, now_ms);
+        if self.views.get(provider).is_none_or(|v| v.none.disabled == 0) {
+            return None;
+        }
+        cfg.keys.live().map(|(k, _)| k).find(|&k| {
+            cfg.keys.get(k).is_some_and(|key| key.provider == provider)
+                && !tried.contains(&k)
+                && self.records.get(k).is_some_and(|r| r.probe_due(now_ms, after))
+        })
+    }
+}
+
 /// `Ok` when some key of `provider` can serve at `now_ms`, otherwise why not.
 /// Used to refuse a request before any upstream attempt.
+/// A key whose half-open probe is due counts: the request may be the probe.
 pub fn check(cfg: &Config, provider: usize, snap: &mut Snapshot, now_ms: u64) -> Result<(), NoKey> {
     snap.ensure_views(cfg, now_ms);
+    let none_left = snap.views.get(provider).map(|v| v.eligible.is_empty() && v.critical.is_empty());
+    if none_left == Some(true) && snap.due_probe(cfg, provider, &[], now_ms).is_some() {
+        return Ok(());
+    }
     match snap.views.get(provider) {
         Some(v) if v.eligible.is_empty() && v.critical.is_empty() => Err(v.none.clone()),
         Some(_) => Ok(()),

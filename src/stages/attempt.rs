@@ -17,6 +17,7 @@ use crate::key_record::{Outcome, Reason};
 use crate::keys::{read_record, record_attempt, stale_choice, KeyAction};
 use crate::metrics;
 use crate::objective::Objective;
+use crate::provider_error::{self, RETRY_HEADER, RETRY_VALUE};
 use crate::ratelimit::{cooldown_ms, Signals};
 use crate::reply;
 use crate::usage::{self, SseUsage};
@@ -91,6 +92,8 @@ pub struct Attempt {
     /// The response arrived whole (its end of stream was seen).
     complete: bool,
     next_cutoff_check: u64,
+    /// This attempt is the half-open probe of a disabled key.
+    probe: bool,
 }
 
 impl Attempt {
@@ -122,6 +125,7 @@ impl Attempt {
             next_cutoff_check: 0,
             client: None,
             complete: false,
+            probe: false,
         }
     }
 
@@ -325,7 +329,7 @@ impl Attempt {
                 if let Ok(mut routing) = self.routing.try_borrow_mut() {
                     routing.snapshot.observe(&self.cfg, k, rec.record, now);
                 }
-                if rec.changed {
+                if rec.changed || self.probe {
                     let (was, cap) = rec.before;
                     let to_cap = crate::keys::evaluate(&self.cfg, k, &rec.record, now).capacity;
                     let t = crate::transition::Transition {
@@ -334,7 +338,11 @@ impl Attempt {
                         id: kid.to_string(),
                         from: format!("{}/{}", was.as_str(), cap.as_str()),
                         to: format!("{}/{}", rec.record.effective(now).as_str(), to_cap.as_str()),
-                        reason: format!("provider answered {}", self.status),
+                        reason: if self.probe {
+                            format!("half-open probe: provider answered {}", self.status)
+                        } else {
+                            format!("provider answered {}", self.status)
+                        },
                         seq: 0,
                     };
                     crate::transition::record(h.store(), self.cfg.max_transitions, t);
@@ -370,21 +378,23 @@ impl Attempt {
         }
     }
 
-    /// The action the response status (and, for a probed 4xx, its error
-    /// code) calls for.
-    fn action_for(&self, now: u64, error_code: Option<&str>) -> KeyAction {
-        let (configured, reason) = match error_code.and_then(|c| self.cfg.error_code_action(c).map(|a| (a, c))) {
+    /// The action the response status (and, for a probed 4xx, the codes of
+    /// its error body, read per dialect) calls for.
+    fn action_for(&self, now: u64, codes: &[String]) -> KeyAction {
+        if self.too_large_for_key() {
+            return KeyAction::Nothing;
+        }
+        let by_status = match self.status {
+            401 => Reason::Unauthorized,
+            403 => Reason::Forbidden,
+            402 => Reason::PaymentRequired,
+            _ => Reason::Status,
+        };
+        let key = self.key.and_then(|k| self.cfg.keys.get(k));
+        let (configured, reason) = match key.and_then(|key| self.cfg.action_for_codes(key, codes)) {
             Some((a, "insufficient_quota")) => (a, Reason::InsufficientQuota),
-            Some((a, _)) => (a, Reason::Status),
-            None => {
-                let reason = match self.status {
-                    401 => Reason::Unauthorized,
-                    403 => Reason::Forbidden,
-                    402 => Reason::PaymentRequired,
-                    _ => Reason::Status,
-                };
-                (self.cfg.status_action(self.status), reason)
-            }
+            Some((a, _)) => (a, by_status),
+            None => (self.cfg.status_action(self.status), by_status),
         };
         let cool_until = if configured == StatusAction::Cooldown {
             let s = Signals::from_headers(&self.signals);
@@ -393,6 +403,104 @@ impl Attempt {
             0
         };
         KeyAction::from_config(configured, reason, cool_until)
+    }
+
+    /// Acts on the key as the answer calls for and gives Envoy's router the
+    /// filter's verdict: another key may serve the request when this key
+    /// was the trouble (a cooldown, a disable, an exhaustion) or the
+    /// provider failed; any other answer (a 401 or 403 that does not blame
+    /// the key included) goes back to the caller as it is.
+    ///
+    /// A half-open probe answered by the provider with anything but a
+    /// verdict on the key or a failure of its own (a 2xx, or the caller's
+    /// own 4xx, which the provider gives only to a key it accepted) brings
+    /// the key back at once.
+    fn judge(&mut self, h: &dyn Host, action: KeyAction) {
+        let failed = provider_error::server_failed(self.status);
+        if action != KeyAction::Nothing {
+            self.record(h, action);
+        } else if self.probe && !failed && (200..500).contains(&self.status) {
+            self.probe_passed(h);
+        }
+        if action != KeyAction::Nothing || failed || self.too_large_for_key() {
+            let _ = h.set_header(Map::ResponseHeaders, RETRY_HEADER, RETRY_VALUE);
+        }
+    }
+
+    /// A 429 for a request that alone needs more tokens (its prompt
+    /// estimate plus its output allowance) than the key's per-minute token
+    /// limit: the caller's request, not the key, is the trouble. The key is
+    /// not cooled; a key with a larger limit may still serve it.
+    fn too_large_for_key(&self) -> bool {
+        if self.status != 429 {
+            return false;
+        }
+        let wanted = self.estimate_tokens.0.saturating_add(self.estimate_tokens.1);
+        let told = Signals::from_headers(&self.signals).limit_tokens.and_then(|v| v.trim().parse::<u64>().ok());
+        let known = || {
+            let k = self.key?;
+            let routing = self.routing.try_borrow().ok()?;
+            let limit = routing.snapshot.records.get(k)?.provider.limit_tokens;
+            (limit != crate::key_record::UNKNOWN).then_some(limit)
+        };
+        told.or_else(known).is_some_and(|limit| wanted > limit)
+    }
+
+    /// Re-enables the probed key and records the transition.
+    fn probe_passed(&mut self, h: &dyn Host) {
+        self.probe = false;
+        let Some((k, key)) = self.key.and_then(|k| self.cfg.keys.get(k).map(|key| (k, key))) else { return };
+        let now = h.now_ms();
+        let Some((before, after)) = crate::keys::reenable(h.store(), &key.record_name) else { return };
+        log::warn!("[{}] key {} re-enabled: its probe was answered {}", self.id, key.id, self.status);
+        if let Ok(mut routing) = self.routing.try_borrow_mut() {
+            routing.snapshot.observe(&self.cfg, k, after, now);
+        }
+        let cap = |r: &crate::key_record::KeyRecord| crate::keys::evaluate(&self.cfg, k, r, now).capacity;
+        let t = crate::transition::Transition {
+            time_ms: now,
+            kind: "key".into(),
+            id: key.id.clone(),
+            from: format!("{}/{}", before.effective(now).as_str(), cap(&before).as_str()),
+            to: format!("{}/{}", after.effective(now).as_str(), cap(&after).as_str()),
+            reason: format!("half-open probe: provider answered {}", self.status),
+            seq: 0,
+        };
+        crate::transition::record(h.store(), self.cfg.max_transitions, t);
+        let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
+        let e = crate::keys::evaluate(&self.cfg, k, &after, now);
+        for (name, value) in metrics::key_gauges(pid, &key.id, &e, after.effective(now)) {
+            h.gauge(&name, value);
+        }
+    }
+
+    /// The provider of the chosen key.
+    fn kind(&self) -> crate::config::ProviderKind {
+        let p = self.key.and_then(|k| self.cfg.keys.get(k)).map_or(0, |key| key.provider);
+        self.cfg.providers.get(p).map_or(crate::config::ProviderKind::OpenAi, |p| p.kind)
+    }
+
+    /// A disabled key of `provider` due for its half-open probe, claimed
+    /// for this attempt (at most one request per `probe_disabled_after`,
+    /// across workers). The snapshot learns the key's record either way.
+    fn claim_probe(
+        &self,
+        h: &dyn Host,
+        routing: &mut WorkerState,
+        provider: usize,
+        tried: &[usize],
+        now: u64,
+    ) -> Option<usize> {
+        let k = routing.snapshot.due_probe(&self.cfg, provider, tried, now)?;
+        let key = self.cfg.keys.get(k)?;
+        let (won, seen) = crate::keys::claim_probe(h.store(), &key.record_name, self.cfg.probe_disabled_after_ms, now);
+        if let Some(rec) = seen {
+            routing.snapshot.observe(&self.cfg, k, rec, now);
+        }
+        if won {
+            log::info!("[{}] key {}: half-open probe with this request", self.id, key.id);
+        }
+        won.then_some(k)
     }
 
     /// The decision's ring record (its `seq` is given when it is queued).
@@ -490,7 +598,13 @@ impl Attempt {
             routing.chooser.choose_excluding(cfg, provider, &mut routing.snapshot, now, &tried, banned, objective)
         };
         let mut banned: Vec<usize> = Vec::new();
-        let mut chosen = choose(routing, &banned);
+        // One probe per request, on its first attempt: a request must not
+        // spend its retries on keys that were all disabled together.
+        let probe = if tried.is_empty() { self.claim_probe(h, routing, provider, &tried, now) } else { None };
+        let mut chosen = match probe {
+            Some(k) => Ok(crate::decision::Decision::probe(k)),
+            None => choose(routing, &banned),
+        };
         let mut key_held = None;
         // Confirm the choice against the key's own fresh record (another
         // worker may have used up its quota or cooled it since the snapshot)
@@ -501,8 +615,10 @@ impl Attempt {
             // Other workers' cooldowns and state changes arrive through the
             // generation; only counts that are not announced (quota use,
             // shrinking provider headroom) need the key's fresh record.
-            let counts_matter = key.limits != Default::default()
-                || routing.snapshot.eval(cfg, k, now).capacity != crate::key_record::Capacity::Abundant;
+            // The probe's key is disabled: only its budgets are checked.
+            let counts_matter = probe != Some(k)
+                && (key.limits != Default::default()
+                    || routing.snapshot.eval(cfg, k, now).capacity != crate::key_record::Capacity::Abundant);
             let fresh = if counts_matter { read_record(h.store(), &key.record_name).ok() } else { None };
             let snap = routing.snapshot.records.get(k).copied().unwrap_or_default();
             if let Some(fresh) = fresh.filter(|f| stale_choice(cfg, k, &snap, f, now)) {
@@ -561,6 +677,7 @@ impl Attempt {
                     }
                 }
                 self.key = Some(k);
+                self.probe = probe == Some(k);
                 if let Some(rid) = self.flight.as_deref() {
                     if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
                         f.attempts.tried.push(k);
@@ -605,6 +722,11 @@ impl Attempt {
         let mut content_length: Option<usize> = None;
         for (name, v) in headers {
             match name.as_str() {
+                // Only this filter speaks for the gateway: an upstream's own
+                // `x-apikeyrouter-retry` must not steer Envoy's retries.
+                n if n.starts_with("x-apikeyrouter-") => {
+                    let _ = h.remove_header(Map::ResponseHeaders, n);
+                }
                 ":status" => self.status = v.parse().unwrap_or(0),
                 "content-type" => content_type = v.to_ascii_lowercase(),
                 "content-length" => content_length = v.trim().parse().ok(),
@@ -631,9 +753,9 @@ impl Attempt {
             self.body = Body::Probe;
             return Next::Pause;
         }
-        let action = self.action_for(now, None);
+        let action = self.action_for(now, &[]);
+        self.judge(h, action);
         if action != KeyAction::Nothing {
-            self.record(h, action);
             return Next::Continue;
         }
         if end_of_stream {
@@ -753,12 +875,10 @@ impl Attempt {
                 }
                 let body =
                     h.buffer(Buffer::ResponseBody, 0, size.min(MAX_PROBE_BODY)).ok().flatten().unwrap_or_default();
-                let code = usage::error_code(&body);
+                let codes = provider_error::codes(&body, self.kind());
                 self.body = Body::Ignore;
-                let action = self.action_for(h.now_ms(), code.as_deref());
-                if action != KeyAction::Nothing {
-                    self.record(h, action);
-                }
+                let action = self.action_for(h.now_ms(), &codes);
+                self.judge(h, action);
                 Next::Continue
             }
         }

@@ -405,6 +405,13 @@ impl Ingress {
                 return self.host_failure(h, "strip a client header", e);
             }
         }
+        // Nor does a credential in the query string (`?key=` for Gemini).
+        if let Some(clean) = request::without_credential_params(&self.path) {
+            if let Err(e) = h.set_header(Map::RequestHeaders, ":path", &clean) {
+                return self.host_failure(h, "strip a credential from the query", e);
+            }
+            self.path = clean;
+        }
         let objective = match self.objective(h, objective_header) {
             Ok(o) => o,
             Err(msg) => return self.reply(h, &reply::error(400, "invalid_request_error", "invalid_objective", &msg)),

@@ -72,7 +72,7 @@ impl Gateway {
         budget::load(&self.world.store, &cfg.budgets[0], self.world.now_ms.get())
     }
 
-    fn key_state(&self, k: usize) -> Effective {
+    pub(super) fn key_state(&self, k: usize) -> Effective {
         let cfg = self.attempt.routing.borrow().config.clone();
         crate::keys::read_record(&self.world.store, &cfg.keys[k].record_name)
             .map(|r| r.effective(self.world.now_ms.get()))
@@ -171,13 +171,13 @@ fn a_429_cools_the_key_and_the_retry_writes_the_other_keys_secret() {
 }
 
 #[test]
-fn a_401_disables_the_key_until_an_admin_enables_it() {
+fn a_401_naming_a_bad_key_disables_it_until_an_admin_enables_it_or_a_probe_succeeds() {
     let gw = Gateway::new(&config("1.00"));
     let mut x = gw.chat(BODY);
     x.send_request(usize::MAX, false);
     x.attempt(&gw.attempt);
-    x.upstream_headers(401, &[("content-type", "text/plain")], false);
-    x.upstream_body(&[b"no"], true);
+    x.upstream_headers(401, &[("content-type", "application/json")], false);
+    x.upstream_body(&[br#"{"error":{"message":"Incorrect API key provided.","code":"invalid_api_key"}}"#], true);
     x.attempt_done();
     x.finish();
     assert_eq!(gw.key_state(0), Effective::Disabled);

@@ -26,6 +26,8 @@ pub mod fake;
 mod lifecycle_tests;
 #[cfg(test)]
 mod tenant_tests;
+#[cfg(test)]
+mod verdict_tests;
 
 use crate::config;
 use crate::key_record::KeyRecord;

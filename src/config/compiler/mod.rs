@@ -46,6 +46,10 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     let routing = routing(&mut root)?;
     let status_actions = status_actions(&mut root)?;
     let error_code_actions = error_code_actions(&mut root)?;
+    // A key disabled by a provider's answer is tried again with one real
+    // request this long after it was disabled (0: never).
+    let probe_disabled_after_ms =
+        root.opt_u64_in("probe_disabled_after_seconds", 0, 30 * 86_400)?.unwrap_or(600) * 1000;
     let decisions = decisions(&mut root)?;
     let prices = spend::prices(&mut root)?;
     let unknown_model = spend::unknown_model(&mut root)?;
@@ -83,6 +87,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         routing,
         status_actions,
         error_code_actions,
+        probe_disabled_after_ms,
         decisions,
         prices,
         unknown_model,
@@ -234,14 +239,12 @@ fn capacity(r: &mut Obj) -> Result<Thresholds, ConfigError> {
     Ok(Thresholds { constrained, critical })
 }
 
-/// `status_actions`: HTTP status -> action, merged over the defaults.
+/// `status_actions`: HTTP status -> action, merged over the defaults. A 401
+/// or 403 has no action of its own by default: only an error code that
+/// blames the key disables it (`provider_error::blames_key`).
 fn status_actions(root: &mut Obj) -> Result<Vec<(u32, StatusAction)>, ConfigError> {
-    let mut status_actions: Vec<(u32, StatusAction)> = vec![
-        (429, StatusAction::Cooldown),
-        (401, StatusAction::Disable),
-        (403, StatusAction::Disable),
-        (402, StatusAction::Exhaust),
-    ];
+    let mut status_actions: Vec<(u32, StatusAction)> =
+        vec![(429, StatusAction::Cooldown), (402, StatusAction::Exhaust)];
     if let Some(a) = root.opt_obj("status_actions")? {
         for (k, v) in a.entries() {
             let field = a.field(k);
@@ -259,8 +262,9 @@ fn status_actions(root: &mut Obj) -> Result<Vec<(u32, StatusAction)>, ConfigErro
 }
 
 /// `error_code_actions`: `error.code` -> action, merged over the defaults.
-/// A code's action wins over its status's, `none` included: a code set to
-/// `none` leaves the key as it is whatever the status.
+/// A code's action wins over its status's, and over the dialect's bad-key
+/// codes, `none` included: a code set to `none` leaves the key as it is
+/// whatever the status.
 fn error_code_actions(root: &mut Obj) -> Result<Vec<(String, StatusAction)>, ConfigError> {
     let mut error_code_actions = vec![("insufficient_quota".to_string(), StatusAction::Exhaust)];
     if let Some(a) = root.opt_obj("error_code_actions")? {
