@@ -36,14 +36,16 @@ pub const FORWARDED: &[&str] = &[
 ];
 
 /// Header name prefixes forwarded: the OpenAI SDK's `x-stainless-*`,
-/// `x-b3-*`, `sec-websocket-*`. Not `x-forwarded-*`: callers' addresses
-/// are not the provider's business (`forward_headers` can add them). Never a caller's
+/// `x-forwarded-*` but `x-forwarded-for` (callers' addresses are not the
+/// provider's business; `x-forwarded-proto`, which Envoy sets, must stay:
+/// Envoy matches the route again once a filter changes the headers, and
+/// fails to without it), `x-b3-*`, `sec-websocket-*`. Never a caller's
 /// `x-envoy-*`: Envoy's router would take its `x-envoy-retry-on`,
 /// `x-envoy-max-retries` or `x-envoy-hedge-on-per-try-timeout` as its own
 /// (Envoy's connection manager drops them from external requests, but not
 /// from callers an edge config trusts as internal). Envoy adds its own
 /// (`x-envoy-attempt-count`) after this stage.
-pub const FORWARDED_PREFIXES: &[&str] = &["x-stainless-", "x-b3-", "sec-websocket-"];
+pub const FORWARDED_PREFIXES: &[&str] = &["x-stainless-", "x-forwarded-", "x-b3-", "sec-websocket-"];
 
 /// Headers only a key's own `headers` may set, never the caller nor
 /// `forward_headers`.
@@ -63,9 +65,11 @@ pub fn forwarded(extra: &[String], name: &str) -> bool {
         Some(prefix) => name.starts_with(prefix),
         None => n == name,
     };
-    FORWARDED.contains(&name)
-        || FORWARDED_PREFIXES.iter().any(|p| name.starts_with(p))
-        || extra.iter().any(|n| listed(n))
+    let configured = extra.iter().any(|n| listed(n));
+    if name == "x-forwarded-for" {
+        return configured;
+    }
+    FORWARDED.contains(&name) || FORWARDED_PREFIXES.iter().any(|p| name.starts_with(p)) || configured
 }
 
 #[cfg(test)]
@@ -92,5 +96,13 @@ mod tests {
             assert!(!forwarded(&extra, no), "{no}");
         }
         assert!(!forwarded(&["openai-*".to_string()], "openai-organization"), "key-only headers never pass");
+    }
+
+    #[test]
+    fn callers_addresses_stay_unless_configured_and_envoys_own_proxy_headers_pass() {
+        assert!(!forwarded(&[], "x-forwarded-for"));
+        assert!(!forwarded(&[], "accept-encoding"), "answers come uncompressed");
+        assert!(forwarded(&["x-forwarded-for".to_string()], "x-forwarded-for"));
+        assert!(forwarded(&[], "x-forwarded-proto"));
     }
 }
