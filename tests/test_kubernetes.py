@@ -130,7 +130,7 @@ def configmap_envoy(tmp_path):
 def test_configmap_envoy_config_validates_and_passes_the_operator_checks(configmap_envoy, tmp_path):
     out = tmp_path / "concrete.yaml"
     out.write_text(shipped.load(configmap_envoy)[1])
-    code, log = validate(out, shipped.ENV)
+    code, log = validate(out, shipped.SHIPPED_ENV)
     assert code == 0, log[-3000:]
     for check in (shipped.test_every_tls_cluster_checks_the_providers_name,
                   shipped.test_routes_let_streams_run_but_not_hang,
@@ -222,7 +222,7 @@ def test_every_metric_the_alerts_use_is_served_by_the_configmaps_envoy(configmap
     path.write_text(json.dumps(cfg))
     log = open(tmp_path / "envoy.log", "w")
     proc = subprocess.Popen([envoy_bin(), "-c", str(path), "--concurrency", "1", "--disable-hot-restart"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **shipped.ENV})
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **shipped.SHIPPED_ENV})
     try:
         base = f"http://127.0.0.1:{ports['health']}"
         wait_until(lambda: http("GET", base + "/ready", timeout=2)[0] == 200, timeout=30,
