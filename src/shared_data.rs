@@ -68,9 +68,22 @@ pub fn increment(store: &dyn Store, name: &str) -> (Option<u64>, UpdateStats) {
     (r.ok(), stats)
 }
 
+thread_local! {
+    /// Generation bumps made from this VM (this worker thread).
+    static LOCAL_BUMPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Announces a key-state change to every worker.
 pub fn bump_generation(store: &dyn Store) -> UpdateStats {
+    LOCAL_BUMPS.with(|b| b.set(b.get().wrapping_add(1)));
     increment(store, GENERATION).1
+}
+
+/// How many times this VM has bumped the generation: a snapshot that read
+/// the generation in this millisecond needs no second read unless this
+/// changed (another worker's change may then wait up to a millisecond).
+pub fn local_bumps() -> u64 {
+    LOCAL_BUMPS.with(|b| b.get())
 }
 
 #[cfg(test)]

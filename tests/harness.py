@@ -407,6 +407,8 @@ def plugin_with_keys(secrets, **extra):
                        "keys": [{"id": f"k{i + 1}", "secret": s} for i, s in enumerate(secrets)]}],
         "cooldown": {"default_seconds": 60},
         "admin": {"token_env": "APIKEYROUTER_ADMIN_TOKEN"},
+        # demo.yaml's access log prints the outcome: tests read it.
+        "access_log_state": True,
     }
     cfg.update(extra)
     return cfg

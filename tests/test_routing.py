@@ -108,7 +108,7 @@ def test_objective_header_overrides_the_default_and_can_be_forbidden(mock3, star
 
 def test_route_metadata_sets_the_objective_for_that_route(mock3, start_envoy):
     keys = secrets(3)
-    plugin = plugin_with_keys(keys)
+    plugin = plugin_with_keys(keys, routing={"route_objectives": True})
     plugin["providers"][0]["keys"][1]["cost_per_1k"] = "0.0001"
 
     def cheap_route(cfg):
@@ -124,6 +124,11 @@ def test_route_metadata_sets_the_objective_for_that_route(mock3, start_envoy):
         _, h, _ = chat(e.url, headers={"x-tier": "cheap"})
         assert h["x-apikeyrouter-decision"].startswith("objective=cost; key=k2")
     _, h, _ = chat(e.url)
+    assert h["x-apikeyrouter-decision"].startswith("objective=fairness;")
+    # Without routing.route_objectives the metadata is not read at all.
+    plugin["routing"] = {}
+    e2 = start_envoy(mock3, plugin=plugin, edit=cheap_route)
+    _, h, _ = chat(e2.url, headers={"x-tier": "cheap"})
     assert h["x-apikeyrouter-decision"].startswith("objective=fairness;")
 
 

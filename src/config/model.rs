@@ -283,6 +283,8 @@ impl StatusAction {
 pub struct Routing {
     pub objective: Objective,
     pub allow_objective_header: bool,
+    /// Read `metadata.filter_metadata.apikeyrouter.objective` of the route.
+    pub route_objectives: bool,
     pub reliability_window_ms: u64,
     /// How stale a worker's view of other keys' statistics may get.
     pub stats_refresh_ms: u64,
@@ -354,6 +356,19 @@ pub struct Decisions {
     pub ring_size: usize,
     /// Send `x-apikeyrouter-decision` on responses.
     pub header: bool,
+    /// Which routing headers answers carry (`decisions.header`).
+    pub headers: RoutingHeaders,
+}
+
+/// The routing headers on each answer: each one costs a host call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingHeaders {
+    /// `x-apikeyrouter-key-id`, `-attempts` and, with `header`, `-decision`.
+    Separate,
+    /// One `x-apikeyrouter-decision` that also names the key and attempt.
+    Combined,
+    /// None.
+    Off,
 }
 
 impl fmt::Debug for Admin {
@@ -376,6 +391,8 @@ pub struct Config {
     pub keys: KeyTable,
     pub cooldown: Cooldown,
     pub inject_stream_usage: bool,
+    /// Leave each request's outcome in filter state for access logs.
+    pub access_log_state: bool,
     /// `forward_headers`: caller headers forwarded besides
     /// [`crate::forward::FORWARDED`] (names, or prefixes ending in `*`).
     pub forward_headers: Vec<String>,

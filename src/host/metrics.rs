@@ -75,16 +75,25 @@ pub fn gauge(name: &str, value: u64) {
     }
 }
 
-/// Records one value in eight.
-pub fn histogram(name: &str, value: u64) {
+/// Whether this histogram value is one of the one in eight recorded.
+pub fn histogram_due() -> bool {
     let n = SAMPLE.with(|c| {
         let n = c.get().wrapping_add(1);
         c.set(n);
         n
     });
-    if !n.is_multiple_of(8) {
-        return;
+    n.is_multiple_of(8)
+}
+
+/// Records one value in eight.
+pub fn histogram(name: &str, value: u64) {
+    if histogram_due() {
+        record_histogram(name, value);
     }
+}
+
+/// Records a histogram value (already sampled).
+pub fn record_histogram(name: &str, value: u64) {
     if let Some(id) = id(HISTOGRAM, name) {
         let _ = abi::record_metric(id, value);
     }

@@ -16,6 +16,9 @@ use crate::window::Window;
 #[derive(Debug, Default)]
 pub struct Snapshot {
     gen: Option<u64>,
+    /// When the generation was last read, and this VM's bumps then.
+    gen_read_ms: u64,
+    local_bumps: u64,
     loaded_ms: u64,
     pub records: Vec<KeyRecord>,
     pub(super) evals: Vec<Eval>,
@@ -99,9 +102,20 @@ pub fn evaluate(cfg: &Config, k: usize, r: &KeyRecord, now_ms: u64) -> Eval {
 
 impl Snapshot {
     /// Brings the snapshot up to date; returns whether it reloaded.
+    ///
+    /// The generation is read at most once a millisecond: requests that
+    /// arrive together share the read, unless this VM changed a key since
+    /// (other workers' changes reach it within the millisecond).
     pub fn refresh(&mut self, store: &dyn Store, cfg: &Config, now_ms: u64) -> bool {
-        let gen = crate::shared_data::read_u64(store, crate::shared_data::GENERATION);
         let fresh = now_ms.saturating_sub(self.loaded_ms) < cfg.routing.stats_refresh_ms;
+        let bumps = crate::shared_data::local_bumps();
+        let whole = self.records.len() == cfg.keys.slots();
+        if self.gen.is_some() && self.gen_read_ms == now_ms && self.local_bumps == bumps && fresh && whole {
+            return false;
+        }
+        let gen = crate::shared_data::read_u64(store, crate::shared_data::GENERATION);
+        self.gen_read_ms = now_ms;
+        self.local_bumps = bumps;
         if self.gen == Some(gen) && fresh && self.records.len() == cfg.keys.slots() {
             return false;
         }

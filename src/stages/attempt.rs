@@ -10,7 +10,7 @@ use super::host::{Buffer, Host, Map, Next};
 use super::worker_state::WorkerState;
 use crate::budget::{self, Price, Reservation};
 use crate::charge::{self, Answer, Charge};
-use crate::config::{Config, StatusAction};
+use crate::config::{Config, RoutingHeaders, StatusAction};
 use crate::decision::{Decision, Stored};
 use crate::identity;
 use crate::key_record::{Outcome, Reason};
@@ -644,7 +644,7 @@ impl Attempt {
             chosen = choose(routing, &banned);
         }
         self.key_held = key_held;
-        h.histogram("apikeyrouter.selection_us", h.now_ns().saturating_sub(self.started_ns) / 1000);
+        h.histogram_since("apikeyrouter.selection_us", self.started_ns);
         match chosen {
             Ok(d) => {
                 let Some((k, key)) = d.chosen.and_then(|k| self.cfg.keys.get(k).map(|key| (k, key))) else {
@@ -739,12 +739,24 @@ impl Attempt {
                 _ => {}
             }
         }
-        if let Some(key) = self.cfg.keys.get(k) {
-            let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-key-id", &key.id);
-            let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-attempts", &self.attempt.to_string());
-        }
-        if let Some(d) = &self.decision {
-            let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-decision", d);
+        match self.cfg.decisions.headers {
+            RoutingHeaders::Separate => {
+                if let Some(key) = self.cfg.keys.get(k) {
+                    let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-key-id", &key.id);
+                    let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-attempts", &self.attempt.to_string());
+                }
+                if let Some(d) = &self.decision {
+                    let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-decision", d);
+                }
+            }
+            // One host call: the summary names the key; the attempt leads.
+            RoutingHeaders::Combined => {
+                if let Some(d) = &self.decision {
+                    let v = format!("attempt={}; {d}", self.attempt);
+                    let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-decision", &v);
+                }
+            }
+            RoutingHeaders::Off => {}
         }
         self.complete = end_of_stream;
         if self.cfg.probes_body(self.status) && !end_of_stream && content_type.contains("json") {

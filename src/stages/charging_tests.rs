@@ -20,7 +20,7 @@ fn config() -> String {
                           {{"id":"claude","kind":"anthropic","keys":[{{"id":"a1","secret":"sk-ant"}}]}}],
             "prices":{{"gpt-4o-mini":{{"input":"1000","output":"2000"}},"claude*":{{"input":"1000","output":"2000"}},
                        "tts-1":{{"input":"1000","output":"2000"}},"dall-e-3":{{"per_request":"0.04"}}}},
-            "unknown_model":"refuse","estimate":{{"default_max_tokens":100}},
+            "unknown_model":"refuse","estimate":{{"default_max_tokens":100}},"access_log_state":true,
             "budgets":[{{"id":"daily","limit":"100"}}],
             "clients":[{{"id":"alice","key_sha256":"{}","tpm":1000000,"allowed_endpoints":["*"]}}]}}"#,
         sha_hex("vk-alice")

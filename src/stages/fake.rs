@@ -88,6 +88,8 @@ pub struct FakeHost {
     pub log: Rc<RefCell<Vec<&'static str>>>,
     /// Host calls that fail (by name, as in `log`).
     pub failing: Rc<RefCell<HashSet<&'static str>>>,
+    /// The instant of the current callback, once read.
+    clock: std::cell::Cell<Option<u64>>,
     shared: SharedData,
 }
 
@@ -132,7 +134,15 @@ impl FakeHost {
             filter_state: Rc::default(),
             log,
             failing,
+            clock: std::cell::Cell::new(None),
         }
+    }
+
+    /// A new callback begins: as Envoy's host, the clock is read afresh
+    /// (at most once) in it.
+    pub fn callback(&self) -> &FakeHost {
+        self.clock.set(None);
+        self
     }
 
     /// Host calls made so far (counters excluded: they are written on the
@@ -180,8 +190,16 @@ impl FakeHost {
 
 impl Host for FakeHost {
     fn now_ns(&self) -> u64 {
+        if let Some(t) = self.clock.get() {
+            return t;
+        }
         self.log.borrow_mut().push("now");
-        self.world.now_ms.get() * 1_000_000
+        let t = self.world.now_ms.get() * 1_000_000;
+        self.clock.set(Some(t));
+        t
+    }
+    fn histogram_since(&self, _name: &str, _since_ns: u64) {
+        // As a sample the host skips: no clock read.
     }
     fn headers(&self, m: Map) -> Result<Vec<(String, String)>, HostError> {
         self.call("headers")?;
@@ -296,13 +314,13 @@ impl Exchange {
     }
 
     pub fn request_headers(&mut self, end_of_stream: bool) -> Next {
-        self.ingress.on_request_headers(&self.downstream, end_of_stream)
+        self.ingress.on_request_headers(self.downstream.callback(), end_of_stream)
     }
 
     /// The whole body in one callback, ending the stream.
     pub fn request_body(&mut self) -> Next {
         let n = self.downstream.request_body.borrow().len();
-        self.ingress.on_request_body(&self.downstream, n, true)
+        self.ingress.on_request_body(self.downstream.callback(), n, true)
     }
 
     /// Headers, then the body in chunks of `chunk` bytes, ending with
@@ -323,13 +341,13 @@ impl Exchange {
             let eos = !trailers && seen == body.len();
             // Envoy's buffer holds what arrived so far.
             *self.downstream.request_body.borrow_mut() = body[..seen].to_vec();
-            last = self.ingress.on_request_body(&self.downstream, seen, eos);
+            last = self.ingress.on_request_body(self.downstream.callback(), seen, eos);
             if self.replied().is_some() {
                 return last;
             }
         }
         if trailers {
-            last = self.ingress.on_request_trailers(&self.downstream);
+            last = self.ingress.on_request_trailers(self.downstream.callback());
         }
         last
     }
@@ -353,7 +371,7 @@ impl Exchange {
         };
         *up.request_headers.borrow_mut() = headers;
         *up.request_body.borrow_mut() = self.downstream.request_body.borrow().clone();
-        let next = a.on_request_headers(&up);
+        let next = a.on_request_headers(up.callback());
         self.attempts.push((a, up));
         next
     }
@@ -371,7 +389,7 @@ impl Exchange {
         let mut h = vec![(":status".to_string(), status.to_string())];
         h.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         *up.response_headers.borrow_mut() = h;
-        a.on_response_headers(up, end_of_stream)
+        a.on_response_headers(up.callback(), end_of_stream)
     }
 
     /// The current attempt's upstream sends body `chunks`, the last one
@@ -385,7 +403,7 @@ impl Exchange {
             buffered.extend_from_slice(c);
             *up.response_body.borrow_mut() = buffered.clone();
             let n = buffered.len();
-            if a.on_response_body(up, n, eos) == Next::Continue {
+            if a.on_response_body(up.callback(), n, eos) == Next::Continue {
                 out.extend_from_slice(&up.response_body.borrow());
                 buffered.clear();
             }
@@ -396,7 +414,7 @@ impl Exchange {
     /// The current attempt ends (completed, reset or aborted).
     pub fn attempt_done(&mut self) {
         let (a, up) = self.last();
-        a.on_done(up);
+        a.on_done(up.callback());
     }
 
     /// The final response passes the ingress stage, then the request is
@@ -405,10 +423,10 @@ impl Exchange {
         let headers = self.attempts.last().map(|(_, up)| up.response_headers.borrow().clone()).unwrap_or_default();
         *self.downstream.response_headers.borrow_mut() = headers;
         if !self.attempts.is_empty() {
-            self.ingress.on_response_headers(&self.downstream, false);
-            self.ingress.on_response_body(&self.downstream, true);
+            self.ingress.on_response_headers(self.downstream.callback(), false);
+            self.ingress.on_response_body(self.downstream.callback(), true);
         }
-        self.ingress.on_log(&self.downstream);
+        self.ingress.on_log(self.downstream.callback());
     }
 
     /// Host calls made for this request, by both stages.

@@ -546,12 +546,12 @@ mod tests {
             *self.h.response_headers.borrow_mut() = vec![(":status".into(), status.to_string())];
             *self.h.response_body.borrow_mut() = body.to_vec();
             let token = self.world.calls.borrow().len() as u32;
-            self.sync.on_response(&self.h, &self.cfg, token, 1, body.len());
+            self.sync.on_response(self.h.callback(), &self.cfg, token, 1, body.len());
         }
 
         fn tick(&mut self) {
             self.world.advance(1_000);
-            self.sync.tick(&self.h, &self.cfg, self.world.now_ms.get());
+            self.sync.tick(self.h.callback(), &self.cfg, self.world.now_ms.get());
         }
     }
 

@@ -40,7 +40,8 @@ pub enum Next {
 
 /// The host as the stages see it. Every call may fail; none panics.
 pub trait Host {
-    /// Unix time in nanoseconds (0 if the host cannot tell).
+    /// Unix time in nanoseconds (0 if the host cannot tell); the same
+    /// instant throughout one callback.
     fn now_ns(&self) -> u64;
     fn now_ms(&self) -> u64 {
         self.now_ns() / 1_000_000
@@ -70,6 +71,10 @@ pub trait Host {
     fn gauge(&self, name: &str, value: u64);
     /// Records a histogram value (the host may sample).
     fn histogram(&self, name: &str, value: u64);
+    /// Records the microseconds since `since_ns` (a time read earlier in
+    /// this callback) in a histogram: the host samples first and reads a
+    /// fresh clock only for a sampled value.
+    fn histogram_since(&self, name: &str, since_ns: u64);
     /// Calls a cluster; the answer arrives in the root's call callback
     /// under the returned token.
     fn dispatch_http_call(

@@ -268,7 +268,7 @@ impl Ingress {
     /// Leaves the request's outcome in filter state for access logs, as one
     /// JSON object: `%FILTER_STATE(wasm.apikeyrouter:PLAIN)%`.
     fn publish_outcome(&mut self, h: &dyn Host) {
-        if self.logged_state {
+        if self.logged_state || !self.cfg.access_log_state {
             return;
         }
         self.logged_state = true;
@@ -329,6 +329,9 @@ impl Ingress {
         }
         if let Some(h) = header.filter(|_| self.cfg.routing.allow_objective_header) {
             return Objective::parse_str(h).map(Some).map_err(|e| format!("Invalid {OBJECTIVE_HEADER} header: {e}"));
+        }
+        if !self.cfg.routing.route_objectives {
+            return Ok(policy.and_then(|p| p.objective.clone()));
         }
         let meta = h.property_string(&["xds", "route_metadata", "filter_metadata", "apikeyrouter", "objective"]);
         match meta {

@@ -169,7 +169,7 @@ fn the_open_gateway_forwards_every_endpoint_as_before() {
 fn priced() -> String {
     r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"sk-one"},{"id":"k2","secret":"sk-two"}]}],
         "prices":{"gpt-4o-mini":{"input":"1000","output":"2000"}},
-        "budgets":[{"id":"daily","limit":"100"}]}"#
+        "budgets":[{"id":"daily","limit":"100"}],"access_log_state":true}"#
         .to_string()
 }
 

@@ -8,7 +8,7 @@
 //! budgets), `callers` (teams and clients).
 
 use super::model::{
-    Admin, Config, Cooldown, Decisions, EtcdAuth, Fleet, Provider, Routing, StatusAction, UnknownModel,
+    Admin, Config, Cooldown, Decisions, EtcdAuth, Fleet, Provider, Routing, RoutingHeaders, StatusAction, UnknownModel,
 };
 use super::walk::{check_id, decimal, err, ConfigError, Obj};
 use crate::objective::Objective;
@@ -41,6 +41,9 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     let (providers, mut keys) = providers::providers(&mut root, env)?;
     let cooldown = cooldown(&mut root)?;
     let inject_stream_usage = root.opt_bool("inject_stream_usage")?.unwrap_or(true);
+    // The request's outcome in filter state for access logs: a host call
+    // (about 8 µs) that only gateways logging it should pay.
+    let access_log_state = root.opt_bool("access_log_state")?.unwrap_or(false);
     let forward_headers = forward_headers(&mut root)?;
     let admin = admin(&mut root, env)?;
     let routing = routing(&mut root)?;
@@ -81,6 +84,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         keys: keys.into(),
         cooldown,
         inject_stream_usage,
+        access_log_state,
         forward_headers,
         admin,
         max_transitions,
@@ -205,6 +209,7 @@ fn routing(root: &mut Obj) -> Result<Routing, ConfigError> {
         return Ok(Routing {
             objective: Objective::default(),
             allow_objective_header: true,
+            route_objectives: false,
             reliability_window_ms: 300_000,
             stats_refresh_ms: 1000,
             thresholds: Thresholds::default(),
@@ -212,11 +217,21 @@ fn routing(root: &mut Obj) -> Result<Routing, ConfigError> {
     };
     let objective = objective(&mut r)?.unwrap_or_default();
     let allow_objective_header = r.opt_bool("allow_objective_header")?.unwrap_or(true);
+    // Reading a route's metadata costs every request a host call: only
+    // gateways whose routes name objectives pay it.
+    let route_objectives = r.opt_bool("route_objectives")?.unwrap_or(false);
     let reliability_window_ms = r.opt_u64_in("reliability_window_seconds", 1, 86_400)?.unwrap_or(300) * 1000;
     let stats_refresh_ms = r.opt_u64_in("stats_refresh_ms", 10, 60_000)?.unwrap_or(1000);
     let thresholds = capacity(&mut r)?;
     r.finish()?;
-    Ok(Routing { objective, allow_objective_header, reliability_window_ms, stats_refresh_ms, thresholds })
+    Ok(Routing {
+        objective,
+        allow_objective_header,
+        route_objectives,
+        reliability_window_ms,
+        stats_refresh_ms,
+        thresholds,
+    })
 }
 
 /// `objective`, in `routing` and in a team's or client's policy.
@@ -286,12 +301,21 @@ fn action(v: &Value, field: &str) -> Result<StatusAction, ConfigError> {
 /// `decisions`: the per-worker record ring and the decision header.
 fn decisions(root: &mut Obj) -> Result<Decisions, ConfigError> {
     let Some(mut d) = root.opt_obj("decisions")? else {
-        return Ok(Decisions { ring_size: 1000, header: true });
+        return Ok(Decisions { ring_size: 1000, header: true, headers: RoutingHeaders::Separate });
     };
     let ring_size = d.opt_u64_in("ring_size", 0, 100_000)?.unwrap_or(1000) as usize;
-    let header = d.opt_bool("header")?.unwrap_or(true);
+    // `true` / `false` (the decision header with the key-id and attempts
+    // headers, or without it), `"combined"` (one header), `"none"`.
+    let field = d.field("header");
+    let (header, headers) = match d.take("header") {
+        None | Some(Value::Bool(true)) => (true, RoutingHeaders::Separate),
+        Some(Value::Bool(false)) => (false, RoutingHeaders::Separate),
+        Some(Value::String(s)) if s == "combined" => (true, RoutingHeaders::Combined),
+        Some(Value::String(s)) if s == "none" => (false, RoutingHeaders::Off),
+        Some(_) => return Err(err(&field, "expected true, false, \"combined\" or \"none\"")),
+    };
     d.finish()?;
-    Ok(Decisions { ring_size, header })
+    Ok(Decisions { ring_size, header, headers })
 }
 
 /// `models`: model name -> the providers that serve it, in order, each with
