@@ -298,11 +298,33 @@ def route(cfg):
     return hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
 
 
+class EnvoyExited(RuntimeError):
+    """Envoy stopped before it was ready."""
+
+
 class Envoy:
     """A real Envoy running the built filter."""
 
     def __init__(self, mock_port, plugin=None, env=None, host_env_keys=None, concurrency=2,
                  edit=None, gateway_port=None, admin_port=None, log_level="info"):
+        # A port picked free can be taken by another process before Envoy
+        # binds it (other test runs share the machine): then start again on
+        # new ports, unless the caller chose them.
+        for attempt in range(3):
+            self._start(mock_port, plugin, env, host_env_keys, concurrency, edit,
+                        gateway_port, admin_port, log_level)
+            try:
+                wait_until(self._ready, timeout=30, what="envoy to become ready", errors=OSError)
+                return
+            except (TimeoutError, EnvoyExited):
+                self.stop()
+                log = self.logs()
+                if "Address already in use" in log and not (gateway_port or admin_port) and attempt < 2:
+                    continue
+                raise RuntimeError("envoy did not start:\n" + log[-4000:])
+
+    def _start(self, mock_port, plugin, env, host_env_keys, concurrency, edit, gateway_port, admin_port,
+               log_level):
         self.gateway_port = gateway_port or free_port()
         self.admin_port = admin_port or free_port()
         cfg = render(DEMO_CONFIG.read_text(), self.gateway_port, self.admin_port, mock_port,
@@ -325,20 +347,16 @@ class Envoy:
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
         self.url = f"http://127.0.0.1:{self.gateway_port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
-        try:
-            wait_until(self._ready, timeout=30, what="envoy to become ready")
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError("envoy did not start:\n" + self.logs()[-4000:])
 
     def _ready(self):
         if self.proc.poll() is not None:
-            raise RuntimeError("envoy exited:\n" + self.logs()[-4000:])
+            raise EnvoyExited("envoy exited:\n" + self.logs()[-4000:])
         status, _, body = http("GET", self.admin_url + "/ready", timeout=2)
         return status == 200 and body.strip() == b"LIVE"
 
     def logs(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
