@@ -5,7 +5,7 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-caller-credential-the-gateway-removes"
 if os.getenv("BENCH_STREAM") == "1" then
-  wrk.headers["x-bench-upstream"] = "sse"
+  wrk.headers["Host"] = "sse.bench"    -- run.py's SSE_HOST: routed to the SSE upstream
   wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}],"stream":true}'
 else
   wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}]}'
