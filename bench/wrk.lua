@@ -1,11 +1,13 @@
 -- wrk script for `make bench`: POSTs a chat completion and prints the run's
 -- summary as one JSON line (prefixed with BENCH_JSON) for bench/run.py.
 --   BENCH_STREAM=1   a streaming request ("stream": true) routed to the SSE upstream
+--   BENCH_AUTH=key   sent as `Authorization: Bearer key`: a client's virtual key,
+--                    or a credential the gateway removes (run.py always sets it)
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-caller-credential-the-gateway-removes"
+wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_AUTH") or "sk-caller-credential-the-gateway-removes")
 if os.getenv("BENCH_STREAM") == "1" then
-  wrk.headers["x-bench-upstream"] = "sse"
+  wrk.headers["Host"] = "sse.bench"    -- run.py's SSE_HOST: routed to the SSE upstream
   wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}],"stream":true}'
 else
   wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}]}'

@@ -2,16 +2,19 @@
 //!
 //! Callers present `Authorization: Bearer <virtual key>` or `x-api-key`. The
 //! config holds each client's id, team, the SHA-256 of its key (never the key)
-//! and an optional expiry. Policies come from the client's team and are
+//! and an optional expiry, in [`Clients`], which also indexes the clients by
+//! that digest: a presented key is hashed once and looked up, whatever the
+//! number of clients. Policies come from the client's team and are
 //! overridden field by field by the client's own.
 
 use crate::codec::{Reader, Writer};
-use crate::crypto::{constant_time_eq, sha256};
+use crate::crypto::sha256;
 use crate::objective::Objective;
 use crate::reply::{self, Reply};
 use crate::request::RequestInfo;
 use crate::store::{update, Store};
 use crate::window::Window;
+use hashbrown::HashMap;
 use rust_decimal::Decimal;
 
 /// What a client (or its team) may do.
@@ -83,11 +86,98 @@ fn unauthorized(message: &str) -> Reply {
     r
 }
 
+/// The configured clients, by index, and an index from the SHA-256 of each
+/// one's key to it. The two change only together ([`Clients::push`]), so
+/// every copy of a configuration (a runtime-key merge clones it) carries an
+/// index that matches its list.
+#[derive(Clone, PartialEq, Default)]
+pub struct Clients {
+    list: Vec<Client>,
+    by_key: HashMap<[u8; 32], usize>,
+}
+
+impl Clients {
+    /// Adds a client; its index, or, when another client already has the
+    /// same key digest, that client's index (and nothing is added).
+    pub fn push(&mut self, client: Client) -> Result<usize, usize> {
+        let i = self.list.len();
+        match self.by_key.try_insert(client.key_sha256, i) {
+            Ok(_) => {
+                self.list.push(client);
+                Ok(i)
+            }
+            Err(taken) => Err(*taken.entry.get()),
+        }
+    }
+
+    /// The client at index `i`.
+    pub fn get(&self, i: usize) -> Option<&Client> {
+        self.list.get(i)
+    }
+
+    /// No clients: an open gateway.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Client> {
+        self.list.iter()
+    }
+
+    /// The client whose key has this SHA-256 digest.
+    ///
+    /// A hash-map lookup is not constant-time: how long it takes depends
+    /// on the bytes of the presented digest and of the digests stored near
+    /// it. That is safe here, where comparing the keys themselves would not
+    /// be, because what the timing can reveal is about digests, and a
+    /// digest is the SHA-256 of a secret: a caller chooses a key, not its
+    /// digest, so learning that its digest shares a bucket or some leading
+    /// bytes with a stored one does not bring it closer to that stored
+    /// digest (each further byte costs 256 times the hashing, which is
+    /// brute force over the key space), and even a whole digest gives the
+    /// key only through a preimage of SHA-256, which is infeasible for a key
+    /// with enough entropy. The map is filled from the configuration only,
+    /// so callers cannot load it with colliding entries either. This
+    /// replaces a constant-time comparison against every client, whose cost
+    /// grew with their number.
+    fn by_key(&self, digest: &[u8; 32]) -> Option<usize> {
+        self.by_key.get(digest).copied()
+    }
+}
+
+impl<'a> IntoIterator for &'a Clients {
+    type Item = &'a Client;
+    type IntoIter = std::slice::Iter<'a, Client>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.list.iter()
+    }
+}
+
+impl std::fmt::Debug for Clients {
+    // Hand-written so that `{:?}` never prints the key digests of the index
+    // (a weak key could be found from its digest offline).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.list).finish()
+    }
+}
+
+#[cfg(test)]
+impl std::ops::Index<usize> for Clients {
+    type Output = Client;
+    fn index(&self, i: usize) -> &Client {
+        self.get(i).unwrap_or_else(|| panic!("no client {i}"))
+    }
+}
+
 /// The client presenting `authorization` or `x_api_key`, by index; `Ok(None)`
-/// when no clients are configured (an open gateway). Every configured hash is
-/// compared, in constant time, whatever matches.
+/// when no clients are configured (an open gateway). The presented key is
+/// hashed once and its digest looked up (see [`Clients::by_key`]).
 pub fn authenticate(
-    clients: &[Client],
+    clients: &Clients,
     authorization: Option<&str>,
     x_api_key: Option<&str>,
     now_ms: u64,
@@ -103,17 +193,10 @@ pub fn authenticate(
             "You didn't provide an API key. Send your gateway key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
         ));
     };
-    let hash = sha256(presented.as_bytes());
-    let mut found = None;
-    for (i, c) in clients.iter().enumerate() {
-        if constant_time_eq(&c.key_sha256, &hash) && found.is_none() {
-            found = Some(i);
-        }
-    }
-    let Some(i) = found else {
+    let Some(i) = clients.by_key(&sha256(presented.as_bytes())) else {
         return Err(unauthorized("Incorrect API key provided."));
     };
-    if clients[i].expires_ms.is_some_and(|t| now_ms >= t) {
+    if clients.get(i).is_some_and(|c| c.expires_ms.is_some_and(|t| now_ms >= t)) {
         return Err(unauthorized("This API key has expired."));
     }
     Ok(Some(i))
@@ -348,10 +431,26 @@ mod tests {
         v["error"]["code"].as_str().unwrap_or_default().to_string()
     }
 
+    fn clients(list: Vec<Client>) -> Clients {
+        let mut out = Clients::default();
+        for c in list {
+            let id = c.id.clone();
+            out.push(c).unwrap_or_else(|other| panic!("{id}: same key as client {other}"));
+        }
+        out
+    }
+
+    fn message(r: &Reply) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {:?}", r.body));
+        v["error"]["message"].as_str().unwrap_or_default().to_string()
+    }
+
     #[test]
     fn callers_are_known_by_the_hash_of_their_key() {
-        let cs =
-            vec![client("vk-one", Policy::default()), Client { id: "b".into(), ..client("vk-two", Policy::default()) }];
+        let cs = clients(vec![
+            client("vk-one", Policy::default()),
+            Client { id: "b".into(), ..client("vk-two", Policy::default()) },
+        ]);
         assert_eq!(authenticate(&cs, Some("Bearer vk-two"), None, 0).ok(), Some(Some(1)));
         assert_eq!(authenticate(&cs, None, Some("vk-one"), 0).ok(), Some(Some(0)));
         for (auth, api_key) in
@@ -362,7 +461,59 @@ mod tests {
         }
         let expired = authenticate(&cs, Some("Bearer vk-one"), None, 10_000).err();
         assert!(expired.is_some_and(|r| String::from_utf8_lossy(&r.body).contains("expired")));
-        assert_eq!(authenticate(&[], None, None, 0).ok(), Some(None), "no clients: open");
+        assert_eq!(authenticate(&Clients::default(), None, None, 0).ok(), Some(None), "no clients: open");
+    }
+
+    #[test]
+    fn the_presented_key_finds_its_own_client_among_ten_thousand() {
+        let n = 10_000;
+        let cs = clients(
+            (0..n)
+                .map(|i| Client {
+                    id: format!("c{i}"),
+                    expires_ms: (i % 2 == 1).then_some(10_000),
+                    ..client(&format!("vk-{i:05}"), Policy::default())
+                })
+                .collect(),
+        );
+        assert_eq!(cs.len(), n);
+        for i in [0, 1, 4_998, 4_999, n - 2, n - 1] {
+            let found = authenticate(&cs, Some(&format!("Bearer vk-{i:05}")), None, 0).ok().flatten();
+            assert_eq!(found, Some(i), "vk-{i:05}");
+            assert_eq!(cs.get(i).map(|c| c.id.clone()), Some(format!("c{i}")));
+        }
+        let unknown = authenticate(&cs, Some("Bearer vk-10000"), None, 0).err().unwrap_or_else(|| panic!("admitted"));
+        assert_eq!((unknown.status, code(&unknown)), (401, "invalid_api_key".to_string()));
+        assert_eq!(message(&unknown), "Incorrect API key provided.");
+        assert!(unknown.headers.contains(&("www-authenticate", "Bearer".to_string())));
+        // Odd clients expire at 10 s: from then on their keys are refused
+        // as expired, and the others still admitted.
+        let expired = authenticate(&cs, None, Some("vk-09999"), 10_000).err().unwrap_or_else(|| panic!("admitted"));
+        assert_eq!((expired.status, message(&expired)), (401, "This API key has expired.".to_string()));
+        assert_eq!(authenticate(&cs, None, Some("vk-09998"), 10_000).ok(), Some(Some(n - 2)));
+        assert_eq!(authenticate(&cs, None, Some("vk-09999"), 9_999).ok(), Some(Some(n - 1)));
+    }
+
+    #[test]
+    fn a_second_client_with_the_same_key_is_not_added_and_names_the_first() {
+        let mut cs = clients(vec![
+            client("vk-one", Policy::default()),
+            Client { id: "b".into(), ..client("vk-two", Policy::default()) },
+        ]);
+        assert_eq!(cs.push(Client { id: "c".into(), ..client("vk-two", Policy::default()) }), Err(1));
+        assert_eq!(cs.len(), 2);
+        assert_eq!(authenticate(&cs, Some("Bearer vk-two"), None, 0).ok(), Some(Some(1)), "the first keeps its key");
+        assert_eq!(cs.push(Client { id: "d".into(), ..client("vk-three", Policy::default()) }), Ok(2));
+        assert_eq!(authenticate(&cs, Some("Bearer vk-three"), None, 0).ok(), Some(Some(2)));
+    }
+
+    #[test]
+    fn debug_output_of_clients_never_shows_key_digests() {
+        let cs = clients(vec![client("vk-one", Policy::default())]);
+        let hex: String = sha256(b"vk-one").iter().map(|b| format!("{b:02x}")).collect();
+        let shown = format!("{cs:?}");
+        assert!(shown.contains("app") && !shown.contains(&hex[..8]), "{shown}");
+        assert!(!shown.contains(&format!("{:?}", sha256(b"vk-one"))[..12]), "{shown}");
     }
 
     #[test]

@@ -268,6 +268,30 @@ mod tests {
     }
 
     #[test]
+    fn a_config_merged_with_runtime_keys_still_finds_clients_by_their_key() {
+        let digest =
+            |k: &str| crate::crypto::sha256(k.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let json = format!(
+            r#"{{"providers":[{{"id":"openai","keys":[{{"id":"k1","secret":"sk-one"}}]}}],
+                "clients":[{{"id":"a","key_sha256":"{}"}},{{"id":"b","key_sha256":"{}"}}]}}"#,
+            digest("vk-a"),
+            digest("vk-b")
+        );
+        let b = compile(json.as_bytes(), &|_| None).unwrap_or_else(|e| panic!("{e}"));
+        let s = FakeStore::new();
+        let k = parse_new_key(br#"{"id":"r1","key_material":"sk-runtime"}"#, &b).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(register(&s, &b, k).is_ok());
+        let cfg = merged(&b, &load(&s)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.keys.slots(), 2);
+        for (key, index) in [("vk-a", 0), ("vk-b", 1)] {
+            let found = crate::identity::authenticate(&cfg.clients, None, Some(key), 0).ok().flatten();
+            assert_eq!(found, Some(index), "{key}");
+            assert_eq!(cfg.clients.get(index).map(|c| c.id.as_str()), ["a", "b"].get(index).copied());
+        }
+        assert!(crate::identity::authenticate(&cfg.clients, None, Some("sk-runtime"), 0).is_err());
+    }
+
+    #[test]
     fn bad_registrations_are_refused_naming_the_field() {
         let b = base();
         for (body, field) in [

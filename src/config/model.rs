@@ -8,7 +8,7 @@
 
 use crate::budget::{Budget, KeyPricing, PriceTable};
 use crate::crypto;
-use crate::identity::Client;
+use crate::identity::Clients;
 use crate::objective::Objective;
 use crate::quota::{Limits, Thresholds};
 use rust_decimal::Decimal;
@@ -415,8 +415,9 @@ pub struct Config {
     pub budgets: Vec<Budget>,
     /// End a stream with an SSE error event once a hard budget is crossed.
     pub stream_cutoff: bool,
-    /// Callers with virtual keys; empty means an open gateway.
-    pub clients: Vec<Client>,
+    /// Callers with virtual keys, indexed by key digest; empty means an
+    /// open gateway.
+    pub clients: Clients,
     /// Model name -> the providers that serve it, in order of preference,
     /// each with its own name for the model.
     pub models: Vec<(String, Vec<(usize, String)>)>,

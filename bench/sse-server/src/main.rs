@@ -9,8 +9,9 @@
 //! its own HTTP chunk and its own `write`.
 //!
 //! The headers and the first event are written at once (time to first chunk is
-//! the proxy's, not ours). With `--tick-us 0`, or for a request with
-//! `x-bench-sse-immediate: 1`, the other events follow at once.
+//! the proxy's, not ours). With `--tick-us 0`, or for a request whose `Host`
+//! begins with `immediate.`, the other events follow at once (a Host, as the
+//! proxy in front forwards it).
 //! Otherwise one ticker thread writes the next event of every open stream each
 //! tick, so the events of one stream are at least a tick apart and reach the
 //! proxy as separate reads, as a model's tokens do, at the cost of one write per
@@ -97,7 +98,7 @@ fn bad_input(msg: &str) -> io::Error {
 /// What a request asks for.
 struct Request {
     keep_alive: bool,
-    /// `x-bench-sse-immediate: 1`: every event at once, whatever the tick.
+    /// `Host: immediate.<...>`: every event at once, whatever the tick.
     immediate: bool,
 }
 
@@ -139,7 +140,7 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
                 "content-length" => content_length = value.parse().map_err(|_| bad_input("bad content-length"))?,
                 "transfer-encoding" => chunked = value.contains("chunked"),
                 "connection" => keep_alive = !value.contains("close"),
-                "x-bench-sse-immediate" => immediate = value == "1",
+                "host" => immediate = value.starts_with("immediate."),
                 _ => {}
             }
         }

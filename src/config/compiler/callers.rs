@@ -5,7 +5,8 @@
 use super::objective;
 use crate::config::model::Provider;
 use crate::config::walk::{err, ConfigError, Obj};
-use crate::identity::{Client, Policy};
+use crate::identity::{Client, Clients, Policy};
+use hashbrown::HashSet;
 
 /// `teams`: id -> policy, for clients to refer to.
 pub(super) fn teams(root: &mut Obj, providers: &[Provider]) -> Result<Vec<(String, Policy)>, ConfigError> {
@@ -25,31 +26,38 @@ pub(super) fn teams(root: &mut Obj, providers: &[Provider]) -> Result<Vec<(Strin
     Ok(teams)
 }
 
-/// `clients`: empty means an open gateway.
+/// `clients`: empty means an open gateway. Ids and key digests are checked
+/// for duplicates by lookup, so a config of many clients compiles in time
+/// proportional to their number.
 pub(super) fn clients(
     root: &mut Obj,
     providers: &[Provider],
     teams: &[(String, Policy)],
-) -> Result<Vec<Client>, ConfigError> {
-    let mut clients: Vec<Client> = Vec::new();
+) -> Result<Clients, ConfigError> {
+    let mut clients = Clients::default();
     if let Some(list) = root.opt_array("clients")? {
+        let mut ids: HashSet<String> = HashSet::with_capacity(list.len());
         for (i, v) in list.into_iter().enumerate() {
-            let client = client(Obj::new(v, &format!("clients[{i}]"))?, &clients, providers, teams)?;
-            clients.push(client);
+            let c = Obj::new(v, &format!("clients[{i}]"))?;
+            let key_field = c.field("key_sha256");
+            if let Err(other) = clients.push(client(c, &mut ids, providers, teams)?) {
+                let other = clients.get(other).map(|x| x.id.as_str()).unwrap_or_default();
+                return Err(err(&key_field, format!("client {other:?} has the same key")));
+            }
         }
     }
     Ok(clients)
 }
 
-/// `clients[i]`.
+/// `clients[i]`; `ids` holds the ids of the clients before it.
 fn client(
     mut c: Obj,
-    clients: &[Client],
+    ids: &mut HashSet<String>,
     providers: &[Provider],
     teams: &[(String, Policy)],
 ) -> Result<Client, ConfigError> {
     let id = c.req_id("id")?;
-    if clients.iter().any(|x| x.id == id) {
+    if !ids.insert(id.clone()) {
         return Err(err(&c.field("id"), format!("duplicate client id {id:?}")));
     }
     let team = c.opt_str("team")?;
@@ -61,7 +69,7 @@ fn client(
             .map(|(_, p)| p.clone())
             .ok_or_else(|| err(&c.field("team"), format!("no team with id {t:?} in teams")))?,
     };
-    let key_sha256 = key_sha256(&mut c, clients)?;
+    let key_sha256 = key_sha256(&mut c)?;
     let expires_ms = expires_at(&mut c)?;
     let own = policy(&mut c, providers)?;
     c.finish()?;
@@ -75,17 +83,13 @@ fn client(
     })
 }
 
-/// `clients[i].key_sha256`: required and unique among clients.
-fn key_sha256(c: &mut Obj, clients: &[Client]) -> Result<[u8; 32], ConfigError> {
+/// `clients[i].key_sha256`: required (its uniqueness is [`Clients::push`]'s).
+fn key_sha256(c: &mut Obj) -> Result<[u8; 32], ConfigError> {
     let hex = c
         .opt_str("key_sha256")?
         .ok_or_else(|| err(&c.field("key_sha256"), "required: the SHA-256 of the client's key, 64 hex digits"))?;
-    let key_sha256 = parse_sha256(&hex)
-        .ok_or_else(|| err(&c.field("key_sha256"), "expected 64 hex digits (the SHA-256 of the key, never the key)"))?;
-    if clients.iter().any(|x| x.key_sha256 == key_sha256) {
-        return Err(err(&c.field("key_sha256"), "another client has the same key"));
-    }
-    Ok(key_sha256)
+    parse_sha256(&hex)
+        .ok_or_else(|| err(&c.field("key_sha256"), "expected 64 hex digits (the SHA-256 of the key, never the key)"))
 }
 
 /// `clients[i].expires_at`: an RFC 3339 time, in ms since the epoch.
