@@ -149,13 +149,18 @@ def test_a_caller_whose_policy_excludes_azure_gets_the_429(start, dialects):
     assert [r["dialect"] for r in dialects.received()] == ["openai", "openai"]
 
 
-def test_the_budget_is_charged_once_at_the_serving_providers_price(start, dialects):
-    def priced(p):
+def priced(openai, azure, limit):
+    """A change to the plugin: flat key prices (per 1,000 tokens) per provider and a hard budget b."""
+    def change(p):
         for prov in p["providers"]:
             for k in prov["keys"]:
-                k["cost_per_1k"] = {"openai": "1", "azure": "2"}.get(prov["id"], "5")
-        p["budgets"] = [{"id": "b", "window": "day", "limit": "100"}]
-    e = start(priced)
+                k["cost_per_1k"] = {"openai": openai, "azure": azure}.get(prov["id"], "5")
+        p["budgets"] = [{"id": "b", "window": "day", "limit": limit}]
+    return change
+
+
+def test_the_budget_is_charged_once_at_the_serving_providers_price(start, dialects):
+    e = start(priced(openai="1", azure="2", limit="100"))
     fail_all(dialects, OPENAI_KEYS, 429, {"retry-after": "600"})
     s, h, body = http("POST", e.url + "/v1/chat/completions", CHAT)
     assert s == 200 and h["x-apikeyrouter-key-id"] == "azure-1", body
@@ -167,12 +172,7 @@ def test_the_budget_is_charged_once_at_the_serving_providers_price(start, dialec
 
 
 def test_a_hard_budget_the_next_provider_would_exceed_refuses_before_it_is_called(start, dialects):
-    def priced(p):
-        for prov in p["providers"]:
-            for k in prov["keys"]:
-                k["cost_per_1k"] = {"openai": "0.001", "azure": "1000"}.get(prov["id"], "5")
-        p["budgets"] = [{"id": "b", "window": "day", "limit": "1"}]
-    e = start(priced)
+    e = start(priced(openai="0.001", azure="1000", limit="1"))
     fail_all(dialects, OPENAI_KEYS, 429, {"retry-after": "600"})
     s, h, body = http("POST", e.url + "/v1/chat/completions", CHAT)
     assert s == 429 and json.loads(body)["error"]["code"] == "insufficient_quota", body
@@ -209,3 +209,18 @@ def test_without_the_routes_redirect_policy_the_caller_gets_the_providers_answer
     # The request was let go: nothing stays reserved, the next one is served.
     s, h, _ = http("POST", e.url + "/v1/chat/completions", CHAT)
     assert s == 200 and h["x-apikeyrouter-key-id"] == "azure-1"
+
+
+def test_when_the_routes_retries_are_used_up_the_next_provider_answers(start, dialects):
+    def no_retries(cfg):
+        for vh in hcm(cfg)["route_config"]["virtual_hosts"]:
+            for r in vh["routes"]:
+                if "retry_policy" in r.get("route", {}):
+                    r["route"]["retry_policy"]["num_retries"] = 0
+    e = start(edit=no_retries)
+    fail_all(dialects, OPENAI_KEYS, 503)
+    s, h, body = http("POST", e.url + "/v1/chat/completions", CHAT)
+    # OpenAI's other key was never tried: Envoy had no retry left for it.
+    assert s == 200 and h["x-apikeyrouter-key-id"] == "azure-1", body
+    assert [r["dialect"] for r in dialects.received()] == ["openai", "azure"]
+    assert chain_of(h)[1] == ("azure", ["azure-1 200"])

@@ -851,6 +851,11 @@ impl Attempt {
                 _ => {}
             }
         }
+        if self.status == 307 {
+            // Only this filter's 307 moves a request on (the routes follow
+            // 307s internally): a provider's own goes to the caller as it is.
+            let _ = h.remove_header(Map::ResponseHeaders, "location");
+        }
         if let Some(key) = self.cfg.keys.get(k) {
             self.note(format!("{} {}", key.id, self.status));
         }

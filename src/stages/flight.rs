@@ -500,6 +500,46 @@ mod tests {
     }
 
     #[test]
+    fn only_the_hop_holding_the_request_lets_go_of_it() {
+        // An attempt redirected the request to the next provider: the first
+        // pass's log (Envoy writes one for it) lets go of nothing.
+        let (mut f, r) = admitted(0);
+        if let Some(fl) = f.get_mut(&r) {
+            fl.fallover.pending = true;
+        }
+        assert_eq!(f.let_go(&r, Holder::Ingress(0)), None);
+        assert!(f.contains(&r), "the next hop will find it");
+        // The next hop claimed it: still only that hop lets go.
+        if let Some(fl) = f.get_mut(&r) {
+            fl.fallover.pending = false;
+            fl.fallover.hop = 1;
+        }
+        assert_eq!(f.let_go(&r, Holder::Ingress(0)), None);
+        assert_eq!(f.let_go(&r, Holder::Ingress(1)), Some(Reservation::of(held())));
+        assert!(!f.contains(&r));
+    }
+
+    #[test]
+    fn the_chain_shows_each_provider_with_what_its_keys_answered() {
+        let json = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s"},{"id":"k2","secret":"t"}]},
+            {"id":"azure","kind":"azure","keys":[{"id":"a1","secret":"u"}]}]}"#;
+        let cfg = match crate::config::compile(json.as_bytes(), &|_| None) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let mut fo = Fallover::default();
+        fo.note(0, "k1 429".into());
+        fo.note(0, "k2 429".into());
+        fo.note(1, "a1 200".into());
+        assert_eq!(fo.text(&cfg), "openai: k1 429, k2 429 -> azure: a1 200");
+        assert_eq!(fo.tried().collect::<Vec<_>>(), [0, 1]);
+        fo.frees_at(9_000);
+        fo.frees_at(5_000);
+        fo.frees_at(7_000);
+        assert_eq!(fo.soonest_free_ms, Some(5_000), "the soonest any provider frees up");
+    }
+
+    #[test]
     fn stale_entries_are_swept_when_the_table_is_large() {
         let mut f = Flights::default();
         for _ in 0..SWEEP_AT {

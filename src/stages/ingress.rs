@@ -737,11 +737,8 @@ impl Ingress {
         let mut rewritten: Option<Vec<u8>> = None;
         // A hop writes the model back even when this provider knows it by
         // the caller's name: the body carries the last provider's name.
-        let body_model = if in_path {
-            None
-        } else {
-            sent.or_else(|| info.model.clone().filter(|_| aliased || self.hop > 0))
-        };
+        let body_model =
+            if in_path { None } else { sent.or_else(|| info.model.clone().filter(|_| aliased || self.hop > 0)) };
         if let Some(m) = body_model.as_deref() {
             rewritten = match &form {
                 Form::Json => request::with_model(&body, m),

@@ -342,7 +342,10 @@ fn models(root: &mut Obj, providers: &[Provider]) -> Result<Models, ConfigError>
                 // send a falling-over request back to where it failed.
                 if served.iter().any(|(q, _)| *q == p) {
                     let id = providers.get(p).map_or("", |x| x.id.as_str());
-                    return Err(err(&format!("{path}.provider"), format!("provider {id:?} is listed twice for this model")));
+                    return Err(err(
+                        &format!("{path}.provider"),
+                        format!("provider {id:?} is listed twice for this model"),
+                    ));
                 }
                 served.push((p, m));
             }
