@@ -9,7 +9,8 @@
 - Gemini (OpenAI):   POST /v1beta/openai/chat/completions Authorization: Bearer
 
 Each answers in its own JSON, SSE, usage and rate-limit header format.
-Control: POST /_mock/behavior {"key", "status", "headers", "times", "body"},
+Control: POST /_mock/behavior {"key", "status", "headers", "times", "body"} (or
+{"key", "cut_stream": true, "times"}: a 200 stream dropped after its first event),
 GET /_mock/received, GET /_mock/stats (usage reported per key).
 """
 
@@ -94,6 +95,17 @@ def main():
             return answer(400, {"type": "error", "error": {"type": "invalid_request_error",
                                                            "message": "anthropic-version header is required"}})
         b = behaviors.get(key)
+        if b and b.get("cut_stream") and b.get("times", 1) > 0:
+            # A stream that breaks after its first event: the connection is
+            # dropped mid-answer.
+            if "times" in b:
+                b["times"] -= 1
+            st["statuses"]["200"] += 1
+            resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"H"}}]}\n\n')
+            request.transport.abort()
+            return resp
         if b and b.get("times", 1) > 0:
             if "times" in b:
                 b["times"] -= 1

@@ -116,6 +116,11 @@ pub fn key_gauges(provider: &str, key: &str, e: &Eval, effective: Effective) -> 
 }
 
 /// `apikeyrouter.budget.<id>.<what>`
+/// Requests that fell over from provider `from` to provider `to`.
+pub fn fallover_metric(from: &str, to: &str) -> String {
+    format!("apikeyrouter.fallover.{from}.{to}")
+}
+
 pub fn budget_metric(id: &str, what: &str) -> String {
     format!("apikeyrouter.budget.{id}.{what}")
 }

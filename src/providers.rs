@@ -3,7 +3,9 @@
 //! (each with its own name for the model); otherwise the request's API shape
 //! (OpenAI, Anthropic or Gemini paths) picks the first provider that speaks
 //! it. Moving to the next provider when every key of one is cooling is the
-//! caller's job (it knows availability).
+//! caller's job (it knows availability): the ingress stage when it chooses,
+//! and, inside a request, its next hop after an internal redirect
+//! (`stages::flight::Fallover`).
 //!
 //! Some paths name the model themselves: Azure deployment paths
 //! (`/openai/deployments/{name}/...`) and Gemini's native paths

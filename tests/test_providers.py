@@ -122,13 +122,15 @@ def test_when_every_key_of_a_provider_is_cooling_the_next_provider_serves(gatewa
     mock, e = gateway
     for k in ["sk-openai-1", "sk-openai-2"]:
         mock.behavior(k, status=429, times=1, headers={"retry-after": "600"})
-    # The first request finds OpenAI's keys rate limited one after the other.
+    # The first request finds OpenAI's keys rate limited one after the other,
+    # and falls over to Azure (tests/test_fallover.py).
     first = http("POST", e.url + "/v1/chat/completions", {"model": "gpt-4o", "messages": []})
-    assert first[0] == 429
+    assert first[0] == 200 and first[1]["x-apikeyrouter-key-id"] == "azure-1"
     assert {k["state"] for k in (e.key_counters()["openai-1"], e.key_counters()["openai-2"])} == {"throttled"}
-    # From then on gpt-4o goes to Azure, under its deployment name.
+    # From then on gpt-4o goes to Azure at once, under its deployment name.
     s, h, body = http("POST", e.url + "/v1/chat/completions", {"model": "gpt-4o", "messages": []})
-    assert s == 200 and h["x-apikeyrouter-key-id"] == "azure-1"
+    assert s == 200 and h["x-apikeyrouter-key-id"] == "azure-1" and "x-apikeyrouter-chain" not in h
+    assert [r["dialect"] for r in mock.received()] == ["openai", "openai", "azure", "azure"]
     last = mock.received()[-1]
     assert last["dialect"] == "azure"
     assert last["path"] == "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
@@ -141,13 +143,14 @@ def test_azure_retry_after_ms_sets_the_cooldown(gateway):
     mock, e = gateway
     for k in ["sk-openai-1", "sk-openai-2"]:
         mock.behavior(k, status=429, times=1, headers={"retry-after": "600"})
-    assert http("POST", e.url + "/v1/chat/completions", {"model": "gpt-4o", "messages": []})[0] == 429
+    assert http("POST", e.url + "/v1/chat/completions", {"model": "gpt-4o", "messages": []})[0] == 200
     mock.behavior("az-key-1", status=429, times=1, headers={"x-ms-retry-after-ms": "1500"})
     t0 = now_ms()
     s, _, body = http("POST", e.url + "/v1/chat/completions", {"model": "gpt-4o", "messages": []})
     t1 = now_ms()
     assert s == 429 and json.loads(body)["error"]["code"] == "no_available_key"
-    assert [r["dialect"] for r in mock.received()] == ["openai", "openai", "azure"]
+    # OpenAI's keys are cooling: nothing to fall over to.
+    assert [r["dialect"] for r in mock.received()] == ["openai", "openai", "azure", "azure"]
     # The cooldown may be over before the admin API is asked: its deadline
     # comes from the attempt stage's log line, which says how long it is.
     pattern = re.compile(r"key azure-1 answered 429: cooling until (\d+) \((\d+) ms\)")
@@ -155,7 +158,7 @@ def test_azure_retry_after_ms_sets_the_cooldown(gateway):
     [(until, ms)] = [(int(u), int(m)) for u, m in pattern.findall(e.logs())]
     assert ms == 1500 and t0 + 1500 <= until <= t1 + 1500, (t0, until, t1)
     az = e.key_counters()["azure-1"]["counters"]
-    assert (az["requests"], az["rate_limited"], az["cooldowns"]) == (1, 1, 1)
+    assert (az["requests"], az["rate_limited"], az["cooldowns"]) == (2, 1, 1)
 
 
 def test_anthropic_529_overloaded_is_retried_and_not_held_against_the_key(gateway):

@@ -289,6 +289,9 @@ pub struct Routing {
     /// How stale a worker's view of other keys' statistics may get.
     pub stats_refresh_ms: u64,
     pub thresholds: Thresholds,
+    /// How many times one request may move on to the next provider of its
+    /// `models` entry (an internal redirect each); 0 turns fall-over off.
+    pub max_fallovers: u32,
 }
 
 /// What to do with a model missing from the price table.

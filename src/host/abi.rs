@@ -63,6 +63,14 @@ extern "C" {
         value_size: usize,
         cas: u32,
     ) -> u32;
+    fn proxy_call_foreign_function(
+        function_name_data: *const u8,
+        function_name_size: usize,
+        arguments_data: *const u8,
+        arguments_size: usize,
+        results_data: *mut *mut u8,
+        results_size: *mut usize,
+    ) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -207,6 +215,23 @@ pub fn buffer(kind: u32, start: usize, max: usize) -> Result<Option<Vec<u8>>, Ho
 pub fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {
     // SAFETY: pointers into live buffers.
     let st = unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+    if st == OK {
+        Ok(())
+    } else {
+        Err(HostError(st))
+    }
+}
+
+/// Calls one of Envoy's foreign functions (e.g. `declare_property`); its
+/// result, if any, is dropped.
+pub fn call_foreign(name: &str, args: &[u8]) -> Result<(), HostError> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: pointers into live buffers; the result is taken and freed.
+    let st = unsafe {
+        proxy_call_foreign_function(name.as_ptr(), name.len(), args.as_ptr(), args.len(), &mut data, &mut size)
+    };
+    drop(unsafe { owned(data, size) });
     if st == OK {
         Ok(())
     } else {

@@ -91,6 +91,9 @@ impl Host for Envoy {
     fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
         abi::set_property(name, value)
     }
+    fn declare_request_property(&self, name: &str) -> Result<(), HostError> {
+        abi::call_foreign("declare_property", &crate::stages::host::declare_property_args(name))
+    }
     fn store(&self) -> &dyn Store {
         &abi::SharedData
     }

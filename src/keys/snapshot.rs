@@ -309,6 +309,16 @@ pub fn check(cfg: &Config, provider: usize, snap: &mut Snapshot, now_ms: u64) ->
     }
 }
 
+/// Whether a key of `provider` the request has not tried (`tried`) may
+/// still serve it now: an available key, or a disabled one due for its
+/// half-open probe. Budgets scoped to a key are not checked here.
+pub fn untried_left(cfg: &Config, provider: usize, snap: &mut Snapshot, now_ms: u64, tried: &[usize]) -> bool {
+    snap.ensure_views(cfg, now_ms);
+    let fresh = |k: &usize| !tried.contains(k);
+    let listed = snap.views.get(provider).is_some_and(|v| v.eligible.iter().any(fresh) || v.critical.iter().any(fresh));
+    listed || snap.due_probe(cfg, provider, tried, now_ms).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

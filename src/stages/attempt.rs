@@ -5,7 +5,7 @@
 //! passes, records the attempt, and charges its answer by the rules of
 //! [`crate::charge`].
 
-use super::flight::{Flights, Holder, Served, FLIGHT_PROPERTY};
+use super::flight::{Flights, Holder, Served, FALLOVER_HEADER, FLIGHT_PROPERTY};
 use super::host::{Buffer, Host, Map, Next};
 use super::worker_state::WorkerState;
 use crate::budget::{self, Price, Reservation};
@@ -94,6 +94,8 @@ pub struct Attempt {
     next_cutoff_check: u64,
     /// This attempt is the half-open probe of a disabled key.
     probe: bool,
+    /// The provider the ingress stage chose for this hop.
+    provider: usize,
 }
 
 impl Attempt {
@@ -126,6 +128,7 @@ impl Attempt {
             client: None,
             complete: false,
             probe: false,
+            provider: 0,
         }
     }
 
@@ -423,8 +426,98 @@ impl Attempt {
             self.probe_passed(h);
         }
         if action != KeyAction::Nothing || failed || self.too_large_for_key() {
-            let _ = h.set_header(Map::ResponseHeaders, RETRY_HEADER, RETRY_VALUE);
+            // Envoy retries on the header while it has retries left; past
+            // them, the answer becomes a redirect to the next provider. With
+            // no key of this provider left for the request, there is no
+            // retry: an upstream filter's local reply (the "no key" 429)
+            // goes straight to the caller, past the router's redirect.
+            let now = h.now_ms();
+            let location = self.fallover_location(now);
+            if location.is_none() || self.untried_key_left(now) {
+                let _ = h.set_header(Map::ResponseHeaders, RETRY_HEADER, RETRY_VALUE);
+            }
+            if let Some(location) = location {
+                let _ = h.set_header(Map::ResponseHeaders, FALLOVER_HEADER, &self.status.to_string());
+                let _ = h.set_header(Map::ResponseHeaders, "location", &location);
+                let _ = h.set_header(Map::ResponseHeaders, ":status", "307");
+            }
         }
+    }
+
+    /// Where the request goes on when this provider cannot serve it: an
+    /// internal redirect (307) that Envoy follows through the filter chain
+    /// again, where the ingress stage takes it over as the next hop of the
+    /// same request. `None` when fall-over is off or spent, or no provider
+    /// the caller may use is left in the request's `models` entry. Marks
+    /// the flight as waiting for its next hop.
+    fn fallover_location(&self, now: u64) -> Option<String> {
+        let rid = self.flight.as_deref()?;
+        let mut fl = self.flights.try_borrow_mut().ok()?;
+        if !fl.hops {
+            return None;
+        }
+        let f = fl.get_mut(rid)?;
+        let fo = &f.fallover;
+        if fo.path.is_empty() || fo.hop >= self.cfg.routing.max_fallovers {
+            return None;
+        }
+        let client = f.admission.client.and_then(|c| self.cfg.clients.get(c));
+        let mut routing = self.routing.try_borrow_mut().ok()?;
+        // Only to a provider the caller may use that has a key free now.
+        let next = crate::providers::candidates(&self.cfg, &fo.path, fo.model.as_deref()).into_iter().any(|c| {
+            c.provider != self.provider
+                && !fo.tried().any(|p| p == c.provider)
+                && client.is_none_or(|cl| {
+                    self.cfg.providers.get(c.provider).is_some_and(|p| identity::check_provider(cl, &p.id).is_ok())
+                })
+                && crate::keys::check(&self.cfg, c.provider, &mut routing.snapshot, now).is_ok()
+        });
+        if !next {
+            return None;
+        }
+        let location = format!("http://{}{}", fo.authority, fo.path);
+        let frees = match crate::keys::check(&self.cfg, self.provider, &mut routing.snapshot, now) {
+            Ok(()) => now,
+            Err(why) => now.saturating_add(why.retry_after_secs(now).saturating_mul(1000)),
+        };
+        f.fallover.pending = true;
+        f.fallover.frees_at(frees);
+        Some(location)
+    }
+
+    /// The soonest a provider the request fell over from frees up (ms).
+    fn chain_frees_at(&self) -> Option<u64> {
+        let rid = self.flight.as_deref()?;
+        let fl = self.flights.try_borrow().ok()?;
+        fl.get(rid).filter(|f| f.fallover.hop > 0)?.fallover.soonest_free_ms
+    }
+
+    /// Whether a key of this attempt's provider that the request has not
+    /// tried may still serve it.
+    fn untried_key_left(&self, now: u64) -> bool {
+        let tried = self
+            .flight
+            .as_deref()
+            .and_then(|rid| self.flights.try_borrow().ok()?.get(rid).map(|f| f.attempts.tried.clone()))
+            .unwrap_or_default();
+        let Ok(mut routing) = self.routing.try_borrow_mut() else { return true };
+        crate::keys::untried_left(&self.cfg, self.provider, &mut routing.snapshot, now, &tried)
+    }
+
+    /// Notes what this attempt got in the request's chain.
+    fn note(&self, what: String) {
+        let Some(rid) = self.flight.as_deref() else { return };
+        if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
+            f.fallover.note(self.provider, what);
+        }
+    }
+
+    /// The request's chain of providers, once it has fallen over.
+    fn chain(&self) -> Option<String> {
+        let rid = self.flight.as_deref()?;
+        let fl = self.flights.try_borrow().ok()?;
+        let f = fl.get(rid).filter(|f| f.fallover.hop > 0)?;
+        Some(f.fallover.text(&self.cfg))
     }
 
     /// A 429 for a request that alone needs more tokens (its prompt
@@ -552,6 +645,8 @@ impl Attempt {
             let f = fl.get_mut(id)?;
             f.attempts.count += 1;
             f.attempts.in_flight += 1;
+            // A new attempt: an earlier attempt's redirect was retried instead.
+            f.fallover.pending = false;
             let a = &f.admission;
             let est = (a.prompt_tokens_est, a.output_tokens_est);
             self.client = a.client;
@@ -583,14 +678,15 @@ impl Attempt {
             }
         };
         self.attempt = attempt;
+        self.provider = provider;
         self.price = price;
         self.estimate_tokens = est;
         let routing_cell = self.routing.clone();
-        let Ok(mut routing) = routing_cell.try_borrow_mut() else {
+        let Ok(mut routing_guard) = routing_cell.try_borrow_mut() else {
             h.reply(&reply::gateway_error("The gateway is busy."), self.id);
             return Next::Pause;
         };
-        let routing = &mut *routing;
+        let routing = &mut *routing_guard;
         self.cfg = routing.refresh(h, now);
         let objective: &Objective = objective.as_ref().unwrap_or(&self.cfg.routing.objective);
         let cfg = &self.cfg;
@@ -694,7 +790,23 @@ impl Attempt {
                 let pid = self.cfg.providers.get(provider).map_or("?", |p| p.id.as_str());
                 // The previous attempt's key must not go upstream either.
                 let _ = h.remove_header(Map::RequestHeaders, "authorization");
-                let mut r = reply::no_key(why.retry_after_secs(now), &why.explain(pid));
+                let mut retry_after = why.retry_after_secs(now);
+                let explained = why.explain(pid);
+                drop(routing_guard);
+                // An upstream filter's local reply goes to the caller as it
+                // is (Envoy's router neither retries nor redirects it): the
+                // request falls over on the answer before this one instead.
+                if let Some(at) = self.chain_frees_at() {
+                    retry_after = retry_after.min(at.saturating_sub(now).div_ceil(1000).max(1));
+                }
+                let mut r = reply::no_key(retry_after, &explained);
+                if let Some(chain) = self.chain() {
+                    r.headers.push(("x-apikeyrouter-chain", chain));
+                }
+                let Ok(mut routing) = routing_cell.try_borrow_mut() else {
+                    h.reply(&r, self.id);
+                    return Next::Pause;
+                };
                 r.headers.push(("x-apikeyrouter-attempts", attempt.to_string()));
                 if let Some(d) = why.decision {
                     if self.cfg.decisions.header {
@@ -738,6 +850,17 @@ impl Attempt {
                 }
                 _ => {}
             }
+        }
+        if self.status == 307 {
+            // Only this filter's 307 moves a request on (the routes follow
+            // 307s internally): a provider's own goes to the caller as it is.
+            let _ = h.remove_header(Map::ResponseHeaders, "location");
+        }
+        if let Some(key) = self.cfg.keys.get(k) {
+            self.note(format!("{} {}", key.id, self.status));
+        }
+        if let Some(chain) = self.chain() {
+            let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-chain", &chain);
         }
         match self.cfg.decisions.headers {
             RoutingHeaders::Separate => {

@@ -259,6 +259,9 @@ impl Host for FakeHost {
         self.filter_state.borrow_mut().insert(name.to_string(), value.to_vec());
         Ok(())
     }
+    fn declare_request_property(&self, _name: &str) -> Result<(), HostError> {
+        self.call("declare_request_property")
+    }
     fn store(&self) -> &dyn Store {
         &self.shared
     }

@@ -30,6 +30,10 @@ use std::rc::Rc;
 /// router upstream filter the downstream stream's filter state.
 pub const FLIGHT_PROPERTY: &str = "apikeyrouter_flight";
 
+/// The response header on an answer the attempt stage turned into an
+/// internal redirect to the next provider: the status it had.
+pub const FALLOVER_HEADER: &str = "x-apikeyrouter-fallover";
+
 /// The longest request-id label kept (a decision record keeps 255 bytes).
 const MAX_LABEL: usize = 255;
 
@@ -84,6 +88,71 @@ pub struct Served {
     pub live: Option<Rc<Cell<Answer>>>,
 }
 
+/// Where a request has been on its way along its `models` entry, and what
+/// it needs to move on to the next provider (see [`crate::providers`]:
+/// fall-over). The ingress stage keeps the request as the caller sent it;
+/// the attempts add what each key answered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fallover {
+    /// The request's path as the caller sent it (credentials removed):
+    /// the next hop adapts it to its provider again.
+    pub path: String,
+    /// The request's `:authority`: the redirect keeps it.
+    pub authority: String,
+    /// The model as policy, prices and budgets know it; `renamed` when a
+    /// policy alias named it.
+    pub model: Option<String>,
+    pub renamed: bool,
+    /// The providers tried, in order, each with what its attempts got
+    /// (`"key status"`).
+    pub chain: Vec<(usize, Vec<String>)>,
+    /// Hops the ingress stage has claimed (0: the request's first pass).
+    pub hop: u32,
+    /// An attempt turned its answer into an internal redirect to the next
+    /// provider, which no hop has claimed yet.
+    pub pending: bool,
+    /// The soonest a key of a provider passed in the chain frees up (ms).
+    pub soonest_free_ms: Option<u64>,
+}
+
+impl Fallover {
+    /// The chain as a decision header shows it:
+    /// `openai: openai-1 429, openai-2 429 -> azure: azure-1 200`.
+    pub fn text(&self, cfg: &crate::config::Config) -> String {
+        let mut out = String::new();
+        for (i, (p, tries)) in self.chain.iter().enumerate() {
+            if i > 0 {
+                out.push_str(" -> ");
+            }
+            out.push_str(cfg.providers.get(*p).map_or("?", |p| p.id.as_str()));
+            out.push(':');
+            for (j, t) in tries.iter().enumerate() {
+                out.push_str(if j == 0 { " " } else { ", " });
+                out.push_str(t);
+            }
+        }
+        out
+    }
+
+    /// Notes what an attempt of `provider` got.
+    pub fn note(&mut self, provider: usize, what: String) {
+        match self.chain.last_mut() {
+            Some((p, tries)) if *p == provider => tries.push(what),
+            _ => self.chain.push((provider, vec![what])),
+        }
+    }
+
+    /// The providers tried so far.
+    pub fn tried(&self) -> impl Iterator<Item = usize> + '_ {
+        self.chain.iter().map(|(p, _)| *p)
+    }
+
+    /// Keeps the sooner of `at_ms` and what the chain had.
+    pub fn frees_at(&mut self, at_ms: u64) {
+        self.soonest_free_ms = Some(self.soonest_free_ms.map_or(at_ms, |s| s.min(at_ms)));
+    }
+}
+
 /// What the stages share about one request.
 #[derive(Debug, Default)]
 pub struct Flight {
@@ -91,6 +160,7 @@ pub struct Flight {
     pub admission: Admission,
     pub attempts: Attempts,
     pub served: Served,
+    pub fallover: Fallover,
     /// Held at admission until the served attempt settles it or the last
     /// holder releases it.
     reservation: Option<Reservation>,
@@ -186,6 +256,9 @@ impl Flight {
         if let Some(d) = &served.decision {
             o.text("decision", d);
         }
+        if self.fallover.hop > 0 {
+            o.text("chain", &self.fallover.text(cfg));
+        }
         o.finish()
     }
 
@@ -205,6 +278,12 @@ impl Flight {
         self.reservation.as_ref()
     }
 
+    /// Takes the reservation to re-price it at the provider the request
+    /// falls over to: the caller releases it and admits the request again.
+    pub fn take_to_reprice(&mut self) -> Option<Reservation> {
+        self.reservation.take()
+    }
+
     /// Takes the reservation for the served attempt to settle, once.
     pub fn take_for_settlement(&mut self) -> Option<Reservation> {
         self.reservation.take()
@@ -218,8 +297,10 @@ impl Flight {
 /// Which stage lets go of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holder {
-    /// The ingress stage (its `on_log`).
-    Ingress,
+    /// The ingress stage of one hop (its `on_log`): only the hop that
+    /// holds the request lets go of it; an earlier hop's log (Envoy may
+    /// write it after an internal redirect) changes nothing.
+    Ingress(u32),
     /// One upstream attempt (its `on_done`).
     Attempt,
 }
@@ -237,6 +318,10 @@ pub struct Flights {
     /// This VM's SipHash keys (from the host's random source: WASI
     /// `random_get` on wasm32-wasip1).
     keys: RandomState,
+    /// The ingress stage declared [`FLIGHT_PROPERTY`] with the downstream
+    /// request's life span, so a request may move on to the next provider
+    /// by an internal redirect: the next hop finds its flight.
+    pub hops: bool,
 }
 
 impl Flights {
@@ -294,7 +379,8 @@ impl Flights {
     pub fn let_go(&mut self, id: &str, who: Holder) -> Option<Reservation> {
         let f = self.map.get_mut(id)?;
         match who {
-            Holder::Ingress => f.ingress_done = true,
+            Holder::Ingress(hop) if hop != f.fallover.hop || f.fallover.pending => return None,
+            Holder::Ingress(_) => f.ingress_done = true,
             Holder::Attempt => f.attempts.in_flight = f.attempts.in_flight.saturating_sub(1),
         }
         if !f.done() {
@@ -396,12 +482,12 @@ mod tests {
         assert_eq!(f.get_mut(&r).and_then(|fl| fl.take_for_settlement()), Some(Reservation::of(held())));
         assert_eq!(f.get_mut(&r).and_then(|fl| fl.take_for_settlement()), None);
         assert_eq!(f.let_go(&r, Holder::Attempt), None);
-        assert_eq!(f.let_go(&r, Holder::Ingress), None);
+        assert_eq!(f.let_go(&r, Holder::Ingress(0)), None);
         assert!(!f.contains(&r), "the last holder removed it");
 
         // The client left first: the attempt still running releases.
         let (mut f, r) = admitted(1);
-        assert_eq!(f.let_go(&r, Holder::Ingress), None);
+        assert_eq!(f.let_go(&r, Holder::Ingress(0)), None);
         assert!(f.contains(&r));
         assert_eq!(f.let_go(&r, Holder::Attempt), Some(Reservation::of(held())));
 
@@ -409,8 +495,48 @@ mod tests {
         let (mut f, r) = admitted(2);
         assert_eq!(f.let_go(&r, Holder::Attempt), None);
         assert_eq!(f.let_go(&r, Holder::Attempt), None);
-        assert_eq!(f.let_go(&r, Holder::Ingress), Some(Reservation::of(held())));
-        assert_eq!(f.let_go(&r, Holder::Ingress), None, "gone: nothing is released twice");
+        assert_eq!(f.let_go(&r, Holder::Ingress(0)), Some(Reservation::of(held())));
+        assert_eq!(f.let_go(&r, Holder::Ingress(0)), None, "gone: nothing is released twice");
+    }
+
+    #[test]
+    fn only_the_hop_holding_the_request_lets_go_of_it() {
+        // An attempt redirected the request to the next provider: the first
+        // pass's log (Envoy writes one for it) lets go of nothing.
+        let (mut f, r) = admitted(0);
+        if let Some(fl) = f.get_mut(&r) {
+            fl.fallover.pending = true;
+        }
+        assert_eq!(f.let_go(&r, Holder::Ingress(0)), None);
+        assert!(f.contains(&r), "the next hop will find it");
+        // The next hop claimed it: still only that hop lets go.
+        if let Some(fl) = f.get_mut(&r) {
+            fl.fallover.pending = false;
+            fl.fallover.hop = 1;
+        }
+        assert_eq!(f.let_go(&r, Holder::Ingress(0)), None);
+        assert_eq!(f.let_go(&r, Holder::Ingress(1)), Some(Reservation::of(held())));
+        assert!(!f.contains(&r));
+    }
+
+    #[test]
+    fn the_chain_shows_each_provider_with_what_its_keys_answered() {
+        let json = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s"},{"id":"k2","secret":"t"}]},
+            {"id":"azure","kind":"azure","keys":[{"id":"a1","secret":"u"}]}]}"#;
+        let cfg = match crate::config::compile(json.as_bytes(), &|_| None) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let mut fo = Fallover::default();
+        fo.note(0, "k1 429".into());
+        fo.note(0, "k2 429".into());
+        fo.note(1, "a1 200".into());
+        assert_eq!(fo.text(&cfg), "openai: k1 429, k2 429 -> azure: a1 200");
+        assert_eq!(fo.tried().collect::<Vec<_>>(), [0, 1]);
+        fo.frees_at(9_000);
+        fo.frees_at(5_000);
+        fo.frees_at(7_000);
+        assert_eq!(fo.soonest_free_ms, Some(5_000), "the soonest any provider frees up");
     }
 
     #[test]

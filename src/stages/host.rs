@@ -62,6 +62,12 @@ pub trait Host {
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
     /// Filter state `wasm.<name>` (access logs read it).
     fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError>;
+    /// Declares filter state `wasm.<name>` (for this root context's
+    /// requests) as read-only bytes that live as long as the downstream
+    /// request: unlike a plain property, it survives an internal redirect
+    /// (Envoy's `declare_property` foreign function, life span
+    /// `DownstreamRequest`).
+    fn declare_request_property(&self, name: &str) -> Result<(), HostError>;
     /// Shared data: the one namespace every worker of this `vm_id` sees.
     fn store(&self) -> &dyn Store;
     /// Defines a stat so that it shows (at zero) before anything happens.
@@ -98,5 +104,37 @@ pub trait Host {
         if let Err(e) = self.send_reply(reply.status, &headers, &reply.body) {
             log::warn!("[{context_id}] local reply {} refused by host (status {})", reply.status, e.0);
         }
+    }
+}
+
+/// The arguments of Envoy's `declare_property` foreign function for
+/// [`Host::declare_request_property`]: the protobuf message
+/// `envoy.source.extensions.common.wasm.DeclarePropertyArguments`
+/// (`name` = 1, `readonly` = 2, `type` = 3 (Bytes, the default, left
+/// out), `span` = 5), encoded by hand.
+pub fn declare_property_args(name: &str) -> Vec<u8> {
+    let mut out = vec![0x0a];
+    let mut len = name.len();
+    while len >= 0x80 {
+        out.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    out.push(len as u8);
+    out.extend_from_slice(name.as_bytes());
+    // readonly = true; span = DownstreamRequest (1).
+    out.extend_from_slice(&[0x10, 0x01, 0x28, 0x01]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn declare_property_arguments_are_the_protobuf_envoy_parses() {
+        assert_eq!(
+            super::declare_property_args("apikeyrouter_flight"),
+            [&[0x0a, 19][..], b"apikeyrouter_flight", &[0x10, 1, 0x28, 1]].concat()
+        );
+        let long = "x".repeat(200);
+        assert_eq!(&super::declare_property_args(&long)[..3], &[0x0a, 0xc8, 0x01]);
     }
 }

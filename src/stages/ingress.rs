@@ -5,7 +5,7 @@
 //! serve. What it decides is handed to the attempts once, as an
 //! [`Admission`], when it lets the request go.
 
-use super::flight::{self, Admission, Flight, Flights, Holder, FLIGHT_PROPERTY};
+use super::flight::{self, Admission, Flight, Flights, Holder, FALLOVER_HEADER, FLIGHT_PROPERTY};
 use super::host::{Buffer, Host, HostError, Map, Next};
 use super::worker_state::WorkerState;
 use crate::admin::{self, AdminRequest};
@@ -59,6 +59,15 @@ pub struct Ingress {
     /// The request's objective puts cost first: providers are tried
     /// cheapest first.
     cost_first: bool,
+    /// Which pass over the request's `models` entry this is: 0, or the
+    /// hop of an internal redirect to the next provider.
+    hop: u32,
+    /// On a hop: the providers already tried, and the model (with whether
+    /// a policy alias named it) as the first pass read it.
+    tried_providers: Vec<usize>,
+    hop_model: Option<(Option<String>, bool)>,
+    /// The request's `:authority`, for the redirect to the next provider.
+    authority: String,
 }
 
 impl Ingress {
@@ -77,6 +86,10 @@ impl Ingress {
             done: false,
             logged_state: false,
             cost_first: false,
+            hop: 0,
+            tried_providers: Vec::new(),
+            hop_model: None,
+            authority: String::new(),
         }
     }
 
@@ -192,6 +205,8 @@ impl Ingress {
             self.cfg = routing.refresh(h, now);
         }
         let mut cands = providers::candidates(&self.cfg, &self.path, model);
+        // A hop goes on along the chain: never back to a provider tried.
+        cands.retain(|c| !self.tried_providers.contains(&c.provider));
         if let Some(c) = self.client() {
             let before = cands.first().map(|x| x.provider);
             cands.retain(|x| {
@@ -233,11 +248,20 @@ impl Ingress {
         }
         let Some(chosen) = chosen else {
             h.count("apikeyrouter.no_key", 1);
-            let (retry_after, why) =
+            let (mut retry_after, why) =
                 first_refusal.unwrap_or((60, "No provider is configured for this request.".into()));
+            // After a fall-over, the soonest any provider in the chain frees up.
+            if let Some(at) = self.chain_frees_at() {
+                retry_after = retry_after.min(at.saturating_sub(now).div_ceil(1000).max(1));
+            }
             return Err(reply::no_key(retry_after, &why));
         };
         self.admission.provider = chosen.provider;
+        if let Some(&from) = self.tried_providers.last() {
+            let id = |p: usize| self.cfg.providers.get(p).map_or("?", |p| p.id.as_str());
+            h.count(&metrics::fallover_metric(id(from), id(chosen.provider)), 1);
+            log::info!("[{}] falls over from {} to {}", self.id, id(from), id(chosen.provider));
+        }
         if self.cfg.providers.len() > 1 {
             // Headers are still paused: the route is matched again on it.
             let pid = self.cfg.providers.get(chosen.provider).map_or("", |p| p.id.as_str());
@@ -255,6 +279,71 @@ impl Ingress {
             }
         }
         Ok(chosen.model)
+    }
+
+    /// The soonest a provider the request fell over from frees up (ms).
+    fn chain_frees_at(&self) -> Option<u64> {
+        let rid = self.flight.as_deref().filter(|_| self.hop > 0)?;
+        self.flights.try_borrow().ok()?.get(rid)?.fallover.soonest_free_ms
+    }
+
+    /// Keeps the request as the caller sent it in its flight, for a hop to
+    /// the next provider (first pass only).
+    fn remember_route(&self, model: Option<&str>, renamed: bool) {
+        if self.hop > 0 || self.cfg.routing.max_fallovers == 0 {
+            return;
+        }
+        let Some(rid) = self.flight.as_deref() else { return };
+        if let Some(f) = self.flights.try_borrow_mut().ok().as_deref_mut().and_then(|fl| fl.get_mut(rid)) {
+            f.fallover.path.clone_from(&self.path);
+            f.fallover.authority.clone_from(&self.authority);
+            f.fallover.model = model.map(str::to_string);
+            f.fallover.renamed = renamed;
+        }
+    }
+
+    /// A request Envoy redirected internally (it has `x-envoy-original-url`):
+    /// when the request's filter state names a flight waiting for its next
+    /// hop, this stage takes the request over as that hop. Filter state
+    /// with the request's life span survives Envoy's internal redirect and
+    /// no caller can write it, so a caller cannot pose as a hop. `Ok(false)`:
+    /// not a hop.
+    fn claim_hop(&mut self, h: &dyn Host) -> Result<bool, reply::Reply> {
+        let lost = || reply::gateway_error("The gateway lost track of this request; it was not sent.");
+        let nonce = match h.property(&[FLIGHT_PROPERTY]) {
+            Ok(Some(n)) => String::from_utf8_lossy(&n).into_owned(),
+            Ok(None) => return Ok(false),
+            Err(_) => return Err(lost()),
+        };
+        let mut fl = self.flights.try_borrow_mut().map_err(|_| lost())?;
+        let f = fl.get_mut(&nonce).filter(|f| f.fallover.pending).ok_or_else(lost)?;
+        f.fallover.pending = false;
+        f.fallover.hop += 1;
+        self.hop = f.fallover.hop;
+        let a = &f.admission;
+        self.admission = Admission {
+            request_id: a.request_id.clone(),
+            client: a.client,
+            objective: a.objective.clone(),
+            read_only: a.read_only,
+            ..Admission::default()
+        };
+        self.tried_providers = f.fallover.tried().collect();
+        self.hop_model = Some((f.fallover.model.clone(), f.fallover.renamed));
+        self.path.clone_from(&f.fallover.path);
+        drop(fl);
+        self.flight = Some(nonce);
+        Ok(true)
+    }
+
+    /// On a hop: releases what the request held at the provider it fell
+    /// over from, before it is admitted again at the new one's price.
+    fn release_for_reprice(&self, h: &dyn Host, now: u64) {
+        let Some(rid) = self.flight.as_deref().filter(|_| self.hop > 0) else { return };
+        let held = self.flights.try_borrow_mut().ok().and_then(|mut fl| fl.get_mut(rid)?.take_to_reprice());
+        if let Some(r) = held {
+            r.release(h.store(), &self.cfg.budgets, now);
+        }
     }
 
     /// Counts the request against its client's rpm/tpm; the refusal if over.
@@ -359,12 +448,18 @@ impl Ingress {
         let mut request_id: Option<&str> = None;
         let mut objective_header: Option<&str> = None;
         let mut strip: Vec<&str> = Vec::new();
+        let mut redirected = false;
         for (k, v) in &headers {
             match k.as_str() {
                 ":path" => self.path = v.clone(),
+                ":authority" => self.authority = v.clone(),
                 ":method" => method = v.as_str(),
                 "content-type" => content_type = v.as_str(),
                 "x-request-id" => request_id = Some(v.as_str()),
+                "x-envoy-original-url" => {
+                    redirected = true;
+                    strip.push(k);
+                }
                 "authorization" | "x-api-key" | "api-key" | "x-goog-api-key" => strip.push(k),
                 OBJECTIVE_HEADER => {
                     objective_header = Some(v.as_str());
@@ -374,6 +469,13 @@ impl Ingress {
                 // Only what providers and Envoy need goes on (`forward`).
                 _ if !forward::forwarded(&self.cfg.forward_headers, k) => strip.push(k),
                 _ => {}
+            }
+        }
+        if redirected {
+            match self.claim_hop(h) {
+                Ok(true) => return self.hop_headers(h, &strip, end_of_stream, now),
+                Ok(false) => {}
+                Err(r) => return self.reply(h, &r),
             }
         }
         if admin::is_admin_path(&self.cfg, &self.path) {
@@ -478,10 +580,40 @@ impl Ingress {
             if let Some(r) = self.admit_client(h, now) {
                 return self.reply(h, &r);
             }
+            self.remember_route(None, false);
             self.admit_flight(h, Reservation::default(), now);
             return Next::Continue;
         }
         Next::Pause
+    }
+
+    /// The headers of a hop to the next provider: the caller was
+    /// authenticated, counted and given its objective on the first pass;
+    /// what the attempts added (the last provider's key and its headers)
+    /// goes, and the request is adapted to the next provider from the path
+    /// the caller sent.
+    fn hop_headers(&mut self, h: &dyn Host, strip: &[&str], end_of_stream: bool, now: u64) -> Next {
+        for name in strip {
+            if let Err(e) = h.remove_header(Map::RequestHeaders, name) {
+                return self.host_failure(h, "strip a header", e);
+            }
+        }
+        if let Err(e) = h.set_header(Map::RequestHeaders, ":path", &self.path) {
+            return self.host_failure(h, "restore the request's path", e);
+        }
+        self.cost_first = self.admission.objective.as_ref().unwrap_or(&self.cfg.routing.objective).primary
+            == crate::objective::Goal::Cost;
+        self.read_body = !end_of_stream;
+        if self.read_body {
+            return Next::Pause;
+        }
+        let model = self.hop_model.as_ref().and_then(|(m, _)| m.clone());
+        if let Err(r) = self.select_provider(h, model.as_deref(), false, now) {
+            return self.reply(h, &r);
+        }
+        self.release_for_reprice(h, now);
+        self.admit_flight(h, Reservation::default(), now);
+        Next::Continue
     }
 
     pub fn on_request_body(&mut self, h: &dyn Host, size: usize, end_of_stream: bool) -> Next {
@@ -575,7 +707,12 @@ impl Ingress {
         }
         let now = h.now_ms();
         let mut aliased = false;
-        if let Some(c) = self.client() {
+        if let Some((model, renamed)) = self.hop_model.take() {
+            // A hop: the body names the last provider's model; the request
+            // is the one the first pass read and let through.
+            info.model = model;
+            aliased = renamed;
+        } else if let Some(c) = self.client() {
             match identity::check_request(c, &info) {
                 Ok(Some(model)) => {
                     info.model = Some(model);
@@ -593,11 +730,15 @@ impl Ingress {
             Ok(s) => s,
             Err(r) => return self.reply(h, &r),
         };
+        self.remember_route(info.model.as_deref(), aliased);
         // The body carries the name the provider knows the model by (a
         // path that names the model was rewritten instead); `info.model`
         // stays the name policy, prices and budgets know.
         let mut rewritten: Option<Vec<u8>> = None;
-        let body_model = if in_path { None } else { sent.or_else(|| info.model.clone().filter(|_| aliased)) };
+        // A hop writes the model back even when this provider knows it by
+        // the caller's name: the body carries the last provider's name.
+        let body_model =
+            if in_path { None } else { sent.or_else(|| info.model.clone().filter(|_| aliased || self.hop > 0)) };
         if let Some(m) = body_model.as_deref() {
             rewritten = match &form {
                 Form::Json => request::with_model(&body, m),
@@ -616,6 +757,7 @@ impl Ingress {
                 }
             }
         }
+        self.release_for_reprice(h, now);
         if let Some(refusal) = self.admit(h, &info, now) {
             return self.reply(h, &refusal);
         }
@@ -640,6 +782,12 @@ impl Ingress {
         let Some(rid) = self.flight.as_deref() else {
             return Next::Continue;
         };
+        let unfollowed = self.flights.try_borrow_mut().ok().is_some_and(|mut fl| {
+            fl.get_mut(rid).is_some_and(|f| f.fallover.hop == self.hop && std::mem::take(&mut f.fallover.pending))
+        });
+        if unfollowed {
+            restore_unfollowed_redirect(h);
+        }
         let soft = self
             .flights
             .try_borrow()
@@ -675,11 +823,23 @@ impl Ingress {
             self.publish_outcome(h);
         }
         let Some(rid) = self.flight.take() else { return };
-        let leftover = self.flights.try_borrow_mut().ok().and_then(|mut fl| fl.let_go(&rid, Holder::Ingress));
+        let leftover = self.flights.try_borrow_mut().ok().and_then(|mut fl| fl.let_go(&rid, Holder::Ingress(self.hop)));
         if let Some(r) = leftover {
             r.release(h.store(), &self.cfg.budgets, h.now_ms());
         }
     }
+}
+
+/// The attempt stage turned a failing answer into an internal redirect to
+/// the next provider and Envoy did not follow it (the route has no
+/// `internal_redirect_policy`, the body overflowed the buffer, the redirect
+/// limit was reached): the caller gets the failing answer as it was.
+fn restore_unfollowed_redirect(h: &dyn Host) {
+    let Ok(Some(status)) = h.header(Map::ResponseHeaders, FALLOVER_HEADER) else { return };
+    log::warn!("an internal redirect to the next provider was not followed: the caller gets the {status}");
+    let _ = h.set_header(Map::ResponseHeaders, ":status", &status);
+    let _ = h.remove_header(Map::ResponseHeaders, "location");
+    let _ = h.remove_header(Map::ResponseHeaders, FALLOVER_HEADER);
 }
 
 thread_local! {

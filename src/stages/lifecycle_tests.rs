@@ -4,6 +4,7 @@
 //! `tests/` are the end-to-end layer above these.
 
 use super::fake::{Exchange, FakeHost, World};
+use super::flight::FLIGHT_PROPERTY;
 use super::host::{Map, Next};
 use super::Root;
 use crate::budget::{self, BudgetRecord};
@@ -272,14 +273,34 @@ fn a_hard_budget_without_room_refuses_before_any_attempt() {
 
 #[test]
 fn an_unknown_virtual_key_is_refused_and_nothing_is_reserved() {
+    // Also when it sends Envoy's internal-redirect header: only filter
+    // state makes a request a fall-over hop, which skips authentication.
+    for redirected in [false, true] {
+        let gw = Gateway::new(&config("1.00"));
+        let mut x = gw.chat(BODY);
+        x.downstream.set_header_value("authorization", "Bearer vk-mallory");
+        if redirected {
+            x.downstream.set_header_value("x-envoy-original-url", "http://gw/v1/chat/completions");
+        }
+        x.send_request(usize::MAX, false);
+        assert_eq!(x.replied().map(|r| r.status), Some(401), "redirected: {redirected}");
+        x.finish();
+        assert_eq!(gw.budget().reserved, Decimal::ZERO);
+        assert_eq!(gw.in_flight(), 0);
+    }
+}
+
+#[test]
+fn a_hop_whose_flight_waits_for_no_hop_is_refused_not_sent() {
+    // Filter state names a flight that no attempt redirected: refused.
     let gw = Gateway::new(&config("1.00"));
     let mut x = gw.chat(BODY);
-    x.downstream.set_header_value("authorization", "Bearer vk-mallory");
+    x.downstream.set_header_value("x-envoy-original-url", "http://gw/v1/chat/completions");
+    x.downstream.filter_state.borrow_mut().insert(FLIGHT_PROPERTY.into(), b"0123456789abcdef".to_vec());
     x.send_request(usize::MAX, false);
-    assert_eq!(x.replied().map(|r| r.status), Some(401));
+    assert_eq!(x.replied().map(|r| r.status), Some(500));
     x.finish();
     assert_eq!(gw.budget().reserved, Decimal::ZERO);
-    assert_eq!(gw.in_flight(), 0);
 }
 
 /// One step of a request as Envoy drives it; the flag says an attempt runs.

@@ -162,6 +162,21 @@ impl Root {
                 log::info!("fleet mode: instance {instance}, etcd through cluster {}", f.cluster);
             }
         }
+        if stage == Stage::Ingress && cfg.routing.max_fallovers > 0 {
+            // The flight's nonce must outlive an internal redirect, so that
+            // the next hop finds the request (see `Flights::hops`).
+            match h.declare_request_property(flight::FLIGHT_PROPERTY) {
+                Ok(()) => {
+                    if let Ok(mut fl) = flights.try_borrow_mut() {
+                        fl.hops = true;
+                    }
+                }
+                Err(e) => log::warn!(
+                    "fall-over to the next provider is off: Envoy refused to declare the request property (status {})",
+                    e.0
+                ),
+            }
+        }
         let mut routing = WorkerState::new(Rc::new(cfg));
         if stage == Stage::Attempt && routing.base.decisions.ring_size > 0 {
             // Each attempt-stage VM owns one ring, so recording a decision

@@ -213,6 +213,7 @@ fn routing(root: &mut Obj) -> Result<Routing, ConfigError> {
             reliability_window_ms: 300_000,
             stats_refresh_ms: 1000,
             thresholds: Thresholds::default(),
+            max_fallovers: DEFAULT_FALLOVERS,
         });
     };
     let objective = objective(&mut r)?.unwrap_or_default();
@@ -223,6 +224,7 @@ fn routing(root: &mut Obj) -> Result<Routing, ConfigError> {
     let reliability_window_ms = r.opt_u64_in("reliability_window_seconds", 1, 86_400)?.unwrap_or(300) * 1000;
     let stats_refresh_ms = r.opt_u64_in("stats_refresh_ms", 10, 60_000)?.unwrap_or(1000);
     let thresholds = capacity(&mut r)?;
+    let max_fallovers = r.opt_u64_in("max_fallovers", 0, 8)?.map_or(DEFAULT_FALLOVERS, |n| n as u32);
     r.finish()?;
     Ok(Routing {
         objective,
@@ -231,8 +233,12 @@ fn routing(root: &mut Obj) -> Result<Routing, ConfigError> {
         reliability_window_ms,
         stats_refresh_ms,
         thresholds,
+        max_fallovers,
     })
 }
+
+/// Fall-overs a request may make by default (`routing.max_fallovers`).
+const DEFAULT_FALLOVERS: u32 = 2;
 
 /// `objective`, in `routing` and in a team's or client's policy.
 fn objective(o: &mut Obj) -> Result<Option<Objective>, ConfigError> {
@@ -330,7 +336,18 @@ fn models(root: &mut Obj, providers: &[Provider]) -> Result<Models, ConfigError>
             };
             let mut served = Vec::new();
             for (i, e) in entries.iter().enumerate() {
-                served.push(served_by(e, &format!("{field}[{i}]"), name, providers)?);
+                let path = format!("{field}[{i}]");
+                let (p, m) = served_by(e, &path, name, providers)?;
+                // One pass over the chain: a provider listed twice would
+                // send a falling-over request back to where it failed.
+                if served.iter().any(|(q, _)| *q == p) {
+                    let id = providers.get(p).map_or("", |x| x.id.as_str());
+                    return Err(err(
+                        &format!("{path}.provider"),
+                        format!("provider {id:?} is listed twice for this model"),
+                    ));
+                }
+                served.push((p, m));
             }
             if served.is_empty() {
                 return Err(err(&field, "at least one provider is required"));
