@@ -863,6 +863,7 @@ mod tests {
                     excluded_total: 0,
                 },
                 charged: None,
+                chain: String::new(),
             };
             let _ = s.set(&crate::shared_data::decision_slot(w, slot), &d.encode(), None);
         }

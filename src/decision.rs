@@ -151,11 +151,15 @@ pub struct Stored {
     pub decision: Decision,
     /// How the attempt was charged; `None` when it was not.
     pub charged: Option<Basis>,
+    /// After a fall-over, the providers the request went through and what
+    /// their keys answered (`openai: k1 429, k2 429 -> azure: a1 200`);
+    /// empty otherwise.
+    pub chain: String,
 }
 
-/// Ring records are written in version 2 (with `charged`); version 1
-/// records, without it, are still read.
-const VERSION: u8 = 2;
+/// Ring records are written in version 3 (with `chain`); versions 1
+/// (without `charged`) and 2 (without `chain`) are still read.
+const VERSION: u8 = 3;
 
 impl Stored {
     pub fn encode(&self) -> Vec<u8> {
@@ -172,6 +176,7 @@ impl Stored {
             out.u32(*k as u32).u8(*why as u8);
         }
         out.u8(self.charged.map_or(0, |b| b as u8));
+        out.short_str(&self.chain);
         out.finish()
     }
 
@@ -197,6 +202,7 @@ impl Stored {
             excluded.push((k, Exclusion::from_u8(r.u8()?)?));
         }
         let charged = if version >= 2 { r.u8().map(Basis::from_u8)? } else { None };
+        let chain = if version >= 3 { r.short_str()? } else { String::new() };
 
         Some(Stored {
             at_ms,
@@ -214,6 +220,7 @@ impl Stored {
                 excluded_total: n_excluded,
             },
             charged,
+            chain,
         })
     }
 
@@ -239,6 +246,7 @@ impl Stored {
             "excluded": excluded,
             "excluded_total": d.excluded_total,
             "charged": self.charged.map(Basis::as_str),
+            "chain": (!self.chain.is_empty()).then_some(self.chain.as_str()),
         })
     }
 }
@@ -278,6 +286,7 @@ mod tests {
             client: "app".into(),
             decision: decision(),
             charged: Some(Basis::Partial),
+            chain: "openai: k1 429, k2 429 -> azure: k3 200".into(),
         }
     }
 
@@ -318,7 +327,7 @@ mod tests {
         use crate::codec::pinned;
         let s = stored();
         let bytes = concat!(
-            "02",               // version
+            "03",               // version
             "0500000000000000", // at_ms
             "0600000000000000", // seq
             "02000000",         // attempt
@@ -334,6 +343,8 @@ mod tests {
             "0000000001",       // key 0: throttled
             "0300000002",       // key 3: disabled
             "02",               // charged: partial
+            "27",               // chain: 39 bytes
+            "6f70656e61693a206b31203432392c206b3220343239202d3e20617a7572653a206b3320323030",
         );
         assert_eq!(Stored::decode(&pinned(&s.encode(), bytes)), Some(s.clone()));
         let mut none = s;
@@ -343,8 +354,9 @@ mod tests {
         none.decision.excluded = vec![];
         none.decision.excluded_total = 0;
         none.charged = None;
+        none.chain = String::new();
         let bytes = concat!(
-            "02",               // version
+            "03",               // version
             "0500000000000000", // at_ms
             "0600000000000000", // seq
             "02000000",         // attempt
@@ -358,10 +370,13 @@ mod tests {
             "04636f7374",       // "cost"
             "00",               // listed
             "00",               // not charged
+            "00",               // no chain
         );
         assert_eq!(Stored::decode(&pinned(&none.encode(), bytes)), Some(none.clone()));
-        // A version 1 record (before `charged`) still reads.
-        let v1 = crate::codec::unhex(&format!("01{}", &bytes[2..bytes.len() - 2]));
+        // Version 2 (before `chain`) and version 1 (before `charged`) still read.
+        let v2 = crate::codec::unhex(&format!("02{}", &bytes[2..bytes.len() - 2]));
+        assert_eq!(Stored::decode(&v2), Some(none.clone()));
+        let v1 = crate::codec::unhex(&format!("01{}", &bytes[2..bytes.len() - 4]));
         assert_eq!(Stored::decode(&v1), Some(none));
     }
 

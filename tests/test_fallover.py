@@ -80,6 +80,13 @@ def test_when_every_openai_key_answers_429_the_same_request_is_answered_by_azure
     outcome = json.loads(logged()[200]["apikeyrouter"])
     assert (outcome["provider"], outcome["key_id"], outcome["attempts"]) == ("azure", "azure-1", 3), outcome
     assert outcome["chain"] == h["x-apikeyrouter-chain"], outcome
+    # The serving attempt's decision record carries the chain too.
+    def recorded():
+        status, _, body = e.admin_api("GET", "decisions?limit=20")
+        assert status == 200, body
+        return [d for d in json.loads(body)["decisions"] if d.get("key") == "azure-1"]
+    wait_until(recorded, what="the serving decision recorded")
+    assert recorded()[0]["chain"] == h["x-apikeyrouter-chain"]
 
 
 def test_a_stream_falls_over_before_its_first_byte(gateway):  # noqa: F811
@@ -179,6 +186,22 @@ def test_a_hard_budget_the_next_provider_would_exceed_refuses_before_it_is_calle
     assert [r["dialect"] for r in dialects.received()] == ["openai", "openai"]
     wait_until(lambda: budget_of(e, "b")["reserved"] == "0", what="nothing left reserved")
     assert budget_of(e, "b")["spent"] == "0"
+
+
+def test_a_provider_whose_keys_own_budgets_have_no_room_sends_the_request_to_the_next_one(start, dialects):
+    def change(p):
+        priced(openai="1", azure="2", limit="100")(p)
+        # Each OpenAI key has a budget of its own, too small for any request.
+        p["budgets"] += [{"id": f"cap-{k}", "limit": "0.000001", "scope": {"key": k}}
+                         for k in ("openai-1", "openai-2")]
+    e = start(change)
+    s, h, body = http("POST", e.url + "/v1/chat/completions", CHAT)
+    assert s == 200 and h["x-apikeyrouter-key-id"] == "azure-1", body
+    # Chosen at the ingress stage: OpenAI never saw the request.
+    assert [r["dialect"] for r in dialects.received()] == ["azure"]
+    wait_until(lambda: budget_of(e, "b")["reserved"] == "0", what="the reservation settled")
+    tokens = json.loads(body)["usage"]["total_tokens"]
+    assert Decimal(budget_of(e, "b")["spent"]) == Decimal(tokens) * 2 / 1000
 
 
 def test_no_fall_over_after_the_first_streamed_byte(gateway):  # noqa: F811

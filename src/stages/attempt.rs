@@ -251,9 +251,11 @@ impl Attempt {
                 h.count(&format!("apikeyrouter.client.{}.spend_micros", c.id), metrics::micros(a));
             }
         }
+        let chain = self.chain().unwrap_or_default();
         if let (Some(mut d), Ok(mut routing)) = (self.decided.take(), self.routing.try_borrow_mut()) {
             d.seq = routing.ring_next;
             d.charged = charge.map(|c| c.basis);
+            d.chain = chain;
             routing.queue_decision(d.encode());
         }
         let Some(rid) = self.flight.take() else { return };
@@ -606,6 +608,7 @@ impl Attempt {
             client: self.client.and_then(|c| self.cfg.clients.get(c)).map(|c| c.id.clone()).unwrap_or_default(),
             decision: d,
             charged: None,
+            chain: String::new(),
         }
     }
 }

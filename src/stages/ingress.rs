@@ -198,6 +198,7 @@ impl Ingress {
         h: &dyn Host,
         model: Option<&str>,
         renamed: bool,
+        info: Option<&request::RequestInfo>,
         now: u64,
     ) -> Result<Option<String>, reply::Reply> {
         // One refresh (one shared-data read) for every candidate below.
@@ -236,7 +237,10 @@ impl Ingress {
         let mut first_refusal = None;
         let mut chosen = None;
         for c in &cands {
-            match self.refuse_when_no_key(c.provider, now) {
+            let refusal = self
+                .refuse_when_no_key(c.provider, now)
+                .or_else(|| info.and_then(|i| self.key_budgets_refuse(h, c.provider, i, now)));
+            match refusal {
                 None => {
                     chosen = Some(c.clone());
                     break;
@@ -279,6 +283,59 @@ impl Ingress {
             }
         }
         Ok(chosen.model)
+    }
+
+    /// `Some((retry_after_secs, explanation))` when every key of `provider`
+    /// that could serve now has a hard budget of its own without room for
+    /// this request (its estimate at that key's price): the request is
+    /// passed to the next provider here, where it still can be; an attempt
+    /// that finds no key can only answer 429. Reads the key budgets' records
+    /// only when the provider's keys have budgets of their own.
+    fn key_budgets_refuse(
+        &self,
+        h: &dyn Host,
+        provider: usize,
+        info: &request::RequestInfo,
+        now: u64,
+    ) -> Option<(u64, String)> {
+        let cfg = &self.cfg;
+        let p = cfg.providers.get(provider)?;
+        if p.keys.iter().all(|&k| cfg.keys.get(k).is_none_or(|key| key.budgets.is_empty())) {
+            return None;
+        }
+        let client = self.client();
+        let caller = Caller {
+            client: client.map(|c| c.id.as_str()),
+            team: client.and_then(|c| c.team.as_deref()),
+            max_cost_per_request: client.and_then(|c| c.policy.max_cost_per_request),
+        };
+        // A plan this provider refuses is refused, with its reason, later.
+        let plan = admission::plan(cfg, provider, info, &caller).ok()?;
+        let mut routing = self.routing.try_borrow_mut().ok()?;
+        let mut resets: Option<u64> = None;
+        for &k in &p.keys {
+            let Some(key) = cfg.keys.get(k) else { continue };
+            if routing.snapshot.eval(cfg, k, now).excluded.is_some() {
+                continue;
+            }
+            let estimate = budget::estimate(plan.prompt_tokens, plan.output_tokens, plan.price.as_ref(), &key.pricing);
+            let full = key.budgets.iter().filter_map(|&b| cfg.budgets.get(b)).find(|b| {
+                b.enforcement == budget::Enforcement::Hard && budget::load(h.store(), b, now).would_pass(b, estimate)
+            });
+            match full {
+                None => return None,
+                Some(b) => {
+                    if let Some(at) = b.resets_at(now) {
+                        resets = Some(resets.map_or(at, |r| r.min(at)));
+                    }
+                }
+            }
+        }
+        let after = resets.map_or(3600, |at| at.saturating_sub(now).div_ceil(1000).max(1));
+        Some((
+            after,
+            format!("Every available key of provider '{}' is at its own budget's limit for this request.", p.id),
+        ))
     }
 
     /// The soonest a provider the request fell over from frees up (ms).
@@ -546,7 +603,7 @@ impl Ingress {
         self.read_body = !end_of_stream;
         if !self.read_body {
             // No body to read a model from: choose the provider now.
-            if let Err(r) = self.select_provider(h, None, false, now) {
+            if let Err(r) = self.select_provider(h, None, false, None, now) {
                 return self.reply(h, &r);
             }
         }
@@ -608,7 +665,7 @@ impl Ingress {
             return Next::Pause;
         }
         let model = self.hop_model.as_ref().and_then(|(m, _)| m.clone());
-        if let Err(r) = self.select_provider(h, model.as_deref(), false, now) {
+        if let Err(r) = self.select_provider(h, model.as_deref(), false, None, now) {
             return self.reply(h, &r);
         }
         self.release_for_reprice(h, now);
@@ -726,7 +783,7 @@ impl Ingress {
             }
         }
         let in_path = path_model.is_some();
-        let sent = match self.select_provider(h, info.model.as_deref(), aliased, now) {
+        let sent = match self.select_provider(h, info.model.as_deref(), aliased, Some(&info), now) {
             Ok(s) => s,
             Err(r) => return self.reply(h, &r),
         };

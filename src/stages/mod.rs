@@ -23,6 +23,8 @@ mod charging_tests;
 #[cfg(test)]
 pub mod fake;
 #[cfg(test)]
+mod fallover_tests;
+#[cfg(test)]
 mod host_call_tests;
 #[cfg(test)]
 mod lifecycle_tests;
