@@ -236,20 +236,23 @@ impl Ingress {
         }
         let mut first_refusal = None;
         let mut chosen = None;
+        // A provider whose keys' own budgets have no room is passed over
+        // for the next one; when no other can serve, it is kept, and its
+        // attempt answers why (each key passed over as budget_exhausted).
+        let mut budget_blocked = None;
         for c in &cands {
-            let refusal = self
-                .refuse_when_no_key(c.provider, now)
-                .or_else(|| info.and_then(|i| self.key_budgets_refuse(h, c.provider, i, now)));
-            match refusal {
-                None => {
-                    chosen = Some(c.clone());
-                    break;
-                }
-                Some(why) => {
-                    first_refusal.get_or_insert(why);
-                }
+            if let Some(why) = self.refuse_when_no_key(c.provider, now) {
+                first_refusal.get_or_insert(why);
+                continue;
             }
+            if info.is_some_and(|i| self.key_budgets_refuse(h, c.provider, i, now).is_some()) {
+                budget_blocked.get_or_insert_with(|| c.clone());
+                continue;
+            }
+            chosen = Some(c.clone());
+            break;
         }
+        let chosen = chosen.or(budget_blocked);
         let Some(chosen) = chosen else {
             h.count("apikeyrouter.no_key", 1);
             let (mut retry_after, why) =
@@ -285,19 +288,13 @@ impl Ingress {
         Ok(chosen.model)
     }
 
-    /// `Some((retry_after_secs, explanation))` when every key of `provider`
-    /// that could serve now has a hard budget of its own without room for
-    /// this request (its estimate at that key's price): the request is
-    /// passed to the next provider here, where it still can be; an attempt
-    /// that finds no key can only answer 429. Reads the key budgets' records
-    /// only when the provider's keys have budgets of their own.
-    fn key_budgets_refuse(
-        &self,
-        h: &dyn Host,
-        provider: usize,
-        info: &request::RequestInfo,
-        now: u64,
-    ) -> Option<(u64, String)> {
+    /// `Some(())` when every key of `provider` that could serve now has a
+    /// hard budget of its own without room for this request (its estimate
+    /// at that key's price): the request is passed to the next provider
+    /// here, where it still can be; an attempt that finds no key can only
+    /// answer 429. Reads the key budgets' records only when the provider's
+    /// keys have budgets of their own.
+    fn key_budgets_refuse(&self, h: &dyn Host, provider: usize, info: &request::RequestInfo, now: u64) -> Option<()> {
         let cfg = &self.cfg;
         let p = cfg.providers.get(provider)?;
         if p.keys.iter().all(|&k| cfg.keys.get(k).is_none_or(|key| key.budgets.is_empty())) {
@@ -312,30 +309,20 @@ impl Ingress {
         // A plan this provider refuses is refused, with its reason, later.
         let plan = admission::plan(cfg, provider, info, &caller).ok()?;
         let mut routing = self.routing.try_borrow_mut().ok()?;
-        let mut resets: Option<u64> = None;
         for &k in &p.keys {
             let Some(key) = cfg.keys.get(k) else { continue };
             if routing.snapshot.eval(cfg, k, now).excluded.is_some() {
                 continue;
             }
             let estimate = budget::estimate(plan.prompt_tokens, plan.output_tokens, plan.price.as_ref(), &key.pricing);
-            let full = key.budgets.iter().filter_map(|&b| cfg.budgets.get(b)).find(|b| {
+            let full = key.budgets.iter().filter_map(|&b| cfg.budgets.get(b)).any(|b| {
                 b.enforcement == budget::Enforcement::Hard && budget::load(h.store(), b, now).would_pass(b, estimate)
             });
-            match full {
-                None => return None,
-                Some(b) => {
-                    if let Some(at) = b.resets_at(now) {
-                        resets = Some(resets.map_or(at, |r| r.min(at)));
-                    }
-                }
+            if !full {
+                return None;
             }
         }
-        let after = resets.map_or(3600, |at| at.saturating_sub(now).div_ceil(1000).max(1));
-        Some((
-            after,
-            format!("Every available key of provider '{}' is at its own budget's limit for this request.", p.id),
-        ))
+        Some(())
     }
 
     /// The soonest a provider the request fell over from frees up (ms).
