@@ -478,12 +478,12 @@ impl Attempt {
             return None;
         }
         let location = format!("http://{}{}", fo.authority, fo.path);
-        let frees = match crate::keys::check(&self.cfg, self.provider, &mut routing.snapshot, now) {
-            Ok(()) => now,
-            Err(why) => now.saturating_add(why.retry_after_secs(now).saturating_mul(1000)),
-        };
+        // While this provider still has a key, Envoy retries it rather than
+        // follow the redirect: only a provider out of keys says when it frees.
+        if let Err(why) = crate::keys::check(&self.cfg, self.provider, &mut routing.snapshot, now) {
+            f.fallover.frees_at(now.saturating_add(why.retry_after_secs(now).saturating_mul(1000)));
+        }
         f.fallover.pending = true;
-        f.fallover.frees_at(frees);
         Some(location)
     }
 
@@ -699,7 +699,8 @@ impl Attempt {
         let mut banned: Vec<usize> = Vec::new();
         // One probe per request, on its first attempt: a request must not
         // spend its retries on keys that were all disabled together.
-        let probe = if tried.is_empty() { self.claim_probe(h, routing, provider, &tried, now) } else { None };
+        let first_here = tried.iter().all(|&t| cfg.keys.get(t).is_none_or(|key| key.provider != provider));
+        let probe = if first_here { self.claim_probe(h, routing, provider, &tried, now) } else { None };
         let mut chosen = match probe {
             Some(k) => Ok(crate::decision::Decision::probe(k)),
             None => choose(routing, &banned),
@@ -803,7 +804,7 @@ impl Attempt {
                     retry_after = retry_after.min(at.saturating_sub(now).div_ceil(1000).max(1));
                 }
                 let mut r = reply::no_key(retry_after, &explained);
-                if let Some(chain) = self.chain() {
+                if let Some(chain) = self.chain().filter(|_| self.cfg.decisions.headers != RoutingHeaders::Off) {
                     r.headers.push(("x-apikeyrouter-chain", chain));
                 }
                 let Ok(mut routing) = routing_cell.try_borrow_mut() else {
@@ -862,7 +863,7 @@ impl Attempt {
         if let Some(key) = self.cfg.keys.get(k) {
             self.note(format!("{} {}", key.id, self.status));
         }
-        if let Some(chain) = self.chain() {
+        if let Some(chain) = self.chain().filter(|_| self.cfg.decisions.headers != RoutingHeaders::Off) {
             let _ = h.set_header(Map::ResponseHeaders, "x-apikeyrouter-chain", &chain);
         }
         match self.cfg.decisions.headers {

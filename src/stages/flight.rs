@@ -111,6 +111,9 @@ pub struct Fallover {
     /// An attempt turned its answer into an internal redirect to the next
     /// provider, which no hop has claimed yet.
     pub pending: bool,
+    /// The ingress stage was logged (the caller gone) while a redirect was
+    /// pending: unless a hop claims it, the flight is abandoned.
+    pub logged_while_pending: bool,
     /// The soonest a key of a provider passed in the chain frees up (ms).
     pub soonest_free_ms: Option<u64>,
 }
@@ -379,7 +382,14 @@ impl Flights {
     pub fn let_go(&mut self, id: &str, who: Holder) -> Option<Reservation> {
         let f = self.map.get_mut(id)?;
         match who {
-            Holder::Ingress(hop) if hop != f.fallover.hop || f.fallover.pending => return None,
+            Holder::Ingress(hop) if hop != f.fallover.hop => return None,
+            Holder::Ingress(_) if f.fallover.pending => {
+                // Envoy logs the first pass as it follows the redirect (the
+                // hop then claims the flight), or the caller left while a
+                // retry was waiting: the tick tells them apart.
+                f.fallover.logged_while_pending = true;
+                return None;
+            }
             Holder::Ingress(_) => f.ingress_done = true,
             Holder::Attempt => f.attempts.in_flight = f.attempts.in_flight.saturating_sub(1),
         }
@@ -387,6 +397,21 @@ impl Flights {
             return None;
         }
         self.map.remove(id).and_then(|mut f| f.reservation.take())
+    }
+
+    /// Flights whose caller left while a redirect to the next provider was
+    /// pending and no attempt runs, removed with what they still hold, to
+    /// release. Envoy follows a redirect and runs the hop's first callback
+    /// in one event, where the hop claims the flight, so a flight still in
+    /// this state at a tick was never followed.
+    pub fn abandoned(&mut self) -> Vec<Reservation> {
+        let ids: Vec<String> = self
+            .map
+            .iter()
+            .filter(|(_, f)| f.fallover.pending && f.fallover.logged_while_pending && f.attempts.in_flight == 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.iter().filter_map(|id| self.map.remove(id)).filter_map(|mut f| f.reservation.take()).collect()
     }
 
     pub fn len(&self) -> usize {

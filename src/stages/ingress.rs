@@ -309,11 +309,15 @@ impl Ingress {
         // A plan this provider refuses is refused, with its reason, later.
         let plan = admission::plan(cfg, provider, info, &caller).ok()?;
         let mut routing = self.routing.try_borrow_mut().ok()?;
+        // A disabled key due for its probe may serve this request too.
+        let probe = routing.snapshot.due_probe(cfg, provider, &[], now);
+        let mut examined = 0;
         for &k in &p.keys {
             let Some(key) = cfg.keys.get(k) else { continue };
-            if routing.snapshot.eval(cfg, k, now).excluded.is_some() {
+            if routing.snapshot.eval(cfg, k, now).excluded.is_some() && probe != Some(k) {
                 continue;
             }
+            examined += 1;
             let estimate = budget::estimate(plan.prompt_tokens, plan.output_tokens, plan.price.as_ref(), &key.pricing);
             let full = key.budgets.iter().filter_map(|&b| cfg.budgets.get(b)).any(|b| {
                 b.enforcement == budget::Enforcement::Hard && budget::load(h.store(), b, now).would_pass(b, estimate)
@@ -322,7 +326,7 @@ impl Ingress {
                 return None;
             }
         }
-        Some(())
+        (examined > 0).then_some(())
     }
 
     /// The soonest a provider the request fell over from frees up (ms).
@@ -333,8 +337,15 @@ impl Ingress {
 
     /// Keeps the request as the caller sent it in its flight, for a hop to
     /// the next provider (first pass only).
+    /// Only a request whose model has a `models` entry falls over (to
+    /// that entry's next provider), and never one that only reads or
+    /// removes: an object id of one provider account means nothing to
+    /// another provider, and must not reach it.
     fn remember_route(&self, model: Option<&str>, renamed: bool) {
-        if self.hop > 0 || self.cfg.routing.max_fallovers == 0 {
+        if self.hop > 0 || self.cfg.routing.max_fallovers == 0 || self.admission.read_only {
+            return;
+        }
+        if !model.is_some_and(|m| self.cfg.models.iter().any(|(name, _)| name == m)) {
             return;
         }
         let Some(rid) = self.flight.as_deref() else { return };
@@ -362,6 +373,7 @@ impl Ingress {
         let mut fl = self.flights.try_borrow_mut().map_err(|_| lost())?;
         let f = fl.get_mut(&nonce).filter(|f| f.fallover.pending).ok_or_else(lost)?;
         f.fallover.pending = false;
+        f.fallover.logged_while_pending = false;
         f.fallover.hop += 1;
         self.hop = f.fallover.hop;
         let a = &f.admission;
@@ -517,7 +529,11 @@ impl Ingress {
         }
         if redirected {
             match self.claim_hop(h) {
-                Ok(true) => return self.hop_headers(h, &strip, end_of_stream, now),
+                Ok(true) => {
+                    // A multipart form is read again on the hop.
+                    self.content_type = content_type.to_string();
+                    return self.hop_headers(h, &strip, end_of_stream, now);
+                }
                 Ok(false) => {}
                 Err(r) => return self.reply(h, &r),
             }
@@ -792,8 +808,11 @@ impl Ingress {
         }
         // A policy's output cap bounds a request that sets none: written
         // into the field of the provider's dialect, so the estimate holds.
+        // On a hop the body holds the cap in the last provider's field: it
+        // is written again in this provider's, never above what was there.
         let policy_cap = self.client().and_then(|c| c.policy.max_tokens);
-        if let (Some(cap), None, Form::Json) = (policy_cap, info.max_tokens, &form) {
+        let cap = policy_cap.filter(|_| info.max_tokens.is_none() || self.hop > 0);
+        if let (Some(cap), Form::Json) = (cap.map(|c| info.max_tokens.map_or(c, |m| m.min(c))), &form) {
             if let Some(field) = providers::cap_field(&self.cfg, self.admission.provider, &self.path) {
                 if let Some(b) = request::with_cap(rewritten.as_deref().unwrap_or(&body), field, cap) {
                     rewritten = Some(b);

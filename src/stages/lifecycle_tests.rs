@@ -80,6 +80,11 @@ impl Gateway {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The ingress root's tick (abandoned flights are released there).
+    pub(super) fn ingress_tick(&mut self) {
+        self.ingress.tick(&FakeHost::new(&self.world));
+    }
+
     pub(super) fn in_flight(&self) -> usize {
         self.world.flights.borrow().len()
     }

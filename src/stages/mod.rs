@@ -25,6 +25,8 @@ pub mod fake;
 #[cfg(test)]
 mod fallover_tests;
 #[cfg(test)]
+mod hop_tests;
+#[cfg(test)]
 mod host_call_tests;
 #[cfg(test)]
 mod lifecycle_tests;
@@ -219,6 +221,13 @@ impl Root {
             }
             Err(_) => return,
         };
+        if self.stage == Stage::Ingress {
+            // Reservations are the ingress stage's (its config's budgets).
+            let abandoned = self.flights.try_borrow_mut().map(|mut fl| fl.abandoned()).unwrap_or_default();
+            for r in abandoned {
+                r.release(h.store(), &cfg.budgets, h.now_ms());
+            }
+        }
         if self.stage == Stage::Attempt {
             let now = h.now_ms();
             for b in &cfg.budgets {
