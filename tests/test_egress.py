@@ -210,6 +210,13 @@ def test_requests_through_the_egress_hop_rotate_keys_and_are_charged_with_nothin
     for e in [c.gateway] + ([c.hop] if kind == "mtls" else []):
         logs = e.logs()
         assert not [k for k in KEYS if k in logs], "a provider key in a log"
+    if kind == "mtls":
+        # The egress gateway's access log names the client certificate it admitted.
+        def lines():
+            return [json.loads(l) for l in c.hop.logs().splitlines() if l.startswith("{")]
+        wait_until(lambda: len(lines()) == 6, timeout=15, what="the egress gateway's 6 access log lines")
+        assert {(l["peer"], l["authority"], l["status"]) for l in lines()} == {
+            ("apikeyrouter", "api.openai.com", 200)}, lines()
 
 
 def test_the_forward_proxy_sees_only_connect_to_the_providers_name(started, start_envoy, certs):
