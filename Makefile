@@ -58,7 +58,12 @@ skopeo:
 docker-registry:
 	$(call apt_install,docker-registry,docker-registry)
 
-setup: $(VENV)/.installed etcd nghttp wasm-opt skopeo docker-registry
+# tinyproxy: the forward proxy the egress tests tunnel through (tests/test_egress.py).
+.PHONY: tinyproxy
+tinyproxy:
+	$(call apt_install,tinyproxy,tinyproxy)
+
+setup: $(VENV)/.installed etcd nghttp wasm-opt skopeo docker-registry tinyproxy
 	rustup target add wasm32-wasip1
 
 # The features rustc enables for wasm32-wasip1, so wasm-opt keeps to them.

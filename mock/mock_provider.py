@@ -64,6 +64,10 @@ Answers without usage, as the real endpoints give them (usage_less below):
                        usage (its usage is counted in the stats now: the
                        provider bills it once); GET /v1/responses/{id} then
                        answers it completed, with its usage
+
+With --tls-cert and --tls-key it serves HTTPS only (the egress tests: a
+provider behind a forward proxy or an egress gateway, with a certificate
+from a CA the test makes).
 """
 
 import argparse
@@ -71,6 +75,7 @@ import asyncio
 import json
 import random
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -555,18 +560,27 @@ def main():
                     help="comma-separated API keys the mock accepts")
     ap.add_argument("--rate-limited", default="",
                     help="comma-separated keys that always answer 429")
+    ap.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (chain) ...")
+    ap.add_argument("--tls-key", help="... and this PEM private key")
     args = ap.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
+    context = None
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     keys = [k for k in args.keys.split(",") if k]
     rl = [k for k in args.rate_limited.split(",") if k]
     state = State(keys, rl)
     app = make_app(state)
 
     async def on_startup(_):
-        print(f"mock provider listening on http://{args.host}:{args.port}", flush=True)
+        scheme = "https" if context else "http"
+        print(f"mock provider listening on {scheme}://{args.host}:{args.port}", flush=True)
 
     app.on_startup.append(on_startup)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
-                handle_signals=True)
+                handle_signals=True, ssl_context=context)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,16 @@ def start_envoy():
 
 
 @pytest.fixture
+def started():
+    """A list for the things a test starts (anything with stop()); each is
+    stopped at the test's end, the last started first."""
+    things = []
+    yield things
+    for t in reversed(things):
+        t.stop()
+
+
+@pytest.fixture
 def mock(start_mock):
     """A mock provider that accepts the demo keys."""
     return start_mock()

@@ -114,18 +114,28 @@ class Mock:
     """A mock provider in a subprocess: mock/mock_provider.py, or with
     script=DIALECTS the mock that speaks each provider's dialect."""
 
-    def __init__(self, keys=None, rate_limited=(), port=None, script=MOCK):
+    def __init__(self, keys=None, rate_limited=(), port=None, script=MOCK, tls=None):
+        """tls: (certificate, key, CA) files: the mock serves HTTPS only with
+        that certificate, and the test's own calls trust the CA."""
+        import ssl
         self.port = port or free_port()
         self.keys = list(keys or DEMO_KEYS.values())
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.context = None
         args = [sys.executable, str(script), "--port", str(self.port), "--keys", ",".join(self.keys)]
         if rate_limited:
             args += ["--rate-limited", ",".join(rate_limited)]
+        if tls:
+            cert, key, ca = tls
+            args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            self.context = ssl.create_default_context(cafile=str(ca))
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: http("GET", self.url + "/_mock/health")[0] == 200, what=f"mock provider {Path(script).name}")
+        wait_until(lambda: http("GET", self.url + "/_mock/health", context=self.context)[0] == 200,
+                   what=f"mock provider {Path(script).name}")
 
     def control(self, path, body=None):
-        status, _, data = http("POST" if body is not None else "GET", self.url + path, body)
+        status, _, data = http("POST" if body is not None else "GET", self.url + path, body,
+                               context=self.context)
         assert status == 200, (path, status, data)
         return json.loads(data)
 
@@ -165,6 +175,26 @@ def fill(text, values):
 # environment they name in host_env_keys.
 SHIPPED_FILES = {"/etc/envoy/apikeyrouter.wasm": str(WASM),
                  "/etc/envoy/etcd-ca.pem": "/etc/ssl/certs/ca-certificates.crt"}
+
+
+def shipped_certificates():
+    """The certificates the egress configs (envoy/egress-mtls.yaml,
+    envoy/egress/egress-gateway.yaml) read from /etc/envoy, made once a
+    run by make_certs in a temp dir (Envoy loads a certificate with its key,
+    so any CA file will not do): {shipped path: file}."""
+    global _SHIPPED_CERTS
+    if _SHIPPED_CERTS is None:
+        c = make_certs(tempfile.mkdtemp(prefix="akr-shipped-certs-"), {"egress": "egress.internal"},
+                       {"client": ""})
+        _SHIPPED_CERTS = {"/etc/envoy/egress-ca.pem": c["ca.pem"],
+                          "/etc/envoy/egress-client.pem": c["client.pem"],
+                          "/etc/envoy/egress-client.key": c["client.key"],
+                          "/etc/envoy/egress-gateway.pem": c["egress.pem"],
+                          "/etc/envoy/egress-gateway.key": c["egress.key"]}
+    return _SHIPPED_CERTS
+
+
+_SHIPPED_CERTS = None
 SHIPPED_ENV = {"OPENAI_KEY_1": "sk-a", "OPENAI_KEY_2": "sk-b", "OPENAI_KEY_3": "sk-c",
                "DEMO_KEY_1": "sk-a", "DEMO_KEY_2": "sk-b", "DEMO_KEY_3": "sk-c",
                "AZURE_OPENAI_KEY": "az", "ANTHROPIC_KEY": "sk-ant", "GEMINI_KEY": "gm",
@@ -176,7 +206,7 @@ def shipped_text(path, files=None):
     swapped for SHIPPED_FILES (updated with `files`) and its ${...}
     placeholders filled with fixed ports."""
     text = path.read_text()
-    for old, new in {**SHIPPED_FILES, **(files or {})}.items():
+    for old, new in {**SHIPPED_FILES, **shipped_certificates(), **(files or {})}.items():
         text = text.replace(old, str(new))
     if "${" in text:
         text = fill(text, {"GATEWAY_PORT": 10000, "ADMIN_PORT": 9901, "MOCK_PORT": 18080, "WASM_PATH": WASM})
@@ -227,6 +257,16 @@ def shipped_on_loopback(text, gateway_port, management_port, admin_port, mock_po
     client["key_sha256"] = sha256_hex(client_key)
     public["value"] = json.dumps(plugin)
     return cfg
+
+
+def management(e, path):
+    """GET /apikeyrouter/v1/<path> on the management listener of an Envoy
+    running a shipped config (its URL is e.management), with the admin
+    token; the decoded JSON of its 200."""
+    status, _, body = http("GET", e.management + "/apikeyrouter/v1/" + path,
+                           headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert status == 200, body
+    return json.loads(body)
 
 
 def render(template_text, gateway_port, admin_port, mock_port, plugin=None, host_env_keys=None,
@@ -759,10 +799,10 @@ class TlsEtcd(Etcd):
 
 def make_certs(d, servers, clients=None):
     """Writes into directory d a throwaway CA (ca.pem) and, signed by it (EC
-    P-256, valid for two days), for each name: DNS name in `servers` a
-    server certificate <name>.pem / <name>.key for that DNS name and
-    127.0.0.1, and for each name: common name in `clients` (by default
-    {"client": ""}) a client certificate <name>.pem / <name>.key with that
+    P-256, valid for two days), for each name: DNS name in `servers` (or
+    name: [DNS names]) a server certificate <name>.pem / <name>.key for that
+    DNS name (those names) and 127.0.0.1, and for each name: common name in
+    `clients` (by default {"client": ""}) a client certificate <name>.pem / <name>.key with that
     subject CN ("": no CN, only a SAN, which is what etcd's JSON gateway
     takes once authentication is on). Server certificates may also
     authenticate a client: etcd's JSON gateway dials etcd's own gRPC server
@@ -805,10 +845,11 @@ def make_certs(d, servers, clients=None):
     write("ca", ca, None)
     leaf = [(x509.BasicConstraints(ca=False, path_length=None), True)]
     for name, dns in servers.items():
+        names = [dns] if isinstance(dns, str) else list(dns)
         key = ec.generate_private_key(ec.SECP256R1())
-        write(name, issue(dns, key, ca_name, ca_key, leaf + [
-            (x509.SubjectAlternativeName([x509.DNSName(dns), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-             False),
+        write(name, issue(names[0], key, ca_name, ca_key, leaf + [
+            (x509.SubjectAlternativeName([x509.DNSName(n) for n in names]
+                                         + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False),
             (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False)]),
             key)
     for name, cn in (clients if clients is not None else {"client": ""}).items():
@@ -818,3 +859,141 @@ def make_certs(d, servers, clients=None):
             (x509.SubjectAlternativeName([x509.DNSName("apikeyrouter")]), not cn),
             (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)]), key)
     return out
+
+
+# --- A forward proxy and a recording relay (the egress tests) ----------------
+
+import threading  # noqa: E402
+
+
+def tinyproxy_bin():
+    return os.environ.get("TINYPROXY_BIN") or "tinyproxy"
+
+
+class Tinyproxy:
+    """Debian's tinyproxy on a loopback port picked at run time, in the
+    foreground, admitting only 127.0.0.1 and allowing CONNECT only to the
+    ports in connect_ports; its log (LogLevel Connect: one line per
+    connection and request) is logs()."""
+
+    def __init__(self, connect_ports):
+        self.dir = tempfile.mkdtemp(prefix="akr-tinyproxy-")
+        self.log_path = os.path.join(self.dir, "tinyproxy.log")
+        self.connect_ports = list(connect_ports)
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.port = free_port()
+        conf = os.path.join(self.dir, "tinyproxy.conf")
+        with open(conf, "w") as f:
+            f.write("\n".join([f"Port {self.port}", "Listen 127.0.0.1", "Timeout 60", "MaxClients 50",
+                               f'LogFile "{self.log_path}"', "LogLevel Connect", "Allow 127.0.0.1",
+                               "DisableViaHeader Yes"]
+                              + [f"ConnectPort {p}" for p in self.connect_ports]) + "\n")
+        self.proc = subprocess.Popen([tinyproxy_bin(), "-d", "-c", conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+        def listening():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tinyproxy exited with {self.proc.returncode}:\n{self.logs()[-2000:]}")
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        wait_until(listening, timeout=10, what="tinyproxy to listen", errors=(OSError,))
+        return self
+
+    def logs(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def requests(self):
+        """The request lines tinyproxy logged ("CONNECT host:port HTTP/1.1", ...)."""
+        return [l.split("): ", 1)[1] for l in self.logs().splitlines() if "]: Request (file descriptor" in l]
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class RecordingRelay:
+    """A TCP relay on a loopback port picked at run time that passes every
+    connection on to 127.0.0.1:target_port and keeps a copy of the bytes
+    that crossed it, each way: what anyone on that hop of the network
+    would see. A connection it cannot pass on is closed."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.sent = []          # bytearray per connection, client -> target
+        self.answered = []      # bytearray per connection, target -> client
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(64)
+        self._server.settimeout(0.2)
+        self.port = self._server.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self):
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._server.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                sent, answered = bytearray(), bytearray()
+                self.sent.append(sent)
+                self.answered.append(answered)
+            for src, dst, record in ((client, upstream, sent), (upstream, client, answered)):
+                t = threading.Thread(target=self._pump, args=(src, dst, record), daemon=True)
+                t.start()
+
+    def _pump(self, src, dst, record):
+        src.settimeout(0.2)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    data = src.recv(65536)
+                except socket.timeout:
+                    continue
+                if not data:
+                    break
+                with self._lock:
+                    record.extend(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            src.close()         # each pump closes the socket it reads; dst is the other pump's
+
+    def bytes_seen(self):
+        """Everything that crossed, both ways, in one bytes object."""
+        with self._lock:
+            return b"".join(bytes(b) for b in self.sent + self.answered)
+
+    def stop(self):
+        self._stopping.set()
+        self._server.close()
+        for t in self._threads:
+            t.join(timeout=2)

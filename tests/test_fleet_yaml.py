@@ -27,7 +27,7 @@ from decimal import Decimal
 import pytest
 import yaml
 
-from harness import (ADMIN_TOKEN, ROOT, TlsEtcd, _b64, _unb64, chat, distinct_ports, http, make_certs, secrets,
+from harness import (ROOT, TlsEtcd, _b64, _unb64, chat, distinct_ports, make_certs, management, secrets,
                      shipped_on_loopback, shipped_text, wait_until, wasm_filter_configs)
 
 SHIPPED = ROOT / "envoy" / "fleet.yaml"
@@ -112,13 +112,6 @@ def start_replica(start_envoy, mock, etcd, certs, node, password=PASSWORD, clien
     e = start_envoy(mock, edit=edit, env=env, gateway_port=gateway_port, admin_port=admin_port)
     e.management = f"http://127.0.0.1:{management_port}"
     return e
-
-
-def management(e, path):
-    status, _, body = http("GET", e.management + "/apikeyrouter/v1/" + path,
-                           headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert status == 200, body
-    return json.loads(body)
 
 
 def fleet_status(e):

@@ -464,14 +464,6 @@ class IstioGateway:
 
 
 @pytest.fixture
-def started():
-    things = []
-    yield things
-    for t in reversed(things):
-        t.stop()
-
-
-@pytest.fixture
 def pushed(tmp_path, started):
     """`make oci`'s image pushed to a registry on loopback; returns (registry host, description)."""
     assert oci.main(["oci.py", str(WASM), str(tmp_path / "dist")]) == 0

@@ -2,7 +2,8 @@
 (envoy/*.yaml), read from each file and then seen working in real Envoy:
 
 - every TLS cluster checks the provider's name (SNI and a DNS subject alt
-  name), not just any publicly trusted certificate;
+  name), not just any publicly trusted certificate, TLS inside a CONNECT
+  tunnel included;
 - routes have no total timeout (streams and reasoning calls run as long as
   they send) but an idle timeout, a per-try idle timeout and a maximum stream
   duration;
@@ -34,6 +35,10 @@ CONFIGS = sorted((ROOT / "envoy").glob("*.yaml"))
 IDS = [p.name for p in CONFIGS]
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+# A transport socket that wraps another: TLS inside an HTTP CONNECT tunnel
+# (envoy/egress-tunnel.yaml).
+CONNECT_TYPE = ("type.googleapis.com/envoy.extensions.transport_sockets.http_11_proxy.v3."
+                "Http11ProxyUpstreamTransport")
 
 
 def load(path):
@@ -99,6 +104,8 @@ def test_every_tls_cluster_checks_the_providers_name(path):
         if not ts:
             continue
         tls = ts["typed_config"]
+        if tls["@type"] == CONNECT_TYPE:
+            tls = tls["transport_socket"]["typed_config"]
         assert tls["@type"] == TLS_TYPE, name
         sni = tls.get("sni")
         assert sni, f"{name}: no SNI"
