@@ -336,27 +336,9 @@ impl Attempt {
                 }
                 if rec.changed || self.probe {
                     let (was, cap) = rec.before;
-                    let to_cap = crate::keys::evaluate(&self.cfg, k, &rec.record, now).capacity;
-                    let t = crate::transition::Transition {
-                        time_ms: now,
-                        kind: "key".into(),
-                        id: kid.to_string(),
-                        from: format!("{}/{}", was.as_str(), cap.as_str()),
-                        to: format!("{}/{}", rec.record.effective(now).as_str(), to_cap.as_str()),
-                        reason: if self.probe {
-                            format!("half-open probe: provider answered {}", self.status)
-                        } else {
-                            format!("provider answered {}", self.status)
-                        },
-                        seq: 0,
-                    };
-                    crate::transition::record(h.store(), self.cfg.max_transitions, t);
+                    self.key_changed(h, k, format!("{}/{}", was.as_str(), cap.as_str()), &rec.record, now);
                     if matches!(action, KeyAction::CoolUntil(_)) {
                         h.count(&metrics::key_metric(pid, kid, "cooldowns"), 1);
-                    }
-                    let e = crate::keys::evaluate(&self.cfg, k, &rec.record, now);
-                    for (name, value) in metrics::key_gauges(pid, kid, &e, rec.record.effective(now)) {
-                        h.gauge(&name, value);
                     }
                 }
                 match action {
@@ -543,7 +525,6 @@ impl Attempt {
 
     /// Re-enables the probed key and records the transition.
     fn probe_passed(&mut self, h: &dyn Host) {
-        self.probe = false;
         let Some((k, key)) = self.key.and_then(|k| self.cfg.keys.get(k).map(|key| (k, key))) else { return };
         let now = h.now_ms();
         let Some((before, after)) = crate::keys::reenable(h.store(), &key.record_name) else { return };
@@ -551,19 +532,29 @@ impl Attempt {
         if let Ok(mut routing) = self.routing.try_borrow_mut() {
             routing.snapshot.observe(&self.cfg, k, after, now);
         }
-        let cap = |r: &crate::key_record::KeyRecord| crate::keys::evaluate(&self.cfg, k, r, now).capacity;
+        let cap = crate::keys::evaluate(&self.cfg, k, &before, now).capacity;
+        self.key_changed(h, k, format!("{}/{}", before.effective(now).as_str(), cap.as_str()), &after, now);
+        // Recorded: the attempt's own record at its end adds no transition.
+        self.probe = false;
+    }
+
+    /// A change of key `k` (now `after`, before `from`): the transition ring,
+    /// with a probe named as such, and the key's gauges.
+    fn key_changed(&self, h: &dyn Host, k: usize, from: String, after: &crate::key_record::KeyRecord, now: u64) {
+        let Some(key) = self.cfg.keys.get(k) else { return };
+        let e = crate::keys::evaluate(&self.cfg, k, after, now);
+        let by = if self.probe { "half-open probe: provider answered" } else { "provider answered" };
         let t = crate::transition::Transition {
             time_ms: now,
             kind: "key".into(),
             id: key.id.clone(),
-            from: format!("{}/{}", before.effective(now).as_str(), cap(&before).as_str()),
-            to: format!("{}/{}", after.effective(now).as_str(), cap(&after).as_str()),
-            reason: format!("half-open probe: provider answered {}", self.status),
+            from,
+            to: format!("{}/{}", after.effective(now).as_str(), e.capacity.as_str()),
+            reason: format!("{by} {}", self.status),
             seq: 0,
         };
         crate::transition::record(h.store(), self.cfg.max_transitions, t);
         let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
-        let e = crate::keys::evaluate(&self.cfg, k, &after, now);
         for (name, value) in metrics::key_gauges(pid, &key.id, &e, after.effective(now)) {
             h.gauge(&name, value);
         }

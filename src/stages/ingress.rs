@@ -97,6 +97,16 @@ impl Ingress {
         self.admission.client.and_then(|c| self.cfg.clients.get(c))
     }
 
+    /// The caller as admission sees it: its client, team and cost cap.
+    fn caller(&self) -> Caller<'_> {
+        let client = self.client();
+        Caller {
+            client: client.map(|c| c.id.as_str()),
+            team: client.and_then(|c| c.team.as_deref()),
+            max_cost_per_request: client.and_then(|c| c.policy.max_cost_per_request),
+        }
+    }
+
     /// Hands what this stage decided, with the request's reservation, to
     /// the attempts: once, as it lets the request go. Without a flight the
     /// reservation is released at once.
@@ -126,12 +136,7 @@ impl Ingress {
     /// estimate against every budget that applies; refuses when a hard
     /// budget has no room. Returns the refusal to send, if any.
     fn admit(&mut self, h: &dyn Host, info: &request::RequestInfo, now: u64) -> Option<reply::Reply> {
-        let client = self.client();
-        let caller = Caller {
-            client: client.map(|c| c.id.as_str()),
-            team: client.and_then(|c| c.team.as_deref()),
-            max_cost_per_request: client.and_then(|c| c.policy.max_cost_per_request),
-        };
+        let caller = self.caller();
         let plan = match admission::plan(&self.cfg, self.admission.provider, info, &caller) {
             Ok(p) => p,
             Err(r) => return Some(r),
@@ -300,12 +305,7 @@ impl Ingress {
         if p.keys.iter().all(|&k| cfg.keys.get(k).is_none_or(|key| key.budgets.is_empty())) {
             return None;
         }
-        let client = self.client();
-        let caller = Caller {
-            client: client.map(|c| c.id.as_str()),
-            team: client.and_then(|c| c.team.as_deref()),
-            max_cost_per_request: client.and_then(|c| c.policy.max_cost_per_request),
-        };
+        let caller = self.caller();
         // A plan this provider refuses is refused, with its reason, later.
         let plan = admission::plan(cfg, provider, info, &caller).ok()?;
         let mut routing = self.routing.try_borrow_mut().ok()?;
