@@ -802,7 +802,9 @@ impl Attempt {
                     h.reply(&r, self.id);
                     return Next::Pause;
                 };
-                r.headers.push(("x-apikeyrouter-attempts", attempt.to_string()));
+                if self.cfg.decisions.headers != RoutingHeaders::Off {
+                    r.headers.push(("x-apikeyrouter-attempts", attempt.to_string()));
+                }
                 if let Some(d) = why.decision {
                     if self.cfg.decisions.header {
                         r.headers.push(("x-apikeyrouter-decision", d.summary(&self.cfg)));

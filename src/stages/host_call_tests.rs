@@ -156,3 +156,20 @@ fn route_objectives_and_access_log_state_cost_a_host_call_each_only_when_asked_f
     assert_eq!(with(r#""routing":{"route_objectives":true}"#), (21, Some(2), Some(1)));
     assert_eq!(with(r#""access_log_state":true"#), (21, Some(1), Some(2)));
 }
+
+#[test]
+fn with_routing_headers_off_the_attempt_stages_own_429_carries_none_either() {
+    let gw = Gateway::new(&DEFAULTS.replace("]}]}", r#"]}],"decisions":{"header":"none"}}"#));
+    let mut x = gw.chat(CHAT);
+    x.send_request(usize::MAX, false);
+    for _ in 0..2 {
+        x.attempt(&gw.attempt);
+        x.upstream_headers(429, &[("retry-after", "30")], true);
+        x.attempt_done();
+    }
+    x.attempt(&gw.attempt);
+    let sent = x.attempts[2].1.sent.borrow().clone().unwrap_or_else(|| panic!("no local reply"));
+    assert_eq!(sent.status, 429);
+    let ours: Vec<&String> = sent.headers.iter().map(|(k, _)| k).filter(|k| k.starts_with("x-apikeyrouter-")).collect();
+    assert!(ours.is_empty(), "{ours:?}");
+}
