@@ -34,12 +34,6 @@ struct Envoy {
     now_ns: std::cell::Cell<u64>,
 }
 
-impl Envoy {
-    fn new() -> Envoy {
-        Envoy::default()
-    }
-}
-
 fn map(m: Map) -> u32 {
     match m {
         Map::RequestHeaders => abi::REQUEST_HEADERS,
@@ -144,7 +138,7 @@ struct RootCtx {
 impl Context for RootCtx {
     fn on_http_call_response(&mut self, token: u32, n_headers: usize, body_size: usize, _n_trailers: usize) {
         if let Some(r) = self.root.as_mut() {
-            r.on_call_response(&Envoy::new(), token, n_headers, body_size);
+            r.on_call_response(&Envoy::default(), token, n_headers, body_size);
         }
     }
 }
@@ -153,18 +147,18 @@ impl RootContext for RootCtx {
     fn on_tick(&mut self) {
         metrics::flush();
         if let Some(r) = self.root.as_mut() {
-            r.tick(&Envoy::new());
+            r.tick(&Envoy::default());
         }
     }
 
     fn on_configure(&mut self, _size: usize) -> bool {
-        let root_id = Envoy::new().property_string(&["plugin_root_id"]).unwrap_or_default();
+        let root_id = Envoy::default().property_string(&["plugin_root_id"]).unwrap_or_default();
         let me = {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new().build_hasher().finish()
         };
         let flights = FLIGHTS.with(|f| f.clone());
-        match Root::configure(&Envoy::new(), &root_id, &|name| std::env::var(name).ok(), flights, me) {
+        match Root::configure(&Envoy::default(), &root_id, &|name| std::env::var(name).ok(), flights, me) {
             Ok(root) => {
                 self.root = Some(root);
                 true
@@ -196,7 +190,7 @@ struct Http(Request);
 impl Context for Http {
     fn on_done(&mut self) -> bool {
         if let Request::Attempt(a) = &mut self.0 {
-            a.on_done(&Envoy::new());
+            a.on_done(&Envoy::default());
         }
         true
     }
@@ -205,42 +199,42 @@ impl Context for Http {
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         action(match &mut self.0 {
-            Request::Ingress(i) => i.on_request_headers(&Envoy::new(), end_of_stream),
-            Request::Attempt(a) => a.on_request_headers(&Envoy::new()),
+            Request::Ingress(i) => i.on_request_headers(&Envoy::default(), end_of_stream),
+            Request::Attempt(a) => a.on_request_headers(&Envoy::default()),
         })
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         action(match &mut self.0 {
-            Request::Ingress(i) => i.on_request_body(&Envoy::new(), size, end_of_stream),
+            Request::Ingress(i) => i.on_request_body(&Envoy::default(), size, end_of_stream),
             Request::Attempt(_) => Next::Continue,
         })
     }
 
     fn on_http_request_trailers(&mut self, _n: usize) -> Action {
         action(match &mut self.0 {
-            Request::Ingress(i) => i.on_request_trailers(&Envoy::new()),
+            Request::Ingress(i) => i.on_request_trailers(&Envoy::default()),
             Request::Attempt(_) => Next::Continue,
         })
     }
 
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         action(match &mut self.0 {
-            Request::Ingress(i) => i.on_response_headers(&Envoy::new(), end_of_stream),
-            Request::Attempt(a) => a.on_response_headers(&Envoy::new(), end_of_stream),
+            Request::Ingress(i) => i.on_response_headers(&Envoy::default(), end_of_stream),
+            Request::Attempt(a) => a.on_response_headers(&Envoy::default(), end_of_stream),
         })
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         action(match &mut self.0 {
-            Request::Ingress(i) => i.on_response_body(&Envoy::new(), end_of_stream),
-            Request::Attempt(a) => a.on_response_body(&Envoy::new(), size, end_of_stream),
+            Request::Ingress(i) => i.on_response_body(&Envoy::default(), end_of_stream),
+            Request::Attempt(a) => a.on_response_body(&Envoy::default(), size, end_of_stream),
         })
     }
 
     fn on_log(&mut self) {
         if let Request::Ingress(i) = &mut self.0 {
-            i.on_log(&Envoy::new());
+            i.on_log(&Envoy::default());
         }
     }
 }
@@ -251,7 +245,7 @@ impl Context for Unconfigured {}
 
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        Envoy::new()
+        Envoy::default()
             .reply(&crate::reply::error(503, "api_error", "not_configured", "apikeyrouter is not configured."), self.0);
         Action::Pause
     }

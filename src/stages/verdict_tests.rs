@@ -75,6 +75,17 @@ fn bad_key_answer(gw: &Gateway) {
     x.finish();
 }
 
+/// k1 answers a bad-key 401; past the probe time, the next request's first
+/// attempt probes it.
+fn probe_of_a_bad_key(gw: &Gateway) -> Exchange {
+    bad_key_answer(gw);
+    gw.world.advance(61_000);
+    let mut probe = chat(gw);
+    probe.attempt(&gw.attempt);
+    assert_eq!(key_of(&probe).as_deref(), Some("Bearer sk-one"));
+    probe
+}
+
 fn key_of(x: &Exchange) -> Option<String> {
     let (_, up) = x.attempts.last()?;
     up.get(Map::RequestHeaders, "authorization")
@@ -233,11 +244,7 @@ fn a_disabled_key_gets_one_probe_after_the_probe_time_and_serves_again_on_succes
 #[test]
 fn a_failed_probe_keeps_the_key_disabled_until_the_next_probe_time() {
     let gw = Gateway::new(&config());
-    bad_key_answer(&gw);
-    gw.world.advance(61_000);
-    let mut probe = chat(&gw);
-    probe.attempt(&gw.attempt);
-    assert_eq!(key_of(&probe).as_deref(), Some("Bearer sk-one"));
+    let mut probe = probe_of_a_bad_key(&gw);
     let (verdict, _) = answer(&mut probe, 401, INVALID_KEY);
     assert_eq!(verdict.as_deref(), Some("another-key"), "the caller is served by another key");
     probe.attempt_done();
@@ -318,11 +325,7 @@ fn a_request_probes_at_most_one_disabled_key_and_only_on_its_first_attempt() {
 #[test]
 fn a_probe_answered_with_the_callers_own_400_brings_the_key_back() {
     let gw = Gateway::new(&config());
-    bad_key_answer(&gw);
-    gw.world.advance(61_000);
-    let mut probe = chat(&gw);
-    probe.attempt(&gw.attempt);
-    assert_eq!(key_of(&probe).as_deref(), Some("Bearer sk-one"));
+    let mut probe = probe_of_a_bad_key(&gw);
     let (verdict, _) =
         answer(&mut probe, 400, r#"{"error":{"message":"bad messages","type":"invalid_request_error","code":null}}"#);
     assert_eq!(verdict, None);
