@@ -8,6 +8,8 @@ design's management API forms, through real Envoy:
   and say which quota;
 - wrong admin tokens that throttle the management API do not throttle the
   probe, and the probe says nothing but its status;
+- in fleet mode the probe says `degraded` (still 200) while etcd cannot be
+  reached, and `healthy` again once it can;
 - under the design's `/api/v1/` prefix (and its `/health`): `POST keys`
   without an id and with `provider_id`, `PATCH` to `throttled` without a
   duration, `GET state`'s quota-exhausted count and total spend without any
@@ -18,8 +20,9 @@ import json
 import time
 from decimal import Decimal
 
-from harness import (ADMIN_TOKEN, DEMO_KEYS, PRICES, chat, expected_spend, http, plugin_with_keys, secrets, sha256_hex,
-                     wait_recorded, wait_until)
+from harness import (ADMIN_TOKEN, DEMO_KEYS, PRICES, Etcd, chat, expected_spend, http, plugin_with_keys, secrets,
+                     sha256_hex, wait_recorded, wait_until)
+from test_fleet import fleet_plugin, health, with_etcd
 
 APP_KEY = "vk-probe-app-0123456789"
 APP = {"authorization": f"Bearer {APP_KEY}"}
@@ -116,6 +119,23 @@ def test_the_probe_answers_while_wrong_tokens_have_throttled_the_admin_api(mock,
     # Nor does the probe leak: no version, key ids or material.
     text = http("GET", e.url + "/healthz")[2].decode()
     assert text == '{"status":"healthy"}'
+
+
+def test_in_fleet_mode_the_probe_is_degraded_while_etcd_is_unreachable(mock3, start_envoy):
+    with Etcd() as etcd:
+        plugin = fleet_plugin(secrets(3))
+        plugin["admin"]["probe_path"] = "/healthz"
+        e = start_envoy(mock3, plugin=plugin, edit=with_etcd(etcd, "gw-1"))
+        wait_until(lambda: health(e)["fleet"]["syncs"] > 0, timeout=10, what="a first sync with etcd")
+        assert probe(e)[::2] == (200, {"status": "healthy"})
+        etcd.kill()
+        # Unreachable past degraded_after_ms (1 s): degraded, still serving.
+        wait_until(lambda: probe(e)[2] == {"status": "degraded"}, timeout=10, what="the probe degraded")
+        assert probe(e)[0] == 200
+        assert health(e)["status"] == "degraded"
+        assert chat(e.url)[0] == 200
+        etcd.start()
+        wait_until(lambda: probe(e)[2] == {"status": "healthy"}, timeout=20, what="the probe healthy again")
 
 
 RUNTIME_MATERIAL = "sk-your-openai-key"
