@@ -89,10 +89,11 @@ fn health_status(serving: bool, degraded: bool) -> &'static str {
 }
 
 /// Fleet mode's sync status, and whether the instance is degraded: the
-/// sync says so (no sync succeeded for `fleet.degraded_after_ms`), or its
-/// status is stale: no sync succeeded for that long plus one interval and
-/// one call's timeout, though none was recorded as failing (a sync that
-/// stopped running reports nothing). `None` without fleet mode.
+/// sync says so (it failed, and none succeeded for
+/// `fleet.degraded_after_ms`), or its status is stale: no sync succeeded for
+/// that long plus one interval and one call's timeout, whatever the status
+/// says (a sync that stopped running records nothing). `None` without
+/// fleet mode.
 fn fleet_state(cfg: &Config, store: &dyn Store, now_ms: u64) -> Option<(crate::fleet::Status, bool)> {
     let f = cfg.fleet.as_ref()?;
     let status = crate::fleet::Status::decode(store.value(crate::fleet::STATUS_KEY).as_deref());
