@@ -13,6 +13,7 @@ import pytest
 
 from harness import (ADMIN_TOKEN, ROOT, chat, distinct_ports, http, listener, secrets, shipped_on_loopback,
                      shipped_text, wait_until, wasm_filter_configs)
+from test_shipped_configs import health_port
 
 SHIPPED = ROOT / "envoy" / "openai.yaml"
 CLIENT_KEY = "vk-openai-yaml-client-0123456789"
@@ -137,19 +138,10 @@ def test_both_listeners_share_keys_budgets_and_decisions(shipped_gateway, mock3)
     assert used == {"openai-2", "openai-3"}, used
 
 
-def health_listener(e):
-    """The URL of the shipped health listener (its port is picked at run time)."""
-    status, _, body = http("GET", e.admin_url + "/listeners?format=json")
-    assert status == 200, body
-    [port] = [l["local_address"]["socket_address"]["port_value"] for l in json.loads(body)["listener_statuses"]
-              if l["name"] == "health"]
-    return f"http://127.0.0.1:{port}"
-
-
 def test_the_readiness_probe_reaches_only_the_filters_health_probe_and_is_503_while_no_key_can_serve(
         shipped_gateway, mock3):
     e, management, keys = shipped_gateway
-    health = health_listener(e)
+    health = f"http://127.0.0.1:{health_port(e)}"
 
     def probe():
         status, _, body = http("GET", health + "/apikeyrouter/health")
