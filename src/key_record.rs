@@ -1,15 +1,18 @@
 //! Per-key state as a fixed-width, versioned record in shared data.
 //!
-//! Layout (little-endian), version 3, [`KeyRecord::LEN`] bytes:
+//! Layout (little-endian), version 4, [`KeyRecord::LEN`] bytes:
 //! `version:u8 state:u8 reason:u8 capacity:u8`, then [`N_WORDS`] `u64`
-//! words in the order of [`KeyRecord::words`]. Version 2 records (the first
-//! 34 words) are read with the later words at zero; records of another
-//! version are refused by [`KeyRecord::decode`]; callers treat them as fresh.
+//! words in the order of [`KeyRecord::words`]; the last two hold `spent`,
+//! a `Decimal` in its 16-byte serialization. Version 3 records (the first 38
+//! words) and version 2 records (the first 34) are read with the later words
+//! at zero; records of another version are refused by
+//! [`KeyRecord::decode`]; callers treat them as fresh.
 
 use crate::codec::{Reader, Writer};
 use crate::ratelimit::{parse_duration, Signals};
 use crate::usage::Usage;
 use crate::window::{self, Window};
+use rust_decimal::Decimal;
 use std::fmt;
 
 /// The administrative state of a key. "Throttled" is not stored: it is
@@ -230,18 +233,24 @@ pub struct KeyRecord {
     pub fleet_day_tokens: u64,
     pub fleet_month_start_ms: u64,
     pub fleet_month_tokens: u64,
+    /// What this key's answers cost in this process, exactly (the price
+    /// table or the key's own price; unpriced answers add nothing).
+    pub spent: Decimal,
 }
 
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 /// Version 2 records: the words before `fleet_day_start_ms`.
 const V2_WORDS: usize = 34;
-pub const N_WORDS: usize = 38;
+/// Version 3 records: the words before `spent`.
+const V3_WORDS: usize = 38;
+pub const N_WORDS: usize = 40;
 
 impl KeyRecord {
     pub const LEN: usize = 4 + 8 * N_WORDS;
 
     fn words(&self) -> [u64; N_WORDS] {
         let p = &self.provider;
+        let (spent_lo, spent_hi) = decimal_words(self.spent);
         [
             self.cooldown_until_ms,
             self.exhausted_until_ms,
@@ -281,6 +290,8 @@ impl KeyRecord {
             self.fleet_day_tokens,
             self.fleet_month_start_ms,
             self.fleet_month_tokens,
+            spent_lo,
+            spent_hi,
         ]
     }
 
@@ -298,6 +309,7 @@ impl KeyRecord {
         let version = r.u8().ok_or(DecodeError::TooShort)?;
         let n_words = match version {
             VERSION => N_WORDS,
+            3 => V3_WORDS,
             2 => V2_WORDS,
             _ => return Err(DecodeError::UnknownVersion(version)),
         };
@@ -353,6 +365,7 @@ impl KeyRecord {
             fleet_day_tokens: w[35],
             fleet_month_start_ms: w[36],
             fleet_month_tokens: w[37],
+            spent: words_decimal(w[38], w[39]),
         })
     }
 
@@ -451,6 +464,23 @@ impl KeyRecord {
     }
 }
 
+/// A `Decimal`'s 16-byte serialization as two little-endian words.
+fn decimal_words(d: Decimal) -> (u64, u64) {
+    let b = d.serialize();
+    let mut lo = [0u8; 8];
+    let mut hi = [0u8; 8];
+    lo.copy_from_slice(&b[..8]);
+    hi.copy_from_slice(&b[8..]);
+    (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
+}
+
+fn words_decimal(lo: u64, hi: u64) -> Decimal {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&lo.to_le_bytes());
+    b[8..].copy_from_slice(&hi.to_le_bytes());
+    Decimal::deserialize(b)
+}
+
 /// How one upstream attempt ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Outcome {
@@ -460,6 +490,8 @@ pub struct Outcome {
     pub stream: bool,
     /// Time to first byte, when a response arrived.
     pub latency_us: Option<u64>,
+    /// What the answer costs, when it is charged and priced.
+    pub cost: Option<Decimal>,
 }
 
 impl KeyRecord {
@@ -491,6 +523,9 @@ impl KeyRecord {
         }
         if o.stream {
             self.streams = self.streams.saturating_add(1);
+        }
+        if let Some(c) = o.cost.filter(|c| *c > Decimal::ZERO) {
+            self.spent = self.spent.checked_add(c).unwrap_or(Decimal::MAX);
         }
         if let Some(l) = o.latency_us {
             self.latency_us =
@@ -562,6 +597,7 @@ mod tests {
             fleet_day_tokens: 34,
             fleet_month_start_ms: 35,
             fleet_month_tokens: 36,
+            spent: Decimal::new(12_345, 4),
         }
     }
 
@@ -580,10 +616,35 @@ mod tests {
         "23000000000000002400000000000000",
     );
 
+    /// `full()` as version 4 bytes: version 3's words, then `spent`
+    /// (1.2345: scale 4 in the flags, 12345 in the low word).
+    fn full_v4() -> String {
+        format!("04{}{}", &FULL_V3[2..], "0000040039300000 0000000000000000")
+    }
+
     #[test]
     fn record_bytes_are_pinned() {
-        let b = crate::codec::pinned(&full().encode(), FULL_V3);
+        let b = crate::codec::pinned(&full().encode(), &full_v4().replace(' ', ""));
         assert_eq!(KeyRecord::decode(&b), Ok(full()));
+    }
+
+    #[test]
+    fn version_3_records_read_with_nothing_spent() {
+        let b = crate::codec::unhex(FULL_V3);
+        assert_eq!(KeyRecord::decode(&b), Ok(KeyRecord { spent: Decimal::ZERO, ..full() }));
+    }
+
+    #[test]
+    fn charged_answers_add_their_exact_cost_and_others_nothing() {
+        let mut r = KeyRecord::default();
+        let charged = |c: &str| Outcome { status: 200, cost: c.parse().ok(), ..Outcome::default() };
+        r.record(&charged("0.000150"), 0, 60_000);
+        r.record(&charged("0.1"), 0, 60_000);
+        r.record(&Outcome { status: 429, ..Outcome::default() }, 0, 60_000);
+        r.record(&charged("-5"), 0, 60_000);
+        assert_eq!(r.spent.to_string(), "0.100150");
+        let back = KeyRecord::decode(&r.encode()).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(back.spent.to_string(), "0.100150");
     }
 
     #[test]
@@ -594,6 +655,7 @@ mod tests {
         b.truncate(4 + 8 * V2_WORDS);
         // Word 33 was spare (zero) in version 2; it now holds state_at_ms.
         let old = KeyRecord {
+            spent: Decimal::ZERO,
             fleet_day_start_ms: 0,
             fleet_day_tokens: 0,
             fleet_month_start_ms: 0,
@@ -658,7 +720,7 @@ mod tests {
     fn outcomes_land_in_their_status_class() {
         let mut r = KeyRecord::default();
         let u = Some(Usage { input: 3, output: 4, total: 7, ..Usage::default() });
-        r.record(&Outcome { status: 200, usage: u, stream: true, latency_us: Some(1000) }, 0, 60_000);
+        r.record(&Outcome { status: 200, usage: u, stream: true, latency_us: Some(1000), cost: None }, 0, 60_000);
         r.record(&Outcome { status: 429, ..Outcome::default() }, 0, 60_000);
         r.record(&Outcome { status: 404, ..Outcome::default() }, 0, 60_000);
         r.record(&Outcome { status: 503, ..Outcome::default() }, 0, 60_000);

@@ -80,29 +80,38 @@ pub enum RegistryError {
     Busy,
 }
 
-/// Parses a `POST keys` body: `{"id", "provider" (or "provider_id"),
-/// "key_material" (or "secret"), "weight", "metadata"}`.
+/// Parses a `POST keys` body: `{"id", "provider" (or the original
+/// design's "provider_id"), "key_material" (or "secret"), "weight",
+/// "metadata"}`. Without an `id` (or with `"id": null`) the key gets
+/// [`generated_id`].
 pub fn parse_new_key(body: &[u8], base: &Config) -> Result<RuntimeKey, RegistryError> {
     let invalid = |f: &str, r: &str| RegistryError::Invalid(f.to_string(), r.to_string());
     let v: Value = serde_json::from_slice(body).map_err(|e| invalid("(body)", &format!("not valid JSON: {e}")))?;
     let Value::Object(mut o) = v else { return Err(invalid("(body)", "expected a JSON object")) };
-    let mut take_str = |names: &[&str]| names.iter().find_map(|n| o.remove(*n)).map(|v| v.as_str().map(str::to_string));
-    let id = match take_str(&["id"]) {
-        Some(Some(id)) => id,
-        _ => return Err(invalid("id", "required, a string")),
+    // A field given as null is a field not given.
+    let mut take_str = |name: &str| o.remove(name).filter(|v| !v.is_null()).map(|v| v.as_str().map(str::to_string));
+    let id = match take_str("id") {
+        None => None,
+        Some(Some(id)) => Some(id),
+        Some(None) => return Err(invalid("id", "a string, or left out to have one generated")),
     };
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(invalid("id", "must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'"));
+    if let Some(id) = &id {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(invalid("id", "must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'"));
+        }
     }
-    let provider = match take_str(&["provider", "provider_id"]) {
-        Some(Some(p)) => p,
-        None if base.providers.len() == 1 => base.providers[0].id.clone(),
-        _ => return Err(invalid("provider", "required, the id of a configured provider")),
+    let provider = match (take_str("provider"), take_str("provider_id")) {
+        (Some(Some(a)), Some(Some(b))) if a != b => {
+            return Err(invalid("provider_id", "names another provider than provider; give one of the two"))
+        }
+        (Some(Some(p)), _) | (None, Some(Some(p))) => p,
+        (None, None) if base.providers.len() == 1 => base.providers[0].id.clone(),
+        _ => return Err(invalid("provider", "required (or provider_id), the id of a configured provider")),
     };
     if base.provider_by_id(&provider).is_none() {
         return Err(invalid("provider", &format!("no provider with id {provider:?}")));
     }
-    let secret = match take_str(&["key_material", "secret"]) {
+    let secret = match take_str("key_material").or_else(|| take_str("secret")) {
         Some(Some(s)) if !s.is_empty() && s.bytes().all(|b| (0x21..0x7f).contains(&b)) => s,
         _ => return Err(invalid("key_material", "required: printable ASCII without spaces")),
     };
@@ -121,7 +130,20 @@ pub fn parse_new_key(body: &[u8], base: &Config) -> Result<RuntimeKey, RegistryE
     if let Some(unknown) = o.keys().next() {
         return Err(invalid(unknown, "unknown field"));
     }
+    let id = id.unwrap_or_else(|| generated_id(&provider, &secret));
     Ok(RuntimeKey { id, provider, secret, weight, metadata, deleted: false })
+}
+
+/// The id of a key registered without one: its provider's id (cut to 51
+/// characters) and the 12 hex digits of its fingerprint, e.g.
+/// `openai-3f2a9c1b7d4e`. Nothing secret: the fingerprint is what the admin
+/// API already shows of every key. Unique as the material is: registering
+/// the same material twice is refused (409) rather than adding a duplicate.
+pub fn generated_id(provider: &str, secret: &str) -> String {
+    let fp = fingerprint(secret);
+    let hex = fp.strip_prefix("sha256:").unwrap_or(&fp);
+    let head: String = provider.chars().take(51).collect();
+    format!("{head}-{hex}")
 }
 
 /// Adds a key to the registry, refusing a taken id.
@@ -297,8 +319,9 @@ mod tests {
         for (body, field) in [
             (&b"{"[..], "(body)"),
             (b"[]", "(body)"),
-            (br#"{"secret":"sk"}"#, "id"),
+            (br#"{"id":7,"secret":"sk"}"#, "id"),
             (br#"{"id":"a b","secret":"sk"}"#, "id"),
+            (br#"{"id":"r","provider":"p","provider_id":"q","secret":"sk"}"#, "provider_id"),
             (br#"{"id":"r","provider":"nope","secret":"sk"}"#, "provider"),
             (br#"{"id":"r"}"#, "key_material"),
             (br#"{"id":"r","secret":"has space"}"#, "key_material"),

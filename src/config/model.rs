@@ -251,6 +251,9 @@ pub struct Admin {
     pub token_sha256: Option<[u8; 32]>,
     /// SHA-256 of the read-only token (`GET`s only), if one is configured.
     pub read_token_sha256: Option<[u8; 32]>,
+    /// The unauthenticated health probe's exact path (`admin.probe_path`),
+    /// served even when the management API itself is off.
+    pub probe_path: Option<String>,
 }
 
 /// What a provider response does to the key that got it.
@@ -383,6 +386,7 @@ impl fmt::Debug for Admin {
             .field("prefix", &self.prefix)
             .field("token_sha256", &self.token_sha256.as_ref().map(|_| "<redacted>"))
             .field("read_token_sha256", &self.read_token_sha256.as_ref().map(|_| "<redacted>"))
+            .field("probe_path", &self.probe_path)
             .finish()
     }
 }

@@ -311,6 +311,8 @@ impl Attempt {
             usage: self.usage,
             stream: matches!(self.body, Body::Sse(_)),
             latency_us: self.latency_us,
+            // What close_books charges to budgets: the same exact amount.
+            cost: self.charge().and_then(|c| c.cost),
         };
         let signals = Signals::from_headers(&self.signals);
         let (r, stats) = record_attempt(h.store(), &self.cfg, k, &outcome, Some(&signals), action, now);

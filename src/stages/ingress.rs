@@ -538,6 +538,16 @@ impl Ingress {
                 Err(r) => return self.reply(h, &r),
             }
         }
+        // The health probe takes no token: answered before any
+        // authentication, it is never charged to the admin failure budget.
+        if admin::is_probe_path(&self.cfg, &self.path) {
+            // Runtime keys count too: the latest key table.
+            if let Ok(mut routing) = self.routing.try_borrow_mut() {
+                self.cfg = routing.refresh(h, now);
+            }
+            let r = admin::probe(&self.cfg, h.store(), method, now);
+            return self.reply(h, &r);
+        }
         if admin::is_admin_path(&self.cfg, &self.path) {
             let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
             let pending = PendingAdmin {

@@ -161,6 +161,7 @@ fn admin(root: &mut Obj, env: Env<'_>) -> Result<Admin, ConfigError> {
             prefix: DEFAULT_ADMIN_PREFIX.to_string(),
             token_sha256: None,
             read_token_sha256: None,
+            probe_path: None,
         });
     };
     let enabled = a.opt_bool("enabled")?.unwrap_or(true);
@@ -183,9 +184,25 @@ fn admin(root: &mut Obj, env: Env<'_>) -> Result<Admin, ConfigError> {
     if read_token.is_some() && read_token == token {
         return Err(err(&a.field("read_token_env"), "must hold another token than token_env"));
     }
+    let probe_path = a.opt_str("probe_path")?;
+    if let Some(p) = &probe_path {
+        let well_formed = p.len() >= 2
+            && p.len() <= 256
+            && p.starts_with('/')
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b));
+        if !well_formed {
+            return Err(err(
+                &a.field("probe_path"),
+                "must be a path of 2-256 characters starting with '/' (A-Z a-z 0-9 / - _ . ~), e.g. \"/healthz\"",
+            ));
+        }
+        if p.starts_with("/v1/") || p.starts_with(prefix.as_str()) {
+            return Err(err(&a.field("probe_path"), "must not be under /v1/ (the OpenAI API) or under admin.prefix"));
+        }
+    }
     a.finish()?;
     let digest = |t: Option<String>| t.map(|t| crate::crypto::sha256(t.as_bytes()));
-    Ok(Admin { enabled, prefix, token_sha256: digest(token), read_token_sha256: digest(read_token) })
+    Ok(Admin { enabled, prefix, token_sha256: digest(token), read_token_sha256: digest(read_token), probe_path })
 }
 
 /// An admin token from the environment variable `name`: at least 16
@@ -495,7 +512,19 @@ mod tests {
         assert!(!c.inject_stream_usage);
         assert!(c.admin.enabled);
         assert_eq!(c.admin.prefix, "/akr/");
+        assert_eq!(c.admin.probe_path, None, "no probe unless asked for");
         assert_eq!(c.providers[0].keys, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_probe_path_needs_no_management_api() {
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
+          "admin":{"enabled":false,"probe_path":"/healthz"}}"#);
+        assert!(!c.admin.enabled);
+        assert_eq!(c.admin.probe_path.as_deref(), Some("/healthz"));
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
+          "admin":{"prefix":"/api/v1/","token_env":"ADMIN","probe_path":"/health"}}"#);
+        assert_eq!((c.admin.prefix.as_str(), c.admin.probe_path.as_deref()), ("/api/v1/", Some("/health")));
     }
 
     #[test]
@@ -616,6 +645,10 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"NOPE"}}"#.into(), "admin.read_token_env", "NOPE is not set"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"ADMIN"}}"#.into(), "admin.read_token_env", "another token"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"/v1/admin/"}}"#.into(), "admin.prefix", "must not overlap"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","probe_path":"healthz"}}"#.into(), "admin.probe_path", "starting with '/'"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","probe_path":"/healthz?x"}}"#.into(), "admin.probe_path", "starting with '/'"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","probe_path":"/v1/health"}}"#.into(), "admin.probe_path", "must not be under"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","probe_path":"/apikeyrouter/v1/health"}}"#.into(), "admin.probe_path", "must not be under"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"colldown":{}}"#.into(), "colldown", "unknown field"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"x","output":"1"}}}"#.into(), "prices.gpt-4o.input", "decimal"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"1"}}}"#.into(), "prices.gpt-4o.output", "required"),
