@@ -214,6 +214,13 @@ pub struct BudgetRecord {
     /// Fleet mode, while etcd cannot be reached: the fraction of the limit
     /// this instance may spend by itself.
     pub local_share: Option<Decimal>,
+    /// This instance's spend in the current and the previous bucket of
+    /// [`crate::forecast::BUDGET_BUCKET_MS`], and since when it was counted:
+    /// the burn rate's window. Not reset with the budget's window.
+    pub burn_start_ms: u64,
+    pub burn_since_ms: u64,
+    pub burn_spent: Decimal,
+    pub burn_prev_spent: Decimal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,14 +232,14 @@ impl fmt::Display for BadRecord {
     }
 }
 
-const VERSION: u8 = 3;
-/// Version 1 records (no fleet fields) and version 2 (no expiry buckets) are
-/// still read.
+const VERSION: u8 = 4;
+/// Version 1 records (no fleet fields), version 2 (no expiry buckets) and
+/// version 3 (no burn rate) are still read.
 const V1_LEN: usize = 2 + 8 + 16 + 16 + 8 + 8 + 8 + 16;
 const V2_LEN: usize = V1_LEN + 16 + 8 + 1 + 16;
 
 impl BudgetRecord {
-    pub const LEN: usize = V2_LEN + PENDING_SLOTS * (8 + 16 + 4) + 8;
+    pub const LEN: usize = V2_LEN + PENDING_SLOTS * (8 + 16 + 4) + 8 + 8 + 8 + 16 + 16;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Writer::with_capacity(Self::LEN);
@@ -246,6 +253,7 @@ impl BudgetRecord {
             out.u64(p.bucket).decimal(p.amount).u32(p.count);
         }
         out.u64(self.expired);
+        out.u64(self.burn_start_ms).u64(self.burn_since_ms).decimal(self.burn_spent).decimal(self.burn_prev_spent);
         out.finish()
     }
 
@@ -262,6 +270,12 @@ impl BudgetRecord {
                 };
             }
             rec.expired = r.u64().ok_or(BadRecord)?;
+            if version >= 4 {
+                rec.burn_start_ms = r.u64().ok_or(BadRecord)?;
+                rec.burn_since_ms = r.u64().ok_or(BadRecord)?;
+                rec.burn_spent = r.decimal().ok_or(BadRecord)?;
+                rec.burn_prev_spent = r.decimal().ok_or(BadRecord)?;
+            }
         } else if rec.reserved > Decimal::ZERO {
             // Reservations of an older version have no deadline: they expire
             // at the next update.
@@ -315,6 +329,37 @@ impl BudgetRecord {
             *p = Pending::default();
         }
         self
+    }
+
+    /// Counts spend `amount` at `now_ms` in the burn rate's buckets.
+    fn count_burn(&mut self, amount: Decimal, now_ms: u64) {
+        crate::forecast::count(
+            crate::forecast::BUDGET_BUCKET_MS,
+            &mut self.burn_start_ms,
+            &mut self.burn_spent,
+            &mut self.burn_prev_spent,
+            &mut self.burn_since_ms,
+            amount,
+            now_ms,
+        );
+    }
+
+    /// This instance's spend per hour over the last 10 to 20 minutes
+    /// (`None` while less than [`crate::forecast::MIN_SPAN_MS`] was seen).
+    pub fn spend_per_hour(&self, now_ms: u64) -> Option<f64> {
+        use rust_decimal::prelude::ToPrimitive;
+        let f = |d: Decimal| d.to_f64().unwrap_or(0.0);
+        let (cur, prev) = (f(self.burn_spent), f(self.burn_prev_spent));
+        crate::forecast::rate_per_ms(crate::forecast::BUDGET_BUCKET_MS, self.burn_start_ms, cur, prev, self.burn_since_ms, now_ms)
+            .map(|r| r * 3_600_000.0)
+    }
+
+    /// The budget's outlook at `now_ms`: this instance's spend rate, and when
+    /// what remains (fleet spend and reservations counted) runs out at it.
+    pub fn forecast(&self, budget: &Budget, now_ms: u64) -> crate::forecast::BudgetForecast {
+        let spent = self.spent.saturating_add(self.others());
+        let remaining = self.limit(budget).saturating_sub(spent).saturating_sub(self.reserved).max(Decimal::ZERO);
+        crate::forecast::BudgetForecast::new(self.spend_per_hour(now_ms), remaining, budget.resets_at(now_ms))
     }
 
     /// Whether some reservation is past its deadline at `now_ms`.
@@ -577,6 +622,7 @@ fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decima
         if let Some(a) = actual {
             rec.spent += a;
             rec.requests += 1;
+            rec.count_burn(a, now_ms);
         }
         Ok::<_, BadRecord>((rec.spent, rec.encode()))
     });
@@ -779,6 +825,10 @@ mod tests {
             fleet_spent: dec("3.25"),
             fleet_window_ms: 5,
             local_share: Some(dec("0.5")),
+            burn_start_ms: 600_000,
+            burn_since_ms: 0,
+            burn_spent: dec("0.25"),
+            burn_prev_spent: Decimal::ZERO,
         }
     }
 
@@ -812,11 +862,23 @@ mod tests {
         "0300000000000000",                                         // expired
     );
 
+    /// The burn-rate buckets that version 4 adds.
+    const SAMPLE_V4_TAIL: &str = concat!(
+        "c027090000000000",                 // burn_start_ms 600,000
+        "0000000000000000",                 // burn_since_ms
+        "00000200190000000000000000000000", // burn_spent 0.25
+        "00000000000000000000000000000000", // burn_prev_spent
+    );
+
     #[test]
     fn record_bytes_are_pinned() {
-        let v3 = format!("03{}{SAMPLE_V3_TAIL}", &SAMPLE_V2[2..]);
-        let b = crate::codec::pinned(&sample_record().encode(), &v3);
+        let v4 = format!("04{}{SAMPLE_V3_TAIL}{SAMPLE_V4_TAIL}", &SAMPLE_V2[2..]);
+        let b = crate::codec::pinned(&sample_record().encode(), &v4);
         assert_eq!(BudgetRecord::decode(&b), Ok(sample_record()));
+        // Version 3: no burn-rate buckets.
+        let v3 = crate::codec::unhex(&format!("03{}{SAMPLE_V3_TAIL}", &SAMPLE_V2[2..]));
+        let old = BudgetRecord { burn_start_ms: 0, burn_spent: Decimal::ZERO, ..sample_record() };
+        assert_eq!(BudgetRecord::decode(&v3), Ok(old));
     }
 
     #[test]
@@ -828,7 +890,8 @@ mod tests {
         let v2 = crate::codec::unhex(SAMPLE_V2);
         let mut old = [Pending::default(); PENDING_SLOTS];
         old[0] = Pending { bucket: 1, amount: dec("0.5"), count: 1 };
-        let as_v2 = BudgetRecord { pending: old, expired: 0, ..r };
+        let as_v2 =
+            BudgetRecord { pending: old, expired: 0, burn_start_ms: 0, burn_spent: Decimal::ZERO, ..r };
         assert_eq!(BudgetRecord::decode(&v2), Ok(as_v2));
         // A version 1 record (before fleet mode) reads with no fleet state.
         let mut v1 = v2.clone();

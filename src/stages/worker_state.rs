@@ -98,6 +98,14 @@ impl WorkerState {
                     for (name, value) in crate::metrics::key_gauges(pid, &key.id, &e, eff) {
                         h.gauge(&name, value);
                     }
+                    // Only keys with quotas have a runway to show.
+                    if key.limits != crate::quota::Limits::default() {
+                        let r = self.snapshot.records.get(k).copied().unwrap_or_default();
+                        let f = crate::forecast::key(&r, &key.limits, now);
+                        for (name, value) in crate::metrics::key_forecast_gauges(pid, &key.id, &f, now) {
+                            h.gauge(&name, value);
+                        }
+                    }
                 }
             }
         }
