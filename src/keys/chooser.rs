@@ -13,6 +13,7 @@ struct Candidate {
     reliability: f64,
     latency_us: Option<u64>,
     headroom: f64,
+    runway: f64,
 }
 
 /// Chooses keys for one VM: objectives over the eligible keys, with smooth
@@ -167,6 +168,7 @@ impl Chooser {
                 reliability: e.reliability,
                 latency_us: e.latency_us,
                 headroom: e.headroom,
+                runway: e.runway,
             });
         }
         if cands.is_empty() {
@@ -258,6 +260,9 @@ impl Chooser {
             if w(Goal::Headroom) > 0.0 {
                 s += w(Goal::Headroom) * c.headroom;
             }
+            if w(Goal::Runway) > 0.0 {
+                s += w(Goal::Runway) * c.runway;
+            }
             if w(Goal::Fairness) > 0.0 {
                 let f = if fmax > fmin { (self.current[c.key] - fmin) / (fmax - fmin) } else { 1.0 };
                 s += w(Goal::Fairness) * f;
@@ -279,6 +284,7 @@ mod tests {
     use crate::keys::*;
     use crate::objective::*;
     use crate::ratelimit::Signals;
+    use crate::usage::Usage;
 
     #[test]
     fn fairness_spreads_equal_keys_evenly() {
@@ -446,6 +452,42 @@ mod tests {
         };
         recs[1].learn_limits(&s, 0);
         assert_eq!(pick(&mut Chooser::default(), &c, &recs, 1, &obj("headroom")), Some(1));
+    }
+
+    #[test]
+    fn runway_prefers_the_key_whose_quota_lasts_at_its_burn_rate() {
+        let limits = r#","limits":{"daily_tokens":10000}"#;
+        let c = cfg_with(&[limits, limits], "");
+        let day = 20_000 * 86_400_000;
+        let used = |r: &mut KeyRecord, at: u64| {
+            let u = Usage { input: 100, total: 100, ..Usage::default() };
+            r.record(&Outcome { status: 200, usage: Some(u), ..Outcome::default() }, at, 300_000);
+        };
+        // Both have used 2,000 of 10,000 tokens today: key 0 in the last
+        // 20 s, key 1 an hour ago.
+        let mut recs = vec![KeyRecord::default(); 2];
+        for i in 0..20 {
+            used(&mut recs[0], day + 3_600_000 + i * 1_000);
+            used(&mut recs[1], day + i * 1_000);
+        }
+        let now = day + 3_620_000;
+        let headroom = counts_at(&c, &recs, &obj("headroom"), 10, now);
+        assert_eq!(headroom, vec![5, 5], "headroom alone cannot tell them apart");
+        let lasting = obj(r#"{"primary":"headroom","weights":{"headroom":0.5,"runway":0.5}}"#);
+        assert_eq!(counts_at(&c, &recs, &lasting, 10, now), vec![0, 10]);
+        let d = Chooser::default().choose(&c, 0, &mut Snapshot::of(recs.clone()), now, &[], &lasting);
+        assert!(d.is_ok_and(|d| d.margin.is_some_and(|m| m > 0.4)));
+    }
+
+    fn counts_at(c: &Config, recs: &[KeyRecord], o: &Objective, n: usize, now: u64) -> Vec<usize> {
+        let mut ch = Chooser::default();
+        let mut out = vec![0; c.keys.slots()];
+        for _ in 0..n {
+            if let Some(k) = pick(&mut ch, c, recs, now, o) {
+                out[k] += 1;
+            }
+        }
+        out
     }
 
     #[test]
