@@ -863,6 +863,7 @@ mod tests {
                     candidates: 1,
                     excluded: vec![],
                     excluded_total: 0,
+                    basis: None,
                 },
                 charged: None,
                 chain: String::new(),

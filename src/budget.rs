@@ -350,8 +350,15 @@ impl BudgetRecord {
         use rust_decimal::prelude::ToPrimitive;
         let f = |d: Decimal| d.to_f64().unwrap_or(0.0);
         let (cur, prev) = (f(self.burn_spent), f(self.burn_prev_spent));
-        crate::forecast::rate_per_ms(crate::forecast::BUDGET_BUCKET_MS, self.burn_start_ms, cur, prev, self.burn_since_ms, now_ms)
-            .map(|r| r * 3_600_000.0)
+        crate::forecast::rate_per_ms(
+            crate::forecast::BUDGET_BUCKET_MS,
+            self.burn_start_ms,
+            cur,
+            prev,
+            self.burn_since_ms,
+            now_ms,
+        )
+        .map(|r| r * 3_600_000.0)
     }
 
     /// The budget's outlook at `now_ms`: this instance's spend rate, and when
@@ -890,8 +897,7 @@ mod tests {
         let v2 = crate::codec::unhex(SAMPLE_V2);
         let mut old = [Pending::default(); PENDING_SLOTS];
         old[0] = Pending { bucket: 1, amount: dec("0.5"), count: 1 };
-        let as_v2 =
-            BudgetRecord { pending: old, expired: 0, burn_start_ms: 0, burn_spent: Decimal::ZERO, ..r };
+        let as_v2 = BudgetRecord { pending: old, expired: 0, burn_start_ms: 0, burn_spent: Decimal::ZERO, ..r };
         assert_eq!(BudgetRecord::decode(&v2), Ok(as_v2));
         // A version 1 record (before fleet mode) reads with no fleet state.
         let mut v1 = v2.clone();

@@ -132,8 +132,12 @@ pub fn key(r: &KeyRecord, limits: &Limits, now_ms: u64) -> KeyForecast {
     let minute_end = Window::Minute.next_start(now_ms);
     add("rpm", limits.rpm, minute_req, req, minute_end);
     add("tpm", limits.tpm, minute_tok, tok, minute_end);
-    let day = window::current(Window::Day, r.day_start_ms, r.day_tokens, now_ms)
-        .saturating_add(window::current(Window::Day, r.fleet_day_start_ms, r.fleet_day_tokens, now_ms));
+    let day = window::current(Window::Day, r.day_start_ms, r.day_tokens, now_ms).saturating_add(window::current(
+        Window::Day,
+        r.fleet_day_start_ms,
+        r.fleet_day_tokens,
+        now_ms,
+    ));
     add("daily_tokens", limits.daily_tokens, day, tok, Window::Day.next_start(now_ms));
     let month = window::current(Window::Month, r.month_start_ms, r.month_tokens, now_ms)
         .saturating_add(window::current(Window::Month, r.fleet_month_start_ms, r.fleet_month_tokens, now_ms));

@@ -74,7 +74,7 @@ impl Chooser {
         let mut note = |k: usize, why: Exclusion| {
             excluded_total += 1;
             if excluded.len() < MAX_LISTED {
-                excluded.push((k, why));
+                excluded.push((k, why, 0));
             }
         };
         let mut none = view.none.clone();
@@ -139,6 +139,7 @@ impl Chooser {
                     candidates,
                     excluded,
                     excluded_total,
+                    basis: None,
                 }),
                 None => {
                     none.decision = Some(Box::new(Decision::none(objective, excluded, excluded_total)));
@@ -197,14 +198,28 @@ impl Chooser {
         let total: f64 = cands.iter().map(|c| weight(cfg, c.key)).sum();
         let chosen = cands[best].key;
         self.current[chosen] -= total;
+        let c = cands[best];
+        let basis = match objective.primary {
+            Goal::Fairness => None,
+            Goal::Cost => c.price,
+            Goal::Reliability => Some(c.reliability),
+            Goal::Latency => c.latency_us.map(|l| l as f64 / 1000.0),
+            Goal::Headroom => Some(c.headroom),
+            Goal::Runway => Some(c.runway),
+        };
+        // Under fairness alone keys are interchangeable: the spread, not a
+        // score, decides, so no key wins by a margin.
+        let margin =
+            if pure_fairness { runner_up.map(|_| 0.0) } else { runner_up.map(|r| (scores[best] - r).max(0.0)) };
         let decision = Decision {
             objective: objective.label.clone(),
             chosen: Some(chosen),
             score: scores[best],
-            margin: runner_up.map(|r| (scores[best] - r).max(0.0)),
+            margin,
             candidates: cands.len(),
             excluded,
             excluded_total,
+            basis,
         };
         self.cands = cands;
         self.scores = scores;
@@ -324,7 +339,7 @@ mod tests {
         let d = Chooser::default().choose(&c, 0, &mut Snapshot::of(recs.clone()), 0, &[], &Objective::default());
         let Ok(d) = d else { panic!("no key") };
         assert_eq!(d.chosen, Some(2));
-        assert_eq!(d.excluded, vec![(0, Exclusion::Disabled), (1, Exclusion::Exhausted)]);
+        assert_eq!(d.excluded, vec![(0, Exclusion::Disabled, 0), (1, Exclusion::Exhausted, 0)]);
         assert_eq!(d.candidates, 1);
         assert_eq!(d.margin, None);
     }
@@ -413,7 +428,7 @@ mod tests {
         assert_eq!(pick(&mut ch, &c, &recs, 1_000, &obj("reliability")), Some(1));
         let o = obj(r#"{"primary":"fairness","constraints":{"min_reliability":0.95}}"#);
         let d = ch.choose(&c, 0, &mut Snapshot::of(recs.clone()), 1_000, &[], &o);
-        assert_eq!(d.map(|d| (d.chosen, d.excluded)), Ok((Some(1), vec![(0, Exclusion::MinReliability)])));
+        assert_eq!(d.map(|d| (d.chosen, d.excluded)), Ok((Some(1), vec![(0, Exclusion::MinReliability, 0)])));
     }
 
     #[test]
