@@ -10,21 +10,7 @@ import re
 
 from harness import chat, plugin_with_keys, secrets, wait_until
 from test_charging import outcome
-
-
-def decision_record(e, request_id):
-    """The decision record of one request (its serving attempt), once its
-    worker has written it."""
-    found = []
-
-    def written():
-        status, _, body = e.admin_api("GET", "decisions?limit=1000")
-        assert status == 200, body
-        found[:] = [d for d in json.loads(body)["decisions"] if d["request_id"] == request_id]
-        return found
-
-    wait_until(written, what=f"decision record of {request_id}")
-    return max(found, key=lambda d: d["attempt"])
+from test_policy_objectives import decision_record
 
 
 def test_fairness_confidence_grows_with_the_keys_left_and_the_explanation_names_the_rest(mock3, start_envoy):
