@@ -435,7 +435,7 @@ fn budget_json(cfg: &Config, store: &dyn Store, b: &Budget, now_ms: u64) -> Valu
         "spent": show(spent),
         "reserved": show(rec.reserved),
         "reservations_expired": rec.expired,
-        "remaining": show(limit.saturating_sub(spent).saturating_sub(rec.reserved).max(rust_decimal::Decimal::ZERO)),
+        "remaining": show(rec.remaining(b)),
         "requests": rec.requests,
         "refused": rec.refused,
         "window_start": b.window.map(|_| crate::window::rfc3339(rec.window_start_ms)),

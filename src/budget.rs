@@ -214,13 +214,14 @@ pub struct BudgetRecord {
     /// Fleet mode, while etcd cannot be reached: the fraction of the limit
     /// this instance may spend by itself.
     pub local_share: Option<Decimal>,
-    /// This instance's spend in the current and the previous bucket of
-    /// [`crate::forecast::BUDGET_BUCKET_MS`], and since when it was counted:
-    /// the burn rate's window. Not reset with the budget's window.
+    /// This instance's spend in millionths in the current and the previous
+    /// bucket of [`crate::forecast::BUDGET_BUCKET_MS`], and since when it
+    /// was counted: the burn rate's window (an estimate, so rounded to the
+    /// millionth). Not reset with the budget's window.
     pub burn_start_ms: u64,
     pub burn_since_ms: u64,
-    pub burn_spent: Decimal,
-    pub burn_prev_spent: Decimal,
+    pub burn_micros: u64,
+    pub burn_prev_micros: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,7 +240,7 @@ const V1_LEN: usize = 2 + 8 + 16 + 16 + 8 + 8 + 8 + 16;
 const V2_LEN: usize = V1_LEN + 16 + 8 + 1 + 16;
 
 impl BudgetRecord {
-    pub const LEN: usize = V2_LEN + PENDING_SLOTS * (8 + 16 + 4) + 8 + 8 + 8 + 16 + 16;
+    pub const LEN: usize = V2_LEN + PENDING_SLOTS * (8 + 16 + 4) + 8 + 4 * 8;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Writer::with_capacity(Self::LEN);
@@ -253,7 +254,7 @@ impl BudgetRecord {
             out.u64(p.bucket).decimal(p.amount).u32(p.count);
         }
         out.u64(self.expired);
-        out.u64(self.burn_start_ms).u64(self.burn_since_ms).decimal(self.burn_spent).decimal(self.burn_prev_spent);
+        out.u64(self.burn_start_ms).u64(self.burn_since_ms).u64(self.burn_micros).u64(self.burn_prev_micros);
         out.finish()
     }
 
@@ -273,8 +274,8 @@ impl BudgetRecord {
             if version >= 4 {
                 rec.burn_start_ms = r.u64().ok_or(BadRecord)?;
                 rec.burn_since_ms = r.u64().ok_or(BadRecord)?;
-                rec.burn_spent = r.decimal().ok_or(BadRecord)?;
-                rec.burn_prev_spent = r.decimal().ok_or(BadRecord)?;
+                rec.burn_micros = r.u64().ok_or(BadRecord)?;
+                rec.burn_prev_micros = r.u64().ok_or(BadRecord)?;
             }
         } else if rec.reserved > Decimal::ZERO {
             // Reservations of an older version have no deadline: they expire
@@ -332,14 +333,14 @@ impl BudgetRecord {
     }
 
     /// Counts spend `amount` at `now_ms` in the burn rate's buckets.
-    fn count_burn(&mut self, amount: Decimal, now_ms: u64) {
+    fn count_burn(&mut self, micros: u64, now_ms: u64) {
         crate::forecast::count(
             crate::forecast::BUDGET_BUCKET_MS,
             &mut self.burn_start_ms,
-            &mut self.burn_spent,
-            &mut self.burn_prev_spent,
+            &mut self.burn_micros,
+            &mut self.burn_prev_micros,
             &mut self.burn_since_ms,
-            amount,
+            micros,
             now_ms,
         );
     }
@@ -347,9 +348,7 @@ impl BudgetRecord {
     /// This instance's spend per hour over the last 10 to 20 minutes
     /// (`None` while less than [`crate::forecast::MIN_SPAN_MS`] was seen).
     pub fn spend_per_hour(&self, now_ms: u64) -> Option<f64> {
-        use rust_decimal::prelude::ToPrimitive;
-        let f = |d: Decimal| d.to_f64().unwrap_or(0.0);
-        let (cur, prev) = (f(self.burn_spent), f(self.burn_prev_spent));
+        let (cur, prev) = (self.burn_micros as f64 / 1e6, self.burn_prev_micros as f64 / 1e6);
         crate::forecast::rate_per_ms(
             crate::forecast::BUDGET_BUCKET_MS,
             self.burn_start_ms,
@@ -364,9 +363,19 @@ impl BudgetRecord {
     /// The budget's outlook at `now_ms`: this instance's spend rate, and when
     /// what remains (fleet spend and reservations counted) runs out at it.
     pub fn forecast(&self, budget: &Budget, now_ms: u64) -> crate::forecast::BudgetForecast {
+        crate::forecast::BudgetForecast::new(
+            self.spend_per_hour(now_ms),
+            self.remaining(budget),
+            budget.resets_at(now_ms),
+        )
+    }
+
+    /// What is left to spend: the limit less the spend (in fleet mode the
+    /// fleet's) and what is reserved; never below 0.
+    #[inline(never)]
+    pub fn remaining(&self, budget: &Budget) -> Decimal {
         let spent = self.spent.saturating_add(self.others());
-        let remaining = self.limit(budget).saturating_sub(spent).saturating_sub(self.reserved).max(Decimal::ZERO);
-        crate::forecast::BudgetForecast::new(self.spend_per_hour(now_ms), remaining, budget.resets_at(now_ms))
+        self.limit(budget).saturating_sub(spent).saturating_sub(self.reserved).max(Decimal::ZERO)
     }
 
     /// Whether some reservation is past its deadline at `now_ms`.
@@ -629,7 +638,7 @@ fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decima
         if let Some(a) = actual {
             rec.spent += a;
             rec.requests += 1;
-            rec.count_burn(a, now_ms);
+            rec.count_burn(crate::metrics::micros(a), now_ms);
         }
         Ok::<_, BadRecord>((rec.spent, rec.encode()))
     });
@@ -834,8 +843,8 @@ mod tests {
             local_share: Some(dec("0.5")),
             burn_start_ms: 600_000,
             burn_since_ms: 0,
-            burn_spent: dec("0.25"),
-            burn_prev_spent: Decimal::ZERO,
+            burn_micros: 250_000,
+            burn_prev_micros: 0,
         }
     }
 
@@ -871,10 +880,10 @@ mod tests {
 
     /// The burn-rate buckets that version 4 adds.
     const SAMPLE_V4_TAIL: &str = concat!(
-        "c027090000000000",                 // burn_start_ms 600,000
-        "0000000000000000",                 // burn_since_ms
-        "00000200190000000000000000000000", // burn_spent 0.25
-        "00000000000000000000000000000000", // burn_prev_spent
+        "c027090000000000", // burn_start_ms 600,000
+        "0000000000000000", // burn_since_ms
+        "90d0030000000000", // burn_micros 250,000
+        "0000000000000000", // burn_prev_micros
     );
 
     #[test]
@@ -884,7 +893,7 @@ mod tests {
         assert_eq!(BudgetRecord::decode(&b), Ok(sample_record()));
         // Version 3: no burn-rate buckets.
         let v3 = crate::codec::unhex(&format!("03{}{SAMPLE_V3_TAIL}", &SAMPLE_V2[2..]));
-        let old = BudgetRecord { burn_start_ms: 0, burn_spent: Decimal::ZERO, ..sample_record() };
+        let old = BudgetRecord { burn_start_ms: 0, burn_micros: 0, ..sample_record() };
         assert_eq!(BudgetRecord::decode(&v3), Ok(old));
     }
 
@@ -897,7 +906,7 @@ mod tests {
         let v2 = crate::codec::unhex(SAMPLE_V2);
         let mut old = [Pending::default(); PENDING_SLOTS];
         old[0] = Pending { bucket: 1, amount: dec("0.5"), count: 1 };
-        let as_v2 = BudgetRecord { pending: old, expired: 0, burn_start_ms: 0, burn_spent: Decimal::ZERO, ..r };
+        let as_v2 = BudgetRecord { pending: old, expired: 0, burn_start_ms: 0, burn_micros: 0, ..r };
         assert_eq!(BudgetRecord::decode(&v2), Ok(as_v2));
         // A version 1 record (before fleet mode) reads with no fleet state.
         let mut v1 = v2.clone();

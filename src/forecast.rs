@@ -67,7 +67,7 @@ pub fn rate_per_ms(width_ms: u64, start_ms: u64, cur: f64, prev: f64, since_ms: 
 /// Milliseconds until `remaining` is used up at `per_ms`; `None` at a rate
 /// of 0 (it lasts).
 pub fn runway_ms(remaining: f64, per_ms: f64) -> Option<u64> {
-    if !(per_ms > 0.0) || !per_ms.is_finite() {
+    if per_ms.is_nan() || per_ms <= 0.0 || per_ms.is_infinite() {
         return None;
     }
     Some((remaining.max(0.0) / per_ms).min(u64::MAX as f64 / 2.0) as u64)
@@ -248,9 +248,9 @@ pub struct BudgetForecast {
 
 impl BudgetForecast {
     pub fn new(spend_per_hour: Option<f64>, remaining: Decimal, resets_at_ms: Option<u64>) -> BudgetForecast {
-        use rust_decimal::prelude::ToPrimitive;
         let per_ms = spend_per_hour.map(|h| h / 3_600_000.0);
-        let runway_ms = per_ms.and_then(|r| runway_ms(remaining.to_f64().unwrap_or(0.0), r));
+        let remaining = crate::metrics::micros(remaining) as f64 / 1e6;
+        let runway_ms = per_ms.and_then(|r| runway_ms(remaining, r));
         BudgetForecast { spend_per_hour, runway_ms, resets_at_ms }
     }
 
