@@ -296,21 +296,24 @@ impl Stored {
         for (i, (k, why, until)) in d.excluded.iter().enumerate() {
             s.push_str(if i == 0 { "; " } else { ", " });
             s.push_str(id(*k));
-            s.push(' ');
-            let left = (*until > self.at_ms).then(|| duration(until - self.at_ms));
-            match (why, left) {
-                (Exclusion::Throttled, Some(t)) => s.push_str(&format!("cooling {t}")),
-                (Exclusion::Exhausted, Some(t)) => s.push_str(&format!("exhausted for {t}")),
-                (Exclusion::QuotaExhausted, Some(t)) => s.push_str(&format!("quota used up, resets in {t}")),
-                (Exclusion::Throttled, None) => s.push_str("cooling"),
-                (Exclusion::QuotaExhausted, None) => s.push_str("quota used up"),
-                (Exclusion::Critical, _) => s.push_str("quota critical"),
-                (Exclusion::MinReliability, _) => s.push_str("below min_reliability"),
-                (Exclusion::MaxCost, _) => s.push_str("above max_cost_per_1k"),
-                (Exclusion::Tried, _) => s.push_str("already tried"),
-                (Exclusion::BudgetExhausted, _) => s.push_str("its budget has no room"),
-                (Exclusion::Disabled, _) => s.push_str("disabled"),
-                (Exclusion::Exhausted, None) => s.push_str("exhausted"),
+            s.push_str(match why {
+                Exclusion::Throttled => " cooling",
+                Exclusion::Exhausted => " exhausted",
+                Exclusion::QuotaExhausted => " quota used up",
+                Exclusion::Critical => " quota critical",
+                Exclusion::MinReliability => " below min_reliability",
+                Exclusion::MaxCost => " above max_cost_per_1k",
+                Exclusion::Tried => " already tried",
+                Exclusion::BudgetExhausted => " its budget has no room",
+                Exclusion::Disabled => " disabled",
+            });
+            if *until > self.at_ms {
+                s.push_str(match why {
+                    Exclusion::Exhausted => " for ",
+                    Exclusion::QuotaExhausted => ", resets in ",
+                    _ => " ",
+                });
+                s.push_str(&duration(until - self.at_ms));
             }
         }
         let more = d.excluded_total.saturating_sub(d.excluded.len());

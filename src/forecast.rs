@@ -92,18 +92,25 @@ impl QuotaOutlook {
     }
 }
 
-/// A key's burn rates and, per configured quota, its runway.
+/// A key's burn rates and, per configured quota, its runway (held without
+/// allocating: choosing a key evaluates it).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct KeyForecast {
     pub requests_per_minute: Option<f64>,
     pub tokens_per_minute: Option<f64>,
-    pub quotas: Vec<QuotaOutlook>,
+    /// `rpm`, `tpm`, `daily_tokens`, `monthly_tokens`, when configured.
+    quotas: [Option<QuotaOutlook>; 4],
 }
 
 impl KeyForecast {
+    /// The configured quotas' outlooks.
+    pub fn quotas(&self) -> impl Iterator<Item = &QuotaOutlook> {
+        self.quotas.iter().flatten()
+    }
+
     /// The quota that runs out first, before its window resets, if any.
     pub fn first_out(&self, now_ms: u64) -> Option<&QuotaOutlook> {
-        self.quotas.iter().filter(|q| q.runs_out(now_ms)).min_by_key(|q| q.runway_ms)
+        self.quotas().filter(|q| q.runs_out(now_ms)).min_by_key(|q| q.runway_ms)
     }
 }
 
@@ -119,12 +126,13 @@ fn key_rates(r: &KeyRecord, now_ms: u64) -> (Option<f64>, Option<f64>) {
 /// instances spent (fleet mode) count in what remains, not in the rate.
 pub fn key(r: &KeyRecord, limits: &Limits, now_ms: u64) -> KeyForecast {
     let (req, tok) = key_rates(r, now_ms);
-    let mut quotas = Vec::new();
+    let mut quotas = [None; 4];
+    let mut slots = quotas.iter_mut();
     let mut add = |limit: &'static str, cap: Option<u64>, used: u64, rate: Option<f64>, resets_at_ms: u64| {
-        if let Some(cap) = cap {
+        if let (Some(cap), Some(slot)) = (cap, slots.next()) {
             let remaining = cap.saturating_sub(used);
             let runway_ms = rate.and_then(|x| runway_ms(remaining as f64, x));
-            quotas.push(QuotaOutlook { limit, remaining, runway_ms, resets_at_ms });
+            *slot = Some(QuotaOutlook { limit, remaining, runway_ms, resets_at_ms });
         }
     };
     let minute_req = window::current(Window::Minute, r.minute_start_ms, r.minute_requests, now_ms);
@@ -158,8 +166,7 @@ pub fn runway_score(r: &KeyRecord, limits: &Limits, now_ms: u64) -> f64 {
         return 1.0;
     }
     key(r, limits, now_ms)
-        .quotas
-        .iter()
+        .quotas()
         .filter(|q| q.runs_out(now_ms))
         .map(|q| {
             let left = q.resets_at_ms.saturating_sub(now_ms).max(1) as f64;
@@ -214,8 +221,7 @@ impl KeyForecast {
     pub fn to_json(&self, now_ms: u64) -> Value {
         let first = self.first_out(now_ms);
         let quotas: Vec<Value> = self
-            .quotas
-            .iter()
+            .quotas()
             .map(|q| {
                 json!({
                     "limit": q.limit,

@@ -87,9 +87,10 @@ def test_forecasts_match_a_steady_load(start_mock, start_envoy):
     close(b["forecast"]["spend_per_hour"], per_second * 3600, "spend per hour")
     close(b["forecast"]["runway_seconds"], float(Decimal(b["remaining"])) / per_second, "budget runway")
 
-    # The gauges: a key's are written when a worker reloads its snapshot
-    # (here at the last request's choice, before that request was counted);
-    # a budget's on every tick (500 ms).
+    # The gauges: a key's are written when a worker reloads its snapshot, at
+    # most once a second (so at one of the last requests' choices, before
+    # that request was counted: under a steady load the rate then is the
+    # rate at the last one); a budget's on every tick (500 ms).
     (t_last, _, last_tokens) = sent[-1]
     rate_then = (tokens - last_tokens) / (t_last - first)
     p, now = read_at(lambda: prometheus(e))
