@@ -1039,6 +1039,29 @@ mod tests {
     }
 
     #[test]
+    fn settled_spend_gives_the_burn_rate_and_the_runway_of_what_remains() {
+        let s = FakeStore::new();
+        let bs = vec![budget("10.00", Enforcement::Hard, Some(Window::Month))];
+        let t0 = 20_000 * 86_400_000 + 3_600_000;
+        // 0.10 a second for 20 s (21 true-ups, the first at the start).
+        for i in 0..=20 {
+            let a = reserve(&s, &bs, &[0], dec("0.2"), t0 + i * 1000).unwrap_or_else(|r| panic!("{r:?}"));
+            settle(&s, &bs, a.held.held(), dec("0.1"), t0 + i * 1000);
+        }
+        let rec = load(&s, &bs[0], t0 + 20_000);
+        assert_eq!(rec.remaining(&bs[0]), dec("7.9"));
+        let f = rec.forecast(&bs[0], t0 + 20_000);
+        // 2.10 over 20 s: 378 an hour; 7.90 left lasts 75.2 s.
+        assert!(f.spend_per_hour.is_some_and(|h| (h - 378.0).abs() < 1e-6), "{f:?}");
+        assert_eq!(f.runway_ms, Some(75_238));
+        assert!(f.runs_out(t0 + 20_000) && f.gauge(t0 + 20_000) == 75);
+        // Idle for two buckets: the rate is 0 and it lasts.
+        let later = load(&s, &bs[0], t0 + 1_300_000).forecast(&bs[0], t0 + 1_300_000);
+        assert_eq!((later.spend_per_hour, later.runway_ms), (Some(0.0), None));
+        assert_eq!(later.gauge(t0 + 1_300_000), crate::forecast::LASTS);
+    }
+
+    #[test]
     fn a_refusal_releases_what_other_budgets_already_held() {
         let s = FakeStore::new();
         let mut tight = budget("0.10", Enforcement::Hard, None);
