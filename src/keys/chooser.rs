@@ -169,7 +169,11 @@ impl Chooser {
                 reliability: e.reliability,
                 latency_us: e.latency_us,
                 headroom: e.headroom,
-                runway: e.runway,
+                // Worked out only for an objective that weighs it.
+                runway: match (objective.weight(Goal::Runway) > 0.0, cfg.keys.get(k), snap.records.get(k)) {
+                    (true, Some(key), Some(r)) => crate::forecast::runway_score(r, &key.limits, now_ms),
+                    _ => 1.0,
+                },
             });
         }
         if cands.is_empty() {

@@ -54,9 +54,6 @@ pub struct Eval {
     pub excluded: Option<(Exclusion, u64)>,
     pub capacity: Capacity,
     pub headroom: f64,
-    /// How long its quotas last at their burn rate, in `[0, 1]`
-    /// ([`crate::forecast::runway_score`]).
-    pub runway: f64,
     pub reliability: f64,
     pub latency_us: Option<u64>,
     /// The evaluation holds before this instant.
@@ -97,7 +94,6 @@ pub fn evaluate(cfg: &Config, k: usize, r: &KeyRecord, now_ms: u64) -> Eval {
         excluded,
         capacity: h.capacity,
         headroom: h.fraction,
-        runway: crate::forecast::runway_score(r, &limits, now_ms),
         reliability: r.reliability(now_ms, cfg.routing.reliability_window_ms),
         latency_us: (r.latency_samples > 0).then_some(r.latency_us),
         valid_until_ms: until,
