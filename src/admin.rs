@@ -498,12 +498,13 @@ fn budget_json(cfg: &Config, store: &dyn Store, b: &Budget, now_ms: u64) -> Valu
         "spent": show(spent),
         "reserved": show(rec.reserved),
         "reservations_expired": rec.expired,
-        "remaining": show(limit.saturating_sub(spent).saturating_sub(rec.reserved).max(rust_decimal::Decimal::ZERO)),
+        "remaining": show(rec.remaining(b)),
         "requests": rec.requests,
         "refused": rec.refused,
         "window_start": b.window.map(|_| crate::window::rfc3339(rec.window_start_ms)),
         "resets_at": b.resets_at(now_ms).map(crate::window::rfc3339),
     });
+    out["forecast"] = rec.forecast(b, now_ms).to_json(now_ms);
     if cfg.fleet.is_some() {
         out["fleet"] = json!({
             "instance_spent": show(rec.spent),
@@ -590,6 +591,7 @@ fn key_json(cfg: &Config, k: &Key, r: &KeyRecord, now_ms: u64) -> Value {
         "capacity_state": h.capacity.as_str(),
         "headroom": (h.fraction * 1000.0).round() / 1000.0,
         "headroom_tightest": if h.tightest.is_empty() { None } else { Some(h.tightest) },
+        "forecast": crate::forecast::key(r, &k.limits, now_ms).to_json(now_ms),
         "reliability": (r.reliability(now_ms, cfg.routing.reliability_window_ms) * 1000.0).round() / 1000.0,
         "latency_ms": (r.latency_samples > 0).then(|| r.latency_us as f64 / 1000.0),
         "provider_limits": {
@@ -963,6 +965,7 @@ mod tests {
                     candidates: 1,
                     excluded: vec![],
                     excluded_total: 0,
+                    basis: None,
                 },
                 charged: None,
                 chain: String::new(),

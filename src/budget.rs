@@ -214,6 +214,14 @@ pub struct BudgetRecord {
     /// Fleet mode, while etcd cannot be reached: the fraction of the limit
     /// this instance may spend by itself.
     pub local_share: Option<Decimal>,
+    /// This instance's spend in millionths in the current and the previous
+    /// bucket of [`crate::forecast::BUDGET_BUCKET_MS`], and since when it
+    /// was counted: the burn rate's window (an estimate, so rounded to the
+    /// millionth). Not reset with the budget's window.
+    pub burn_start_ms: u64,
+    pub burn_since_ms: u64,
+    pub burn_micros: u64,
+    pub burn_prev_micros: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,14 +233,14 @@ impl fmt::Display for BadRecord {
     }
 }
 
-const VERSION: u8 = 3;
-/// Version 1 records (no fleet fields) and version 2 (no expiry buckets) are
-/// still read.
+const VERSION: u8 = 4;
+/// Version 1 records (no fleet fields), version 2 (no expiry buckets) and
+/// version 3 (no burn rate) are still read.
 const V1_LEN: usize = 2 + 8 + 16 + 16 + 8 + 8 + 8 + 16;
 const V2_LEN: usize = V1_LEN + 16 + 8 + 1 + 16;
 
 impl BudgetRecord {
-    pub const LEN: usize = V2_LEN + PENDING_SLOTS * (8 + 16 + 4) + 8;
+    pub const LEN: usize = V2_LEN + PENDING_SLOTS * (8 + 16 + 4) + 8 + 4 * 8;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Writer::with_capacity(Self::LEN);
@@ -246,6 +254,7 @@ impl BudgetRecord {
             out.u64(p.bucket).decimal(p.amount).u32(p.count);
         }
         out.u64(self.expired);
+        out.u64(self.burn_start_ms).u64(self.burn_since_ms).u64(self.burn_micros).u64(self.burn_prev_micros);
         out.finish()
     }
 
@@ -262,6 +271,12 @@ impl BudgetRecord {
                 };
             }
             rec.expired = r.u64().ok_or(BadRecord)?;
+            if version >= 4 {
+                rec.burn_start_ms = r.u64().ok_or(BadRecord)?;
+                rec.burn_since_ms = r.u64().ok_or(BadRecord)?;
+                rec.burn_micros = r.u64().ok_or(BadRecord)?;
+                rec.burn_prev_micros = r.u64().ok_or(BadRecord)?;
+            }
         } else if rec.reserved > Decimal::ZERO {
             // Reservations of an older version have no deadline: they expire
             // at the next update.
@@ -315,6 +330,52 @@ impl BudgetRecord {
             *p = Pending::default();
         }
         self
+    }
+
+    /// Counts spend `amount` at `now_ms` in the burn rate's buckets.
+    fn count_burn(&mut self, micros: u64, now_ms: u64) {
+        crate::forecast::count(
+            crate::forecast::BUDGET_BUCKET_MS,
+            &mut self.burn_start_ms,
+            &mut self.burn_micros,
+            &mut self.burn_prev_micros,
+            &mut self.burn_since_ms,
+            micros,
+            now_ms,
+        );
+    }
+
+    /// This instance's spend per hour over the last 10 to 20 minutes
+    /// (`None` while less than [`crate::forecast::MIN_SPAN_MS`] was seen).
+    pub fn spend_per_hour(&self, now_ms: u64) -> Option<f64> {
+        let (cur, prev) = (self.burn_micros as f64 / 1e6, self.burn_prev_micros as f64 / 1e6);
+        crate::forecast::rate_per_ms(
+            crate::forecast::BUDGET_BUCKET_MS,
+            self.burn_start_ms,
+            cur,
+            prev,
+            self.burn_since_ms,
+            now_ms,
+        )
+        .map(|r| r * 3_600_000.0)
+    }
+
+    /// The budget's outlook at `now_ms`: this instance's spend rate, and when
+    /// what remains (fleet spend and reservations counted) runs out at it.
+    pub fn forecast(&self, budget: &Budget, now_ms: u64) -> crate::forecast::BudgetForecast {
+        crate::forecast::BudgetForecast::new(
+            self.spend_per_hour(now_ms),
+            self.remaining(budget),
+            budget.resets_at(now_ms),
+        )
+    }
+
+    /// What is left to spend: the limit less the spend (in fleet mode the
+    /// fleet's) and what is reserved; never below 0.
+    #[inline(never)]
+    pub fn remaining(&self, budget: &Budget) -> Decimal {
+        let spent = self.spent.saturating_add(self.others());
+        self.limit(budget).saturating_sub(spent).saturating_sub(self.reserved).max(Decimal::ZERO)
     }
 
     /// Whether some reservation is past its deadline at `now_ms`.
@@ -577,6 +638,7 @@ fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decima
         if let Some(a) = actual {
             rec.spent += a;
             rec.requests += 1;
+            rec.count_burn(crate::metrics::micros(a), now_ms);
         }
         Ok::<_, BadRecord>((rec.spent, rec.encode()))
     });
@@ -779,6 +841,10 @@ mod tests {
             fleet_spent: dec("3.25"),
             fleet_window_ms: 5,
             local_share: Some(dec("0.5")),
+            burn_start_ms: 600_000,
+            burn_since_ms: 0,
+            burn_micros: 250_000,
+            burn_prev_micros: 0,
         }
     }
 
@@ -812,11 +878,23 @@ mod tests {
         "0300000000000000",                                         // expired
     );
 
+    /// The burn-rate buckets that version 4 adds.
+    const SAMPLE_V4_TAIL: &str = concat!(
+        "c027090000000000", // burn_start_ms 600,000
+        "0000000000000000", // burn_since_ms
+        "90d0030000000000", // burn_micros 250,000
+        "0000000000000000", // burn_prev_micros
+    );
+
     #[test]
     fn record_bytes_are_pinned() {
-        let v3 = format!("03{}{SAMPLE_V3_TAIL}", &SAMPLE_V2[2..]);
-        let b = crate::codec::pinned(&sample_record().encode(), &v3);
+        let v4 = format!("04{}{SAMPLE_V3_TAIL}{SAMPLE_V4_TAIL}", &SAMPLE_V2[2..]);
+        let b = crate::codec::pinned(&sample_record().encode(), &v4);
         assert_eq!(BudgetRecord::decode(&b), Ok(sample_record()));
+        // Version 3: no burn-rate buckets.
+        let v3 = crate::codec::unhex(&format!("03{}{SAMPLE_V3_TAIL}", &SAMPLE_V2[2..]));
+        let old = BudgetRecord { burn_start_ms: 0, burn_micros: 0, ..sample_record() };
+        assert_eq!(BudgetRecord::decode(&v3), Ok(old));
     }
 
     #[test]
@@ -828,7 +906,7 @@ mod tests {
         let v2 = crate::codec::unhex(SAMPLE_V2);
         let mut old = [Pending::default(); PENDING_SLOTS];
         old[0] = Pending { bucket: 1, amount: dec("0.5"), count: 1 };
-        let as_v2 = BudgetRecord { pending: old, expired: 0, ..r };
+        let as_v2 = BudgetRecord { pending: old, expired: 0, burn_start_ms: 0, burn_micros: 0, ..r };
         assert_eq!(BudgetRecord::decode(&v2), Ok(as_v2));
         // A version 1 record (before fleet mode) reads with no fleet state.
         let mut v1 = v2.clone();
@@ -958,6 +1036,29 @@ mod tests {
         release(&s, &bs, b.held.held(), 20);
         let rec = load(&s, &bs[0], 20);
         assert_eq!((rec.spent, rec.reserved, rec.requests), (dec("0.1234"), Decimal::ZERO, 1));
+    }
+
+    #[test]
+    fn settled_spend_gives_the_burn_rate_and_the_runway_of_what_remains() {
+        let s = FakeStore::new();
+        let bs = vec![budget("10.00", Enforcement::Hard, Some(Window::Month))];
+        let t0 = 20_000 * 86_400_000 + 3_600_000;
+        // 0.10 a second for 20 s (21 true-ups, the first at the start).
+        for i in 0..=20 {
+            let a = reserve(&s, &bs, &[0], dec("0.2"), t0 + i * 1000).unwrap_or_else(|r| panic!("{r:?}"));
+            settle(&s, &bs, a.held.held(), dec("0.1"), t0 + i * 1000);
+        }
+        let rec = load(&s, &bs[0], t0 + 20_000);
+        assert_eq!(rec.remaining(&bs[0]), dec("7.9"));
+        let f = rec.forecast(&bs[0], t0 + 20_000);
+        // 2.10 over 20 s: 378 an hour; 7.90 left lasts 75.2 s.
+        assert!(f.spend_per_hour.is_some_and(|h| (h - 378.0).abs() < 1e-6), "{f:?}");
+        assert_eq!(f.runway_ms, Some(75_238));
+        assert!(f.runs_out(t0 + 20_000) && f.gauge(t0 + 20_000) == 75);
+        // Idle for two buckets: the rate is 0 and it lasts.
+        let later = load(&s, &bs[0], t0 + 1_300_000).forecast(&bs[0], t0 + 1_300_000);
+        assert_eq!((later.spend_per_hour, later.runway_ms), (Some(0.0), None));
+        assert_eq!(later.gauge(t0 + 1_300_000), crate::forecast::LASTS);
     }
 
     #[test]

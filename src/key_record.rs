@@ -2,11 +2,12 @@
 //!
 //! Layout (little-endian), version 4, [`KeyRecord::LEN`] bytes:
 //! `version:u8 state:u8 reason:u8 capacity:u8`, then [`N_WORDS`] `u64`
-//! words in the order of [`KeyRecord::words`]; the last two hold `spent`,
-//! a `Decimal` in its 16-byte serialization. Version 3 records (the first 38
-//! words) and version 2 records (the first 34) are read with the later words
-//! at zero; records of another version are refused by
-//! [`KeyRecord::decode`]; callers treat them as fresh.
+//! words in the order of [`KeyRecord::words`]; words 38 and 39 hold
+//! `spent`, a `Decimal` in its 16-byte serialization, and the last three the
+//! burn rate's window. Version 3 records (the first 38 words) and version 2
+//! records (the first 34) are read with the later words at zero; records of
+//! another version are refused by [`KeyRecord::decode`]; callers treat them
+//! as fresh.
 
 use crate::codec::{Reader, Writer};
 use crate::ratelimit::{parse_duration, Signals};
@@ -236,6 +237,12 @@ pub struct KeyRecord {
     /// What this key's answers cost in this process, exactly (the price
     /// table or the key's own price; unpriced answers add nothing).
     pub spent: Decimal,
+    /// The minute before `minute_start_ms` (0 unless it was the one just
+    /// before), and when counting began: the burn rate's window
+    /// ([`crate::forecast`]).
+    pub prev_minute_requests: u64,
+    pub prev_minute_tokens: u64,
+    pub burn_since_ms: u64,
 }
 
 const VERSION: u8 = 4;
@@ -243,7 +250,7 @@ const VERSION: u8 = 4;
 const V2_WORDS: usize = 34;
 /// Version 3 records: the words before `spent`.
 const V3_WORDS: usize = 38;
-pub const N_WORDS: usize = 40;
+pub const N_WORDS: usize = 43;
 
 impl KeyRecord {
     pub const LEN: usize = 4 + 8 * N_WORDS;
@@ -292,6 +299,9 @@ impl KeyRecord {
             self.fleet_month_tokens,
             spent_lo,
             spent_hi,
+            self.prev_minute_requests,
+            self.prev_minute_tokens,
+            self.burn_since_ms,
         ]
     }
 
@@ -366,6 +376,9 @@ impl KeyRecord {
             fleet_month_start_ms: w[36],
             fleet_month_tokens: w[37],
             spent: words_decimal(w[38], w[39]),
+            prev_minute_requests: w[40],
+            prev_minute_tokens: w[41],
+            burn_since_ms: w[42],
         })
     }
 
@@ -534,12 +547,26 @@ impl KeyRecord {
         }
         // Configured quotas count every attempt the provider answered.
         if o.status != 0 {
-            let minute = Window::Minute.start(now_ms);
-            if self.minute_start_ms != minute {
-                self.minute_start_ms = minute;
-                self.minute_requests = 0;
-                self.minute_tokens = 0;
+            match crate::forecast::step(window::MINUTE_MS, self.minute_start_ms, now_ms) {
+                crate::forecast::Step::Same => {}
+                crate::forecast::Step::Next => {
+                    self.prev_minute_requests = self.minute_requests;
+                    self.prev_minute_tokens = self.minute_tokens;
+                    self.minute_requests = 0;
+                    self.minute_tokens = 0;
+                }
+                crate::forecast::Step::Gap => {
+                    self.prev_minute_requests = 0;
+                    self.prev_minute_tokens = 0;
+                    self.minute_requests = 0;
+                    self.minute_tokens = 0;
+                    self.burn_since_ms = now_ms;
+                }
             }
+            if self.burn_since_ms == 0 {
+                self.burn_since_ms = now_ms;
+            }
+            self.minute_start_ms = Window::Minute.start(now_ms);
             self.minute_requests = self.minute_requests.saturating_add(1);
             self.minute_tokens = self.minute_tokens.saturating_add(tokens);
             window::add(Window::Day, &mut self.day_start_ms, &mut self.day_tokens, tokens, now_ms);
@@ -598,12 +625,15 @@ mod tests {
             fleet_month_start_ms: 35,
             fleet_month_tokens: 36,
             spent: Decimal::new(12_345, 4),
+            prev_minute_requests: 37,
+            prev_minute_tokens: 38,
+            burn_since_ms: 39,
         }
     }
 
-    /// `full()` as version 3 bytes: what shared data holds across reloads.
-    const FULL_V3: &str = concat!(
-        "03020402", // version 3, exhausted, insufficient_quota, critical
+    /// `full()` as version 4 bytes: what shared data holds across reloads.
+    const FULL_V4: &str = concat!(
+        "04020402", // version 4, exhausted, insufficient_quota, critical
         "7b68e5cf8b010000090000000000000001000000000000000200000000000000",
         "0300000000000000040000000000000005000000000000000600000000000000",
         "07000000000000000800000000000000ffffffffffffffff0a00000000000000",
@@ -614,24 +644,14 @@ mod tests {
         "1b000000000000001c000000000000001d000000000000001e00000000000000",
         "1f00000000000000200000000000000021000000000000002200000000000000",
         "23000000000000002400000000000000",
+        "00000400393000000000000000000000", // spent: 1.2345 (scale 4 in the flags, 12345 in the low word)
+        "250000000000000026000000000000002700000000000000",
     );
-
-    /// `full()` as version 4 bytes: version 3's words, then `spent`
-    /// (1.2345: scale 4 in the flags, 12345 in the low word).
-    fn full_v4() -> String {
-        format!("04{}{}", &FULL_V3[2..], "0000040039300000 0000000000000000")
-    }
 
     #[test]
     fn record_bytes_are_pinned() {
-        let b = crate::codec::pinned(&full().encode(), &full_v4().replace(' ', ""));
+        let b = crate::codec::pinned(&full().encode(), FULL_V4);
         assert_eq!(KeyRecord::decode(&b), Ok(full()));
-    }
-
-    #[test]
-    fn version_3_records_read_with_nothing_spent() {
-        let b = crate::codec::unhex(FULL_V3);
-        assert_eq!(KeyRecord::decode(&b), Ok(KeyRecord { spent: Decimal::ZERO, ..full() }));
     }
 
     #[test]
@@ -648,9 +668,24 @@ mod tests {
     }
 
     #[test]
+    fn version_3_records_read_with_nothing_spent_and_burn_words_at_zero() {
+        let mut b = crate::codec::unhex(FULL_V4);
+        b[0] = 3;
+        b.truncate(4 + 8 * V3_WORDS);
+        let old = KeyRecord {
+            spent: Decimal::ZERO,
+            prev_minute_requests: 0,
+            prev_minute_tokens: 0,
+            burn_since_ms: 0,
+            ..full()
+        };
+        assert_eq!(KeyRecord::decode(&b), Ok(old));
+    }
+
+    #[test]
     fn version_2_records_read_with_fleet_words_at_zero() {
         let r = full();
-        let mut b = crate::codec::unhex(FULL_V3);
+        let mut b = crate::codec::unhex(FULL_V4);
         b[0] = 2;
         b.truncate(4 + 8 * V2_WORDS);
         // Word 33 was spare (zero) in version 2; it now holds state_at_ms.
@@ -660,6 +695,9 @@ mod tests {
             fleet_day_tokens: 0,
             fleet_month_start_ms: 0,
             fleet_month_tokens: 0,
+            prev_minute_requests: 0,
+            prev_minute_tokens: 0,
+            burn_since_ms: 0,
             ..r
         };
         assert_eq!(KeyRecord::decode(&b), Ok(old));

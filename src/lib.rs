@@ -17,6 +17,7 @@ pub mod decision;
 pub mod encoding;
 pub mod fernet;
 pub mod fleet;
+pub mod forecast;
 pub mod forward;
 pub mod header_wire;
 pub mod identity;

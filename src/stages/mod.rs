@@ -233,6 +233,9 @@ impl Root {
             for b in &cfg.budgets {
                 let rec = crate::budget::expire(h.store(), b, now);
                 h.gauge(&crate::metrics::budget_metric(&b.id, "reservations_expired"), rec.expired);
+                for (name, value) in crate::metrics::budget_forecast_gauges(&b.id, &rec.forecast(b, now), now) {
+                    h.gauge(&name, value);
+                }
             }
         }
         if let Some(f) = self.fleet.as_mut() {
