@@ -59,6 +59,11 @@ pub fn static_names(cfg: &crate::config::Config) -> Vec<(Kind, String)> {
         out.push((Kind::Counter, FLEET_VALUES_DROPPED.to_string()));
         out.push((Kind::Gauge, "apikeyrouter.fleet.degraded".to_string()));
     }
+    if cfg.alerts.is_some() {
+        for c in [crate::alerts::SENT, crate::alerts::FAILED, crate::alerts::DROPPED] {
+            out.push((Kind::Counter, c.to_string()));
+        }
+    }
     for b in &cfg.budgets {
         out.push((Kind::Counter, budget_metric(&b.id, "refused")));
         out.push((Kind::Counter, budget_metric(&b.id, "soft_over")));
@@ -113,6 +118,15 @@ pub fn key_gauges(provider: &str, key: &str, e: &Eval, effective: Effective) -> 
         Capacity::Exhausted => 3,
     };
     [(key_metric(provider, key, "state"), state_code(effective)), (key_metric(provider, key, "capacity"), cap)]
+}
+
+/// `apikeyrouter.model.<label>.<what>`: `label` is the price table entry
+/// that priced the request, or `other` ([`crate::budget::PriceTable::label`];
+/// empty counts as `other`). It may hold dots: the shipped `stats_tags`
+/// match `<what>` at the end.
+pub fn model_metric(label: &str, what: &str) -> String {
+    let label = if label.is_empty() { crate::budget::OTHER_MODEL } else { label };
+    format!("apikeyrouter.model.{label}.{what}")
 }
 
 /// `apikeyrouter.budget.<id>.<what>`

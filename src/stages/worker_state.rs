@@ -28,6 +28,8 @@ pub struct WorkerState {
     /// Decision records not yet written to this worker's ring, newest last
     /// (at most `ring_size`; written on the tick).
     pub pending_decisions: VecDeque<(u64, Vec<u8>)>,
+    /// Alert events this VM claimed, waiting for the tick to post them.
+    pub alerts: crate::alerts::Outbox,
 }
 
 impl WorkerState {
@@ -42,6 +44,7 @@ impl WorkerState {
             ring_next: 0,
             gauges: false,
             pending_decisions: VecDeque::new(),
+            alerts: crate::alerts::Outbox::default(),
         }
     }
 
