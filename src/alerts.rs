@@ -12,6 +12,8 @@ use crate::stages::flight::JsonObject;
 use crate::stages::host::{Host, Map};
 use std::collections::VecDeque;
 
+/// Events queued to be posted (each claimed once, by one worker).
+pub const QUEUED: &str = "apikeyrouter.alerts.queued";
 /// Events posted (answered 2xx).
 pub const SENT: &str = "apikeyrouter.alerts.sent";
 /// Calls that failed (no answer, or not 2xx): each is retried.
@@ -96,6 +98,7 @@ impl Outbox {
             return;
         }
         self.queue.push_back(Queued { body: body.into_bytes(), attempts: 0, due_ms: now_ms });
+        h.count(QUEUED, 1);
     }
 
     pub fn len(&self) -> usize {

@@ -60,7 +60,7 @@ pub fn static_names(cfg: &crate::config::Config) -> Vec<(Kind, String)> {
         out.push((Kind::Gauge, "apikeyrouter.fleet.degraded".to_string()));
     }
     if cfg.alerts.is_some() {
-        for c in [crate::alerts::SENT, crate::alerts::FAILED, crate::alerts::DROPPED] {
+        for c in [crate::alerts::QUEUED, crate::alerts::SENT, crate::alerts::FAILED, crate::alerts::DROPPED] {
             out.push((Kind::Counter, c.to_string()));
         }
     }

@@ -99,7 +99,7 @@ fn each_budget_threshold_is_posted_once_on_the_tick_not_on_the_request_path() {
     assert_eq!(first["window"], "day");
     assert_eq!(first["window_start"], "2026-01-01T00:00:00Z");
     assert!(first["timestamp_ms"].as_u64().is_some() && first.get("instance").is_some(), "{first}");
-    assert_eq!(gw.world.counter(alerts::SENT), 3);
+    assert_eq!((gw.world.counter(alerts::QUEUED), gw.world.counter(alerts::SENT)), (3, 3));
     assert_eq!(gw.world.counter(alerts::FAILED), 0);
 }
 
