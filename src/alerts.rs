@@ -42,8 +42,13 @@ pub fn budget_threshold(
     e.raw("threshold", &threshold.to_string());
     e.text("spend", &crate::budget::show(s.total));
     e.text("limit", &crate::budget::show(s.limit));
-    e.text("window", budget.window.map_or("total", |w| w.as_str()));
-    e.text("window_start", &crate::window::rfc3339(s.window_start_ms));
+    match budget.window {
+        Some(w) => {
+            e.text("window", w.as_str());
+            e.text("window_start", &crate::window::rfc3339(s.window_start_ms));
+        }
+        None => e.text("window", "total"),
+    }
     e.number("timestamp_ms", now_ms);
     e
 }
@@ -182,5 +187,62 @@ impl Outbox {
         }
         let backoff = BACKOFF_MS.saturating_mul(1 << q.attempts.saturating_sub(1).min(16)).min(MAX_BACKOFF_MS);
         q.due_ms = now_ms.saturating_add(backoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{Budget, Enforcement, Scope, Settled};
+    use rust_decimal::Decimal;
+
+    fn event_of(window: Option<crate::window::Window>) -> serde_json::Value {
+        let b = Budget {
+            id: "b \"1\"".into(),
+            scope: Scope::Global,
+            window,
+            limit: Decimal::TEN,
+            enforcement: Enforcement::Soft,
+            record_name: String::new(),
+            reservation_ttl_ms: 1,
+            alerts: vec![Decimal::new(5, 1)],
+        };
+        let s = Settled {
+            budget: 0,
+            spent: Decimal::new(51, 1),
+            total: Decimal::new(51, 1),
+            limit: Decimal::TEN,
+            window_start_ms: 1_767_225_600_000,
+            crossed: 1,
+        };
+        let mut out = Outbox::new("gw-1".into());
+        let world = crate::stages::fake::World::new(0);
+        let cfg = crate::config::Alerts {
+            cluster: "hooks".into(),
+            path: "/".into(),
+            authority: "hooks".into(),
+            timeout_ms: 10,
+            headers: vec![],
+            max_queue: 1,
+            max_attempts: 1,
+        };
+        let h = crate::stages::fake::FakeHost::new(&world);
+        out.push(&h, &cfg, budget_threshold(&b, Decimal::new(5, 1), &s, 7), 7);
+        out.push(&h, &cfg, budget_threshold(&b, Decimal::new(5, 1), &s, 7), 7);
+        assert_eq!((out.len(), world.counter(DROPPED)), (1, 1), "max_queue 1: the second is dropped");
+        let body = out.queue.front().map(|q| q.body.clone()).unwrap_or_default();
+        serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)))
+    }
+
+    #[test]
+    fn a_budget_event_is_json_with_its_window_and_no_window_start_for_a_total() {
+        assert_eq!(
+            event_of(Some(crate::window::Window::Day)),
+            serde_json::json!({"type": "budget_threshold", "budget": "b \"1\"", "threshold": 0.5, "spend": "5.1",
+                "limit": "10", "window": "day", "window_start": "2026-01-01T00:00:00Z", "timestamp_ms": 7,
+                "instance": "gw-1"})
+        );
+        let total = event_of(None);
+        assert_eq!((total["window"].as_str(), total.get("window_start")), (Some("total"), None));
     }
 }
