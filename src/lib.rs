@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alerts;
 pub mod budget;
 pub mod charge;
 pub mod codec;

@@ -341,6 +341,23 @@ pub struct Fleet {
     pub max_range_bytes: usize,
 }
 
+/// `alerts`: the webhook that budget thresholds and key events are posted
+/// to, through an Envoy cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alerts {
+    pub cluster: String,
+    pub path: String,
+    /// `:authority` of the calls (the cluster's name when not set).
+    pub authority: String,
+    pub timeout_ms: u64,
+    /// Extra request headers (e.g. the webhook's own token), lowercase names.
+    pub headers: Vec<(String, String)>,
+    /// Events waiting per worker; past it the newest is dropped (counted).
+    pub max_queue: usize,
+    /// Tries per event before it is dropped (counted).
+    pub max_attempts: u32,
+}
+
 /// etcd's own authentication: a user and its password (from the environment),
 /// traded for a token through `/v3/auth/authenticate`.
 #[derive(Clone, PartialEq, Eq)]
@@ -429,6 +446,8 @@ pub struct Config {
     /// each with its own name for the model.
     pub models: Vec<(String, Vec<(usize, String)>)>,
     pub fleet: Option<Fleet>,
+    /// Where alert events go; `None`: nowhere (no budget has thresholds).
+    pub alerts: Option<Alerts>,
 }
 
 impl Config {

@@ -13,7 +13,7 @@ use crate::charge::{self, Answer, Charge};
 use crate::config::{Config, RoutingHeaders, StatusAction};
 use crate::decision::{Decision, Stored};
 use crate::identity;
-use crate::key_record::{Outcome, Reason};
+use crate::key_record::{Capacity, Effective, KeyRecord, Outcome, Reason};
 use crate::keys::{read_record, record_attempt, stale_choice, KeyAction};
 use crate::metrics;
 use crate::objective::Objective;
@@ -96,6 +96,8 @@ pub struct Attempt {
     probe: bool,
     /// The provider the ingress stage chose for this hop.
     provider: usize,
+    /// The model's metric label, from admission (empty: `other`).
+    model: String,
 }
 
 impl Attempt {
@@ -118,6 +120,7 @@ impl Attempt {
             flight: None,
             label: String::new(),
             price: None,
+            model: String::new(),
             estimate_tokens: (0, 0),
             key_held: None,
             read_only: false,
@@ -241,6 +244,7 @@ impl Attempt {
         if let (Some(a), Some(key)) = (actual, self.key.and_then(|k| self.cfg.keys.get(k))) {
             let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
             h.count(&metrics::key_metric(pid, &key.id, "spend_micros"), metrics::micros(a));
+            h.count(&metrics::model_metric(&self.model, "spend_micros"), metrics::micros(a));
         }
         if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
             let tokens = charge.map_or(0, |c| c.tokens.total);
@@ -271,13 +275,26 @@ impl Attempt {
             // `to_settle` is only taken when `actual` is known.
             spent.extend(held.settle(store, budgets, actual.unwrap_or_default(), now));
         }
-        for (i, total) in spent {
-            if let Some(b) = budgets.get(i) {
-                h.gauge(&metrics::budget_metric(&b.id, "spent_micros"), metrics::micros(total));
+        for s in spent {
+            if let Some(b) = budgets.get(s.budget) {
+                h.gauge(&metrics::budget_metric(&b.id, "spent_micros"), metrics::micros(s.spent));
+                if s.crossed != 0 {
+                    self.budget_alerts(h, b, &s, now);
+                }
             }
         }
         if let Some(r) = leftover {
             r.release(store, budgets, now);
+        }
+    }
+
+    /// Queues an alert for each threshold of `b` this settlement crossed
+    /// (it alone crossed them: claimed in the charging swap).
+    fn budget_alerts(&self, h: &dyn Host, b: &crate::budget::Budget, s: &crate::budget::Settled, now: u64) {
+        let (Some(cfg), Ok(mut routing)) = (self.cfg.alerts.as_ref(), self.routing.try_borrow_mut()) else { return };
+        for (_, t) in b.alerts.iter().enumerate().filter(|(i, _)| s.crossed & (1 << i) != 0) {
+            log::warn!("[{}] budget {}: spend {} reached {} of its limit {}", self.id, b.id, s.total, t, s.limit);
+            routing.alerts.push(h, cfg, crate::alerts::budget_threshold(b, *t, s, now), now);
         }
     }
 
@@ -327,9 +344,12 @@ impl Attempt {
         if self.status == 429 {
             h.count(&metrics::key_metric(pid, kid, "rate_limited"), 1);
         }
+        h.count(&metrics::model_metric(&self.model, "requests"), 1);
         if let Some(u) = self.usage {
             h.count(&metrics::key_metric(pid, kid, "input_tokens"), u.input);
             h.count(&metrics::key_metric(pid, kid, "output_tokens"), u.output);
+            h.count(&metrics::model_metric(&self.model, "input_tokens"), u.input);
+            h.count(&metrics::model_metric(&self.model, "output_tokens"), u.output);
         }
         match r {
             Ok(rec) => {
@@ -337,8 +357,7 @@ impl Attempt {
                     routing.snapshot.observe(&self.cfg, k, rec.record, now);
                 }
                 if rec.changed || self.probe {
-                    let (was, cap) = rec.before;
-                    self.key_changed(h, k, format!("{}/{}", was.as_str(), cap.as_str()), &rec.record, now);
+                    self.key_changed(h, k, rec.before, &rec.record, now);
                     if matches!(action, KeyAction::CoolUntil(_)) {
                         h.count(&metrics::key_metric(pid, kid, "cooldowns"), 1);
                     }
@@ -535,14 +554,14 @@ impl Attempt {
             routing.snapshot.observe(&self.cfg, k, after, now);
         }
         let cap = crate::keys::evaluate(&self.cfg, k, &before, now).capacity;
-        self.key_changed(h, k, format!("{}/{}", before.effective(now).as_str(), cap.as_str()), &after, now);
+        self.key_changed(h, k, (before.effective(now), cap), &after, now);
         // Recorded: the attempt's own record at its end adds no transition.
         self.probe = false;
     }
 
     /// A change of key `k` (now `after`, before `from`): the transition ring,
     /// with a probe named as such, and the key's gauges.
-    fn key_changed(&self, h: &dyn Host, k: usize, from: String, after: &crate::key_record::KeyRecord, now: u64) {
+    fn key_changed(&self, h: &dyn Host, k: usize, before: (Effective, Capacity), after: &KeyRecord, now: u64) {
         let Some(key) = self.cfg.keys.get(k) else { return };
         let e = crate::keys::evaluate(&self.cfg, k, after, now);
         let by = if self.probe { "half-open probe: provider answered" } else { "provider answered" };
@@ -550,7 +569,7 @@ impl Attempt {
             time_ms: now,
             kind: "key".into(),
             id: key.id.clone(),
-            from,
+            from: format!("{}/{}", before.0.as_str(), before.1.as_str()),
             to: format!("{}/{}", after.effective(now).as_str(), e.capacity.as_str()),
             reason: format!("{by} {}", self.status),
             seq: 0,
@@ -559,6 +578,11 @@ impl Attempt {
         let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
         for (name, value) in metrics::key_gauges(pid, &key.id, &e, after.effective(now)) {
             h.gauge(&name, value);
+        }
+        if let Some(event) = key_alert(&self.cfg, k, pid, before, after, now) {
+            if let (Some(cfg), Ok(mut routing)) = (self.cfg.alerts.as_ref(), self.routing.try_borrow_mut()) {
+                routing.alerts.push(h, cfg, event, now);
+            }
         }
     }
 
@@ -648,6 +672,7 @@ impl Attempt {
             self.client = a.client;
             self.read_only = a.read_only;
             self.label.clone_from(&a.request_id);
+            self.model.clone_from(&a.model_label);
             Some((a.provider, f.attempts.tried.clone(), f.attempts.count, a.objective.clone(), a.price, est))
         });
         let (provider, tried, attempt, objective, price, est) = match found {
@@ -1016,5 +1041,34 @@ impl Attempt {
                 Next::Continue
             }
         }
+    }
+}
+
+/// The alert a key's change from `before` to `after` raises, if any: it
+/// became disabled, or exhausted (by the provider's answer, or by a daily or
+/// monthly token quota: a per-minute limit running out is throttling, not
+/// an alert). The caller's swap made the change, so it is raised once.
+fn key_alert(
+    cfg: &crate::config::Config,
+    k: usize,
+    pid: &str,
+    before: (Effective, Capacity),
+    after: &KeyRecord,
+    now: u64,
+) -> Option<crate::alerts::Event> {
+    let key = cfg.keys.get(k)?;
+    let event = |kind, reason: &str, until| Some(crate::alerts::key_event(kind, pid, &key.id, reason, until, now));
+    match after.effective(now) {
+        Effective::Disabled if before.0 != Effective::Disabled => event("key_disabled", after.reason.as_str(), None),
+        Effective::Exhausted { until_ms } if !matches!(before.0, Effective::Exhausted { .. }) => {
+            event("key_exhausted", after.reason.as_str(), Some(until_ms).filter(|u| *u > 0))
+        }
+        Effective::Available | Effective::Throttled { .. } if before.1 != Capacity::Exhausted => {
+            let room = crate::quota::headroom(after, &key.limits, &cfg.routing.thresholds, now);
+            let quota = matches!(room.tightest, "daily_tokens" | "monthly_tokens");
+            (room.capacity == Capacity::Exhausted && quota)
+                .then(|| event("key_exhausted", room.tightest, Some(room.resets_at_ms)))?
+        }
+        _ => None,
     }
 }

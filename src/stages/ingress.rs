@@ -184,6 +184,11 @@ impl Ingress {
             }
         }
         self.admission.price = plan.price;
+        self.admission.model_label = self.cfg.prices.label(info.model.as_deref());
+        if self.cfg.access_log_state {
+            self.admission.model.clone_from(&info.model);
+        }
+        self.admission.estimate = plan.estimate;
         self.admission.prompt_tokens_est = plan.prompt_tokens;
         self.admission.output_tokens_est = plan.output_tokens;
         self.admission.soft_over = admitted.over_soft;

@@ -31,6 +31,8 @@ pub struct WorkerState {
     /// Decision records not yet written to this worker's ring, newest last
     /// (at most `ring_size`; written on the tick).
     pub pending_decisions: VecDeque<(u64, Vec<u8>)>,
+    /// Alert events this VM claimed, waiting for the tick to post them.
+    pub alerts: crate::alerts::Outbox,
 }
 
 impl WorkerState {
@@ -46,6 +48,7 @@ impl WorkerState {
             gauges: false,
             forecasts_at_ms: 0,
             pending_decisions: VecDeque::new(),
+            alerts: crate::alerts::Outbox::default(),
         }
     }
 

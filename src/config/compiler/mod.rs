@@ -8,7 +8,8 @@
 //! budgets), `callers` (teams and clients).
 
 use super::model::{
-    Admin, Config, Cooldown, Decisions, EtcdAuth, Fleet, Provider, Routing, RoutingHeaders, StatusAction, UnknownModel,
+    Admin, Alerts, Config, Cooldown, Decisions, EtcdAuth, Fleet, Provider, Routing, RoutingHeaders, StatusAction,
+    UnknownModel,
 };
 use super::walk::{check_id, decimal, err, ConfigError, Obj};
 use crate::objective::Objective;
@@ -67,6 +68,10 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     }
     let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
     let fleet = fleet(&mut root, env)?;
+    let alerts = alerts(&mut root)?;
+    if let Some(i) = budgets.iter().position(|b| !b.alerts.is_empty()).filter(|_| alerts.is_none()) {
+        return Err(err(&format!("budgets[{i}].alerts"), "needs the top-level alerts section (the webhook cluster)"));
+    }
     let models = models(&mut root, &providers)?;
     let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
     let teams = callers::teams(&mut root, &providers)?;
@@ -102,7 +107,47 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         clients,
         models,
         fleet,
+        alerts,
     })
+}
+
+/// `alerts`: the webhook cluster alert events are posted to.
+fn alerts(root: &mut Obj) -> Result<Option<Alerts>, ConfigError> {
+    let Some(mut a) = root.opt_obj("alerts")? else {
+        return Ok(None);
+    };
+    let cluster = a
+        .opt_str("cluster")?
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| err(&a.field("cluster"), "required (the Envoy cluster of the webhook)"))?;
+    let path = a.opt_str("path")?.unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') || path.len() > 1024 || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(err(&a.field("path"), "must start with '/' and hold no spaces or control characters"));
+    }
+    let authority = a.opt_str("authority")?.unwrap_or_else(|| cluster.clone());
+    let timeout_ms = a.opt_u64_in("timeout_ms", 10, 60_000)?.unwrap_or(5000);
+    let max_queue = a.opt_u64_in("max_queue", 1, 10_000)?.unwrap_or(256) as usize;
+    let max_attempts = a.opt_u64_in("max_attempts", 1, 100)?.unwrap_or(10) as u32;
+    let mut headers = Vec::new();
+    if let Some(h) = a.opt_obj("headers")? {
+        for (name, v) in h.entries() {
+            let at = a.field(&format!("headers.{name}"));
+            let lower = name.to_ascii_lowercase();
+            let reserved = [":", "host", "content-type", "content-length", "transfer-encoding", "connection"];
+            if lower.is_empty()
+                || !lower.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                || reserved.iter().any(|r| lower.starts_with(r))
+            {
+                return Err(err(&at, "expected a header name other than the call's own"));
+            }
+            match v.as_str() {
+                Some(s) if !s.bytes().any(|b| b.is_ascii_control()) => headers.push((lower, s.to_string())),
+                _ => return Err(err(&at, "expected a string without control characters")),
+            }
+        }
+    }
+    a.finish()?;
+    Ok(Some(Alerts { cluster, path, authority, timeout_ms, headers, max_queue, max_attempts }))
 }
 
 /// `forward_headers`: caller header names (or prefixes ending in `*`)
@@ -525,6 +570,26 @@ mod tests {
         let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
           "admin":{"prefix":"/api/v1/","token_env":"ADMIN","probe_path":"/health"}}"#);
         assert_eq!((c.admin.prefix.as_str(), c.admin.probe_path.as_deref()), ("/api/v1/", Some("/health")));
+    }
+
+    #[test]
+    fn alert_thresholds_are_sorted_and_deduplicated_and_the_webhook_gets_defaults() {
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"alerts":{"cluster":"hooks"},
+          "budgets":[{"id":"b","limit":"10","alerts":[1, "0.80", 0.5, 0.8]}]}"#);
+        let t: Vec<String> = c.budgets[0].alerts.iter().map(|d| d.to_string()).collect();
+        assert_eq!(t, ["0.5", "0.8", "1"]);
+        assert_eq!(
+            c.alerts,
+            Some(Alerts {
+                cluster: "hooks".into(),
+                path: "/".into(),
+                authority: "hooks".into(),
+                timeout_ms: 5000,
+                headers: vec![],
+                max_queue: 256,
+                max_attempts: 10,
+            })
+        );
     }
 
     #[test]
