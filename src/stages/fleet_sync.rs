@@ -7,6 +7,7 @@
 use super::host::{Buffer, Host, Map};
 use crate::budget;
 use crate::config::{Config, Fleet};
+use crate::durable;
 use crate::fleet::{self, Bases, Counter, Dropped, EtcdView, Guard, Op, SharedState, Status};
 use crate::keys;
 use crate::transition::{self, Transition};
@@ -55,6 +56,8 @@ pub struct FleetSync {
     token: Option<String>,
     /// No authentication before this (after refused credentials).
     auth_after_ms: u64,
+    /// Runtime key and limit records opened at earlier syncs.
+    opened: durable::Opened,
 }
 
 /// The instance id: the configured one, else Envoy's node id (property `xds.node.id`) (made safe
@@ -90,6 +93,15 @@ impl FleetSync {
         let life =
             store.value(LIFE_KEY).and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map_or(me, u64::from_le_bytes);
         let now = h.now_ms();
+        match (fleet.encryption_key.is_some(), fleet.plaintext_runtime_keys) {
+            (true, _) => {}
+            (false, true) => log::warn!(
+                "fleet: runtime keys' material is kept in etcd in plain text (fleet.plaintext_runtime_keys; set APIKEYROUTER_ENCRYPTION_KEY to encrypt it)"
+            ),
+            (false, false) => log::info!(
+                "fleet: POST keys is refused: runtime keys would be kept in etcd in plain text (set APIKEYROUTER_ENCRYPTION_KEY, or fleet.plaintext_runtime_keys)"
+            ),
+        }
         let status = fleet::Status::decode(store.value(fleet::STATUS_KEY).as_deref());
         if status.is_none_or(|s| s.last_ok_ms == 0) {
             for b in &cfg.budgets {
@@ -109,6 +121,7 @@ impl FleetSync {
             last_spend: Vec::new(),
             token: None,
             auth_after_ms: 0,
+            opened: durable::Opened::default(),
         }
     }
 
@@ -460,6 +473,7 @@ impl FleetSync {
                 states.push(Op::Delete { key: skey, guard: Guard::of(kv) });
             }
         }
+        states.extend(self.admin_changes(h, cfg, &etcd, now_ms));
         if !dropped.is_empty() {
             h.count(crate::metrics::FLEET_VALUES_DROPPED, dropped.len() as u64);
             for d in &dropped {
@@ -494,6 +508,73 @@ impl FleetSync {
             }
         }
         self.send_queued(h, cfg, now_ms);
+    }
+}
+
+impl FleetSync {
+    /// Runtime keys and limit overrides ([`crate::durable`]): applies here
+    /// the records etcd holds newer, and returns this instance's newer
+    /// changes to write. A record refused (or one that cannot apply here,
+    /// e.g. an id of a configured key) is logged and counted once per
+    /// revision, and skipped.
+    fn admin_changes(&mut self, h: &dyn Host, cfg: &Config, etcd: &EtcdView, now_ms: u64) -> Vec<Op> {
+        let store = h.store();
+        let prefix = self.fleet.prefix.clone();
+        let sealing = durable::Sealing::of(&self.fleet);
+        let registry = crate::runtime_keys::load(store);
+        let limits: Vec<_> = cfg.budgets.iter().map(|b| durable::local_limit(store, &b.id)).collect();
+        let mut plan = durable::plan(&prefix, sealing, cfg, &registry, &limits, etcd, &mut self.opened, now_ms);
+        let mut changed = false;
+        let record = |kind: &str, id: &str, from: &str, to: String| {
+            let reason = "fleet: from etcd".to_string();
+            let t =
+                Transition { time_ms: now_ms, kind: kind.into(), id: id.into(), from: from.into(), to, reason, seq: 0 };
+            transition::record(store, cfg.max_transitions, t);
+        };
+        for k in &plan.keys {
+            let (from, to) = if k.deleted { ("registered", "deleted") } else { ("absent", "registered") };
+            match crate::runtime_keys::adopt(store, cfg, k) {
+                Ok(true) => {
+                    changed = true;
+                    log::info!("fleet: runtime key {} {to}, as etcd holds it", k.id);
+                    record("registry", &k.id, from, to.into());
+                }
+                Ok(false) => {}
+                Err(crate::runtime_keys::RegistryError::Busy) => {
+                    log::warn!("fleet: runtime key {}: the registry was busy, retried at the next sync", k.id)
+                }
+                Err(e) => {
+                    let why = match e {
+                        crate::runtime_keys::RegistryError::ConfigKey => "its id is a configured key's",
+                        _ => "the runtime key registry is full",
+                    };
+                    let name = durable::key_record(&prefix, &k.id);
+                    let mut revision = 0;
+                    if let Some(seen) = self.opened.0.get_mut(&name) {
+                        seen.record = Err(why);
+                        revision = seen.mod_revision;
+                    }
+                    plan.refused.push(durable::Refused { key: name, revision, why });
+                }
+            }
+        }
+        for l in &plan.limits {
+            let Some(b) = cfg.budgets.iter().find(|b| b.id == l.budget) else { continue };
+            if budget::set_limit(store, b, l.limit, now_ms).is_some() && durable::adopt_limit(store, l) {
+                let to = l.limit.map_or("its configured value".to_string(), budget::show);
+                log::info!("fleet: budget {} limit set to {to}, as etcd holds it", b.id);
+                record("budget", &b.id, "limit", format!("limit {to}"));
+            }
+        }
+        for r in plan.refused.iter().filter(|r| durable::first_report(store, r)) {
+            h.count(crate::metrics::FLEET_VALUES_DROPPED, 1);
+            let key: String = r.key.chars().take(200).collect();
+            log::warn!("fleet: skipped {key:?} read from etcd (revision {}): {}", r.revision, r.why);
+        }
+        if changed {
+            crate::shared_data::bump_generation(store);
+        }
+        plan.writes
     }
 }
 

@@ -396,6 +396,16 @@ fn fleet(root: &mut Obj, env: Env<'_>) -> Result<Option<Fleet>, ConfigError> {
         f.opt_u64_in("degraded_after_ms", 0, 3_600_000)?.unwrap_or(3 * sync_interval_ms.max(timeout_ms));
     let auth = etcd_auth(&mut f, env)?;
     let max_range_bytes = f.opt_u64_in("max_range_bytes", 65_536, 1 << 30)?.unwrap_or(16 << 20) as usize;
+    let plaintext_runtime_keys = f.opt_bool("plaintext_runtime_keys")?.unwrap_or(false);
+    let encryption_key = match env(ENCRYPTION_KEY_ENV) {
+        None => None,
+        Some(k) => Some(crate::fernet::FernetKey::parse(&k).map_err(|e| {
+            err(
+                "fleet",
+                format!("{ENCRYPTION_KEY_ENV} (runtime keys and budget limits are encrypted with it in etcd): {e}"),
+            )
+        })?),
+    };
     f.finish()?;
     Ok(Some(Fleet {
         cluster,
@@ -408,6 +418,8 @@ fn fleet(root: &mut Obj, env: Env<'_>) -> Result<Option<Fleet>, ConfigError> {
         degraded_after_ms,
         auth,
         max_range_bytes,
+        encryption_key,
+        plaintext_runtime_keys,
     }))
 }
 
