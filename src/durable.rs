@@ -299,6 +299,8 @@ pub fn plan(
             };
             let d = matches!((local, theirs), (Some(a), Some(b)) if differ(a, b));
             match merge(local.map(|k| k.at_ms), theirs.map(|k| k.at_ms), d) {
+                // A deletion of a key this instance never had changes nothing.
+                Merge::Take if local.is_none() && theirs.is_some_and(|k| k.deleted) => {}
                 Merge::Take => p.keys.extend(theirs.cloned()),
                 // A deletion of a key etcd never had tells nobody anything.
                 Merge::Push if local.is_some_and(|k| k.deleted) && kv.is_none() => {}
@@ -565,9 +567,13 @@ mod tests {
         let written = sealing.open(writes[0].1.as_bytes()).and_then(|v| key_from(&v, "gone", &c, NOW));
         assert_eq!(written, Ok(rk("gone", "", NOW)), "the deletion, which etcd had not seen");
         assert!(p.refused.is_empty());
-        // A deletion etcd never had the key of is not written.
+        // A deletion etcd never had the key of is not written, and one this
+        // instance never had the key of is not taken.
         let reg = Registry { version: 1, keys: vec![rk("never", "", NOW)] };
         let p = plan("/p", sealing, &c, &reg, &[], &view(&[]), &mut Opened::default(), NOW);
+        assert!(p.writes.is_empty() && p.keys.is_empty());
+        let tomb = seal(&rk("other", "", NOW));
+        let p = plan("/p", sealing, &c, &reg, &[], &view(&[("/p/k/other", &tomb, 3)]), &mut Opened::default(), NOW);
         assert!(p.writes.is_empty() && p.keys.is_empty());
     }
 
@@ -645,5 +651,54 @@ mod tests {
         }
         assert_eq!(s.value(REPORTED_KEY).map(|b| b.len()), Some(1 + 8 * MAX_REPORTED), "a bounded ring");
         assert!(first_report(&s, &r("/p/k/a", 1)), "the oldest tags make room");
+    }
+
+    fn admin(fleet: &str, env_key: bool, method: &'static str, path: &'static str, body: &[u8]) -> Value {
+        let json = format!(
+            r#"{{"providers":[{{"id":"openai","keys":[{{"id":"k1","secret":"sk-one"}}]}}],
+                "admin":{{"token_env":"ADMIN"}}{fleet}}}"#
+        );
+        let env = |n: &str| match n {
+            "ADMIN" => Some("an-admin-token-of-some-length".to_string()),
+            crate::config::ENCRYPTION_KEY_ENV if env_key => Some(KEY.to_string()),
+            _ => None,
+        };
+        let c = crate::config::compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"));
+        let req = crate::admin::AdminRequest {
+            method,
+            path,
+            authorization: Some("Bearer an-admin-token-of-some-length"),
+            x_api_key: None,
+            body,
+        };
+        let r = crate::admin::handle(&c, &FakeStore::new(), &req, NOW);
+        let mut v: Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        v["status"] = json!(r.status);
+        v
+    }
+
+    #[test]
+    fn admin_answers_say_where_a_change_is_kept_and_fleet_mode_keeps_no_plaintext_key_unasked() {
+        let post: &[u8] = br#"{"id":"r1","key_material":"sk-runtime"}"#;
+        let fleet = r#","fleet":{"etcd_cluster":"etcd","instance":"gw"}"#;
+        let plain = r#","fleet":{"etcd_cluster":"etcd","instance":"gw","plaintext_runtime_keys":true}"#;
+        let local = admin("", false, "POST", "/apikeyrouter/v1/keys", post);
+        assert_eq!(local["status"], 201);
+        assert_eq!(local["persistence"], "local: this Envoy process only, lost when it restarts");
+        let refused = admin(fleet, false, "POST", "/apikeyrouter/v1/keys", post);
+        assert_eq!(
+            (refused["status"].clone(), refused["error"]["code"].clone()),
+            (json!(409), json!("runtime_keys_not_durable"))
+        );
+        for (f, key) in [(fleet, true), (plain, false)] {
+            let kept = admin(f, key, "POST", "/apikeyrouter/v1/keys", post);
+            assert_eq!(kept["status"], 201, "{kept}");
+            assert_eq!(kept["persistence"], "pending: written to etcd by the next fleet sync");
+        }
+        let patched = admin(fleet, false, "PATCH", "/apikeyrouter/v1/keys/k1", br#"{"state":"disabled"}"#);
+        assert_eq!(
+            (patched["status"].clone(), patched["persistence"].clone()),
+            (json!(200), json!("pending: written to etcd by the next fleet sync"))
+        );
     }
 }

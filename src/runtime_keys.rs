@@ -388,4 +388,35 @@ mod tests {
         };
         assert!(!format!("{k:?}").contains("sk-hidden"));
     }
+
+    #[test]
+    fn keys_adopted_from_etcd_are_added_replaced_and_deleted_in_place() {
+        let s = FakeStore::new();
+        let b = base();
+        let key = |id: &str, secret: &str, at_ms| RuntimeKey {
+            id: id.into(),
+            provider: "openai".into(),
+            secret: secret.into(),
+            weight: 1,
+            metadata: Map::new(),
+            deleted: secret.is_empty(),
+            at_ms,
+        };
+        assert_eq!(adopt(&s, &b, &key("r1", "sk-a", 10)), Ok(true));
+        assert_eq!(adopt(&s, &b, &key("r1", "sk-b", 20)), Ok(true), "newer material replaces it");
+        let reg = load(&s);
+        assert_eq!(reg.keys.iter().map(|k| (k.deleted, k.at_ms)).collect::<Vec<_>>(), [(true, 20), (false, 20)]);
+        assert_eq!(reg.latest("r1").map(|k| k.secret.as_str()), Some("sk-b"));
+        assert!(reg.keys[0].secret.is_empty(), "the replaced material is gone");
+        let cfg = merged(&b, &reg).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.keys.live().map(|(_, k)| k.id.as_str()).collect::<Vec<_>>(), ["k1", "r1"]);
+        assert_eq!(adopt(&s, &b, &key("r1", "", 30)), Ok(true));
+        assert_eq!(load(&s).latest("r1").map(|k| (k.deleted, k.at_ms)), Some((true, 30)));
+        assert_eq!(adopt(&s, &b, &key("r1", "", 40)), Ok(false), "nothing left to delete");
+        assert_eq!(adopt(&s, &b, &key("k1", "sk-x", 50)), Err(RegistryError::ConfigKey));
+        // A registration here after a deletion elsewhere is later than it.
+        let again = parse_new_key(br#"{"id":"r1","secret":"sk-c"}"#, &b).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(register(&s, &b, again).is_ok());
+        assert_eq!(load(&s).latest("r1").map(|k| k.at_ms), Some(31), "after the deletion at 30");
+    }
 }

@@ -593,9 +593,15 @@ mod tests {
             r#"{{"providers":[{{"id":"p","keys":[{{"id":"k1","secret":"s1"}},{{"id":"k2","secret":"s2"}}]}}],
                "fleet":{{"etcd_cluster":"etcd","prefix":"/p","instance":"gw-1","max_range_bytes":65536{auth}}}}}"#
         );
-        let env = |n: &str| (n == "ETCD_PASSWORD").then(|| "etcd-secret-pw".to_string());
+        let env = |n: &str| match n {
+            "ETCD_PASSWORD" => Some("etcd-secret-pw".to_string()),
+            crate::config::ENCRYPTION_KEY_ENV => Some(FERNET_KEY.to_string()),
+            _ => None,
+        };
         crate::config::compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
     }
+
+    const FERNET_KEY: &str = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";
 
     struct Rig {
         world: std::rc::Rc<World>,
@@ -704,5 +710,40 @@ mod tests {
         assert_eq!(rig.world.counter("apikeyrouter.fleet.sync_failures"), 1);
         let status = Status::decode(rig.h.store().value(fleet::STATUS_KEY).as_deref()).unwrap_or_default();
         assert!(status.last_error.contains("above fleet.max_range_bytes"), "{}", status.last_error);
+    }
+
+    #[test]
+    fn a_runtime_key_in_etcd_is_registered_here_and_one_registered_here_is_written_encrypted() {
+        let mut rig = Rig::new(false);
+        let k = crate::runtime_keys::parse_new_key(br#"{"id":"mine","key_material":"sk-mine-secret"}"#, &rig.cfg);
+        let mut k = k.unwrap_or_else(|e| panic!("{e:?}"));
+        k.at_ms = NOW;
+        assert!(crate::runtime_keys::register(rig.h.store(), &rig.cfg, k).is_ok());
+        let fernet = crate::fernet::FernetKey::parse(FERNET_KEY).unwrap_or_else(|e| panic!("{e}"));
+        let theirs = json!({"id": "theirs", "provider": "p", "secret": "sk-theirs-secret", "weight": 2,
+                            "metadata": {}, "deleted": false, "at_ms": NOW - 10});
+        let sealed = format!("fernet:{}", fernet.encrypt(theirs.to_string().as_bytes(), NOW / 1000, [7; 16]));
+        rig.tick();
+        rig.answer(200, &range_answer(&[("/p/k/theirs", sealed)]));
+        let reg = crate::runtime_keys::load(rig.h.store());
+        let live: Vec<(&str, &str)> =
+            reg.keys.iter().filter(|k| !k.deleted).map(|k| (k.id.as_str(), k.secret.as_str())).collect();
+        assert_eq!(live, vec![("mine", "sk-mine-secret"), ("theirs", "sk-theirs-secret")]);
+        let (path, _, body) = rig.last_call();
+        assert_eq!(path, "/v3/kv/txn");
+        let text = body.to_string();
+        assert!(!text.contains("sk-mine") && !text.contains(&base64_encode(b"sk-mine")), "{text}");
+        let put = body["success"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|op| op["requestPut"]["key"] == base64_encode(b"/p/k/mine"))
+            .unwrap_or_else(|| panic!("no write of /p/k/mine: {text}"));
+        let value = crate::encoding::base64_decode(put["requestPut"]["value"].as_str().unwrap_or(""));
+        let value = String::from_utf8(value.unwrap_or_default()).unwrap_or_default();
+        let token = value.strip_prefix("fernet:").unwrap_or_else(|| panic!("not sealed: {value}"));
+        let opened: Value = serde_json::from_slice(&fernet.decrypt(token).unwrap_or_default()).unwrap_or_default();
+        assert_eq!((opened["id"].as_str(), opened["secret"].as_str()), (Some("mine"), Some("sk-mine-secret")));
+        assert_eq!(rig.world.counter(crate::metrics::FLEET_VALUES_DROPPED), 0);
     }
 }
