@@ -358,8 +358,9 @@ fn registry_error(e: RegistryError, id: &str) -> Reply {
     }
 }
 
-/// `POST keys`: registers a key at runtime; its material is kept only in
-/// shared data and never returned.
+/// `POST keys`: registers a key at runtime; its material is kept in shared
+/// data (in fleet mode also in etcd, sealed: [`crate::durable`]) and never
+/// returned.
 fn post_key(cfg: &Config, store: &dyn Store, body: &[u8], now_ms: u64) -> Reply {
     let new = match runtime_keys::parse_new_key(body, cfg) {
         Ok(k) => k,
