@@ -572,6 +572,20 @@ mod tests {
     }
 
     #[test]
+    fn the_encryption_key_seals_fleet_records_and_a_bad_one_refuses_to_start() {
+        let json = r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"fleet":{"etcd_cluster":"etcd"}}"#;
+        let key = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";
+        let with = |v: &'static str| move |n: &str| (n == ENCRYPTION_KEY_ENV).then(|| v.to_string());
+        let c = compile(json.as_bytes(), &with(key)).unwrap_or_else(|e| panic!("{e}"));
+        let f = c.fleet.unwrap_or_else(|| panic!("fleet missing"));
+        assert!(f.encryption_key.is_some() && !f.plaintext_runtime_keys);
+        assert!(!format!("{f:?}").contains(key), "{f:?}");
+        let e = compile(json.as_bytes(), &with("not-a-key")).err().unwrap_or_else(|| panic!("accepted"));
+        assert_eq!(e.field, "fleet");
+        assert!(e.reason.contains("APIKEYROUTER_ENCRYPTION_KEY") && !e.reason.contains("not-a-key"), "{e}");
+    }
+
+    #[test]
     fn invalid_configs_are_refused_naming_the_field() {
         let p = |keys: &str| format!(r#"{{"providers":[{{"id":"p","keys":[{keys}]}}]}}"#);
         let fleet =
@@ -590,6 +604,7 @@ mod tests {
             (fleet(r#"{"etcd_cluster":"etcd","username":"gw","password_env":"NOPE"}"#), "fleet.password_env", "NOPE is not set"),
             (fleet(r#"{"etcd_cluster":"etcd","username":"","password_env":"ETCD_PW"}"#), "fleet.username", "1-128"),
             (fleet(r#"{"etcd_cluster":"etcd","max_range_bytes":1000}"#), "fleet.max_range_bytes", "from 65536"),
+            (fleet(r#"{"etcd_cluster":"etcd","plaintext_runtime_keys":"yes"}"#), "fleet.plaintext_runtime_keys", "true or false"),
             ("[]".into(), "(root)", "expected an object"),
             ("{}".into(), "providers", "required"),
             (r#"{"providers":[]}"#.into(), "providers", "at least one"),
