@@ -377,8 +377,9 @@ impl Limit {
     }
 
     pub fn to_json(&self) -> String {
-        json!({"budget": self.budget, "limit": self.limit.map(|d| d.normalize().to_string()), "at_ms": self.at_ms})
-            .to_string()
+        // A decimal's text needs no escaping; the id goes through Value's.
+        let limit = self.limit.map_or("null".to_string(), |d| format!("\"{}\"", d.normalize()));
+        format!(r#"{{"budget":{},"limit":{limit},"at_ms":{}}}"#, Value::from(self.budget.as_str()), self.at_ms)
     }
 }
 
