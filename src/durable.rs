@@ -41,7 +41,7 @@ use crate::runtime_keys::{Registry, RuntimeKey};
 use crate::store::{update, Store};
 use hashbrown::HashMap;
 use rust_decimal::Decimal;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::str::FromStr;
 
 /// Prefix of the limit override last set on this process for each budget,
@@ -435,6 +435,7 @@ fn write_limit(store: &dyn Store, mut l: Limit, later: bool) -> bool {
 mod tests {
     use super::*;
     use crate::fleet::Kv;
+    use serde_json::json;
     use crate::store::FakeStore;
 
     const KEY: &str = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";
