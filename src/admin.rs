@@ -280,11 +280,11 @@ fn route(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -
             None => admin_error(404, "key_not_found", &format!("No key with id '{id}'.")),
         },
         ("POST", ["keys"]) => post_key(cfg, store, req.body, now_ms),
-        ("DELETE", ["keys", id]) => match runtime_keys::delete(store, cfg, id) {
+        ("DELETE", ["keys", id]) => match runtime_keys::delete(store, cfg, id, now_ms) {
             Ok(_) => {
                 crate::shared_data::bump_generation(store);
                 note(store, cfg, now_ms, "registry", id, "registered", "deleted", "DELETE keys");
-                reply::json(200, &json!({"id": id, "deleted": true}))
+                reply::json(200, &kept(cfg, json!({"id": id, "deleted": true})))
             }
             Err(e) => registry_error(e, id),
         },
@@ -365,6 +365,18 @@ fn route(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -
     }
 }
 
+/// An answer to an admin change, saying where the change is kept: in fleet
+/// mode etcd has it after the next sync (see [`crate::durable`]); otherwise
+/// it lives in this process's shared data and is lost when Envoy restarts.
+fn kept(cfg: &Config, mut answer: Value) -> Value {
+    answer["persistence"] = json!(if cfg.fleet.is_some() {
+        "pending: written to etcd by the next fleet sync"
+    } else {
+        "local: this Envoy process only, lost when it restarts"
+    });
+    answer
+}
+
 /// `?limit=N`, or `default` when absent.
 fn limit_param(query: &str, default: usize) -> Result<usize, Reply> {
     match query.split('&').find_map(|kv| kv.strip_prefix("limit=")) {
@@ -405,13 +417,23 @@ fn registry_error(e: RegistryError, id: &str) -> Reply {
     }
 }
 
-/// `POST keys`: registers a key at runtime; its material is kept only in
-/// shared data and never returned.
+/// `POST keys`: registers a key at runtime; its material is kept in shared
+/// data (in fleet mode also in etcd, sealed: [`crate::durable`]) and never
+/// returned.
 fn post_key(cfg: &Config, store: &dyn Store, body: &[u8], now_ms: u64) -> Reply {
     let new = match runtime_keys::parse_new_key(body, cfg) {
         Ok(k) => k,
         Err(e) => return registry_error(e, ""),
     };
+    if cfg.fleet.as_ref().is_some_and(|f| !crate::durable::Sealing::of(f).runtime_keys) {
+        return admin_error(
+            409,
+            "runtime_keys_not_durable",
+            "In fleet mode runtime keys are kept in etcd, and without APIKEYROUTER_ENCRYPTION_KEY their material would be stored there in plain text: set it, or allow that with fleet.plaintext_runtime_keys.",
+        );
+    }
+    let mut new = new;
+    new.at_ms = now_ms;
     let id = new.id.clone();
     let reg = match runtime_keys::register(store, cfg, new) {
         Ok(r) => r,
@@ -421,10 +443,10 @@ fn post_key(cfg: &Config, store: &dyn Store, body: &[u8], now_ms: u64) -> Reply 
     note(store, cfg, now_ms, "registry", &id, "absent", "registered", "POST keys");
     match runtime_keys::merged(cfg, &reg) {
         Ok(merged) => match merged.key_by_id(&id) {
-            Some((_, k)) => reply::json(201, &key_json(&merged, k, &read_or_default(store, k), now_ms)),
-            None => reply::json(201, &json!({"id": id})),
+            Some((_, k)) => reply::json(201, &kept(cfg, key_json(&merged, k, &read_or_default(store, k), now_ms))),
+            None => reply::json(201, &kept(cfg, json!({"id": id}))),
         },
-        Err(_) => reply::json(201, &json!({"id": id})),
+        Err(_) => reply::json(201, &kept(cfg, json!({"id": id}))),
     }
 }
 
@@ -468,7 +490,7 @@ fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64)
             let after = r.effective(now_ms).as_str();
             log::info!("admin: key {} set to {after} ({reason})", k.id);
             note(store, cfg, now_ms, "key", &k.id, before, after, &format!("admin: {reason}"));
-            reply::json(200, &key_json(cfg, k, &r, now_ms))
+            reply::json(200, &kept(cfg, key_json(cfg, k, &r, now_ms)))
         }
         Err(e) => admin_error(503, "state_busy", &format!("The key state could not be written: {e:?}")),
     }
@@ -532,11 +554,14 @@ fn patch_budget(cfg: &Config, store: &dyn Store, b: &Budget, body: &[u8], now_ms
         _ => return admin_error(400, "invalid_limit", "limit must be a positive decimal string, or null to reset it."),
     };
     match budget::set_limit(store, b, limit, now_ms) {
+        Some(_) if !crate::durable::note_limit(store, &b.id, limit, now_ms) => {
+            admin_error(503, "state_busy", "The budget's change time could not be written.")
+        }
         Some(_) => {
             let to = limit.map_or("its configured value".to_string(), show);
             log::info!("admin: budget {} limit set to {to}", b.id);
             note(store, cfg, now_ms, "budget", &b.id, "limit", &format!("limit {to}"), "admin");
-            reply::json(200, &budget_json(cfg, store, b, now_ms))
+            reply::json(200, &kept(cfg, budget_json(cfg, store, b, now_ms)))
         }
         None => admin_error(503, "state_busy", "The budget could not be written."),
     }
@@ -1060,8 +1085,10 @@ mod tests {
         assert_eq!(body(&r)["keys"]["throttled"], 2);
     }
 
+    /// Compiles `json` with the admin token in `ADMIN` and no other
+    /// variable set (no encryption key).
     fn compiled(json: &str) -> Config {
-        compile(json.as_bytes(), &|_| Some(TOKEN.to_string())).unwrap_or_else(|e| panic!("{e}"))
+        compile(json.as_bytes(), &|v| (v == "ADMIN").then(|| TOKEN.to_string())).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Two keys with a daily quota of 100 tokens, a probe path and prices.

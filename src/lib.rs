@@ -15,6 +15,7 @@ pub mod codec;
 pub mod config;
 pub mod crypto;
 pub mod decision;
+pub mod durable;
 pub mod encoding;
 pub mod fernet;
 pub mod fleet;

@@ -339,6 +339,13 @@ pub struct Fleet {
     pub auth: Option<EtcdAuth>,
     /// A range answer larger than this is refused (the sync fails).
     pub max_range_bytes: usize,
+    /// `APIKEYROUTER_ENCRYPTION_KEY`: runtime keys and budget limits are
+    /// kept in etcd as Fernet tokens under it.
+    pub encryption_key: Option<crate::fernet::FernetKey>,
+    /// `fleet.plaintext_runtime_keys`: without an encryption key, runtime
+    /// keys' material may be kept in etcd in plain text (otherwise `POST
+    /// keys` is refused in fleet mode).
+    pub plaintext_runtime_keys: bool,
 }
 
 /// `alerts`: the webhook that budget thresholds and key events are posted

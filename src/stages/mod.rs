@@ -101,6 +101,11 @@ fn seed_records(h: &dyn Host, cfg: &config::Config) {
     ] {
         seeds.push(("counter", name, counter.clone()));
     }
+    seeds.push(("fleet", crate::shared_data::FLEET_REPORTED, vec![1]));
+    // Each budget's limit override with its time: none yet (a byte that
+    // holds no override).
+    let limits: Vec<String> = cfg.budgets.iter().map(|b| crate::durable::local_name(&b.id)).collect();
+    seeds.extend(limits.iter().map(|name| ("limit", name.as_str(), vec![0])));
     for (kind, name, value) in seeds {
         if store::seed(store, name, &value).is_err() {
             log::warn!("{kind} record {name}: could not seed it");
@@ -229,7 +234,13 @@ impl Root {
                 if let Some(a) = base.alerts.as_ref() {
                     r.alerts.pump(h, a, h.now_ms());
                 }
-                r.config.clone()
+                // The sync merges the states of runtime keys too, and adds
+                // those it reads from etcd: it needs the key table of now.
+                if self.fleet.is_some() {
+                    r.refresh(h, h.now_ms())
+                } else {
+                    r.config.clone()
+                }
             }
             Err(_) => return,
         };

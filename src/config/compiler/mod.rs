@@ -458,6 +458,16 @@ fn fleet(root: &mut Obj, env: Env<'_>) -> Result<Option<Fleet>, ConfigError> {
         f.opt_u64_in("degraded_after_ms", 0, 3_600_000)?.unwrap_or(3 * sync_interval_ms.max(timeout_ms));
     let auth = etcd_auth(&mut f, env)?;
     let max_range_bytes = f.opt_u64_in("max_range_bytes", 65_536, 1 << 30)?.unwrap_or(16 << 20) as usize;
+    let plaintext_runtime_keys = f.opt_bool("plaintext_runtime_keys")?.unwrap_or(false);
+    let encryption_key = match env(ENCRYPTION_KEY_ENV) {
+        None => None,
+        Some(k) => Some(crate::fernet::FernetKey::parse(&k).map_err(|e| {
+            err(
+                "fleet",
+                format!("{ENCRYPTION_KEY_ENV} (runtime keys and budget limits are encrypted with it in etcd): {e}"),
+            )
+        })?),
+    };
     f.finish()?;
     Ok(Some(Fleet {
         cluster,
@@ -470,6 +480,8 @@ fn fleet(root: &mut Obj, env: Env<'_>) -> Result<Option<Fleet>, ConfigError> {
         degraded_after_ms,
         auth,
         max_range_bytes,
+        encryption_key,
+        plaintext_runtime_keys,
     }))
 }
 
@@ -654,6 +666,20 @@ mod tests {
     }
 
     #[test]
+    fn the_encryption_key_seals_fleet_records_and_a_bad_one_refuses_to_start() {
+        let json = r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"fleet":{"etcd_cluster":"etcd"}}"#;
+        let key = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";
+        let with = |v: &'static str| move |n: &str| (n == ENCRYPTION_KEY_ENV).then(|| v.to_string());
+        let c = compile(json.as_bytes(), &with(key)).unwrap_or_else(|e| panic!("{e}"));
+        let f = c.fleet.unwrap_or_else(|| panic!("fleet missing"));
+        assert!(f.encryption_key.is_some() && !f.plaintext_runtime_keys);
+        assert!(!format!("{f:?}").contains(key), "{f:?}");
+        let e = compile(json.as_bytes(), &with("not-a-key")).err().unwrap_or_else(|| panic!("accepted"));
+        assert_eq!(e.field, "fleet");
+        assert!(e.reason.contains("APIKEYROUTER_ENCRYPTION_KEY") && !e.reason.contains("not-a-key"), "{e}");
+    }
+
+    #[test]
     fn invalid_configs_are_refused_naming_the_field() {
         let p = |keys: &str| format!(r#"{{"providers":[{{"id":"p","keys":[{keys}]}}]}}"#);
         let fleet =
@@ -672,6 +698,7 @@ mod tests {
             (fleet(r#"{"etcd_cluster":"etcd","username":"gw","password_env":"NOPE"}"#), "fleet.password_env", "NOPE is not set"),
             (fleet(r#"{"etcd_cluster":"etcd","username":"","password_env":"ETCD_PW"}"#), "fleet.username", "1-128"),
             (fleet(r#"{"etcd_cluster":"etcd","max_range_bytes":1000}"#), "fleet.max_range_bytes", "from 65536"),
+            (fleet(r#"{"etcd_cluster":"etcd","plaintext_runtime_keys":"yes"}"#), "fleet.plaintext_runtime_keys", "true or false"),
             ("[]".into(), "(root)", "expected an object"),
             ("{}".into(), "providers", "required"),
             (r#"{"providers":[]}"#.into(), "providers", "at least one"),
