@@ -190,7 +190,8 @@ def test_the_designs_management_api_under_api_v1(start_mock, start_envoy):
     status, _, raw = http("GET", e.url + "/apikeyrouter/v1/keys", headers={"x-api-key": ADMIN_TOKEN})
     assert status == 404 and b'"keys"' not in raw, raw
     status, deleted = api_v1(e, "DELETE", f"keys/{added['id']}")
-    assert (status, deleted) == (200, {"id": added["id"], "deleted": True})
+    assert (status, deleted) == (200, {"id": added["id"], "deleted": True,
+                                       "persistence": "local: this Envoy process only, lost when it restarts"})
 
 
 def wait_recorded_v1(e, attempts):
