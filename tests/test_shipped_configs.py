@@ -373,8 +373,12 @@ def test_the_downstream_connection_limit_holds(mock, start_envoy):
                 except ConnectionResetError:
                     return True
         wait_until(refused, timeout=10, what="a third connection closed at once", errors=(OSError,))
-        overflow = e.stats("downstream_global_cx_overflow")
-        assert sum(int(v) for k, v in overflow.items() if k.endswith("downstream_global_cx_overflow")) >= 1, overflow
+        # Envoy closes the refused socket, then counts it (TcpListenerImpl::
+        # onSocketEvent: io_handle->close(), then onReject): wait for the count.
+        def overflowed():
+            overflow = e.stats("downstream_global_cx_overflow")
+            return sum(int(v) for k, v in overflow.items() if k.endswith("downstream_global_cx_overflow")) >= 1
+        wait_until(overflowed, timeout=10, what="the refused connection to be counted as a global overflow")
     finally:
         for s in held:
             s.close()
