@@ -1001,6 +1001,28 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_limit_too_large_for_millionths_is_shown_with_its_forecast_not_a_trap() {
+        let json = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s"}]}],"admin":{"token_env":"ADMIN"},
+            "budgets":[{"id":"daily","limit":"100000000000000000000000000","window":"day"}]}"#;
+        let c = compile(json.as_bytes(), &|_| Some(TOKEN.to_string())).unwrap_or_else(|e| panic!("{e}"));
+        let s = FakeStore::new();
+        for i in 0..=20 {
+            let a = budget::reserve(&s, &c.budgets, &[0], rust_decimal::Decimal::ONE, i * 1000)
+                .unwrap_or_else(|r| panic!("{r:?}"));
+            a.held.settle(&s, &c.budgets, rust_decimal::Decimal::ONE, i * 1000);
+        }
+        let v = body(&handle(&c, &s, &get("/apikeyrouter/v1/budgets", Some(BEARER)), 20_000));
+        assert_eq!(v["budgets"][0]["remaining"], "99999999999999999999999979");
+        assert_eq!(v["budgets"][0]["forecast"]["runs_out_before_reset"], false);
+        // The same through an override, and the tick's gauges.
+        let huge = br#"{"limit":"79228162514264337593543950335"}"#;
+        assert_eq!(handle(&c, &s, &patch("/apikeyrouter/v1/budgets/daily", huge), 20_000).status, 200);
+        let rec = budget::expire(&s, &c.budgets[0], 20_000);
+        let gauges = metrics::budget_forecast_gauges("daily", &rec.forecast(&c.budgets[0], 20_000), 20_000);
+        assert_eq!(gauges[0].1, crate::forecast::LASTS);
+    }
+
+    #[test]
     fn runtime_keys_are_registered_listed_and_deleted_without_showing_material() {
         let c = cfg();
         let s = FakeStore::new();
