@@ -65,19 +65,31 @@ pub fn is_probe_path(cfg: &Config, path: &str) -> bool {
 /// local state) or `"unhealthy"` (503: no key can serve, quota-exhausted keys
 /// included). Nothing else: no counts, ids, version or fleet details. It
 /// takes no token, so it is neither charged to nor refused by the
-/// failed-authentication budget; it reads key records only until it finds
-/// one key that can serve.
-pub fn probe(cfg: &Config, store: &dyn Store, method: &str, now_ms: u64) -> Reply {
+/// failed-authentication budget. `record` gives key `i`'s record: on the
+/// request path the worker's snapshot, as key choice sees it, so that an
+/// unauthenticated probe costs no read per key.
+pub fn probe_on(
+    cfg: &Config,
+    store: &dyn Store,
+    method: &str,
+    now_ms: u64,
+    record: &dyn Fn(usize, &Key) -> KeyRecord,
+) -> Reply {
     if method != "GET" && method != "HEAD" {
         let mut r = admin_error(405, "method_not_allowed", "The health probe answers GET and HEAD only.");
         r.headers.push(("allow", "GET, HEAD".to_string()));
         return r;
     }
-    let serving = cfg.keys.live().any(|(i, k)| evaluate(cfg, i, &read_or_default(store, k), now_ms).excluded.is_none());
+    let serving = cfg.keys.live().any(|(i, k)| evaluate(cfg, i, &record(i, k), now_ms).excluded.is_none());
     let status = health_status(serving, fleet_degraded(cfg, store, now_ms));
     let mut r = reply::json(if serving { 200 } else { 503 }, &json!({ "status": status }));
     r.headers.push(("cache-control", "no-store".to_string()));
     r
+}
+
+/// [`probe_on`] with each key's record read from shared data.
+pub fn probe(cfg: &Config, store: &dyn Store, method: &str, now_ms: u64) -> Reply {
+    probe_on(cfg, store, method, now_ms, &|_, k| read_or_default(store, k))
 }
 
 fn health_status(serving: bool, degraded: bool) -> &'static str {
