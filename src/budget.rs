@@ -674,20 +674,26 @@ pub fn settle(store: &dyn Store, budgets: &[Budget], held: &[Held], actual: Deci
 /// one has claimed yet (bit `i`: `budget.alerts[i]`) and returns them.
 #[inline(never)]
 fn claim_alerts(rec: &mut BudgetRecord, budget: &Budget) -> u32 {
+    let crossed = reached_alerts(rec, budget) & !rec.alerted;
+    rec.alerted |= crossed;
+    crossed
+}
+
+/// The thresholds of `budget` the record's spend has reached at its
+/// current limit (bit `i`: `budget.alerts[i]`).
+#[inline(never)]
+fn reached_alerts(rec: &BudgetRecord, budget: &Budget) -> u32 {
     let (total, limit) = (rec.total(), rec.limit(budget));
     if budget.alerts.is_empty() || limit <= Decimal::ZERO {
         return 0;
     }
-    let reached = budget.alerts.iter().take(MAX_ALERTS).enumerate().fold(0, |bits, (i, t)| {
+    budget.alerts.iter().take(MAX_ALERTS).enumerate().fold(0, |bits, (i, t)| {
         if limit.checked_mul(*t).is_some_and(|at| total >= at) {
             bits | (1 << i)
         } else {
             bits
         }
-    });
-    let crossed = reached & !rec.alerted;
-    rec.alerted |= crossed;
-    crossed
+    })
 }
 
 #[inline(never)]
@@ -812,6 +818,10 @@ pub fn set_limit(store: &dyn Store, budget: &Budget, limit: Option<Decimal>, now
     let (r, _) = update(store, &budget.record_name, |cur| {
         let mut rec = read(cur)?.current(budget, now_ms);
         rec.limit_override = limit;
+        // A threshold the spend is under at the new limit is crossed again
+        // when the spend reaches it; one already past stays claimed (or is
+        // claimed at the next charge).
+        rec.alerted &= reached_alerts(&rec, budget);
         Ok::<_, BadRecord>((rec, rec.encode()))
     });
     r.ok()
@@ -1230,6 +1240,26 @@ mod tests {
         let a = reserve(&s, &bs, &[0], dec("5"), 3_600_001).unwrap_or_else(|r| panic!("refused: {r:?}"));
         a.held.release(&s, &bs, 3_600_001);
         assert_eq!(load(&s, &bs[0], 3_600_001).alerted, 0b001);
+    }
+
+    #[test]
+    fn a_raised_limit_lets_the_thresholds_the_spend_is_now_under_be_crossed_again_in_the_window() {
+        let s = FakeStore::new();
+        let mut b = budget("1.00", Enforcement::Soft, Some(Window::Hour));
+        b.alerts = vec![dec("0.5"), dec("0.8")];
+        let bs = vec![b];
+        let charge = |amount: &str, now: u64| {
+            let a = reserve(&s, &bs, &[0], dec("0.01"), now).unwrap_or_else(|r| panic!("refused: {r:?}"));
+            a.held.settle(&s, &bs, dec(amount), now).iter().map(|x| x.crossed).collect::<Vec<u32>>()
+        };
+        assert_eq!(charge("0.85", 0), vec![0b11]);
+        // Raised to 10: 0.85 is under both thresholds again.
+        assert!(set_limit(&s, &bs[0], Some(dec("10")), 1).is_some());
+        assert_eq!(charge("4.15", 2), vec![0b01], "5 of 10 is 50% of the new limit");
+        assert_eq!(charge("3", 3), vec![0b10], "8 of 10 is 80% of the new limit");
+        // Lowered to 9: both stay past, and stay claimed.
+        assert!(set_limit(&s, &bs[0], Some(dec("9")), 4).is_some());
+        assert_eq!(charge("0.1", 5), vec![0]);
     }
 
     #[test]
