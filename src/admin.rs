@@ -65,19 +65,31 @@ pub fn is_probe_path(cfg: &Config, path: &str) -> bool {
 /// local state) or `"unhealthy"` (503: no key can serve, quota-exhausted keys
 /// included). Nothing else: no counts, ids, version or fleet details. It
 /// takes no token, so it is neither charged to nor refused by the
-/// failed-authentication budget; it reads key records only until it finds
-/// one key that can serve.
-pub fn probe(cfg: &Config, store: &dyn Store, method: &str, now_ms: u64) -> Reply {
+/// failed-authentication budget. `record` gives key `i`'s record: on the
+/// request path the worker's snapshot, as key choice sees it, so that an
+/// unauthenticated probe costs no read per key.
+pub fn probe_on(
+    cfg: &Config,
+    store: &dyn Store,
+    method: &str,
+    now_ms: u64,
+    record: &dyn Fn(usize, &Key) -> KeyRecord,
+) -> Reply {
     if method != "GET" && method != "HEAD" {
         let mut r = admin_error(405, "method_not_allowed", "The health probe answers GET and HEAD only.");
         r.headers.push(("allow", "GET, HEAD".to_string()));
         return r;
     }
-    let serving = cfg.keys.live().any(|(i, k)| evaluate(cfg, i, &read_or_default(store, k), now_ms).excluded.is_none());
+    let serving = cfg.keys.live().any(|(i, k)| evaluate(cfg, i, &record(i, k), now_ms).excluded.is_none());
     let status = health_status(serving, fleet_degraded(cfg, store, now_ms));
     let mut r = reply::json(if serving { 200 } else { 503 }, &json!({ "status": status }));
     r.headers.push(("cache-control", "no-store".to_string()));
     r
+}
+
+/// [`probe_on`] with each key's record read from shared data.
+pub fn probe(cfg: &Config, store: &dyn Store, method: &str, now_ms: u64) -> Reply {
+    probe_on(cfg, store, method, now_ms, &|_, k| read_or_default(store, k))
 }
 
 fn health_status(serving: bool, degraded: bool) -> &'static str {
@@ -1023,6 +1035,28 @@ mod tests {
         assert_eq!(body(&r)["limit"], "10");
         assert_eq!(handle(&c, &s, &patch("/apikeyrouter/v1/budgets/daily", br#"{"limit":"-2"}"#), 0).status, 400);
         assert_eq!(handle(&c, &s, &patch("/apikeyrouter/v1/budgets/nope", br#"{"limit":"2"}"#), 0).status, 404);
+    }
+
+    #[test]
+    fn a_budget_limit_too_large_for_millionths_is_shown_with_its_forecast_not_a_trap() {
+        let json = r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s"}]}],"admin":{"token_env":"ADMIN"},
+            "budgets":[{"id":"daily","limit":"100000000000000000000000000","window":"day"}]}"#;
+        let c = compile(json.as_bytes(), &|_| Some(TOKEN.to_string())).unwrap_or_else(|e| panic!("{e}"));
+        let s = FakeStore::new();
+        for i in 0..=20 {
+            let a = budget::reserve(&s, &c.budgets, &[0], rust_decimal::Decimal::ONE, i * 1000)
+                .unwrap_or_else(|r| panic!("{r:?}"));
+            a.held.settle(&s, &c.budgets, rust_decimal::Decimal::ONE, i * 1000);
+        }
+        let v = body(&handle(&c, &s, &get("/apikeyrouter/v1/budgets", Some(BEARER)), 20_000));
+        assert_eq!(v["budgets"][0]["remaining"], "99999999999999999999999979");
+        assert_eq!(v["budgets"][0]["forecast"]["runs_out_before_reset"], false);
+        // The same through an override, and the tick's gauges.
+        let huge = br#"{"limit":"79228162514264337593543950335"}"#;
+        assert_eq!(handle(&c, &s, &patch("/apikeyrouter/v1/budgets/daily", huge), 20_000).status, 200);
+        let rec = budget::expire(&s, &c.budgets[0], 20_000);
+        let gauges = metrics::budget_forecast_gauges("daily", &rec.forecast(&c.budgets[0], 20_000), 20_000);
+        assert_eq!(gauges[0].1, crate::forecast::LASTS);
     }
 
     #[test]

@@ -253,7 +253,8 @@ pub struct BudgetRecord {
     pub burn_prev_micros: u64,
     /// The alert thresholds (bit `i`: `Budget::alerts[i]`) crossed in this
     /// window: set in the swap that charges the spend that crosses them, so
-    /// that one worker, once, posts each.
+    /// that one worker, once, posts each. The high 16 bits tag the list of
+    /// thresholds the low 16 refer to ([`alerts_tag`]).
     pub alerted: u32,
 }
 
@@ -674,20 +675,59 @@ pub fn settle(store: &dyn Store, budgets: &[Budget], held: &[Held], actual: Deci
 /// one has claimed yet (bit `i`: `budget.alerts[i]`) and returns them.
 #[inline(never)]
 fn claim_alerts(rec: &mut BudgetRecord, budget: &Budget) -> u32 {
+    let crossed = reached_alerts(rec, budget) & !rec.alerted & !ALERT_TAG_MASK;
+    rec.alerted |= crossed;
+    crossed
+}
+
+/// The bits of [`BudgetRecord::alerted`] that tag its list of thresholds.
+const ALERT_TAG_MASK: u32 = 0xffff_0000;
+
+/// A 16-bit tag of `budget`'s thresholds (FNV-1a of their values), in
+/// the high bits: a record's claims name positions in a list of
+/// thresholds, and a new configuration may list others.
+#[inline(never)]
+fn alerts_tag(budget: &Budget) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for t in &budget.alerts {
+        for b in t.normalize().serialize() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    }
+    (h ^ (h >> 16)) << 16
+}
+
+impl BudgetRecord {
+    /// Makes the record's claims refer to `budget`'s thresholds: claims
+    /// made under another list (the configuration changed in the window)
+    /// become the thresholds the spend has reached, taken as posted, so that
+    /// none is posted twice and none still ahead is taken as posted.
+    fn adopt_alerts(&mut self, budget: &Budget) {
+        if budget.alerts.is_empty() {
+            return;
+        }
+        let tag = alerts_tag(budget);
+        if self.alerted & ALERT_TAG_MASK != tag {
+            self.alerted = tag | reached_alerts(self, budget);
+        }
+    }
+}
+
+/// The thresholds of `budget` the record's spend has reached at its
+/// current limit (bit `i`: `budget.alerts[i]`).
+#[inline(never)]
+fn reached_alerts(rec: &BudgetRecord, budget: &Budget) -> u32 {
     let (total, limit) = (rec.total(), rec.limit(budget));
     if budget.alerts.is_empty() || limit <= Decimal::ZERO {
         return 0;
     }
-    let reached = budget.alerts.iter().take(MAX_ALERTS).enumerate().fold(0, |bits, (i, t)| {
+    budget.alerts.iter().take(MAX_ALERTS).enumerate().fold(0, |bits, (i, t)| {
         if limit.checked_mul(*t).is_some_and(|at| total >= at) {
             bits | (1 << i)
         } else {
             bits
         }
-    });
-    let crossed = reached & !rec.alerted;
-    rec.alerted |= crossed;
-    crossed
+    })
 }
 
 #[inline(never)]
@@ -720,6 +760,9 @@ fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decima
         }
         let mut crossed = 0;
         if let Some(a) = actual {
+            // Before the spend: claims made under other thresholds are
+            // replaced with those this spend passes without the charge.
+            rec.adopt_alerts(b);
             rec.spent += a;
             rec.requests += 1;
             rec.count_burn(crate::metrics::micros(a), now_ms);
@@ -812,6 +855,11 @@ pub fn set_limit(store: &dyn Store, budget: &Budget, limit: Option<Decimal>, now
     let (r, _) = update(store, &budget.record_name, |cur| {
         let mut rec = read(cur)?.current(budget, now_ms);
         rec.limit_override = limit;
+        // A threshold the spend is under at the new limit is crossed again
+        // when the spend reaches it; one already past stays claimed (or is
+        // claimed at the next charge).
+        rec.adopt_alerts(budget);
+        rec.alerted &= reached_alerts(&rec, budget) | ALERT_TAG_MASK;
         Ok::<_, BadRecord>((rec, rec.encode()))
     });
     r.ok()
@@ -1224,12 +1272,58 @@ mod tests {
         assert_eq!(charge("0.10", 2), vec![0]);
         assert_eq!(charge("0.45", 3), vec![0b110], "one charge past two thresholds crosses both");
         assert_eq!(charge("1", 4), vec![0], "none twice");
-        assert_eq!(load(&s, &bs[0], 5).alerted, 0b111);
+        assert_eq!(load(&s, &bs[0], 5).alerted & !ALERT_TAG_MASK, 0b111);
         assert_eq!(charge("0.60", 3_600_000), vec![0b001], "a new window crosses them again");
         // A release charges nothing and crosses nothing.
         let a = reserve(&s, &bs, &[0], dec("5"), 3_600_001).unwrap_or_else(|r| panic!("refused: {r:?}"));
         a.held.release(&s, &bs, 3_600_001);
-        assert_eq!(load(&s, &bs[0], 3_600_001).alerted, 0b001);
+        assert_eq!(load(&s, &bs[0], 3_600_001).alerted & !ALERT_TAG_MASK, 0b001);
+    }
+
+    #[test]
+    fn a_raised_limit_lets_the_thresholds_the_spend_is_now_under_be_crossed_again_in_the_window() {
+        let s = FakeStore::new();
+        let mut b = budget("1.00", Enforcement::Soft, Some(Window::Hour));
+        b.alerts = vec![dec("0.5"), dec("0.8")];
+        let bs = vec![b];
+        let charge = |amount: &str, now: u64| {
+            let a = reserve(&s, &bs, &[0], dec("0.01"), now).unwrap_or_else(|r| panic!("refused: {r:?}"));
+            a.held.settle(&s, &bs, dec(amount), now).iter().map(|x| x.crossed).collect::<Vec<u32>>()
+        };
+        assert_eq!(charge("0.85", 0), vec![0b11]);
+        // Raised to 10: 0.85 is under both thresholds again.
+        assert!(set_limit(&s, &bs[0], Some(dec("10")), 1).is_some());
+        assert_eq!(charge("4.15", 2), vec![0b01], "5 of 10 is 50% of the new limit");
+        assert_eq!(charge("3", 3), vec![0b10], "8 of 10 is 80% of the new limit");
+        // Lowered to 9: both stay past, and stay claimed.
+        assert!(set_limit(&s, &bs[0], Some(dec("9")), 4).is_some());
+        assert_eq!(charge("0.1", 5), vec![0]);
+    }
+
+    #[test]
+    fn thresholds_changed_in_the_window_are_posted_neither_twice_nor_never() {
+        let s = FakeStore::new();
+        let with = |alerts: &[&str]| {
+            let mut b = budget("1.00", Enforcement::Soft, Some(Window::Hour));
+            b.alerts = alerts.iter().map(|a| dec(a)).collect();
+            vec![b]
+        };
+        let charge = |bs: &[Budget], amount: &str, now: u64| {
+            let a = reserve(&s, bs, &[0], dec("0.01"), now).unwrap_or_else(|r| panic!("refused: {r:?}"));
+            a.held.settle(&s, bs, dec(amount), now).iter().map(|x| x.crossed).collect::<Vec<u32>>()
+        };
+        let three = with(&["0.5", "0.8", "1"]);
+        assert_eq!(charge(&three, "0.85", 0), vec![0b011]);
+        // 0.5 left out: 1.0 moves to where 0.8 was, but is still ahead.
+        let two = with(&["0.8", "1"]);
+        assert_eq!(charge(&two, "0.05", 1), vec![0]);
+        assert_eq!(charge(&two, "0.10", 2), vec![0b10], "1.0 is posted when reached");
+        // A new window under a list that gains a threshold in front: 0.5,
+        // posted under the old list, is not posted again.
+        assert_eq!(charge(&three, "0.6", 3_600_000), vec![0b001]);
+        let four = with(&["0.25", "0.5", "0.8", "1"]);
+        assert_eq!(charge(&four, "0.05", 3_600_001), vec![0]);
+        assert_eq!(charge(&four, "0.2", 3_600_002), vec![0b0100]);
     }
 
     #[test]

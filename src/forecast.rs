@@ -178,13 +178,13 @@ pub fn runway_score(r: &KeyRecord, limits: &Limits, now_ms: u64) -> f64 {
 /// Counts `amount` at `now_ms` into buckets of `width_ms`: rolls the current
 /// bucket into the previous one, or restarts both (and `since_ms`) after a
 /// gap.
-pub fn count<T: Copy + Default + std::ops::Add<Output = T>>(
+pub fn count(
     width_ms: u64,
     start_ms: &mut u64,
-    cur: &mut T,
-    prev: &mut T,
+    cur: &mut u64,
+    prev: &mut u64,
     since_ms: &mut u64,
-    amount: T,
+    amount: u64,
     now_ms: u64,
 ) {
     let width_ms = width_ms.max(1);
@@ -192,11 +192,11 @@ pub fn count<T: Copy + Default + std::ops::Add<Output = T>>(
         Step::Same => {}
         Step::Next => {
             *prev = *cur;
-            *cur = T::default();
+            *cur = 0;
         }
         Step::Gap => {
-            *prev = T::default();
-            *cur = T::default();
+            *prev = 0;
+            *cur = 0;
             *since_ms = now_ms;
         }
     }
@@ -204,7 +204,7 @@ pub fn count<T: Copy + Default + std::ops::Add<Output = T>>(
         *since_ms = now_ms;
     }
     *start_ms = now_ms - now_ms % width_ms;
-    *cur = *cur + amount;
+    *cur = cur.saturating_add(amount);
 }
 
 /// Seconds for display, rounded.

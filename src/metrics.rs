@@ -165,7 +165,12 @@ pub fn budget_metric(id: &str, what: &str) -> String {
 /// An amount in millionths, for integer stats.
 pub fn micros(d: rust_decimal::Decimal) -> u64 {
     use rust_decimal::prelude::ToPrimitive;
-    (d * rust_decimal::Decimal::from(1_000_000)).round().to_u64().unwrap_or(0)
+    if d <= rust_decimal::Decimal::ZERO {
+        return 0;
+    }
+    // Beyond u64 (or Decimal) millionths: the most there is, never a trap
+    // nor a 0 (a budget's limit may be that large).
+    d.checked_mul(rust_decimal::Decimal::from(1_000_000)).and_then(|m| m.round().to_u64()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

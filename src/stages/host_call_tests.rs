@@ -192,3 +192,36 @@ fn with_routing_headers_off_the_attempt_stages_own_429_carries_none_either() {
     let ours: Vec<&String> = sent.headers.iter().map(|(k, _)| k).filter(|k| k.starts_with("x-apikeyrouter-")).collect();
     assert!(ours.is_empty(), "{ours:?}");
 }
+
+/// One token-free probe of `/healthz`.
+fn probe(gw: &Gateway) -> Exchange {
+    let mut x = Exchange::new(&gw.world, &gw.ingress, &[(":method", "GET"), (":path", "/healthz")], b"");
+    x.send_request(usize::MAX, false);
+    x
+}
+
+#[test]
+fn an_unauthenticated_probe_costs_the_same_host_calls_however_many_keys_cannot_serve() {
+    let calls = |n: usize| {
+        let keys: Vec<String> = (0..n).map(|i| format!(r#"{{"id":"k{i}","secret":"sk-{i}"}}"#)).collect();
+        let config = format!(
+            r#"{{"providers":[{{"id":"openai","keys":[{}]}}],"admin":{{"enabled":false,"probe_path":"/healthz"}}}}"#,
+            keys.join(",")
+        );
+        let gw = Gateway::new(&config);
+        // Every key but the last is disabled: the probe looks at them all.
+        for i in 0..n - 1 {
+            let name = crate::shared_data::key_record("openai", &format!("k{i}"));
+            let set = crate::keys::set_state(&gw.world.store, &name, crate::keys::SetState::Disabled, 1);
+            assert!(set.is_ok());
+        }
+        probe(&gw);
+        gw.world.advance(5);
+        let x = probe(&gw);
+        assert_eq!(x.replied().map(|r| r.status), Some(200));
+        x.host_calls()
+    };
+    // Its keys are read as key choice reads them (the worker's snapshot,
+    // reloaded when a key changes), not from shared data on every probe.
+    assert_eq!(calls(40), calls(2));
+}

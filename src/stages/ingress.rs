@@ -546,11 +546,19 @@ impl Ingress {
         // The health probe takes no token: answered before any
         // authentication, it is never charged to the admin failure budget.
         if admin::is_probe_path(&self.cfg, &self.path) {
-            // Runtime keys count too: the latest key table.
-            if let Ok(mut routing) = self.routing.try_borrow_mut() {
-                self.cfg = routing.refresh(h, now);
-            }
-            let r = admin::probe(&self.cfg, h.store(), method, now);
+            // Runtime keys count too: the latest key table. The keys are
+            // judged on the worker's snapshot, as key choice judges them:
+            // an unauthenticated caller cannot make each probe read every
+            // key's record.
+            let r = match self.routing.try_borrow_mut() {
+                Ok(mut routing) => {
+                    self.cfg = routing.refresh(h, now);
+                    let records = &routing.snapshot.records;
+                    let record = |i: usize, _: &crate::config::Key| records.get(i).copied().unwrap_or_default();
+                    admin::probe_on(&self.cfg, h.store(), method, now, &record)
+                }
+                Err(_) => admin::probe(&self.cfg, h.store(), method, now),
+            };
             return self.reply(h, &r);
         }
         if admin::is_admin_path(&self.cfg, &self.path) {
