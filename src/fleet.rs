@@ -244,6 +244,11 @@ impl EtcdView {
     pub fn get(&self, key: &str) -> Option<&Kv> {
         self.by_key.get(key)
     }
+
+    /// The pairs whose key starts with `head`.
+    pub fn under<'a>(&'a self, head: &'a str) -> impl Iterator<Item = &'a Kv> + 'a {
+        self.by_key.values().filter(move |kv| kv.key.starts_with(head))
+    }
 }
 
 // ---------------------------------------------------------------- counters

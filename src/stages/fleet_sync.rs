@@ -55,6 +55,8 @@ pub struct FleetSync {
     token: Option<String>,
     /// No authentication before this (after refused credentials).
     auth_after_ms: u64,
+    /// The highest etcd revision of an object record already learned.
+    objects_rev: u64,
 }
 
 /// The instance id: the configured one, else Envoy's node id (property `xds.node.id`) (made safe
@@ -109,6 +111,7 @@ impl FleetSync {
             last_spend: Vec::new(),
             token: None,
             auth_after_ms: 0,
+            objects_rev: 0,
         }
     }
 
@@ -168,7 +171,10 @@ impl FleetSync {
         }
         let gen = crate::shared_data::read_u64(h.store(), crate::shared_data::GENERATION);
         let spend: Vec<Decimal> = cfg.budgets.iter().map(|b| budget::load(h.store(), b, now_ms).spent).collect();
-        if now_ms < self.next_ms && gen == self.last_gen && spend == self.last_spend {
+        // Objects recorded here leave at the next tick too.
+        let objects_waiting =
+            cfg.objects.enabled && h.store().value(crate::objects::OUTBOX).is_some_and(|b| b.len() > 1);
+        if now_ms < self.next_ms && gen == self.last_gen && spend == self.last_spend && !objects_waiting {
             return;
         }
         let authenticate = self.fleet.auth.is_some() && self.token.is_none();
@@ -460,6 +466,7 @@ impl FleetSync {
                 states.push(Op::Delete { key: skey, guard: Guard::of(kv) });
             }
         }
+        let objects = self.sync_objects(h, cfg, &etcd, &mut dropped, now_ms);
         if !dropped.is_empty() {
             h.count(crate::metrics::FLEET_VALUES_DROPPED, dropped.len() as u64);
             for d in &dropped {
@@ -488,12 +495,65 @@ impl FleetSync {
         // states and removals (guarded: a race refuses them until the next
         // sync), at most MAX_OPS writes per transaction.
         self.queued.clear();
-        for batch in [writes, states, deletes] {
+        for batch in [writes, states, deletes, objects] {
             for chunk in batch.chunks(fleet::MAX_OPS) {
                 self.queued.push(fleet::txn_body(chunk));
             }
         }
         self.send_queued(h, cfg, now_ms);
+    }
+}
+
+impl FleetSync {
+    /// Object records: learns those other instances wrote since the last
+    /// sync (into shared data, never pushed back), removes expired and
+    /// damaged ones from etcd, and returns the writes of the records this
+    /// process made since (its outbox).
+    fn sync_objects(
+        &mut self,
+        h: &dyn Host,
+        cfg: &Config,
+        etcd: &EtcdView,
+        dropped: &mut Vec<Dropped>,
+        now_ms: u64,
+    ) -> Vec<Op> {
+        if !cfg.objects.enabled {
+            return Vec::new();
+        }
+        let head = crate::objects::fleet_head(&self.fleet.prefix);
+        let mut ops = Vec::new();
+        let mut top = self.objects_rev;
+        let mut learned = 0u64;
+        for kv in etcd.under(&head) {
+            let id = kv.key.get(head.len()..).unwrap_or_default();
+            let guard = Guard::Revision(kv.mod_revision);
+            match crate::objects::Record::from_fleet(id, &kv.value, now_ms, cfg.objects.ttl_ms) {
+                Err(why) => {
+                    dropped.push(Dropped { key: kv.key.clone(), why });
+                    ops.push(Op::Delete { key: kv.key.clone(), guard });
+                }
+                Ok(rec) if rec.expires_ms <= now_ms => ops.push(Op::Delete { key: kv.key.clone(), guard }),
+                // A provider this configuration lacks: left for those that have it.
+                Ok(rec) if cfg.provider_by_id(&rec.provider).is_none() => {}
+                Ok(rec) => {
+                    if kv.mod_revision > self.objects_rev
+                        && crate::objects::remember(h.store(), cfg.objects.layout, &rec, now_ms).stored
+                    {
+                        learned += 1;
+                    }
+                    top = top.max(kv.mod_revision);
+                }
+            }
+        }
+        self.objects_rev = top;
+        if learned > 0 {
+            h.count("apikeyrouter.fleet.objects_learned", learned);
+        }
+        for rec in crate::objects::take_outbox(h.store()) {
+            let key = format!("{head}{}", rec.id);
+            ops.push(Op::Put { key, value: rec.to_fleet_json(&self.instance), guard: None });
+        }
+        ops
     }
 }
 

@@ -8,7 +8,8 @@
 //! budgets), `callers` (teams and clients).
 
 use super::model::{
-    Admin, Config, Cooldown, Decisions, EtcdAuth, Fleet, Provider, Routing, RoutingHeaders, StatusAction, UnknownModel,
+    Admin, Config, Cooldown, Decisions, EtcdAuth, Fleet, Objects, Provider, Routing, RoutingHeaders, StatusAction,
+    UnknownModel,
 };
 use super::walk::{check_id, decimal, err, ConfigError, Obj};
 use crate::objective::Objective;
@@ -71,6 +72,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
     let teams = callers::teams(&mut root, &providers)?;
     let clients = callers::clients(&mut root, &providers, &teams)?;
+    let objects = objects(&mut root)?;
     if unknown_model == Some(UnknownModel::Refuse) && prices.is_empty() {
         return Err(err("unknown_model", "\"refuse\" needs a price table in prices"));
     }
@@ -102,7 +104,39 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         clients,
         models,
         fleet,
+        objects,
     })
+}
+
+/// `objects`: the records of where provider objects live and who owns
+/// them (on unless `enabled: false`): for how long (`ttl_seconds`, 30 days
+/// by default), how many (`max_records`), whether an id without a record
+/// may be used (`unknown_objects`) and what a list endpoint answers a
+/// client (`list_endpoints`).
+fn objects(root: &mut Obj) -> Result<Objects, ConfigError> {
+    let mut out = Objects {
+        enabled: true,
+        ttl_ms: 30 * 86_400_000,
+        layout: crate::objects::Layout::new(10_000),
+        deny_unknown: false,
+        filter_lists: true,
+    };
+    let Some(mut o) = root.opt_obj("objects")? else { return Ok(out) };
+    out.enabled = o.opt_bool("enabled")?.unwrap_or(true);
+    out.ttl_ms = o.opt_u64_in("ttl_seconds", 60, 366 * 86_400)?.unwrap_or(30 * 86_400) * 1000;
+    out.layout = crate::objects::Layout::new(o.opt_u64_in("max_records", 1, 100_000)?.unwrap_or(10_000) as usize);
+    out.deny_unknown = match o.opt_str("unknown_objects")?.as_deref() {
+        None | Some("allow") => false,
+        Some("deny") => true,
+        Some(x) => return Err(err(&o.field("unknown_objects"), format!("{x:?}: expected \"allow\" or \"deny\""))),
+    };
+    out.filter_lists = match o.opt_str("list_endpoints")?.as_deref() {
+        None | Some("filter") => true,
+        Some("deny") => false,
+        Some(x) => return Err(err(&o.field("list_endpoints"), format!("{x:?}: expected \"filter\" or \"deny\""))),
+    };
+    o.finish()?;
+    Ok(out)
 }
 
 /// `forward_headers`: caller header names (or prefixes ending in `*`)
