@@ -309,8 +309,8 @@ fn route(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -
 }
 
 /// `GET objects[?client=ID][&kind=KIND][&limit=N]`: the objects the
-/// gateway remembers (id, kind, provider, key group, owner, expiry), newest
-/// first; never their content.
+/// gateway remembers (id, kind, provider, key group, owner, expiry), in no
+/// particular order, and how many match; never their content.
 fn objects_json(cfg: &Config, store: &dyn Store, query: &str, now_ms: u64) -> Reply {
     if !cfg.objects.enabled {
         return admin_error(404, "objects_disabled", "Object records are off (objects.enabled is false).");
@@ -326,14 +326,13 @@ fn objects_json(cfg: &Config, store: &dyn Store, query: &str, now_ms: u64) -> Re
         let shown: String = k.chars().take(32).collect();
         return admin_error(400, "invalid_kind", &format!("Unknown object kind {shown:?}."));
     }
-    let mut recs: Vec<_> = crate::objects::all(store, cfg.objects.layout, now_ms)
+    let recs: Vec<_> = crate::objects::all(store, cfg.objects.layout, now_ms)
         .into_iter()
         .filter(|r| client.is_none_or(|c| r.owner == c) && kind.is_none_or(|k| r.kind.as_str() == k))
         .collect();
-    recs.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.id.cmp(&b.id)));
-    let total = recs.len();
-    let objects: Vec<Value> = recs.iter().take(limit).map(crate::objects::Record::to_json).collect();
-    reply::json(200, &json!({"objects": objects, "total": total}))
+    let shown: Vec<String> = recs.iter().take(limit).map(|r| r.to_json(None)).collect();
+    let body = format!(r#"{{"objects":[{}],"total":{}}}"#, shown.join(","), recs.len());
+    Reply { status: 200, headers: vec![("content-type", "application/json".to_string())], body: body.into_bytes() }
 }
 
 /// `?limit=N`, or `default` when absent.

@@ -29,19 +29,20 @@ pub enum Kind {
     MessageBatch,
 }
 
-/// Id prefixes, most specific first (`file-` OpenAI, `file_` Anthropic).
-const PREFIXES: &[(&str, Kind)] = &[
-    ("resp_", Kind::Response),
-    ("file-", Kind::File),
-    ("file_", Kind::File),
-    ("upload_", Kind::Upload),
-    ("batch_", Kind::Batch),
-    ("vs_", Kind::VectorStore),
-    ("asst_", Kind::Assistant),
-    ("thread_", Kind::Thread),
-    ("ftjob-", Kind::FineTuningJob),
-    ("chatcmpl-", Kind::ChatCompletion),
-    ("msgbatch_", Kind::MessageBatch),
+/// Id prefixes, most specific first (`file-` OpenAI, `file_` Anthropic),
+/// with the kind's name.
+const PREFIXES: &[(&str, Kind, &str)] = &[
+    ("resp_", Kind::Response, "response"),
+    ("file-", Kind::File, "file"),
+    ("file_", Kind::File, "file"),
+    ("upload_", Kind::Upload, "upload"),
+    ("batch_", Kind::Batch, "batch"),
+    ("vs_", Kind::VectorStore, "vector_store"),
+    ("asst_", Kind::Assistant, "assistant"),
+    ("thread_", Kind::Thread, "thread"),
+    ("ftjob-", Kind::FineTuningJob, "fine_tuning_job"),
+    ("chatcmpl-", Kind::ChatCompletion, "chat_completion"),
+    ("msgbatch_", Kind::MessageBatch, "message_batch"),
 ];
 
 /// The longest id the gateway remembers.
@@ -51,30 +52,19 @@ pub const MAX_REFS: usize = 32;
 
 impl Kind {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Response => "response",
-            Kind::File => "file",
-            Kind::Upload => "upload",
-            Kind::Batch => "batch",
-            Kind::VectorStore => "vector_store",
-            Kind::Assistant => "assistant",
-            Kind::Thread => "thread",
-            Kind::FineTuningJob => "fine_tuning_job",
-            Kind::ChatCompletion => "chat_completion",
-            Kind::MessageBatch => "message_batch",
-        }
+        PREFIXES.iter().find(|(_, k, _)| *k == self).map_or("object", |(_, _, name)| name)
     }
 
     fn code(self) -> u8 {
-        PREFIXES.iter().position(|(_, k)| *k == self).map_or(0, |i| i as u8)
+        PREFIXES.iter().position(|(_, k, _)| *k == self).map_or(0, |i| i as u8)
     }
 
     fn of_code(c: u8) -> Option<Kind> {
-        PREFIXES.get(usize::from(c)).map(|(_, k)| *k)
+        PREFIXES.get(usize::from(c)).map(|(_, k, _)| *k)
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        PREFIXES.iter().map(|(_, k)| *k).find(|k| k.as_str() == s)
+        PREFIXES.iter().find(|(_, _, name)| *name == s).map(|(_, k, _)| *k)
     }
 }
 
@@ -85,7 +75,7 @@ pub fn kind_of(id: &str) -> Option<Kind> {
     if id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
         return None;
     }
-    PREFIXES.iter().find(|(p, _)| id.len() > p.len() && id.starts_with(p)).map(|(_, k)| *k)
+    PREFIXES.iter().find(|(p, _, _)| id.len() > p.len() && id.starts_with(p)).map(|(_, k, _)| *k)
 }
 
 /// Collections whose paths name objects (`/v1/files/{id}`, ...).
@@ -375,10 +365,23 @@ impl Record {
         })
     }
 
-    pub fn to_json(&self) -> Value {
-        serde_json::json!({"id": self.id, "kind": self.kind.as_str(), "provider": self.provider,
-            "group": self.group, "owner": self.owner, "created_ms": self.created_ms,
-            "expires_ms": self.expires_ms, "from_fleet": self.from_fleet})
+    /// The record as JSON (the admin API's view, and with `by`, the
+    /// instance that made it, fleet mode's value in etcd). Every string in
+    /// a record is an id of letters, digits, `-` and `_` (checked where it
+    /// enters), so none needs escaping.
+    pub fn to_json(&self, by: Option<&str>) -> String {
+        let by = by.map(|b| format!(r#","by":"{b}""#)).unwrap_or_default();
+        format!(
+            r#"{{"id":"{}","kind":"{}","provider":"{}","group":"{}","owner":"{}","created_ms":{},"expires_ms":{},"from_fleet":{}{by}}}"#,
+            self.id,
+            self.kind.as_str(),
+            self.provider,
+            self.group,
+            self.owner,
+            self.created_ms,
+            self.expires_ms,
+            self.from_fleet
+        )
     }
 }
 
@@ -388,13 +391,6 @@ pub fn fleet_head(prefix: &str) -> String {
 }
 
 impl Record {
-    /// The record as fleet mode writes it to etcd (under its id).
-    pub fn to_fleet_json(&self, instance: &str) -> String {
-        serde_json::json!({"kind": self.kind.as_str(), "provider": self.provider, "group": self.group,
-            "owner": self.owner, "created_ms": self.created_ms, "expires_ms": self.expires_ms, "by": instance})
-        .to_string()
-    }
-
     /// A record read from etcd under `id`, unless it is damaged or out of
     /// bounds: an id that is not one, a kind that is not its prefix's, names
     /// that are not ids, or an expiry further off than `ttl_ms` from now
@@ -499,66 +495,72 @@ pub struct Remembered {
     pub conflicts: u32,
 }
 
+/// Changes the records of one shared-data value by compare-and-swap:
+/// `change` returns `None` to leave it as it is.
+fn modify(
+    store: &dyn Store,
+    name: &str,
+    change: &mut dyn FnMut(&mut Vec<Record>) -> Option<u32>,
+) -> (Option<u32>, u32) {
+    let (r, stats) = update(store, name, |cur| {
+        let mut recs = cur.and_then(decode).unwrap_or_default();
+        let out = change(&mut recs).ok_or(())?;
+        Ok::<_, ()>((out, encode(&recs)))
+    });
+    (r.ok(), stats.conflicts)
+}
+
 /// Stores `rec` in its bucket by compare-and-swap, replacing a record of
 /// the same id and dropping expired ones, then the oldest while the bucket
 /// is full. A record already there from this instance is kept when `rec`
 /// comes from the fleet (the same object, told twice).
 pub fn remember(store: &dyn Store, layout: Layout, rec: &Record, now_ms: u64) -> Remembered {
-    let name = layout.bucket(&rec.id);
-    let (r, stats) = update(store, &name, |cur| {
-        let mut recs = cur.and_then(decode).unwrap_or_default();
+    let (r, conflicts) = modify(store, &layout.bucket(&rec.id), &mut |recs| {
         recs.retain(|r| r.expires_ms > now_ms);
         if rec.from_fleet && recs.iter().any(|r| r.id == rec.id) {
-            return Err(());
+            return None;
         }
         recs.retain(|r| r.id != rec.id);
         let mut evicted = 0;
         while recs.len() >= layout.per_bucket {
-            let Some(oldest) = recs.iter().enumerate().min_by_key(|(_, r)| r.created_ms).map(|(i, _)| i) else { break };
+            let oldest = recs.iter().enumerate().min_by_key(|(_, r)| r.created_ms).map_or(0, |(i, _)| i);
             recs.remove(oldest);
             evicted += 1;
         }
         recs.push(rec.clone());
-        Ok((evicted, encode(&recs)))
+        Some(evicted)
     });
-    Remembered { stored: r.is_ok(), evicted: r.unwrap_or(0), conflicts: stats.conflicts }
+    Remembered { stored: r.is_some(), evicted: r.unwrap_or(0), conflicts }
 }
 
 /// Forgets `id` (the provider deleted it).
 pub fn forget(store: &dyn Store, layout: Layout, id: &str) {
-    let _ = update(store, &layout.bucket(id), |cur| {
-        let mut recs = cur.and_then(decode).unwrap_or_default();
+    modify(store, &layout.bucket(id), &mut |recs| {
         let before = recs.len();
         recs.retain(|r| r.id != id);
-        if recs.len() == before {
-            return Err(());
-        }
-        Ok(((), encode(&recs)))
+        (recs.len() != before).then_some(0)
     });
 }
 
 /// Queues a record for the fleet sync; the oldest goes when it is full.
 pub fn queue_for_fleet(store: &dyn Store, rec: &Record) {
-    let _ = update(store, OUTBOX, |cur| {
-        let mut recs = cur.and_then(decode).unwrap_or_default();
+    modify(store, OUTBOX, &mut |recs| {
         if recs.len() >= MAX_OUTBOX {
             recs.remove(0);
         }
         recs.push(rec.clone());
-        Ok::<_, ()>(((), encode(&recs)))
+        Some(0)
     });
 }
 
 /// Takes every queued record (the outbox is left empty).
 pub fn take_outbox(store: &dyn Store) -> Vec<Record> {
-    let (r, _) = update(store, OUTBOX, |cur| {
-        let recs = cur.and_then(decode).unwrap_or_default();
-        if recs.is_empty() {
-            return Err(());
-        }
-        Ok((recs, encode(&[])))
+    let mut taken = Vec::new();
+    modify(store, OUTBOX, &mut |recs| {
+        taken = std::mem::take(recs);
+        (!taken.is_empty()).then_some(0)
     });
-    r.unwrap_or_default()
+    taken
 }
 
 /// Every live record, bucket by bucket (the admin API).
@@ -818,7 +820,7 @@ mod tests {
     #[test]
     fn fleet_records_round_trip_and_planted_or_damaged_ones_are_refused() {
         let r = rec("file-1", "a", "g1", 1_000);
-        let json = r.to_fleet_json("gw-1");
+        let json = r.to_json(Some("gw-1"));
         let back = Record::from_fleet("file-1", json.as_bytes(), 1_000, 10_000);
         assert_eq!(back, Ok(Record { from_fleet: true, ..r.clone() }));
         assert!(Record::from_fleet("resp_1", json.as_bytes(), 1_000, 10_000).is_err(), "kind of another id");

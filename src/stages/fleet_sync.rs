@@ -551,7 +551,7 @@ impl FleetSync {
         }
         for rec in crate::objects::take_outbox(h.store()) {
             let key = format!("{head}{}", rec.id);
-            ops.push(Op::Put { key, value: rec.to_fleet_json(&self.instance), guard: None });
+            ops.push(Op::Put { key, value: rec.to_json(Some(&self.instance)), guard: None });
         }
         ops
     }
@@ -669,6 +669,60 @@ mod tests {
         assert_eq!(path, "/v3/kv/txn");
         assert_eq!(body["success"][0]["requestDeleteRange"]["key"], base64_encode(b"/p/s/k1"), "{body}");
         assert_eq!(body["compare"][0]["mod_revision"], "5", "only the value read is removed");
+    }
+
+    #[test]
+    fn object_records_are_pushed_from_the_outbox_learned_from_others_and_planted_ones_dropped() {
+        use crate::objects::{lookup, queue_for_fleet, Kind, Record, OUTBOX};
+        let mut rig = Rig::new(false);
+        let now = NOW + 1_000;
+        let mine = Record {
+            id: "file-mine".into(),
+            kind: Kind::File,
+            provider: "p".into(),
+            group: String::new(),
+            owner: String::new(),
+            created_ms: now,
+            expires_ms: now + 60_000,
+            from_fleet: false,
+        };
+        queue_for_fleet(rig.h.store(), &mine);
+        rig.tick();
+        let theirs = Record { id: "resp_theirs".into(), kind: Kind::Response, from_fleet: true, ..mine.clone() };
+        let expired = Record {
+            id: "batch_old".into(),
+            kind: Kind::Batch,
+            created_ms: now - 10,
+            expires_ms: now - 1,
+            ..mine.clone()
+        };
+        let planted = theirs.to_json(Some("evil")).replace("\"kind\":\"response\"", "\"kind\":\"file\"");
+        rig.answer(
+            200,
+            &range_answer(&[
+                ("/p/o/resp_theirs", theirs.to_json(Some("gw-2"))),
+                ("/p/o/batch_old", expired.to_json(Some("gw-2"))),
+                ("/p/o/resp_planted", planted),
+            ]),
+        );
+        let layout = rig.cfg.objects.layout;
+        assert_eq!(lookup(rig.h.store(), layout, "resp_theirs", now), Some(theirs));
+        assert_eq!(lookup(rig.h.store(), layout, "resp_planted", now), None);
+        assert_eq!(rig.world.counter(crate::metrics::FLEET_VALUES_DROPPED), 1);
+        assert_eq!(rig.world.counter("apikeyrouter.fleet.objects_learned"), 1);
+        // Every transaction of this sync: this instance's record is put, the
+        // expired and the planted ones removed; the outbox is empty.
+        let mut bodies = Vec::new();
+        while rig.last_call().0 == "/v3/kv/txn" && bodies.len() < 10 {
+            bodies.push(rig.last_call().2.to_string());
+            rig.answer(200, br#"{"header":{"revision":"6"},"succeeded":true}"#);
+        }
+        let all = bodies.join(" ");
+        for key in ["/p/o/file-mine", "/p/o/batch_old", "/p/o/resp_planted"] {
+            assert!(all.contains(&base64_encode(key.as_bytes())), "{key} not written: {all}");
+        }
+        assert!(!all.contains(&base64_encode(b"/p/o/resp_theirs")), "another instance's record is left alone");
+        assert_eq!(crate::objects::decode(&rig.h.store().value(OUTBOX).unwrap_or_default()), Some(vec![]));
     }
 
     #[test]

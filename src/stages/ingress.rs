@@ -403,6 +403,7 @@ impl Ingress {
             client: a.client,
             objective: a.objective.clone(),
             read_only: a.read_only,
+            objects: a.objects.clone(),
             ..Admission::default()
         };
         self.tried_providers = f.fallover.tried().collect();
