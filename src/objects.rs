@@ -27,6 +27,8 @@ pub enum Kind {
     FineTuningJob,
     ChatCompletion,
     MessageBatch,
+    Conversation,
+    Container,
 }
 
 /// Id prefixes, most specific first (`file-` OpenAI, `file_` Anthropic),
@@ -43,6 +45,8 @@ const PREFIXES: &[(&str, Kind, &str)] = &[
     ("ftjob-", Kind::FineTuningJob, "fine_tuning_job"),
     ("chatcmpl-", Kind::ChatCompletion, "chat_completion"),
     ("msgbatch_", Kind::MessageBatch, "message_batch"),
+    ("conv_", Kind::Conversation, "conversation"),
+    ("cntr_", Kind::Container, "container"),
 ];
 
 /// The longest id the gateway remembers.
@@ -90,6 +94,8 @@ const COLLECTIONS: &[&str] = &[
     "fine_tuning",
     "chat",
     "messages",
+    "conversations",
+    "containers",
 ];
 
 /// POST paths that create an object, with what their answer's `id` is.
@@ -104,6 +110,8 @@ const CREATES: &[(&str, Kind)] = &[
     ("/v1/fine_tuning/jobs", Kind::FineTuningJob),
     ("/v1/chat/completions", Kind::ChatCompletion),
     ("/v1/messages/batches", Kind::MessageBatch),
+    ("/v1/conversations", Kind::Conversation),
+    ("/v1/containers", Kind::Container),
 ];
 
 /// GET paths that list a project's objects.
@@ -116,6 +124,7 @@ const LISTS: &[&str] = &[
     "/v1/chat/completions",
     "/v1/messages/batches",
     "/v1/uploads",
+    "/v1/containers",
 ];
 
 fn bare(path: &str) -> &str {
@@ -196,6 +205,10 @@ const REF_FIELDS: &[&str] = &[
     "assistant_id",
     "vector_store_id",
     "batch_id",
+    "conversation",
+    "conversation_id",
+    "container",
+    "container_id",
 ];
 /// Body fields whose array of strings names objects.
 const REF_LISTS: &[&str] = &["vector_store_ids", "file_ids"];
@@ -209,10 +222,12 @@ pub enum RefError {
 /// The object ids a JSON request body refers to, anywhere in it (tools,
 /// messages, attachments, `tool_resources`) except in `metadata`, which is
 /// the caller's own. A body that is not JSON names none. Cheap for a body
-/// without a candidate field name (no escapes either): it is not parsed.
+/// without a candidate field name (no escapes either, which could spell
+/// one): it is not parsed.
 pub fn body_refs(body: &[u8]) -> Result<Vec<String>, RefError> {
     let hint = |n: &[u8]| body.windows(n.len()).any(|w| w == n);
-    if !(hint(b"_id\"") || hint(b"_ids\"") || hint(b"_file\"") || hint(b"\\u")) {
+    let hints: [&[u8]; 6] = [b"_id\"", b"_ids\"", b"_file\"", b"conversation\"", b"container\"", b"\\u"];
+    if !hints.iter().any(|n| hint(n)) {
         return Ok(Vec::new());
     }
     let Ok(v) = serde_json::from_slice::<Value>(body) else { return Ok(Vec::new()) };
@@ -242,6 +257,13 @@ fn walk(v: &Value, depth: usize, out: &mut Vec<String>) -> Result<(), RefError> 
                 match v {
                     _ if k == "metadata" => {}
                     Value::String(s) if REF_FIELDS.contains(&k.as_str()) => add(out, s)?,
+                    // The Responses API's `conversation: {"id": "conv_..."}`.
+                    Value::Object(o) if k == "conversation" => {
+                        if let Some(s) = o.get("id").and_then(Value::as_str) {
+                            add(out, s)?;
+                        }
+                        walk(v, depth + 1, out)?;
+                    }
                     Value::Array(a) if REF_LISTS.contains(&k.as_str()) => {
                         for s in a.iter().filter_map(Value::as_str) {
                             add(out, s)?;
@@ -684,6 +706,9 @@ mod tests {
         let mut found = body_refs(body).unwrap_or_default();
         found.sort();
         assert_eq!(found, ["file-3", "resp_1", "vs_1", "vs_2"]);
+        let body = br#"{"conversation":{"id":"conv_1"},"tools":[{"type":"code_interpreter","container":"cntr_2"}]}"#;
+        assert_eq!(body_refs(body), Ok(vec!["conv_1".into(), "cntr_2".into()]));
+        assert_eq!(body_refs(br#"{"conversation":"conv_3"}"#), Ok(vec!["conv_3".into()]));
         // A field name written with escapes is still read.
         assert_eq!(body_refs(br#"{"file\u005fid":"file-7"}"#), Ok(vec!["file-7".into()]));
         assert_eq!(body_refs(br#"{"model":"gpt-4o","messages":[]}"#), Ok(vec![]));
@@ -694,7 +719,7 @@ mod tests {
 
     #[test]
     fn parsers_never_trap_on_hostile_input() {
-        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let deep = format!("{}\"file_id\"{}", "[".repeat(100_000), "]".repeat(100_000));
         let nested = format!("{}\"file_id\":\"file-1\"{}", "{\"a\":".repeat(200), "}".repeat(200));
         let cases: Vec<Vec<u8>> = vec![
             deep.into_bytes(),
