@@ -1031,29 +1031,22 @@ impl Attempt {
                 Next::Continue
             }
             Body::Sse(parser) => {
-                if self.cut {
+                // Read each chunk as it passes; never hold the stream back.
+                let chunk = if size > 0 { h.buffer(Buffer::ResponseBody, 0, size).ok().flatten() } else { None };
+                if let Some(chunk) = &chunk {
+                    parser.feed(chunk);
+                }
+                if self.cut && size > 0 {
                     // After a budget cut-off the client has its final event;
                     // the rest of the provider's stream is counted, not sent.
-                    if size > 0 {
-                        if let Ok(Some(chunk)) = h.buffer(Buffer::ResponseBody, 0, size) {
-                            parser.feed(&chunk);
-                        }
-                        let _ = h.set_buffer(Buffer::ResponseBody, 0, size, b"");
-                    }
-                } else if size > 0 {
-                    // Read each chunk as it passes; never hold the stream back.
-                    if let Ok(Some(chunk)) = h.buffer(Buffer::ResponseBody, 0, size) {
-                        parser.feed(&chunk);
-                    }
+                    let _ = h.set_buffer(Buffer::ResponseBody, 0, size, b"");
                 }
                 let mut created = None;
-                if let (Some(carry), true) = (self.sse_carry.as_mut(), size > 0) {
-                    if let Ok(Some(chunk)) = h.buffer(Buffer::ResponseBody, 0, size) {
-                        carry.extend_from_slice(&chunk);
-                        created = self.objects.creates.and_then(|k| objects::streamed_id(k, carry));
-                        let keep = carry.len().saturating_sub(256);
-                        carry.drain(..keep);
-                    }
+                if let (Some(carry), Some(chunk)) = (self.sse_carry.as_mut(), &chunk) {
+                    carry.extend_from_slice(chunk);
+                    created = self.objects.creates.and_then(|k| objects::streamed_id(k, carry));
+                    let keep = carry.len().saturating_sub(256);
+                    carry.drain(..keep);
                 }
                 if let Some(live) = &self.live {
                     let output_chars = parser.output_chars;
