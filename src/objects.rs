@@ -648,7 +648,7 @@ pub fn filter_list(body: &[u8], mut keep: impl FnMut(&str) -> bool) -> Option<Ve
             o.insert("last_id".into(), last.unwrap_or(Value::Null));
         }
     }
-    serde_json::to_vec(&v).ok()
+    Some(v.to_string().into_bytes())
 }
 
 #[cfg(test)]

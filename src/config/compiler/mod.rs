@@ -125,16 +125,16 @@ fn objects(root: &mut Obj) -> Result<Objects, ConfigError> {
     out.enabled = o.opt_bool("enabled")?.unwrap_or(true);
     out.ttl_ms = o.opt_u64_in("ttl_seconds", 60, 366 * 86_400)?.unwrap_or(30 * 86_400) * 1000;
     out.layout = crate::objects::Layout::new(o.opt_u64_in("max_records", 1, 100_000)?.unwrap_or(10_000) as usize);
-    out.deny_unknown = match o.opt_str("unknown_objects")?.as_deref() {
-        None | Some("allow") => false,
-        Some("deny") => true,
-        Some(x) => return Err(err(&o.field("unknown_objects"), format!("{x:?}: expected \"allow\" or \"deny\""))),
+    // Each policy is one of two words: is it the second?
+    let mut second = |name: &str, first: &str, other: &str| -> Result<bool, ConfigError> {
+        match o.opt_str(name)? {
+            None => Ok(false),
+            Some(x) if x == first || x == other => Ok(x == other),
+            Some(x) => Err(err(&o.field(name), format!("{x:?}: expected \"{first}\" or \"{other}\""))),
+        }
     };
-    out.filter_lists = match o.opt_str("list_endpoints")?.as_deref() {
-        None | Some("filter") => true,
-        Some("deny") => false,
-        Some(x) => return Err(err(&o.field("list_endpoints"), format!("{x:?}: expected \"filter\" or \"deny\""))),
-    };
+    out.deny_unknown = second("unknown_objects", "allow", "deny")?;
+    out.filter_lists = !second("list_endpoints", "filter", "deny")?;
     o.finish()?;
     Ok(out)
 }
