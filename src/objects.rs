@@ -407,9 +407,11 @@ impl Record {
     }
 }
 
-/// Where fleet mode keeps object records in etcd: `<prefix>/o/<id>`.
+/// Where fleet mode keeps object records in etcd: `<prefix>/~o/<id>`
+/// (after every other key of the prefix, so the sync's range leaves them
+/// out and they are read on their own, only the new ones).
 pub fn fleet_head(prefix: &str) -> String {
-    format!("{prefix}/o/")
+    format!("{prefix}/~o/")
 }
 
 impl Record {

@@ -19,7 +19,13 @@ enum Call {
     Authenticate,
     Range,
     Txn,
+    /// Object records changed since the last revision learned.
+    Objects,
 }
+
+/// Every this many reads of the object records, one reads them all, to
+/// remove expired ones from etcd; the others read only the new ones.
+const OBJECTS_FULL_EVERY: u64 = 64;
 
 /// After etcd refused the credentials, this long before they are tried
 /// again (at least the sync interval): each try costs etcd a bcrypt.
@@ -57,6 +63,9 @@ pub struct FleetSync {
     auth_after_ms: u64,
     /// The highest etcd revision of an object record already learned.
     objects_rev: u64,
+    /// This sync still reads the object records (after its transactions).
+    objects_due: bool,
+    objects_reads: u64,
 }
 
 /// The instance id: the configured one, else Envoy's node id (property `xds.node.id`) (made safe
@@ -112,6 +121,8 @@ impl FleetSync {
             token: None,
             auth_after_ms: 0,
             objects_rev: 0,
+            objects_due: false,
+            objects_reads: 0,
         }
     }
 
@@ -183,6 +194,7 @@ impl FleetSync {
         }
         self.last_gen = gen;
         self.last_spend = spend;
+        self.objects_due = cfg.objects.enabled;
         self.next_ms = now_ms + self.fleet.sync_interval_ms;
         let sent = match &self.fleet.auth {
             Some(a) if authenticate => {
@@ -225,6 +237,15 @@ impl FleetSync {
     /// Sends the next queued transaction, if any.
     fn send_queued(&mut self, h: &dyn Host, cfg: &Config, now_ms: u64) {
         if self.queued.is_empty() {
+            // Then the object records, once per sync.
+            if std::mem::take(&mut self.objects_due) {
+                let after = if self.objects_reads.is_multiple_of(OBJECTS_FULL_EVERY) { 0 } else { self.objects_rev };
+                self.objects_reads += 1;
+                let body = fleet::objects_range_body(&self.fleet.prefix, after);
+                if let Err(why) = self.call(h, Call::Objects, "/v3/kv/range", body.as_bytes(), now_ms) {
+                    self.failed(h, cfg, now_ms, &why);
+                }
+            }
             return;
         }
         let body = self.queued.remove(0);
@@ -308,6 +329,16 @@ impl FleetSync {
             },
             (Call::Range, Ok(body)) => match fleet::parse_range(&body) {
                 Ok(kvs) => self.merge_and_push(h, cfg, EtcdView::new(kvs), now),
+                Err(e) => self.failed(h, cfg, now, &e.0),
+            },
+            (Call::Objects, Ok(body)) => match fleet::parse_range(&body) {
+                Ok(kvs) => {
+                    let mut dropped = Vec::new();
+                    let ops = self.sync_objects(h, cfg, &EtcdView::new(kvs), &mut dropped, now);
+                    report_dropped(h, &dropped);
+                    self.queued = ops.chunks(fleet::MAX_OPS).map(fleet::txn_body).collect();
+                    self.send_queued(h, cfg, now);
+                }
                 Err(e) => self.failed(h, cfg, now, &e.0),
             },
             (Call::Txn, Ok(body)) => match fleet::parse_txn(&body) {
@@ -466,14 +497,7 @@ impl FleetSync {
                 states.push(Op::Delete { key: skey, guard: Guard::of(kv) });
             }
         }
-        let objects = self.sync_objects(h, cfg, &etcd, &mut dropped, now_ms);
-        if !dropped.is_empty() {
-            h.count(crate::metrics::FLEET_VALUES_DROPPED, dropped.len() as u64);
-            for d in &dropped {
-                let key: String = d.key.chars().take(200).collect();
-                log::warn!("fleet: dropped {key:?} read from etcd: {}", d.why);
-            }
-        }
+        report_dropped(h, &dropped);
         h.count("apikeyrouter.fleet.syncs", 1);
         h.count("apikeyrouter.fleet.states_applied", applied);
         let mut s = self.status(h, now_ms);
@@ -495,7 +519,7 @@ impl FleetSync {
         // states and removals (guarded: a race refuses them until the next
         // sync), at most MAX_OPS writes per transaction.
         self.queued.clear();
-        for batch in [writes, states, deletes, objects] {
+        for batch in [writes, states, deletes] {
             for chunk in batch.chunks(fleet::MAX_OPS) {
                 self.queued.push(fleet::txn_body(chunk));
             }
@@ -504,11 +528,25 @@ impl FleetSync {
     }
 }
 
+/// Counts and logs the values read from etcd and dropped.
+fn report_dropped(h: &dyn Host, dropped: &[Dropped]) {
+    if dropped.is_empty() {
+        return;
+    }
+    h.count(crate::metrics::FLEET_VALUES_DROPPED, dropped.len() as u64);
+    for d in dropped {
+        let key: String = d.key.chars().take(200).collect();
+        log::warn!("fleet: dropped {key:?} read from etcd: {}", d.why);
+    }
+}
+
 impl FleetSync {
-    /// Object records: learns those other instances wrote since the last
-    /// sync (into shared data, never pushed back), removes expired and
-    /// damaged ones from etcd, and returns the writes of the records this
-    /// process made since (its outbox).
+    /// Object records (read after the sync's transactions, only those
+    /// changed since the last revision learned but on every
+    /// [`OBJECTS_FULL_EVERY`]th read): learns those other instances wrote
+    /// (into shared data, never pushed back), removes expired and damaged
+    /// ones from etcd, and returns the writes of the records this process
+    /// made since (its outbox).
     fn sync_objects(
         &mut self,
         h: &dyn Host,
@@ -697,12 +735,23 @@ mod tests {
             ..mine.clone()
         };
         let planted = theirs.to_json(Some("evil")).replace("\"kind\":\"response\"", "\"kind\":\"file\"");
+        // The sync's own range leaves the object records out ...
+        let (path, _, body) = rig.last_call();
+        assert_eq!((path.as_str(), &body["range_end"]), ("/v3/kv/range", &json!(base64_encode(b"/p/~"))));
+        rig.answer(200, &range_answer(&[]));
+        while rig.last_call().0 == "/v3/kv/txn" {
+            rig.answer(200, br#"{"header":{"revision":"6"},"succeeded":true}"#);
+        }
+        // ... and reads them after its transactions: all of them the first time.
+        let (path, _, body) = rig.last_call();
+        assert_eq!((path.as_str(), &body["key"]), ("/v3/kv/range", &json!(base64_encode(b"/p/~o/"))));
+        assert_eq!(body.get("min_mod_revision"), None);
         rig.answer(
             200,
             &range_answer(&[
-                ("/p/o/resp_theirs", theirs.to_json(Some("gw-2"))),
-                ("/p/o/batch_old", expired.to_json(Some("gw-2"))),
-                ("/p/o/resp_planted", planted),
+                ("/p/~o/resp_theirs", theirs.to_json(Some("gw-2"))),
+                ("/p/~o/batch_old", expired.to_json(Some("gw-2"))),
+                ("/p/~o/resp_planted", planted),
             ]),
         );
         let layout = rig.cfg.objects.layout;
@@ -718,11 +767,18 @@ mod tests {
             rig.answer(200, br#"{"header":{"revision":"6"},"succeeded":true}"#);
         }
         let all = bodies.join(" ");
-        for key in ["/p/o/file-mine", "/p/o/batch_old", "/p/o/resp_planted"] {
+        for key in ["/p/~o/file-mine", "/p/~o/batch_old", "/p/~o/resp_planted"] {
             assert!(all.contains(&base64_encode(key.as_bytes())), "{key} not written: {all}");
         }
-        assert!(!all.contains(&base64_encode(b"/p/o/resp_theirs")), "another instance's record is left alone");
+        assert!(!all.contains(&base64_encode(b"/p/~o/resp_theirs")), "another instance's record is left alone");
         assert_eq!(crate::objects::decode(&rig.h.store().value(OUTBOX).unwrap_or_default()), Some(vec![]));
+        // The next sync reads only the records written after those seen.
+        rig.tick();
+        rig.answer(200, &range_answer(&[]));
+        while rig.last_call().0 == "/v3/kv/txn" {
+            rig.answer(200, br#"{"header":{"revision":"7"},"succeeded":true}"#);
+        }
+        assert_eq!(rig.last_call().2["min_mod_revision"], "6");
     }
 
     #[test]
