@@ -66,7 +66,7 @@ def keys_used(mock, path_part):
     return Counter(r["key"] for r in mock.received() if path_part in r["path"])
 
 
-def test_two_twenty_turn_conversations_across_four_keys_in_two_groups_never_see_a_404(projects, start_envoy):
+def test_twenty_turn_conversations_across_four_keys_in_two_groups_never_see_a_404(projects, start_envoy):
     e = start_envoy(projects, plugin=plugin())
     # Two conversations in each project (rotation spreads the first turns).
     last, starts = {}, 0
