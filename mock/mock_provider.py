@@ -141,8 +141,14 @@ def usage_for(body):
     text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
     prompt = 5 + len(text) // 4
     completion = int(body.get("mock_completion_tokens", 7))
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+             "total_tokens": prompt + completion}
+    # OpenAI's details, when a test asks for them.
+    if "mock_cached_tokens" in body:
+        usage["prompt_tokens_details"] = {"cached_tokens": int(body["mock_cached_tokens"])}
+    if "mock_reasoning_tokens" in body:
+        usage["completion_tokens_details"] = {"reasoning_tokens": int(body["mock_reasoning_tokens"])}
+    return usage
 
 
 def make_app(state):

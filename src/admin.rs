@@ -18,9 +18,9 @@
 use crate::budget::{self, show, Budget, Enforcement, Scope};
 use crate::config::{Config, Key, SecretSource};
 use crate::crypto::{constant_time_eq, sha256};
-use crate::decision::Stored;
+use crate::decision::{Exclusion, Stored};
 use crate::key_record::{Effective, KeyRecord, UNKNOWN};
-use crate::keys::{read_record, set_state, SetState};
+use crate::keys::{evaluate, read_record, set_state, SetState};
 use crate::metrics;
 use crate::quota::headroom;
 use crate::reply::{self, Reply};
@@ -51,6 +51,64 @@ pub struct AdminRequest<'a> {
 /// True when `path` belongs to the admin API of `cfg`.
 pub fn is_admin_path(cfg: &Config, path: &str) -> bool {
     cfg.admin.enabled && path.starts_with(&cfg.admin.prefix)
+}
+
+/// True when `path` (its query string aside) is the health probe's,
+/// `admin.probe_path`.
+pub fn is_probe_path(cfg: &Config, path: &str) -> bool {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    cfg.admin.probe_path.as_deref() == Some(path)
+}
+
+/// The unauthenticated health probe: `{"status": "healthy"}` (200),
+/// `"degraded"` (200: fleet mode without a recent sync with etcd, serving on
+/// local state) or `"unhealthy"` (503: no key can serve, quota-exhausted keys
+/// included). Nothing else: no counts, ids, version or fleet details. It
+/// takes no token, so it is neither charged to nor refused by the
+/// failed-authentication budget; it reads key records only until it finds
+/// one key that can serve.
+pub fn probe(cfg: &Config, store: &dyn Store, method: &str, now_ms: u64) -> Reply {
+    if method != "GET" && method != "HEAD" {
+        let mut r = admin_error(405, "method_not_allowed", "The health probe answers GET and HEAD only.");
+        r.headers.push(("allow", "GET, HEAD".to_string()));
+        return r;
+    }
+    let serving = cfg.keys.live().any(|(i, k)| evaluate(cfg, i, &read_or_default(store, k), now_ms).excluded.is_none());
+    let status = health_status(serving, fleet_degraded(cfg, store, now_ms));
+    let mut r = reply::json(if serving { 200 } else { 503 }, &json!({ "status": status }));
+    r.headers.push(("cache-control", "no-store".to_string()));
+    r
+}
+
+fn health_status(serving: bool, degraded: bool) -> &'static str {
+    match (serving, degraded) {
+        (false, _) => "unhealthy",
+        (true, true) => "degraded",
+        (true, false) => "healthy",
+    }
+}
+
+/// Fleet mode's sync status, and whether the instance is degraded: the
+/// sync says so (it failed, and none succeeded for
+/// `fleet.degraded_after_ms`), or its status is stale: no sync succeeded for
+/// that long plus one interval and one call's timeout, whatever the status
+/// says (a sync that stopped running records nothing). `None` without
+/// fleet mode.
+fn fleet_state(cfg: &Config, store: &dyn Store, now_ms: u64) -> Option<(crate::fleet::Status, bool)> {
+    let f = cfg.fleet.as_ref()?;
+    let status = crate::fleet::Status::decode(store.value(crate::fleet::STATUS_KEY).as_deref());
+    let stale = status.as_ref().is_some_and(|s| {
+        let since = s.last_ok_ms.max(s.started_ms);
+        let grace = f.degraded_after_ms.saturating_add(f.sync_interval_ms).saturating_add(f.timeout_ms);
+        since > 0 && now_ms.saturating_sub(since) > grace
+    });
+    let status = status.unwrap_or_default();
+    let degraded = status.degraded || stale;
+    Some((status, degraded))
+}
+
+fn fleet_degraded(cfg: &Config, store: &dyn Store, now_ms: u64) -> bool {
+    fleet_state(cfg, store, now_ms).is_some_and(|(_, d)| d)
 }
 
 /// What a presented token may do.
@@ -223,11 +281,11 @@ fn route(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -
             None => admin_error(404, "key_not_found", &format!("No key with id '{id}'.")),
         },
         ("POST", ["keys"]) => post_key(cfg, store, req.body, now_ms),
-        ("DELETE", ["keys", id]) => match runtime_keys::delete(store, cfg, id) {
+        ("DELETE", ["keys", id]) => match runtime_keys::delete(store, cfg, id, now_ms) {
             Ok(_) => {
                 crate::shared_data::bump_generation(store);
                 note(store, cfg, now_ms, "registry", id, "registered", "deleted", "DELETE keys");
-                reply::json(200, &json!({"id": id, "deleted": true}))
+                reply::json(200, &kept(cfg, json!({"id": id, "deleted": true})))
             }
             Err(e) => registry_error(e, id),
         },
@@ -275,19 +333,20 @@ fn route(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -
         ("GET", ["health"]) => {
             let s = state_json(cfg, store, now_ms);
             let usable = s["keys"]["available"].as_u64().unwrap_or(0) > 0;
-            let fleet = cfg.fleet.as_ref().map(|_| {
-                crate::fleet::Status::decode(store.value(crate::fleet::STATUS_KEY).as_deref()).unwrap_or_default()
-            });
-            let degraded = fleet.as_ref().is_some_and(|f| f.degraded);
+            let fleet = fleet_state(cfg, store, now_ms);
+            let degraded = fleet.as_ref().is_some_and(|(_, d)| *d);
             let mut body = json!({
-                "status": if !usable { "unhealthy" } else if degraded { "degraded" } else { "healthy" },
+                "status": health_status(usable, degraded),
                 "version": env!("CARGO_PKG_VERSION"),
                 "keys_registered": s["keys"]["total"],
                 "providers_registered": cfg.providers.len(),
                 "keys": s["keys"],
+                "unavailable": s["unavailable"],
             });
-            if let Some(f) = fleet {
+            if let Some((f, degraded)) = fleet {
                 body["fleet"] = f.to_json();
+                // A stale status is degraded even if its last sync said not.
+                body["fleet"]["degraded"] = json!(degraded);
             }
             // Degraded still serves (on local state): 200.
             reply::json(if usable { 200 } else { 503 }, &body)
@@ -335,6 +394,18 @@ fn objects_json(cfg: &Config, store: &dyn Store, query: &str, now_ms: u64) -> Re
     Reply { status: 200, headers: vec![("content-type", "application/json".to_string())], body: body.into_bytes() }
 }
 
+/// An answer to an admin change, saying where the change is kept: in fleet
+/// mode etcd has it after the next sync (see [`crate::durable`]); otherwise
+/// it lives in this process's shared data and is lost when Envoy restarts.
+fn kept(cfg: &Config, mut answer: Value) -> Value {
+    answer["persistence"] = json!(if cfg.fleet.is_some() {
+        "pending: written to etcd by the next fleet sync"
+    } else {
+        "local: this Envoy process only, lost when it restarts"
+    });
+    answer
+}
+
 /// `?limit=N`, or `default` when absent.
 fn limit_param(query: &str, default: usize) -> Result<usize, Reply> {
     match query.split('&').find_map(|kv| kv.strip_prefix("limit=")) {
@@ -375,13 +446,23 @@ fn registry_error(e: RegistryError, id: &str) -> Reply {
     }
 }
 
-/// `POST keys`: registers a key at runtime; its material is kept only in
-/// shared data and never returned.
+/// `POST keys`: registers a key at runtime; its material is kept in shared
+/// data (in fleet mode also in etcd, sealed: [`crate::durable`]) and never
+/// returned.
 fn post_key(cfg: &Config, store: &dyn Store, body: &[u8], now_ms: u64) -> Reply {
     let new = match runtime_keys::parse_new_key(body, cfg) {
         Ok(k) => k,
         Err(e) => return registry_error(e, ""),
     };
+    if cfg.fleet.as_ref().is_some_and(|f| !crate::durable::Sealing::of(f).runtime_keys) {
+        return admin_error(
+            409,
+            "runtime_keys_not_durable",
+            "In fleet mode runtime keys are kept in etcd, and without APIKEYROUTER_ENCRYPTION_KEY their material would be stored there in plain text: set it, or allow that with fleet.plaintext_runtime_keys.",
+        );
+    }
+    let mut new = new;
+    new.at_ms = now_ms;
     let id = new.id.clone();
     let reg = match runtime_keys::register(store, cfg, new) {
         Ok(r) => r,
@@ -391,15 +472,16 @@ fn post_key(cfg: &Config, store: &dyn Store, body: &[u8], now_ms: u64) -> Reply 
     note(store, cfg, now_ms, "registry", &id, "absent", "registered", "POST keys");
     match runtime_keys::merged(cfg, &reg) {
         Ok(merged) => match merged.key_by_id(&id) {
-            Some((_, k)) => reply::json(201, &key_json(&merged, k, &read_or_default(store, k), now_ms)),
-            None => reply::json(201, &json!({"id": id})),
+            Some((_, k)) => reply::json(201, &kept(cfg, key_json(&merged, k, &read_or_default(store, k), now_ms))),
+            None => reply::json(201, &kept(cfg, json!({"id": id}))),
         },
-        Err(_) => reply::json(201, &json!({"id": id})),
+        Err(_) => reply::json(201, &kept(cfg, json!({"id": id}))),
     }
 }
 
 /// `PATCH keys/{id}` with `{"state": "disabled"|"available"|"throttled",
-/// "duration_seconds": N, "reason": "..."}`.
+/// "duration_seconds": N, "reason": "..."}`; throttled without a duration
+/// cools the key for `cooldown.default_seconds`.
 fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64) -> Reply {
     let v: Value = match serde_json::from_slice(body) {
         Ok(v @ Value::Object(_)) => v,
@@ -409,18 +491,21 @@ fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64)
     // No cooldown is longer than cooldown.max_seconds, an admin's included:
     // other instances drop longer ones from etcd.
     let max_s = cfg.cooldown.max_ms / 1000;
-    let duration = v.get("duration_seconds").map(|d| d.as_u64().filter(|d| (1..=max_s).contains(d)));
+    let duration =
+        v.get("duration_seconds").filter(|d| !d.is_null()).map(|d| d.as_u64().filter(|d| (1..=max_s).contains(d)));
     let to = match v.get("state").and_then(Value::as_str) {
         Some("available") => SetState::Available,
         Some("disabled") => SetState::Disabled,
         Some("throttled") => match duration {
+            // As the original design: no duration is the default cooldown.
+            None => SetState::Throttled { until_ms: now_ms.saturating_add(cfg.cooldown.default_ms) },
             Some(Some(d)) => SetState::Throttled { until_ms: now_ms + d * 1000 },
-            _ => {
+            Some(None) => {
                 return admin_error(
                     400,
                     "invalid_duration",
                     &format!(
-                        "state \"throttled\" needs duration_seconds, a whole number from 1 to {max_s} (cooldown.max_seconds)."
+                        "duration_seconds must be a whole number from 1 to {max_s} (cooldown.max_seconds), or left out for cooldown.default_seconds."
                     ),
                 )
             }
@@ -434,7 +519,7 @@ fn patch_key(cfg: &Config, store: &dyn Store, k: &Key, body: &[u8], now_ms: u64)
             let after = r.effective(now_ms).as_str();
             log::info!("admin: key {} set to {after} ({reason})", k.id);
             note(store, cfg, now_ms, "key", &k.id, before, after, &format!("admin: {reason}"));
-            reply::json(200, &key_json(cfg, k, &r, now_ms))
+            reply::json(200, &kept(cfg, key_json(cfg, k, &r, now_ms)))
         }
         Err(e) => admin_error(503, "state_busy", &format!("The key state could not be written: {e:?}")),
     }
@@ -464,12 +549,13 @@ fn budget_json(cfg: &Config, store: &dyn Store, b: &Budget, now_ms: u64) -> Valu
         "spent": show(spent),
         "reserved": show(rec.reserved),
         "reservations_expired": rec.expired,
-        "remaining": show(limit.saturating_sub(spent).saturating_sub(rec.reserved).max(rust_decimal::Decimal::ZERO)),
+        "remaining": show(rec.remaining(b)),
         "requests": rec.requests,
         "refused": rec.refused,
         "window_start": b.window.map(|_| crate::window::rfc3339(rec.window_start_ms)),
         "resets_at": b.resets_at(now_ms).map(crate::window::rfc3339),
     });
+    out["forecast"] = rec.forecast(b, now_ms).to_json(now_ms);
     if cfg.fleet.is_some() {
         out["fleet"] = json!({
             "instance_spent": show(rec.spent),
@@ -497,11 +583,14 @@ fn patch_budget(cfg: &Config, store: &dyn Store, b: &Budget, body: &[u8], now_ms
         _ => return admin_error(400, "invalid_limit", "limit must be a positive decimal string, or null to reset it."),
     };
     match budget::set_limit(store, b, limit, now_ms) {
+        Some(_) if !crate::durable::note_limit(store, &b.id, limit, now_ms) => {
+            admin_error(503, "state_busy", "The budget's change time could not be written.")
+        }
         Some(_) => {
             let to = limit.map_or("its configured value".to_string(), show);
             log::info!("admin: budget {} limit set to {to}", b.id);
             note(store, cfg, now_ms, "budget", &b.id, "limit", &format!("limit {to}"), "admin");
-            reply::json(200, &budget_json(cfg, store, b, now_ms))
+            reply::json(200, &kept(cfg, budget_json(cfg, store, b, now_ms)))
         }
         None => admin_error(503, "state_busy", "The budget could not be written."),
     }
@@ -557,6 +646,7 @@ fn key_json(cfg: &Config, k: &Key, r: &KeyRecord, now_ms: u64) -> Value {
         "capacity_state": h.capacity.as_str(),
         "headroom": (h.fraction * 1000.0).round() / 1000.0,
         "headroom_tightest": if h.tightest.is_empty() { None } else { Some(h.tightest) },
+        "forecast": crate::forecast::key(r, &k.limits, now_ms).to_json(now_ms),
         "reliability": (r.reliability(now_ms, cfg.routing.reliability_window_ms) * 1000.0).round() / 1000.0,
         "latency_ms": (r.latency_samples > 0).then(|| r.latency_us as f64 / 1000.0),
         "provider_limits": {
@@ -592,21 +682,55 @@ fn key_json(cfg: &Config, k: &Key, r: &KeyRecord, now_ms: u64) -> Value {
     })
 }
 
+/// At most this many keys that cannot serve are listed, with why, in
+/// `GET state` and `GET health`.
+const MAX_UNAVAILABLE_LISTED: usize = 100;
+
 fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
-    let (mut available, mut throttled, mut disabled, mut exhausted) = (0u64, 0u64, 0u64, 0u64);
+    let (mut available, mut throttled, mut disabled, mut exhausted, mut quota_exhausted) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut requests, mut input, mut output, mut total) = (0u64, 0u64, 0u64, 0u64);
-    for (_, k) in cfg.keys.live() {
+    let mut spent = rust_decimal::Decimal::ZERO;
+    let mut unavailable: Vec<Value> = Vec::new();
+    for (i, k) in cfg.keys.live() {
         let r = read_or_default(store, k);
-        match r.effective(now_ms) {
-            Effective::Available => available += 1,
-            Effective::Throttled { .. } => throttled += 1,
-            Effective::Disabled => disabled += 1,
-            Effective::Exhausted { .. } => exhausted += 1,
+        // As key choice sees the key: its state, then its capacity.
+        let excluded = evaluate(cfg, i, &r, now_ms).excluded;
+        let detail = match excluded {
+            None => {
+                available += 1;
+                None
+            }
+            Some((Exclusion::QuotaExhausted, _)) => {
+                quota_exhausted += 1;
+                Some(headroom(&r, &k.limits, &cfg.routing.thresholds, now_ms).tightest)
+            }
+            Some((Exclusion::Throttled, _)) => {
+                throttled += 1;
+                None
+            }
+            Some((Exclusion::Disabled, _)) => {
+                disabled += 1;
+                Some(r.reason.as_str())
+            }
+            Some(_) => {
+                exhausted += 1;
+                Some(r.reason.as_str())
+            }
+        };
+        if let Some((why, until)) = excluded.filter(|_| unavailable.len() < MAX_UNAVAILABLE_LISTED) {
+            unavailable.push(json!({
+                "id": k.id,
+                "reason": why.as_str(),
+                "detail": detail.filter(|d| !d.is_empty()),
+                "until_ms": (until > 0).then_some(until),
+            }));
         }
         requests += r.requests;
         input += r.input_tokens;
         output += r.output_tokens;
         total += r.total_tokens;
+        spent = spent.checked_add(r.spent).unwrap_or(rust_decimal::Decimal::MAX);
     }
     let budgets: Vec<Value> = cfg
         .budgets
@@ -618,8 +742,12 @@ fn state_json(cfg: &Config, store: &dyn Store, now_ms: u64) -> Value {
         .collect();
     json!({
         "budgets": budgets,
-        "keys": {"total": available + throttled + disabled + exhausted, "available": available, "throttled": throttled,
-                 "disabled": disabled, "exhausted": exhausted},
+        "keys": {"total": available + throttled + disabled + exhausted + quota_exhausted, "available": available,
+                 "throttled": throttled, "disabled": disabled, "exhausted": exhausted,
+                 "quota_exhausted": quota_exhausted},
+        "unavailable": unavailable,
+        "quotas": {"exhausted_keys": quota_exhausted},
+        "costs": {"total_spent": show(spent)},
         "requests": requests,
         "tokens": {"input": input, "output": output, "total": total},
     })
@@ -862,7 +990,8 @@ mod tests {
             (&b"{"[..], "invalid_json"),
             (b"[]", "invalid_body"),
             (br#"{"state":"sleeping"}"#, "invalid_state"),
-            (br#"{"state":"throttled"}"#, "invalid_duration"),
+            (br#"{"state":"throttled","duration_seconds":0}"#, "invalid_duration"),
+            (br#"{"state":"throttled","duration_seconds":"60"}"#, "invalid_duration"),
         ] {
             let r = handle(&c, &s, &patch("/apikeyrouter/v1/keys/k1", bad), 0);
             assert_eq!((r.status, body(&r)["error"]["code"].clone()), (400, Value::from(code)));
@@ -891,6 +1020,7 @@ mod tests {
                     candidates: 1,
                     excluded: vec![],
                     excluded_total: 0,
+                    basis: None,
                 },
                 charged: None,
                 chain: String::new(),
@@ -983,5 +1113,192 @@ mod tests {
         assert_eq!(r.status, 503);
         assert_eq!(body(&r)["status"], "unhealthy");
         assert_eq!(body(&r)["keys"]["throttled"], 2);
+    }
+
+    /// Compiles `json` with the admin token in `ADMIN` and no other
+    /// variable set (no encryption key).
+    fn compiled(json: &str) -> Config {
+        compile(json.as_bytes(), &|v| (v == "ADMIN").then(|| TOKEN.to_string())).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Two keys with a daily quota of 100 tokens, a probe path and prices.
+    fn quota_cfg() -> Config {
+        compiled(
+            r#"{"providers":[{"id":"openai","keys":[
+                {"id":"k1","secret":"s1","limits":{"daily_tokens":100}},
+                {"id":"k2","secret":"s2","limits":{"daily_tokens":100}}]}],
+              "prices":{"gpt-4o":{"input":"2.50","output":"10.00"}},
+              "admin":{"token_env":"ADMIN","probe_path":"/healthz"}}"#,
+        )
+    }
+
+    fn spend(c: &Config, s: &FakeStore, k: usize, tokens: u64, cost: &str, now: u64) {
+        let u = crate::usage::Usage { input: tokens, output: 0, total: tokens, ..Default::default() };
+        let o = Outcome { status: 200, usage: Some(u), cost: cost.parse().ok(), ..Outcome::default() };
+        let _ = record_attempt(s, c, k, &o, None, KeyAction::Nothing, now);
+    }
+
+    #[test]
+    fn the_probe_says_only_its_status_and_turns_503_when_every_key_is_quota_exhausted() {
+        let c = quota_cfg();
+        let s = FakeStore::new();
+        let r = probe(&c, &s, "GET", 1_000);
+        assert_eq!((r.status, body(&r)), (200, json!({"status": "healthy"})));
+        assert!(r.headers.contains(&("cache-control", "no-store".to_string())));
+        spend(&c, &s, 0, 100, "0.00025", 1_000);
+        assert_eq!(probe(&c, &s, "GET", 1_000).status, 200, "k2 still has room");
+        spend(&c, &s, 1, 150, "0.000375", 1_000);
+        let r = probe(&c, &s, "HEAD", 2_000);
+        assert_eq!((r.status, body(&r)), (503, json!({"status": "unhealthy"})));
+        // The next UTC day gives the quota back.
+        assert_eq!(probe(&c, &s, "GET", 86_400_000).status, 200);
+        let r = probe(&c, &s, "POST", 0);
+        assert_eq!((r.status, body(&r)["error"]["code"].clone()), (405, Value::from("method_not_allowed")));
+    }
+
+    #[test]
+    fn state_and_health_count_quota_exhausted_keys_as_unavailable_and_say_why() {
+        let c = quota_cfg();
+        let s = FakeStore::new();
+        spend(&c, &s, 0, 100, "0.00025", 1_000);
+        let v = body(&handle(&c, &s, &get("/apikeyrouter/v1/state", Some(BEARER)), 2_000));
+        assert_eq!(
+            v["keys"],
+            json!({"total": 2, "available": 1, "throttled": 0, "disabled": 0, "exhausted": 0,
+                                     "quota_exhausted": 1})
+        );
+        assert_eq!(v["quotas"]["exhausted_keys"], 1);
+        assert_eq!(
+            v["unavailable"],
+            json!([{"id": "k1", "reason": "quota_exhausted", "detail": "daily_tokens",
+                                             "until_ms": 86_400_000}])
+        );
+        spend(&c, &s, 1, 150, "0.000375", 1_000);
+        let r = handle(&c, &s, &get("/apikeyrouter/v1/health", Some(BEARER)), 2_000);
+        assert_eq!((r.status, body(&r)["status"].clone()), (503, Value::from("unhealthy")));
+        assert_eq!(body(&r)["keys"]["quota_exhausted"], 2);
+        assert_eq!(body(&r)["unavailable"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn state_sums_the_exact_spend_of_every_key_without_any_budget() {
+        let c = quota_cfg();
+        assert!(c.budgets.is_empty());
+        let s = FakeStore::new();
+        let v = body(&handle(&c, &s, &get("/apikeyrouter/v1/state", Some(BEARER)), 0));
+        assert_eq!(v["costs"]["total_spent"], "0");
+        spend(&c, &s, 0, 10, "0.000025", 0);
+        spend(&c, &s, 1, 10, "0.1", 0);
+        spend(&c, &s, 1, 10, "0.0000000001", 0);
+        let v = body(&handle(&c, &s, &get("/apikeyrouter/v1/state", Some(BEARER)), 0));
+        assert_eq!(v["costs"]["total_spent"], "0.1000250001", "exact to the tenth decimal place, as budgets show");
+    }
+
+    #[test]
+    fn the_probe_is_answered_while_wrong_tokens_have_throttled_the_admin_api() {
+        let c = quota_cfg();
+        let s = FakeStore::new();
+        for i in 0..=FAILURE_BURST {
+            let _ = handle(&c, &s, &get("/apikeyrouter/v1/keys", Some("Bearer guess-0123456789")), i);
+        }
+        assert_eq!(handle(&c, &s, &get("/apikeyrouter/v1/keys", Some(BEARER)), 20).status, 429);
+        assert_eq!(probe(&c, &s, "GET", 20).status, 200);
+        assert!(is_probe_path(&c, "/healthz") && is_probe_path(&c, "/healthz?check=1"));
+        assert!(!is_probe_path(&c, "/healthz/") && !is_probe_path(&c, "/apikeyrouter/v1/health"));
+        assert!(!is_probe_path(&cfg(), "/healthz"), "no probe unless configured");
+    }
+
+    fn fleet_cfg() -> Config {
+        compiled(
+            r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s1"}]}],
+              "fleet":{"etcd_cluster":"etcd","instance":"gw-1","sync_interval_ms":500,"timeout_ms":1000,
+                       "degraded_after_ms":3000},
+              "admin":{"enabled":false,"probe_path":"/healthz"}}"#,
+        )
+    }
+
+    fn fleet_status(s: &FakeStore, st: &crate::fleet::Status) {
+        let _ = s.set(crate::fleet::STATUS_KEY, &st.encode(), None);
+    }
+
+    #[test]
+    fn in_fleet_mode_the_probe_is_degraded_while_etcd_is_unreachable_or_the_sync_is_stale() {
+        let c = fleet_cfg();
+        let s = FakeStore::new();
+        let mut st = crate::fleet::Status { instance: "gw-1".into(), started_ms: 1_000, ..Default::default() };
+        st.succeeded(2_000);
+        fleet_status(&s, &st);
+        assert_eq!(body(&probe(&c, &s, "GET", 3_000)), json!({"status": "healthy"}));
+        // Failed syncs past degraded_after_ms: the sync says degraded.
+        let mut failing = st.clone();
+        assert!(failing.failed(5_500, "connection refused", 3_000));
+        fleet_status(&s, &failing);
+        let r = probe(&c, &s, "GET", 5_500);
+        assert_eq!((r.status, body(&r)), (200, json!({"status": "degraded"})));
+        // A status nobody updated for degraded_after + interval + timeout
+        // (4.5 s) is stale: degraded as well.
+        fleet_status(&s, &st);
+        assert_eq!(body(&probe(&c, &s, "GET", 6_500)), json!({"status": "healthy"}));
+        assert_eq!(body(&probe(&c, &s, "GET", 6_501)), json!({"status": "degraded"}));
+    }
+
+    #[test]
+    fn throttled_without_a_duration_cools_for_the_default_cooldown() {
+        let c = compiled(
+            r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s"}]}],
+              "cooldown":{"default_seconds":45},"admin":{"token_env":"ADMIN"}}"#,
+        );
+        let s = FakeStore::new();
+        for sent in [
+            &br#"{"state":"throttled","reason":"Rate limit encountered"}"#[..],
+            br#"{"state":"throttled","duration_seconds":null}"#,
+        ] {
+            let r = handle(&c, &s, &patch("/apikeyrouter/v1/keys/k1", sent), 1_000);
+            assert_eq!((r.status, body(&r)["cooldown_remaining_ms"].clone()), (200, Value::from(45_000)));
+            let _ = handle(&c, &s, &patch("/apikeyrouter/v1/keys/k1", br#"{"state":"available"}"#), 1_000);
+        }
+    }
+
+    fn post<'a>(prefix_path: &'a str, sent: &'a [u8]) -> AdminRequest<'a> {
+        AdminRequest { method: "POST", path: prefix_path, authorization: Some(BEARER), x_api_key: None, body: sent }
+    }
+
+    #[test]
+    fn posting_a_key_without_an_id_generates_one_from_its_fingerprint_and_takes_provider_id() {
+        let c = cfg();
+        let s = FakeStore::new();
+        let sent = br#"{"key_material":"sk-your-openai-key","provider_id":"openai","metadata":{"tier":"payg"}}"#;
+        let r = handle(&c, &s, &post("/apikeyrouter/v1/keys", sent), 0);
+        let v = body(&r);
+        let fp = crate::config::fingerprint("sk-your-openai-key");
+        assert_eq!(r.status, 201, "{v}");
+        assert_eq!(v["id"], format!("openai-{}", &fp["sha256:".len()..]));
+        assert_eq!((v["provider"].clone(), v["fingerprint"].clone()), (Value::from("openai"), Value::from(fp)));
+        assert!(!String::from_utf8_lossy(&r.body).contains("sk-your-openai-key"));
+        // The same material again has the same id: refused, not duplicated.
+        assert_eq!(handle(&c, &s, &post("/apikeyrouter/v1/keys", sent), 0).status, 409);
+        let other = br#"{"key_material":"sk-another-key","provider_id":"openai"}"#;
+        let r = handle(&c, &s, &post("/apikeyrouter/v1/keys", other), 0);
+        assert_eq!(r.status, 201);
+        assert_ne!(body(&r)["id"], v["id"]);
+        let both = br#"{"key_material":"sk-third","provider":"openai","provider_id":"azure"}"#;
+        let r = handle(&c, &s, &post("/apikeyrouter/v1/keys", both), 0);
+        assert_eq!((r.status, body(&r)["error"]["code"].clone()), (400, Value::from("invalid_key")));
+        let long = "p".repeat(64);
+        assert_eq!(runtime_keys::generated_id(&long, "x").len(), 64, "ids stay within 64 characters");
+    }
+
+    #[test]
+    fn the_api_answers_under_the_designs_api_v1_prefix() {
+        let c = compiled(
+            r#"{"providers":[{"id":"openai","keys":[{"id":"k1","secret":"s"}]}],
+              "admin":{"prefix":"/api/v1/","token_env":"ADMIN"}}"#,
+        );
+        let s = FakeStore::new();
+        assert!(is_admin_path(&c, "/api/v1/keys") && !is_admin_path(&c, "/apikeyrouter/v1/keys"));
+        let v = body(&handle(&c, &s, &get("/api/v1/keys", Some(BEARER)), 0));
+        assert_eq!(v["keys"][0]["id"], "k1");
+        let r = handle(&c, &s, &patch("/api/v1/keys/k1", br#"{"state":"throttled"}"#), 0);
+        assert_eq!(body(&r)["cooldown_remaining_ms"], 60_000);
     }
 }

@@ -51,13 +51,34 @@ impl PriceTable {
 
     /// The price of `model`: an exact entry, else the longest matching prefix.
     pub fn lookup(&self, model: &str) -> Option<&Price> {
-        self.exact
-            .iter()
-            .find(|(m, _)| m == model)
-            .or_else(|| self.prefix.iter().find(|(p, _)| model.starts_with(p.as_str())))
-            .map(|(_, p)| p)
+        self.entry(model).map(|(_, p, _)| p)
+    }
+
+    /// The entry that prices `model`: its name, price, and whether it is a
+    /// prefix entry.
+    fn entry(&self, model: &str) -> Option<(&str, &Price, bool)> {
+        self.exact.iter().find(|(m, _)| m == model).map(|(m, p)| (m.as_str(), p, false)).or_else(|| {
+            self.prefix.iter().find(|(p, _)| model.starts_with(p.as_str())).map(|(m, p)| (m.as_str(), p, true))
+        })
+    }
+
+    /// The label metrics give `model`: the name of the table entry that
+    /// prices it as configured (`gpt-4o`, or `gpt-4o*` for a prefix), else
+    /// `other`, so that the labels are as many as the table's entries.
+    /// Characters other than letters, digits and `. _ - * /` show as `_`.
+    pub fn label(&self, model: Option<&str>) -> String {
+        let Some((name, _, prefix)) = model.and_then(|m| self.entry(m)) else { return OTHER_MODEL.to_string() };
+        let clean = |c: char| if c.is_ascii_alphanumeric() || ".-_/".contains(c) { c } else { '_' };
+        let mut out: String = name.chars().take(64).map(clean).collect();
+        if prefix {
+            out.push('*');
+        }
+        out
     }
 }
+
+/// The model label of models the price table does not name.
+pub const OTHER_MODEL: &str = "other";
 
 /// How a key's price differs from the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -150,7 +171,15 @@ pub struct Budget {
     /// How long a reservation may stay held before it expires (its request
     /// lost: a callback that never came, a VM reload).
     pub reservation_ttl_ms: u64,
+    /// Fractions of the limit whose crossing posts an alert (sorted, at most
+    /// [`MAX_ALERTS`]).
+    pub alerts: Vec<Decimal>,
 }
+
+/// The most alert thresholds a budget may have (one bit each in its record).
+pub const MAX_ALERTS: usize = 16;
+/// The largest alert threshold: 10 times the limit (a soft budget goes over).
+pub const MAX_ALERT: Decimal = Decimal::from_parts(10, 0, 0, false, 0);
 
 /// The default of `reservation_ttl_seconds`: the shipped routes' 600 s
 /// timeout plus a margin.
@@ -214,6 +243,18 @@ pub struct BudgetRecord {
     /// Fleet mode, while etcd cannot be reached: the fraction of the limit
     /// this instance may spend by itself.
     pub local_share: Option<Decimal>,
+    /// This instance's spend in millionths in the current and the previous
+    /// bucket of [`crate::forecast::BUDGET_BUCKET_MS`], and since when it
+    /// was counted: the burn rate's window (an estimate, so rounded to the
+    /// millionth). Not reset with the budget's window.
+    pub burn_start_ms: u64,
+    pub burn_since_ms: u64,
+    pub burn_micros: u64,
+    pub burn_prev_micros: u64,
+    /// The alert thresholds (bit `i`: `Budget::alerts[i]`) crossed in this
+    /// window: set in the swap that charges the spend that crosses them, so
+    /// that one worker, once, posts each.
+    pub alerted: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,14 +266,14 @@ impl fmt::Display for BadRecord {
     }
 }
 
-const VERSION: u8 = 3;
-/// Version 1 records (no fleet fields) and version 2 (no expiry buckets) are
-/// still read.
+const VERSION: u8 = 4;
+/// Version 1 records (no fleet fields), version 2 (no expiry buckets) and
+/// version 3 (no burn rate, no alerts) are still read.
 const V1_LEN: usize = 2 + 8 + 16 + 16 + 8 + 8 + 8 + 16;
 const V2_LEN: usize = V1_LEN + 16 + 8 + 1 + 16;
 
 impl BudgetRecord {
-    pub const LEN: usize = V2_LEN + PENDING_SLOTS * (8 + 16 + 4) + 8;
+    pub const LEN: usize = V2_LEN + PENDING_SLOTS * (8 + 16 + 4) + 8 + 4 * 8 + 4;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Writer::with_capacity(Self::LEN);
@@ -246,6 +287,8 @@ impl BudgetRecord {
             out.u64(p.bucket).decimal(p.amount).u32(p.count);
         }
         out.u64(self.expired);
+        out.u64(self.burn_start_ms).u64(self.burn_since_ms).u64(self.burn_micros).u64(self.burn_prev_micros);
+        out.u32(self.alerted);
         out.finish()
     }
 
@@ -262,6 +305,13 @@ impl BudgetRecord {
                 };
             }
             rec.expired = r.u64().ok_or(BadRecord)?;
+            if version >= 4 {
+                rec.burn_start_ms = r.u64().ok_or(BadRecord)?;
+                rec.burn_since_ms = r.u64().ok_or(BadRecord)?;
+                rec.burn_micros = r.u64().ok_or(BadRecord)?;
+                rec.burn_prev_micros = r.u64().ok_or(BadRecord)?;
+                rec.alerted = r.u32().ok_or(BadRecord)?;
+            }
         } else if rec.reserved > Decimal::ZERO {
             // Reservations of an older version have no deadline: they expire
             // at the next update.
@@ -307,6 +357,7 @@ impl BudgetRecord {
             self.expired = 0;
             self.requests = 0;
             self.refused = 0;
+            self.alerted = 0;
         }
         let width = budget.bucket_ms();
         for p in self.pending.iter_mut().filter(|p| p.bucket != 0 && p.bucket.saturating_mul(width) <= now_ms) {
@@ -315,6 +366,52 @@ impl BudgetRecord {
             *p = Pending::default();
         }
         self
+    }
+
+    /// Counts spend `amount` at `now_ms` in the burn rate's buckets.
+    fn count_burn(&mut self, micros: u64, now_ms: u64) {
+        crate::forecast::count(
+            crate::forecast::BUDGET_BUCKET_MS,
+            &mut self.burn_start_ms,
+            &mut self.burn_micros,
+            &mut self.burn_prev_micros,
+            &mut self.burn_since_ms,
+            micros,
+            now_ms,
+        );
+    }
+
+    /// This instance's spend per hour over the last 10 to 20 minutes
+    /// (`None` while less than [`crate::forecast::MIN_SPAN_MS`] was seen).
+    pub fn spend_per_hour(&self, now_ms: u64) -> Option<f64> {
+        let (cur, prev) = (self.burn_micros as f64 / 1e6, self.burn_prev_micros as f64 / 1e6);
+        crate::forecast::rate_per_ms(
+            crate::forecast::BUDGET_BUCKET_MS,
+            self.burn_start_ms,
+            cur,
+            prev,
+            self.burn_since_ms,
+            now_ms,
+        )
+        .map(|r| r * 3_600_000.0)
+    }
+
+    /// The budget's outlook at `now_ms`: this instance's spend rate, and when
+    /// what remains (fleet spend and reservations counted) runs out at it.
+    pub fn forecast(&self, budget: &Budget, now_ms: u64) -> crate::forecast::BudgetForecast {
+        crate::forecast::BudgetForecast::new(
+            self.spend_per_hour(now_ms),
+            self.remaining(budget),
+            budget.resets_at(now_ms),
+        )
+    }
+
+    /// What is left to spend: the limit less the spend (in fleet mode the
+    /// fleet's) and what is reserved; never below 0.
+    #[inline(never)]
+    pub fn remaining(&self, budget: &Budget) -> Decimal {
+        let spent = self.spent.saturating_add(self.others());
+        self.limit(budget).saturating_sub(spent).saturating_sub(self.reserved).max(Decimal::ZERO)
     }
 
     /// Whether some reservation is past its deadline at `now_ms`.
@@ -368,6 +465,12 @@ impl BudgetRecord {
         } else {
             Decimal::ZERO
         }
+    }
+
+    /// This window's spend: this instance's and, in fleet mode, the others'.
+    #[inline(never)]
+    pub fn total(&self) -> Decimal {
+        self.spent.saturating_add(self.others())
     }
 
     /// Whether `more` on top of this window's spend and reservations passes
@@ -434,8 +537,8 @@ impl Reservation {
     }
 
     /// Replaces each amount with the actual cost; returns each budget's
-    /// spend after the change.
-    pub fn settle(self, store: &dyn Store, budgets: &[Budget], actual: Decimal, now_ms: u64) -> Vec<(usize, Decimal)> {
+    /// state after the change.
+    pub fn settle(self, store: &dyn Store, budgets: &[Budget], actual: Decimal, now_ms: u64) -> Vec<Settled> {
         settle(store, budgets, &self.0, actual, now_ms)
     }
 
@@ -494,7 +597,7 @@ pub fn reserve(
             if over && b.enforcement == Enforcement::Hard {
                 return Err(Reject::Over(Refusal {
                     budget: i,
-                    spent: rec.spent.saturating_add(rec.others()),
+                    spent: rec.total(),
                     reserved: rec.reserved,
                     limit,
                     estimate,
@@ -546,16 +649,57 @@ fn count_refusal(store: &dyn Store, b: &Budget, now_ms: u64) {
     });
 }
 
+/// A budget as a settlement left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub budget: usize,
+    /// This instance's spend in the window.
+    pub spent: Decimal,
+    /// The spend alerts compare with the limit: the fleet's in fleet mode.
+    pub total: Decimal,
+    pub limit: Decimal,
+    pub window_start_ms: u64,
+    /// The alert thresholds this settlement crossed first (bit `i`:
+    /// `Budget::alerts[i]`): nobody else, on any worker, got them.
+    pub crossed: u32,
+}
+
 /// Replaces each reservation with the actual cost; returns each budget's
-/// spend after the change.
-pub fn settle(
-    store: &dyn Store,
-    budgets: &[Budget],
-    held: &[Held],
-    actual: Decimal,
-    now_ms: u64,
-) -> Vec<(usize, Decimal)> {
-    held.iter().filter_map(|h| adjust(store, budgets, h, Some(actual), now_ms).map(|spent| (h.budget, spent))).collect()
+/// state after the change.
+pub fn settle(store: &dyn Store, budgets: &[Budget], held: &[Held], actual: Decimal, now_ms: u64) -> Vec<Settled> {
+    held.iter().filter_map(|h| adjust(store, budgets, h, Some(actual), now_ms)).collect()
+}
+
+/// Marks the thresholds of `budget` the record's spend has reached and no
+/// one has claimed yet (bit `i`: `budget.alerts[i]`) and returns them.
+#[inline(never)]
+fn claim_alerts(rec: &mut BudgetRecord, budget: &Budget) -> u32 {
+    let (total, limit) = (rec.total(), rec.limit(budget));
+    if budget.alerts.is_empty() || limit <= Decimal::ZERO {
+        return 0;
+    }
+    let reached = budget.alerts.iter().take(MAX_ALERTS).enumerate().fold(0, |bits, (i, t)| {
+        if limit.checked_mul(*t).is_some_and(|at| total >= at) {
+            bits | (1 << i)
+        } else {
+            bits
+        }
+    });
+    let crossed = reached & !rec.alerted;
+    rec.alerted |= crossed;
+    crossed
+}
+
+#[inline(never)]
+fn settled(rec: &BudgetRecord, b: &Budget, budget: usize, crossed: u32) -> Settled {
+    Settled {
+        budget,
+        spent: rec.spent,
+        total: rec.total(),
+        limit: rec.limit(b),
+        window_start_ms: rec.window_start_ms,
+        crossed,
+    }
 }
 
 /// Gives the reservations back (upstream failed, client went away).
@@ -565,7 +709,7 @@ pub fn release(store: &dyn Store, budgets: &[Budget], held: &[Held], now_ms: u64
     }
 }
 
-fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decimal>, now_ms: u64) -> Option<Decimal> {
+fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decimal>, now_ms: u64) -> Option<Settled> {
     let b = budgets.get(h.budget)?;
     let (r, _) = update(store, &b.record_name, |cur| {
         let mut rec = read(cur)?.current(b, now_ms);
@@ -574,14 +718,18 @@ fn adjust(store: &dyn Store, budgets: &[Budget], h: &Held, actual: Option<Decima
         if rec.window_start_ms == h.window_start_ms {
             rec.unhold(h.amount, h.bucket);
         }
+        let mut crossed = 0;
         if let Some(a) = actual {
             rec.spent += a;
             rec.requests += 1;
+            rec.count_burn(crate::metrics::micros(a), now_ms);
+            // In the same swap: the alerts are claimed with the spend.
+            crossed = claim_alerts(&mut rec, b);
         }
-        Ok::<_, BadRecord>((rec.spent, rec.encode()))
+        Ok::<_, BadRecord>((settled(&rec, b, h.budget, crossed), rec.encode()))
     });
     match r {
-        Ok(spent) => Some(spent),
+        Ok(settled) => Some(settled),
         Err(e) => {
             log::warn!("budget {}: true-up not recorded ({e:?})", b.id);
             None
@@ -749,6 +897,11 @@ mod tests {
         assert_eq!(t.lookup("gpt-4o-mini-2024-07-18").map(|p| p.input), Some(dec("0.15")));
         assert_eq!(t.lookup("gpt-4o-mini-tts").map(|p| p.input), Some(dec("9")));
         assert_eq!(t.lookup("o1"), None);
+        assert_eq!(t.label(Some("gpt-4o-mini-tts")), "gpt-4o-mini-tts");
+        assert_eq!(t.label(Some("gpt-4o-mini-2024-07-18")), "gpt-4o-mini*");
+        assert_eq!((t.label(Some("o1")), t.label(None)), ("other".to_string(), "other".to_string()));
+        t.insert("claude-3.5 sonnet:beta", Price::default());
+        assert_eq!(t.label(Some("claude-3.5 sonnet:beta")), "claude-3.5_sonnet_beta");
     }
 
     fn budget(limit: &str, enforcement: Enforcement, window: Option<Window>) -> Budget {
@@ -760,6 +913,7 @@ mod tests {
             enforcement,
             record_name: "akr.v1.budget.b".into(),
             reservation_ttl_ms: DEFAULT_RESERVATION_TTL_MS,
+            alerts: Vec::new(),
         }
     }
 
@@ -779,6 +933,11 @@ mod tests {
             fleet_spent: dec("3.25"),
             fleet_window_ms: 5,
             local_share: Some(dec("0.5")),
+            burn_start_ms: 600_000,
+            burn_since_ms: 0,
+            burn_micros: 250_000,
+            burn_prev_micros: 0,
+            alerted: 5,
         }
     }
 
@@ -812,11 +971,24 @@ mod tests {
         "0300000000000000",                                         // expired
     );
 
+    /// The burn-rate buckets that version 4 adds.
+    const SAMPLE_V4_TAIL: &str = concat!(
+        "c027090000000000", // burn_start_ms 600,000
+        "0000000000000000", // burn_since_ms
+        "90d0030000000000", // burn_micros 250,000
+        "0000000000000000", // burn_prev_micros
+    );
+
     #[test]
     fn record_bytes_are_pinned() {
-        let v3 = format!("03{}{SAMPLE_V3_TAIL}", &SAMPLE_V2[2..]);
-        let b = crate::codec::pinned(&sample_record().encode(), &v3);
+        // Version 4 adds the burn-rate buckets and the alert thresholds crossed (0b101).
+        let v4 = format!("04{}{SAMPLE_V3_TAIL}{SAMPLE_V4_TAIL}05000000", &SAMPLE_V2[2..]);
+        let b = crate::codec::pinned(&sample_record().encode(), &v4);
         assert_eq!(BudgetRecord::decode(&b), Ok(sample_record()));
+        // Version 3: no burn-rate buckets, none crossed.
+        let v3 = crate::codec::unhex(&format!("03{}{SAMPLE_V3_TAIL}", &SAMPLE_V2[2..]));
+        let old = BudgetRecord { burn_start_ms: 0, burn_micros: 0, alerted: 0, ..sample_record() };
+        assert_eq!(BudgetRecord::decode(&v3), Ok(old));
     }
 
     #[test]
@@ -828,7 +1000,7 @@ mod tests {
         let v2 = crate::codec::unhex(SAMPLE_V2);
         let mut old = [Pending::default(); PENDING_SLOTS];
         old[0] = Pending { bucket: 1, amount: dec("0.5"), count: 1 };
-        let as_v2 = BudgetRecord { pending: old, expired: 0, ..r };
+        let as_v2 = BudgetRecord { pending: old, expired: 0, burn_start_ms: 0, burn_micros: 0, alerted: 0, ..r };
         assert_eq!(BudgetRecord::decode(&v2), Ok(as_v2));
         // A version 1 record (before fleet mode) reads with no fleet state.
         let mut v1 = v2.clone();
@@ -860,7 +1032,7 @@ mod tests {
         drop(lost.over_soft);
         lost.held.release(&s, &bs, 80_000);
         let spent = kept.held.settle(&s, &bs, dec("0.25"), 80_000);
-        assert_eq!(spent, vec![(0, dec("0.25"))]);
+        assert_eq!(spent.iter().map(|s| (s.budget, s.spent)).collect::<Vec<_>>(), vec![(0, dec("0.25"))]);
         let r = load(&s, &bs[0], 80_000);
         assert_eq!((r.spent, r.reserved, r.expired), (dec("0.25"), Decimal::ZERO, 1));
         assert!(r.pending.iter().all(|p| *p == Pending::default()));
@@ -961,6 +1133,29 @@ mod tests {
     }
 
     #[test]
+    fn settled_spend_gives_the_burn_rate_and_the_runway_of_what_remains() {
+        let s = FakeStore::new();
+        let bs = vec![budget("10.00", Enforcement::Hard, Some(Window::Month))];
+        let t0 = 20_000 * 86_400_000 + 3_600_000;
+        // 0.10 a second for 20 s (21 true-ups, the first at the start).
+        for i in 0..=20 {
+            let a = reserve(&s, &bs, &[0], dec("0.2"), t0 + i * 1000).unwrap_or_else(|r| panic!("{r:?}"));
+            settle(&s, &bs, a.held.held(), dec("0.1"), t0 + i * 1000);
+        }
+        let rec = load(&s, &bs[0], t0 + 20_000);
+        assert_eq!(rec.remaining(&bs[0]), dec("7.9"));
+        let f = rec.forecast(&bs[0], t0 + 20_000);
+        // 2.10 over 20 s: 378 an hour; 7.90 left lasts 75.2 s.
+        assert!(f.spend_per_hour.is_some_and(|h| (h - 378.0).abs() < 1e-6), "{f:?}");
+        assert_eq!(f.runway_ms, Some(75_238));
+        assert!(f.runs_out(t0 + 20_000) && f.gauge(t0 + 20_000) == 75);
+        // Idle for two buckets: the rate is 0 and it lasts.
+        let later = load(&s, &bs[0], t0 + 1_300_000).forecast(&bs[0], t0 + 1_300_000);
+        assert_eq!((later.spend_per_hour, later.runway_ms), (Some(0.0), None));
+        assert_eq!(later.gauge(t0 + 1_300_000), crate::forecast::LASTS);
+    }
+
+    #[test]
     fn a_refusal_releases_what_other_budgets_already_held() {
         let s = FakeStore::new();
         let mut tight = budget("0.10", Enforcement::Hard, None);
@@ -1012,6 +1207,29 @@ mod tests {
         assert!(reserve(&s, &bs, &[0], dec("0.10"), 0).is_err());
         assert!(set_limit(&s, &bs[0], None, 0).is_some());
         assert!(reserve(&s, &bs, &[0], dec("0.10"), 0).is_ok());
+    }
+
+    #[test]
+    fn each_alert_threshold_is_crossed_once_per_window_in_the_charging_swap() {
+        let s = FakeStore::new();
+        let mut b = budget("1.00", Enforcement::Soft, Some(Window::Hour));
+        b.alerts = vec![dec("0.5"), dec("0.8"), dec("1")];
+        let bs = vec![b];
+        let charge = |amount: &str, now: u64| {
+            let a = reserve(&s, &bs, &[0], dec("0.01"), now).unwrap_or_else(|r| panic!("refused: {r:?}"));
+            a.held.settle(&s, &bs, dec(amount), now).iter().map(|x| x.crossed).collect::<Vec<u32>>()
+        };
+        assert_eq!(charge("0.49", 0), vec![0]);
+        assert_eq!(charge("0.01", 1), vec![0b001], "0.50 reaches the first");
+        assert_eq!(charge("0.10", 2), vec![0]);
+        assert_eq!(charge("0.45", 3), vec![0b110], "one charge past two thresholds crosses both");
+        assert_eq!(charge("1", 4), vec![0], "none twice");
+        assert_eq!(load(&s, &bs[0], 5).alerted, 0b111);
+        assert_eq!(charge("0.60", 3_600_000), vec![0b001], "a new window crosses them again");
+        // A release charges nothing and crosses nothing.
+        let a = reserve(&s, &bs, &[0], dec("5"), 3_600_001).unwrap_or_else(|r| panic!("refused: {r:?}"));
+        a.held.release(&s, &bs, 3_600_001);
+        assert_eq!(load(&s, &bs[0], 3_600_001).alerted, 0b001);
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! hmac[32]`; the 32-byte key is a 16-byte HMAC-SHA256 signing key followed
 //! by a 16-byte AES-128-CBC encryption key
 //! (<https://github.com/fernet/spec/blob/master/Spec.md>).
+//!
+//! Fleet mode also encrypts ([`FernetKey::encrypt`]): the records of runtime
+//! keys and budget limits it keeps in etcd.
 
 use crate::encoding::base64_decode;
-use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, KeyIvInit};
+use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
 use aes::Aes128;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -45,7 +48,10 @@ fn hmac_sha256_verifies(key: &[u8], msg: &[u8], tag: &[u8]) -> bool {
 /// Decrypts a Fernet token (without the `fernet:` prefix) with a base64url
 /// key. Token age is not checked: key material does not expire.
 pub fn decrypt(key_b64: &str, token: &str) -> Result<Vec<u8>, FernetError> {
-    let key = base64_decode(key_b64).filter(|k| k.len() == 32).ok_or(FernetError::BadKey)?;
+    decrypt_with(&FernetKey::parse(key_b64)?.0, token)
+}
+
+fn decrypt_with(key: &[u8; 32], token: &str) -> Result<Vec<u8>, FernetError> {
     let raw = base64_decode(token).ok_or(FernetError::Malformed)?;
     if raw.len() < 1 + 8 + 16 + 16 + 32 || raw[0] != 0x80 || (raw.len() - 57) % 16 != 0 {
         return Err(FernetError::Malformed);
@@ -60,6 +66,63 @@ pub fn decrypt(key_b64: &str, token: &str) -> Result<Vec<u8>, FernetError> {
     let len = cipher.decrypt_padded_mut::<Pkcs7>(&mut out).map_err(|_| FernetError::BadPadding)?.len();
     out.truncate(len);
     Ok(out)
+}
+
+/// A Fernet key (32 bytes: HMAC key, then AES key). Its `Debug` never
+/// shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FernetKey([u8; 32]);
+
+impl fmt::Debug for FernetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FernetKey(<redacted>)")
+    }
+}
+
+impl FernetKey {
+    /// A key written as 32 bytes of base64url (the original design's
+    /// `APIKEYROUTER_ENCRYPTION_KEY`).
+    pub fn parse(key_b64: &str) -> Result<FernetKey, FernetError> {
+        let key = base64_decode(key_b64).ok_or(FernetError::BadKey)?;
+        <[u8; 32]>::try_from(key.as_slice()).map(FernetKey).map_err(|_| FernetError::BadKey)
+    }
+
+    /// A Fernet token (base64url with padding, without the `fernet:`
+    /// prefix) of `plaintext`, stamped `now_s`. The IV is the HMAC of
+    /// `nonce`, the time and the plaintext under the signing key: as
+    /// unpredictable as `nonce` (fresh random bytes), and never reused for
+    /// two plaintexts even if a nonce repeats.
+    pub fn encrypt(&self, plaintext: &[u8], now_s: u64, nonce: [u8; 16]) -> String {
+        let mut iv = nonce;
+        if let Ok(mac) = Hmac::<Sha256>::new_from_slice(&self.0[..16]) {
+            let tag = mac.chain_update(nonce).chain_update(now_s.to_be_bytes()).chain_update(plaintext).finalize();
+            iv.copy_from_slice(&tag.into_bytes()[..16]);
+        }
+        self.seal(plaintext, now_s, iv)
+    }
+
+    /// The token of `plaintext` with this IV.
+    fn seal(&self, plaintext: &[u8], now_s: u64, iv: [u8; 16]) -> String {
+        use base64::Engine;
+        let (signing, encryption) = self.0.split_at(16);
+        let mut out = Vec::with_capacity(57 + plaintext.len() + 16);
+        out.push(0x80);
+        out.extend_from_slice(&now_s.to_be_bytes());
+        out.extend_from_slice(&iv);
+        if let Ok(cipher) = cbc::Encryptor::<Aes128>::new_from_slices(encryption, &iv) {
+            out.extend_from_slice(&cipher.encrypt_padded_vec_mut::<Pkcs7>(plaintext));
+        }
+        if let Ok(mac) = Hmac::<Sha256>::new_from_slice(signing) {
+            let tag = mac.chain_update(&out).finalize().into_bytes();
+            out.extend_from_slice(&tag);
+        }
+        base64::engine::general_purpose::URL_SAFE.encode(out)
+    }
+
+    /// Decrypts a token (without the `fernet:` prefix).
+    pub fn decrypt(&self, token: &str) -> Result<Vec<u8>, FernetError> {
+        decrypt_with(&self.0, token)
+    }
 }
 
 #[cfg(test)]
@@ -95,5 +158,22 @@ mod tests {
         assert!(hmac_sha256_verifies(b"Jefe", b"what do ya want for nothing?", &tag));
         tag[31] ^= 1;
         assert!(!hmac_sha256_verifies(b"Jefe", b"what do ya want for nothing?", &tag));
+    }
+
+    #[test]
+    fn encrypted_tokens_decrypt_to_the_plaintext_and_differ_for_each_nonce() {
+        let key = FernetKey::parse(KEY).unwrap_or_else(|e| panic!("{e}"));
+        let a = key.encrypt(b"sk-secret-material", 499_162_800, [1; 16]);
+        let b = key.encrypt(b"sk-secret-material", 499_162_800, [2; 16]);
+        assert_ne!(a, b, "a fresh IV each time");
+        assert!(a.starts_with("gAAAAA") && !a.contains("sk-secret"), "{a}");
+        assert_eq!(decrypt(KEY, &a), Ok(b"sk-secret-material".to_vec()));
+        assert_eq!(key.decrypt(&b), Ok(b"sk-secret-material".to_vec()));
+        assert_eq!(decrypt("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", &a), Err(FernetError::WrongKeyOrDamaged));
+        assert_eq!(key.decrypt(&key.encrypt(b"", 0, [0; 16])), Ok(Vec::new()));
+        assert_eq!(format!("{key:?}"), "FernetKey(<redacted>)");
+        // The specification's generation vector: its time and IV give its token.
+        let iv: [u8; 16] = core::array::from_fn(|i| i as u8);
+        assert_eq!(key.seal(b"hello", 499_162_800, iv), TOKEN);
     }
 }

@@ -1,15 +1,19 @@
 //! Per-key state as a fixed-width, versioned record in shared data.
 //!
-//! Layout (little-endian), version 3, [`KeyRecord::LEN`] bytes:
+//! Layout (little-endian), version 4, [`KeyRecord::LEN`] bytes:
 //! `version:u8 state:u8 reason:u8 capacity:u8`, then [`N_WORDS`] `u64`
-//! words in the order of [`KeyRecord::words`]. Version 2 records (the first
-//! 34 words) are read with the later words at zero; records of another
-//! version are refused by [`KeyRecord::decode`]; callers treat them as fresh.
+//! words in the order of [`KeyRecord::words`]; words 38 and 39 hold
+//! `spent`, a `Decimal` in its 16-byte serialization, and the last three the
+//! burn rate's window. Version 3 records (the first 38 words) and version 2
+//! records (the first 34) are read with the later words at zero; records of
+//! another version are refused by [`KeyRecord::decode`]; callers treat them
+//! as fresh.
 
 use crate::codec::{Reader, Writer};
 use crate::ratelimit::{parse_duration, Signals};
 use crate::usage::Usage;
 use crate::window::{self, Window};
+use rust_decimal::Decimal;
 use std::fmt;
 
 /// The administrative state of a key. "Throttled" is not stored: it is
@@ -230,18 +234,30 @@ pub struct KeyRecord {
     pub fleet_day_tokens: u64,
     pub fleet_month_start_ms: u64,
     pub fleet_month_tokens: u64,
+    /// What this key's answers cost in this process, exactly (the price
+    /// table or the key's own price; unpriced answers add nothing).
+    pub spent: Decimal,
+    /// The minute before `minute_start_ms` (0 unless it was the one just
+    /// before), and when counting began: the burn rate's window
+    /// ([`crate::forecast`]).
+    pub prev_minute_requests: u64,
+    pub prev_minute_tokens: u64,
+    pub burn_since_ms: u64,
 }
 
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 /// Version 2 records: the words before `fleet_day_start_ms`.
 const V2_WORDS: usize = 34;
-pub const N_WORDS: usize = 38;
+/// Version 3 records: the words before `spent`.
+const V3_WORDS: usize = 38;
+pub const N_WORDS: usize = 43;
 
 impl KeyRecord {
     pub const LEN: usize = 4 + 8 * N_WORDS;
 
     fn words(&self) -> [u64; N_WORDS] {
         let p = &self.provider;
+        let (spent_lo, spent_hi) = decimal_words(self.spent);
         [
             self.cooldown_until_ms,
             self.exhausted_until_ms,
@@ -281,6 +297,11 @@ impl KeyRecord {
             self.fleet_day_tokens,
             self.fleet_month_start_ms,
             self.fleet_month_tokens,
+            spent_lo,
+            spent_hi,
+            self.prev_minute_requests,
+            self.prev_minute_tokens,
+            self.burn_since_ms,
         ]
     }
 
@@ -298,6 +319,7 @@ impl KeyRecord {
         let version = r.u8().ok_or(DecodeError::TooShort)?;
         let n_words = match version {
             VERSION => N_WORDS,
+            3 => V3_WORDS,
             2 => V2_WORDS,
             _ => return Err(DecodeError::UnknownVersion(version)),
         };
@@ -353,6 +375,10 @@ impl KeyRecord {
             fleet_day_tokens: w[35],
             fleet_month_start_ms: w[36],
             fleet_month_tokens: w[37],
+            spent: words_decimal(w[38], w[39]),
+            prev_minute_requests: w[40],
+            prev_minute_tokens: w[41],
+            burn_since_ms: w[42],
         })
     }
 
@@ -451,6 +477,23 @@ impl KeyRecord {
     }
 }
 
+/// A `Decimal`'s 16-byte serialization as two little-endian words.
+fn decimal_words(d: Decimal) -> (u64, u64) {
+    let b = d.serialize();
+    let mut lo = [0u8; 8];
+    let mut hi = [0u8; 8];
+    lo.copy_from_slice(&b[..8]);
+    hi.copy_from_slice(&b[8..]);
+    (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
+}
+
+fn words_decimal(lo: u64, hi: u64) -> Decimal {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&lo.to_le_bytes());
+    b[8..].copy_from_slice(&hi.to_le_bytes());
+    Decimal::deserialize(b)
+}
+
 /// How one upstream attempt ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Outcome {
@@ -460,6 +503,8 @@ pub struct Outcome {
     pub stream: bool,
     /// Time to first byte, when a response arrived.
     pub latency_us: Option<u64>,
+    /// What the answer costs, when it is charged and priced.
+    pub cost: Option<Decimal>,
 }
 
 impl KeyRecord {
@@ -492,6 +537,9 @@ impl KeyRecord {
         if o.stream {
             self.streams = self.streams.saturating_add(1);
         }
+        if let Some(c) = o.cost.filter(|c| *c > Decimal::ZERO) {
+            self.spent = self.spent.checked_add(c).unwrap_or(Decimal::MAX);
+        }
         if let Some(l) = o.latency_us {
             self.latency_us =
                 if self.latency_samples == 0 { l } else { (self.latency_us.saturating_mul(4).saturating_add(l)) / 5 };
@@ -499,12 +547,26 @@ impl KeyRecord {
         }
         // Configured quotas count every attempt the provider answered.
         if o.status != 0 {
-            let minute = Window::Minute.start(now_ms);
-            if self.minute_start_ms != minute {
-                self.minute_start_ms = minute;
-                self.minute_requests = 0;
-                self.minute_tokens = 0;
+            match crate::forecast::step(window::MINUTE_MS, self.minute_start_ms, now_ms) {
+                crate::forecast::Step::Same => {}
+                crate::forecast::Step::Next => {
+                    self.prev_minute_requests = self.minute_requests;
+                    self.prev_minute_tokens = self.minute_tokens;
+                    self.minute_requests = 0;
+                    self.minute_tokens = 0;
+                }
+                crate::forecast::Step::Gap => {
+                    self.prev_minute_requests = 0;
+                    self.prev_minute_tokens = 0;
+                    self.minute_requests = 0;
+                    self.minute_tokens = 0;
+                    self.burn_since_ms = now_ms;
+                }
             }
+            if self.burn_since_ms == 0 {
+                self.burn_since_ms = now_ms;
+            }
+            self.minute_start_ms = Window::Minute.start(now_ms);
             self.minute_requests = self.minute_requests.saturating_add(1);
             self.minute_tokens = self.minute_tokens.saturating_add(tokens);
             window::add(Window::Day, &mut self.day_start_ms, &mut self.day_tokens, tokens, now_ms);
@@ -562,12 +624,16 @@ mod tests {
             fleet_day_tokens: 34,
             fleet_month_start_ms: 35,
             fleet_month_tokens: 36,
+            spent: Decimal::new(12_345, 4),
+            prev_minute_requests: 37,
+            prev_minute_tokens: 38,
+            burn_since_ms: 39,
         }
     }
 
-    /// `full()` as version 3 bytes: what shared data holds across reloads.
-    const FULL_V3: &str = concat!(
-        "03020402", // version 3, exhausted, insufficient_quota, critical
+    /// `full()` as version 4 bytes: what shared data holds across reloads.
+    const FULL_V4: &str = concat!(
+        "04020402", // version 4, exhausted, insufficient_quota, critical
         "7b68e5cf8b010000090000000000000001000000000000000200000000000000",
         "0300000000000000040000000000000005000000000000000600000000000000",
         "07000000000000000800000000000000ffffffffffffffff0a00000000000000",
@@ -578,26 +644,60 @@ mod tests {
         "1b000000000000001c000000000000001d000000000000001e00000000000000",
         "1f00000000000000200000000000000021000000000000002200000000000000",
         "23000000000000002400000000000000",
+        "00000400393000000000000000000000", // spent: 1.2345 (scale 4 in the flags, 12345 in the low word)
+        "250000000000000026000000000000002700000000000000",
     );
 
     #[test]
     fn record_bytes_are_pinned() {
-        let b = crate::codec::pinned(&full().encode(), FULL_V3);
+        let b = crate::codec::pinned(&full().encode(), FULL_V4);
         assert_eq!(KeyRecord::decode(&b), Ok(full()));
+    }
+
+    #[test]
+    fn charged_answers_add_their_exact_cost_and_others_nothing() {
+        let mut r = KeyRecord::default();
+        let charged = |c: &str| Outcome { status: 200, cost: c.parse().ok(), ..Outcome::default() };
+        r.record(&charged("0.000150"), 0, 60_000);
+        r.record(&charged("0.1"), 0, 60_000);
+        r.record(&Outcome { status: 429, ..Outcome::default() }, 0, 60_000);
+        r.record(&charged("-5"), 0, 60_000);
+        assert_eq!(r.spent.to_string(), "0.100150");
+        let back = KeyRecord::decode(&r.encode()).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(back.spent.to_string(), "0.100150");
+    }
+
+    #[test]
+    fn version_3_records_read_with_nothing_spent_and_burn_words_at_zero() {
+        let mut b = crate::codec::unhex(FULL_V4);
+        b[0] = 3;
+        b.truncate(4 + 8 * V3_WORDS);
+        let old = KeyRecord {
+            spent: Decimal::ZERO,
+            prev_minute_requests: 0,
+            prev_minute_tokens: 0,
+            burn_since_ms: 0,
+            ..full()
+        };
+        assert_eq!(KeyRecord::decode(&b), Ok(old));
     }
 
     #[test]
     fn version_2_records_read_with_fleet_words_at_zero() {
         let r = full();
-        let mut b = crate::codec::unhex(FULL_V3);
+        let mut b = crate::codec::unhex(FULL_V4);
         b[0] = 2;
         b.truncate(4 + 8 * V2_WORDS);
         // Word 33 was spare (zero) in version 2; it now holds state_at_ms.
         let old = KeyRecord {
+            spent: Decimal::ZERO,
             fleet_day_start_ms: 0,
             fleet_day_tokens: 0,
             fleet_month_start_ms: 0,
             fleet_month_tokens: 0,
+            prev_minute_requests: 0,
+            prev_minute_tokens: 0,
+            burn_since_ms: 0,
             ..r
         };
         assert_eq!(KeyRecord::decode(&b), Ok(old));
@@ -658,7 +758,7 @@ mod tests {
     fn outcomes_land_in_their_status_class() {
         let mut r = KeyRecord::default();
         let u = Some(Usage { input: 3, output: 4, total: 7, ..Usage::default() });
-        r.record(&Outcome { status: 200, usage: u, stream: true, latency_us: Some(1000) }, 0, 60_000);
+        r.record(&Outcome { status: 200, usage: u, stream: true, latency_us: Some(1000), cost: None }, 0, 60_000);
         r.record(&Outcome { status: 429, ..Outcome::default() }, 0, 60_000);
         r.record(&Outcome { status: 404, ..Outcome::default() }, 0, 60_000);
         r.record(&Outcome { status: 503, ..Outcome::default() }, 0, 60_000);

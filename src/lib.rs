@@ -8,15 +8,18 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alerts;
 pub mod budget;
 pub mod charge;
 pub mod codec;
 pub mod config;
 pub mod crypto;
 pub mod decision;
+pub mod durable;
 pub mod encoding;
 pub mod fernet;
 pub mod fleet;
+pub mod forecast;
 pub mod forward;
 pub mod header_wire;
 pub mod identity;

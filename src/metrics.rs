@@ -82,6 +82,11 @@ pub fn static_names(cfg: &crate::config::Config) -> Vec<(Kind, String)> {
         out.push((Kind::Counter, FLEET_VALUES_DROPPED.to_string()));
         out.push((Kind::Gauge, "apikeyrouter.fleet.degraded".to_string()));
     }
+    if cfg.alerts.is_some() {
+        for c in [crate::alerts::QUEUED, crate::alerts::SENT, crate::alerts::FAILED, crate::alerts::DROPPED] {
+            out.push((Kind::Counter, c.to_string()));
+        }
+    }
     for b in &cfg.budgets {
         out.push((Kind::Counter, budget_metric(&b.id, "refused")));
         out.push((Kind::Counter, budget_metric(&b.id, "soft_over")));
@@ -136,6 +141,38 @@ pub fn key_gauges(provider: &str, key: &str, e: &Eval, effective: Effective) -> 
         Capacity::Exhausted => 3,
     };
     [(key_metric(provider, key, "state"), state_code(effective)), (key_metric(provider, key, "capacity"), cap)]
+}
+
+/// A key's forecast gauges: its runway in seconds (see
+/// [`crate::forecast::LASTS`]) and its burn rates per minute, rounded.
+pub fn key_forecast_gauges(
+    provider: &str,
+    key: &str,
+    f: &crate::forecast::KeyForecast,
+    now_ms: u64,
+) -> [(String, u64); 3] {
+    let per_minute = |x: Option<f64>| x.map_or(0, |x| x.round().max(0.0) as u64);
+    [
+        (key_metric(provider, key, "runway_seconds"), f.gauge(now_ms)),
+        (key_metric(provider, key, "tokens_per_minute"), per_minute(f.tokens_per_minute)),
+        (key_metric(provider, key, "requests_per_minute"), per_minute(f.requests_per_minute)),
+    ]
+}
+
+/// A budget's forecast gauges: its runway in seconds and its spend per hour
+/// in millionths.
+pub fn budget_forecast_gauges(id: &str, f: &crate::forecast::BudgetForecast, now_ms: u64) -> [(String, u64); 2] {
+    let per_hour = f.spend_per_hour.map_or(0, |x| (x * 1e6).round().max(0.0) as u64);
+    [(budget_metric(id, "runway_seconds"), f.gauge(now_ms)), (budget_metric(id, "spend_per_hour_micros"), per_hour)]
+}
+
+/// `apikeyrouter.model.<label>.<what>`: `label` is the price table entry
+/// that priced the request, or `other` ([`crate::budget::PriceTable::label`];
+/// empty counts as `other`). It may hold dots: the shipped `stats_tags`
+/// match `<what>` at the end.
+pub fn model_metric(label: &str, what: &str) -> String {
+    let label = if label.is_empty() { crate::budget::OTHER_MODEL } else { label };
+    format!("apikeyrouter.model.{label}.{what}")
 }
 
 /// `apikeyrouter.budget.<id>.<what>`

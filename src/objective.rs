@@ -1,7 +1,7 @@
 //! Routing objectives: what "the best key" means for a request.
 //!
 //! An objective is one goal (`cost`, `reliability`, `fairness`, `latency`,
-//! `headroom`) or a weighted combination, plus optional constraints. It is
+//! `headroom`, `runway`) or a weighted combination, plus optional constraints. It is
 //! written as a bare name (`"cost"`) or as JSON:
 //!
 //! ```json
@@ -23,9 +23,13 @@ pub enum Goal {
     Fairness = 2,
     Latency = 3,
     Headroom = 4,
+    /// How long the key's quotas last at their burn rate, against the time
+    /// until they reset ([`crate::forecast::runway_score`]).
+    Runway = 5,
 }
 
-pub const GOALS: [Goal; 5] = [Goal::Cost, Goal::Reliability, Goal::Fairness, Goal::Latency, Goal::Headroom];
+pub const GOALS: [Goal; 6] =
+    [Goal::Cost, Goal::Reliability, Goal::Fairness, Goal::Latency, Goal::Headroom, Goal::Runway];
 
 impl Goal {
     pub fn parse(s: &str) -> Option<Goal> {
@@ -35,6 +39,7 @@ impl Goal {
             "fairness" => Some(Goal::Fairness),
             "latency" => Some(Goal::Latency),
             "headroom" => Some(Goal::Headroom),
+            "runway" => Some(Goal::Runway),
             _ => None,
         }
     }
@@ -46,6 +51,7 @@ impl Goal {
             Goal::Fairness => "fairness",
             Goal::Latency => "latency",
             Goal::Headroom => "headroom",
+            Goal::Runway => "runway",
         }
     }
 }
@@ -55,7 +61,7 @@ impl Goal {
 pub struct Objective {
     pub primary: Goal,
     /// Normalised weights, indexed by `Goal as usize`; they sum to 1.
-    pub weights: [f64; 5],
+    pub weights: [f64; 6],
     pub min_reliability: Option<f64>,
     pub max_cost_per_1k: Option<f64>,
     /// Short text for headers and decision records, e.g. `cost` or
@@ -82,11 +88,11 @@ fn bad(msg: impl Into<String>) -> ObjectiveError {
     ObjectiveError(msg.into())
 }
 
-const NAMES: &str = "cost, reliability, fairness, latency or headroom";
+const NAMES: &str = "cost, reliability, fairness, latency, headroom or runway";
 
 impl Objective {
     pub fn single(goal: Goal) -> Objective {
-        let mut weights = [0.0; 5];
+        let mut weights = [0.0; 6];
         weights[goal as usize] = 1.0;
         Objective {
             primary: goal,
@@ -129,7 +135,7 @@ impl Objective {
             Some(_) => return Err(bad("primary: expected a goal name")),
             None => return Err(bad("primary: required")),
         };
-        let mut weights = [0.0f64; 5];
+        let mut weights = [0.0f64; 6];
         match obj.get("weights") {
             Some(Value::Object(w)) => {
                 for (k, v) in w {
@@ -215,7 +221,7 @@ fn secondary_goals(obj: &Map<String, Value>) -> Result<Vec<Goal>, ObjectiveError
     }
 }
 
-fn label_of(primary: Goal, weights: &[f64; 5]) -> String {
+fn label_of(primary: Goal, weights: &[f64; 6]) -> String {
     let used: Vec<(Goal, f64)> = GOALS.iter().map(|g| (*g, weights[*g as usize])).filter(|(_, w)| *w > 0.0).collect();
     if used.len() == 1 && used[0].0 == primary {
         return primary.as_str().to_string();
@@ -256,6 +262,14 @@ mod tests {
         assert_eq!(o.label, "cost=0.5,reliability=0.3,fairness=0.2");
         let o = parse(r#"{"primary":"latency","weights":{"latency":2,"headroom":2}}"#);
         assert!((o.weight(Goal::Latency) - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn runway_weighs_into_headroom() {
+        let o = parse(r#"{"primary":"headroom","weights":{"headroom":0.6,"runway":0.4}}"#);
+        assert!((o.weight(Goal::Runway) - 0.4).abs() < 1e-9);
+        assert_eq!(o.label, "headroom=0.6,runway=0.4");
+        assert_eq!(parse("runway").weight(Goal::Runway), 1.0);
     }
 
     #[test]

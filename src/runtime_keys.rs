@@ -1,11 +1,14 @@
 //! Keys registered at runtime through the admin API (`POST keys`).
 //!
-//! They live only in shared data: one JSON record lists them, with a version
+//! They live in shared data: one JSON record lists them, with a version
 //! that every worker compares against its own when the state generation
 //! moves. A worker that sees a new version rebuilds its key table as the
 //! configured keys followed by the runtime ones, in registration order.
 //! Deleted entries keep their place (marked deleted) so that key indexes
-//! never shift under a request in flight.
+//! never shift under a request in flight. In fleet mode the sync also keeps
+//! them in etcd ([`crate::durable`]): each entry carries the time of the
+//! admin change that made it (`at_ms`), and [`adopt`] applies a newer one
+//! read from etcd.
 
 use crate::config::{fingerprint, Config, ConfigError, Key, SecretSource};
 use crate::store::{update, Store, UpdateError};
@@ -29,6 +32,11 @@ pub struct RuntimeKey {
     pub metadata: Map<String, Value>,
     #[serde(default)]
     pub deleted: bool,
+    /// When the admin change that made this entry (registration or
+    /// deletion) happened, on the instance that made it; 0: before fleet
+    /// mode kept runtime keys.
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 impl std::fmt::Debug for RuntimeKey {
@@ -44,6 +52,11 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The newest entry for `id` (live or deleted).
+    pub fn latest(&self, id: &str) -> Option<&RuntimeKey> {
+        self.keys.iter().rev().find(|k| k.id == id)
+    }
+
     pub fn decode(b: &[u8]) -> Option<Registry> {
         serde_json::from_slice(b).ok()
     }
@@ -80,29 +93,38 @@ pub enum RegistryError {
     Busy,
 }
 
-/// Parses a `POST keys` body: `{"id", "provider" (or "provider_id"),
-/// "key_material" (or "secret"), "weight", "metadata"}`.
+/// Parses a `POST keys` body: `{"id", "provider" (or the original
+/// design's "provider_id"), "key_material" (or "secret"), "weight",
+/// "metadata"}`. Without an `id` (or with `"id": null`) the key gets
+/// [`generated_id`].
 pub fn parse_new_key(body: &[u8], base: &Config) -> Result<RuntimeKey, RegistryError> {
     let invalid = |f: &str, r: &str| RegistryError::Invalid(f.to_string(), r.to_string());
     let v: Value = serde_json::from_slice(body).map_err(|e| invalid("(body)", &format!("not valid JSON: {e}")))?;
     let Value::Object(mut o) = v else { return Err(invalid("(body)", "expected a JSON object")) };
-    let mut take_str = |names: &[&str]| names.iter().find_map(|n| o.remove(*n)).map(|v| v.as_str().map(str::to_string));
-    let id = match take_str(&["id"]) {
-        Some(Some(id)) => id,
-        _ => return Err(invalid("id", "required, a string")),
+    // A field given as null is a field not given.
+    let mut take_str = |name: &str| o.remove(name).filter(|v| !v.is_null()).map(|v| v.as_str().map(str::to_string));
+    let id = match take_str("id") {
+        None => None,
+        Some(Some(id)) => Some(id),
+        Some(None) => return Err(invalid("id", "a string, or left out to have one generated")),
     };
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(invalid("id", "must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'"));
+    if let Some(id) = &id {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(invalid("id", "must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'"));
+        }
     }
-    let provider = match take_str(&["provider", "provider_id"]) {
-        Some(Some(p)) => p,
-        None if base.providers.len() == 1 => base.providers[0].id.clone(),
-        _ => return Err(invalid("provider", "required, the id of a configured provider")),
+    let provider = match (take_str("provider"), take_str("provider_id")) {
+        (Some(Some(a)), Some(Some(b))) if a != b => {
+            return Err(invalid("provider_id", "names another provider than provider; give one of the two"))
+        }
+        (Some(Some(p)), _) | (None, Some(Some(p))) => p,
+        (None, None) if base.providers.len() == 1 => base.providers[0].id.clone(),
+        _ => return Err(invalid("provider", "required (or provider_id), the id of a configured provider")),
     };
     if base.provider_by_id(&provider).is_none() {
         return Err(invalid("provider", &format!("no provider with id {provider:?}")));
     }
-    let secret = match take_str(&["key_material", "secret"]) {
+    let secret = match take_str("key_material").or_else(|| take_str("secret")) {
         Some(Some(s)) if !s.is_empty() && s.bytes().all(|b| (0x21..0x7f).contains(&b)) => s,
         _ => return Err(invalid("key_material", "required: printable ASCII without spaces")),
     };
@@ -121,7 +143,20 @@ pub fn parse_new_key(body: &[u8], base: &Config) -> Result<RuntimeKey, RegistryE
     if let Some(unknown) = o.keys().next() {
         return Err(invalid(unknown, "unknown field"));
     }
-    Ok(RuntimeKey { id, provider, secret, weight, metadata, deleted: false })
+    let id = id.unwrap_or_else(|| generated_id(&provider, &secret));
+    Ok(RuntimeKey { id, provider, secret, weight, metadata, deleted: false, at_ms: 0 })
+}
+
+/// The id of a key registered without one: its provider's id (cut to 51
+/// characters) and the 12 hex digits of its fingerprint, e.g.
+/// `openai-3f2a9c1b7d4e`. Nothing secret: the fingerprint is what the admin
+/// API already shows of every key. Unique as the material is: registering
+/// the same material twice is refused (409) rather than adding a duplicate.
+pub fn generated_id(provider: &str, secret: &str) -> String {
+    let fp = fingerprint(secret);
+    let hex = fp.strip_prefix("sha256:").unwrap_or(&fp);
+    let head: String = provider.chars().take(51).collect();
+    format!("{head}-{hex}")
 }
 
 /// Adds a key to the registry, refusing a taken id.
@@ -143,15 +178,18 @@ pub fn register(store: &dyn Store, base: &Config, key: RuntimeKey) -> Result<Reg
         if reg.keys.len() >= MAX_RUNTIME_KEYS {
             return Err(RegistryError::Full);
         }
+        let mut key = key.clone();
+        // Later than the id's last change, even with the same clock reading.
+        key.at_ms = key.at_ms.max(reg.latest(&key.id).map_or(0, |k| k.at_ms.saturating_add(1)));
         reg.version += 1;
-        reg.keys.push(key.clone());
+        reg.keys.push(key);
         Ok((reg.clone(), reg.encode()))
     });
     settle(store, r)
 }
 
-/// Deletes a runtime key (its slot stays, marked deleted).
-pub fn delete(store: &dyn Store, base: &Config, id: &str) -> Result<Registry, RegistryError> {
+/// Deletes a runtime key (its slot stays, marked deleted) at `now_ms`.
+pub fn delete(store: &dyn Store, base: &Config, id: &str, now_ms: u64) -> Result<Registry, RegistryError> {
     if base.key_by_id(id).is_some_and(|(_, k)| k.source != SecretSource::Runtime) {
         return Err(RegistryError::ConfigKey);
     }
@@ -162,10 +200,54 @@ pub fn delete(store: &dyn Store, base: &Config, id: &str) -> Result<Registry, Re
         };
         k.deleted = true;
         k.secret.clear();
+        k.at_ms = now_ms.max(k.at_ms.saturating_add(1));
         reg.version += 1;
         Ok((reg.clone(), reg.encode()))
     });
     settle(store, r)
+}
+
+/// Applies a registration or deletion read from etcd (fleet mode), newer
+/// than this registry's entry for its id ([`crate::durable::merge`] decides):
+/// a deletion marks the live entry deleted; a registration replaces the live
+/// entry (marked deleted, a new slot added) or adds one. Returns whether the
+/// registry changed. `cfg` is the configuration now in force: an id of a
+/// configured key is refused.
+pub fn adopt(store: &dyn Store, cfg: &Config, remote: &RuntimeKey) -> Result<bool, RegistryError> {
+    if cfg.key_by_id(&remote.id).is_some_and(|(_, k)| k.source != SecretSource::Runtime) {
+        return Err(RegistryError::ConfigKey);
+    }
+    if !remote.deleted {
+        let record = crate::shared_data::key_record(&remote.provider, &remote.id);
+        if crate::store::seed(store, &record, &crate::key_record::KeyRecord::default().encode()).is_err() {
+            return Err(RegistryError::Busy);
+        }
+    }
+    let (r, _) = update(store, REGISTRY_KEY, |cur| {
+        let mut reg = cur.and_then(Registry::decode).unwrap_or_default();
+        let live = reg.keys.iter().rposition(|k| k.id == remote.id && !k.deleted);
+        if remote.deleted && live.is_none() {
+            return Err(RegistryError::NotFound);
+        }
+        if !remote.deleted && live.is_none() && reg.keys.len() >= MAX_RUNTIME_KEYS {
+            return Err(RegistryError::Full);
+        }
+        if let Some(k) = live.and_then(|i| reg.keys.get_mut(i)) {
+            k.deleted = true;
+            k.secret.clear();
+            k.at_ms = remote.at_ms;
+        }
+        if !remote.deleted {
+            reg.keys.push(remote.clone());
+        }
+        reg.version += 1;
+        Ok((reg.clone(), reg.encode()))
+    });
+    match settle(store, r) {
+        Ok(_) => Ok(true),
+        Err(RegistryError::NotFound) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn settle(store: &dyn Store, r: Result<Registry, UpdateError<RegistryError>>) -> Result<Registry, RegistryError> {
@@ -256,7 +338,7 @@ mod tests {
             let k = parse_new_key(format!(r#"{{"id":"{id}","secret":"sk-{id}"}}"#).as_bytes(), &b);
             assert!(register(&s, &b, k.unwrap_or_else(|e| panic!("{e:?}"))).is_ok());
         }
-        assert!(delete(&s, &b, "r1").is_ok());
+        assert!(delete(&s, &b, "r1", 5).is_ok());
         let reg = load(&s);
         assert!(reg.keys[0].deleted && reg.keys[0].secret.is_empty(), "the material is gone");
         let cfg = merged(&b, &reg).unwrap_or_else(|e| panic!("{e}"));
@@ -264,8 +346,8 @@ mod tests {
         assert!(cfg.keys.get(1).is_none(), "the deleted key is nowhere to be read");
         assert_eq!(cfg.keys.live().map(|(_, k)| k.id.as_str()).collect::<Vec<_>>(), ["k1", "r2"]);
         assert_eq!(cfg.providers[0].keys, vec![0, 2]);
-        assert_eq!(delete(&s, &b, "r1"), Err(RegistryError::NotFound));
-        assert_eq!(delete(&s, &b, "k1"), Err(RegistryError::ConfigKey));
+        assert_eq!(delete(&s, &b, "r1", 6), Err(RegistryError::NotFound));
+        assert_eq!(delete(&s, &b, "k1", 6), Err(RegistryError::ConfigKey));
     }
 
     #[test]
@@ -298,8 +380,9 @@ mod tests {
         for (body, field) in [
             (&b"{"[..], "(body)"),
             (b"[]", "(body)"),
-            (br#"{"secret":"sk"}"#, "id"),
+            (br#"{"id":7,"secret":"sk"}"#, "id"),
             (br#"{"id":"a b","secret":"sk"}"#, "id"),
+            (br#"{"id":"r","provider":"p","provider_id":"q","secret":"sk"}"#, "provider_id"),
             (br#"{"id":"r","provider":"nope","secret":"sk"}"#, "provider"),
             (br#"{"id":"r"}"#, "key_material"),
             (br#"{"id":"r","secret":"has space"}"#, "key_material"),
@@ -325,7 +408,39 @@ mod tests {
             weight: 1,
             metadata: Map::new(),
             deleted: false,
+            at_ms: 0,
         };
         assert!(!format!("{k:?}").contains("sk-hidden"));
+    }
+
+    #[test]
+    fn keys_adopted_from_etcd_are_added_replaced_and_deleted_in_place() {
+        let s = FakeStore::new();
+        let b = base();
+        let key = |id: &str, secret: &str, at_ms| RuntimeKey {
+            id: id.into(),
+            provider: "openai".into(),
+            secret: secret.into(),
+            weight: 1,
+            metadata: Map::new(),
+            deleted: secret.is_empty(),
+            at_ms,
+        };
+        assert_eq!(adopt(&s, &b, &key("r1", "sk-a", 10)), Ok(true));
+        assert_eq!(adopt(&s, &b, &key("r1", "sk-b", 20)), Ok(true), "newer material replaces it");
+        let reg = load(&s);
+        assert_eq!(reg.keys.iter().map(|k| (k.deleted, k.at_ms)).collect::<Vec<_>>(), [(true, 20), (false, 20)]);
+        assert_eq!(reg.latest("r1").map(|k| k.secret.as_str()), Some("sk-b"));
+        assert!(reg.keys[0].secret.is_empty(), "the replaced material is gone");
+        let cfg = merged(&b, &reg).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.keys.live().map(|(_, k)| k.id.as_str()).collect::<Vec<_>>(), ["k1", "r1"]);
+        assert_eq!(adopt(&s, &b, &key("r1", "", 30)), Ok(true));
+        assert_eq!(load(&s).latest("r1").map(|k| (k.deleted, k.at_ms)), Some((true, 30)));
+        assert_eq!(adopt(&s, &b, &key("r1", "", 40)), Ok(false), "nothing left to delete");
+        assert_eq!(adopt(&s, &b, &key("k1", "sk-x", 50)), Err(RegistryError::ConfigKey));
+        // A registration here after a deletion elsewhere is later than it.
+        let again = parse_new_key(br#"{"id":"r1","secret":"sk-c"}"#, &b).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(register(&s, &b, again).is_ok());
+        assert_eq!(load(&s).latest("r1").map(|k| k.at_ms), Some(31), "after the deletion at 30");
     }
 }

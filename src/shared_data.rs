@@ -11,7 +11,7 @@
 //! | `akr.v1.runtime_keys`, `.changes` | keys registered at runtime, and its change counter | admin |
 //! | `akr.v1.dec.workers`, `akr.v1.dec.<worker>.<slot>` | decision ring owners and slots | attempt stage's tick |
 //! | `akr.v1.tr.head`, `akr.v1.tr.<n>` | the transition ring | state changes |
-//! | `akr.v1.fleet.*` | fleet mode's lease, status, counter bases, life and epoch | the fleet sync |
+//! | `akr.v1.fleet.*` | fleet mode's lease, status, counter bases, life and epoch; `.limits.<budget>`: a limit override and its time | the fleet sync; `.limits`: admin, fleet sync |
 
 use crate::store::{update, Store, UpdateStats};
 
@@ -33,6 +33,11 @@ pub const FLEET_BASES: &str = "akr.v1.fleet.bases";
 pub const FLEET_LIFE: &str = "akr.v1.fleet.life";
 /// Root contexts started in this process: the lease epoch.
 pub const FLEET_EPOCH: &str = "akr.v1.fleet.epoch";
+/// Prefix of each budget's limit override set on this process, with its
+/// time (`.<budget>` follows): what the fleet sync keeps in etcd.
+pub const FLEET_LIMITS: &str = "akr.v1.fleet.limits";
+/// Records read from etcd that were refused and reported (a ring of tags).
+pub const FLEET_REPORTED: &str = "akr.v1.fleet.reported";
 
 pub fn key_record(provider: &str, key: &str) -> String {
     format!("akr.v1.key.{provider}.{key}")

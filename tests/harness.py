@@ -245,6 +245,10 @@ def shipped_on_loopback(text, gateway_port, management_port, admin_port, mock_po
     clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
     admin_ep = clusters["envoy_admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     admin_ep["address"]["socket_address"]["port_value"] = admin_port
+    # The health listener's way to the management listener's health probe.
+    if "apikeyrouter_management" in clusters:
+        ep = clusters["apikeyrouter_management"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ep["address"]["socket_address"]["port_value"] = management_port
     cluster = clusters["openai"]
     del cluster["transport_socket"], cluster["dns_lookup_family"]
     cluster["type"] = "STATIC"

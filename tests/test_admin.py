@@ -71,7 +71,8 @@ def test_every_endpoint_answers_json_and_refuses_bad_input(mock_rt, start_envoy)
     # PATCH: bad input, unknown key, then real changes.
     assert api("PATCH", "keys/k1", raw=b"{not json")[1]["error"]["code"] == "invalid_json"
     assert api("PATCH", "keys/k1", {"state": "asleep"})[1]["error"]["code"] == "invalid_state"
-    assert api("PATCH", "keys/k1", {"state": "throttled"})[1]["error"]["code"] == "invalid_duration"
+    assert api("PATCH", "keys/k1", {"state": "throttled", "duration_seconds": 0})[1]["error"]["code"] \
+        == "invalid_duration"
     assert api("PATCH", "keys/zz", {"state": "disabled"})[0] == 404
     t0 = time.time_ns() // 1_000_000
     status, body = api("PATCH", "keys/k1", {"state": "throttled", "duration_seconds": 30, "reason": "test"})

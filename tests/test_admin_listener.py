@@ -13,6 +13,7 @@ import pytest
 
 from harness import (ADMIN_TOKEN, ROOT, chat, distinct_ports, http, listener, secrets, shipped_on_loopback,
                      shipped_text, wait_until, wasm_filter_configs)
+from test_shipped_configs import health_port
 
 SHIPPED = ROOT / "envoy" / "openai.yaml"
 CLIENT_KEY = "vk-openai-yaml-client-0123456789"
@@ -22,7 +23,7 @@ def openai_yaml(gateway_port, management_port, admin_port, mock_port):
     """envoy/openai.yaml, adapted to run against the mock on run-time ports."""
     cfg = shipped_on_loopback(shipped_text(SHIPPED), gateway_port, management_port, admin_port, mock_port,
                               CLIENT_KEY)
-    assert {c["name"] for c in cfg["static_resources"]["clusters"]} == {"openai", "envoy_admin"}
+    assert {c["name"] for c in cfg["static_resources"]["clusters"]} == {"openai", "envoy_admin", "apikeyrouter_management"}
     # The shape under test: the public listener runs both stages on one
     # plugin config (a YAML anchor) without "admin"; the internal one runs
     # only the ingress stage, in the same VM, with "admin".
@@ -135,3 +136,35 @@ def test_both_listeners_share_keys_budgets_and_decisions(shipped_gateway, mock3)
         assert "excluded=openai-1:disabled" in headers["x-apikeyrouter-decision"]
     used = {id_of[r["key"]] for r in mock3.received()[before:]}
     assert used == {"openai-2", "openai-3"}, used
+
+
+def test_the_readiness_probe_reaches_only_the_filters_health_probe_and_is_503_while_no_key_can_serve(
+        shipped_gateway, mock3):
+    e, management, keys = shipped_gateway
+    health = f"http://127.0.0.1:{health_port(e)}"
+
+    def probe():
+        status, _, body = http("GET", health + "/apikeyrouter/health")
+        return status, json.loads(body)
+
+    assert probe() == (200, {"status": "healthy"})
+    # Nothing else of the management API passes the health listener, token or not.
+    for path in ("/apikeyrouter/v1/health", "/apikeyrouter/v1/keys", "/apikeyrouter/health/"):
+        assert http("GET", health + path, headers=bearer(ADMIN_TOKEN))[0] == 404, path
+    assert http("POST", health + "/apikeyrouter/health", b"")[0] == 404
+    # The public listener serves no probe: its plugin config has none.
+    status, _, raw = http("GET", e.url + "/apikeyrouter/health")
+    assert (status, json.loads(raw)["error"]["code"]) == (401, "invalid_api_key")
+    # A request through the public listener: its cost is the total spend
+    # the internal listener shows.
+    status, headers, _ = chat(e.url, headers=bearer(CLIENT_KEY))
+    assert status == 200
+    wait_until(lambda: json.loads(admin(management, "GET", "state")[2])["requests"] == 1, what="the attempt recorded")
+    state = json.loads(admin(management, "GET", "state")[2])
+    assert Decimal(state["costs"]["total_spent"]) == Decimal(headers["x-apikeyrouter-cost"]) > 0
+    # Every key out of service: not ready; one back: ready again.
+    for kid in ("openai-1", "openai-2", "openai-3"):
+        assert admin(management, "PATCH", f"keys/{kid}", {"state": "disabled", "reason": "drill"})[0] == 200
+    assert probe() == (503, {"status": "unhealthy"})
+    assert admin(management, "PATCH", "keys/openai-2", {"state": "available"})[0] == 200
+    assert probe() == (200, {"status": "healthy"})

@@ -54,9 +54,13 @@ def start_fleet(start_envoy, mock, etcd, plugin, n):
 
 
 def health(e):
+    """GET health; 503 exactly when it says unhealthy (no key can serve, as
+    when a quota is spent fleet-wide)."""
     status, _, body = e.admin_api("GET", "health")
-    assert status == 200, body
-    return json.loads(body)
+    assert status in (200, 503), body
+    h = json.loads(body)
+    assert (status == 503) == (h["status"] == "unhealthy"), (status, h)
+    return h
 
 
 def syncs(e):
@@ -276,6 +280,10 @@ def test_a_daily_token_quota_holds_across_the_fleet(start_mock, etcd, start_envo
     assert etcd_total(etcd, "q/k1/day") == used
     after_two_syncs(b, "B reads k1's tokens")
     assert b.key_counters()["k1"]["capacity_state"] == "exhausted", b.key_counters()["k1"]
+    # B's health says so: A's spend left no key that can serve.
+    h = health(b)
+    assert (h["status"], h["keys"]["quota_exhausted"], h["unavailable"][0]["detail"]) == (
+        "unhealthy", 1, "daily_tokens"), h
     status, _, body = chat(b.url, extra={"max_tokens": 7})
     assert status == 429 and b"no_available_key" in body and b"1 exhausted" in body, body
     assert mock.stats()[keys[0]]["total_tokens"] == used, "B sent nothing to k1"

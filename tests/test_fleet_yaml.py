@@ -27,8 +27,9 @@ from decimal import Decimal
 import pytest
 import yaml
 
-from harness import (ROOT, TlsEtcd, _b64, _unb64, chat, distinct_ports, make_certs, management, secrets,
+from harness import (ROOT, TlsEtcd, _b64, _unb64, chat, distinct_ports, http, make_certs, management, secrets,
                      shipped_on_loopback, shipped_text, wait_until, wasm_filter_configs)
+from test_shipped_configs import health_port
 
 SHIPPED = ROOT / "envoy" / "fleet.yaml"
 CLIENT_KEY = "vk-fleet-yaml-client-0123456789"
@@ -205,6 +206,9 @@ def test_an_etcd_certificate_for_another_name_is_refused_and_the_replica_serves_
     status = fleet_status(e)
     assert status["syncs"] == 0 and "etcd answered 503" in status["last_error"], status
     assert stat(e, "fleet.degraded") == 1
+    # The readiness probe, through the health listener: degraded, still ready.
+    status, _, body = http("GET", f"http://127.0.0.1:{health_port(e)}/apikeyrouter/health")
+    assert (status, json.loads(body)) == (200, {"status": "degraded"})
     ssl = e.stats("cluster.etcd.ssl")
     assert int(ssl.get("cluster.etcd.ssl.fail_verify_san", "0")) > 0, ssl
     status, body = served(e)

@@ -40,7 +40,7 @@ def test_a_key_whose_budget_has_no_room_is_passed_over_for_another(start_mock, s
     headers, tokens = send(0)
     assert headers["x-apikeyrouter-key-id"] == "k2"
     assert headers["x-apikeyrouter-decision"] == (
-        "objective=cost; key=k2; score=1.000; margin=-; candidates=1; excluded=k1:budget_exhausted")
+        "objective=cost; key=k2; score=1.000; margin=-; confidence=0.000; candidates=1; excluded=k1:budget_exhausted")
     b = budget_of(e, "k1-cap")
     assert (b["spent"], b["reserved"], b["refused"], b["requests"]) == ("0", "0", 1, 0), b
 

@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from harness import ROOT, envoy_bin, free_port, http, validate, wait_until
+from harness import ROOT, envoy_bin, free_port, http, listener, validate, wait_until
 import test_shipped_configs as shipped
 from test_oci import stop_process
 
@@ -155,8 +155,13 @@ def test_deployment_wiring():
     assert ports["http"] == listeners["gateway"]["port_value"]
     assert ports["health"] == listeners["health"]["port_value"] and listeners["health"]["address"] == "0.0.0.0"
     assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert c[probe]["httpGet"] == {"path": "/ready", "port": "health"}, probe
+    # Readiness asks the filter whether a key can serve: the management
+    # listener's health probe, through the health listener.
+    assert c["readinessProbe"]["httpGet"] == {"path": "/apikeyrouter/health", "port": "health"}
+    [management] = shipped_wasm_configs(listener(cfg, "management"))
+    assert json.loads(management["configuration"]["value"])["admin"]["probe_path"] == "/apikeyrouter/health"
     # Config and module where Envoy reads them.
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     vols = {v["name"]: v for v in pod["volumes"]}

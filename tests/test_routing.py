@@ -155,10 +155,11 @@ def test_decision_header_is_present_and_the_ring_wraps_at_ring_size_per_worker(m
         assert len(request_ids) < 400, f"400 requests never wrapped both workers' rings: {by_worker.keys()}"
         status, h, _ = chat(e.url)
         assert status == 200
-        # Equal weights: every candidate scores 1.0, so the margin is 0.
+        # Equal weights: every candidate scores 1.0, so the margin is 0 and
+        # the confidence 1 - 1/2 (two interchangeable keys).
         assert h["x-apikeyrouter-decision"] == (
             f"objective=fairness; key={h['x-apikeyrouter-key-id']}; score=1.000; margin=0.000; "
-            "candidates=2; excluded=k3:disabled")
+            "confidence=0.500; candidates=2; excluded=k3:disabled")
         assert h["x-apikeyrouter-key-id"] in ("k1", "k2")
         after = worker_connections(e)
         served = [w for w in after if after[w] != before.get(w, 0)]
@@ -186,6 +187,8 @@ def test_decision_header_is_present_and_the_ring_wraps_at_ring_size_per_worker(m
     assert [d["request_id"] for d in newest] == request_ids[::-1][:10], "newest first"
     for d in everything:
         assert d["objective"] == "fairness" and d["key"] in ("k1", "k2") and d["provider"] == "openai", d
-        assert (d["attempt"], d["candidates"], d["score"], d["confidence"]) == (1, 2, 1.0, 0.0), d
+        assert (d["attempt"], d["candidates"], d["score"], d["margin"], d["confidence"]) == (1, 2, 1.0, 0.0, 0.5), d
+        assert d["explanation"] == (
+            f"chose {d['key']}: its turn (an even spread by weight) among 2 available; k3 disabled"), d
         assert d["excluded"] == [{"key": "k3", "reason": "disabled"}] and d["excluded_total"] == 1, d
         assert d["client"] is None, d

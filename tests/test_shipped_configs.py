@@ -13,7 +13,8 @@
 - an overload manager with a heap ceiling and a downstream connection limit,
   a request_headers_timeout on every HTTP listener, TCP keepalive upstream;
 - a health listener with only /ready and /stats/prometheus, apart from the
-  admin API;
+  admin API, and the filter's token-free health probe where the management
+  listener serves one (and nothing else of the management API);
 - the access log has response flags, upstream host, attempt count, time to
   first byte and bytes;
 - the public gateway takes the caller from the connection
@@ -29,7 +30,8 @@ import tempfile
 import pytest
 import yaml
 
-from harness import ROOT, SHIPPED_ENV, chat, hcm, http, priced, secrets, shipped_text, validate, wait_until
+from harness import (ROOT, SHIPPED_ENV, chat, hcm, http, listener, priced, secrets, shipped_text, validate,
+                     wait_until, wasm_filter_configs)
 
 CONFIGS = sorted((ROOT / "envoy").glob("*.yaml"))
 IDS = [p.name for p in CONFIGS]
@@ -59,6 +61,7 @@ def clusters(cfg):
     return {c["name"]: c for c in cfg["static_resources"]["clusters"]}
 
 
+
 def hcms(cfg):
     """(listener name, HTTP connection manager) of every listener."""
     for l in listeners(cfg):
@@ -82,8 +85,12 @@ def admin_address(cfg):
     return a["address"], a["port_value"]
 
 
+# Clusters to this Envoy's own listeners, not to a provider.
+LOCAL_CLUSTERS = ("envoy_admin", "apikeyrouter_management")
+
+
 def provider_clusters(cfg):
-    return {n: c for n, c in clusters(cfg).items() if n != "envoy_admin"}
+    return {n: c for n, c in clusters(cfg).items() if n not in LOCAL_CLUSTERS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=IDS)
@@ -194,7 +201,18 @@ def test_health_listener_serves_only_ready_and_prometheus_from_the_admin_api(pat
     [(_, h)] = [(n, x) for n, x in hcms(cfg) if n == "health"]
     [vh] = h["route_config"]["virtual_hosts"]
     served = {r["match"].get("path"): r["route"]["cluster"] for r in vh["routes"] if "route" in r}
+    probe = served.pop("/apikeyrouter/health", None)
     assert served == {"/ready": "envoy_admin", "/stats/prometheus": "envoy_admin"}
+    if probe:
+        # Only the probe's exact path reaches the management listener, and
+        # its plugin config serves the probe there.
+        assert probe == "apikeyrouter_management"
+        ep = clusters(cfg)[probe]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        addr = listener(cfg, "management")["address"]["socket_address"]
+        assert ep["address"]["socket_address"] == {"address": addr["address"], "port_value": addr["port_value"]}
+        management = wasm_filter_configs(listener(cfg, "management"))
+        plugins = [json.loads(wf["configuration"]["value"]) for wf in management]
+        assert [p["admin"].get("probe_path") for p in plugins] == ["/apikeyrouter/health"]
     assert vh["routes"][-1] == {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
     admin = clusters(cfg)["envoy_admin"]
     ep = admin["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]

@@ -116,7 +116,7 @@ def test_a_keys_tpm_quota_moves_choice_to_another_key(start_mock, start_envoy):
         assert decision.startswith("objective=cost; key=k1; score=1.000; margin="), decision
         assert decision.endswith("; candidates=2"), "nothing excluded"
     for kid, decision, _ in served[2:]:
-        assert decision == ("objective=cost; key=k2; score=1.000; margin=-; candidates=1; "
+        assert decision == ("objective=cost; key=k2; score=1.000; margin=-; confidence=0.000; candidates=1; "
                             "excluded=k1:quota_exhausted"), decision
     assert (k1_state["capacity_state"], k1_state["headroom"], k1_state["headroom_tightest"]) == (
         "exhausted", 0.0, "tpm"), k1_state

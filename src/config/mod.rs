@@ -25,7 +25,8 @@ mod walk;
 
 pub use compiler::{compile, ENCRYPTION_KEY_ENV};
 pub use model::{
-    fingerprint, Admin, ApiShape, Config, Cooldown, Decisions, Estimate, EtcdAuth, Fleet, Key, KeyTable, Objects,
-    Provider, ProviderKind, Routing, RoutingHeaders, SecretSource, StatusAction, UnknownModel, MAX_KEYS, MAX_WEIGHT,
+    fingerprint, Admin, Alerts, ApiShape, Config, Cooldown, Decisions, Estimate, EtcdAuth, Fleet, Key, KeyTable,
+    Objects, Provider, ProviderKind, Routing, RoutingHeaders, SecretSource, StatusAction, UnknownModel, MAX_KEYS,
+    MAX_WEIGHT,
 };
 pub use walk::{check_id, ConfigError};

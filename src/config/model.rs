@@ -273,6 +273,9 @@ pub struct Admin {
     pub token_sha256: Option<[u8; 32]>,
     /// SHA-256 of the read-only token (`GET`s only), if one is configured.
     pub read_token_sha256: Option<[u8; 32]>,
+    /// The unauthenticated health probe's exact path (`admin.probe_path`),
+    /// served even when the management API itself is off.
+    pub probe_path: Option<String>,
 }
 
 /// What a provider response does to the key that got it.
@@ -358,6 +361,30 @@ pub struct Fleet {
     pub auth: Option<EtcdAuth>,
     /// A range answer larger than this is refused (the sync fails).
     pub max_range_bytes: usize,
+    /// `APIKEYROUTER_ENCRYPTION_KEY`: runtime keys and budget limits are
+    /// kept in etcd as Fernet tokens under it.
+    pub encryption_key: Option<crate::fernet::FernetKey>,
+    /// `fleet.plaintext_runtime_keys`: without an encryption key, runtime
+    /// keys' material may be kept in etcd in plain text (otherwise `POST
+    /// keys` is refused in fleet mode).
+    pub plaintext_runtime_keys: bool,
+}
+
+/// `alerts`: the webhook that budget thresholds and key events are posted
+/// to, through an Envoy cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alerts {
+    pub cluster: String,
+    pub path: String,
+    /// `:authority` of the calls (the cluster's name when not set).
+    pub authority: String,
+    pub timeout_ms: u64,
+    /// Extra request headers (e.g. the webhook's own token), lowercase names.
+    pub headers: Vec<(String, String)>,
+    /// Events waiting per worker; past it the newest is dropped (counted).
+    pub max_queue: usize,
+    /// Tries per event before it is dropped (counted).
+    pub max_attempts: u32,
 }
 
 /// etcd's own authentication: a user and its password (from the environment),
@@ -405,6 +432,7 @@ impl fmt::Debug for Admin {
             .field("prefix", &self.prefix)
             .field("token_sha256", &self.token_sha256.as_ref().map(|_| "<redacted>"))
             .field("read_token_sha256", &self.read_token_sha256.as_ref().map(|_| "<redacted>"))
+            .field("probe_path", &self.probe_path)
             .finish()
     }
 }
@@ -448,6 +476,8 @@ pub struct Config {
     pub models: Vec<(String, Vec<(usize, String)>)>,
     pub fleet: Option<Fleet>,
     pub objects: Objects,
+    /// Where alert events go; `None`: nowhere (no budget has thresholds).
+    pub alerts: Option<Alerts>,
 }
 
 impl Config {

@@ -13,6 +13,7 @@ struct Candidate {
     reliability: f64,
     latency_us: Option<u64>,
     headroom: f64,
+    runway: f64,
 }
 
 /// Chooses keys for one VM: objectives over the eligible keys, with smooth
@@ -76,7 +77,7 @@ impl Chooser {
         let mut note = |k: usize, why: Exclusion| {
             excluded_total += 1;
             if excluded.len() < MAX_LISTED {
-                excluded.push((k, why));
+                excluded.push((k, why, 0));
             }
         };
         let mut none = view.none.clone();
@@ -142,6 +143,7 @@ impl Chooser {
                     candidates,
                     excluded,
                     excluded_total,
+                    basis: None,
                 }),
                 None => {
                     none.decision = Some(Box::new(Decision::none(objective, excluded, excluded_total)));
@@ -171,6 +173,11 @@ impl Chooser {
                 reliability: e.reliability,
                 latency_us: e.latency_us,
                 headroom: e.headroom,
+                // Worked out only for an objective that weighs it.
+                runway: match (objective.weight(Goal::Runway) > 0.0, cfg.keys.get(k), snap.records.get(k)) {
+                    (true, Some(key), Some(r)) => crate::forecast::runway_score(r, &key.limits, now_ms),
+                    _ => 1.0,
+                },
             });
         }
         if cands.is_empty() {
@@ -199,14 +206,28 @@ impl Chooser {
         let total: f64 = cands.iter().map(|c| weight(cfg, c.key)).sum();
         let chosen = cands[best].key;
         self.current[chosen] -= total;
+        let c = cands[best];
+        let basis = match objective.primary {
+            Goal::Fairness => None,
+            Goal::Cost => c.price,
+            Goal::Reliability => Some(c.reliability),
+            Goal::Latency => c.latency_us.map(|l| l as f64 / 1000.0),
+            Goal::Headroom => Some(c.headroom),
+            Goal::Runway => Some(c.runway),
+        };
+        // Under fairness alone keys are interchangeable: the spread, not a
+        // score, decides, so no key wins by a margin.
+        let margin =
+            if pure_fairness { runner_up.map(|_| 0.0) } else { runner_up.map(|r| (scores[best] - r).max(0.0)) };
         let decision = Decision {
             objective: objective.label.clone(),
             chosen: Some(chosen),
             score: scores[best],
-            margin: runner_up.map(|r| (scores[best] - r).max(0.0)),
+            margin,
             candidates: cands.len(),
             excluded,
             excluded_total,
+            basis,
         };
         self.cands = cands;
         self.scores = scores;
@@ -262,6 +283,9 @@ impl Chooser {
             if w(Goal::Headroom) > 0.0 {
                 s += w(Goal::Headroom) * c.headroom;
             }
+            if w(Goal::Runway) > 0.0 {
+                s += w(Goal::Runway) * c.runway;
+            }
             if w(Goal::Fairness) > 0.0 {
                 let f = if fmax > fmin { (self.current[c.key] - fmin) / (fmax - fmin) } else { 1.0 };
                 s += w(Goal::Fairness) * f;
@@ -283,6 +307,7 @@ mod tests {
     use crate::keys::*;
     use crate::objective::*;
     use crate::ratelimit::Signals;
+    use crate::usage::Usage;
 
     #[test]
     fn fairness_spreads_equal_keys_evenly() {
@@ -322,7 +347,7 @@ mod tests {
         let d = Chooser::default().choose(&c, 0, &mut Snapshot::of(recs.clone()), 0, &[], &Objective::default());
         let Ok(d) = d else { panic!("no key") };
         assert_eq!(d.chosen, Some(2));
-        assert_eq!(d.excluded, vec![(0, Exclusion::Disabled), (1, Exclusion::Exhausted)]);
+        assert_eq!(d.excluded, vec![(0, Exclusion::Disabled, 0), (1, Exclusion::Exhausted, 0)]);
         assert_eq!(d.candidates, 1);
         assert_eq!(d.margin, None);
     }
@@ -411,7 +436,7 @@ mod tests {
         assert_eq!(pick(&mut ch, &c, &recs, 1_000, &obj("reliability")), Some(1));
         let o = obj(r#"{"primary":"fairness","constraints":{"min_reliability":0.95}}"#);
         let d = ch.choose(&c, 0, &mut Snapshot::of(recs.clone()), 1_000, &[], &o);
-        assert_eq!(d.map(|d| (d.chosen, d.excluded)), Ok((Some(1), vec![(0, Exclusion::MinReliability)])));
+        assert_eq!(d.map(|d| (d.chosen, d.excluded)), Ok((Some(1), vec![(0, Exclusion::MinReliability, 0)])));
     }
 
     #[test]
@@ -450,6 +475,42 @@ mod tests {
         };
         recs[1].learn_limits(&s, 0);
         assert_eq!(pick(&mut Chooser::default(), &c, &recs, 1, &obj("headroom")), Some(1));
+    }
+
+    #[test]
+    fn runway_prefers_the_key_whose_quota_lasts_at_its_burn_rate() {
+        let limits = r#","limits":{"daily_tokens":10000}"#;
+        let c = cfg_with(&[limits, limits], "");
+        let day = 20_000 * 86_400_000;
+        let used = |r: &mut KeyRecord, at: u64| {
+            let u = Usage { input: 100, total: 100, ..Usage::default() };
+            r.record(&Outcome { status: 200, usage: Some(u), ..Outcome::default() }, at, 300_000);
+        };
+        // Both have used 2,000 of 10,000 tokens today: key 0 in the last
+        // 20 s, key 1 an hour ago.
+        let mut recs = vec![KeyRecord::default(); 2];
+        for i in 0..20 {
+            used(&mut recs[0], day + 3_600_000 + i * 1_000);
+            used(&mut recs[1], day + i * 1_000);
+        }
+        let now = day + 3_620_000;
+        let headroom = counts_at(&c, &recs, &obj("headroom"), 10, now);
+        assert_eq!(headroom, vec![5, 5], "headroom alone cannot tell them apart");
+        let lasting = obj(r#"{"primary":"headroom","weights":{"headroom":0.5,"runway":0.5}}"#);
+        assert_eq!(counts_at(&c, &recs, &lasting, 10, now), vec![0, 10]);
+        let d = Chooser::default().choose(&c, 0, &mut Snapshot::of(recs.clone()), now, &[], &lasting);
+        assert!(d.is_ok_and(|d| d.margin.is_some_and(|m| m > 0.4)));
+    }
+
+    fn counts_at(c: &Config, recs: &[KeyRecord], o: &Objective, n: usize, now: u64) -> Vec<usize> {
+        let mut ch = Chooser::default();
+        let mut out = vec![0; c.keys.slots()];
+        for _ in 0..n {
+            if let Some(k) = pick(&mut ch, c, recs, now, o) {
+                out[k] += 1;
+            }
+        }
+        out
     }
 
     #[test]

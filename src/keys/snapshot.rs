@@ -39,7 +39,7 @@ pub(super) struct View {
     pub(super) eligible: Vec<usize>,
     pub(super) critical: Vec<usize>,
     /// The first [`MAX_LISTED`] exclusions, and how many there are.
-    pub(super) excluded: Vec<(usize, Exclusion)>,
+    pub(super) excluded: Vec<(usize, Exclusion, u64)>,
     pub(super) excluded_total: usize,
     /// Counts and earliest recovery, for a refusal.
     pub(super) none: NoKey,
@@ -173,7 +173,7 @@ impl Snapshot {
                         v.none.count(why, recovers);
                         v.excluded_total += 1;
                         if v.excluded.len() < MAX_LISTED {
-                            v.excluded.push((k, why));
+                            v.excluded.push((k, why, recovers));
                         }
                     }
                     None => {

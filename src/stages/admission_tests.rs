@@ -332,3 +332,27 @@ fn a_form_or_json_ending_in_trailers_gets_the_same_checks() {
     let up = x.downstream.get(Map::RequestHeaders, "content-length");
     assert_eq!(up, Some((body.len() + r#","max_completion_tokens":64"#.len()).to_string()));
 }
+
+#[test]
+fn the_health_probe_is_answered_before_any_caller_authentication_and_sends_nothing_upstream() {
+    let config = format!(
+        r#"{{"providers":[{{"id":"openai","keys":[{{"id":"k1","secret":"sk-one"}}]}}],
+            "clients":[{{"id":"app","key_sha256":"{}"}}],
+            "admin":{{"enabled":false,"probe_path":"/healthz"}}}}"#,
+        sha_hex("vk-app")
+    );
+    let gw = Gateway::new(&config);
+    let ask = |method: &str, path: &str, body: &[u8]| {
+        let mut x = Exchange::new(&gw.world, &gw.ingress, &[(":method", method), (":path", path)], body);
+        x.send_request(usize::MAX, false);
+        assert!(x.attempts.is_empty(), "{method} {path}");
+        x.replied().map(|r| (r.status, String::from_utf8_lossy(&r.body).to_string()))
+    };
+    let healthy = Some((200, r#"{"status":"healthy"}"#.to_string()));
+    assert_eq!(ask("GET", "/healthz", b""), healthy);
+    assert_eq!(ask("GET", "/healthz?probe=kubelet", b""), healthy);
+    assert_eq!(ask("POST", "/healthz", b"{}").map(|r| r.0), Some(405), "answered at the headers");
+    // Any other path still needs a client key.
+    let refused = ask("GET", "/healthz/", b"").unwrap_or_default();
+    assert_eq!(refused.0, 401, "{}", refused.1);
+}

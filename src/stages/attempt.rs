@@ -13,7 +13,7 @@ use crate::charge::{self, Answer, Charge};
 use crate::config::{Config, RoutingHeaders, StatusAction};
 use crate::decision::{Decision, Stored};
 use crate::identity;
-use crate::key_record::{Outcome, Reason};
+use crate::key_record::{Capacity, Effective, KeyRecord, Outcome, Reason};
 use crate::keys::{read_record, record_attempt, stale_choice, KeyAction};
 use crate::metrics;
 use crate::objective::Objective;
@@ -102,6 +102,8 @@ pub struct Attempt {
     /// A streamed answer's last bytes, for an object id split across
     /// chunks; `None` once the created object is recorded (or none is).
     sse_carry: Option<Vec<u8>>,
+    /// The model's metric label, from admission (empty: `other`).
+    model: String,
 }
 
 impl Attempt {
@@ -124,6 +126,7 @@ impl Attempt {
             flight: None,
             label: String::new(),
             price: None,
+            model: String::new(),
             estimate_tokens: (0, 0),
             key_held: None,
             read_only: false,
@@ -249,6 +252,7 @@ impl Attempt {
         if let (Some(a), Some(key)) = (actual, self.key.and_then(|k| self.cfg.keys.get(k))) {
             let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
             h.count(&metrics::key_metric(pid, &key.id, "spend_micros"), metrics::micros(a));
+            h.count(&metrics::model_metric(&self.model, "spend_micros"), metrics::micros(a));
         }
         if let Some(c) = self.client.and_then(|c| self.cfg.clients.get(c)) {
             let tokens = charge.map_or(0, |c| c.tokens.total);
@@ -279,13 +283,26 @@ impl Attempt {
             // `to_settle` is only taken when `actual` is known.
             spent.extend(held.settle(store, budgets, actual.unwrap_or_default(), now));
         }
-        for (i, total) in spent {
-            if let Some(b) = budgets.get(i) {
-                h.gauge(&metrics::budget_metric(&b.id, "spent_micros"), metrics::micros(total));
+        for s in spent {
+            if let Some(b) = budgets.get(s.budget) {
+                h.gauge(&metrics::budget_metric(&b.id, "spent_micros"), metrics::micros(s.spent));
+                if s.crossed != 0 {
+                    self.budget_alerts(h, b, &s, now);
+                }
             }
         }
         if let Some(r) = leftover {
             r.release(store, budgets, now);
+        }
+    }
+
+    /// Queues an alert for each threshold of `b` this settlement crossed
+    /// (it alone crossed them: claimed in the charging swap).
+    fn budget_alerts(&self, h: &dyn Host, b: &crate::budget::Budget, s: &crate::budget::Settled, now: u64) {
+        let (Some(cfg), Ok(mut routing)) = (self.cfg.alerts.as_ref(), self.routing.try_borrow_mut()) else { return };
+        for (_, t) in b.alerts.iter().enumerate().filter(|(i, _)| s.crossed & (1 << i) != 0) {
+            log::warn!("[{}] budget {}: spend {} reached {} of its limit {}", self.id, b.id, s.total, t, s.limit);
+            routing.alerts.push(h, cfg, crate::alerts::budget_threshold(b, *t, s, now), now);
         }
     }
 
@@ -319,6 +336,8 @@ impl Attempt {
             usage: self.usage,
             stream: matches!(self.body, Body::Sse(_)),
             latency_us: self.latency_us,
+            // What close_books charges to budgets: the same exact amount.
+            cost: self.charge().and_then(|c| c.cost),
         };
         let signals = Signals::from_headers(&self.signals);
         let (r, stats) = record_attempt(h.store(), &self.cfg, k, &outcome, Some(&signals), action, now);
@@ -333,9 +352,12 @@ impl Attempt {
         if self.status == 429 {
             h.count(&metrics::key_metric(pid, kid, "rate_limited"), 1);
         }
+        h.count(&metrics::model_metric(&self.model, "requests"), 1);
         if let Some(u) = self.usage {
             h.count(&metrics::key_metric(pid, kid, "input_tokens"), u.input);
             h.count(&metrics::key_metric(pid, kid, "output_tokens"), u.output);
+            h.count(&metrics::model_metric(&self.model, "input_tokens"), u.input);
+            h.count(&metrics::model_metric(&self.model, "output_tokens"), u.output);
         }
         match r {
             Ok(rec) => {
@@ -343,8 +365,7 @@ impl Attempt {
                     routing.snapshot.observe(&self.cfg, k, rec.record, now);
                 }
                 if rec.changed || self.probe {
-                    let (was, cap) = rec.before;
-                    self.key_changed(h, k, format!("{}/{}", was.as_str(), cap.as_str()), &rec.record, now);
+                    self.key_changed(h, k, rec.before, &rec.record, now);
                     if matches!(action, KeyAction::CoolUntil(_)) {
                         h.count(&metrics::key_metric(pid, kid, "cooldowns"), 1);
                     }
@@ -541,14 +562,14 @@ impl Attempt {
             routing.snapshot.observe(&self.cfg, k, after, now);
         }
         let cap = crate::keys::evaluate(&self.cfg, k, &before, now).capacity;
-        self.key_changed(h, k, format!("{}/{}", before.effective(now).as_str(), cap.as_str()), &after, now);
+        self.key_changed(h, k, (before.effective(now), cap), &after, now);
         // Recorded: the attempt's own record at its end adds no transition.
         self.probe = false;
     }
 
     /// A change of key `k` (now `after`, before `from`): the transition ring,
     /// with a probe named as such, and the key's gauges.
-    fn key_changed(&self, h: &dyn Host, k: usize, from: String, after: &crate::key_record::KeyRecord, now: u64) {
+    fn key_changed(&self, h: &dyn Host, k: usize, before: (Effective, Capacity), after: &KeyRecord, now: u64) {
         let Some(key) = self.cfg.keys.get(k) else { return };
         let e = crate::keys::evaluate(&self.cfg, k, after, now);
         let by = if self.probe { "half-open probe: provider answered" } else { "provider answered" };
@@ -556,7 +577,7 @@ impl Attempt {
             time_ms: now,
             kind: "key".into(),
             id: key.id.clone(),
-            from,
+            from: format!("{}/{}", before.0.as_str(), before.1.as_str()),
             to: format!("{}/{}", after.effective(now).as_str(), e.capacity.as_str()),
             reason: format!("{by} {}", self.status),
             seq: 0,
@@ -565,6 +586,11 @@ impl Attempt {
         let pid = self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
         for (name, value) in metrics::key_gauges(pid, &key.id, &e, after.effective(now)) {
             h.gauge(&name, value);
+        }
+        if let Some(event) = key_alert(&self.cfg, k, pid, before, after, now) {
+            if let (Some(cfg), Ok(mut routing)) = (self.cfg.alerts.as_ref(), self.routing.try_borrow_mut()) {
+                routing.alerts.push(h, cfg, event, now);
+            }
         }
     }
 
@@ -709,6 +735,7 @@ impl Attempt {
             self.read_only = a.read_only;
             self.label.clone_from(&a.request_id);
             self.objects.clone_from(&a.objects);
+            self.model.clone_from(&a.model_label);
             Some((a.provider, f.attempts.tried.clone(), f.attempts.count, a.objective.clone(), a.price, est))
         });
         let (provider, tried, attempt, objective, price, est) = match found {
@@ -1116,5 +1143,34 @@ impl Attempt {
                 Next::Continue
             }
         }
+    }
+}
+
+/// The alert a key's change from `before` to `after` raises, if any: it
+/// became disabled, or exhausted (by the provider's answer, or by a daily or
+/// monthly token quota: a per-minute limit running out is throttling, not
+/// an alert). The caller's swap made the change, so it is raised once.
+fn key_alert(
+    cfg: &crate::config::Config,
+    k: usize,
+    pid: &str,
+    before: (Effective, Capacity),
+    after: &KeyRecord,
+    now: u64,
+) -> Option<crate::alerts::Event> {
+    let key = cfg.keys.get(k)?;
+    let event = |kind, reason: &str, until| Some(crate::alerts::key_event(kind, pid, &key.id, reason, until, now));
+    match after.effective(now) {
+        Effective::Disabled if before.0 != Effective::Disabled => event("key_disabled", after.reason.as_str(), None),
+        Effective::Exhausted { until_ms } if !matches!(before.0, Effective::Exhausted { .. }) => {
+            event("key_exhausted", after.reason.as_str(), Some(until_ms).filter(|u| *u > 0))
+        }
+        Effective::Available | Effective::Throttled { .. } if before.1 != Capacity::Exhausted => {
+            let room = crate::quota::headroom(after, &key.limits, &cfg.routing.thresholds, now);
+            let quota = matches!(room.tightest, "daily_tokens" | "monthly_tokens");
+            (room.capacity == Capacity::Exhausted && quota)
+                .then(|| event("key_exhausted", room.tightest, Some(room.resets_at_ms)))?
+        }
+        _ => None,
     }
 }

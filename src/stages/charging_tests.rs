@@ -306,3 +306,36 @@ fn a_background_response_is_charged_at_creation_and_its_polls_are_not() {
     assert_eq!((b.spent, b.requests, b.reserved), (reservation, 1, Decimal::ZERO), "polls are not charged again");
     assert_eq!(client_tokens(&gw), tokens);
 }
+
+#[test]
+fn usage_is_counted_by_the_price_table_entry_of_its_model_and_unpriced_models_as_other() {
+    let gw = Gateway::new(&config().replace(r#""unknown_model":"refuse""#, r#""unknown_model":"zero""#));
+    let answer = r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30,
+        "prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":6}}}"#;
+    let serve = |model: &str| {
+        let body = format!(r#"{{"model":"{model}","max_tokens":50,"messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let mut x = started(&gw, "POST", "/v1/chat/completions", &body);
+        x.upstream_headers(200, &[JSON], false);
+        x.upstream_body(&[answer.as_bytes()], true);
+        x.attempt_done();
+        x.finish();
+        (outcome(&x), body.len() as u64)
+    };
+    let (o, prompt) = serve("gpt-4o-mini");
+    serve("gpt-4o-mini");
+    serve("o9-unpriced");
+    let c = |name: &str| gw.world.counter(&format!("apikeyrouter.model.{name}"));
+    assert_eq!((c("gpt-4o-mini.requests"), c("gpt-4o-mini.input_tokens"), c("gpt-4o-mini.output_tokens")), (2, 20, 40));
+    assert_eq!(c("gpt-4o-mini.spend_micros"), 2 * crate::metrics::micros(cost(10, 20)));
+    assert_eq!((c("other.requests"), c("other.input_tokens"), c("other.spend_micros")), (1, 10, 0));
+    assert!(
+        gw.world.counters.borrow().keys().filter(|k| k.starts_with("apikeyrouter.model.")).all(|k| !k.contains("o9")),
+        "an unpriced model's name never makes a metric"
+    );
+    // The access-log outcome: the model, the tokens of each kind and the
+    // admission's estimate (the prompt's bytes and max_tokens, priced).
+    assert_eq!(o["model"], "gpt-4o-mini");
+    assert_eq!((o["cached_input_tokens"].as_u64(), o["reasoning_tokens"].as_u64()), (Some(4), Some(6)));
+    assert_eq!((o["estimated_input_tokens"].as_u64(), o["estimated_output_tokens"].as_u64()), (Some(prompt), Some(50)));
+    assert_eq!(o["estimate"].as_str(), Some(&*show(cost(prompt as usize, 50))));
+}

@@ -7,6 +7,7 @@
 use super::host::{Buffer, Host, Map};
 use crate::budget;
 use crate::config::{Config, Fleet};
+use crate::durable;
 use crate::fleet::{self, Bases, Counter, Dropped, EtcdView, Guard, Op, SharedState, Status};
 use crate::keys;
 use crate::transition::{self, Transition};
@@ -66,6 +67,8 @@ pub struct FleetSync {
     /// This sync still reads the object records (after its transactions).
     objects_due: bool,
     objects_reads: u64,
+    /// Runtime key and limit records opened at earlier syncs.
+    opened: durable::Opened,
 }
 
 /// The instance id: the configured one, else Envoy's node id (property `xds.node.id`) (made safe
@@ -101,6 +104,15 @@ impl FleetSync {
         let life =
             store.value(LIFE_KEY).and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map_or(me, u64::from_le_bytes);
         let now = h.now_ms();
+        match (fleet.encryption_key.is_some(), fleet.plaintext_runtime_keys) {
+            (true, _) => {}
+            (false, true) => log::warn!(
+                "fleet: runtime keys' material is kept in etcd in plain text (fleet.plaintext_runtime_keys; set APIKEYROUTER_ENCRYPTION_KEY to encrypt it)"
+            ),
+            (false, false) => log::info!(
+                "fleet: POST keys is refused: runtime keys would be kept in etcd in plain text (set APIKEYROUTER_ENCRYPTION_KEY, or fleet.plaintext_runtime_keys)"
+            ),
+        }
         let status = fleet::Status::decode(store.value(fleet::STATUS_KEY).as_deref());
         if status.is_none_or(|s| s.last_ok_ms == 0) {
             for b in &cfg.budgets {
@@ -123,6 +135,7 @@ impl FleetSync {
             objects_rev: 0,
             objects_due: false,
             objects_reads: 0,
+            opened: durable::Opened::default(),
         }
     }
 
@@ -497,6 +510,7 @@ impl FleetSync {
                 states.push(Op::Delete { key: skey, guard: Guard::of(kv) });
             }
         }
+        states.extend(self.admin_changes(h, cfg, &etcd, now_ms));
         report_dropped(h, &dropped);
         h.count("apikeyrouter.fleet.syncs", 1);
         h.count("apikeyrouter.fleet.states_applied", applied);
@@ -593,6 +607,71 @@ impl FleetSync {
         }
         ops
     }
+
+    /// Runtime keys and limit overrides ([`crate::durable`]): applies here
+    /// the records etcd holds newer, and returns this instance's newer
+    /// changes to write. A record refused (or one that cannot apply here,
+    /// e.g. an id of a configured key) is logged and counted once per
+    /// revision, and skipped.
+    fn admin_changes(&mut self, h: &dyn Host, cfg: &Config, etcd: &EtcdView, now_ms: u64) -> Vec<Op> {
+        let store = h.store();
+        let prefix = self.fleet.prefix.clone();
+        let sealing = durable::Sealing::of(&self.fleet);
+        let registry = crate::runtime_keys::load(store);
+        let limits: Vec<_> = cfg.budgets.iter().map(|b| durable::local_limit(store, &b.id)).collect();
+        let mut plan = durable::plan(&prefix, sealing, cfg, &registry, &limits, etcd, &mut self.opened, now_ms);
+        let mut changed = false;
+        let record = |kind: &str, id: &str, from: &str, to: String| {
+            let reason = "fleet: from etcd".to_string();
+            let t =
+                Transition { time_ms: now_ms, kind: kind.into(), id: id.into(), from: from.into(), to, reason, seq: 0 };
+            transition::record(store, cfg.max_transitions, t);
+        };
+        for k in &plan.keys {
+            let (from, to) = if k.deleted { ("registered", "deleted") } else { ("absent", "registered") };
+            match crate::runtime_keys::adopt(store, cfg, k) {
+                Ok(true) => {
+                    changed = true;
+                    log::info!("fleet: runtime key {} {to}, as etcd holds it", k.id);
+                    record("registry", &k.id, from, to.into());
+                }
+                Ok(false) => {}
+                Err(crate::runtime_keys::RegistryError::Busy) => {
+                    log::warn!("fleet: runtime key {}: the registry was busy, retried at the next sync", k.id)
+                }
+                Err(e) => {
+                    let why = match e {
+                        crate::runtime_keys::RegistryError::ConfigKey => "its id is a configured key's",
+                        _ => "the runtime key registry is full",
+                    };
+                    let name = durable::key_record(&prefix, &k.id);
+                    let mut revision = 0;
+                    if let Some(seen) = self.opened.0.get_mut(&name) {
+                        seen.record = Err(why);
+                        revision = seen.mod_revision;
+                    }
+                    plan.refused.push(durable::Refused { key: name, revision, why });
+                }
+            }
+        }
+        for l in &plan.limits {
+            let Some(b) = cfg.budgets.iter().find(|b| b.id == l.budget) else { continue };
+            if budget::set_limit(store, b, l.limit, now_ms).is_some() && durable::adopt_limit(store, l) {
+                let to = l.limit.map_or("its configured value".to_string(), budget::show);
+                log::info!("fleet: budget {} limit set to {to}, as etcd holds it", b.id);
+                record("budget", &b.id, "limit", format!("limit {to}"));
+            }
+        }
+        for r in plan.refused.iter().filter(|r| durable::first_report(store, r)) {
+            h.count(crate::metrics::FLEET_VALUES_DROPPED, 1);
+            let key: String = r.key.chars().take(200).collect();
+            log::warn!("fleet: skipped {key:?} read from etcd (revision {}): {}", r.revision, r.why);
+        }
+        if changed {
+            crate::shared_data::bump_generation(store);
+        }
+        plan.writes
+    }
 }
 
 #[cfg(test)]
@@ -610,9 +689,15 @@ mod tests {
             r#"{{"providers":[{{"id":"p","keys":[{{"id":"k1","secret":"s1"}},{{"id":"k2","secret":"s2"}}]}}],
                "fleet":{{"etcd_cluster":"etcd","prefix":"/p","instance":"gw-1","max_range_bytes":65536{auth}}}}}"#
         );
-        let env = |n: &str| (n == "ETCD_PASSWORD").then(|| "etcd-secret-pw".to_string());
+        let env = |n: &str| match n {
+            "ETCD_PASSWORD" => Some("etcd-secret-pw".to_string()),
+            crate::config::ENCRYPTION_KEY_ENV => Some(FERNET_KEY.to_string()),
+            _ => None,
+        };
         crate::config::compile(json.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
     }
+
+    const FERNET_KEY: &str = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";
 
     struct Rig {
         world: std::rc::Rc<World>,
@@ -793,5 +878,40 @@ mod tests {
         assert_eq!(rig.world.counter("apikeyrouter.fleet.sync_failures"), 1);
         let status = Status::decode(rig.h.store().value(fleet::STATUS_KEY).as_deref()).unwrap_or_default();
         assert!(status.last_error.contains("above fleet.max_range_bytes"), "{}", status.last_error);
+    }
+
+    #[test]
+    fn a_runtime_key_in_etcd_is_registered_here_and_one_registered_here_is_written_encrypted() {
+        let mut rig = Rig::new(false);
+        let k = crate::runtime_keys::parse_new_key(br#"{"id":"mine","key_material":"sk-mine-secret"}"#, &rig.cfg);
+        let mut k = k.unwrap_or_else(|e| panic!("{e:?}"));
+        k.at_ms = NOW;
+        assert!(crate::runtime_keys::register(rig.h.store(), &rig.cfg, k).is_ok());
+        let fernet = crate::fernet::FernetKey::parse(FERNET_KEY).unwrap_or_else(|e| panic!("{e}"));
+        let theirs = json!({"id": "theirs", "provider": "p", "secret": "sk-theirs-secret", "weight": 2,
+                            "metadata": {}, "deleted": false, "at_ms": NOW - 10});
+        let sealed = format!("fernet:{}", fernet.encrypt(theirs.to_string().as_bytes(), NOW / 1000, [7; 16]));
+        rig.tick();
+        rig.answer(200, &range_answer(&[("/p/k/theirs", sealed)]));
+        let reg = crate::runtime_keys::load(rig.h.store());
+        let live: Vec<(&str, &str)> =
+            reg.keys.iter().filter(|k| !k.deleted).map(|k| (k.id.as_str(), k.secret.as_str())).collect();
+        assert_eq!(live, vec![("mine", "sk-mine-secret"), ("theirs", "sk-theirs-secret")]);
+        let (path, _, body) = rig.last_call();
+        assert_eq!(path, "/v3/kv/txn");
+        let text = body.to_string();
+        assert!(!text.contains("sk-mine") && !text.contains(&base64_encode(b"sk-mine")), "{text}");
+        let put = body["success"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|op| op["requestPut"]["key"] == base64_encode(b"/p/k/mine"))
+            .unwrap_or_else(|| panic!("no write of /p/k/mine: {text}"));
+        let value = crate::encoding::base64_decode(put["requestPut"]["value"].as_str().unwrap_or(""));
+        let value = String::from_utf8(value.unwrap_or_default()).unwrap_or_default();
+        let token = value.strip_prefix("fernet:").unwrap_or_else(|| panic!("not sealed: {value}"));
+        let opened: Value = serde_json::from_slice(&fernet.decrypt(token).unwrap_or_default()).unwrap_or_default();
+        assert_eq!((opened["id"].as_str(), opened["secret"].as_str()), (Some("mine"), Some("sk-mine-secret")));
+        assert_eq!(rig.world.counter(crate::metrics::FLEET_VALUES_DROPPED), 0);
     }
 }

@@ -51,8 +51,15 @@ pub struct Admission {
     pub client: Option<usize>,
     /// The model's price, when the table has it.
     pub price: Option<Price>,
+    /// The model's metric label ([`crate::budget::PriceTable::label`]).
+    pub model_label: String,
+    /// The model as policy and prices know it, for access logs (kept only
+    /// when they are written).
+    pub model: Option<String>,
     pub prompt_tokens_est: u64,
     pub output_tokens_est: u64,
+    /// The cost upper bound reserved at admission.
+    pub estimate: Decimal,
     /// Soft budgets this request went over.
     pub soft_over: Vec<usize>,
     /// A `GET`, `HEAD` or `DELETE`: it reads or removes what an earlier
@@ -186,9 +193,9 @@ pub struct Flight {
     ingress_done: bool,
 }
 
-/// A JSON object written field by field.
+/// A JSON object written field by field (access-log outcomes, alert events).
 #[derive(Default)]
-struct JsonObject(String);
+pub struct JsonObject(String);
 
 impl JsonObject {
     fn name(&mut self, name: &str) {
@@ -198,7 +205,7 @@ impl JsonObject {
         self.0.push_str("\":");
     }
 
-    fn text(&mut self, name: &str, value: &str) {
+    pub fn text(&mut self, name: &str, value: &str) {
         self.name(name);
         self.0.push('"');
         for c in value.chars() {
@@ -212,12 +219,18 @@ impl JsonObject {
         self.0.push('"');
     }
 
-    fn number(&mut self, name: &str, value: u64) {
+    pub fn number(&mut self, name: &str, value: u64) {
         self.name(name);
         self.0.push_str(&value.to_string());
     }
 
-    fn finish(mut self) -> String {
+    /// A value already in JSON form (a decimal number).
+    pub fn raw(&mut self, name: &str, value: &str) {
+        self.name(name);
+        self.0.push_str(value);
+    }
+
+    pub fn finish(mut self) -> String {
         if self.0.is_empty() {
             self.0.push('{');
         }
@@ -260,10 +273,20 @@ impl Flight {
             Some(c) => (Some(c.tokens), c.cost, Some(c.basis)),
             None => (served.usage, served.cost, served.charged),
         };
+        if let Some(m) = &self.admission.model {
+            o.text("model", m);
+        }
         if let Some(u) = usage {
             o.number("input_tokens", u.input);
             o.number("output_tokens", u.output);
             o.number("total_tokens", u.total);
+            o.number("cached_input_tokens", u.cached_input);
+            o.number("reasoning_tokens", u.reasoning);
+        }
+        if a.prompt_tokens_est > 0 || a.output_tokens_est > 0 {
+            o.number("estimated_input_tokens", a.prompt_tokens_est);
+            o.number("estimated_output_tokens", a.output_tokens_est);
+            o.text("estimate", &crate::budget::show(a.estimate));
         }
         if let Some(c) = cost {
             o.text("cost", &crate::budget::show(c));
@@ -466,9 +489,16 @@ mod tests {
         };
         let f = Flight {
             attempts: Attempts { count: 2, ..Attempts::default() },
+            admission: Admission {
+                model: Some("gpt-4o-mini".into()),
+                prompt_tokens_est: 5,
+                output_tokens_est: 50,
+                estimate: Decimal::new(5125, 7),
+                ..Admission::default()
+            },
             served: Served {
                 key: Some(0),
-                usage: Some(Usage { input: 3, output: 4, total: 7, ..Usage::default() }),
+                usage: Some(Usage { input: 3, output: 4, total: 7, cached_input: 2, reasoning: 1 }),
                 cost: Some(Decimal::new(15, 4)),
                 charged: Some(Basis::Partial),
                 live: None,
@@ -482,8 +512,10 @@ mod tests {
         };
         assert_eq!(
             parsed,
-            serde_json::json!({"key_id": "k1", "provider": "openai", "attempts": 2, "input_tokens": 3,
-                "output_tokens": 4, "total_tokens": 7, "cost": "0.0015", "charged": "partial",
+            serde_json::json!({"key_id": "k1", "provider": "openai", "attempts": 2, "model": "gpt-4o-mini",
+                "input_tokens": 3, "output_tokens": 4, "total_tokens": 7, "cached_input_tokens": 2,
+                "reasoning_tokens": 1, "estimated_input_tokens": 5, "estimated_output_tokens": 50,
+                "estimate": "0.0005125", "cost": "0.0015", "charged": "partial",
                 "decision": "objective=cost; key=k1 \"\\\n\u{1}é"})
         );
         assert_eq!(Flight::default().outcome_json(&cfg), r#"{"provider":"openai","attempts":0}"#);

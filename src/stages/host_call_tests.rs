@@ -106,6 +106,25 @@ fn a_json_request_with_a_client_and_a_budget_costs_a_known_number_of_host_calls(
 }
 
 #[test]
+fn a_request_whose_charge_crosses_a_budget_alert_threshold_costs_no_extra_host_call() {
+    // The budget of `config`, with an alert the second request's charge
+    // crosses (0.00045 of 1.00).
+    let alerting = config("1.00").replace(
+        r#""budgets":[{"id":"daily","limit":"1.00"}]"#,
+        r#""budgets":[{"id":"daily","limit":"1.00","alerts":[0.0003]}],"alerts":{"cluster":"hooks"}"#,
+    );
+    let gw = Gateway::new(&alerting);
+    let x = measured(&gw, served);
+    let kinds = by_kind(&x);
+    // As with a budget (26): the threshold is claimed in the settlement's
+    // own compare-and-swap and queued in VM memory; the webhook call is made
+    // on the tick.
+    assert_eq!(x.host_calls(), 26, "{kinds:?}");
+    assert_eq!(gw.attempt.routing.borrow().alerts.len(), 1, "crossed by this request");
+    assert!(gw.world.calls.borrow().is_empty());
+}
+
+#[test]
 fn requests_in_the_same_millisecond_share_one_read_of_the_generation() {
     let gw = Gateway::new(DEFAULTS);
     json_request(&gw);

@@ -192,6 +192,11 @@ impl Ingress {
             }
         }
         self.admission.price = plan.price;
+        self.admission.model_label = self.cfg.prices.label(info.model.as_deref());
+        if self.cfg.access_log_state {
+            self.admission.model.clone_from(&info.model);
+        }
+        self.admission.estimate = plan.estimate;
         self.admission.prompt_tokens_est = plan.prompt_tokens;
         self.admission.output_tokens_est = plan.output_tokens;
         self.admission.soft_over = admitted.over_soft;
@@ -645,6 +650,16 @@ impl Ingress {
                 Ok(false) => {}
                 Err(r) => return self.reply(h, &r),
             }
+        }
+        // The health probe takes no token: answered before any
+        // authentication, it is never charged to the admin failure budget.
+        if admin::is_probe_path(&self.cfg, &self.path) {
+            // Runtime keys count too: the latest key table.
+            if let Ok(mut routing) = self.routing.try_borrow_mut() {
+                self.cfg = routing.refresh(h, now);
+            }
+            let r = admin::probe(&self.cfg, h.store(), method, now);
+            return self.reply(h, &r);
         }
         if admin::is_admin_path(&self.cfg, &self.path) {
             let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());

@@ -479,3 +479,28 @@ fn a_reservation_whose_request_was_lost_expires_on_the_tick() {
     assert_eq!((b.reserved, b.expired, b.spent), (Decimal::ZERO, 1, Decimal::ZERO));
     assert_eq!(gw.world.gauges.borrow().get("apikeyrouter.budget.daily.reservations_expired"), Some(&1));
 }
+
+#[test]
+fn forecast_gauges_follow_a_steady_load_on_a_key_with_a_quota_and_on_a_budget() {
+    let limited =
+        config("100.00").replace(r#""secret":"sk-one"}"#, r#""secret":"sk-one","limits":{"daily_tokens":100000}}"#);
+    let mut gw = Gateway::new(&limited);
+    // One request a second for 10 s, then a tick.
+    for _ in 0..10 {
+        served(&gw);
+        gw.world.advance(1_000);
+    }
+    served(&gw);
+    gw.attempt.tick(&FakeHost::new(&gw.world));
+    let gauge = |name: &str| gw.world.gauges.borrow().get(name).copied();
+    let tpm = gauge("apikeyrouter.key.openai.k1.tokens_per_minute").unwrap_or(0);
+    let rpm = gauge("apikeyrouter.key.openai.k1.requests_per_minute").unwrap_or(0);
+    // Fairness gives k1 every other request: 30 a minute of 30 tokens each.
+    assert!((25..=35).contains(&rpm) && tpm == 30 * rpm, "{tpm} {rpm}");
+    let runway = gauge("apikeyrouter.key.openai.k1.runway_seconds").unwrap_or(0);
+    assert!(runway > 0 && runway < crate::forecast::LASTS, "{runway}");
+    assert_eq!(gauge("apikeyrouter.key.openai.k2.runway_seconds"), None, "a key without quotas has no runway");
+    let per_hour = gauge("apikeyrouter.budget.daily.spend_per_hour_micros").unwrap_or(0);
+    assert!(per_hour > 0, "{per_hour}");
+    assert!(gauge("apikeyrouter.budget.daily.runway_seconds").is_some_and(|r| r > 0));
+}

@@ -19,6 +19,8 @@ pub mod worker_state;
 #[cfg(test)]
 mod admission_tests;
 #[cfg(test)]
+mod alert_tests;
+#[cfg(test)]
 mod charging_tests;
 #[cfg(test)]
 pub mod fake;
@@ -113,6 +115,11 @@ fn seed_records(h: &dyn Host, cfg: &config::Config) {
     if cfg.objects.enabled && cfg.fleet.is_some() {
         seeds.push(("objects", crate::objects::OUTBOX, empty.clone()));
     }
+    seeds.push(("fleet", crate::shared_data::FLEET_REPORTED, vec![1]));
+    // Each budget's limit override with its time: none yet (a byte that
+    // holds no override).
+    let limits: Vec<String> = cfg.budgets.iter().map(|b| crate::durable::local_name(&b.id)).collect();
+    seeds.extend(limits.iter().map(|name| ("limit", name.as_str(), vec![0])));
     for (kind, name, value) in seeds {
         if store::seed(store, name, &value).is_err() {
             log::warn!("{kind} record {name}: could not seed it");
@@ -202,6 +209,12 @@ impl Root {
             routing.ring_worker = increment(h.store(), crate::shared_data::DECISION_WORKERS).0.map(|n| n - 1);
         }
         routing.gauges = stage == Stage::Attempt;
+        if routing.base.alerts.is_some() {
+            // Alert events name the instance they come from.
+            let fleet = routing.base.fleet.as_ref().and_then(|f| fleet_sync::instance_id(h, f));
+            let node = || h.property_string(&["xds", "node", "id"]).filter(|n| !n.is_empty());
+            routing.alerts = crate::alerts::Outbox::new(fleet.or_else(node).unwrap_or_default());
+        }
         // Keys registered at runtime before this VM started (a reload).
         routing.refresh(h, h.now_ms());
         if h.set_tick_period(tick_ms).is_err() {
@@ -231,7 +244,17 @@ impl Root {
         let cfg = match self.routing.try_borrow_mut() {
             Ok(mut r) => {
                 r.flush_decisions(h);
-                r.config.clone()
+                let base = r.base.clone();
+                if let Some(a) = base.alerts.as_ref() {
+                    r.alerts.pump(h, a, h.now_ms());
+                }
+                // The sync merges the states of runtime keys too, and adds
+                // those it reads from etcd: it needs the key table of now.
+                if self.fleet.is_some() {
+                    r.refresh(h, h.now_ms())
+                } else {
+                    r.config.clone()
+                }
             }
             Err(_) => return,
         };
@@ -247,6 +270,9 @@ impl Root {
             for b in &cfg.budgets {
                 let rec = crate::budget::expire(h.store(), b, now);
                 h.gauge(&crate::metrics::budget_metric(&b.id, "reservations_expired"), rec.expired);
+                for (name, value) in crate::metrics::budget_forecast_gauges(&b.id, &rec.forecast(b, now), now) {
+                    h.gauge(&name, value);
+                }
             }
         }
         if let Some(f) = self.fleet.as_mut() {
@@ -254,9 +280,17 @@ impl Root {
         }
     }
 
-    /// The answer to a `dispatch_http_call` (fleet mode's calls to etcd).
+    /// The answer to a `dispatch_http_call`: an alert's, or fleet mode's
+    /// call to etcd.
     pub fn on_call_response(&mut self, h: &dyn Host, token: u32, n_headers: usize, body_size: usize) {
-        let Ok(cfg) = self.routing.try_borrow().map(|r| r.config.clone()) else { return };
+        let Ok(mut routing) = self.routing.try_borrow_mut() else { return };
+        let cfg = routing.config.clone();
+        if let Some(a) = cfg.alerts.as_ref() {
+            if routing.alerts.on_response(h, a, token, n_headers) {
+                return;
+            }
+        }
+        drop(routing);
         if let Some(f) = self.fleet.as_mut() {
             f.on_response(h, &cfg, token, n_headers, body_size);
         }

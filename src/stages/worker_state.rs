@@ -25,9 +25,14 @@ pub struct WorkerState {
     pub ring_next: u64,
     /// The attempt stage keeps the key gauges current.
     pub gauges: bool,
+    /// When the key forecast gauges were last written (at most once a
+    /// second: rates change with every request).
+    pub forecasts_at_ms: u64,
     /// Decision records not yet written to this worker's ring, newest last
     /// (at most `ring_size`; written on the tick).
     pub pending_decisions: VecDeque<(u64, Vec<u8>)>,
+    /// Alert events this VM claimed, waiting for the tick to post them.
+    pub alerts: crate::alerts::Outbox,
 }
 
 impl WorkerState {
@@ -41,7 +46,9 @@ impl WorkerState {
             ring_worker: None,
             ring_next: 0,
             gauges: false,
+            forecasts_at_ms: 0,
             pending_decisions: VecDeque::new(),
+            alerts: crate::alerts::Outbox::default(),
         }
     }
 
@@ -91,12 +98,24 @@ impl WorkerState {
             }
             if self.gauges {
                 let cfg = self.config.clone();
+                let forecasts = now >= self.forecasts_at_ms.saturating_add(1000);
+                if forecasts {
+                    self.forecasts_at_ms = now;
+                }
                 for (k, key) in cfg.keys.live() {
                     let e = self.snapshot.eval(&cfg, k, now);
                     let eff = self.snapshot.records.get(k).map_or(Effective::Available, |r| r.effective(now));
                     let pid = cfg.providers.get(key.provider).map_or("", |p| p.id.as_str());
                     for (name, value) in crate::metrics::key_gauges(pid, &key.id, &e, eff) {
                         h.gauge(&name, value);
+                    }
+                    // Only keys with quotas have a runway to show.
+                    if forecasts && key.limits != crate::quota::Limits::default() {
+                        let r = self.snapshot.records.get(k).copied().unwrap_or_default();
+                        let f = crate::forecast::key(&r, &key.limits, now);
+                        for (name, value) in crate::metrics::key_forecast_gauges(pid, &key.id, &f, now) {
+                            h.gauge(&name, value);
+                        }
                     }
                 }
             }

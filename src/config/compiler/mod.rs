@@ -8,8 +8,8 @@
 //! budgets), `callers` (teams and clients).
 
 use super::model::{
-    Admin, Config, Cooldown, Decisions, EtcdAuth, Fleet, Objects, Provider, Routing, RoutingHeaders, StatusAction,
-    UnknownModel,
+    Admin, Alerts, Config, Cooldown, Decisions, EtcdAuth, Fleet, Objects, Provider, Routing, RoutingHeaders,
+    StatusAction, UnknownModel,
 };
 use super::walk::{check_id, decimal, err, ConfigError, Obj};
 use crate::objective::Objective;
@@ -68,6 +68,10 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     }
     let stream_cutoff = root.opt_bool("stream_cutoff")?.unwrap_or(false);
     let fleet = fleet(&mut root, env)?;
+    let alerts = alerts(&mut root)?;
+    if let Some(i) = budgets.iter().position(|b| !b.alerts.is_empty()).filter(|_| alerts.is_none()) {
+        return Err(err(&format!("budgets[{i}].alerts"), "needs the top-level alerts section (the webhook cluster)"));
+    }
     let models = models(&mut root, &providers)?;
     let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
     let teams = callers::teams(&mut root, &providers)?;
@@ -105,6 +109,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         models,
         fleet,
         objects,
+        alerts,
     })
 }
 
@@ -137,6 +142,45 @@ fn objects(root: &mut Obj) -> Result<Objects, ConfigError> {
     out.filter_lists = !second("list_endpoints", "filter", "deny")?;
     o.finish()?;
     Ok(out)
+}
+
+/// `alerts`: the webhook cluster alert events are posted to.
+fn alerts(root: &mut Obj) -> Result<Option<Alerts>, ConfigError> {
+    let Some(mut a) = root.opt_obj("alerts")? else {
+        return Ok(None);
+    };
+    let cluster = a
+        .opt_str("cluster")?
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| err(&a.field("cluster"), "required (the Envoy cluster of the webhook)"))?;
+    let path = a.opt_str("path")?.unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') || path.len() > 1024 || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(err(&a.field("path"), "must start with '/' and hold no spaces or control characters"));
+    }
+    let authority = a.opt_str("authority")?.unwrap_or_else(|| cluster.clone());
+    let timeout_ms = a.opt_u64_in("timeout_ms", 10, 60_000)?.unwrap_or(5000);
+    let max_queue = a.opt_u64_in("max_queue", 1, 10_000)?.unwrap_or(256) as usize;
+    let max_attempts = a.opt_u64_in("max_attempts", 1, 100)?.unwrap_or(10) as u32;
+    let mut headers = Vec::new();
+    if let Some(h) = a.opt_obj("headers")? {
+        for (name, v) in h.entries() {
+            let at = a.field(&format!("headers.{name}"));
+            let lower = name.to_ascii_lowercase();
+            let reserved = [":", "host", "content-type", "content-length", "transfer-encoding", "connection"];
+            if lower.is_empty()
+                || !lower.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                || reserved.iter().any(|r| lower.starts_with(r))
+            {
+                return Err(err(&at, "expected a header name other than the call's own"));
+            }
+            match v.as_str() {
+                Some(s) if !s.bytes().any(|b| b.is_ascii_control()) => headers.push((lower, s.to_string())),
+                _ => return Err(err(&at, "expected a string without control characters")),
+            }
+        }
+    }
+    a.finish()?;
+    Ok(Some(Alerts { cluster, path, authority, timeout_ms, headers, max_queue, max_attempts }))
 }
 
 /// `forward_headers`: caller header names (or prefixes ending in `*`)
@@ -195,6 +239,7 @@ fn admin(root: &mut Obj, env: Env<'_>) -> Result<Admin, ConfigError> {
             prefix: DEFAULT_ADMIN_PREFIX.to_string(),
             token_sha256: None,
             read_token_sha256: None,
+            probe_path: None,
         });
     };
     let enabled = a.opt_bool("enabled")?.unwrap_or(true);
@@ -217,9 +262,25 @@ fn admin(root: &mut Obj, env: Env<'_>) -> Result<Admin, ConfigError> {
     if read_token.is_some() && read_token == token {
         return Err(err(&a.field("read_token_env"), "must hold another token than token_env"));
     }
+    let probe_path = a.opt_str("probe_path")?;
+    if let Some(p) = &probe_path {
+        let well_formed = p.len() >= 2
+            && p.len() <= 256
+            && p.starts_with('/')
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b));
+        if !well_formed {
+            return Err(err(
+                &a.field("probe_path"),
+                "must be a path of 2-256 characters starting with '/' (A-Z a-z 0-9 / - _ . ~), e.g. \"/healthz\"",
+            ));
+        }
+        if p.starts_with("/v1/") || p.starts_with(prefix.as_str()) {
+            return Err(err(&a.field("probe_path"), "must not be under /v1/ (the OpenAI API) or under admin.prefix"));
+        }
+    }
     a.finish()?;
     let digest = |t: Option<String>| t.map(|t| crate::crypto::sha256(t.as_bytes()));
-    Ok(Admin { enabled, prefix, token_sha256: digest(token), read_token_sha256: digest(read_token) })
+    Ok(Admin { enabled, prefix, token_sha256: digest(token), read_token_sha256: digest(read_token), probe_path })
 }
 
 /// An admin token from the environment variable `name`: at least 16
@@ -430,6 +491,16 @@ fn fleet(root: &mut Obj, env: Env<'_>) -> Result<Option<Fleet>, ConfigError> {
         f.opt_u64_in("degraded_after_ms", 0, 3_600_000)?.unwrap_or(3 * sync_interval_ms.max(timeout_ms));
     let auth = etcd_auth(&mut f, env)?;
     let max_range_bytes = f.opt_u64_in("max_range_bytes", 65_536, 1 << 30)?.unwrap_or(16 << 20) as usize;
+    let plaintext_runtime_keys = f.opt_bool("plaintext_runtime_keys")?.unwrap_or(false);
+    let encryption_key = match env(ENCRYPTION_KEY_ENV) {
+        None => None,
+        Some(k) => Some(crate::fernet::FernetKey::parse(&k).map_err(|e| {
+            err(
+                "fleet",
+                format!("{ENCRYPTION_KEY_ENV} (runtime keys and budget limits are encrypted with it in etcd): {e}"),
+            )
+        })?),
+    };
     f.finish()?;
     Ok(Some(Fleet {
         cluster,
@@ -442,6 +513,8 @@ fn fleet(root: &mut Obj, env: Env<'_>) -> Result<Option<Fleet>, ConfigError> {
         degraded_after_ms,
         auth,
         max_range_bytes,
+        encryption_key,
+        plaintext_runtime_keys,
     }))
 }
 
@@ -529,7 +602,39 @@ mod tests {
         assert!(!c.inject_stream_usage);
         assert!(c.admin.enabled);
         assert_eq!(c.admin.prefix, "/akr/");
+        assert_eq!(c.admin.probe_path, None, "no probe unless asked for");
         assert_eq!(c.providers[0].keys, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_probe_path_needs_no_management_api() {
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
+          "admin":{"enabled":false,"probe_path":"/healthz"}}"#);
+        assert!(!c.admin.enabled);
+        assert_eq!(c.admin.probe_path.as_deref(), Some("/healthz"));
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],
+          "admin":{"prefix":"/api/v1/","token_env":"ADMIN","probe_path":"/health"}}"#);
+        assert_eq!((c.admin.prefix.as_str(), c.admin.probe_path.as_deref()), ("/api/v1/", Some("/health")));
+    }
+
+    #[test]
+    fn alert_thresholds_are_sorted_and_deduplicated_and_the_webhook_gets_defaults() {
+        let c = ok(r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"alerts":{"cluster":"hooks"},
+          "budgets":[{"id":"b","limit":"10","alerts":[1, "0.80", 0.5, 0.8]}]}"#);
+        let t: Vec<String> = c.budgets[0].alerts.iter().map(|d| d.to_string()).collect();
+        assert_eq!(t, ["0.5", "0.8", "1"]);
+        assert_eq!(
+            c.alerts,
+            Some(Alerts {
+                cluster: "hooks".into(),
+                path: "/".into(),
+                authority: "hooks".into(),
+                timeout_ms: 5000,
+                headers: vec![],
+                max_queue: 256,
+                max_attempts: 10,
+            })
+        );
     }
 
     #[test]
@@ -594,6 +699,20 @@ mod tests {
     }
 
     #[test]
+    fn the_encryption_key_seals_fleet_records_and_a_bad_one_refuses_to_start() {
+        let json = r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"fleet":{"etcd_cluster":"etcd"}}"#;
+        let key = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";
+        let with = |v: &'static str| move |n: &str| (n == ENCRYPTION_KEY_ENV).then(|| v.to_string());
+        let c = compile(json.as_bytes(), &with(key)).unwrap_or_else(|e| panic!("{e}"));
+        let f = c.fleet.unwrap_or_else(|| panic!("fleet missing"));
+        assert!(f.encryption_key.is_some() && !f.plaintext_runtime_keys);
+        assert!(!format!("{f:?}").contains(key), "{f:?}");
+        let e = compile(json.as_bytes(), &with("not-a-key")).err().unwrap_or_else(|| panic!("accepted"));
+        assert_eq!(e.field, "fleet");
+        assert!(e.reason.contains("APIKEYROUTER_ENCRYPTION_KEY") && !e.reason.contains("not-a-key"), "{e}");
+    }
+
+    #[test]
     fn invalid_configs_are_refused_naming_the_field() {
         let p = |keys: &str| format!(r#"{{"providers":[{{"id":"p","keys":[{keys}]}}]}}"#);
         let fleet =
@@ -612,6 +731,7 @@ mod tests {
             (fleet(r#"{"etcd_cluster":"etcd","username":"gw","password_env":"NOPE"}"#), "fleet.password_env", "NOPE is not set"),
             (fleet(r#"{"etcd_cluster":"etcd","username":"","password_env":"ETCD_PW"}"#), "fleet.username", "1-128"),
             (fleet(r#"{"etcd_cluster":"etcd","max_range_bytes":1000}"#), "fleet.max_range_bytes", "from 65536"),
+            (fleet(r#"{"etcd_cluster":"etcd","plaintext_runtime_keys":"yes"}"#), "fleet.plaintext_runtime_keys", "true or false"),
             ("[]".into(), "(root)", "expected an object"),
             ("{}".into(), "providers", "required"),
             (r#"{"providers":[]}"#.into(), "providers", "at least one"),
@@ -650,6 +770,10 @@ mod tests {
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"NOPE"}}"#.into(), "admin.read_token_env", "NOPE is not set"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","read_token_env":"ADMIN"}}"#.into(), "admin.read_token_env", "another token"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","prefix":"/v1/admin/"}}"#.into(), "admin.prefix", "must not overlap"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","probe_path":"healthz"}}"#.into(), "admin.probe_path", "starting with '/'"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","probe_path":"/healthz?x"}}"#.into(), "admin.probe_path", "starting with '/'"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","probe_path":"/v1/health"}}"#.into(), "admin.probe_path", "must not be under"),
+            (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"admin":{"token_env":"ADMIN","probe_path":"/apikeyrouter/v1/health"}}"#.into(), "admin.probe_path", "must not be under"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"colldown":{}}"#.into(), "colldown", "unknown field"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"x","output":"1"}}}"#.into(), "prices.gpt-4o.input", "decimal"),
             (r#"{"providers":[{"id":"p","keys":[{"id":"k","secret":"s"}]}],"prices":{"gpt-4o":{"input":"1"}}}"#.into(), "prices.gpt-4o.output", "required"),

@@ -118,10 +118,35 @@ fn budget(
     let window = window(&mut b)?;
     let limit = b.opt_positive_decimal("limit", "100.00")?.ok_or_else(|| err(&b.field("limit"), "required"))?;
     let enforcement = enforcement(&mut b)?;
+    let alerts = alerts(&mut b)?;
     b.finish()?;
     let record_name = crate::shared_data::budget_record(&id);
     let reservation_ttl_ms = crate::budget::DEFAULT_RESERVATION_TTL_MS;
-    Ok(Budget { record_name, id, scope, window, limit, enforcement, reservation_ttl_ms })
+    Ok(Budget { record_name, id, scope, window, limit, enforcement, reservation_ttl_ms, alerts })
+}
+
+/// `budgets[i].alerts`: fractions of the limit (above 0, at most
+/// [`crate::budget::MAX_ALERT`]) whose crossing posts an event; sorted and
+/// deduplicated, at most [`crate::budget::MAX_ALERTS`].
+fn alerts(b: &mut Obj) -> Result<Vec<Decimal>, ConfigError> {
+    let field = b.field("alerts");
+    let mut out = Vec::new();
+    for (i, v) in b.opt_array("alerts")?.unwrap_or_default().iter().enumerate() {
+        let t = decimal(v).filter(|d| *d > Decimal::ZERO && *d <= crate::budget::MAX_ALERT).ok_or_else(|| {
+            err(
+                &format!("{field}[{i}]"),
+                format!("expected a fraction of the limit above 0 and at most {}, e.g. 0.8", crate::budget::MAX_ALERT),
+            )
+        })?;
+        let t = t.normalize();
+        if let Err(at) = out.binary_search(&t) {
+            out.insert(at, t);
+        }
+    }
+    if out.len() > crate::budget::MAX_ALERTS {
+        return Err(err(&field, format!("at most {} thresholds", crate::budget::MAX_ALERTS)));
+    }
+    Ok(out)
 }
 
 /// `budgets[i].window`: `day` when absent; `total` is no window.
