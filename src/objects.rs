@@ -100,31 +100,31 @@ const COLLECTIONS: &[&str] = &[
 
 /// POST paths that create an object, with what their answer's `id` is.
 const CREATES: &[(&str, Kind)] = &[
-    ("/v1/responses", Kind::Response),
-    ("/v1/files", Kind::File),
-    ("/v1/uploads", Kind::Upload),
-    ("/v1/batches", Kind::Batch),
-    ("/v1/vector_stores", Kind::VectorStore),
-    ("/v1/assistants", Kind::Assistant),
-    ("/v1/threads", Kind::Thread),
-    ("/v1/fine_tuning/jobs", Kind::FineTuningJob),
-    ("/v1/chat/completions", Kind::ChatCompletion),
-    ("/v1/messages/batches", Kind::MessageBatch),
-    ("/v1/conversations", Kind::Conversation),
-    ("/v1/containers", Kind::Container),
+    ("responses", Kind::Response),
+    ("files", Kind::File),
+    ("uploads", Kind::Upload),
+    ("batches", Kind::Batch),
+    ("vector_stores", Kind::VectorStore),
+    ("assistants", Kind::Assistant),
+    ("threads", Kind::Thread),
+    ("fine_tuning/jobs", Kind::FineTuningJob),
+    ("chat/completions", Kind::ChatCompletion),
+    ("messages/batches", Kind::MessageBatch),
+    ("conversations", Kind::Conversation),
+    ("containers", Kind::Container),
 ];
 
 /// GET paths that list a project's objects.
 const LISTS: &[&str] = &[
-    "/v1/files",
-    "/v1/batches",
-    "/v1/vector_stores",
-    "/v1/assistants",
-    "/v1/fine_tuning/jobs",
-    "/v1/chat/completions",
-    "/v1/messages/batches",
-    "/v1/uploads",
-    "/v1/containers",
+    "files",
+    "batches",
+    "vector_stores",
+    "assistants",
+    "fine_tuning/jobs",
+    "chat/completions",
+    "messages/batches",
+    "uploads",
+    "containers",
 ];
 
 fn bare(path: &str) -> &str {
@@ -132,9 +132,22 @@ fn bare(path: &str) -> &str {
     p.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(p)
 }
 
+/// The path after its API root, as providers serve it (`/v1/`, Azure's
+/// and Groq's `/openai/`, `/openai/v1/`, an Azure deployment,
+/// `/v1beta/openai/`, `/v1beta/`), without query or trailing slash: every
+/// root reaches the same objects. `None` outside those roots.
+fn op(path: &str) -> Option<&str> {
+    let p = bare(path);
+    let p = p.strip_prefix("/openai/deployments/").and_then(|r| Some(r.split_once('/')?.1)).unwrap_or(p);
+    ["/v1beta/openai/", "/openai/v1/", "/openai/", "/v1/", "/v1beta/", "/v1alpha/", ""]
+        .iter()
+        .find_map(|r| p.strip_prefix(r))
+        .filter(|o| !o.starts_with('/'))
+}
+
 /// Whether `path` lies under a collection of objects.
 fn in_collection(path: &str) -> bool {
-    bare(path).strip_prefix("/v1/").and_then(|r| r.split('/').next()).is_some_and(|c| COLLECTIONS.contains(&c))
+    op(path).and_then(|r| r.split('/').next()).is_some_and(|c| COLLECTIONS.contains(&c))
 }
 
 /// The kind a `POST` to `path` creates, if it creates one (a stored chat
@@ -143,12 +156,12 @@ pub fn creates(method: &str, path: &str) -> Option<Kind> {
     if method != "POST" {
         return None;
     }
-    let p = bare(path);
-    if p.starts_with("/v1/uploads/") && p.ends_with("/complete") {
+    let Some(p) = op(path) else { return None };
+    if p.starts_with("uploads/") && p.ends_with("/complete") {
         // The completed upload carries the file it made (`file.id`).
         return Some(Kind::File);
     }
-    if p == "/v1/threads/runs" {
+    if p == "threads/runs" {
         return Some(Kind::Thread);
     }
     CREATES.iter().find(|(c, _)| *c == p).map(|(_, k)| *k)
@@ -173,7 +186,7 @@ pub fn not_found(id: &str) -> crate::reply::Reply {
 
 /// Whether a `GET` of `path` lists a project's objects.
 pub fn lists(method: &str, path: &str) -> bool {
-    method == "GET" && LISTS.contains(&bare(path))
+    method == "GET" && op(path).is_some_and(|p| LISTS.contains(&p))
 }
 
 /// A path the gateway cannot read an object id from with certainty
@@ -692,6 +705,10 @@ mod tests {
         assert!(path_refs("/v1/responses").is_empty());
         assert!(path_refs("/v1/responses/input_tokens").is_empty());
         assert!(path_refs("/v1/embeddings/file-1").is_empty(), "not an object collection");
+        assert_eq!(path_refs("/openai/files/file-1?api-version=1"), ["file-1"]);
+        assert_eq!(path_refs("/openai/deployments/d/files/file-1"), ["file-1"]);
+        assert!(path_refs("/other/files/file-1").is_empty());
+        assert!(unreadable_path("/openai/v1/files/%66ile-1"));
         assert!(unreadable_path("/v1/files/%66ile-1"));
         assert!(unreadable_path("/v1/files/../files/file-1"));
         assert!(unreadable_path("/v1/files//file-1"));
@@ -759,6 +776,9 @@ mod tests {
         assert_eq!(creates("GET", "/v1/files"), None);
         assert_eq!(creates("POST", "/v1/uploads/upload_1/complete"), Some(Kind::File));
         assert!(lists("GET", "/v1/files?limit=5") && !lists("GET", "/v1/files/file-1"));
+        assert!(lists("GET", "/openai/files?api-version=1") && lists("GET", "/openai/v1/batches"));
+        assert_eq!(creates("POST", "/openai/v1/responses"), Some(Kind::Response));
+        assert_eq!(creates("POST", "/openai/uploads/upload_1/complete"), Some(Kind::File));
     }
 
     #[test]

@@ -127,6 +127,11 @@ fn another_clients_object_is_not_found_by_path_or_body_and_nothing_is_sent() {
             r#"{"model":"m","messages":[{"content":[{"type":"file","file":{"file_id":"file-9"}}]}]}"#,
         ),
         ("POST", "/v1/batches", r#"{"input\u005ffile\u005fid":"file-9"}"#),
+        // Every API root reaches the same objects (Azure, Groq, Gemini's
+        // OpenAI-compatible one).
+        ("GET", "/openai/files/file-9?api-version=2024-10-21", ""),
+        ("GET", "/openai/v1/files/file-9/content", ""),
+        ("DELETE", "/v1beta/openai/files/file-9", ""),
     ];
     for (method, path, body) in tries {
         let mut x = request(&gw, "bob", method, path, body);
