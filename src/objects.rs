@@ -6,9 +6,9 @@
 //!
 //! Records live in shared data in a fixed set of buckets (seeded at
 //! configure, so every write, the first included, is a compare-and-swap),
-//! chosen by a hash of the id; a full bucket drops its oldest record. Only
-//! a provider's 2xx answer to a creating request makes a record: nothing a
-//! caller sends can plant one. In fleet mode the records this instance
+//! chosen by a hash of the id; a full bucket drops the oldest record of the
+//! client holding the most there. Only a provider's 2xx answer to a
+//! creating request makes a record: nothing a caller sends can plant one. In fleet mode the records this instance
 //! made wait in an outbox the fleet sync pushes to etcd.
 
 use crate::store::{update, Store};
@@ -548,8 +548,8 @@ fn modify(
 }
 
 /// Stores `rec` in its bucket by compare-and-swap, replacing a record of
-/// the same id and dropping expired ones, then the oldest while the bucket
-/// is full. A record already there from this instance is kept when `rec`
+/// the same id and dropping expired ones, then, while the bucket is full,
+/// the oldest record of the owner holding the most there. A record already there from this instance is kept when `rec`
 /// comes from the fleet (the same object, told twice).
 pub fn remember(store: &dyn Store, layout: Layout, rec: &Record, now_ms: u64) -> Remembered {
     let (r, conflicts) = modify(store, &layout.bucket(&rec.id), &mut |recs| {
@@ -560,7 +560,17 @@ pub fn remember(store: &dyn Store, layout: Layout, rec: &Record, now_ms: u64) ->
         recs.retain(|r| r.id != rec.id);
         let mut evicted = 0;
         while recs.len() >= layout.per_bucket {
-            let oldest = recs.iter().enumerate().min_by_key(|(_, r)| r.created_ms).map_or(0, |(i, _)| i);
+            // The owner with the most records here (the new one counted)
+            // gives up its oldest: a client's flood evicts its own records,
+            // never another client's while it holds more than they do.
+            let held = |o: &str| recs.iter().filter(|r| r.owner == o).count() + usize::from(rec.owner == o);
+            let most = recs.iter().map(|r| held(&r.owner)).max().unwrap_or(0);
+            let oldest = recs
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| held(&r.owner) == most)
+                .min_by_key(|(_, r)| r.created_ms)
+                .map_or(0, |(i, _)| i);
             recs.remove(oldest);
             evicted += 1;
         }
@@ -811,6 +821,24 @@ mod tests {
         assert_eq!(lookup(&s, layout, "file-3", 20).map(|r| r.owner), Some("a".into()));
         forget(&s, layout, "file-3");
         assert_eq!(lookup(&s, layout, "file-3", 20), None);
+    }
+
+    #[test]
+    fn a_client_flooding_a_bucket_evicts_its_own_records_not_another_clients() {
+        let s = FakeStore::new();
+        let layout = Layout { buckets: 1, per_bucket: 4 };
+        s.set(&bucket_name(0), &encode(&[]), None).unwrap_or_else(|e| panic!("{e:?}"));
+        for (i, id) in ["file-a1", "file-a2"].iter().enumerate() {
+            assert!(remember(&s, layout, &rec(id, "alice", "", i as u64), 0).stored);
+        }
+        for i in 0..50 {
+            assert!(remember(&s, layout, &rec(&format!("file-b{i}"), "bob", "", 10 + i), 0).stored);
+        }
+        for id in ["file-a1", "file-a2", "file-b49", "file-b48"] {
+            assert!(lookup(&s, layout, id, 0).is_some(), "{id} was evicted");
+        }
+        // One owner alone (an open gateway) still loses its oldest.
+        assert!(lookup(&s, layout, "file-b47", 0).is_none());
     }
 
     /// A store whose first `set` of each update loses to another writer
