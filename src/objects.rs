@@ -230,11 +230,15 @@ const REF_LISTS: &[&str] = &["vector_store_ids", "file_ids"];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefError {
     TooMany,
+    /// JSON the request check read but this parser cannot (nested past
+    /// 128 levels): the provider may read a reference in it.
+    Unreadable,
 }
 
 /// The object ids a JSON request body refers to, anywhere in it (tools,
 /// messages, attachments, `tool_resources`) except in `metadata`, which is
-/// the caller's own. A body that is not JSON names none. Cheap for a body
+/// the caller's own. A body that does not parse is [`RefError::Unreadable`]
+/// (called on JSON bodies only: fails closed). Cheap for a body
 /// without a candidate field name (no escapes either, which could spell
 /// one): it is not parsed.
 pub fn body_refs(body: &[u8]) -> Result<Vec<String>, RefError> {
@@ -243,7 +247,7 @@ pub fn body_refs(body: &[u8]) -> Result<Vec<String>, RefError> {
     if !hints.iter().any(|n| hint(n)) {
         return Ok(Vec::new());
     }
-    let Ok(v) = serde_json::from_slice::<Value>(body) else { return Ok(Vec::new()) };
+    let v = serde_json::from_slice::<Value>(body).map_err(|_| RefError::Unreadable)?;
     let mut out = Vec::new();
     walk(&v, 0, &mut out)?;
     Ok(out)
@@ -759,6 +763,7 @@ mod tests {
             br#"{"id":"\"id\":\"resp_"#.to_vec(),
             (0..=255u8).collect(),
         ];
+        assert_eq!(body_refs(cases.get(1).map_or(&[][..], |c| c)), Err(RefError::Unreadable), "too deep");
         for c in &cases {
             let _ = body_refs(c);
             let _ = created_ids(Kind::Response, c);

@@ -923,6 +923,9 @@ impl Ingress {
                 match objects::body_refs(&body) {
                     Ok(found) => refs.extend(found.into_iter().filter(|id| !refs.contains(id)).collect::<Vec<_>>()),
                     Err(objects::RefError::TooMany) => return self.reply(h, &too_many_refs()),
+                    Err(objects::RefError::Unreadable) => {
+                        return self.reply(h, &reply::bad_request("The body is nested too deeply to read."))
+                    }
                 }
             }
             if let Err(r) = self.resolve_objects(h, &refs, now) {

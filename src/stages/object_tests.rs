@@ -267,3 +267,21 @@ fn a_request_about_no_object_costs_no_extra_host_call() {
     };
     assert_eq!(calls(&with), calls(&without) + 1);
 }
+
+#[test]
+fn a_body_too_deep_to_read_for_references_is_refused_not_sent_unchecked() {
+    let gw = Gateway::new(&config(""));
+    served(&gw, "alice", "POST", "/v1/responses", r#"{"model":"gpt-4o","input":"hi"}"#, r#"{"id":"resp_a1"}"#);
+    // Valid JSON the provider reads, nested past serde_json's 128 levels
+    // in a field the request check skips.
+    let deep = format!(
+        r#"{{"model":"gpt-4o","previous_response_id":"resp_a1","input":"x","extra":{}1{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let mut x = request(&gw, "bob", "POST", "/v1/responses", &deep);
+    x.send_request(usize::MAX, false);
+    let r = x.replied().unwrap_or_else(|| panic!("sent on unchecked"));
+    assert_eq!(r.status, 400);
+    assert!(x.attempts.is_empty());
+}
