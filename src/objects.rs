@@ -146,7 +146,7 @@ fn op(path: &str) -> Option<&str> {
 }
 
 /// Whether `path` lies under a collection of objects.
-fn in_collection(path: &str) -> bool {
+pub fn in_collection(path: &str) -> bool {
     op(path).and_then(|r| r.split('/').next()).is_some_and(|c| COLLECTIONS.contains(&c))
 }
 

@@ -919,13 +919,22 @@ impl Ingress {
         }
         if self.cfg.objects.enabled && self.hop == 0 {
             let mut refs = std::mem::take(&mut self.path_refs);
-            if form == Form::Json {
-                match objects::body_refs(&body) {
-                    Ok(found) => refs.extend(found.into_iter().filter(|id| !refs.contains(id)).collect::<Vec<_>>()),
-                    Err(objects::RefError::TooMany) => return self.reply(h, &too_many_refs()),
-                    Err(objects::RefError::Unreadable) => {
-                        return self.reply(h, &reply::bad_request("The body is nested too deeply to read."))
-                    }
+            let found = match &form {
+                Form::Json => objects::body_refs(&body),
+                Form::Multipart(_) if info.refs.len() > objects::MAX_REFS => Err(objects::RefError::TooMany),
+                Form::Multipart(_) => Ok(std::mem::take(&mut info.refs)),
+                // A body read neither way may still name another client's
+                // object to a provider that reads it: not for clients.
+                Form::Unreadable(_) if self.client().is_some() && objects::in_collection(&self.path) => {
+                    Err(objects::RefError::Unreadable)
+                }
+                Form::Unreadable(_) => Ok(Vec::new()),
+            };
+            match found {
+                Ok(found) => refs.extend(found.into_iter().filter(|id| !refs.contains(id)).collect::<Vec<_>>()),
+                Err(objects::RefError::TooMany) => return self.reply(h, &too_many_refs()),
+                Err(objects::RefError::Unreadable) => {
+                    return self.reply(h, &reply::bad_request("The body cannot be read for the objects it refers to."))
                 }
             }
             if let Err(r) = self.resolve_objects(h, &refs, now) {

@@ -285,3 +285,36 @@ fn a_body_too_deep_to_read_for_references_is_refused_not_sent_unchecked() {
     assert_eq!(r.status, 400);
     assert!(x.attempts.is_empty());
 }
+
+#[test]
+fn a_form_field_or_an_unreadable_body_cannot_carry_another_clients_object() {
+    let gw = Gateway::new(&config(""));
+    served(&gw, "alice", "POST", "/v1/files", "{}", r#"{"id":"file-a2","object":"file"}"#);
+    served(&gw, "bob", "POST", "/v1/containers", "{}", r#"{"id":"cntr_b1"}"#);
+    let send = |ct: &str, path: &str, body: &str| {
+        let mut x = Exchange::new(
+            &gw.world,
+            &gw.ingress,
+            &[(":method", "POST"), (":path", path), ("content-type", ct), ("authorization", "Bearer vk-bob")],
+            body.as_bytes(),
+        );
+        x.send_request(usize::MAX, false);
+        x.replied().map(|r| (r.status, r.json()["error"]["code"].as_str().map(str::to_string)))
+    };
+    let form = |name: &str, file: &str| {
+        format!(
+            "--zz\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\nfile-a2\r\n--zz\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nassistants\r\n--zz--\r\n"
+        )
+    };
+    let multipart = "multipart/form-data; boundary=zz";
+    assert_eq!(
+        send(multipart, "/v1/containers/cntr_b1/files", &form("file_id", "")),
+        Some((404, Some("object_not_found".into())))
+    );
+    // The same bytes as a file's content are content, not a reference.
+    assert_eq!(send(multipart, "/v1/files", &form("file", "; filename=\"x.txt\"")), None);
+    // JSON the gateway cannot read, under a content type that is not JSON.
+    let lenient = r#"{"model":"gpt-4o","previous_response_id":"resp_x","temperature":NaN}"#;
+    assert_eq!(send("text/plain", "/v1/responses", lenient), Some((400, Some("invalid_json".into()))));
+    assert_eq!(send("text/plain", "/v1/embeddings", "not json"), None, "no object collection");
+}
