@@ -553,12 +553,17 @@ fn modify(
 
 /// Stores `rec` in its bucket by compare-and-swap, replacing a record of
 /// the same id and dropping expired ones, then, while the bucket is full,
-/// the oldest record of the owner holding the most there. A record already there from this instance is kept when `rec`
-/// comes from the fleet (the same object, told twice).
+/// the oldest record of the owner holding the most there. A live record
+/// already there is kept when `rec` comes from the fleet or names another
+/// owner (the same object, told twice).
 pub fn remember(store: &dyn Store, layout: Layout, rec: &Record, now_ms: u64) -> Remembered {
     let (r, conflicts) = modify(store, &layout.bucket(&rec.id), &mut |recs| {
         recs.retain(|r| r.expires_ms > now_ms);
-        if rec.from_fleet && recs.iter().any(|r| r.id == rec.id) {
+        // Ids are unique, so an id told again is the same object: its first
+        // owner keeps it (a provider that makes ids from what the caller
+        // sends, as some OpenAI-compatible servers do from x-request-id,
+        // cannot hand one client another's object).
+        if recs.iter().any(|r| r.id == rec.id && (rec.from_fleet || r.owner != rec.owner)) {
             return None;
         }
         recs.retain(|r| r.id != rec.id);
@@ -823,6 +828,9 @@ mod tests {
         let mut other = rec("file-3", "b", "g", 50);
         other.from_fleet = true;
         assert!(!remember(&s, layout, &other, 20).stored);
+        assert_eq!(lookup(&s, layout, "file-3", 20).map(|r| r.owner), Some("a".into()));
+        // Nor does another client's record of the same id.
+        assert!(!remember(&s, layout, &rec("file-3", "b", "g", 60), 20).stored);
         assert_eq!(lookup(&s, layout, "file-3", 20).map(|r| r.owner), Some("a".into()));
         forget(&s, layout, "file-3");
         assert_eq!(lookup(&s, layout, "file-3", 20), None);

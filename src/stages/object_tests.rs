@@ -318,3 +318,17 @@ fn a_form_field_or_an_unreadable_body_cannot_carry_another_clients_object() {
     assert_eq!(send("text/plain", "/v1/responses", lenient), Some((400, Some("invalid_json".into()))));
     assert_eq!(send("text/plain", "/v1/embeddings", "not json"), None, "no object collection");
 }
+
+#[test]
+fn an_id_a_provider_hands_out_again_stays_with_its_first_owner() {
+    // Some OpenAI-compatible servers make the id from what the caller
+    // sends (vLLM: `chatcmpl-<x-request-id>`, a Responses `request_id`).
+    let gw = Gateway::new(&config(""));
+    let stored = r#"{"model":"m","store":true}"#;
+    served(&gw, "alice", "POST", "/v1/chat/completions", stored, r#"{"id":"chatcmpl-same"}"#);
+    served(&gw, "bob", "POST", "/v1/chat/completions", stored, r#"{"id":"chatcmpl-same"}"#);
+    let mut x = request(&gw, "bob", "GET", "/v1/chat/completions/chatcmpl-same", "");
+    x.send_request(usize::MAX, false);
+    assert_eq!(x.replied().map(|r| r.status), Some(404), "bob took alice's record");
+    served(&gw, "alice", "GET", "/v1/chat/completions/chatcmpl-same", "", "{}");
+}
