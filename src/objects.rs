@@ -198,12 +198,13 @@ pub fn unreadable_path(path: &str) -> bool {
 }
 
 /// The object ids a request path names (`/v1/files/file-1/content`,
-/// `/v1/vector_stores/vs_1/files/file-2`): every segment that is an id.
+/// `/v1/vector_stores/vs_1/files/file-2`, a list's `?after=file-3`): every
+/// segment and query value that is an id.
 pub fn path_refs(path: &str) -> Vec<String> {
     if !in_collection(path) {
         return Vec::new();
     }
-    bare(path).split('/').filter(|s| kind_of(s).is_some()).take(MAX_REFS + 1).map(str::to_string).collect()
+    path.split(['/', '?', '&', '=']).filter(|s| kind_of(s).is_some()).take(MAX_REFS + 1).map(str::to_string).collect()
 }
 
 /// Body fields whose string value names an object.
@@ -270,6 +271,10 @@ fn walk(v: &Value, depth: usize, out: &mut Vec<String>) -> Result<(), RefError> 
     }
     match v {
         Value::Object(m) => {
+            // An eval run's data source: `{"type": "file_id", "id": ...}`.
+            if m.get("type").and_then(Value::as_str) == Some("file_id") {
+                add(out, m.get("id").and_then(Value::as_str).unwrap_or_default())?;
+            }
             for (k, v) in m {
                 match v {
                     _ if k == "metadata" => {}
@@ -722,6 +727,7 @@ mod tests {
         assert_eq!(path_refs("/v1/vector_stores/vs_1/files/file-2"), ["vs_1", "file-2"]);
         assert_eq!(path_refs("/v1/responses/resp_9/"), ["resp_9"]);
         assert!(path_refs("/v1/responses").is_empty());
+        assert_eq!(path_refs("/v1/files?limit=2&after=file-4"), ["file-4"]);
         assert!(path_refs("/v1/responses/input_tokens").is_empty());
         assert!(path_refs("/v1/embeddings/file-1").is_empty(), "not an object collection");
         assert_eq!(path_refs("/openai/files/file-1?api-version=1"), ["file-1"]);
@@ -747,6 +753,8 @@ mod tests {
         let body = br#"{"conversation":{"id":"conv_1"},"tools":[{"type":"code_interpreter","container":"cntr_2"}]}"#;
         assert_eq!(body_refs(body), Ok(vec!["conv_1".into(), "cntr_2".into()]));
         assert_eq!(body_refs(br#"{"conversation":"conv_3"}"#), Ok(vec!["conv_3".into()]));
+        let eval_run = br#"{"data_source":{"type":"jsonl","source":{"type":"file_id","id":"file-5"}}}"#;
+        assert_eq!(body_refs(eval_run), Ok(vec!["file-5".into()]));
         // A field name written with escapes is still read.
         assert_eq!(body_refs(br#"{"file\u005fid":"file-7"}"#), Ok(vec!["file-7".into()]));
         assert_eq!(body_refs(br#"{"model":"gpt-4o","messages":[]}"#), Ok(vec![]));
