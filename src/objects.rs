@@ -156,7 +156,7 @@ pub fn creates(method: &str, path: &str) -> Option<Kind> {
     if method != "POST" {
         return None;
     }
-    let Some(p) = op(path) else { return None };
+    let p = op(path)?;
     if p.starts_with("uploads/") && p.ends_with("/complete") {
         // The completed upload carries the file it made (`file.id`).
         return Some(Kind::File);

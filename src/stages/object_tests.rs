@@ -134,7 +134,11 @@ fn another_clients_object_is_not_found_by_path_or_body_and_nothing_is_sent() {
         ("DELETE", "/v1beta/openai/files/file-9", ""),
         // A list's page after another client's object; an eval run's file.
         ("GET", "/v1/files?limit=1&after=file-9", ""),
-        ("POST", "/v1/evals/eval_1/runs", r#"{"data_source":{"type":"jsonl","source":{"type":"file_id","id":"file-9"}}}"#),
+        (
+            "POST",
+            "/v1/evals/eval_1/runs",
+            r#"{"data_source":{"type":"jsonl","source":{"type":"file_id","id":"file-9"}}}"#,
+        ),
     ];
     for (method, path, body) in tries {
         let mut x = request(&gw, "bob", method, path, body);
