@@ -121,13 +121,21 @@ def test_a_batch_finds_its_file_and_bob_neither_reaches_nor_lists_alices_files(p
         status, _, got = call(e, "alice", "GET", f"/v1/batches/{b['id']}")
         assert status == 200 and got["input_file_id"] == fid
     sent_before = len(projects.received())
-    # Bob cannot read, delete or batch Alice's file, by path or by body.
+    # Bob cannot read, delete or batch Alice's file, by path (under any API
+    # root, or as a list's page marker) or by body.
     a_file = files["alice"][0]
     for method, path, body in [("GET", f"/v1/files/{a_file}", None), ("DELETE", f"/v1/files/{a_file}", None),
                                ("POST", "/v1/batches", {"input_file_id": a_file, "endpoint": "/v1/chat/completions",
-                                                        "completion_window": "24h"})]:
+                                                        "completion_window": "24h"}),
+                               ("GET", f"/openai/files/{a_file}?api-version=2024-10-21", None),
+                               ("GET", f"/v1/files?limit=1&after={a_file}", None)]:
         status, _, err = call(e, "bob", method, path, body)
         assert status == 404 and err["error"]["code"] == "object_not_found", (method, path, err)
+    # Nor hide the reference in a body nested too deeply for the gateway.
+    deep = ('{"input_file_id":"%s","endpoint":"/v1/chat/completions","completion_window":"24h","x":%s1%s}'
+            % (a_file, "[" * 200, "]" * 200))
+    status, _, err = call(e, "bob", "POST", "/v1/batches", deep)
+    assert status == 400, err
     assert len(projects.received()) == sent_before, "none of bob's tries reached the provider"
     # Lists: each sees only its own, whichever project the list came from.
     for who in ("alice", "bob"):
@@ -139,7 +147,7 @@ def test_a_batch_finds_its_file_and_bob_neither_reaches_nor_lists_alices_files(p
             assert ids <= set(files[who]), (who, ids)
             seen |= ids
         assert seen == set(files[who]), (who, seen)
-    wait_until(lambda: metric(e, "refused") == 3, what="three refusals counted")
+    wait_until(lambda: metric(e, "refused") == 5, what="five refusals counted")
 
 
 def test_a_group_without_a_usable_key_gets_429_with_retry_after_not_another_projects_404(projects, start_envoy):
