@@ -572,26 +572,32 @@ pub fn remember(store: &dyn Store, layout: Layout, rec: &Record, now_ms: u64) ->
             return None;
         }
         recs.retain(|r| r.id != rec.id);
-        let mut evicted = 0;
-        while recs.len() >= layout.per_bucket {
-            // The owner with the most records here (the new one counted)
-            // gives up its oldest: a client's flood evicts its own records,
-            // never another client's while it holds more than they do.
-            let held = |o: &str| recs.iter().filter(|r| r.owner == o).count() + usize::from(rec.owner == o);
-            let most = recs.iter().map(|r| held(&r.owner)).max().unwrap_or(0);
-            let oldest = recs
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| held(&r.owner) == most)
-                .min_by_key(|(_, r)| r.created_ms)
-                .map_or(0, |(i, _)| i);
-            recs.remove(oldest);
-            evicted += 1;
-        }
-        recs.push(rec.clone());
+        let evicted = make_room(recs, rec, layout.per_bucket);
         Some(evicted)
     });
     Remembered { stored: r.is_some(), evicted: r.unwrap_or(0), conflicts }
+}
+
+/// Drops records until fewer than `max` are left, then adds `rec`; how
+/// many went. The owner with the most records (`rec` counted) gives up its
+/// oldest: a client's flood evicts its own records, never another client's
+/// while it holds more than they do.
+fn make_room(recs: &mut Vec<Record>, rec: &Record, max: usize) -> u32 {
+    let mut evicted = 0;
+    while recs.len() >= max {
+        let held = |o: &str| recs.iter().filter(|r| r.owner == o).count() + usize::from(rec.owner == o);
+        let most = recs.iter().map(|r| held(&r.owner)).max().unwrap_or(0);
+        let oldest = recs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| held(&r.owner) == most)
+            .min_by_key(|(_, r)| r.created_ms)
+            .map_or(0, |(i, _)| i);
+        recs.remove(oldest);
+        evicted += 1;
+    }
+    recs.push(rec.clone());
+    evicted
 }
 
 /// Forgets `id` (the provider deleted it).
@@ -603,15 +609,10 @@ pub fn forget(store: &dyn Store, layout: Layout, id: &str) {
     });
 }
 
-/// Queues a record for the fleet sync; the oldest goes when it is full.
+/// Queues a record for the fleet sync; when it is full, the oldest of the
+/// client with the most queued goes.
 pub fn queue_for_fleet(store: &dyn Store, rec: &Record) {
-    modify(store, OUTBOX, &mut |recs| {
-        if recs.len() >= MAX_OUTBOX {
-            recs.remove(0);
-        }
-        recs.push(rec.clone());
-        Some(0)
-    });
+    modify(store, OUTBOX, &mut |recs| Some(make_room(recs, rec, MAX_OUTBOX)));
 }
 
 /// Takes every queued record (the outbox is left empty).
@@ -860,6 +861,18 @@ mod tests {
         }
         // One owner alone (an open gateway) still loses its oldest.
         assert!(lookup(&s, layout, "file-b47", 0).is_none());
+    }
+
+    #[test]
+    fn a_client_flooding_the_fleet_outbox_drops_its_own_records_not_another_clients() {
+        let s = FakeStore::new();
+        queue_for_fleet(&s, &rec("file-a", "alice", "", 0));
+        for i in 0..MAX_OUTBOX + 5 {
+            queue_for_fleet(&s, &rec(&format!("file-b{i}"), "bob", "", 1 + i as u64));
+        }
+        let queued = take_outbox(&s);
+        assert_eq!(queued.len(), MAX_OUTBOX);
+        assert!(queued.iter().any(|r| r.id == "file-a"), "alice's record was dropped");
     }
 
     /// A store whose first `set` of each update loses to another writer
