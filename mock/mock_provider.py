@@ -49,6 +49,16 @@ Control API (JSON):
   POST /_mock/models   {"sk-..": ["gpt-4o-mini", ...], ...}: the models each
                        key's project may use; any other gets OpenAI's 403
                        model_not_found
+  POST /_mock/projects {"sk-..": "proj_a", ...}: each key's project. From then
+                       on the mock keeps objects per project, as OpenAI does,
+                       and answers 404 for another project's id:
+                         POST /v1/responses (previous_response_id must be the
+                           project's), GET /v1/responses/{id}
+                         POST /v1/files (multipart), GET /v1/files,
+                           GET|DELETE /v1/files/{id}
+                         POST /v1/batches (input_file_id must be the
+                           project's), GET /v1/batches, GET /v1/batches/{id}
+                       GET /_mock/objects lists every project's object ids
   POST /_mock/release  releases streams held at the gate
   POST /_mock/reset    forgets records, behaviors and totals
   GET  /_mock/received?limit=N   recorded requests, newest last, each
@@ -110,6 +120,9 @@ class State:
         self.rng = random.Random(0)
         self.orgs = {}  # key -> its organization, once a test sets them
         self.models = {}  # key -> the models its project may use, once a test sets them
+        self.projects = {}  # key -> its project, once a test sets them
+        self.objects = defaultdict(dict)  # project -> {object id: object}
+        self.object_seq = 0
 
 
 def bearer(request):
@@ -180,6 +193,15 @@ def make_app(state):
     async def set_models(request):
         state.models = {k: set(v) for k, v in (await request.json()).items()}
         return web.json_response({"ok": True})
+
+    @routes.post("/_mock/projects")
+    async def set_projects(request):
+        state.projects.update(await request.json())
+        return web.json_response({"ok": True})
+
+    @routes.get("/_mock/objects")
+    async def list_objects(request):
+        return web.json_response({p: sorted(objs) for p, objs in state.objects.items()})
 
     @routes.post("/_mock/release")
     async def release(request):
@@ -275,6 +297,10 @@ def make_app(state):
                 rec["status"] = "dropped"
                 return web.Response(status=504)
 
+        if state.projects:
+            answered = project_objects(request, raw, key, st, respond)
+            if answered is not None:
+                return answered
         if request.method == "GET" and request.path.startswith("/v1/responses/"):
             return usage_less_poll(request, respond)
         if request.method == "GET":
@@ -523,6 +549,80 @@ def make_app(state):
         return resp
 
     # --- Answers without usage (images, speech, background responses) ---
+
+    def project_objects(request, raw, key, st, respond):
+        """The stateful endpoints, per project like OpenAI's: None for any
+        other request."""
+        objs = state.objects[state.projects.get(key, "(none)")]
+        parts = [p for p in request.path.split("/") if p][1:]  # after "v1"
+        method = request.method
+
+        def new_id(prefix):
+            state.object_seq += 1
+            return f"{prefix}mock{state.object_seq}x{random.randrange(16 ** 6):06x}"
+
+        def missing(what, oid, param=None):
+            return respond(404, {"error": {"message": f"No such {what}: {oid}", "type": "invalid_request_error",
+                                           "param": param, "code": None}})
+
+        def listing(prefix):
+            data = [o for i, o in objs.items() if i.startswith(prefix)]
+            return respond(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                                 "last_id": data[-1]["id"] if data else None, "has_more": False})
+
+        def body():
+            try:
+                return json.loads(raw or b"{}")
+            except ValueError:
+                return {}
+
+        if parts == ["responses"] and method == "POST" and not body().get("background"):
+            b = body()
+            prev = b.get("previous_response_id")
+            if prev is not None and prev not in objs:
+                return respond(404, error_body(f"Previous response with id '{prev}' not found.",
+                                               "invalid_request_error", "previous_response_not_found"))
+            usage = usage_for(b)
+            count_usage(st, usage)
+            rid = new_id("resp_")
+            obj = {"id": rid, "object": "response", "status": "completed", "model": b.get("model", "gpt-4o"),
+                   "previous_response_id": prev,
+                   "output": [{"type": "message", "content": [{"type": "output_text", "text": "ok"}]}],
+                   "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                             "total_tokens": usage["total_tokens"]}}
+            objs[rid] = obj
+            return respond(200, obj)
+        if parts[:1] == ["responses"] and len(parts) == 2 and method == "GET":
+            return respond(200, objs[parts[1]]) if parts[1] in objs else missing("response", parts[1])
+        if parts == ["files"] and method == "POST":
+            fid = new_id("file-")
+            obj = {"id": fid, "object": "file", "bytes": len(raw), "created_at": int(time.time()),
+                   "filename": "upload.jsonl", "purpose": "batch"}
+            objs[fid] = obj
+            return respond(200, obj)
+        if parts == ["files"] and method == "GET":
+            return listing("file-")
+        if parts[:1] == ["files"] and len(parts) == 2 and method in ("GET", "DELETE"):
+            if parts[1] not in objs:
+                return missing("File", parts[1])
+            if method == "DELETE":
+                del objs[parts[1]]
+                return respond(200, {"id": parts[1], "object": "file", "deleted": True})
+            return respond(200, objs[parts[1]])
+        if parts == ["batches"] and method == "POST":
+            fid = body().get("input_file_id")
+            if fid not in objs:
+                return missing("File", fid, "input_file_id")
+            bid = new_id("batch_")
+            obj = {"id": bid, "object": "batch", "input_file_id": fid, "status": "validating",
+                   "endpoint": body().get("endpoint")}
+            objs[bid] = obj
+            return respond(200, obj)
+        if parts == ["batches"] and method == "GET":
+            return listing("batch_")
+        if parts[:1] == ["batches"] and len(parts) == 2 and method == "GET":
+            return respond(200, objs[parts[1]]) if parts[1] in objs else missing("Batch", parts[1])
+        return None
 
     USAGE_LESS_PATHS = {"/v1/images/generations", "/v1/audio/speech"}
     background = {}  # response id -> its completed form (any known key may poll it)

@@ -287,6 +287,7 @@ fn route(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -
                 cfg.keys.live().map(|(_, k)| key_json(cfg, k, &read_or_default(store, k), now_ms)).collect();
             reply::json(200, &json!({ "keys": keys }))
         }
+        ("GET", ["objects"]) => objects_json(cfg, store, query, now_ms),
         ("GET", ["keys", id]) => match cfg.key_by_id(id) {
             Some((_, k)) => reply::json(200, &key_json(cfg, k, &read_or_default(store, k), now_ms)),
             None => admin_error(404, "key_not_found", &format!("No key with id '{id}'.")),
@@ -366,6 +367,7 @@ fn route(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -
             _,
             ["keys"]
             | ["keys", _]
+            | ["objects"]
             | ["providers"]
             | ["state"]
             | ["health"]
@@ -375,6 +377,33 @@ fn route(cfg: &Config, store: &dyn Store, req: &AdminRequest<'_>, now_ms: u64) -
         ) => admin_error(405, "method_not_allowed", &format!("{} is not supported on {}.", req.method, path)),
         _ => admin_error(404, "not_found", &format!("Unknown admin path '{path}'.")),
     }
+}
+
+/// `GET objects[?client=ID][&kind=KIND][&limit=N]`: the objects the
+/// gateway remembers (id, kind, provider, key group, owner, expiry), in no
+/// particular order, and how many match; never their content.
+fn objects_json(cfg: &Config, store: &dyn Store, query: &str, now_ms: u64) -> Reply {
+    if !cfg.objects.enabled {
+        return admin_error(404, "objects_disabled", "Object records are off (objects.enabled is false).");
+    }
+    let limit = match limit_param(query, 100) {
+        Ok(l) => l.min(10_000),
+        Err(r) => return r,
+    };
+    let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+    let client = param("client");
+    let kind = param("kind");
+    if let Some(k) = kind.filter(|k| crate::objects::Kind::parse(k).is_none()) {
+        let shown: String = k.chars().take(32).collect();
+        return admin_error(400, "invalid_kind", &format!("Unknown object kind {shown:?}."));
+    }
+    let recs: Vec<_> = crate::objects::all(store, cfg.objects.layout, now_ms)
+        .into_iter()
+        .filter(|r| client.is_none_or(|c| r.owner == c) && kind.is_none_or(|k| r.kind.as_str() == k))
+        .collect();
+    let shown: Vec<String> = recs.iter().take(limit).map(|r| r.to_json(None)).collect();
+    let body = format!(r#"{{"objects":[{}],"total":{}}}"#, shown.join(","), recs.len());
+    Reply { status: 200, headers: vec![("content-type", "application/json".to_string())], body: body.into_bytes() }
 }
 
 /// An answer to an admin change, saying where the change is kept: in fleet
@@ -620,6 +649,7 @@ fn key_json(cfg: &Config, k: &Key, r: &KeyRecord, now_ms: u64) -> Value {
     json!({
         "id": k.id,
         "provider": cfg.providers.get(k.provider).map(|p| p.id.as_str()),
+        "group": k.group,
         "state": eff.as_str(),
         "state_reason": match eff { Effective::Disabled | Effective::Exhausted { .. } => Some(r.reason.as_str()), _ => None },
         "state_until_ms": state_until,

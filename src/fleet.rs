@@ -133,11 +133,26 @@ pub fn parse_auth(body: &[u8]) -> Result<String, EtcdError> {
 }
 
 /// The body of a range request for every key under `prefix/`.
+/// The sync's range: everything under the prefix but the object records
+/// (`<prefix>/~o/`, which sort last and are read on their own, see
+/// [`objects_range_body`]).
 pub fn range_body(prefix: &str) -> String {
-    // range_end is the prefix with its last byte plus one: '/' + 1 = '0'.
     json!({"key": base64_encode(format!("{prefix}/").as_bytes()),
-           "range_end": base64_encode(format!("{prefix}0").as_bytes())})
+           "range_end": base64_encode(format!("{prefix}/~").as_bytes())})
     .to_string()
+}
+
+/// The object records' range: those changed after revision `after` (every
+/// one with 0). range_end is the head with its last byte plus one: '/' + 1
+/// = '0'.
+pub fn objects_range_body(prefix: &str, after: u64) -> String {
+    let head = crate::objects::fleet_head(prefix);
+    let end = format!("{}0", head.trim_end_matches('/'));
+    let mut v = json!({"key": base64_encode(head.as_bytes()), "range_end": base64_encode(end.as_bytes())});
+    if after > 0 {
+        v["min_mod_revision"] = json!(after.saturating_add(1).to_string());
+    }
+    v.to_string()
 }
 
 /// 64-bit numbers arrive as JSON strings (proto3 JSON); absent means zero.
@@ -862,7 +877,10 @@ mod tests {
     fn the_range_covers_exactly_the_prefix() {
         let v: Value = serde_json::from_str(&range_body("/gw")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(b64(&v, "key"), b"/gw/");
-        assert_eq!(b64(&v, "range_end"), b"/gw0");
+        assert_eq!(b64(&v, "range_end"), b"/gw/~");
+        let v: Value = serde_json::from_str(&objects_range_body("/gw", 7)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((b64(&v, "key"), b64(&v, "range_end")), (b"/gw/~o/".to_vec(), b"/gw/~o0".to_vec()));
+        assert_eq!(v["min_mod_revision"], "8");
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod keys;
 pub mod metrics;
 pub mod multipart;
 pub mod objective;
+pub mod objects;
 pub mod provider_error;
 pub mod providers;
 pub mod quota;

@@ -17,6 +17,16 @@ pub const ADMIN_AUTH_THROTTLED: &str = "apikeyrouter.admin.auth_throttled";
 /// answers refused for their size).
 pub const FLEET_VALUES_DROPPED: &str = "apikeyrouter.fleet.values_dropped";
 
+/// Requests that referred to an object the gateway knows, sent to its group.
+pub const OBJECTS_HITS: &str = "apikeyrouter.objects.affinity_hits";
+/// Requests that referred to an object the gateway does not know.
+pub const OBJECTS_MISSES: &str = "apikeyrouter.objects.affinity_misses";
+/// Requests answered 404 for another client's (or an unknown, denied) object.
+pub const OBJECTS_REFUSED: &str = "apikeyrouter.objects.refused";
+/// Objects recorded from providers' answers, and records dropped for room.
+pub const OBJECTS_RECORDED: &str = "apikeyrouter.objects.recorded";
+pub const OBJECTS_EVICTED: &str = "apikeyrouter.objects.evicted";
+
 thread_local! {
     /// Counter increments made where no host is at hand (the admin API),
     /// until the root context's next tick writes them.
@@ -52,8 +62,21 @@ pub fn static_names(cfg: &crate::config::Config) -> Vec<(Kind, String)> {
         out.push((Kind::Counter, ADMIN_AUTH_FAILURES.to_string()));
         out.push((Kind::Counter, ADMIN_AUTH_THROTTLED.to_string()));
     }
+    if cfg.objects.enabled {
+        for name in [OBJECTS_HITS, OBJECTS_MISSES, OBJECTS_REFUSED, OBJECTS_RECORDED, OBJECTS_EVICTED] {
+            out.push((Kind::Counter, name.to_string()));
+        }
+    }
     if cfg.fleet.is_some() {
-        for c in ["syncs", "sync_failures", "pushes", "push_conflicts", "states_applied", "instance_conflicts"] {
+        for c in [
+            "syncs",
+            "sync_failures",
+            "pushes",
+            "push_conflicts",
+            "states_applied",
+            "instance_conflicts",
+            "objects_learned",
+        ] {
             out.push((Kind::Counter, format!("apikeyrouter.fleet.{c}")));
         }
         out.push((Kind::Counter, FLEET_VALUES_DROPPED.to_string()));

@@ -75,6 +75,9 @@ pub struct Form {
     pub n: Option<u64>,
     /// `stream` is `true`.
     pub stream: bool,
+    /// Text fields whose value is an object id (at most one more than
+    /// [`crate::objects::MAX_REFS`]).
+    pub refs: Vec<String>,
 }
 
 /// The `boundary` of a `multipart/form-data` content type: `None` for
@@ -163,6 +166,10 @@ pub fn parse(body: &[u8], boundary: &str) -> Result<Form, FormError> {
                 }
             }
             Some(b"stream") if !is_file => form.stream = raw.eq_ignore_ascii_case(b"true"),
+            _ if !is_file && form.refs.len() <= crate::objects::MAX_REFS => {
+                let id = std::str::from_utf8(raw).ok().map(str::trim);
+                form.refs.extend(id.filter(|v| crate::objects::kind_of(v).is_some()).map(str::to_string));
+            }
             _ => {}
         }
     }

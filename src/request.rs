@@ -159,6 +159,9 @@ pub struct RequestInfo {
     pub has_stream_options: bool,
     /// `stream_options.include_usage == true`.
     pub include_usage: bool,
+    /// A form's text fields that are object ids (a JSON body's references
+    /// are read by [`crate::objects::body_refs`]).
+    pub refs: Vec<String>,
 }
 
 /// Validates and inspects a JSON request body.
@@ -199,6 +202,7 @@ pub fn inspect(body: &[u8]) -> Result<RequestInfo, BodyError> {
         body_len: body.len(),
         has_stream_options: peek.stream_options.is_some(),
         include_usage: peek.stream_options.flatten().and_then(|s| s.include_usage).unwrap_or(false),
+        refs: Vec::new(),
     })
 }
 
@@ -227,8 +231,9 @@ pub fn read(content_type: &str, body: &[u8]) -> Result<(RequestInfo, Form), Body
     let unread = RequestInfo { body_len: body.len(), choices: 1, ..RequestInfo::default() };
     if let Some(boundary) = multipart::boundary(content_type) {
         return Ok(match boundary.and_then(|b| multipart::parse(body, b)) {
-            Ok(f) => {
+            Ok(mut f) => {
                 let info = RequestInfo {
+                    refs: std::mem::take(&mut f.refs),
                     model: f.model.as_ref().map(|m| m.value.clone()),
                     stream: f.stream,
                     choices: f.n.unwrap_or(1).max(1),

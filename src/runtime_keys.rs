@@ -293,6 +293,7 @@ pub fn merged(base: &Config, reg: &Registry) -> Result<Config, ConfigError> {
             limits: Default::default(),
             pricing: Default::default(),
             budgets: Vec::new(),
+            group: None,
         };
         let pricing = key.pricing;
         let index = cfg.keys.push(Some(key));

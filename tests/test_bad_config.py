@@ -14,7 +14,7 @@ import pytest
 from harness import ADMIN_TOKEN, DEMO_CONFIG, ROOT, hcm, render, validate
 
 CORPUS = json.loads((ROOT / "tests" / "fixtures" / "bad_configs.json").read_text())
-THROUGH_ENVOY = ["not-json", "secret-env-not-passed-to-vm", "budget-scope-unknown-key"]
+THROUGH_ENVOY = ["not-json", "secret-env-not-passed-to-vm", "budget-scope-unknown-key", "objects-unknown-objects-policy"]
 BAD_CONFIGS = [c for c in CORPUS["configs"] if c["id"] in THROUGH_ENVOY]
 
 

@@ -35,7 +35,8 @@ COUNTERS = ("syncs", "sync_failures", "pushes", "push_conflicts", "states_applie
 
 class EtcdTap:
     """An HTTP/1.1 proxy in front of etcd's JSON gateway that counts how each
-    call ended: `range_ok` and `txn_ok` / `txn_refused` (etcd answered 200;
+    call ended: `range_ok` (the sync's range), `objects_ok` (its read of the
+    object records) and `txn_ok` / `txn_refused` (etcd answered 200;
     a transaction whose compares failed is refused), `unreachable` (etcd did
     not answer; the caller gets a 503), `other` (any other answer).
     `before_txn(body)`, when set, is called with each transaction before it
@@ -92,6 +93,9 @@ class EtcdTap:
             outcome = "other"
         elif txn:
             outcome = "txn_ok" if json.loads(data).get("succeeded") else "txn_refused"
+        elif path.endswith("/kv/range") and base64.b64decode(json.loads(body).get("key", "")).endswith(b"/~o/"):
+            # The sync's read of object records (issue 21): no counter of its own.
+            outcome = "objects_ok"
         else:
             outcome = "range_ok" if path.endswith("/kv/range") else "other"
         # Counted before the answer leaves, so the instance never acts on an

@@ -26,6 +26,7 @@ mod walk;
 pub use compiler::{compile, ENCRYPTION_KEY_ENV};
 pub use model::{
     fingerprint, Admin, Alerts, ApiShape, Config, Cooldown, Decisions, Estimate, EtcdAuth, Fleet, Key, KeyTable,
-    Provider, ProviderKind, Routing, RoutingHeaders, SecretSource, StatusAction, UnknownModel, MAX_KEYS, MAX_WEIGHT,
+    Objects, Provider, ProviderKind, Routing, RoutingHeaders, SecretSource, StatusAction, UnknownModel, MAX_KEYS,
+    MAX_WEIGHT,
 };
 pub use walk::{check_id, ConfigError};

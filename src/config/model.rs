@@ -147,6 +147,28 @@ pub struct Key {
     pub pricing: KeyPricing,
     /// Budgets scoped to this key (indexes into [`Config::budgets`]).
     pub budgets: Vec<usize>,
+    /// `group`: the organization/project whose objects this key reaches;
+    /// `None` is the provider's default group (every key without one).
+    pub group: Option<String>,
+}
+
+impl Key {
+    /// The key's group as records name it (empty: the default group).
+    pub fn group_name(&self) -> &str {
+        self.group.as_deref().unwrap_or("")
+    }
+}
+
+/// `objects`: what the gateway remembers of the objects providers keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Objects {
+    pub enabled: bool,
+    pub ttl_ms: u64,
+    pub layout: crate::objects::Layout,
+    /// `unknown_objects: "deny"`: an id without a record is not found.
+    pub deny_unknown: bool,
+    /// `list_endpoints: "filter"` (true) or `"deny"`.
+    pub filter_lists: bool,
 }
 
 /// Every key requests can use, by index: the configured keys, then those
@@ -453,6 +475,7 @@ pub struct Config {
     /// each with its own name for the model.
     pub models: Vec<(String, Vec<(usize, String)>)>,
     pub fleet: Option<Fleet>,
+    pub objects: Objects,
     /// Where alert events go; `None`: nowhere (no budget has thresholds).
     pub alerts: Option<Alerts>,
 }

@@ -43,13 +43,15 @@ impl Chooser {
         tried: &[usize],
         objective: &Objective,
     ) -> Result<Decision, NoKey> {
-        self.choose_excluding(cfg, provider, snap, now_ms, tried, &[], objective)
+        self.choose_within(cfg, provider, snap, now_ms, tried, &[], &[], objective)
     }
 
     /// As [`Chooser::choose`], never choosing a key in `banned` (keys whose
-    /// budget has no room for this request).
+    /// budget has no room for this request), nor considering one in
+    /// `outside` (keys outside the group of an object the request refers
+    /// to: they are not candidates, nor counted as excluded).
     #[allow(clippy::too_many_arguments)]
-    pub fn choose_excluding(
+    pub fn choose_within(
         &mut self,
         cfg: &Config,
         provider: usize,
@@ -57,6 +59,7 @@ impl Chooser {
         now_ms: u64,
         tried: &[usize],
         banned: &[usize],
+        outside: &[usize],
         objective: &Objective,
     ) -> Result<Decision, NoKey> {
         if self.current.len() != cfg.keys.slots() {
@@ -84,8 +87,8 @@ impl Chooser {
                 note(k, Exclusion::BudgetExhausted);
             }
         }
-        let usable = |k: &usize| !banned.contains(k);
-        let untried = |k: &usize| !banned.contains(k) && !tried.contains(k);
+        let usable = |k: &usize| !banned.contains(k) && !outside.contains(k);
+        let untried = |k: &usize| usable(k) && !tried.contains(k);
         // A retry prefers keys this request has not tried; a Critical key is
         // used only when nothing better is left.
         let (pool, critical_left_out, reuse): (&[usize], bool, bool) = if view.eligible.iter().any(untried) {
@@ -129,7 +132,8 @@ impl Chooser {
             }
             // tried and banned are a request's few keys: count them out.
             let out = |list: &[usize]| list.iter().filter(|k| pool.contains(k)).count();
-            let candidates = pool.len() - if reuse { out(banned) } else { out(banned) + out(tried) }.min(pool.len());
+            let gone = out(banned) + out(outside) + if reuse { 0 } else { out(tried) };
+            let candidates = pool.len() - gone.min(pool.len());
             return match chosen {
                 Some(k) => Ok(Decision {
                     objective: objective.label.clone(),

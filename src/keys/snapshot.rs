@@ -309,6 +309,42 @@ pub fn check(cfg: &Config, provider: usize, snap: &mut Snapshot, now_ms: u64) ->
     }
 }
 
+/// The keys of `provider` outside `group` (empty: the default group).
+pub fn outside_group(cfg: &Config, provider: usize, group: &str) -> Vec<usize> {
+    let Some(p) = cfg.providers.get(provider) else { return Vec::new() };
+    p.keys.iter().copied().filter(|&k| cfg.keys.get(k).is_none_or(|key| key.group_name() != group)).collect()
+}
+
+/// As [`check`], for the keys of `provider` not in `outside`: why none of
+/// them can serve counts only them.
+pub fn check_within(
+    cfg: &Config,
+    provider: usize,
+    outside: &[usize],
+    snap: &mut Snapshot,
+    now_ms: u64,
+) -> Result<(), NoKey> {
+    if outside.is_empty() {
+        return check(cfg, provider, snap, now_ms);
+    }
+    snap.ensure_views(cfg, now_ms);
+    let inside = |k: &usize| !outside.contains(k);
+    if snap.views.get(provider).is_some_and(|v| v.eligible.iter().any(inside) || v.critical.iter().any(inside)) {
+        return Ok(());
+    }
+    if snap.due_probe(cfg, provider, outside, now_ms).is_some() {
+        return Ok(());
+    }
+    let mut none = NoKey::default();
+    let keys: Vec<usize> = cfg.providers.get(provider).map(|p| p.keys.clone()).unwrap_or_default();
+    for k in keys.into_iter().filter(inside) {
+        if let Some((why, until)) = snap.eval(cfg, k, now_ms).excluded {
+            none.count(why, until);
+        }
+    }
+    Err(none)
+}
+
 /// Whether a key of `provider` the request has not tried (`tried`) may
 /// still serve it now: an available key, or a disabled one due for its
 /// half-open probe. Budgets scoped to a key are not checked here.

@@ -5,7 +5,7 @@
 //! passes, records the attempt, and charges its answer by the rules of
 //! [`crate::charge`].
 
-use super::flight::{Flights, Holder, Served, FALLOVER_HEADER, FLIGHT_PROPERTY};
+use super::flight::{Flights, Holder, ObjectPlan, Served, FALLOVER_HEADER, FLIGHT_PROPERTY};
 use super::host::{Buffer, Host, Map, Next};
 use super::worker_state::WorkerState;
 use crate::budget::{self, Price, Reservation};
@@ -17,6 +17,7 @@ use crate::key_record::{Capacity, Effective, KeyRecord, Outcome, Reason};
 use crate::keys::{read_record, record_attempt, stale_choice, KeyAction};
 use crate::metrics;
 use crate::objective::Objective;
+use crate::objects;
 use crate::provider_error::{self, RETRY_HEADER, RETRY_VALUE};
 use crate::ratelimit::{cooldown_ms, Signals};
 use crate::reply;
@@ -96,6 +97,11 @@ pub struct Attempt {
     probe: bool,
     /// The provider the ingress stage chose for this hop.
     provider: usize,
+    /// The request's part in object affinity, from the ingress stage.
+    objects: ObjectPlan,
+    /// A streamed answer's last bytes, for an object id split across
+    /// chunks; `None` once the created object is recorded (or none is).
+    sse_carry: Option<Vec<u8>>,
     /// The model's metric label, from admission (empty: `other`).
     model: String,
 }
@@ -132,6 +138,8 @@ impl Attempt {
             complete: false,
             probe: false,
             provider: 0,
+            objects: ObjectPlan::default(),
+            sse_carry: None,
         }
     }
 
@@ -586,6 +594,60 @@ impl Attempt {
         }
     }
 
+    /// Records the objects a 2xx answer created: where they live (this
+    /// key's provider and group) and who owns them (the caller); in fleet
+    /// mode they are queued for etcd too.
+    fn remember_created(&self, h: &dyn Host, ids: Vec<String>) {
+        let key = self.key.and_then(|k| self.cfg.keys.get(k));
+        let (Some(kind), Some(key), true) = (self.objects.creates, key, (200..300).contains(&self.status)) else {
+            return;
+        };
+        let now = h.now_ms();
+        let owner = self.client.and_then(|c| self.cfg.clients.get(c)).map_or("", |c| c.id.as_str());
+        for id in ids {
+            let rec = objects::Record {
+                id,
+                kind,
+                provider: self.cfg.providers.get(key.provider).map_or("", |p| p.id.as_str()).to_string(),
+                group: key.group_name().to_string(),
+                owner: owner.to_string(),
+                created_ms: now,
+                expires_ms: now.saturating_add(self.cfg.objects.ttl_ms),
+                from_fleet: false,
+            };
+            let r = objects::remember(h.store(), self.cfg.objects.layout, &rec, now);
+            if !r.stored {
+                log::warn!("[{}] object {} could not be recorded", self.id, rec.id);
+                continue;
+            }
+            h.count(metrics::OBJECTS_RECORDED, 1);
+            if r.evicted > 0 {
+                h.count(metrics::OBJECTS_EVICTED, u64::from(r.evicted));
+            }
+            if self.cfg.fleet.is_some() {
+                objects::queue_for_fleet(h.store(), &rec);
+            }
+        }
+    }
+
+    /// Leaves in a list answer only the caller's objects (and, under
+    /// `unknown_objects: "allow"`, those the gateway does not know); an
+    /// answer that is not a list becomes an empty one.
+    fn filter_list(&self, h: &dyn Host, body: &[u8], size: usize) {
+        let owner = self.client.and_then(|c| self.cfg.clients.get(c)).map_or("", |c| c.id.as_str());
+        let (layout, deny, now) = (self.cfg.objects.layout, self.cfg.objects.deny_unknown, h.now_ms());
+        let kept = objects::filter_list(body, |id| match objects::lookup(h.store(), layout, id, now) {
+            Some(r) => r.owner == owner,
+            None => !deny,
+        });
+        let out = kept.unwrap_or_else(|| br#"{"object":"list","data":[],"has_more":false}"#.to_vec());
+        if h.set_buffer(Buffer::ResponseBody, 0, size, &out).is_err()
+            || h.set_header(Map::ResponseHeaders, "content-length", &out.len().to_string()).is_err()
+        {
+            log::warn!("[{}] could not filter the list answer", self.id);
+        }
+    }
+
     /// The provider of the chosen key.
     fn kind(&self) -> crate::config::ProviderKind {
         let p = self.key.and_then(|k| self.cfg.keys.get(k)).map_or(0, |key| key.provider);
@@ -672,6 +734,7 @@ impl Attempt {
             self.client = a.client;
             self.read_only = a.read_only;
             self.label.clone_from(&a.request_id);
+            self.objects.clone_from(&a.objects);
             self.model.clone_from(&a.model_label);
             Some((a.provider, f.attempts.tried.clone(), f.attempts.count, a.objective.clone(), a.price, est))
         });
@@ -711,14 +774,21 @@ impl Attempt {
         self.cfg = routing.refresh(h, now);
         let objective: &Objective = objective.as_ref().unwrap_or(&self.cfg.routing.objective);
         let cfg = &self.cfg;
+        // A request about an object: only keys of the object's group.
+        let outside = match self.objects.group.as_deref() {
+            Some(g) => crate::keys::outside_group(cfg, provider, g),
+            None => Vec::new(),
+        };
         let choose = |routing: &mut WorkerState, banned: &[usize]| {
-            routing.chooser.choose_excluding(cfg, provider, &mut routing.snapshot, now, &tried, banned, objective)
+            let snap = &mut routing.snapshot;
+            routing.chooser.choose_within(cfg, provider, snap, now, &tried, banned, &outside, objective)
         };
         let mut banned: Vec<usize> = Vec::new();
         // One probe per request, on its first attempt: a request must not
         // spend its retries on keys that were all disabled together.
         let first_here = tried.iter().all(|&t| cfg.keys.get(t).is_none_or(|key| key.provider != provider));
-        let probe = if first_here { self.claim_probe(h, routing, provider, &tried, now) } else { None };
+        let passed_over: Vec<usize> = tried.iter().chain(&outside).copied().collect();
+        let probe = if first_here { self.claim_probe(h, routing, provider, &passed_over, now) } else { None };
         let mut chosen = match probe {
             Some(k) => Ok(crate::decision::Decision::probe(k)),
             None => choose(routing, &banned),
@@ -807,8 +877,15 @@ impl Attempt {
                 self.decided = Some(self.record_of(d, now));
                 Next::Continue
             }
-            Err(why) => {
+            Err(mut why) => {
                 h.count("apikeyrouter.no_key", 1);
+                if !outside.is_empty() {
+                    // Why no key of the object's group can serve: only they count.
+                    let decision = why.decision.take();
+                    let snap = &mut routing_guard.snapshot;
+                    why = crate::keys::check_within(&self.cfg, provider, &outside, snap, now).err().unwrap_or_default();
+                    why.decision = decision;
+                }
                 let pid = self.cfg.providers.get(provider).map_or("?", |p| p.id.as_str());
                 // The previous attempt's key must not go upstream either.
                 let _ = h.remove_header(Map::RequestHeaders, "authorization");
@@ -921,17 +998,28 @@ impl Attempt {
             self.served();
             return Next::Continue;
         }
+        let ok = (200..300).contains(&self.status);
+        if ok {
+            if let Some(id) = self.objects.forget.as_deref() {
+                objects::forget(h.store(), self.cfg.objects.layout, id);
+            }
+        }
         if content_type.starts_with("text/event-stream") {
             self.body = Body::Sse(Box::default());
-        } else if (200..300).contains(&self.status) && content_type.contains("json") {
+            if ok && self.objects.creates.is_some() {
+                self.sse_carry = Some(Vec::new());
+            }
+        } else if ok && (content_type.contains("json") || self.objects.filter_list) {
             if content_length.is_some_and(|n| n > MAX_JSON_BODY) {
                 // Too large to hold: let it flow and keep its tail.
                 self.body = Body::JsonTail(Vec::new());
             } else {
                 // Hold the headers while the body is read, so the cost can
                 // be added to them; the body is buffered whole anyway.
-                let priced =
-                    self.price.is_some() || self.cfg.keys.get(k).is_some_and(|key| key.pricing.cost_per_1k.is_some());
+                // A list to filter is held too: its length changes.
+                let priced = self.price.is_some()
+                    || self.cfg.keys.get(k).is_some_and(|key| key.pricing.cost_per_1k.is_some())
+                    || self.objects.filter_list;
                 let cap = if content_length.is_some() { MAX_JSON_BODY } else { MAX_UNSIZED_JSON };
                 self.body = Body::Json { hold: priced, cap };
                 if priced {
@@ -970,20 +1058,22 @@ impl Attempt {
                 Next::Continue
             }
             Body::Sse(parser) => {
-                if self.cut {
+                // Read each chunk as it passes; never hold the stream back.
+                let chunk = if size > 0 { h.buffer(Buffer::ResponseBody, 0, size).ok().flatten() } else { None };
+                if let Some(chunk) = &chunk {
+                    parser.feed(chunk);
+                }
+                if self.cut && size > 0 {
                     // After a budget cut-off the client has its final event;
                     // the rest of the provider's stream is counted, not sent.
-                    if size > 0 {
-                        if let Ok(Some(chunk)) = h.buffer(Buffer::ResponseBody, 0, size) {
-                            parser.feed(&chunk);
-                        }
-                        let _ = h.set_buffer(Buffer::ResponseBody, 0, size, b"");
-                    }
-                } else if size > 0 {
-                    // Read each chunk as it passes; never hold the stream back.
-                    if let Ok(Some(chunk)) = h.buffer(Buffer::ResponseBody, 0, size) {
-                        parser.feed(&chunk);
-                    }
+                    let _ = h.set_buffer(Buffer::ResponseBody, 0, size, b"");
+                }
+                let mut created = None;
+                if let (Some(carry), Some(chunk)) = (self.sse_carry.as_mut(), &chunk) {
+                    carry.extend_from_slice(chunk);
+                    created = self.objects.creates.and_then(|k| objects::streamed_id(k, carry));
+                    let keep = carry.len().saturating_sub(256);
+                    carry.drain(..keep);
                 }
                 if let Some(live) = &self.live {
                     let output_chars = parser.output_chars;
@@ -1001,12 +1091,18 @@ impl Attempt {
                         let _ = h.set_buffer(Buffer::ResponseBody, 0, size, event.as_bytes());
                     }
                 }
+                if let Some(id) = created {
+                    self.sse_carry = None;
+                    self.remember_created(h, vec![id]);
+                }
                 Next::Continue
             }
             Body::Json { hold, cap } => {
                 let hold = *hold;
                 if !end_of_stream {
-                    if size > *cap {
+                    // A list to filter never flows unfiltered: past Envoy's
+                    // buffer limit the caller gets Envoy's error instead.
+                    if size > *cap && !self.objects.filter_list {
                         // Too large to hold: let it flow, keep its tail.
                         let start = size.saturating_sub(TAIL);
                         let tail =
@@ -1019,6 +1115,12 @@ impl Attempt {
                 }
                 if let Ok(Some(body)) = h.buffer(Buffer::ResponseBody, 0, size) {
                     self.usage = usage::from_json_body(&body);
+                    if let Some(kind) = self.objects.creates {
+                        self.remember_created(h, objects::created_ids(kind, &body));
+                    }
+                    if self.objects.filter_list {
+                        self.filter_list(h, &body, size);
+                    }
                 }
                 let cost = self.served().and_then(|c| c.cost);
                 if hold {

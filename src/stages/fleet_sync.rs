@@ -20,7 +20,13 @@ enum Call {
     Authenticate,
     Range,
     Txn,
+    /// Object records changed since the last revision learned.
+    Objects,
 }
+
+/// Every this many reads of the object records, one reads them all, to
+/// remove expired ones from etcd; the others read only the new ones.
+const OBJECTS_FULL_EVERY: u64 = 64;
 
 /// After etcd refused the credentials, this long before they are tried
 /// again (at least the sync interval): each try costs etcd a bcrypt.
@@ -56,6 +62,11 @@ pub struct FleetSync {
     token: Option<String>,
     /// No authentication before this (after refused credentials).
     auth_after_ms: u64,
+    /// The highest etcd revision of an object record already learned.
+    objects_rev: u64,
+    /// This sync still reads the object records (after its transactions).
+    objects_due: bool,
+    objects_reads: u64,
     /// Runtime key and limit records opened at earlier syncs.
     opened: durable::Opened,
 }
@@ -121,6 +132,9 @@ impl FleetSync {
             last_spend: Vec::new(),
             token: None,
             auth_after_ms: 0,
+            objects_rev: 0,
+            objects_due: false,
+            objects_reads: 0,
             opened: durable::Opened::default(),
         }
     }
@@ -181,7 +195,10 @@ impl FleetSync {
         }
         let gen = crate::shared_data::read_u64(h.store(), crate::shared_data::GENERATION);
         let spend: Vec<Decimal> = cfg.budgets.iter().map(|b| budget::load(h.store(), b, now_ms).spent).collect();
-        if now_ms < self.next_ms && gen == self.last_gen && spend == self.last_spend {
+        // Objects recorded here leave at the next tick too.
+        let objects_waiting =
+            cfg.objects.enabled && h.store().value(crate::objects::OUTBOX).is_some_and(|b| b.len() > 1);
+        if now_ms < self.next_ms && gen == self.last_gen && spend == self.last_spend && !objects_waiting {
             return;
         }
         let authenticate = self.fleet.auth.is_some() && self.token.is_none();
@@ -190,6 +207,7 @@ impl FleetSync {
         }
         self.last_gen = gen;
         self.last_spend = spend;
+        self.objects_due = cfg.objects.enabled;
         self.next_ms = now_ms + self.fleet.sync_interval_ms;
         let sent = match &self.fleet.auth {
             Some(a) if authenticate => {
@@ -232,6 +250,15 @@ impl FleetSync {
     /// Sends the next queued transaction, if any.
     fn send_queued(&mut self, h: &dyn Host, cfg: &Config, now_ms: u64) {
         if self.queued.is_empty() {
+            // Then the object records, once per sync.
+            if std::mem::take(&mut self.objects_due) {
+                let after = if self.objects_reads.is_multiple_of(OBJECTS_FULL_EVERY) { 0 } else { self.objects_rev };
+                self.objects_reads += 1;
+                let body = fleet::objects_range_body(&self.fleet.prefix, after);
+                if let Err(why) = self.call(h, Call::Objects, "/v3/kv/range", body.as_bytes(), now_ms) {
+                    self.failed(h, cfg, now_ms, &why);
+                }
+            }
             return;
         }
         let body = self.queued.remove(0);
@@ -315,6 +342,16 @@ impl FleetSync {
             },
             (Call::Range, Ok(body)) => match fleet::parse_range(&body) {
                 Ok(kvs) => self.merge_and_push(h, cfg, EtcdView::new(kvs), now),
+                Err(e) => self.failed(h, cfg, now, &e.0),
+            },
+            (Call::Objects, Ok(body)) => match fleet::parse_range(&body) {
+                Ok(kvs) => {
+                    let mut dropped = Vec::new();
+                    let ops = self.sync_objects(h, cfg, &EtcdView::new(kvs), &mut dropped, now);
+                    report_dropped(h, &dropped);
+                    self.queued = ops.chunks(fleet::MAX_OPS).map(fleet::txn_body).collect();
+                    self.send_queued(h, cfg, now);
+                }
                 Err(e) => self.failed(h, cfg, now, &e.0),
             },
             (Call::Txn, Ok(body)) => match fleet::parse_txn(&body) {
@@ -474,13 +511,7 @@ impl FleetSync {
             }
         }
         states.extend(self.admin_changes(h, cfg, &etcd, now_ms));
-        if !dropped.is_empty() {
-            h.count(crate::metrics::FLEET_VALUES_DROPPED, dropped.len() as u64);
-            for d in &dropped {
-                let key: String = d.key.chars().take(200).collect();
-                log::warn!("fleet: dropped {key:?} read from etcd: {}", d.why);
-            }
-        }
+        report_dropped(h, &dropped);
         h.count("apikeyrouter.fleet.syncs", 1);
         h.count("apikeyrouter.fleet.states_applied", applied);
         let mut s = self.status(h, now_ms);
@@ -511,7 +542,72 @@ impl FleetSync {
     }
 }
 
+/// Counts and logs the values read from etcd and dropped.
+fn report_dropped(h: &dyn Host, dropped: &[Dropped]) {
+    if dropped.is_empty() {
+        return;
+    }
+    h.count(crate::metrics::FLEET_VALUES_DROPPED, dropped.len() as u64);
+    for d in dropped {
+        let key: String = d.key.chars().take(200).collect();
+        log::warn!("fleet: dropped {key:?} read from etcd: {}", d.why);
+    }
+}
+
 impl FleetSync {
+    /// Object records (read after the sync's transactions, only those
+    /// changed since the last revision learned but on every
+    /// [`OBJECTS_FULL_EVERY`]th read): learns those other instances wrote
+    /// (into shared data, never pushed back), removes expired and damaged
+    /// ones from etcd, and returns the writes of the records this process
+    /// made since (its outbox).
+    fn sync_objects(
+        &mut self,
+        h: &dyn Host,
+        cfg: &Config,
+        etcd: &EtcdView,
+        dropped: &mut Vec<Dropped>,
+        now_ms: u64,
+    ) -> Vec<Op> {
+        if !cfg.objects.enabled {
+            return Vec::new();
+        }
+        let head = crate::objects::fleet_head(&self.fleet.prefix);
+        let mut ops = Vec::new();
+        let mut top = self.objects_rev;
+        let mut learned = 0u64;
+        for kv in etcd.under(&head) {
+            let id = kv.key.get(head.len()..).unwrap_or_default();
+            let guard = Guard::Revision(kv.mod_revision);
+            match crate::objects::Record::from_fleet(id, &kv.value, now_ms, cfg.objects.ttl_ms) {
+                Err(why) => {
+                    dropped.push(Dropped { key: kv.key.clone(), why });
+                    ops.push(Op::Delete { key: kv.key.clone(), guard });
+                }
+                Ok(rec) if rec.expires_ms <= now_ms => ops.push(Op::Delete { key: kv.key.clone(), guard }),
+                // A provider this configuration lacks: left for those that have it.
+                Ok(rec) if cfg.provider_by_id(&rec.provider).is_none() => {}
+                Ok(rec) => {
+                    if kv.mod_revision > self.objects_rev
+                        && crate::objects::remember(h.store(), cfg.objects.layout, &rec, now_ms).stored
+                    {
+                        learned += 1;
+                    }
+                    top = top.max(kv.mod_revision);
+                }
+            }
+        }
+        self.objects_rev = top;
+        if learned > 0 {
+            h.count("apikeyrouter.fleet.objects_learned", learned);
+        }
+        for rec in crate::objects::take_outbox(h.store()) {
+            let key = format!("{head}{}", rec.id);
+            ops.push(Op::Put { key, value: rec.to_json(Some(&self.instance)), guard: None });
+        }
+        ops
+    }
+
     /// Runtime keys and limit overrides ([`crate::durable`]): applies here
     /// the records etcd holds newer, and returns this instance's newer
     /// changes to write. A record refused (or one that cannot apply here,
@@ -696,6 +792,78 @@ mod tests {
         assert_eq!(path, "/v3/kv/txn");
         assert_eq!(body["success"][0]["requestDeleteRange"]["key"], base64_encode(b"/p/s/k1"), "{body}");
         assert_eq!(body["compare"][0]["mod_revision"], "5", "only the value read is removed");
+    }
+
+    #[test]
+    fn object_records_are_pushed_from_the_outbox_learned_from_others_and_planted_ones_dropped() {
+        use crate::objects::{lookup, queue_for_fleet, Kind, Record, OUTBOX};
+        let mut rig = Rig::new(false);
+        let now = NOW + 1_000;
+        let mine = Record {
+            id: "file-mine".into(),
+            kind: Kind::File,
+            provider: "p".into(),
+            group: String::new(),
+            owner: String::new(),
+            created_ms: now,
+            expires_ms: now + 60_000,
+            from_fleet: false,
+        };
+        queue_for_fleet(rig.h.store(), &mine);
+        rig.tick();
+        let theirs = Record { id: "resp_theirs".into(), kind: Kind::Response, from_fleet: true, ..mine.clone() };
+        let expired = Record {
+            id: "batch_old".into(),
+            kind: Kind::Batch,
+            created_ms: now - 10,
+            expires_ms: now - 1,
+            ..mine.clone()
+        };
+        let planted = theirs.to_json(Some("evil")).replace("\"kind\":\"response\"", "\"kind\":\"file\"");
+        // The sync's own range leaves the object records out ...
+        let (path, _, body) = rig.last_call();
+        assert_eq!((path.as_str(), &body["range_end"]), ("/v3/kv/range", &json!(base64_encode(b"/p/~"))));
+        rig.answer(200, &range_answer(&[]));
+        while rig.last_call().0 == "/v3/kv/txn" {
+            rig.answer(200, br#"{"header":{"revision":"6"},"succeeded":true}"#);
+        }
+        // ... and reads them after its transactions: all of them the first time.
+        let (path, _, body) = rig.last_call();
+        assert_eq!((path.as_str(), &body["key"]), ("/v3/kv/range", &json!(base64_encode(b"/p/~o/"))));
+        assert_eq!(body.get("min_mod_revision"), None);
+        rig.answer(
+            200,
+            &range_answer(&[
+                ("/p/~o/resp_theirs", theirs.to_json(Some("gw-2"))),
+                ("/p/~o/batch_old", expired.to_json(Some("gw-2"))),
+                ("/p/~o/resp_planted", planted),
+            ]),
+        );
+        let layout = rig.cfg.objects.layout;
+        assert_eq!(lookup(rig.h.store(), layout, "resp_theirs", now), Some(theirs));
+        assert_eq!(lookup(rig.h.store(), layout, "resp_planted", now), None);
+        assert_eq!(rig.world.counter(crate::metrics::FLEET_VALUES_DROPPED), 1);
+        assert_eq!(rig.world.counter("apikeyrouter.fleet.objects_learned"), 1);
+        // Every transaction of this sync: this instance's record is put, the
+        // expired and the planted ones removed; the outbox is empty.
+        let mut bodies = Vec::new();
+        while rig.last_call().0 == "/v3/kv/txn" && bodies.len() < 10 {
+            bodies.push(rig.last_call().2.to_string());
+            rig.answer(200, br#"{"header":{"revision":"6"},"succeeded":true}"#);
+        }
+        let all = bodies.join(" ");
+        for key in ["/p/~o/file-mine", "/p/~o/batch_old", "/p/~o/resp_planted"] {
+            assert!(all.contains(&base64_encode(key.as_bytes())), "{key} not written: {all}");
+        }
+        assert!(!all.contains(&base64_encode(b"/p/~o/resp_theirs")), "another instance's record is left alone");
+        assert_eq!(crate::objects::decode(&rig.h.store().value(OUTBOX).unwrap_or_default()), Some(vec![]));
+        // The next sync reads only the records written after those seen.
+        rig.tick();
+        rig.answer(200, &range_answer(&[]));
+        while rig.last_call().0 == "/v3/kv/txn" {
+            rig.answer(200, br#"{"header":{"revision":"7"},"succeeded":true}"#);
+        }
+        assert_eq!(rig.last_call().2["min_mod_revision"], "6");
     }
 
     #[test]

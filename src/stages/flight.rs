@@ -65,6 +65,21 @@ pub struct Admission {
     /// A `GET`, `HEAD` or `DELETE`: it reads or removes what an earlier
     /// request made (a background response's poll), so it is never charged.
     pub read_only: bool,
+    /// What the request does with objects the provider keeps.
+    pub objects: ObjectPlan,
+}
+
+/// A request's part in object affinity (see [`crate::objects`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectPlan {
+    /// Only keys of the request's provider in this group may serve it.
+    pub group: Option<String>,
+    /// A 2xx answer creates an object of this kind: it is recorded.
+    pub creates: Option<crate::objects::Kind>,
+    /// A list answer: filtered to the caller's objects.
+    pub filter_list: bool,
+    /// A 2xx answer to this `DELETE` removes the object: its record goes.
+    pub forget: Option<String>,
 }
 
 /// The attempts of a request so far (written by the attempt stage).

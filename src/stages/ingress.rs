@@ -14,10 +14,11 @@ use crate::budget::{self, show, Reservation};
 use crate::config::Config;
 use crate::forward;
 use crate::identity;
-use crate::keys::check;
+use crate::keys::check_within;
 use crate::metrics;
 use crate::multipart;
 use crate::objective::Objective;
+use crate::objects;
 use crate::providers;
 use crate::reply;
 use crate::request::{self, Form};
@@ -68,6 +69,11 @@ pub struct Ingress {
     hop_model: Option<(Option<String>, bool)>,
     /// The request's `:authority`, for the redirect to the next provider.
     authority: String,
+    /// The object ids the request's path names.
+    path_refs: Vec<String>,
+    /// The provider of the objects the request refers to, when the gateway
+    /// knows them: only it (and keys of their group) may serve.
+    pinned: Option<usize>,
 }
 
 impl Ingress {
@@ -90,6 +96,8 @@ impl Ingress {
             tried_providers: Vec::new(),
             hop_model: None,
             authority: String::new(),
+            path_refs: Vec::new(),
+            pinned: None,
         }
     }
 
@@ -230,6 +238,19 @@ impl Ingress {
                     .unwrap_or_else(|| reply::gateway_error("no provider")));
             }
         }
+        if let Some(p) = self.pinned {
+            // The objects live with one provider: only it can serve.
+            cands.retain(|c| c.provider == p);
+            if cands.is_empty() {
+                let pid = self.cfg.providers.get(p).map_or("?", |p| p.id.as_str());
+                return Err(reply::error(
+                    404,
+                    "invalid_request_error",
+                    "object_not_found",
+                    &format!("The object this request refers to lives with provider '{pid}', which does not serve this request."),
+                ));
+            }
+        }
         if self.cost_first {
             // Cheapest first: a provider ranks by its cheapest priced key.
             let cheapest = |p: usize| {
@@ -347,7 +368,7 @@ impl Ingress {
     /// removes: an object id of one provider account means nothing to
     /// another provider, and must not reach it.
     fn remember_route(&self, model: Option<&str>, renamed: bool) {
-        if self.hop > 0 || self.cfg.routing.max_fallovers == 0 || self.admission.read_only {
+        if self.hop > 0 || self.cfg.routing.max_fallovers == 0 || self.admission.read_only || self.pinned.is_some() {
             return;
         }
         if !model.is_some_and(|m| self.cfg.models.iter().any(|(name, _)| name == m)) {
@@ -387,6 +408,7 @@ impl Ingress {
             client: a.client,
             objective: a.objective.clone(),
             read_only: a.read_only,
+            objects: a.objects.clone(),
             ..Admission::default()
         };
         self.tried_providers = f.fallover.tried().collect();
@@ -429,6 +451,91 @@ impl Ingress {
         }
     }
 
+    /// What the request does with provider objects, from its method and
+    /// path alone (no host call): which ids its path names, whether its
+    /// answer creates one, lists them, or deletes one.
+    fn plan_objects(&mut self, method: &str) -> Result<(), reply::Reply> {
+        if objects::unreadable_path(&self.path) {
+            return Err(reply::error(
+                400,
+                "invalid_request_error",
+                "invalid_object_path",
+                "The path names an object in an encoded or ambiguous form; send the object id as it is.",
+            ));
+        }
+        self.path_refs = objects::path_refs(&self.path);
+        let plan = &mut self.admission.objects;
+        plan.creates = objects::creates(method, &self.path);
+        // Only `DELETE /v1/<collection>/<id>` deletes the object itself.
+        if method == "DELETE" && self.path_refs.len() == 1 {
+            let last = self.path.split('?').next().unwrap_or_default().trim_end_matches('/').rsplit('/').next();
+            plan.forget = self.path_refs.first().filter(|id| last == Some(id.as_str())).cloned();
+        }
+        if objects::lists(method, &self.path) && !self.cfg.clients.is_empty() {
+            if !self.cfg.objects.filter_lists {
+                return Err(reply::error(
+                    403,
+                    "permission_error",
+                    "object_list_refused",
+                    "This gateway does not list objects: retrieve each of yours by its id.",
+                ));
+            }
+            plan.filter_list = true;
+        }
+        Ok(())
+    }
+
+    /// Looks up the records of the objects the request refers to (one
+    /// shared-data read each) and decides: another client's object (or an
+    /// unknown one under `unknown_objects: "deny"`) is not found; known
+    /// ones pin the request to their provider and key group.
+    fn resolve_objects(&mut self, h: &dyn Host, refs: &[String], now: u64) -> Result<(), reply::Reply> {
+        if refs.len() > objects::MAX_REFS {
+            return Err(too_many_refs());
+        }
+        let layout = self.cfg.objects.layout;
+        let found: Vec<(String, Option<objects::Record>)> =
+            refs.iter().map(|id| (id.clone(), objects::lookup(h.store(), layout, id, now))).collect();
+        let misses = found.iter().filter(|(_, r)| r.is_none()).count() as u64;
+        if misses > 0 {
+            h.count(metrics::OBJECTS_MISSES, misses);
+        }
+        let caller = self.client().map_or("", |c| c.id.as_str());
+        match objects::decide(&found, caller, self.cfg.objects.deny_unknown) {
+            objects::Verdict::Free => Ok(()),
+            objects::Verdict::Pinned { provider, group } => {
+                let Some(p) = self.cfg.provider_by_id(&provider) else {
+                    h.count(metrics::OBJECTS_REFUSED, 1);
+                    return Err(objects::not_found(refs.first().map_or("", String::as_str)));
+                };
+                h.count(metrics::OBJECTS_HITS, 1);
+                self.pinned = Some(p);
+                self.admission.objects.group = Some(group);
+                Ok(())
+            }
+            objects::Verdict::NotFound(id) => {
+                h.count(metrics::OBJECTS_REFUSED, 1);
+                log::info!("[{}] refused: object {id} is not the caller's", self.id);
+                Err(objects::not_found(&id))
+            }
+            objects::Verdict::Split => Err(reply::error(
+                400,
+                "invalid_request_error",
+                "objects_in_different_groups",
+                "The objects this request refers to were made with keys of different projects; no key can reach them all.",
+            )),
+        }
+    }
+
+    /// The keys of `provider` this request may not use: those outside the
+    /// group of the objects it refers to.
+    fn outside(&self, provider: usize) -> Vec<usize> {
+        match self.admission.objects.group.as_deref().filter(|_| self.pinned == Some(provider)) {
+            Some(g) => crate::keys::outside_group(&self.cfg, provider, g),
+            None => Vec::new(),
+        }
+    }
+
     fn reply(&mut self, h: &dyn Host, r: &reply::Reply) -> Next {
         self.done = true;
         h.reply(r, self.id);
@@ -446,8 +553,9 @@ impl Ingress {
     /// available now: the request is refused before any upstream attempt.
     /// The snapshot must have been refreshed for this request.
     fn refuse_when_no_key(&self, provider: usize, now: u64) -> Option<(u64, String)> {
+        let outside = self.outside(provider);
         let mut routing = self.routing.try_borrow_mut().ok()?;
-        let why = check(&self.cfg, provider, &mut routing.snapshot, now).err()?;
+        let why = check_within(&self.cfg, provider, &outside, &mut routing.snapshot, now).err()?;
         let pid = self.cfg.providers.get(provider).map_or("?", |p| p.id.as_str());
         Some((why.retry_after_secs(now), why.explain(pid)))
     }
@@ -608,6 +716,11 @@ impl Ingress {
             objective.as_ref().unwrap_or(&self.cfg.routing.objective).primary == crate::objective::Goal::Cost;
         self.admission.objective = objective;
         self.admission.read_only = matches!(method, "GET" | "HEAD" | "DELETE");
+        if self.cfg.objects.enabled {
+            if let Err(r) = self.plan_objects(method) {
+                return self.reply(h, &r);
+            }
+        }
 
         match providers::candidates(&self.cfg, &self.path, None).first() {
             Some(c) => self.admission.provider = c.provider,
@@ -629,6 +742,10 @@ impl Ingress {
         self.read_body = !end_of_stream;
         if !self.read_body {
             // No body to read a model from: choose the provider now.
+            let refs = std::mem::take(&mut self.path_refs);
+            if let Err(r) = self.resolve_objects(h, &refs, now) {
+                return self.reply(h, &r);
+            }
             if let Err(r) = self.select_provider(h, None, false, None, now) {
                 return self.reply(h, &r);
             }
@@ -808,6 +925,36 @@ impl Ingress {
                 return self.reply(h, &r);
             }
         }
+        if self.cfg.objects.enabled && self.hop == 0 {
+            let mut refs = std::mem::take(&mut self.path_refs);
+            let found = match &form {
+                Form::Json => objects::body_refs(&body),
+                Form::Multipart(_) if info.refs.len() > objects::MAX_REFS => Err(objects::RefError::TooMany),
+                Form::Multipart(_) => Ok(std::mem::take(&mut info.refs)),
+                // A body read neither way may still name another client's
+                // object to a provider that reads it: not for clients.
+                Form::Unreadable(_) if self.client().is_some() && objects::in_collection(&self.path) => {
+                    Err(objects::RefError::Unreadable)
+                }
+                Form::Unreadable(_) => Ok(Vec::new()),
+            };
+            match found {
+                Ok(found) => refs.extend(found.into_iter().filter(|id| !refs.contains(id)).collect::<Vec<_>>()),
+                Err(objects::RefError::TooMany) => return self.reply(h, &too_many_refs()),
+                Err(objects::RefError::Unreadable) => {
+                    return self.reply(h, &reply::bad_request("The body cannot be read for the objects it refers to."))
+                }
+            }
+            if let Err(r) = self.resolve_objects(h, &refs, now) {
+                return self.reply(h, &r);
+            }
+            let plan = &mut self.admission.objects;
+            plan.creates = plan.creates.filter(|&k| match k {
+                objects::Kind::ChatCompletion => objects::stored(&body, false),
+                objects::Kind::Response => objects::stored(&body, true),
+                _ => true,
+            });
+        }
         let in_path = path_model.is_some();
         let sent = match self.select_provider(h, info.model.as_deref(), aliased, Some(&info), now) {
             Ok(s) => s,
@@ -926,6 +1073,15 @@ fn restore_unfollowed_redirect(h: &dyn Host) {
     let _ = h.set_header(Map::ResponseHeaders, ":status", &status);
     let _ = h.remove_header(Map::ResponseHeaders, "location");
     let _ = h.remove_header(Map::ResponseHeaders, FALLOVER_HEADER);
+}
+
+fn too_many_refs() -> reply::Reply {
+    reply::error(
+        400,
+        "invalid_request_error",
+        "too_many_object_references",
+        &format!("The request refers to more than {} objects.", objects::MAX_REFS),
+    )
 }
 
 thread_local! {

@@ -33,6 +33,8 @@ mod host_call_tests;
 #[cfg(test)]
 mod lifecycle_tests;
 #[cfg(test)]
+mod object_tests;
+#[cfg(test)]
 mod tenant_tests;
 #[cfg(test)]
 mod verdict_tests;
@@ -100,6 +102,18 @@ fn seed_records(h: &dyn Host, cfg: &config::Config) {
         crate::shared_data::FLEET_EPOCH,
     ] {
         seeds.push(("counter", name, counter.clone()));
+    }
+    let buckets: Vec<String> = if cfg.objects.enabled {
+        (0..cfg.objects.layout.buckets).map(crate::objects::bucket_name).collect()
+    } else {
+        Vec::new()
+    };
+    let empty = crate::objects::encode(&[]);
+    for name in &buckets {
+        seeds.push(("objects", name, empty.clone()));
+    }
+    if cfg.objects.enabled && cfg.fleet.is_some() {
+        seeds.push(("objects", crate::objects::OUTBOX, empty.clone()));
     }
     seeds.push(("fleet", crate::shared_data::FLEET_REPORTED, vec![1]));
     // Each budget's limit override with its time: none yet (a byte that

@@ -8,8 +8,8 @@
 //! budgets), `callers` (teams and clients).
 
 use super::model::{
-    Admin, Alerts, Config, Cooldown, Decisions, EtcdAuth, Fleet, Provider, Routing, RoutingHeaders, StatusAction,
-    UnknownModel,
+    Admin, Alerts, Config, Cooldown, Decisions, EtcdAuth, Fleet, Objects, Provider, Routing, RoutingHeaders,
+    StatusAction, UnknownModel,
 };
 use super::walk::{check_id, decimal, err, ConfigError, Obj};
 use crate::objective::Objective;
@@ -76,6 +76,7 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     let max_transitions = root.opt_u64_in("max_transitions", 0, 100_000)?.unwrap_or(1000) as usize;
     let teams = callers::teams(&mut root, &providers)?;
     let clients = callers::clients(&mut root, &providers, &teams)?;
+    let objects = objects(&mut root)?;
     if unknown_model == Some(UnknownModel::Refuse) && prices.is_empty() {
         return Err(err("unknown_model", "\"refuse\" needs a price table in prices"));
     }
@@ -107,8 +108,40 @@ pub fn compile(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         clients,
         models,
         fleet,
+        objects,
         alerts,
     })
+}
+
+/// `objects`: the records of where provider objects live and who owns
+/// them (on unless `enabled: false`): for how long (`ttl_seconds`, 30 days
+/// by default), how many (`max_records`), whether an id without a record
+/// may be used (`unknown_objects`) and what a list endpoint answers a
+/// client (`list_endpoints`).
+fn objects(root: &mut Obj) -> Result<Objects, ConfigError> {
+    let mut out = Objects {
+        enabled: true,
+        ttl_ms: 30 * 86_400_000,
+        layout: crate::objects::Layout::new(10_000),
+        deny_unknown: false,
+        filter_lists: true,
+    };
+    let Some(mut o) = root.opt_obj("objects")? else { return Ok(out) };
+    out.enabled = o.opt_bool("enabled")?.unwrap_or(true);
+    out.ttl_ms = o.opt_u64_in("ttl_seconds", 60, 366 * 86_400)?.unwrap_or(30 * 86_400) * 1000;
+    out.layout = crate::objects::Layout::new(o.opt_u64_in("max_records", 1, 100_000)?.unwrap_or(10_000) as usize);
+    // Each policy is one of two words: is it the second?
+    let mut second = |name: &str, first: &str, other: &str| -> Result<bool, ConfigError> {
+        match o.opt_str(name)? {
+            None => Ok(false),
+            Some(x) if x == first || x == other => Ok(x == other),
+            Some(x) => Err(err(&o.field(name), format!("{x:?}: expected \"{first}\" or \"{other}\""))),
+        }
+    };
+    out.deny_unknown = second("unknown_objects", "allow", "deny")?;
+    out.filter_lists = !second("list_endpoints", "filter", "deny")?;
+    o.finish()?;
+    Ok(out)
 }
 
 /// `alerts`: the webhook cluster alert events are posted to.

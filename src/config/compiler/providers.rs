@@ -6,7 +6,7 @@
 use super::Env;
 use crate::budget::KeyPricing;
 use crate::config::model::{fingerprint, Key, Provider, ProviderKind, SecretSource, MAX_KEYS, MAX_WEIGHT};
-use crate::config::walk::{decimal, err, ConfigError, Obj};
+use crate::config::walk::{check_id, decimal, err, ConfigError, Obj};
 use crate::quota::Limits;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
@@ -147,6 +147,10 @@ fn key(v: Value, path: &str, owner: &Owner<'_>, env: Env<'_>) -> Result<Key, Con
     let multiplier = price_multiplier(&mut k)?;
     let extra_headers = headers(&mut k, kind)?;
     let limits = limits(&mut k)?;
+    let group = match k.opt_str("group")? {
+        Some(g) => Some(check_id(&k.field("group"), g)?),
+        None => None,
+    };
     let (secret, source) = material(&mut k, path, &id, env)?;
     k.finish()?;
     let fingerprint = fingerprint(&secret);
@@ -166,6 +170,7 @@ fn key(v: Value, path: &str, owner: &Owner<'_>, env: Env<'_>) -> Result<Key, Con
         cost_per_1k,
         limits,
         budgets: Vec::new(),
+        group,
     })
 }
 
