@@ -239,6 +239,20 @@ pub fn txn_body(ops: &[Op]) -> String {
     json!({"compare": compare, "success": success}).to_string()
 }
 
+/// An alert claim (`crate::alerts::claim_key`): creates `key` holding
+/// `value` if it has never existed (create revision 0), and with it deletes
+/// the keys from `stale_from` (inclusive) to `stale_to` (exclusive), the same
+/// budget's claims of earlier windows. `key` sorts at or after `stale_to`, so
+/// etcd sees no put inside the deleted range.
+pub fn claim_body(key: &str, value: &str, stale_from: &str, stale_to: &str) -> String {
+    let k = base64_encode(key.as_bytes());
+    json!({"compare": [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+           "success": [{"requestPut": {"key": k, "value": base64_encode(value.as_bytes())}},
+                       {"requestDeleteRange": {"key": base64_encode(stale_from.as_bytes()),
+                                               "range_end": base64_encode(stale_to.as_bytes())}}]})
+    .to_string()
+}
+
 /// Whether a transaction's compares held. A failed compare is *not*
 /// `"succeeded": false`: proto3 JSON omits false fields.
 pub fn parse_txn(body: &[u8]) -> Result<bool, EtcdError> {
