@@ -165,7 +165,8 @@ impl Outbox {
         if let Some((_, started, _)) = self.in_flight {
             // Envoy answers every call, at worst with its timeout; this
             // only guards against a lost callback.
-            if now_ms.saturating_sub(started) < 2 * cfg.timeout_ms + 1000 {
+            let timeout = fleet.map_or(cfg.timeout_ms, |f| f.timeout_ms.max(cfg.timeout_ms));
+            if now_ms.saturating_sub(started) < 2 * timeout + 1000 {
                 return;
             }
             self.in_flight = None;
@@ -274,7 +275,7 @@ impl Outbox {
                 self.etcd_token = Some(t);
                 None
             }),
-            (Some(200), _) => crate::fleet::parse_txn(&body).map(Some),
+            (Some(200), _) => crate::fleet::parse_claim(&body).map(Some),
             _ => Err(crate::fleet::EtcdError(format!(
                 "etcd answered {}",
                 status.map_or("nothing".into(), |s| s.to_string())
@@ -287,12 +288,14 @@ impl Outbox {
                     q.due_ms = now;
                 }
             }
-            Ok(Some(true)) => {
+            // Created now, or by this instance's earlier try whose answer
+            // was lost (no other worker here claims the same threshold).
+            Ok(Some(holder)) if holder.as_ref().is_none_or(|h| *h == self.instance) => {
                 if let Some(q) = self.queue.front_mut() {
                     (q.claim, q.attempts, q.due_ms) = (None, 0, now);
                 }
             }
-            Ok(Some(false)) => {
+            Ok(Some(_)) => {
                 self.queue.pop_front();
                 h.count(CLAIMED_ELSEWHERE, 1);
             }

@@ -241,8 +241,14 @@ fn answer_with(gw: &mut Gateway, token: usize, status: u32, body: &str) {
 }
 
 const CLAIMED: &str = r#"{"header":{"revision":"7"},"succeeded":true,"responses":[{"response_put":{}}]}"#;
-/// A failed compare: proto3 JSON leaves `succeeded` out.
-const TAKEN: &str = r#"{"header":{"revision":"7"},"responses":[]}"#;
+/// A failed compare (proto3 JSON leaves `succeeded` out), with the claim
+/// read in the same transaction: made by `instance`.
+fn taken_by(instance: &str) -> String {
+    let value = crate::encoding::base64_encode(format!(r#"{{"instance":"{instance}","at_ms":1}}"#).as_bytes());
+    format!(
+        r#"{{"header":{{"revision":"7"}},"responses":[{{"response_range":{{"kvs":[{{"key":"","value":"{value}"}}],"count":"1"}}}}]}}"#
+    )
+}
 
 /// Three requests (50% crossed) and a tick: the claim in etcd is the call.
 fn fifty_percent_claimed() -> Gateway {
@@ -291,7 +297,7 @@ fn in_fleet_mode_a_budget_threshold_is_claimed_in_etcd_then_posted_once() {
 fn in_fleet_mode_a_threshold_another_instance_claimed_is_not_posted_and_counted() {
     let mut gw = fifty_percent_claimed();
     let claims = calls_to(&gw, "/v3/kv/txn");
-    answer_with(&mut gw, claims[0].0, 200, TAKEN);
+    answer_with(&mut gw, claims[0].0, 200, &taken_by("gw-2"));
     gw.world.advance(60_000);
     tick(&mut gw);
     assert!(calls_to(&gw, "/events").is_empty());
@@ -358,4 +364,19 @@ fn in_fleet_mode_a_claim_deletes_the_budgets_claims_of_earlier_windows_only() {
     // The sync's range read ends before `/p/~`: claims are not in it.
     let range: Value = serde_json::from_str(&crate::fleet::range_body("/p")).unwrap_or_default();
     assert!(key >= b64(&range["range_end"]));
+}
+
+#[test]
+fn in_fleet_mode_a_claim_etcd_made_for_this_instance_before_its_answer_was_lost_is_posted() {
+    let mut gw = fifty_percent_claimed();
+    let first = calls_to(&gw, "/v3/kv/txn");
+    // etcd created the key, but the answer never came.
+    answer(&mut gw, first[0].0, 0);
+    gw.world.advance(1_000);
+    tick(&mut gw);
+    let again = calls_to(&gw, "/v3/kv/txn");
+    assert_eq!(txn(&again[1].1)["failure"][0]["requestRange"]["key"], txn(&first[0].1)["compare"][0]["key"]);
+    answer_with(&mut gw, again[1].0, 200, &taken_by("gw-1"));
+    assert_eq!(calls_to(&gw, "/events").len(), 1, "its own claim: posted");
+    assert_eq!(gw.world.counter(alerts::CLAIMED_ELSEWHERE), 0);
 }
