@@ -380,3 +380,46 @@ fn in_fleet_mode_a_claim_etcd_made_for_this_instance_before_its_answer_was_lost_
     assert_eq!(calls_to(&gw, "/events").len(), 1, "its own claim: posted");
     assert_eq!(gw.world.counter(alerts::CLAIMED_ELSEWHERE), 0);
 }
+
+#[test]
+fn in_fleet_mode_with_etcd_auth_a_claim_carries_a_token_fetched_first_and_fetched_again_when_refused() {
+    let cfg =
+        fleet_config().replace(r#""instance":"gw-1""#, r#""instance":"gw-1","username":"gw","password_env":"PW""#);
+    let world = super::fake::World::new(super::lifecycle_tests::NOW);
+    let env = |n: &str| (n == "PW").then(|| "etcd-secret-pw".to_string());
+    let root = |id: &str| {
+        let h = FakeHost::new(&world);
+        *h.plugin_config.borrow_mut() = cfg.as_bytes().to_vec();
+        super::Root::configure(&h, id, &env, world.flights.clone(), 7).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (ingress, attempt) = (root("apikeyrouter_ingress"), root("apikeyrouter_attempt"));
+    let mut gw = Gateway { world: world.clone(), ingress, attempt };
+    for _ in 0..3 {
+        request(&gw, 200, ANSWER);
+    }
+    tick(&mut gw);
+    // The outbox's authentication is the tick's first call (the sync's follows).
+    let (token, first) = calls_to(&gw, "/v3/auth/authenticate").remove(0);
+    assert_eq!(
+        (event(&first)["name"].as_str(), event(&first)["password"].as_str()),
+        (Some("gw"), Some("etcd-secret-pw"))
+    );
+    answer_with(&mut gw, token, 200, r#"{"header":{"revision":"1"},"token":"tok.1"}"#);
+    let claims = calls_to(&gw, "/v3/kv/txn");
+    assert_eq!(claims.len(), 1, "the claim follows at once");
+    assert!(claims[0].1 .1.contains(&("authorization".to_string(), "tok.1".to_string())));
+    answer_with(&mut gw, claims[0].0, 401, r#"{"error":"etcdserver: invalid auth token","code":16}"#);
+    let before = calls_to(&gw, "/v3/auth/authenticate").len();
+    // Its second try (the authentication was the first): 2 s later.
+    gw.world.advance(2_000);
+    tick(&mut gw);
+    let auths = calls_to(&gw, "/v3/auth/authenticate");
+    assert_eq!(auths.len(), before + 1, "a refused token is fetched again");
+    assert!(calls_to(&gw, "/events").is_empty());
+    answer_with(&mut gw, auths[before].0, 200, r#"{"header":{"revision":"2"},"token":"tok.2"}"#);
+    let claims = calls_to(&gw, "/v3/kv/txn");
+    assert_eq!(claims.len(), 2);
+    assert!(claims[1].1 .1.contains(&("authorization".to_string(), "tok.2".to_string())));
+    answer_with(&mut gw, claims[1].0, 200, CLAIMED);
+    assert_eq!(calls_to(&gw, "/events").len(), 1);
+}
