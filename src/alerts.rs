@@ -17,6 +17,7 @@
 use crate::config::{Alerts, Fleet};
 use crate::stages::flight::JsonObject;
 use crate::stages::host::{Buffer, Host, Map};
+use rust_decimal::Decimal;
 use std::collections::VecDeque;
 
 /// Events queued to be posted (each claimed once, by one worker).
@@ -65,8 +66,10 @@ pub fn budget_threshold(
 /// A budget threshold's claim in etcd (fleet mode), for one window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
-    /// `<prefix>/~a/<budget>/<window start ms, 20 digits>/<threshold>`:
-    /// outside the sync's range read, which ends before `<prefix>/~`.
+    /// `<prefix>/~a/<budget>/<window start ms, 20 digits>/<threshold>/<limit>`:
+    /// outside the sync's range read, which ends before `<prefix>/~`. The
+    /// limit is in it because a raised limit gives the thresholds back
+    /// (posted again when the spend reaches them at the new limit).
     pub key: String,
     /// The budget's claims: `<prefix>/~a/<budget>/`.
     head: String,
@@ -75,10 +78,11 @@ pub struct Claim {
     window: String,
 }
 
-pub fn claim(prefix: &str, budget: &str, window_start_ms: u64, threshold: rust_decimal::Decimal) -> Claim {
+/// The claim of `threshold` of `budget` as settled in `s`.
+pub fn claim(prefix: &str, budget: &str, threshold: Decimal, s: &crate::budget::Settled) -> Claim {
     let head = format!("{prefix}/~a/{budget}/");
-    let window = format!("{head}{window_start_ms:020}");
-    Claim { key: format!("{window}/{}", threshold.normalize()), head, window }
+    let window = format!("{head}{:020}", s.window_start_ms);
+    Claim { key: format!("{window}/{}/{}", threshold.normalize(), s.limit.normalize()), head, window }
 }
 
 /// A key became disabled (`key_disabled`) or exhausted (`key_exhausted`,

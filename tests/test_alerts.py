@@ -244,7 +244,9 @@ def test_in_fleet_mode_each_threshold_of_a_fleet_wide_budget_is_posted_once_by_o
         assert status == 200, answer
         claims = {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"]))
                   for kv in answer.get("kvs", [])}
-        assert sorted(k.rsplit("/", 1)[1] for k in claims) == ["0.5", "0.8", "1"], claims
+        # <prefix>/~a/daily/<window start>/<threshold>/<limit>
+        assert sorted(k.split("/")[-2] for k in claims) == ["0.5", "0.8", "1"], claims
+        assert {k.split("/")[-1] for k in claims} == {format(limit.normalize(), "f")}, claims
         posted_by = sorted(ev["instance"] for ev in events)
         assert posted_by == sorted(c["instance"] for c in claims.values())
         assert not any(k in json.dumps(hook.posts) for k in keys)

@@ -277,7 +277,7 @@ fn in_fleet_mode_a_budget_threshold_is_claimed_in_etcd_then_posted_once() {
     let claims = calls_to(&gw, "/v3/kv/txn");
     assert_eq!(claims.len(), 1, "{:?}", calls(&gw));
     let t = txn(&claims[0].1);
-    let key = "/p/~a/daily/00000001767225600000/0.5";
+    let key = "/p/~a/daily/00000001767225600000/0.5/0.001125";
     assert_eq!((b64(&t["compare"][0]["key"]), &t["compare"][0]["target"]), (key.to_string(), &Value::from("CREATE")));
     assert_eq!(t["compare"][0]["create_revision"], "0");
     let value: Value = serde_json::from_str(&b64(&t["success"][0]["requestPut"]["value"])).unwrap_or_default();

@@ -303,7 +303,7 @@ impl Attempt {
         for (_, t) in b.alerts.iter().enumerate().filter(|(i, _)| s.crossed & (1 << i) != 0) {
             log::warn!("[{}] budget {}: spend {} reached {} of its limit {}", self.id, b.id, s.total, t, s.limit);
             // In fleet mode, claimed in etcd first: posted by one instance.
-            let claim = self.cfg.fleet.as_ref().map(|f| crate::alerts::claim(&f.prefix, &b.id, s.window_start_ms, *t));
+            let claim = self.cfg.fleet.as_ref().map(|f| crate::alerts::claim(&f.prefix, &b.id, *t, s));
             routing.alerts.push(h, cfg, crate::alerts::budget_threshold(b, *t, s, now), claim, now);
         }
     }
