@@ -6,10 +6,18 @@
 //! at a time, retried with backoff until it is answered 2xx or has used
 //! `max_attempts`. The queue is bounded by `max_queue`. Events never hold key
 //! material: ids, amounts and reasons only.
+//!
+//! In fleet mode every instance crosses a fleet-wide budget's thresholds on
+//! its own, so a budget event is first claimed in etcd ([`claim_key`],
+//! created only if absent): the instance that creates the key posts it, the
+//! others drop it. An unanswered claim is retried like a post; an unclaimed
+//! event is never posted. Key events stay per instance: each is the state
+//! change made by this instance's swap.
 
-use crate::config::Alerts;
+use crate::config::{Alerts, Fleet};
 use crate::stages::flight::JsonObject;
-use crate::stages::host::{Host, Map};
+use crate::stages::host::{Buffer, Host, Map};
+use rust_decimal::Decimal;
 use std::collections::VecDeque;
 
 /// Events queued to be posted (each claimed once, by one worker).
@@ -20,6 +28,8 @@ pub const SENT: &str = "apikeyrouter.alerts.sent";
 pub const FAILED: &str = "apikeyrouter.alerts.failed";
 /// Events given up on: the queue was full, or every attempt failed.
 pub const DROPPED: &str = "apikeyrouter.alerts.dropped";
+/// Budget events another instance claimed first (fleet mode): not posted here.
+pub const CLAIMED_ELSEWHERE: &str = "apikeyrouter.alerts.claimed_elsewhere";
 
 /// The first retry waits this long; each next one twice as long.
 const BACKOFF_MS: u64 = 1000;
@@ -53,6 +63,28 @@ pub fn budget_threshold(
     e
 }
 
+/// A budget threshold's claim in etcd (fleet mode), for one window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// `<prefix>/~a/<budget>/<window start ms, 20 digits>/<threshold>/<limit>`:
+    /// outside the sync's range read, which ends before `<prefix>/~`. The
+    /// limit is in it because a raised limit gives the thresholds back
+    /// (posted again when the spend reaches them at the new limit).
+    pub key: String,
+    /// The budget's claims: `<prefix>/~a/<budget>/`.
+    head: String,
+    /// The head and this window: every earlier window's claims sort before
+    /// it (the start is zero-padded), and are deleted with the claim.
+    window: String,
+}
+
+/// The claim of `threshold` of `budget` as settled in `s`.
+pub fn claim(prefix: &str, budget: &str, threshold: Decimal, s: &crate::budget::Settled) -> Claim {
+    let head = format!("{prefix}/~a/{budget}/");
+    let window = format!("{head}{:020}", s.window_start_ms);
+    Claim { key: format!("{window}/{}/{}", threshold.normalize(), s.limit.normalize()), head, window }
+}
+
 /// A key became disabled (`key_disabled`) or exhausted (`key_exhausted`,
 /// by the provider's answer or by its token quota).
 pub fn key_event(kind: &str, provider: &str, key: &str, reason: &str, until_ms: Option<u64>, now_ms: u64) -> Event {
@@ -71,10 +103,24 @@ pub fn key_event(kind: &str, provider: &str, key: &str, reason: &str, until_ms: 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Queued {
     body: Vec<u8>,
+    /// The claim to make in etcd before it is posted (fleet mode's budget
+    /// events): its key, and the head of its budget's claims. `None` once
+    /// claimed, or when none is needed.
+    claim: Option<Claim>,
     /// Calls made for it so far.
     attempts: u32,
     /// Not sent again before this.
     due_ms: u64,
+}
+
+/// What a call in flight is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Post,
+    /// The oldest event's claim in etcd.
+    Claim,
+    /// etcd's token for the claims (`fleet.username`).
+    Authenticate,
 }
 
 /// One VM's queue of events for one stage, and the call in flight.
@@ -83,8 +129,10 @@ pub struct Outbox {
     /// Stamped into every event (the fleet instance, else Envoy's node id).
     pub instance: String,
     queue: VecDeque<Queued>,
-    /// The call in flight: its token and when it was made.
-    in_flight: Option<(u32, u64)>,
+    /// The call in flight: its token, when it was made, and what for.
+    in_flight: Option<(u32, u64, Kind)>,
+    /// etcd's token for the claims (VM memory only, never logged).
+    etcd_token: Option<String>,
 }
 
 impl Outbox {
@@ -93,8 +141,9 @@ impl Outbox {
     }
 
     /// Queues an event (stamped with the instance), or drops it when the
-    /// queue is full. No host call: it leaves on the tick.
-    pub fn push(&mut self, h: &dyn Host, cfg: &Alerts, mut event: Event, now_ms: u64) {
+    /// queue is full. No host call: it leaves on the tick, after its claim
+    /// in etcd when `claim` (fleet mode's budget events) is given.
+    pub fn push(&mut self, h: &dyn Host, cfg: &Alerts, mut event: Event, claim: Option<Claim>, now_ms: u64) {
         event.text("instance", &self.instance);
         let body = event.finish();
         if self.queue.len() >= cfg.max_queue {
@@ -102,7 +151,7 @@ impl Outbox {
             h.count(DROPPED, 1);
             return;
         }
-        self.queue.push_back(Queued { body: body.into_bytes(), attempts: 0, due_ms: now_ms });
+        self.queue.push_back(Queued { body: body.into_bytes(), claim, attempts: 0, due_ms: now_ms });
         h.count(QUEUED, 1);
     }
 
@@ -114,13 +163,14 @@ impl Outbox {
         self.queue.is_empty()
     }
 
-    /// On the tick: sends the oldest event when it is due and no call is in
-    /// flight.
-    pub fn pump(&mut self, h: &dyn Host, cfg: &Alerts, now_ms: u64) {
-        if let Some((_, started)) = self.in_flight {
+    /// On the tick: sends the oldest event (or first its claim to etcd,
+    /// through `fleet`) when it is due and no call is in flight.
+    pub fn pump(&mut self, h: &dyn Host, cfg: &Alerts, fleet: Option<&Fleet>, now_ms: u64) {
+        if let Some((_, started, _)) = self.in_flight {
             // Envoy answers every call, at worst with its timeout; this
             // only guards against a lost callback.
-            if now_ms.saturating_sub(started) < 2 * cfg.timeout_ms + 1000 {
+            let timeout = fleet.map_or(cfg.timeout_ms, |f| f.timeout_ms.max(cfg.timeout_ms));
+            if now_ms.saturating_sub(started) < 2 * timeout + 1000 {
                 return;
             }
             self.in_flight = None;
@@ -131,6 +181,27 @@ impl Outbox {
             return;
         }
         q.attempts += 1;
+        if let (Some(c), Some(f)) = (q.claim.as_ref(), fleet) {
+            let (kind, path, body) = match &f.auth {
+                Some(a) if self.etcd_token.is_none() => {
+                    (Kind::Authenticate, "/v3/auth/authenticate", crate::fleet::auth_body(&a.username, &a.password))
+                }
+                _ => {
+                    let value = serde_json::json!({"instance": self.instance, "at_ms": now_ms}).to_string();
+                    let body = crate::fleet::claim_body(&c.key, &value, &c.head, &c.window);
+                    (Kind::Claim, "/v3/kv/txn", body)
+                }
+            };
+            let token = self.etcd_token.as_deref().filter(|_| kind == Kind::Claim);
+            match crate::stages::fleet_sync::etcd_call(h, f, token, path, body.as_bytes()) {
+                Ok(t) => self.in_flight = Some((t, now_ms, kind)),
+                Err(why) => {
+                    log::warn!("alerts: claim in etcd: {why}");
+                    self.failed(h, cfg, now_ms);
+                }
+            }
+            return;
+        }
         let mut headers: Vec<(&str, &str)> = vec![
             (":method", "POST"),
             (":path", &cfg.path),
@@ -139,7 +210,7 @@ impl Outbox {
         ];
         headers.extend(cfg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         match h.dispatch_http_call(&cfg.cluster, &headers, &q.body, cfg.timeout_ms) {
-            Ok(token) => self.in_flight = Some((token, now_ms)),
+            Ok(token) => self.in_flight = Some((token, now_ms, Kind::Post)),
             Err(e) => {
                 log::warn!("alerts: could not call cluster {:?} (host status {})", cfg.cluster, e.0);
                 self.failed(h, cfg, now_ms);
@@ -148,19 +219,29 @@ impl Outbox {
     }
 
     /// The answer to a call; false when `token` is not this outbox's.
-    pub fn on_response(&mut self, h: &dyn Host, cfg: &Alerts, token: u32, n_headers: usize) -> bool {
-        if self.in_flight.map(|(t, _)| t) != Some(token) {
-            return false;
-        }
+    pub fn on_response(
+        &mut self,
+        h: &dyn Host,
+        cfg: &Alerts,
+        fleet: Option<&Fleet>,
+        token: u32,
+        n: (usize, usize),
+    ) -> bool {
+        let Some((_, _, kind)) = self.in_flight.filter(|(t, _, _)| *t == token) else { return false };
         self.in_flight = None;
         let now = h.now_ms();
+        let n_headers = n.0;
+        if kind != Kind::Post {
+            self.on_etcd_answer(h, cfg, fleet, kind, n, now);
+            return true;
+        }
         let status = if n_headers == 0 { None } else { h.header(Map::CallResponseHeaders, ":status").ok().flatten() };
         match status.as_deref().and_then(|s| s.parse::<u32>().ok()) {
             Some(200..=299) => {
                 self.queue.pop_front();
                 h.count(SENT, 1);
                 // The next one need not wait for a tick.
-                self.pump(h, cfg, now);
+                self.pump(h, cfg, fleet, now);
             }
             other => {
                 log::warn!(
@@ -172,6 +253,62 @@ impl Outbox {
             }
         }
         true
+    }
+
+    /// etcd's answer to a claim or to the authentication before it.
+    fn on_etcd_answer(
+        &mut self,
+        h: &dyn Host,
+        cfg: &Alerts,
+        fleet: Option<&Fleet>,
+        kind: Kind,
+        n: (usize, usize),
+        now: u64,
+    ) {
+        let status = crate::stages::fleet_sync::call_status(h, n.0);
+        // Both answers are small: a larger one is not read.
+        let body = match status {
+            Some(200) if n.1 <= 4096 => h.buffer(Buffer::CallResponseBody, 0, n.1).ok().flatten().unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if status == Some(401) {
+            self.etcd_token = None;
+        }
+        let outcome = match (status, kind) {
+            (Some(200), Kind::Authenticate) => crate::fleet::parse_auth(&body).map(|t| {
+                self.etcd_token = Some(t);
+                None
+            }),
+            (Some(200), _) => crate::fleet::parse_claim(&body).map(Some),
+            _ => Err(crate::fleet::EtcdError(format!(
+                "etcd answered {}",
+                status.map_or("nothing".into(), |s| s.to_string())
+            ))),
+        };
+        match outcome {
+            // Authenticated: the claim itself follows at once.
+            Ok(None) => {
+                if let Some(q) = self.queue.front_mut() {
+                    q.due_ms = now;
+                }
+            }
+            // Created now, or by this instance's earlier try whose answer
+            // was lost (no other worker here claims the same threshold).
+            Ok(Some(holder)) if holder.as_ref().is_none_or(|h| *h == self.instance) => {
+                if let Some(q) = self.queue.front_mut() {
+                    (q.claim, q.attempts, q.due_ms) = (None, 0, now);
+                }
+            }
+            Ok(Some(_)) => {
+                self.queue.pop_front();
+                h.count(CLAIMED_ELSEWHERE, 1);
+            }
+            Err(e) => {
+                log::warn!("alerts: claim in etcd failed: {}", e.0);
+                return self.failed(h, cfg, now);
+            }
+        }
+        self.pump(h, cfg, fleet, now);
     }
 
     /// The oldest event's call failed: retried after a backoff, or dropped
@@ -227,8 +364,8 @@ mod tests {
             max_attempts: 1,
         };
         let h = crate::stages::fake::FakeHost::new(&world);
-        out.push(&h, &cfg, budget_threshold(&b, Decimal::new(5, 1), &s, 7), 7);
-        out.push(&h, &cfg, budget_threshold(&b, Decimal::new(5, 1), &s, 7), 7);
+        out.push(&h, &cfg, budget_threshold(&b, Decimal::new(5, 1), &s, 7), None, 7);
+        out.push(&h, &cfg, budget_threshold(&b, Decimal::new(5, 1), &s, 7), None, 7);
         assert_eq!((out.len(), world.counter(DROPPED)), (1, 1), "max_queue 1: the second is dropped");
         let body = out.queue.front().map(|q| q.body.clone()).unwrap_or_default();
         serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)))

@@ -135,7 +135,8 @@ pub fn parse_auth(body: &[u8]) -> Result<String, EtcdError> {
 /// The body of a range request for every key under `prefix/`.
 /// The sync's range: everything under the prefix but the object records
 /// (`<prefix>/~o/`, which sort last and are read on their own, see
-/// [`objects_range_body`]).
+/// [`objects_range_body`]) and the alert claims (`<prefix>/~a/`, see
+/// `crate::alerts::claim`).
 pub fn range_body(prefix: &str) -> String {
     json!({"key": base64_encode(format!("{prefix}/").as_bytes()),
            "range_end": base64_encode(format!("{prefix}/~").as_bytes())})
@@ -237,6 +238,35 @@ pub fn txn_body(ops: &[Op]) -> String {
         }
     }
     json!({"compare": compare, "success": success}).to_string()
+}
+
+/// An alert claim (`crate::alerts::claim_key`): creates `key` holding
+/// `value` if it has never existed (create revision 0), and with it deletes
+/// the keys from `stale_from` (inclusive) to `stale_to` (exclusive), the same
+/// budget's claims of earlier windows. `key` sorts at or after `stale_to`, so
+/// etcd sees no put inside the deleted range. When the key exists, the
+/// answer holds it ([`parse_claim`]).
+pub fn claim_body(key: &str, value: &str, stale_from: &str, stale_to: &str) -> String {
+    let k = base64_encode(key.as_bytes());
+    json!({"compare": [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+           "success": [{"requestPut": {"key": k, "value": base64_encode(value.as_bytes())}},
+                       {"requestDeleteRange": {"key": base64_encode(stale_from.as_bytes()),
+                                               "range_end": base64_encode(stale_to.as_bytes())}}],
+           "failure": [{"requestRange": {"key": k}}]})
+    .to_string()
+}
+
+/// The answer to [`claim_body`]: `None` when the key was created, else the
+/// `instance` its value names (empty when it names none).
+pub fn parse_claim(body: &[u8]) -> Result<Option<String>, EtcdError> {
+    let v = answer(body)?;
+    if v.get("succeeded").and_then(Value::as_bool).unwrap_or(false) {
+        return Ok(None);
+    }
+    let first = |v: Option<&Value>| v.and_then(|a| a.get(0)).cloned().unwrap_or_default();
+    let kv = first(first(v.get("responses")).get("response_range").and_then(|r| r.get("kvs")));
+    let value: Value = serde_json::from_slice(&bytes_field(&kv, "value")?).unwrap_or_default();
+    Ok(Some(value.get("instance").and_then(Value::as_str).unwrap_or_default().to_string()))
 }
 
 /// Whether a transaction's compares held. A failed compare is *not*

@@ -86,6 +86,9 @@ pub fn static_names(cfg: &crate::config::Config) -> Vec<(Kind, String)> {
         for c in [crate::alerts::QUEUED, crate::alerts::SENT, crate::alerts::FAILED, crate::alerts::DROPPED] {
             out.push((Kind::Counter, c.to_string()));
         }
+        if cfg.fleet.is_some() {
+            out.push((Kind::Counter, crate::alerts::CLAIMED_ELSEWHERE.to_string()));
+        }
     }
     for b in &cfg.budgets {
         out.push((Kind::Counter, budget_metric(&b.id, "refused")));

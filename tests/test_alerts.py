@@ -11,6 +11,7 @@ acknowledged in apikeyrouter.alerts.sent; once every request is charged
 (events are queued in the charge itself) and sent == queued, nothing more
 can come."""
 
+import base64
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness import PRICES, budget_of, http, plugin_with_keys, secrets, wait_until
+from harness import PRICES, _b64, budget_of, http, plugin_with_keys, prefix_range_end, secrets, wait_until
 from test_budget_scopes import cost_of, request_body
 
 
@@ -179,3 +180,73 @@ def test_keys_disabled_or_exhausted_by_the_provider_post_one_event_each(mock3, s
     exhausted = hook.delivered("key_exhausted")[0]
     assert exhausted["reason"] == "provider reported insufficient_quota" and exhausted["until"].endswith("T00:00:00Z")
     assert not any(k in json.dumps(hook.posts) for k in keys)
+
+
+def test_in_fleet_mode_each_threshold_of_a_fleet_wide_budget_is_posted_once_by_one_instance(
+        mock3, start_envoy, webhook):
+    """Two instances share etcd (with authentication) and one webhook. Each
+    crosses 50, 80 and 100% of the fleet-wide budget with its own charge: A
+    first, then B once it has read A's spend. Each threshold is claimed in
+    etcd before it is posted, so the webhook gets each once; the instance
+    that lost a claim counts it in alerts.claimed_elsewhere."""
+    from harness import Etcd
+    from test_fleet import PREFIX, after_two_syncs, fleet_plugin, health, with_etcd
+    from test_fleet_bounds import GW_PW, enable_auth, root_token
+
+    hook = webhook()
+    keys = secrets(3)
+    limit = cost_of(BODY) * 10
+    budgets = [{"id": "daily", "window": "day", "limit": str(limit), "enforcement": "soft",
+                "alerts": [0.5, 0.8, 1.0]}]
+    with Etcd() as etcd:
+        enable_auth(etcd)
+        plugin = fleet_plugin(keys, alerts=ALERTS, budgets=budgets,
+                              fleet={"username": "gw", "password_env": "ETCD_PASSWORD"})
+        env_keys = ["APIKEYROUTER_ADMIN_TOKEN", "ETCD_PASSWORD"]
+
+        def edit(node):
+            def both(cfg):
+                with_etcd(etcd, node)(cfg)
+                with_webhook(hook)(cfg)
+            return both
+
+        a, b = (start_envoy(mock3, plugin=plugin, edit=edit(n), env={"ETCD_PASSWORD": GW_PW},
+                            host_env_keys=env_keys) for n in ("gw-1", "gw-2"))
+        for e in (a, b):
+            wait_until(lambda: health(e)["fleet"]["syncs"] > 0, timeout=10, what="a first sync with etcd")
+            # A first charge on each, below every threshold (10% each).
+            assert chat(e)[0] == 200
+        for e in (a, b):
+            after_two_syncs(e, "each other's first charge")
+        # A alone takes the fleet past 100% (12 of 10 requests' cost)...
+        for _ in range(10):
+            assert chat(a)[0] == 200
+        after_two_syncs(b, "A's spend")
+        # ...and B, having read it, crosses 50, 80 and 100% with one charge.
+        assert budget_of(b, "daily")["requests"] == 1
+        assert chat(b)[0] == 200
+
+        def settled():
+            cs = [counters(e) for e in (a, b)]
+            return all(c["queued"] >= 3 and c["queued"] == c["sent"] + c["claimed_elsewhere"] for c in cs)
+        wait_until(settled, timeout=30, what="every queued event posted or claimed elsewhere")
+        ca, cb = (counters(e) for e in (a, b))
+        assert (ca["queued"], cb["queued"]) == (3, 3), "each instance crossed every threshold"
+        assert ca["sent"] + cb["sent"] == 3 and ca["claimed_elsewhere"] + cb["claimed_elsewhere"] == 3, (ca, cb)
+        assert (ca["dropped"], cb["dropped"]) == (0, 0)
+        events = hook.delivered("budget_threshold")
+        assert sorted(ev["threshold"] for ev in events) == [0.5, 0.8, 1], events
+        assert len(hook.posts) == 3, "nothing but the three events"
+        # The claims are in etcd, one per threshold, naming who posted it.
+        token = root_token(etcd)
+        status, answer = etcd.request("kv/range", {"key": _b64(f"{PREFIX}/~a/daily/"),
+                                                   "range_end": _b64(prefix_range_end(f"{PREFIX}/~a/daily/"))}, token)
+        assert status == 200, answer
+        claims = {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"]))
+                  for kv in answer.get("kvs", [])}
+        # <prefix>/~a/daily/<window start>/<threshold>/<limit>
+        assert sorted(k.split("/")[-2] for k in claims) == ["0.5", "0.8", "1"], claims
+        assert {k.split("/")[-1] for k in claims} == {format(limit.normalize(), "f")}, claims
+        posted_by = sorted(ev["instance"] for ev in events)
+        assert posted_by == sorted(c["instance"] for c in claims.values())
+        assert not any(k in json.dumps(hook.posts) for k in keys)

@@ -216,3 +216,210 @@ fn a_key_whose_daily_token_quota_runs_out_raises_a_key_exhausted_event_once() {
     );
     assert_eq!(e["until"], "2026-01-02T00:00:00Z");
 }
+
+// Fleet mode: a budget event is claimed in etcd before it is posted.
+
+fn fleet_config() -> String {
+    config(10).replace(r#""clients""#, r#""fleet":{"etcd_cluster":"etcd","prefix":"/p","instance":"gw-1"},"clients""#)
+}
+
+fn path(c: &Call) -> String {
+    c.1.iter().find(|(k, _)| k == ":path").map(|(_, v)| v.clone()).unwrap_or_default()
+}
+
+/// The calls made so far to `at` (a path), with their tokens.
+fn calls_to(gw: &Gateway, at: &str) -> Vec<(usize, Call)> {
+    calls(gw).into_iter().enumerate().filter(|(_, c)| path(c) == at).map(|(i, c)| (i + 1, c)).collect()
+}
+
+/// etcd (or the webhook) answers call `token` with `status` and `body`.
+fn answer_with(gw: &mut Gateway, token: usize, status: u32, body: &str) {
+    let h = FakeHost::new(&gw.world);
+    *h.response_headers.borrow_mut() = vec![(":status".into(), status.to_string())];
+    *h.response_body.borrow_mut() = body.as_bytes().to_vec();
+    gw.attempt.on_call_response(&h, token as u32, 1, body.len());
+}
+
+const CLAIMED: &str = r#"{"header":{"revision":"7"},"succeeded":true,"responses":[{"response_put":{}}]}"#;
+/// A failed compare (proto3 JSON leaves `succeeded` out), with the claim
+/// read in the same transaction: made by `instance`.
+fn taken_by(instance: &str) -> String {
+    let value = crate::encoding::base64_encode(format!(r#"{{"instance":"{instance}","at_ms":1}}"#).as_bytes());
+    format!(
+        r#"{{"header":{{"revision":"7"}},"responses":[{{"response_range":{{"kvs":[{{"key":"","value":"{value}"}}],"count":"1"}}}}]}}"#
+    )
+}
+
+/// Three requests (50% crossed) and a tick: the claim in etcd is the call.
+fn fifty_percent_claimed() -> Gateway {
+    let mut gw = Gateway::new(&fleet_config());
+    for _ in 0..3 {
+        request(&gw, 200, ANSWER);
+    }
+    tick(&mut gw);
+    gw
+}
+
+fn txn(c: &Call) -> Value {
+    assert_eq!(c.0, "etcd");
+    event(c)
+}
+
+fn b64(v: &Value) -> String {
+    String::from_utf8(crate::encoding::base64_decode(v.as_str().unwrap_or_default()).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+#[test]
+fn in_fleet_mode_a_budget_threshold_is_claimed_in_etcd_then_posted_once() {
+    let mut gw = fifty_percent_claimed();
+    assert!(calls_to(&gw, "/events").is_empty(), "not posted before it is claimed");
+    let claims = calls_to(&gw, "/v3/kv/txn");
+    assert_eq!(claims.len(), 1, "{:?}", calls(&gw));
+    let t = txn(&claims[0].1);
+    let key = "/p/~a/daily/00000001767225600000/0.5/0.001125";
+    assert_eq!((b64(&t["compare"][0]["key"]), &t["compare"][0]["target"]), (key.to_string(), &Value::from("CREATE")));
+    assert_eq!(t["compare"][0]["create_revision"], "0");
+    let value: Value = serde_json::from_str(&b64(&t["success"][0]["requestPut"]["value"])).unwrap_or_default();
+    assert_eq!(value["instance"], "gw-1");
+    answer_with(&mut gw, claims[0].0, 200, CLAIMED);
+    let posts = calls_to(&gw, "/events");
+    assert_eq!(posts.len(), 1, "posted at once");
+    assert_eq!((posts[0].1 .0.as_str(), &event(&posts[0].1)["threshold"]), ("hooks", &Value::from(0.5)));
+    answer(&mut gw, posts[0].0, 200);
+    gw.world.advance(60_000);
+    tick(&mut gw);
+    assert_eq!((calls_to(&gw, "/events").len(), calls_to(&gw, "/v3/kv/txn").len()), (1, 1));
+    assert_eq!((gw.world.counter(alerts::SENT), gw.world.counter(alerts::CLAIMED_ELSEWHERE)), (1, 0));
+}
+
+#[test]
+fn in_fleet_mode_a_threshold_another_instance_claimed_is_not_posted_and_counted() {
+    let mut gw = fifty_percent_claimed();
+    let claims = calls_to(&gw, "/v3/kv/txn");
+    answer_with(&mut gw, claims[0].0, 200, &taken_by("gw-2"));
+    gw.world.advance(60_000);
+    tick(&mut gw);
+    assert!(calls_to(&gw, "/events").is_empty());
+    assert_eq!(calls_to(&gw, "/v3/kv/txn").len(), 1, "not claimed again");
+    assert_eq!((gw.world.counter(alerts::CLAIMED_ELSEWHERE), gw.world.counter(alerts::SENT)), (1, 0));
+    assert_eq!(gw.attempt.routing.borrow().alerts.len(), 0);
+}
+
+#[test]
+fn in_fleet_mode_an_unreachable_etcd_delays_the_event_with_backoff_and_never_posts_it_unclaimed() {
+    let mut gw = fifty_percent_claimed();
+    let first = calls_to(&gw, "/v3/kv/txn");
+    answer(&mut gw, first[0].0, 0);
+    tick(&mut gw);
+    assert_eq!(calls_to(&gw, "/v3/kv/txn").len(), 1, "not before the backoff");
+    gw.world.advance(1_000);
+    tick(&mut gw);
+    let again = calls_to(&gw, "/v3/kv/txn");
+    assert_eq!(again.len(), 2, "claimed again after 1 s");
+    assert_eq!(txn(&again[1].1)["compare"], txn(&first[0].1)["compare"], "the same claim");
+    answer_with(&mut gw, again[1].0, 503, "unavailable");
+    gw.world.advance(2_000);
+    tick(&mut gw);
+    let third = calls_to(&gw, "/v3/kv/txn");
+    assert_eq!(third.len(), 3);
+    assert!(calls_to(&gw, "/events").is_empty(), "never posted unclaimed");
+    assert_eq!(gw.world.counter(alerts::FAILED), 2);
+    answer_with(&mut gw, third[2].0, 200, CLAIMED);
+    assert_eq!(calls_to(&gw, "/events").len(), 1, "posted once etcd answers");
+}
+
+#[test]
+fn in_fleet_mode_an_unclaimed_event_is_dropped_after_max_attempts() {
+    let cfg = fleet_config().replace(r#""max_attempts":10"#, r#""max_attempts":2"#);
+    let mut gw = Gateway::new(&cfg);
+    for _ in 0..3 {
+        request(&gw, 200, ANSWER);
+    }
+    tick(&mut gw);
+    let t = calls_to(&gw, "/v3/kv/txn")[0].0;
+    answer(&mut gw, t, 0);
+    gw.world.advance(1_000);
+    tick(&mut gw);
+    let t = calls_to(&gw, "/v3/kv/txn")[1].0;
+    answer(&mut gw, t, 0);
+    gw.world.advance(60_000);
+    tick(&mut gw);
+    assert_eq!((calls_to(&gw, "/v3/kv/txn").len(), calls_to(&gw, "/events").len()), (2, 0));
+    assert_eq!(gw.world.counter(alerts::DROPPED), 1);
+}
+
+#[test]
+fn in_fleet_mode_a_claim_deletes_the_budgets_claims_of_earlier_windows_only() {
+    let gw = fifty_percent_claimed();
+    let t = txn(&calls_to(&gw, "/v3/kv/txn")[0].1);
+    let delete = &t["success"][1]["requestDeleteRange"];
+    let (from, to) = (b64(&delete["key"]), b64(&delete["range_end"]));
+    assert_eq!((from.as_str(), to.as_str()), ("/p/~a/daily/", "/p/~a/daily/00000001767225600000"));
+    let key = b64(&t["compare"][0]["key"]);
+    let yesterday = "/p/~a/daily/00000001767139200000/1";
+    assert!(from.as_str() <= yesterday && yesterday < to.as_str(), "an earlier window's claim is deleted");
+    assert!(key.as_str() >= to.as_str(), "this window's are kept");
+    assert!(!"/p/~a/dailyx/0".starts_with(&from), "another budget's are kept");
+    // The sync's range read ends before `/p/~`: claims are not in it.
+    let range: Value = serde_json::from_str(&crate::fleet::range_body("/p")).unwrap_or_default();
+    assert!(key >= b64(&range["range_end"]));
+}
+
+#[test]
+fn in_fleet_mode_a_claim_etcd_made_for_this_instance_before_its_answer_was_lost_is_posted() {
+    let mut gw = fifty_percent_claimed();
+    let first = calls_to(&gw, "/v3/kv/txn");
+    // etcd created the key, but the answer never came.
+    answer(&mut gw, first[0].0, 0);
+    gw.world.advance(1_000);
+    tick(&mut gw);
+    let again = calls_to(&gw, "/v3/kv/txn");
+    assert_eq!(txn(&again[1].1)["failure"][0]["requestRange"]["key"], txn(&first[0].1)["compare"][0]["key"]);
+    answer_with(&mut gw, again[1].0, 200, &taken_by("gw-1"));
+    assert_eq!(calls_to(&gw, "/events").len(), 1, "its own claim: posted");
+    assert_eq!(gw.world.counter(alerts::CLAIMED_ELSEWHERE), 0);
+}
+
+#[test]
+fn in_fleet_mode_with_etcd_auth_a_claim_carries_a_token_fetched_first_and_fetched_again_when_refused() {
+    let cfg =
+        fleet_config().replace(r#""instance":"gw-1""#, r#""instance":"gw-1","username":"gw","password_env":"PW""#);
+    let world = super::fake::World::new(super::lifecycle_tests::NOW);
+    let env = |n: &str| (n == "PW").then(|| "etcd-secret-pw".to_string());
+    let root = |id: &str| {
+        let h = FakeHost::new(&world);
+        *h.plugin_config.borrow_mut() = cfg.as_bytes().to_vec();
+        super::Root::configure(&h, id, &env, world.flights.clone(), 7).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (ingress, attempt) = (root("apikeyrouter_ingress"), root("apikeyrouter_attempt"));
+    let mut gw = Gateway { world: world.clone(), ingress, attempt };
+    for _ in 0..3 {
+        request(&gw, 200, ANSWER);
+    }
+    tick(&mut gw);
+    // The outbox's authentication is the tick's first call (the sync's follows).
+    let (token, first) = calls_to(&gw, "/v3/auth/authenticate").remove(0);
+    assert_eq!(
+        (event(&first)["name"].as_str(), event(&first)["password"].as_str()),
+        (Some("gw"), Some("etcd-secret-pw"))
+    );
+    answer_with(&mut gw, token, 200, r#"{"header":{"revision":"1"},"token":"tok.1"}"#);
+    let claims = calls_to(&gw, "/v3/kv/txn");
+    assert_eq!(claims.len(), 1, "the claim follows at once");
+    assert!(claims[0].1 .1.contains(&("authorization".to_string(), "tok.1".to_string())));
+    answer_with(&mut gw, claims[0].0, 401, r#"{"error":"etcdserver: invalid auth token","code":16}"#);
+    let before = calls_to(&gw, "/v3/auth/authenticate").len();
+    // Its second try (the authentication was the first): 2 s later.
+    gw.world.advance(2_000);
+    tick(&mut gw);
+    let auths = calls_to(&gw, "/v3/auth/authenticate");
+    assert_eq!(auths.len(), before + 1, "a refused token is fetched again");
+    assert!(calls_to(&gw, "/events").is_empty());
+    answer_with(&mut gw, auths[before].0, 200, r#"{"header":{"revision":"2"},"token":"tok.2"}"#);
+    let claims = calls_to(&gw, "/v3/kv/txn");
+    assert_eq!(claims.len(), 2);
+    assert!(claims[1].1 .1.contains(&("authorization".to_string(), "tok.2".to_string())));
+    answer_with(&mut gw, claims[1].0, 200, CLAIMED);
+    assert_eq!(calls_to(&gw, "/events").len(), 1);
+}

@@ -302,7 +302,9 @@ impl Attempt {
         let (Some(cfg), Ok(mut routing)) = (self.cfg.alerts.as_ref(), self.routing.try_borrow_mut()) else { return };
         for (_, t) in b.alerts.iter().enumerate().filter(|(i, _)| s.crossed & (1 << i) != 0) {
             log::warn!("[{}] budget {}: spend {} reached {} of its limit {}", self.id, b.id, s.total, t, s.limit);
-            routing.alerts.push(h, cfg, crate::alerts::budget_threshold(b, *t, s, now), now);
+            // In fleet mode, claimed in etcd first: posted by one instance.
+            let claim = self.cfg.fleet.as_ref().map(|f| crate::alerts::claim(&f.prefix, &b.id, *t, s));
+            routing.alerts.push(h, cfg, crate::alerts::budget_threshold(b, *t, s, now), claim, now);
         }
     }
 
@@ -589,7 +591,8 @@ impl Attempt {
         }
         if let Some(event) = key_alert(&self.cfg, k, pid, before, after, now) {
             if let (Some(cfg), Ok(mut routing)) = (self.cfg.alerts.as_ref(), self.routing.try_borrow_mut()) {
-                routing.alerts.push(h, cfg, event, now);
+                // Per instance: the state change this instance's swap made.
+                routing.alerts.push(h, cfg, event, None, now);
             }
         }
     }

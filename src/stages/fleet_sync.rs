@@ -92,6 +92,34 @@ pub fn instance_id(h: &dyn Host, fleet: &Fleet) -> Option<String> {
     Some(format!("{safe}-{tag}"))
 }
 
+/// A POST to etcd's JSON gateway through the fleet's cluster and authority,
+/// with etcd's `token` when it has one (the sync's and the alert claims'
+/// calls); its call token.
+pub fn etcd_call(h: &dyn Host, fleet: &Fleet, token: Option<&str>, path: &str, body: &[u8]) -> Result<u32, String> {
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", fleet.authority.as_str()),
+        ("content-type", "application/json"),
+    ];
+    // etcd's gateway takes the token as is, without a scheme.
+    if let Some(t) = token {
+        headers.push(("authorization", t));
+    }
+    h.dispatch_http_call(&fleet.cluster, &headers, body, fleet.timeout_ms)
+        .map_err(|s| format!("could not call cluster {:?} (host status {})", fleet.cluster, s.0))
+}
+
+/// The status of a call's answer (`None`: no answer, timeout or failure).
+pub fn call_status(h: &dyn Host, n_headers: usize) -> Option<u32> {
+    if n_headers == 0 {
+        return None;
+    }
+    h.headers(Map::CallResponseHeaders)
+        .ok()
+        .and_then(|h| h.into_iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u32>().ok()))
+}
+
 impl FleetSync {
     /// `me` is a random id of this root context. The process's life nonce is
     /// created by the first root context to start (any random value will do).
@@ -228,23 +256,10 @@ impl FleetSync {
     }
 
     fn call(&mut self, h: &dyn Host, call: Call, path: &str, body: &[u8], now_ms: u64) -> Result<(), String> {
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", path),
-            (":authority", self.fleet.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
-        // etcd's gateway takes the token as is, without a scheme.
-        if let Some(t) = self.token.as_deref().filter(|_| call != Call::Authenticate) {
-            headers.push(("authorization", t));
-        }
-        match h.dispatch_http_call(&self.fleet.cluster, &headers, body, self.fleet.timeout_ms) {
-            Ok(token) => {
-                self.pending = Some((token, call, now_ms));
-                Ok(())
-            }
-            Err(s) => Err(format!("could not call cluster {:?} (host status {})", self.fleet.cluster, s.0)),
-        }
+        let token = self.token.as_deref().filter(|_| call != Call::Authenticate);
+        let t = etcd_call(h, &self.fleet, token, path, body)?;
+        self.pending = Some((t, call, now_ms));
+        Ok(())
     }
 
     /// Sends the next queued transaction, if any.
@@ -281,13 +296,7 @@ impl FleetSync {
             self.queued.clear();
             return;
         }
-        let status = if n_headers == 0 {
-            None
-        } else {
-            h.headers(Map::CallResponseHeaders)
-                .ok()
-                .and_then(|h| h.into_iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u32>().ok()))
-        };
+        let status = call_status(h, n_headers);
         if body_size > self.fleet.max_range_bytes {
             // Not even read: whoever can write under the prefix must not
             // make every instance copy an unbounded answer.

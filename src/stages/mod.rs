@@ -246,7 +246,7 @@ impl Root {
                 r.flush_decisions(h);
                 let base = r.base.clone();
                 if let Some(a) = base.alerts.as_ref() {
-                    r.alerts.pump(h, a, h.now_ms());
+                    r.alerts.pump(h, a, base.fleet.as_ref(), h.now_ms());
                 }
                 // The sync merges the states of runtime keys too, and adds
                 // those it reads from etcd: it needs the key table of now.
@@ -286,7 +286,7 @@ impl Root {
         let Ok(mut routing) = self.routing.try_borrow_mut() else { return };
         let cfg = routing.config.clone();
         if let Some(a) = cfg.alerts.as_ref() {
-            if routing.alerts.on_response(h, a, token, n_headers) {
+            if routing.alerts.on_response(h, a, cfg.fleet.as_ref(), token, (n_headers, body_size)) {
                 return;
             }
         }
