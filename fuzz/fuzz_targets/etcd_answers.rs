@@ -3,6 +3,7 @@
 //! sync status kept in shared data, and the sync lease.
 //!
 //! The input is one etcd answer. Properties checked, beyond "never panics":
+//! - an alert claim counts as created exactly when its txn succeeded;
 //! - a txn answer counts as a success only when it says `"succeeded": true`;
 //! - a range answer's pairs, replayed as a snapshot, plan a sync whose
 //!   counts are never negative or above the cap times the markers read, that
@@ -15,13 +16,17 @@
 #![no_main]
 
 use apikeyrouter::fleet::{Holder,
-    claim_lease, lease_of, parse_range, parse_txn, plan_counters, Bases, Counter, Marker, Op, SharedState, EtcdView, Status,
+    claim_lease, lease_of, parse_claim, parse_range, parse_txn, plan_counters, Bases, Counter, Marker, Op, SharedState, EtcdView, Status,
     MAX_COUNT,
 };
 use libfuzzer_sys::fuzz_target;
 use rust_decimal::Decimal;
 
 fuzz_target!(|data: &[u8]| {
+    // An alert claim: created exactly when the txn says it succeeded.
+    if let Ok(claim) = parse_claim(data) {
+        assert_eq!(claim.is_none(), parse_txn(data) == Ok(true), "{claim:?}");
+    }
     if let Ok(true) = parse_txn(data) {
         let v: serde_json::Value = serde_json::from_slice(data).unwrap_or_default();
         assert_eq!(v.get("succeeded").and_then(|s| s.as_bool()), Some(true));
